@@ -1,0 +1,1 @@
+"""Physarum buffer package."""

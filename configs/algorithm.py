@@ -1,0 +1,92 @@
+"""Config sections for how the model learns: the algorithm, the rewards and the environment."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from configs.base import Section
+
+
+class KLConfig(Section):
+    coef: float = Field(0.0, ge=0)
+    """0 disables the reference model entirely."""
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    mode: Literal["loss", "reward"] = "loss"
+    """Add the KL as a loss term, or subtract coef * KL from the reward per token."""
+
+
+class TISConfig(Section):
+    enabled: bool = False
+    """Truncated importance sampling between trainer and engine logprobs."""
+    mode: Literal["truncate", "icepop"] = "truncate"
+    """truncate: w = clamp(exp(old - rollout), low, high); icepop: w = 0 outside [low, high]."""
+    low: float = Field(0.0, ge=0)
+    high: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TISConfig:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class MoEConfig(Section):
+    bias_update_rate: float = Field(1e-3, ge=0)
+    """u in loss-free balancing: bias_i += u * sign(mean_load - load_i) after each step."""
+    aux_loss_coef: float = Field(0.0, ge=0)
+    routing_replay: bool = False
+    """Replay the experts chosen in the logprob pass during training (R3-style)."""
+
+
+class RejectionSamplingConfig(Section):
+    rounds: int = Field(1, ge=1)
+    prompts_per_round: int = Field(512, ge=1)
+    accept_min_reward: float = 1.0
+    """A sample is accepted when its reward is at least this."""
+    max_accepted_per_prompt: int = Field(1, ge=1)
+    sft_epochs_per_round: int = Field(1, ge=1)
+
+
+class AlgorithmConfig(Section):
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = "grpo"
+    policy_loss: Literal["ppo_clip", "gspo", "sft"] = "ppo_clip"
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
+    eps_clip_low: float = Field(0.2, gt=0, lt=1)
+    eps_clip_high: float = Field(0.28, gt=0)
+    """DAPO clip-higher: the ratio is clipped to [1 - low, 1 + high]."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c (> 1) bounding the loss of negative-advantage tokens."""
+    entropy_coef: float = 0.0
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    tis: TISConfig = Field(default_factory=TISConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
+
+
+class RewardPluginConfig(Section):
+    name: str = Field(min_length=1)
+    """A built-in name (exact, numeric, math, format, code, remote_rm, arithmetic, ...), an
+    import path `pkg.module:function`, or an entry point of group physarum.rewards."""
+    weight: float = 1.0
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardConfig(Section):
+    plugins: list[RewardPluginConfig] = Field(default_factory=list)
+    timeout_s: float = Field(10.0, gt=0)
+    """Per-call timeout of a plugin; a timeout marks the episode as an error."""
+
+
+class EnvConfig(Section):
+    name: str | None = None
+    """Multi-turn environment (calculator, python, search, or an import path); null = single
+    turn."""
+    max_turns: int = Field(4, ge=1)
+    max_total_tokens: int = Field(512, ge=8)
+    args: dict[str, Any] = Field(default_factory=dict)

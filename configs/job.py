@@ -1,0 +1,118 @@
+"""The whole job: mode, name, and one section per service, with cross-section checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from configs.algorithm import AlgorithmConfig, EnvConfig, RewardConfig
+from configs.base import Section
+from configs.model_data import DataConfig, ModelConfig, TokenizerConfig
+from configs.services import BufferConfig, ClusterConfig, RolloutConfig, TrainerConfig
+
+Mode = Literal["sft", "rejection_sampling", "rl", "eval"]
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_every: int = Field(1, ge=1)
+    """Print the progress line every this many steps."""
+    jsonl: bool = True
+    """Write metrics.jsonl in the run dir."""
+    tensorboard: bool = True
+    plot: bool = True
+    """Write a PNG of the reward and accuracy curves at the end."""
+    dashboard: bool = False
+    """Serve the JSON API and dashboard (FastAPI) while the job runs."""
+    dashboard_port: int = Field(0, ge=0, le=65535)
+    """0 picks a free port."""
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(0, ge=0)
+    """Save every this many steps (episode groups are acknowledged only then); 0 = at the end."""
+    keep_last: int = Field(2, ge=1)
+    save_hf: bool = True
+    """Also write a Hugging Face directory (config, safetensors, tokenizer) at the end."""
+
+
+class JobConfig(Section):
+    mode: Mode
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str | None = None
+    """Where checkpoints, logs and metrics go; defaults to runs/<name>."""
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    @property
+    def buffer_namespace(self) -> str:
+        return self.buffer.namespace or self.name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        for check in (_check_rewards, _check_losses, _check_megatron, _check_data):
+            check(self)
+        return self
+
+
+def _check_rewards(job: JobConfig) -> None:
+    if job.mode in ("rl", "rejection_sampling", "eval") and not job.reward.plugins:
+        raise ValueError(
+            f"reward.plugins: mode {job.mode!r} scores samples, so at least one reward plugin "
+            "is needed (e.g. [{name: arithmetic}])"
+        )
+
+
+def _check_losses(job: JobConfig) -> None:
+    algo = job.algorithm
+    if job.mode == "rl" and algo.policy_loss == "sft":
+        raise ValueError("algorithm.policy_loss: 'sft' is for mode sft/rejection_sampling, not rl")
+    if algo.advantage == "gae" and job.mode == "rl" and algo.policy_loss == "gspo":
+        raise ValueError(
+            "algorithm.advantage: gae gives per-token advantages; gspo needs a "
+            "sequence-level estimator (grpo, dr_grpo, rloo, reinforce_pp)"
+        )
+    needs_group = algo.advantage in ("grpo", "dr_grpo", "rloo")
+    if job.mode == "rl" and needs_group and job.rollout.n_samples_per_prompt < 2:
+        raise ValueError(
+            f"rollout.n_samples_per_prompt: advantage {algo.advantage!r} compares samples of "
+            f"one prompt, so it needs at least 2 (got {job.rollout.n_samples_per_prompt})"
+        )
+
+
+def _check_megatron(job: JobConfig) -> None:
+    if job.trainer.backend != "megatron":
+        return
+    mc = job.trainer.megatron
+    model_parallel = mc.tp * mc.pp * mc.cp
+    if job.trainer.num_ranks % model_parallel:
+        raise ValueError(
+            f"trainer.num_ranks: {job.trainer.num_ranks} is not a multiple of "
+            f"tp*pp*cp = {model_parallel} (tp={mc.tp}, pp={mc.pp}, cp={mc.cp})"
+        )
+    if job.trainer.num_ranks % mc.ep:
+        raise ValueError(
+            f"trainer.megatron.ep: {mc.ep} must divide trainer.num_ranks ({job.trainer.num_ranks})"
+        )
+
+
+def _check_data(job: JobConfig) -> None:
+    if job.data.train_path is None and job.data.task is None:
+        raise ValueError("data: give data.train_path or a built-in data.task to generate from")

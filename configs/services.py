@@ -1,0 +1,172 @@
+"""Config sections for the three services (rollout, buffer, trainer) and the Ray cluster."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from configs.base import Section
+from configs.model_data import DType
+
+
+class SGLangConfig(Section):
+    python: str | None = None
+    """Interpreter of the SGLang environment; null = .venv-sglang/bin/python when present."""
+    host: str = "127.0.0.1"
+    base_port: int = Field(30000, ge=1024, le=65000)
+    """Worker i listens on base_port + i; 0 picks free ports."""
+    tp: int = Field(1, ge=1)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
+    mem_fraction_static: float | None = Field(None, gt=0, le=1)
+    quantization: Literal["fp8"] | None = None
+    """Serve a block-FP8 checkpoint (GPU only; the trainer then sends FP8 weights + scales)."""
+    context_length: int | None = Field(None, ge=16)
+    api_key: str | None = None
+    cpu: bool = True
+    """Add the flags that make SGLang serve on a CPU (--device cpu, torch_native attention,
+    pytorch sampling, the transformers model implementation)."""
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = Field(300.0, gt=0)
+    router: bool = True
+    """Put sglang-router in front of the workers."""
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    router_port: int = Field(0, ge=0, le=65000)
+    """0 picks a free port."""
+
+
+class EvalConfig(Section):
+    interval: int = Field(0, ge=0)
+    """Evaluate every this many trainer steps; 0 = only at the start and the end."""
+    n_prompts: int = Field(200, ge=1)
+    k: int = Field(1, ge=1)
+    """Samples per prompt: pass@k is reported (and pass@1 as the mean)."""
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Defaults to rollout.max_new_tokens."""
+
+
+class RolloutConfig(Section):
+    engine: Literal["embedded", "sglang"] = "embedded"
+    num_workers: int = Field(1, ge=1)
+    n_samples_per_prompt: int = Field(8, ge=1)
+    """Samples per prompt: the group size for GRPO and k for rejection sampling."""
+    prompts_per_lease: int = Field(4, ge=1)
+    """Prompts a worker leases (and generates concurrently) at once."""
+    over_sampling: float = Field(1.0, ge=1.0)
+    """Lease this factor more prompts than needed so filtered groups do not starve training."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (DAPO's filter on zero reward std)."""
+    max_new_tokens: int = Field(16, ge=1)
+    max_context: int = Field(512, ge=8)
+    """Prompt plus response tokens per sequence."""
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    max_running: int = Field(64, ge=1)
+    """Sequences the embedded engine decodes at once (KV-cache slots)."""
+    fp8: bool = False
+    """Quantise linear weights blockwise to FP8 for rollout (FP8 trajectories)."""
+    fp8_block: tuple[int, int] = (128, 128)
+    lease_seconds: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+    """An engine that does not answer within this fails the job loudly."""
+    mask_offpolicy_tokens: bool = False
+    """Mask tokens whose version is older than the staleness bound (partial rollouts)."""
+    threads: int = Field(1, ge=1)
+    """torch threads per rollout worker."""
+    sglang: SGLangConfig = Field(default_factory=SGLangConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RolloutConfig:
+        if self.max_new_tokens >= self.max_context:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be below max_context "
+                f"({self.max_context})"
+            )
+        return self
+
+
+class BufferConfig(Section):
+    url: str | None = None
+    """redis:// or rediss:// URL (with password if any); null starts a private redis-server."""
+    namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]+$")
+    """Key prefix; defaults to the job name."""
+    capacity: int = Field(64, ge=1)
+    """Unconsumed episode groups at which producers wait (backpressure)."""
+    max_staleness: int = Field(1, ge=0)
+    """Train on groups at most this many versions old; 0 = synchronous on-policy."""
+    put_timeout_s: float = Field(600.0, gt=0)
+
+
+class MegatronConfig(Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    cp: int = Field(1, ge=1)
+    sequence_parallel: bool | None = None
+    """null = on whenever tp > 1 (megatron requires it for MoE with TP)."""
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    distributed_optimizer: bool = True
+    grouped_gemm: bool = False
+    """Grouped expert GEMM (needs a GPU with TransformerEngine or grouped_gemm)."""
+    transformer_engine: bool = False
+    """Use the TransformerEngine layer spec (GPU)."""
+    recompute: bool = False
+    micro_batch_size: int = Field(1, ge=1)
+    cpu_adam: bool = False
+
+
+class TrainerConfig(Section):
+    backend: Literal["torch", "megatron"] = "torch"
+    num_ranks: int = Field(1, ge=1)
+    """Trainer processes (data parallel for torch; TP x PP x DP for megatron)."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps (one weight version each)."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Episode groups consumed per step in RL."""
+    batch_size: int = Field(64, ge=1)
+    """Sequences per step in SFT."""
+    micro_batch_tokens: int = Field(4096, ge=16)
+    """Token budget of one packed micro-batch."""
+    ppo_epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    """Max global grad norm; 0 disables clipping."""
+    dtype: DType = "float32"
+    fsdp: bool = False
+    threads: int = Field(1, ge=1)
+    """torch threads per trainer rank."""
+    critic_lr: float = Field(1e-4, gt=0)
+    logprob_chunk: int = Field(1024, ge=16)
+    """Positions per lm_head chunk when computing logprobs (never full-vocab logits at once)."""
+    weight_bucket_mb: int = Field(512, ge=1)
+    megatron: MegatronConfig = Field(default_factory=MegatronConfig)
+
+    @model_validator(mode="after")
+    def _lr(self) -> TrainerConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray address; null = RAY_ADDRESS if set, otherwise an embedded Ray."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of an embedded Ray; null = all."""
+    trainer_cpus: float = Field(1.0, gt=0)
+    rollout_cpus: float = Field(1.0, gt=0)
+    trainer_gpus: float = Field(0.0, ge=0)
+    rollout_gpus: float = Field(0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    namespace: str = "physarum"
