@@ -1,0 +1,186 @@
+"""The `physarum` command line: run jobs, check configs, make toy data, serve an engine, plan memory.
+
+Bad input ends with one readable line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from physarum.errors import UserError
+
+log = logging.getLogger("physarum")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from physarum.launch import run_job
+
+    if args.resume and args.config:
+        raise UserError("give either CONFIG or --resume RUN_DIR, not both")
+    if not args.resume and not args.config:
+        raise UserError("give a CONFIG file (or --resume RUN_DIR)")
+    return run_job(config_path=args.config, overrides=args.set, resume_dir=args.resume)
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from configs import load_job
+
+    for path in args.files:
+        job = load_job(path, args.set)
+        print(f"ok  {path}  (mode={job.mode}, name={job.name})")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from configs import load_job
+
+    job = load_job(args.file, args.set)
+    print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_data_make(args: argparse.Namespace) -> int:
+    from envs.tasks import make_rows, write_jsonl
+    from physarum.options import parse_key_values
+
+    params = parse_key_values(args.arg, flag="--arg")
+    rows = make_rows(args.task, args.n, seed=args.seed, split=args.split, **params)
+    write_jsonl(rows, args.out)
+    print(f"wrote {len(rows)} {args.task} rows ({args.split} split, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _cmd_serve_engine(args: argparse.Namespace) -> int:
+    from rollout.server import serve_engine
+
+    serve_engine(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        fp8=args.fp8,
+        max_running=args.max_running,
+        tokenizer_dir=args.tokenizer,
+    )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from physarum.plan import print_plan
+
+    return print_plan(args.config, args.set)
+
+
+def _cmd_tokenizer_build(args: argparse.Namespace) -> int:
+    from models.tokenizer import build_toy_tokenizer
+
+    tok = build_toy_tokenizer(args.out, vocab_size=args.vocab_size)
+    print(f"wrote a {len(tok)}-token toy tokenizer to {args.out}")
+    return 0
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set trainer.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="physarum",
+        description="Asynchronous RL post-training for GLM-4.x MoE models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a job (SFT, rejection sampling, RL, eval)")
+    run.add_argument("config", nargs="?", help="job YAML, e.g. configs/toy_grpo.yaml")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a job from its run dir")
+    _add_set(run)
+    run.set_defaults(func=_cmd_run)
+
+    config = sub.add_parser("config", help="check and show job configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    validate = config_sub.add_parser("validate", help="validate one or more job YAML files")
+    validate.add_argument("files", nargs="+")
+    _add_set(validate)
+    validate.set_defaults(func=_cmd_config_validate)
+    show = config_sub.add_parser("show", help="print the resolved config with every default")
+    show.add_argument("file")
+    _add_set(show)
+    show.set_defaults(func=_cmd_config_show)
+
+    data = sub.add_parser("data", help="toy datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    make = data_sub.add_parser("make", help="generate a toy task as JSONL")
+    make.add_argument("task", help="arithmetic, countdown or calculator")
+    make.add_argument("--n", type=int, required=True, help="number of rows")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--split", choices=["train", "test"], default="train")
+    make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="task parameter, e.g. --arg digits=3 (repeatable)")
+    make.set_defaults(func=_cmd_data_make)
+
+    serve = sub.add_parser("serve-engine", help="serve the embedded engine with SGLang's HTTP API")
+    serve.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    serve.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--fp8", action="store_true", help="serve blockwise-FP8 weights")
+    serve.add_argument("--max-running", type=int, default=64, help="concurrent sequences")
+    serve.set_defaults(func=_cmd_serve_engine)
+
+    plan = sub.add_parser("plan", help="per-GPU memory plan of a megatron job")
+    plan.add_argument("config")
+    _add_set(plan)
+    plan.set_defaults(func=_cmd_plan)
+
+    tokenizer = sub.add_parser("tokenizer", help="tokenizers")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    build = tok_sub.add_parser("build", help="build the toy GLM-style tokenizer")
+    build.add_argument("out", type=Path)
+    build.add_argument("--vocab-size", type=int, default=512)
+    build.set_defaults(func=_cmd_tokenizer_build)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from configs import ConfigError
+
+    return (UserError, ConfigError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("physarum: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        if args.verbose:
+            raise
+        print(f"physarum: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
