@@ -133,7 +133,7 @@ class SamplingParams:
         set to a non-neutral value, and for invalid values.
         """
         d = dict(d or {})
-        own = {f.name for f in fields(cls)}
+        own = tuple(f.name for f in fields(cls))
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key in own:
