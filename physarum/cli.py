@@ -1,4 +1,4 @@
-"""The `physarum` command line: run jobs, check configs, make toy data, serve an engine, plan memory.
+"""The `physarum` command line: run jobs, check configs, make data, serve an engine, plan memory.
 
 Bad input ends with one readable line on stderr and exit code 2, never a traceback.
 """
@@ -52,7 +52,7 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     params = parse_key_values(args.arg, flag="--arg")
     rows = make_rows(args.task, args.n, seed=args.seed, split=args.split, **params)
     write_jsonl(rows, args.out)
-    print(f"wrote {len(rows)} {args.task} rows ({args.split} split, seed {args.seed}) to {args.out}")
+    print(f"wrote {len(rows)} {args.task} rows ({args.split}, seed {args.seed}) to {args.out}")
     return 0
 
 
@@ -128,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--split", choices=["train", "test"], default="train")
     make.add_argument("--out", required=True, type=Path)
-    make.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                      help="task parameter, e.g. --arg digits=3 (repeatable)")
+    make.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task parameter, e.g. --arg digits=3 (repeatable)",
+    )
     make.set_defaults(func=_cmd_data_make)
 
     serve = sub.add_parser("serve-engine", help="serve the embedded engine with SGLang's HTTP API")

@@ -1,0 +1,63 @@
+"""Connecting to Ray: an embedded Ray on a laptop, or an existing cluster when one is named.
+
+Order: `cluster.address` in the config, then RAY_ADDRESS (set by `ray job submit` inside a
+job), otherwise a private embedded Ray sized by `cluster.num_cpus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+from configs import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayHandle:
+    embedded: bool
+    address: str | None
+
+    def shutdown(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def connect(cfg: ClusterConfig, *, working_dir_env: dict[str, str] | None = None) -> RayHandle:
+    """Initialise Ray for this process (idempotent)."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return RayHandle(embedded=False, address=address)
+    runtime_env = {"env_vars": dict(working_dir_env or {})}
+    if address:
+        log.info("joining the Ray cluster at %s (namespace %s)", address, cfg.namespace)
+        ray.init(
+            address=address, namespace=cfg.namespace, runtime_env=runtime_env, log_to_driver=True
+        )
+        return RayHandle(embedded=False, address=address)
+    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    log.info("starting an embedded Ray with %d CPUs", num_cpus)
+    ray.init(
+        num_cpus=num_cpus,
+        namespace=cfg.namespace,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    return RayHandle(embedded=True, address=None)
+
+
+def actor_options(cpus: float, gpus: float, *, threads: int) -> dict:
+    """Ray actor options: resources plus the thread caps a small machine needs."""
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env}}
