@@ -1,0 +1,202 @@
+"""The rollout worker's loop: lease prompts -> generate n samples -> score -> filter -> push.
+
+It runs continuously (asynchrony is the main path). How far ahead it may run is bounded by
+its own weight version `w`: it may have pushed at most `(w + max_staleness + 1) * share`
+accepted groups, where `share` is its part of the trainer's `prompts_per_step`. So with
+`max_staleness: 0` it produces exactly one batch per weight version (synchronous on-policy),
+and with 1 it generates batch N+1 while the trainer trains on batch N (slime's train_async).
+
+Nothing here knows about Ray; `physarum` wraps it in an actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from buffer.episode import Episode, EpisodeGroup
+from rollout.types import Engine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+GenerateGroup = Callable[[dict[str, Any]], Any]  # async (row) -> list[Episode]
+
+
+@dataclass
+class ProducerStats:
+    groups_pushed: int = 0
+    groups_filtered: int = 0  # dynamic sampling: all rewards equal
+    groups_refused: int = 0  # the lease had expired; the buffer refused the push
+    episodes: int = 0
+    episode_errors: int = 0
+    generated_tokens: int = 0
+    reward_sum: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def snapshot(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "rollout/groups_pushed": self.groups_pushed,
+            "rollout/groups_filtered": self.groups_filtered,
+            "rollout/groups_refused": self.groups_refused,
+            "rollout/episode_errors": self.episode_errors,
+            "rollout/generated_tokens": self.generated_tokens,
+            "rollout/gen_tokens_per_s": self.generated_tokens / elapsed,
+            "rollout/reward_mean": self.reward_sum / max(self.episodes, 1),
+        }
+
+
+@dataclass
+class ProducerPlan:
+    """How much to produce: the worker's share of each step and the staleness bound."""
+
+    share: int  # accepted groups per weight version this worker owes the trainer
+    max_staleness: int
+    prompts_per_lease: int
+    over_sampling: float = 1.0
+    dynamic_sampling: bool = False
+
+    def quota(self, weight_version: int) -> int:
+        return (weight_version + self.max_staleness + 1) * self.share
+
+
+def all_rewards_equal(episodes: list[Episode]) -> bool:
+    rewards = [e.reward for e in episodes]
+    return max(rewards) - min(rewards) < 1e-9
+
+
+class RolloutProducer:
+    """Drives one engine: keeps enough prompt groups in flight to meet the quota."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        engine: Engine,
+        store: Any,  # buffer.store.EpisodeStore (sync client; called from threads)
+        generate_group: GenerateGroup,
+        score_group: Callable[[list[Episode]], Any],  # async, fills rewards in place
+        plan: ProducerPlan,
+    ) -> None:
+        self.worker_id = worker_id
+        self.engine = engine
+        self.store = store
+        self.generate_group = generate_group
+        self.score_group = score_group
+        self.plan = plan
+        self.weight_version = 0
+        self.stats = ProducerStats()
+        self._in_flight: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def set_weight_version(self, version: int) -> None:
+        """Called after the engine applied new weights: the quota grows."""
+        self.weight_version = version
+        self._wake.set()
+
+    def _room(self) -> int:
+        remaining = self.plan.quota(self.weight_version) - self.stats.groups_pushed
+        limit = math.ceil(max(remaining, 0) * self.plan.over_sampling)
+        return limit - len(self._in_flight)
+
+    async def run(self) -> None:
+        """Produce until stop(); raises if a group task fails unexpectedly."""
+        log.info(
+            "%s: producing (share %d/step, staleness %d)",
+            self.worker_id,
+            self.plan.share,
+            self.plan.max_staleness,
+        )
+        while not self._stopping:
+            room = min(self._room(), self.plan.prompts_per_lease)
+            leases = await asyncio.to_thread(self._lease, room) if room > 0 else []
+            for lease in leases:
+                task = asyncio.create_task(self._produce(lease))
+                self._in_flight.add(task)
+                task.add_done_callback(self._finished)
+            if not leases:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.05 if room > 0 else 1.0)
+                except TimeoutError:
+                    pass
+        await self._drain()
+
+    def _lease(self, k: int) -> list[Any]:
+        self.store.requeue_expired()
+        return self.store.lease_prompts(self.worker_id, k)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: a group failed: %r", self.worker_id, task.exception())
+            self._failure = task.exception()
+            self._stopping = True
+
+    async def _produce(self, lease: Any) -> None:
+        started = time.monotonic()
+        episodes = await self.generate_group(lease.row)
+        await self.score_group(episodes)
+        self._count(episodes)
+        if self.plan.dynamic_sampling and all_rewards_equal(episodes):
+            self.stats.groups_filtered += 1
+            await asyncio.to_thread(self.store.release_lease, lease.lease_id, True)
+            return
+        group = EpisodeGroup(
+            prompt_id=lease.prompt_id,
+            episodes=episodes,
+            metadata={
+                "worker": self.worker_id,
+                "lease_id": lease.lease_id,
+                "seconds": round(time.monotonic() - started, 4),
+            },
+        )
+        entry = await asyncio.to_thread(self.store.put_group, group, lease_id=lease.lease_id)
+        if entry is None:
+            self.stats.groups_refused += 1
+        else:
+            self.stats.groups_pushed += 1
+
+    def _count(self, episodes: list[Episode]) -> None:
+        self.stats.episodes += len(episodes)
+        self.stats.episode_errors += sum(e.is_error for e in episodes)
+        self.stats.generated_tokens += sum(e.num_trainable for e in episodes)
+        self.stats.reward_sum += sum(e.reward for e in episodes)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def _drain(self) -> None:
+        if self._in_flight:
+            await self.engine.abort(None)
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        failure = getattr(self, "_failure", None)
+        if failure is not None:
+            raise failure
+
+
+def sampling_from_config(
+    rollout_cfg: Any,
+    stop_token_ids: list[int],
+    *,
+    seed: int | None = None,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+) -> SamplingParams:
+    """SamplingParams for training rollouts (or eval, with overrides) from RolloutConfig."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or rollout_cfg.max_new_tokens,
+        temperature=rollout_cfg.temperature if temperature is None else temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=rollout_cfg.top_k,
+        stop_token_ids=list(stop_token_ids),
+        sampling_seed=seed,
+    )
