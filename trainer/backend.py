@@ -1,0 +1,131 @@
+"""The trainer backend contract: the packed micro-batch and the protocol every backend implements.
+
+A step's sequences are packed into micro-batches (`PackedBatch`): B sequences concatenated into
+T tokens, with every per-token tensor aligned to `input_ids`. The torch backend
+(`trainer/torch_backend.py`) and the Megatron backend (`trainer/megatron/`) both consume these,
+and both compute their losses through the shared registry in `trainer/losses/`.
+
+Per-token alignment (the same as the model's `token_logprobs`): position t of a [T] tensor
+refers to token `input_ids[t]`; a logprob at t is log p(input_ids[t] | the tokens before it in
+its sequence), 0 at the first token of every sequence. A critic value at t is the value of the
+state *before* token t (the prefix that predicts it), also 0 at the first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+_PER_TOKEN = (
+    "input_ids",
+    "loss_mask",
+    "rollout_logprobs",
+    "advantages",
+    "returns",
+    "old_logprobs",
+    "ref_logprobs",
+    "values",
+    "versions",
+    "seq_ids",
+)
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch of B packed sequences (T tokens); all [T] tensors aligned per token.
+
+    input_ids         int64   [T]    prompt + response tokens of the B sequences, concatenated
+    cu_seqlens        int64   [B+1]  sequence boundaries: sequence b is [cu[b], cu[b+1])
+    loss_mask         float32 [T]    1 on trainable response tokens (Episode.loss_mask), else 0
+    rollout_logprobs  float32 [T]    engine logprobs at response tokens, 0 elsewhere
+    advantages        float32 [T]    per-token advantage (0 where loss_mask is 0)
+    returns           float32 [T] | None  critic targets (PPO with GAE)
+    old_logprobs      float32 [T] | None  policy logprobs before the update (the logprob pass)
+    ref_logprobs      float32 [T] | None  frozen reference logprobs (KL)
+    values            float32 [T] | None  critic values before the update (value clipping)
+    versions          int64   [T]    policy version of each token; -1 where not generated
+    seq_ids           int64   [T]    which sequence (0..B-1) each token belongs to
+    temperature       float          sampling temperature the logprobs are taken at
+    sample_index      int64   [B]    index of each sequence in the step's sequence list
+    prompt_lens       int64   [B]    prompt length of each sequence (response starts after)
+    routed_experts    int64   [n_moe, T, k] | None  routing captured in the logprob pass
+    """
+
+    input_ids: Tensor
+    cu_seqlens: Tensor
+    loss_mask: Tensor
+    rollout_logprobs: Tensor
+    advantages: Tensor
+    versions: Tensor
+    seq_ids: Tensor
+    temperature: float = 1.0
+    returns: Tensor | None = None
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    sample_index: Tensor | None = None
+    prompt_lens: Tensor | None = None
+    routed_experts: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose shape does not match input_ids."""
+        t = self.num_tokens
+        if self.input_ids.dim() != 1:
+            raise ValueError(f"input_ids: expected shape [T], got {tuple(self.input_ids.shape)}")
+        if int(self.cu_seqlens[-1]) != t or int(self.cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens: must run from 0 to T={t}, got {self.cu_seqlens}")
+        for name in _PER_TOKEN:
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (t,):
+                raise ValueError(f"{name}: expected shape ({t},), got {tuple(value.shape)}")
+        for name in ("sample_index", "prompt_lens"):
+            value = getattr(self, name)
+            if value is not None and value.numel() != self.num_seqs:
+                raise ValueError(f"{name}: expected {self.num_seqs} entries, got {value.numel()}")
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """A copy with every tensor moved to `device`."""
+        moved = {
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
+            for f in fields(self)
+        }
+        return replace(self, **moved)
+
+
+@runtime_checkable
+class TrainerBackend(Protocol):
+    """What the job driver needs from a training backend (torch or Megatron)."""
+
+    version: int
+    """Policy version: optimizer steps taken (the version stamped on exported weights)."""
+
+    def logprobs(self, batches: list[PackedBatch], *, model: str = "actor") -> list[Tensor]:
+        """No-grad per-token logprobs float32 [T] per batch; model "actor" | "ref"."""
+        ...
+
+    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
+        """One optimizer step over these micro-batches (gradient accumulation); metrics."""
+        ...
+
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """Full tensors with Hugging Face on-disk names."""
+        ...
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
