@@ -1,0 +1,253 @@
+"""The continuous-batching core of the embedded engine (synchronous; one thread calls it).
+
+Each `step()`:
+  1. admits waiting sequences into free KV slots (up to `max_prefill_tokens` new tokens);
+  2. prefills the newcomers in padded chunks (samples of one request that share a prompt are
+     prefilled once and their K/V copied to the sibling slots) and samples their first token;
+  3. runs one decode forward over every other running sequence (one new token each) and
+     samples the next token of each;
+  4. finished sequences leave at once and their slots are reused.
+Per-step Python work is O(batch); sampling is vectorised (sampler.py) and there is one host
+sync per forward (the sampled ids and logprobs). Every token records `self.version`, the
+weight version in force for the forward that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from rollout.embedded.kv_slots import SlotPool
+from rollout.embedded.sampler import sample
+from rollout.embedded.sequence import Decode, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_new_tokens exceeds the engine's context length (SGLang's message)."""
+
+
+class Scheduler:
+    """Waiting queue, running batch and KV slots of one model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_running: int,
+        context_len: int,
+        max_prefill_tokens: int = 4096,
+        kv_dtype: torch.dtype | None = None,
+        decode: Decode | None = None,
+        version: int = 0,
+    ) -> None:
+        if context_len < 2:
+            raise ValueError(f"context_len: expected >= 2, got {context_len}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens: expected >= 1, got {max_prefill_tokens}")
+        self.model = model
+        cache = model.new_kv_cache(max_running, context_len, dtype=kv_dtype)
+        self.slots = SlotPool(cache, max_running, context_len)
+        self.context_len = context_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.decode = decode
+        self.version = version
+        self.paused = False
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_forwards = 0
+
+    # ---- queue management ------------------------------------------------------------------
+
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ContextLengthError if a request cannot fit in one slot (SGLang's wording)."""
+        if prompt_len < 1:
+            raise ValueError("input_ids: expected at least one prompt token, got none")
+        total = prompt_len + max_new_tokens
+        if total > self.context_len:
+            raise ContextLengthError(
+                "Requested token count exceeds the model's maximum context length of "
+                f"{self.context_len} tokens. You requested a total of {total} tokens: "
+                f"{prompt_len} tokens from the input messages and {max_new_tokens} tokens "
+                "for the completion. Please reduce the number of tokens in the input "
+                "messages or the completion to fit within the limit."
+            )
+
+    def add(self, seq: Sequence) -> list[Sequence]:
+        """Queue a sequence; returns it as finished at once if it asks for 0 new tokens."""
+        self.check_length(len(seq.prompt_ids), seq.stop.max_new_tokens)
+        if seq.stop.max_new_tokens == 0:
+            seq.finish("length", 0)
+            return [seq]
+        self.waiting.append(seq)
+        return []
+
+    @property
+    def has_work(self) -> bool:
+        return not self.paused and bool(self.waiting or self.running)
+
+    @property
+    def idle(self) -> bool:
+        """No sequence holds a slot and (unless paused) none waits: flush_cache may run."""
+        return not self.running and (self.paused or not self.waiting)
+
+    def abort(self, match: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Finish every waiting or running sequence matching `match` with reason "abort"."""
+        hit = [s for s in (*self.waiting, *self.running) if match(s)]
+        for seq in hit:
+            seq.finish("abort")
+        self.waiting = deque(s for s in self.waiting if not s.finished)
+        self._drop_finished()
+        return hit
+
+    def retract_all(self) -> int:
+        """Move running sequences back to the front of the queue, freeing their KV slots.
+
+        They keep their tokens; on re-admission their prompt + output is prefilled again.
+        """
+        retracted = self.running
+        for seq in retracted:
+            self._release(seq)
+            seq.num_retractions += 1
+        self.running = []
+        self.waiting.extendleft(reversed(retracted))
+        return len(retracted)
+
+    def flush(self) -> bool:
+        """Forget every slot assignment when idle; False (nothing done) otherwise."""
+        if not self.idle:
+            return False
+        self.slots.reset()
+        return True
+
+    # ---- the step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One scheduling iteration; returns the sequences that finished in it."""
+        if self.paused:
+            return []
+        newcomers = self._admit()
+        decoding = [s for s in self.running if s.cached > 0]
+        self.running.extend(newcomers)
+        finished: list[Sequence] = []
+        if newcomers:
+            finished += self._prefill(newcomers)
+        if decoding:
+            finished += self._decode_step(decoding)
+        self._drop_finished()
+        return finished
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and self.slots.num_free:
+            seq = self.waiting[0]
+            if admitted and seq.num_tokens > budget:
+                break
+            self.waiting.popleft()
+            seq.slot = self.slots.acquire(seq.params, seq.seed, len(seq.output_ids))
+            seq.cached = 0
+            budget -= seq.num_tokens
+            admitted.append(seq)
+        return admitted
+
+    def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Prefill in chunks of similar length; siblings with the same tokens share one row."""
+        leaders: dict[str, Sequence] = {}
+        pairs: list[tuple[Sequence, Sequence]] = []  # (sequence, the one whose row it uses)
+        for seq in seqs:
+            lead = seq
+            if not seq.output_ids:
+                lead = leaders.setdefault(seq.group, seq)
+                if lead.prompt_ids != seq.prompt_ids:
+                    lead = seq
+            pairs.append((seq, lead))
+        unique = [s for s, lead in pairs if s is lead]
+        unique.sort(key=lambda s: s.num_tokens)
+        logits_of: dict[int, Tensor] = {}
+        for chunk in self._chunks(unique):
+            rows = [s.prompt_ids + s.output_ids for s in chunk]
+            logits = self._forward(rows, [s.slot for s in chunk], [0] * len(chunk))
+            for i, seq in enumerate(chunk):
+                seq.cached = len(rows[i])
+                logits_of[id(seq)] = logits[i]
+        for seq, lead in pairs:
+            if seq is not lead:
+                self._copy_slot(lead.slot, seq.slot, lead.cached)
+                seq.cached = lead.cached
+        stacked = torch.stack([logits_of[id(lead)] for _, lead in pairs])
+        return self._sample_append([s for s, _ in pairs], stacked)
+
+    def _chunks(self, seqs: list[Sequence]) -> Iterable[list[Sequence]]:
+        """Consecutive groups (sorted by length) whose padded size fits the prefill budget."""
+        chunk: list[Sequence] = []
+        for seq in seqs:
+            if chunk and (len(chunk) + 1) * seq.num_tokens > self.max_prefill_tokens:
+                yield chunk
+                chunk = []
+            chunk.append(seq)
+        if chunk:
+            yield chunk
+
+    def _decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
+        rows = [[s.output_ids[-1]] for s in seqs]
+        logits = self._forward(rows, [s.slot for s in seqs], [s.cached for s in seqs])
+        for seq in seqs:
+            seq.cached += 1
+        return self._sample_append(seqs, logits)
+
+    def _forward(self, rows: list[list[int]], slots: list[int], start: list[int]) -> Tensor:
+        """One forward_cached call over right-padded rows; float32 logits [B, V]."""
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.int64)
+        if width == 1:
+            ids[:, 0] = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+        else:
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        self.num_forwards += 1
+        return self.model.forward_cached(
+            ids,
+            torch.tensor(slots, dtype=torch.int64),
+            torch.tensor(start, dtype=torch.int64),
+            torch.tensor([len(r) for r in rows], dtype=torch.int64),
+            self.slots.cache,
+        )
+
+    def _sample_append(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64)
+        tokens, logprobs = sample(logits, self.slots.batch(slots))
+        self.slots.advance(slots)
+        finished = []
+        version = self.version
+        for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            seq.append(tok, lp, version, self.decode)
+            if seq.finished:
+                finished.append(seq)
+            elif seq.on_update is not None:
+                seq.on_update(seq)
+        return finished
+
+    def _copy_slot(self, src: int, dst: int, length: int) -> None:
+        cache = self.slots.cache
+        for layer in (*cache.keys, *cache.values):
+            layer[dst, :, :length] = layer[src, :, :length]
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.slots.release(seq.slot)
+        seq.slot = None
+        seq.cached = 0
+
+    def _drop_finished(self) -> None:
+        if any(s.finished for s in self.running):
+            for seq in self.running:
+                if seq.finished:
+                    self._release(seq)
+            self.running = [s for s in self.running if not s.finished]

@@ -1,0 +1,99 @@
+"""The vectorised sampler against an independent numpy reference of the filtered distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rollout.embedded.sampler import SamplingBatch, hash_uniform, sample
+
+torch.set_num_threads(1)
+
+
+def _batch(b: int, *, temp=1.0, top_p=1.0, top_k=0, min_p=0.0, seeds=None, counters=None):
+    return SamplingBatch(
+        temperature=torch.full((b,), temp, dtype=torch.float32),
+        top_p=torch.full((b,), top_p, dtype=torch.float32),
+        top_k=torch.full((b,), top_k, dtype=torch.int64),
+        min_p=torch.full((b,), min_p, dtype=torch.float32),
+        seeds=torch.arange(b, dtype=torch.int64) * 7919 + 11 if seeds is None else seeds,
+        counters=torch.zeros(b, dtype=torch.int64) if counters is None else counters,
+    )
+
+
+def _reference(logits: np.ndarray, temp: float, top_k: int, top_p: float, min_p: float):
+    """SGLang's torch backend semantics, written independently in numpy (float64)."""
+    z = logits / temp
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    sp = p[order]
+    keep = np.ones_like(sp, dtype=bool)
+    if top_k > 0:
+        keep[top_k:] = False
+    keep &= (np.cumsum(sp) - sp) <= top_p
+    keep &= sp >= sp[0] * min_p
+    q = np.zeros_like(p)
+    q[order[keep]] = sp[keep]
+    return q / q.sum()
+
+
+def test_hash_uniform_is_deterministic_and_uniform():
+    seeds = torch.arange(50_000, dtype=torch.int64) * 104729 - 3
+    u = hash_uniform(seeds, torch.zeros_like(seeds))
+    assert torch.equal(u, hash_uniform(seeds, torch.zeros_like(seeds)))
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / u.numel()
+    assert float((hist - 0.1).abs().max()) < 0.01
+    u2 = hash_uniform(seeds, torch.ones_like(seeds))
+    assert float((u2 - u).abs().mean()) > 0.2  # the counter changes the draw
+    # consecutive counters of one seed are uncorrelated
+    steps = hash_uniform(torch.full((20_000,), 42), torch.arange(20_000))
+    a, b = steps[:-1] - 0.5, steps[1:] - 0.5
+    assert abs(float((a * b).mean() / (a * a).mean())) < 0.03
+
+
+def test_greedy_rows_take_argmax_with_t1_logprob():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40)
+    tokens, logprobs = sample(logits, _batch(5, temp=0.0, top_k=3, top_p=0.5))
+    assert torch.equal(tokens, logits.argmax(-1))
+    ref = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs.double(), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "temp,top_k,top_p,min_p",
+    [(1.0, 0, 1.0, 0.0), (0.7, 3, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 4, 0.9, 0.15)],
+)
+def test_empirical_distribution_matches_reference(temp, top_k, top_p, min_p):
+    logits_row = torch.tensor([2.0, 1.5, 1.0, 0.3, -0.5, -1.0, 0.9, -3.0])
+    n = 40_000
+    logits = logits_row.repeat(n, 1)
+    tokens, logprobs = sample(logits, _batch(n, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p))
+    q = _reference(logits_row.double().numpy(), temp, top_k, top_p, min_p)
+    freq = np.bincount(tokens.numpy(), minlength=len(q)) / n
+    tol = 5 * np.sqrt(q * (1 - q) / n) + 1e-9
+    assert np.all(np.abs(freq - q) <= tol), (freq, q)
+    assert np.all(freq[q == 0] == 0)  # filtered tokens are never drawn
+    # logprob: tempered log-softmax at the token, no renormalisation by the filters
+    full = torch.log_softmax(logits_row.double() / temp, -1)
+    torch.testing.assert_close(logprobs.double(), full[tokens], atol=1e-5, rtol=0)
+
+
+def test_row_draw_does_not_depend_on_batch_neighbours():
+    torch.manual_seed(1)
+    logits = torch.randn(16, 300)
+    seeds = torch.randint(0, 2**62, (16,))
+    counters = torch.randint(0, 100, (16,))
+    params = _batch(16, temp=0.9, top_p=0.95, seeds=seeds, counters=counters)
+    params.top_k[::3] = 20  # mixed filters in one batch
+    params.temperature[::4] = 0.0
+    together, lp_together = sample(logits, params)
+    for i in range(16):
+        one = SamplingBatch(*(getattr(params, f)[i : i + 1] for f in params.__dataclass_fields__))
+        alone, lp_alone = sample(logits[i : i + 1], one)
+        assert int(alone) == int(together[i])
+        assert float(lp_alone) == pytest.approx(float(lp_together[i]), abs=1e-6)
