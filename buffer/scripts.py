@@ -1,0 +1,156 @@
+"""Lua scripts for the steps that must be atomic: lease, requeue, renew, release, push, epoch.
+
+All times come from the Redis server's clock (`TIME`), so workers on hosts with skewed
+clocks agree on every deadline. Scripts run atomically on the server; a push that completes
+its lease and the requeue of that same lease can therefore never both succeed.
+"""
+
+from __future__ import annotations
+
+# KEYS/ARGV layouts are documented at the top of each script.
+
+_PRELUDE = r"""
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- move expired leases back to the retry list; returns how many
+local function requeue_expired(leases, deadlines, retry, stats, now, limit)
+  local lids = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)
+  local n = 0
+  for _, lid in ipairs(lids) do
+    local raw = redis.call('HGET', leases, lid)
+    if raw then
+      local l = cjson.decode(raw)
+      redis.call('RPUSH', retry, tostring(l.e) .. '|' .. l.p)
+      redis.call('HDEL', leases, lid)
+      n = n + 1
+    end
+    redis.call('ZREM', deadlines, lid)
+  end
+  if n > 0 then redis.call('HINCRBY', stats, 'lease_expiries', n) end
+  return n
+end
+"""
+
+# KEYS: leases, deadlines, retry, stats   ARGV: limit
+REQUEUE = (
+    _PRELUDE
+    + r"""
+return requeue_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now_s(), tonumber(ARGV[1]))
+"""
+)
+
+# KEYS: order, cursor, retry, leases, deadlines, stats, rows, lease_seq
+# ARGV: k, worker, lease_seconds, requeue_limit
+# returns {{lease_id, prompt_id, deadline, epoch, row_json}, ...}, epoch, at_end (0/1)
+LEASE = (
+    _PRELUDE
+    + r"""
+local now = now_s()
+requeue_expired(KEYS[4], KEYS[5], KEYS[3], KEYS[6], now, tonumber(ARGV[4]))
+local k = tonumber(ARGV[1])
+local deadline = now + tonumber(ARGV[3])
+local out = {}
+local function grant(pid, epoch)
+  local lid = 'L' .. redis.call('INCR', KEYS[8])
+  redis.call('HSET', KEYS[4], lid, cjson.encode({p = pid, w = ARGV[2], e = epoch}))
+  redis.call('ZADD', KEYS[5], deadline, lid)
+  out[#out + 1] = {lid, pid, string.format('%.6f', deadline), epoch,
+                   redis.call('HGET', KEYS[7], pid)}
+end
+while #out < k do
+  local item = redis.call('LPOP', KEYS[3])
+  if not item then break end
+  local sep = string.find(item, '|', 1, true)
+  grant(string.sub(item, sep + 1), tonumber(string.sub(item, 1, sep - 1)))
+end
+local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
+local pos = tonumber(redis.call('HGET', KEYS[2], 'pos') or '0')
+local n = redis.call('LLEN', KEYS[1])
+if #out < k and pos < n then
+  local take = math.min(k - #out, n - pos)
+  local ids = redis.call('LRANGE', KEYS[1], pos, pos + take - 1)
+  redis.call('HINCRBY', KEYS[2], 'pos', take)
+  for _, pid in ipairs(ids) do grant(pid, epoch) end
+  pos = pos + take
+end
+local at_end = 0
+if pos >= n then at_end = 1 end
+return {out, epoch, at_end}
+"""
+)
+
+# KEYS: order, cursor   ARGV: expected_epoch, id1, id2, ...
+# Installs the next epoch's order iff the current one is `expected_epoch` and fully leased.
+ADVANCE_EPOCH = r"""
+local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
+local pos = tonumber(redis.call('HGET', KEYS[2], 'pos') or '0')
+if epoch ~= tonumber(ARGV[1]) or pos < redis.call('LLEN', KEYS[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 4000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+redis.call('HSET', KEYS[2], 'epoch', epoch + 1, 'pos', 0)
+return 1
+"""
+
+# KEYS: leases, deadlines   ARGV: lease_id, lease_seconds
+# returns the new deadline as a string, or false if the lease is gone
+RENEW = (
+    _PRELUDE
+    + r"""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return false end
+local deadline = now_s() + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+return string.format('%.6f', deadline)
+"""
+)
+
+# KEYS: leases, deadlines, retry, stats   ARGV: lease_id, done (0/1)
+# done=0: the prompt goes to the front of the queue; done=1: it is finished without a group
+# (counted as filtered). Returns 1, or 0 if the lease was gone.
+RELEASE = r"""
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local l = cjson.decode(raw)
+if ARGV[2] == '1' then
+  redis.call('HINCRBY', KEYS[4], 'prompts_filtered', 1)
+else
+  redis.call('LPUSH', KEYS[3], tostring(l.e) .. '|' .. l.p)
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: leases, deadlines, stream, stats, done_key
+# ARGV: lease_id ('' for none), prompt_id, capacity, record, oldest_version, consumer_group
+# returns {'OK', id} | {'DONE', id} (this lease was already pushed) | {'LATE'} |
+#         {'MISMATCH', leased prompt id} | {'FULL'}
+PUSH = r"""
+local lid = ARGV[1]
+if lid ~= '' then
+  local prev = redis.call('GET', KEYS[5])
+  if prev then return {'DONE', prev} end
+  local raw = redis.call('HGET', KEYS[1], lid)
+  if not raw then
+    redis.call('HINCRBY', KEYS[4], 'late_pushes', 1)
+    return {'LATE'}
+  end
+  local l = cjson.decode(raw)
+  if l.p ~= ARGV[2] then return {'MISMATCH', l.p} end
+end
+local unconsumed = redis.call('XLEN', KEYS[3]) - redis.call('XPENDING', KEYS[3], ARGV[6])[1]
+if unconsumed >= tonumber(ARGV[3]) then return {'FULL'} end
+local id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARGV[2])
+if lid ~= '' then
+  redis.call('HDEL', KEYS[1], lid)
+  redis.call('ZREM', KEYS[2], lid)
+  redis.call('SET', KEYS[5], id, 'EX', 86400)
+  redis.call('HINCRBY', KEYS[4], 'prompts_done', 1)
+end
+redis.call('HINCRBY', KEYS[4], 'groups_put', 1)
+return {'OK', id}
+"""

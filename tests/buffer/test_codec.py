@@ -1,0 +1,171 @@
+"""The group codec: exact round trips, and named EpisodeCodecErrors (never crashes) on bad bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from buffer.codec import _PREFIX, EpisodeCodecError, decode_group, encode_group
+from buffer.episode import Episode, EpisodeGroup, FinishReason
+from tests.buffer.conftest import make_group
+
+
+def _assert_same(a: EpisodeGroup, b: EpisodeGroup) -> None:
+    assert a.prompt_id == b.prompt_id and a.metadata == b.metadata
+    assert len(a.episodes) == len(b.episodes)
+    for x, y in zip(a.episodes, b.episodes):
+        for name in ("prompt_ids", "response_ids", "loss_mask", "rollout_logprobs", "versions"):
+            xa, ya = getattr(x, name), getattr(y, name)
+            assert xa.dtype == ya.dtype, name
+            np.testing.assert_array_equal(xa, ya, err_msg=name)
+        assert (x.reward, x.rewards, x.finish_reason, x.metadata) == (
+            y.reward,
+            y.rewards,
+            y.finish_reason,
+            y.metadata,
+        )
+
+
+def _multi_turn_group() -> EpisodeGroup:
+    """Two episodes with different prompts, tool tokens (mask 0), mixed versions, metadata."""
+    rng = np.random.default_rng(3)
+    episodes = []
+    for i, (p, r) in enumerate([(7, 12), (3, 0)]):
+        mask = (np.arange(r) % 3 != 0).astype(np.uint8)
+        episodes.append(
+            Episode(
+                prompt_ids=rng.integers(0, 50_000, p),
+                response_ids=rng.integers(0, 50_000, r),
+                loss_mask=mask,
+                rollout_logprobs=np.where(mask, -rng.random(r), 0.0),
+                versions=np.where(mask, 4 + (np.arange(r) > 5), -1),
+                reward=0.25 * i - 1.0,
+                rewards={"math": 1.0, "format": -0.5},
+                finish_reason=FinishReason.LENGTH if i else FinishReason.STOP,
+                metadata={"turns": 2, "tool_calls": [{"name": "calc"}], "t": np.float32(0.5)},
+            )
+        )
+    return EpisodeGroup("row-17", episodes, {"task": "calc", "worker": "w0"})
+
+
+def test_round_trip_is_exact_for_shared_and_distinct_prompts() -> None:
+    shared = make_group("p1", n=4, response_len=33, version=2)
+    decoded = decode_group(encode_group(shared))
+    _assert_same(shared, decoded)
+    assert decoded.oldest_version == 2
+    # arrays decoded from one record are writable and do not alias across episodes
+    decoded.episodes[1].prompt_ids[0] = -5
+    assert decoded.episodes[0].prompt_ids[0] != -5
+
+    mixed = _multi_turn_group()
+    back = decode_group(encode_group(mixed))
+    assert back.episodes[0].metadata["t"] == 0.5  # numpy scalar became a float
+    mixed.episodes[0].metadata["t"] = 0.5
+    _assert_same(mixed, back)
+    assert back.oldest_version == 4
+
+
+def test_record_is_compact_raw_bytes() -> None:
+    group = make_group("p1", n=8, response_len=256)
+    record = encode_group(group)
+    array_bytes = 5 * 4 + 8 * 256 * (4 + 4 + 4 + 1)  # shared prompt once + 4 response fields
+    assert array_bytes < len(record) < array_bytes + 1024  # header under 1 KiB
+
+
+def _reheader(record: bytes, edit) -> bytes:
+    """Re-pack the record with its header changed by `edit` (body unchanged)."""
+    _, fmt, hlen = _PREFIX.unpack_from(record, 0)
+    header = msgpack.unpackb(record[_PREFIX.size : _PREFIX.size + hlen])
+    edit(header)
+    head = msgpack.packb(header)
+    return _PREFIX.pack(b"PHEG", fmt, len(head)) + head + record[_PREFIX.size + hlen :]
+
+
+def _set(path: list, value):
+    def edit(header):
+        node = header
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set(["episodes", 0, "R"], 9), "body: truncated"),
+        (_set(["episodes", 0, "R"], 7), "body: has trailing bytes"),
+        (_set(["episodes", 1, "reward"], float("nan")), "episodes[1].reward: must be finite"),
+        (_set(["episodes", 0, "rewards"], {"m": float("inf")}), "rewards['m']: must be finite"),
+        (_set(["episodes", 0, "finish_reason"], "exploded"), "finish_reason: unknown value"),
+        (_set(["dtypes", "response_ids"], "<i8"), "header.dtypes"),
+        (_set(["episodes"], []), "header.episodes: empty group"),
+        (_set(["prompt_id"], 5), "header.prompt_id: wrong type"),
+        (_set(["episodes", 0, "P"], True), "episodes[0].P: wrong type"),
+        (lambda h: h.pop("metadata"), "header.metadata: missing"),
+    ],
+)
+def test_bad_header_names_the_field(edit, message: str) -> None:
+    record = _reheader(encode_group(make_group("p1", n=2, response_len=8)), edit)
+    with pytest.raises(EpisodeCodecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        decode_group(record)
+
+
+def test_bad_array_values_in_the_body_are_caught() -> None:
+    record = bytearray(encode_group(make_group("p1", n=2, response_len=8)))
+    body = len(record) - 16 * (4 + 4 + 4 + 1) - 5 * 4  # start of the shared prompt
+    logprobs_at = body + 5 * 4 + 16 * 4
+    struct.pack_into("<f", record, logprobs_at + 4 * 3, float("nan"))
+    with pytest.raises(EpisodeCodecError, match=r"episodes\[0\]: rollout_logprobs: contains NaN"):
+        decode_group(bytes(record))
+    record = bytearray(encode_group(make_group("p1", n=2, response_len=8)))
+    record[-1] = 7  # last loss_mask byte of episode 1
+    with pytest.raises(EpisodeCodecError, match=r"episodes\[1\]: loss_mask: values must be 0 or 1"):
+        decode_group(bytes(record))
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (b"", "shorter than the prefix"),
+        (b"XXXX" + bytes(20), "bad magic"),
+        (_PREFIX.pack(b"PHEG", 9, 0), "format 9"),
+        (_PREFIX.pack(b"PHEG", 1, 1000) + b"\x80", "header: truncated"),
+        (_PREFIX.pack(b"PHEG", 1, 2) + b"\xc1\xc1", "header: not valid msgpack"),
+        (_PREFIX.pack(b"PHEG", 1, 1) + b"\x01", "header: expected a map"),
+        ("not bytes", "expected bytes"),
+    ],
+)
+def test_malformed_records(record, message: str) -> None:
+    with pytest.raises(EpisodeCodecError, match=message):
+        decode_group(record)
+
+
+def test_every_truncation_and_random_corruption_gives_a_codec_error() -> None:
+    record = encode_group(_multi_turn_group())
+    for cut in range(len(record)):
+        with pytest.raises(EpisodeCodecError):
+            decode_group(record[:cut])
+    rng = np.random.default_rng(0)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(400):
+        corrupt = bytearray(record)
+        for pos in rng.integers(0, len(record), rng.integers(1, 4)):
+            corrupt[pos] = int(rng.integers(0, 256))
+        try:
+            decode_group(bytes(corrupt))  # anything but EpisodeCodecError fails the test
+            outcomes["ok"] += 1
+        except EpisodeCodecError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0 and sum(outcomes.values()) == 400
+
+
+def test_unserialisable_metadata_is_a_codec_error_on_encode() -> None:
+    group = make_group("p1")
+    group.metadata["handle"] = object()
+    with pytest.raises(EpisodeCodecError, match="group 'p1' metadata: not serialisable"):
+        encode_group(group)
