@@ -1,0 +1,100 @@
+"""Per-forward index metadata shared by every layer: packed sequences and KV-cache batches.
+
+Both are computed once per forward (a handful of small int ops) so the layers themselves
+stay free of Python loops and per-row work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PackInfo:
+    """T tokens of B sequences concatenated (the training layout).
+
+    Attention runs on a right-padded [B, Lmax] view of the pack (packed -> padded by
+    `padded_index`), so a causal mask alone keeps every sequence to itself and no [T, T]
+    mask is ever built.
+    """
+
+    cu_seqlens: Tensor  # int64 [B + 1], cu_seqlens[0] == 0, cu_seqlens[-1] == T
+    positions: Tensor  # int64 [T], restarting at 0 for every sequence
+    padded_index: Tensor | None  # int64 [T]: row of token t in the [B * Lmax] padded layout;
+    # None when the pack already is the padded layout (all sequences of length Lmax)
+    num_seqs: int  # B
+    max_len: int  # Lmax
+
+    @classmethod
+    def build(cls, cu_seqlens: Tensor, total: int) -> PackInfo:
+        """Validate cu_seqlens against the number of tokens and derive the index tensors."""
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected int64 [B+1] with B>=1, got {cu_seqlens.shape}")
+        cu = cu_seqlens.to(torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths <= 0).any()):
+            raise ValueError(
+                f"cu_seqlens: expected 0 = c0 < c1 < ... < cB = T = {total}, got {cu.tolist()}"
+            )
+        num_seqs = lengths.numel()
+        max_len = int(lengths.max())
+        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths)
+        positions = torch.arange(total, device=cu.device) - cu[:-1][seq_of]
+        padded = None if num_seqs * max_len == total else seq_of * max_len + positions
+        return cls(cu, positions, padded, num_seqs, max_len)
+
+
+@dataclass
+class CacheBatch:
+    """One forward_cached call: B rows of up to L new tokens continuing cached sequences."""
+
+    slots: Tensor  # int64 [B] cache slot of each row
+    positions: Tensor  # int64 [B, L] absolute position of each new token
+    write_slots: Tensor | None  # int64 [N] slot of each real (non-pad) new token ...
+    write_positions: Tensor | None  # int64 [N] ... and its position; None = all B*L are real
+    write_rows: Tensor | None  # int64 [N] index of each real token in the flattened [B * L]
+    context: int  # keys attended: cache positions [0, context), the max end over rows
+    mask: Tensor  # bool [B, 1, G * L, context]: key position <= the query's own position,
+    # repeated for the G query heads of each KV head (attention runs per KV head on G*L rows)
+
+    @classmethod
+    def build(
+        cls,
+        slots: Tensor,
+        start_pos: Tensor,
+        lengths: Tensor,
+        seq_len: int,
+        max_len: int,
+        groups: int = 1,
+    ) -> CacheBatch:
+        """Validate the row metadata of forward_cached against the cache capacity."""
+        batch = slots.numel()
+        if not (start_pos.shape == lengths.shape == slots.shape == (batch,)):
+            raise ValueError(
+                "forward_cached: slots, start_pos and lengths must all be int64 [B]; got "
+                f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
+            )
+        ends = start_pos + lengths
+        if bool((lengths < 1).any()) or bool((lengths > seq_len).any()):
+            raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")
+        context = int(ends.max())
+        if bool((start_pos < 0).any()) or context > max_len:
+            raise ValueError(
+                f"forward_cached: positions must lie in [0, max_len={max_len}); max end {context}"
+            )
+        steps = torch.arange(seq_len, device=slots.device)
+        positions = start_pos[:, None] + steps  # [B, L]
+        keys = torch.arange(context, device=slots.device)
+        mask = keys <= positions[:, :, None]  # [B, L, context]
+        if groups > 1:
+            mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
+        mask = mask.reshape(batch, 1, groups * seq_len, context)
+        if bool((lengths == seq_len).all()):
+            return cls(slots, positions, None, None, None, context, mask)
+        valid = (steps < lengths[:, None]).reshape(-1)
+        rows = valid.nonzero().squeeze(1)
+        write_slots = slots.repeat_interleave(seq_len)[rows]
+        return cls(slots, positions, write_slots, positions.reshape(-1)[rows], rows, context, mask)

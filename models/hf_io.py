@@ -1,0 +1,209 @@
+"""Hugging Face on-disk tensor names <-> the model's tensors, both directions, plain and FP8.
+
+Module paths in Physarum's model are HF's in-memory names, so most tensors map one to one.
+Routed experts are fused in memory ([E, 2I, H] gate+up, [E, H, I] down) and split on disk
+into `mlp.experts.{j}.{gate,up,down}_proj.weight`. A block-FP8 tensor is a pair
+`<x>.weight` (float8_e4m3fn) + `<x>.weight_scale_inv` (fp32); pairs may arrive in any order
+and are dequantized when the target is a plain layer, while dense weights sent to an FP8
+layer are quantized with its block size.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from models.fp8 import (
+    DEFAULT_BLOCK,
+    FP8_DTYPE,
+    Fp8ExpertBank,
+    Fp8Linear,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
+from models.moe import ExpertBank
+
+log = logging.getLogger(__name__)
+
+SCALE_SUFFIX = "_scale_inv"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class _ParamSlot:
+    """A parameter or buffer stored as is."""
+
+    def __init__(self, name: str, tensor: Tensor) -> None:
+        self.name, self.tensor = name, tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(self.name, self.tensor.detach())]
+
+    def set_dense(self, value: Tensor) -> None:
+        _check_shape(self.name, self.shape, value)
+        self.tensor.data.copy_(value)
+
+    def set_fp8(self, w8: Tensor, scale: Tensor, block: tuple[int, int]) -> None:
+        _check_shape(self.name, self.shape, w8)
+        self.tensor.data.copy_(dequantize_blockwise(w8, scale, block, torch.float32))
+
+
+class _BankSlot(_ParamSlot):
+    """One expert's projection inside a fused plain ExpertBank."""
+
+    def __init__(self, name: str, bank: ExpertBank, expert: int, proj: str) -> None:
+        i = bank.intermediate
+        views = {
+            "gate_proj": bank.gate_up_proj.data[expert, :i],
+            "up_proj": bank.gate_up_proj.data[expert, i:],
+            "down_proj": bank.down_proj.data[expert],
+        }
+        super().__init__(name, views[proj])
+
+
+class _Fp8Slot:
+    """An FP8 weight + scale pair: an Fp8Linear or one projection of an Fp8ExpertBank."""
+
+    def __init__(self, name: str, w8: Tensor, scale: Tensor, block: tuple[int, int]) -> None:
+        self.name, self.w8, self.scale, self.block = name, w8, scale, block
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w8.shape)
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(self.name, self.w8), (self.name + SCALE_SUFFIX, self.scale)]
+
+    def set_dense(self, value: Tensor) -> None:
+        _check_shape(self.name, self.shape, value)
+        w8, scale = quantize_blockwise(value, self.block)
+        self.w8.copy_(w8)
+        self.scale.copy_(scale)
+
+    def set_fp8(self, w8: Tensor, scale: Tensor, block: tuple[int, int]) -> None:
+        _check_shape(self.name, self.shape, w8)
+        if tuple(block) != tuple(self.block):
+            self.set_dense(dequantize_blockwise(w8, scale, block, torch.float32))
+            return
+        _check_shape(self.name + SCALE_SUFFIX, tuple(self.scale.shape), scale)
+        self.w8.copy_(w8)
+        self.scale.copy_(scale)
+
+
+def _check_shape(name: str, expected: tuple[int, ...], value: Tensor) -> None:
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"tensor {name!r}: expected shape {list(expected)}, got {list(value.shape)}"
+        )
+
+
+_Slot = _ParamSlot | _Fp8Slot
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def hf_slots(model: nn.Module) -> dict[str, _Slot]:
+    """HF on-disk weight name -> where it lives in `model`, in module order."""
+    slots: dict[str, _Slot] = {}
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(module, ExpertBank | Fp8ExpertBank):
+            for j in range(module.num_experts):
+                for proj in _PROJECTIONS:
+                    name = f"{prefix}{j}.{proj}.weight"
+                    if isinstance(module, Fp8ExpertBank):
+                        w8 = getattr(module, proj)[j]
+                        scale = getattr(module, proj + SCALE_SUFFIX)[j]
+                        slots[name] = _Fp8Slot(name, w8, scale, module.block)
+                    else:
+                        slots[name] = _BankSlot(name, module, j, proj)
+            continue
+        skip: tuple[str, ...] = ()
+        if isinstance(module, Fp8Linear):
+            name = prefix + "weight"
+            slots[name] = _Fp8Slot(name, module.weight, module.weight_scale_inv, module.block)
+            skip = ("weight", "weight_scale_inv")
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for pname, tensor in own:
+            if pname in skip or id(tensor) in seen or tensor is None:
+                continue
+            seen.add(id(tensor))
+            slots[prefix + pname] = _ParamSlot(prefix + pname, tensor)
+    return slots
+
+
+def iter_hf_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(HF on-disk name, tensor view) for every tensor of the model; tied lm_head omitted."""
+    for slot in hf_slots(model).values():
+        yield from slot.items()
+
+
+@torch.no_grad()
+def load_hf_tensors(
+    model: nn.Module,
+    named: Iterable[tuple[str, Tensor]],
+    *,
+    strict: bool = True,
+    num_layers: int,
+    tied_lm_head: bool,
+    fp8_block: tuple[int, int] | None = None,
+) -> list[str]:
+    """Copy HF-named tensors into `model`; returns the weight names loaded.
+
+    Tensors of decoder layers >= num_layers (GLM's MTP layer) are skipped, as is lm_head.weight
+    of a tied model. Unknown names always raise; strict also requires every tensor.
+    fp8_block: block size of incoming FP8 pairs (default 128x128).
+    """
+    block = tuple(fp8_block or DEFAULT_BLOCK)
+    slots = hf_slots(model)
+    pending: dict[str, dict[str, Tensor]] = {}
+    loaded: list[str] = []
+    for name, value in named:
+        is_scale = name.endswith(SCALE_SUFFIX)
+        base = name[: -len(SCALE_SUFFIX)] if is_scale else name
+        slot = _lookup(slots, base, num_layers, tied_lm_head)
+        if slot is None:
+            continue
+        if not is_scale and value.dtype != FP8_DTYPE:
+            slot.set_dense(value)
+            loaded.append(base)
+            continue
+        entry = pending.setdefault(base, {})
+        entry["scale" if is_scale else "w8"] = value
+        if len(entry) == 2:
+            slot.set_fp8(entry["w8"], entry["scale"], block)
+            loaded.append(base)
+            del pending[base]
+    if pending:
+        raise ValueError(
+            "FP8 tensors without their pair (<x>.weight float8 + <x>.weight_scale_inv): "
+            f"{sorted(pending)[:5]}"
+        )
+    if strict:
+        missing = [n for n in slots if n not in set(loaded)]
+        if missing:
+            raise ValueError(f"missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+    return loaded
+
+
+def _lookup(slots: dict[str, _Slot], name: str, num_layers: int, tied: bool) -> _Slot | None:
+    slot = slots.get(name)
+    if slot is not None:
+        return slot
+    layer = _LAYER.match(name)
+    if layer and int(layer.group(1)) >= num_layers:
+        log.debug("skipping %s (layer beyond num_hidden_layers, e.g. MTP)", name)
+        return None
+    if tied and name == "lm_head.weight":
+        return None
+    close = difflib.get_close_matches(name, list(slots), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown tensor name {name!r}{hint}")

@@ -1,0 +1,107 @@
+"""Per-token logprobs and entropies through lm_head in chunks, never holding [T, V] fp32 logits.
+
+A custom autograd function: the forward keeps only the per-token log-partition (and entropy);
+the backward recomputes each chunk's logits and forms the logit gradient in closed form
+    d logp_t / dz = onehot(y_t) - p,   d H_t / dz = -p * (log p + H_t),
+with z = logits / temperature. Peak extra memory is a few [chunk_size, V] fp32 buffers for
+the forward and the backward alike (autograd through a plain chunk loop would keep every
+chunk's softmax alive until backward: the [T, V] tensor this module exists to avoid).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    logits = F.linear(h, weight).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        temperature: float,
+        with_entropy: bool,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            z = _chunk_logits(hidden[s : s + chunk_size], weight, temperature)
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            lse[s : s + chunk_size] = chunk_lse
+            logp[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
+            if with_entropy:
+                p = torch.exp(z - chunk_lse[:, None])
+                entropy[s : s + chunk_size] = chunk_lse - (p * z).sum(dim=-1)
+        logp -= lse
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(targets)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor | None, grad_entropy: Tensor | None) -> tuple:
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        has_entropy = grad_entropy is not None and entropy.numel() > 0
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            z = _chunk_logits(h, weight, tau)
+            logp_all = z - lse[s : s + chunk, None]
+            p = logp_all.exp()
+            grad_z = torch.zeros_like(z)
+            if grad_logp is not None:
+                g = grad_logp[s : s + chunk, None]
+                grad_z -= g * p
+                grad_z.scatter_add_(1, targets[s : s + chunk, None], g)
+            if has_entropy:
+                g = grad_entropy[s : s + chunk, None]
+                grad_z -= g * p * (logp_all + entropy[s : s + chunk, None])
+            if tau != 1.0:
+                grad_z /= tau
+            grad_z = grad_z.to(weight.dtype)
+            if need_h:
+                grad_h[s : s + chunk] = grad_z @ weight
+            if need_w:
+                grad_w += grad_z.t().float() @ h.float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """hidden [N, H] predicts targets int64 [N] through lm_head weight [V, H].
+
+    Returns logprobs float32 [N] = log_softmax(hidden @ W^T / temperature)[targets] and, with
+    with_entropy, the entropy float32 [N] of the same distributions. Differentiable in hidden
+    and weight.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    logp, entropy = _ChunkedLogprobs.apply(
+        hidden, weight, targets, float(temperature), with_entropy, int(chunk_size)
+    )
+    return logp, (entropy if with_entropy else None)

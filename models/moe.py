@@ -1,0 +1,168 @@
+"""The GLM-4.x MoE block: sigmoid top-k router with loss-free balance bias, routed experts
+dispatched by sorting tokens per expert, shared experts; routing capture and replay (R3).
+
+Router (same semantics as HF Glm4MoeTopkRouter): scores = sigmoid(x W^T) in fp32;
+`e_score_correction_bias` is added to the scores for *selection only*; with n_group > 1 each
+group is scored by the sum of its two best biased scores and only the topk_group best groups
+stay eligible; the k chosen experts' unbiased scores are optionally normalised to sum 1
+(norm_topk_prob) and multiplied by routed_scaling_factor.
+
+Experts are kept fused in memory like transformers 5 (`experts.gate_up_proj` [E, 2I, H] with
+gate rows first, `experts.down_proj` [E, H, I]); models.hf_io maps them to the per-expert
+on-disk names. Dispatch: one stable argsort of the T*k choices by expert, one gather, one
+matmul pair per *active* expert on a contiguous slice, one index_add back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.layers import MLP
+
+
+@dataclass
+class RoutingCapture:
+    """Pass to a forward to record the experts chosen per MoE layer and token.
+
+    After the forward, `routed_experts` is int64 [n_moe, T, k] (packed path) or
+    [n_moe, B, L, k] (cached path; rows beyond a row's length hold padding's choices),
+    ordered by expert id within each token.
+    """
+
+    routed_experts: Tensor | None = None
+
+
+@dataclass
+class RoutingReplay:
+    """Force these experts (R3 routing replay): int64 [n_moe, T, k].
+
+    Gate weights are recomputed from the current router's scores at the forced experts
+    (normalised and scaled as usual), so the router still gets gradients.
+    """
+
+    routed_experts: Tensor
+
+
+@dataclass
+class MoEOutput:
+    hidden: Tensor  # [N, H]
+    experts: Tensor  # int64 [N, k], sorted ascending per token
+    load: Tensor  # float32 [E], choices routed to each expert
+    aux_loss: Tensor | None  # fp32 scalar, when asked
+
+
+class TopkRouter(nn.Module):
+    """HF name `mlp.gate`: weight [E, H]; buffer e_score_correction_bias fp32 [E]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def forward(self, x: Tensor, forced: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, H] -> (experts int64 [N, k] ascending, weights fp32 [N, k], scores fp32 [N, E]).
+
+        forced: int64 [N, k] experts to use instead of the router's choice (replay).
+        """
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        if forced is None:
+            choice = scores.detach() + self.e_score_correction_bias
+            if self.n_group > 1:
+                choice = self._mask_groups(choice)
+            experts = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        else:
+            if forced.shape != (x.shape[0], self.top_k):
+                raise ValueError(
+                    f"RoutingReplay.routed_experts: expected [*, {x.shape[0]}, {self.top_k}] "
+                    f"for this layer, got {tuple(forced.shape)}"
+                )
+            experts = forced.to(torch.int64)
+        experts = experts.sort(dim=-1).values
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return experts, weights * self.scaling, scores
+
+    def _mask_groups(self, choice: Tensor) -> Tensor:
+        n = choice.shape[0]
+        grouped = choice.view(n, self.n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, n_group]
+        best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, -1)
+
+
+class ExpertBank(nn.Module):
+    """HF name `mlp.experts`: all routed experts' SwiGLU weights, fused per layer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.intermediate = e, i
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per expert: gate_up [2I, H] and down [H, I] in the compute dtype."""
+        return list(self.gate_up_proj.unbind(0)), list(self.down_proj.unbind(0))
+
+    def forward(self, xs: Tensor, counts: list[int]) -> Tensor:
+        """xs [M, H]: rows sorted by expert, counts[e] rows for expert e -> [M, H]."""
+        gate_up, down = self.expert_weights()
+        outs = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            gate, up = F.linear(xs[start : start + count], gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, down[e]))
+            start += count
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """HF `mlp` of an MoE layer: gate (router), experts, shared_experts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.gate = TopkRouter(config)
+        self.experts = ExpertBank(config)
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+
+    def forward(self, x: Tensor, forced: Tensor | None = None, aux: bool = False) -> MoEOutput:
+        """x [N, H] -> MoEOutput; forced [N, k] replays routing; aux computes the aux loss."""
+        experts, weights, scores = self.gate(x, forced)
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token = order // self.top_k
+        ys = self.experts(x.index_select(0, token), counts.tolist())
+        ys = (ys * weights.reshape(-1)[order].unsqueeze(1)).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, ys)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        load = counts.float()
+        aux_loss = _switch_aux_loss(scores, load, self.top_k) if aux else None
+        return MoEOutput(out, experts, load, aux_loss)
+
+
+def _switch_aux_loss(scores: Tensor, load: Tensor, top_k: int) -> Tensor:
+    """E * sum_e f_e * P_e: f = fraction of the N*k choices per expert (no grad), P = mean
+    over tokens of the scores normalised per token (grad to the router)."""
+    n, num_experts = scores.shape
+    fraction = load / max(n * top_k, 1)
+    prob = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)
+    return num_experts * (fraction * prob).sum()
