@@ -106,10 +106,10 @@ def is_async_callable(fn: Any) -> bool:
 
 
 def build_with_args(target: Any, args: Mapping[str, Any], *, kind: str, name: str) -> Any:
-    """Call `target(**args)`; PluginError naming the plugin and the arguments on a TypeError."""
+    """Call `target(**args)`; PluginError naming the plugin and its args on a bad argument."""
     try:
         return target(**dict(args))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise PluginError(
             f"{kind} {name!r}: cannot build it with args {sorted(args)}: {exc}"
         ) from exc

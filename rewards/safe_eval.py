@@ -82,7 +82,7 @@ class SafeEvaluator:
             literals.append(number)
             return number
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](self._eval(node.operand, literals))
+            return Fraction(_UNARY[type(node.op)](self._eval(node.operand, literals)))
         if isinstance(node, ast.BinOp):
             left = self._eval(node.left, literals)
             right = self._eval(node.right, literals)
@@ -92,7 +92,7 @@ class SafeEvaluator:
                 raise SafeEvalError(f"operator {type(node.op).__name__} is not allowed")
             if right == 0 and isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)):
                 raise SafeEvalError("division by zero")
-            return self._check_size(_BINARY[type(node.op)](left, right))
+            return self._check_size(Fraction(_BINARY[type(node.op)](left, right)))  # // gives int
         raise SafeEvalError(
             f"{type(node).__name__} is not allowed; only numbers and + - * / // % **"
         )
@@ -107,7 +107,7 @@ class SafeEvaluator:
         bits = max(abs(base.numerator).bit_length(), base.denominator.bit_length())
         if bits * abs(int(exponent)) > self.max_bits:
             raise SafeEvalError(f"result would exceed {self.max_bits} bits")
-        return base ** int(exponent)
+        return Fraction(base ** int(exponent))
 
     def _check_size(self, value: Fraction) -> Fraction:
         if max(abs(value.numerator).bit_length(), value.denominator.bit_length()) > self.max_bits:

@@ -85,6 +85,7 @@ if audit:
                     raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the dir")
     sys.addaudithook(hook)
 sys.argv = [script]
+sys.path.insert(0, os.getcwd())  # like `python main.py`: the script's dir is importable
 import runpy
 runpy.run_path(script, run_name="__main__")
 """

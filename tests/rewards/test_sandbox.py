@@ -1,0 +1,161 @@
+"""The code sandbox: CPU, memory and wall limits, no network, temp dir, output cap, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from rewards.sandbox import Sandbox, SandboxError, unshare_available
+
+UNSHARE = unshare_available()
+
+
+def run(sandbox: Sandbox, code: str, **kwargs):
+    return asyncio.run(sandbox.run(code, **kwargs))
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list]]:
+    """A real TCP server on 127.0.0.1 recording every connection it accepts."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    accepted: list = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            accepted.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_runs_code_with_stdin_and_files_in_a_temp_dir() -> None:
+    code = (
+        "import os, sys, helper\n"
+        "print(helper.VALUE, sys.stdin.read().strip(), os.getcwd())\n"
+        "open('scratch.txt', 'w').write('ok')\n"
+    )
+    result = run(Sandbox(use_unshare=False), code, stdin="hello", files={"helper.py": "VALUE=7"})
+    assert result.ok and result.status == "ok", result.stderr
+    value, echoed, cwd = result.stdout.split()
+    assert (value, echoed) == ("7", "hello")
+    assert "physarum-sandbox-" in cwd
+    assert not psutil.os.path.exists(cwd)  # removed afterwards
+
+
+def test_infinite_loop_is_killed_by_the_cpu_limit() -> None:
+    result = run(Sandbox(cpu_s=1, wall_s=30), "while True:\n    pass\n")
+    assert result.status == "cpu_limit" and result.returncode < 0
+    assert not result.timed_out
+
+
+def test_memory_bomb_is_stopped() -> None:
+    code = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n"
+    result = run(Sandbox(memory_mb=256, cpu_s=10, wall_s=30), code)
+    assert result.status == "memory_limit", (result.returncode, result.stderr[-300:])
+    assert "MemoryError" in result.stderr
+
+
+def test_sleeping_code_is_killed_on_the_wall_timeout() -> None:
+    result = run(Sandbox(wall_s=0.5), "import time\nprint('started', flush=True)\ntime.sleep(60)")
+    assert result.timed_out and result.status == "timeout"
+    assert result.stdout.strip() == "started"  # output before the kill is kept
+    assert result.duration_s < 30
+
+
+def test_connect_is_refused_by_the_audit_hook(listener: tuple[int, list]) -> None:
+    port, accepted = listener
+    with socket.create_connection(("127.0.0.1", port)):  # the server is reachable from here
+        pass
+    time.sleep(0.3)
+    baseline = len(accepted)
+    code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+    result = run(Sandbox(use_unshare=False, audit_hook=True), code)
+    assert result.returncode == 1
+    assert "PermissionError: sandbox: socket" in result.stderr
+    time.sleep(0.3)
+    assert len(accepted) == baseline
+
+
+@pytest.mark.skipif(not UNSHARE, reason="`unshare -n` does not work here (needs root/userns)")
+def test_connect_is_refused_by_the_network_namespace(listener: tuple[int, list]) -> None:
+    port, accepted = listener
+    code = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "    print('connected')\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc.errno)\n"
+    )
+    result = run(Sandbox(use_unshare=True, audit_hook=False), code)
+    assert result.ok, result.stderr
+    assert result.stdout.startswith("refused")
+    assert accepted == []
+
+
+@pytest.mark.parametrize(
+    "code, fragment",
+    [
+        ("import subprocess\nsubprocess.run(['true'])", "subprocess.Popen is not allowed"),
+        ("import os\nos.system('true')", "os.system is not allowed"),
+        ("import os\nos.kill(1, 0)", "os.kill is not allowed"),
+        ("open('/tmp/physarum-escape.txt', 'w')", "outside the sandbox dir"),
+        ("import os\nos.remove('/etc/hostname')", "os.remove on '/etc/hostname'"),
+        ("import os\nos.symlink('/etc', 'etc')", "os.symlink is not allowed"),
+        ("import socket\nsocket.getaddrinfo('example.com', 80)", "socket.getaddrinfo"),
+    ],
+)
+def test_audit_hook_blocks_processes_and_writes_outside(code: str, fragment: str) -> None:
+    result = run(Sandbox(use_unshare=False), code)
+    assert result.returncode == 1 and fragment in result.stderr, result.stderr[-300:]
+
+
+def test_output_is_capped() -> None:
+    result = run(Sandbox(max_output_bytes=1000), "print('x' * 100_000)")
+    assert result.ok and len(result.stdout) == 1000 and result.stdout_truncated
+
+
+def test_cancelling_the_caller_kills_the_child() -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        task = asyncio.create_task(Sandbox(wall_s=60).run("import time\ntime.sleep(60)"))
+        await asyncio.sleep(0.5)
+        before = [p.pid for p in psutil.Process().children(recursive=True)]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)
+        alive = [
+            p.pid
+            for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
+        return before, alive
+
+    before, alive = asyncio.run(scenario())
+    assert before, "the sandboxed child should have been running"
+    assert not set(before) & set(alive)
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(SandboxError, match="no network barrier"):
+        Sandbox(use_unshare=False, audit_hook=False)
+    with pytest.raises(ValueError, match="cpu_s"):
+        Sandbox(cpu_s=0)
