@@ -189,8 +189,11 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
     For a tokenizer without GLM role tokens this is its eos id. ValueError when there is none.
     """
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in STOP_TOKENS if t in vocab]
+    ids = []
+    for token in STOP_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)  # unk id (or None) when absent
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token:
+            ids.append(token_id)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     if not ids:
