@@ -118,9 +118,10 @@ class TaskSpec:
         budget = _MAX_DRAWS_PER_ROW * n + 10_000
         while len(rows) < n:
             if budget == 0:
+                hint = "; lower n, widen the params or set unique=false" if unique else ""
                 raise ValueError(
-                    f"task {self.name!r}: found only {len(rows)} distinct {split} problems for "
-                    f"n={n} with unique=true; lower n, widen the params or set unique=false"
+                    f"task {self.name!r}: found only {len(rows)} "
+                    f"{'distinct ' if unique else ''}{split} problems for n={n}{hint}"
                 )
             budget -= 1
             problem = self.sample(rng, parsed)
