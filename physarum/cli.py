@@ -78,9 +78,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_build(args: argparse.Namespace) -> int:
+    from envs.tasks import tokenizer_corpus
     from models.tokenizer import build_toy_tokenizer
 
-    tok = build_toy_tokenizer(args.out, vocab_size=args.vocab_size)
+    tok = build_toy_tokenizer(args.out, tokenizer_corpus(seed=0), vocab_size=args.vocab_size)
     print(f"wrote a {len(tok)}-token toy tokenizer to {args.out}")
     return 0
 
