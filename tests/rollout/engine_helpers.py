@@ -1,0 +1,52 @@
+"""Shared builders for the embedded-engine, server and client tests: a tiny in-process
+Glm4MoeForCausalLM (larger init so greedy outputs vary), its uncached greedy reference and
+the model's own token logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from models import Glm4MoeForCausalLM, get_preset
+
+
+def tiny_model(seed: int = 0, std: float = 0.2, **overrides) -> Glm4MoeForCausalLM:
+    cfg = get_preset("glm4moe-tiny", initializer_range=std, **overrides)
+    model = Glm4MoeForCausalLM(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@torch.no_grad()
+def uncached_logits(model: Glm4MoeForCausalLM, ids: list[int]) -> torch.Tensor:
+    """float32 [V]: next-token logits after `ids` from the plain (packed, uncached) forward."""
+    out = model.forward_packed(torch.tensor(ids), torch.tensor([0, len(ids)]))
+    return model.lm_head(out.hidden[-1]).float()
+
+
+def greedy_reference(model: Glm4MoeForCausalLM, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(uncached_logits(model, seq).argmax()))
+    return seq[len(prompt) :]
+
+
+@torch.no_grad()
+def model_logprobs(
+    model: Glm4MoeForCausalLM, prompt: list[int], output: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """float32 [len(output)]: the trainer's recomputation (token_logprobs) at the outputs."""
+    ids = torch.tensor(prompt + output)
+    lp = model.token_logprobs(ids, torch.tensor([0, len(ids)]), temperature=temperature)
+    return lp.logprobs[len(prompt) :]
+
+
+async def wait_until(pred, timeout: float = 30.0, interval: float = 0.005) -> None:
+    """Poll `pred()` from the event loop until true (no timing assertion: fails on timeout)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(interval)
