@@ -258,6 +258,7 @@ class GroupStream:
         state = self._consumer(consumer)
         start, claimed = "0-0", 0
         while True:
+            # (not JUSTID: redis-py drops the cursor from JUSTID replies)
             reply = self._r.xautoclaim(
                 self._k.stream,
                 CONSUMER_GROUP,
@@ -265,10 +266,9 @@ class GroupStream:
                 min_idle_ms,
                 start_id=start,
                 count=_CLAIM_BATCH,
-                justid=True,
             )
-            start, ids = _text(reply[0]), reply[1]
-            claimed += len([i for i in ids if _text(i) not in state.handed])
+            start = _text(reply[0])
+            claimed += sum(1 for entry in reply[1] if _text(entry[0]) not in state.handed)
             if start == "0-0":
                 break
         state.scan_from = "0"

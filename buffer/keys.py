@@ -48,5 +48,5 @@ class Keys:
         return cls(namespace=namespace, prefix=prefix, **{n: prefix + n for n in names})
 
     def done(self, lease_id: str) -> str:
-        """STRING lease id -> stream entry id of its completed push (expires after a day)."""
+        """STRING "entry id|prompt id" of a completed lease's push (expires after an hour)."""
         return f"{self.prefix}done:{lease_id}"

@@ -246,6 +246,11 @@ class EmbeddedRedis:
                 self._kill()
         self._proc = None
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (what it wrote to the AOF survives)."""
+        self._kill()
+        self._proc = None
+
     def __enter__(self) -> EmbeddedRedis:
         self.start()
         return self

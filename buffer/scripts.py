@@ -127,13 +127,18 @@ return 1
 
 # KEYS: leases, deadlines, stream, stats, done_key
 # ARGV: lease_id ('' for none), prompt_id, capacity, record, oldest_version, consumer_group
-# returns {'OK', id} | {'DONE', id} (this lease was already pushed) | {'LATE'} |
+# returns {'OK', id} | {'DONE', id} (this lease was already pushed: its entry id) | {'LATE'} |
 #         {'MISMATCH', leased prompt id} | {'FULL'}
 PUSH = r"""
 local lid = ARGV[1]
 if lid ~= '' then
   local prev = redis.call('GET', KEYS[5])
-  if prev then return {'DONE', prev} end
+  if prev then
+    local sep = string.find(prev, '|', 1, true)
+    local done_pid = string.sub(prev, sep + 1)
+    if done_pid ~= ARGV[2] then return {'MISMATCH', done_pid} end
+    return {'DONE', string.sub(prev, 1, sep - 1)}
+  end
   local raw = redis.call('HGET', KEYS[1], lid)
   if not raw then
     redis.call('HINCRBY', KEYS[4], 'late_pushes', 1)
@@ -148,7 +153,7 @@ local id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARG
 if lid ~= '' then
   redis.call('HDEL', KEYS[1], lid)
   redis.call('ZREM', KEYS[2], lid)
-  redis.call('SET', KEYS[5], id, 'EX', 86400)
+  redis.call('SET', KEYS[5], id .. '|' .. ARGV[2], 'EX', 3600)
   redis.call('HINCRBY', KEYS[4], 'prompts_done', 1)
 end
 redis.call('HINCRBY', KEYS[4], 'groups_put', 1)

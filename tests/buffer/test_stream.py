@@ -1,0 +1,166 @@
+"""The episode-group stream against a real redis-server: take/ack, staleness, backpressure,
+corrupt payloads, redelivery and reclaim."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from buffer.group_stream import BufferFullError
+from tests.buffer.conftest import make_group, write_prompts
+
+
+def test_take_returns_groups_in_order_and_ack_removes_them(make_store) -> None:
+    store = make_store()
+    entries = [store.put_group(make_group(f"p{i}", seed=i)) for i in range(5)]
+    taken = store.take_groups("trainer-0", 3, block_ms=0)
+    assert [t.entry_id for t in taken] == entries[:3]
+    assert [t.group.prompt_id for t in taken] == ["p0", "p1", "p2"]
+    assert taken[1].group.episodes[0].response_ids.tolist() == (
+        make_group("p1", seed=1).episodes[0].response_ids.tolist()
+    )
+    stats = store.stats()
+    assert (stats.groups_unconsumed, stats.groups_pending, stats.groups_put) == (2, 3, 5)
+    store.ack([t.entry_id for t in taken])
+    stats = store.stats()
+    assert (stats.groups_unconsumed, stats.groups_pending, stats.groups_acked) == (2, 0, 3)
+    assert store.client.xlen(store.keys.stream) == 2  # acked entries are deleted
+    assert [t.entry_id for t in store.take_groups("trainer-0", 10, block_ms=0)] == entries[3:]
+    assert store.take_groups("trainer-0", 1, block_ms=50) == []
+
+
+def test_take_blocks_until_a_group_arrives(make_store) -> None:
+    store = make_store()
+    producer = threading.Timer(0.2, lambda: store.put_group(make_group("late")))
+    producer.start()
+    taken = store.take_groups("c", 1, block_ms=5000)
+    producer.join()
+    assert [t.group.prompt_id for t in taken] == ["late"]
+
+
+def test_stale_groups_are_dropped_and_counted(make_store) -> None:
+    store = make_store(max_staleness=1)
+    for version in (0, 1, 2, 3, 3):
+        store.put_group(make_group(f"v{version}", version=version))
+    store.set_version(3)
+    stats = store.stats()
+    assert stats.lag_versions == 3  # the head of the queue is 3 versions old
+    taken = store.take_groups("c", 5, block_ms=0)
+    assert [t.group.prompt_id for t in taken] == ["v2", "v3", "v3"]
+    stats = store.stats()
+    assert stats.drops_stale == 2
+    assert stats.dropped_hist == {3: 1, 2: 1}
+    assert stats.staleness_hist == {1: 1, 0: 2}
+    assert stats.groups_pending == 3 and stats.groups_unconsumed == 0  # drops were acked
+    assert store.client.xlen(store.keys.stream) == 3
+
+
+def test_synchronous_mode_takes_only_the_current_version(make_store) -> None:
+    store = make_store(max_staleness=0)
+    store.set_version(5)
+    store.put_group(make_group("old", version=4))
+    store.put_group(make_group("new", version=5))
+    assert [t.group.prompt_id for t in store.take_groups("c", 2, block_ms=0)] == ["new"]
+    assert store.stats().drops_stale == 1
+
+
+def test_backpressure_blocks_the_producer_until_the_trainer_takes(make_store) -> None:
+    store = make_store(capacity=2)
+    store.put_group(make_group("a"))
+    store.put_group(make_group("b"))
+    done = threading.Event()
+    result: list[str | None] = []
+
+    def produce() -> None:
+        result.append(store.put_group(make_group("c")))
+        done.set()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    assert not done.wait(0.5)  # blocked: two unconsumed groups == capacity
+    assert store.stats().groups_unconsumed == 2
+    taken = store.take_groups("c", 1, block_ms=0)  # taking (not acking) makes room
+    assert done.wait(10)
+    thread.join()
+    assert result[0] is not None
+    stats = store.stats()
+    assert (stats.groups_unconsumed, stats.groups_pending) == (2, 1)
+    assert [t.group.prompt_id for t in taken] == ["a"]
+
+
+def test_backpressure_times_out_with_a_clear_error(make_store) -> None:
+    store = make_store(capacity=1, put_timeout_s=0.3)
+    store.put_group(make_group("a"))
+    with pytest.raises(BufferFullError, match=r"stayed full \(1 unconsumed groups\)"):
+        store.put_group(make_group("b"))
+    assert store.stats().groups_put == 1
+
+
+def test_a_blocked_producer_keeps_its_lease(make_store, tmp_path) -> None:
+    store = make_store(capacity=1, lease_seconds=0.3)
+    store.load_prompts(write_prompts(tmp_path / "d.jsonl", 2), shuffle=False)
+    first, second = store.lease_prompts("w", 2)
+    store.put_group(make_group("p0"), lease_id=first.lease_id)
+    timer = threading.Timer(0.8, lambda: store.take_groups("c", 1, block_ms=0))
+    timer.start()
+    entry = store.put_group(make_group("p1"), lease_id=second.lease_id)  # waits ~0.8 s
+    timer.join()
+    assert entry is not None
+    stats = store.stats()
+    assert (stats.lease_expiries, stats.late_pushes, stats.prompts_done) == (0, 0, 2)
+
+
+def test_a_corrupt_payload_is_quarantined_not_fatal(make_store) -> None:
+    store = make_store()
+    store.put_group(make_group("good-1"))
+    bad = store.client.xadd(store.keys.stream, {"g": b"PHEG\x01garbage", "v": 0, "p": "x"})
+    store.client.xadd(store.keys.stream, {"p": "no-fields"})
+    store.put_group(make_group("good-2"))
+    taken = store.take_groups("c", 10, block_ms=0)
+    assert [t.group.prompt_id for t in taken] == ["good-1", "good-2"]
+    stats = store.stats()
+    assert stats.corrupt == 2 and stats.groups_pending == 2 and stats.groups_unconsumed == 0
+    quarantined = store.client.xrange(store.keys.quarantine)
+    assert [q[1][b"entry"].decode() for q in quarantined][0] == bad.decode()
+    assert b"EpisodeCodecError" in quarantined[0][1][b"error"]
+    assert quarantined[0][1][b"g"] == b"PHEG\x01garbage"  # kept for inspection
+
+
+def test_a_restarted_consumer_gets_its_unacked_groups_again(make_store) -> None:
+    first = make_store()
+    entries = [first.put_group(make_group(f"p{i}")) for i in range(4)]
+    taken = first.take_groups("trainer-0", 3, block_ms=0)
+    first.ack([taken[0].entry_id])  # step 1 checkpointed; steps with p1, p2 were not
+    assert first.take_groups("trainer-0", 3, block_ms=0)[0].entry_id == entries[3]
+
+    restarted = make_store()  # a new process under the same consumer name
+    again = restarted.take_groups("trainer-0", 10, block_ms=0)
+    assert [t.entry_id for t in again] == entries[1:]
+    assert [t.group.prompt_id for t in again] == ["p1", "p2", "p3"]
+    assert restarted.take_groups("trainer-0", 10, block_ms=0) == []  # handed out once
+
+
+def test_reclaim_moves_a_dead_consumers_groups(make_store) -> None:
+    store = make_store()
+    entries = [store.put_group(make_group(f"p{i}")) for i in range(3)]
+    assert len(store.take_groups("dead", 2, block_ms=0)) == 2
+    other = make_store()
+    assert other.reclaim("live", min_idle_ms=60_000) == 0  # not idle long enough
+    time.sleep(0.05)
+    assert other.reclaim("live", min_idle_ms=20) == 2
+    got = other.take_groups("live", 10, block_ms=0)
+    assert [t.entry_id for t in got] == entries
+    other.ack([t.entry_id for t in got])
+    stats = other.stats()
+    assert (stats.groups_pending, stats.groups_unconsumed, stats.groups_acked) == (0, 0, 3)
+
+
+def test_version_round_trip_and_validation(make_store) -> None:
+    store = make_store()
+    assert store.get_version() == 0
+    store.set_version(12)
+    assert make_store().get_version() == 12
+    with pytest.raises(ValueError, match="version: expected an int >= 0"):
+        store.set_version(-1)
