@@ -69,6 +69,26 @@ class StatSums:
         for name, value in other.mins.items():
             self.add_min(name, value)
 
+    def names(self) -> dict[str, list[str]]:
+        """The metric names per reduction (to align ranks before `all_reduce`)."""
+        return {
+            "means": sorted(self.means),
+            "sums": sorted(self.sums),
+            "maxes": sorted(self.maxes),
+            "mins": sorted(self.mins),
+        }
+
+    def include(self, names: dict[str, list[str]]) -> None:
+        """Add the identity of each missing metric (0 for mean/sum, -inf max, +inf min)."""
+        for n in names["means"]:
+            self.add_mean(n, 0.0, 0.0)
+        for n in names["sums"]:
+            self.add_sum(n, 0.0)
+        for n in names["maxes"]:
+            self.add_max(n, -math.inf)
+        for n in names["mins"]:
+            self.add_min(n, math.inf)
+
     def all_reduce(self, reduce: AllReduce) -> None:
         """Combine across ranks. Every rank must hold the same metric names (sorted order)."""
         mean_names, sum_names = sorted(self.means), sorted(self.sums)

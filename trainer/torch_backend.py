@@ -1,0 +1,315 @@
+"""The plain-torch training backend: our GLM-4.x MoE model, AdamW, data parallel over gloo/NCCL.
+
+One `TorchBackend` per trainer rank. `train_step` is one optimizer step over this rank's
+micro-batches with gradient accumulation; losses come from the shared objective
+(trainer/losses/objective.py), scaled by step-wide denominators so that the gradient summed
+over micro-batches and ranks is exactly the global batch's. After the step: gradient clipping,
+AdamW, the LR schedule, loss-free MoE balancing from the step's expert load, version + 1.
+
+PPO: a critic (`ValueModel`, the actor's architecture + a value head, its own AdamW at
+critic_lr) is built when the advantage estimator needs values; a frozen reference copy of the
+initial actor when kl.coef > 0. Routing replay: the actor's logprob pass captures each
+micro-batch's experts (PackedBatch.routed_experts) and training replays them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from configs.algorithm import AlgorithmConfig
+from configs.services import TrainerConfig
+from models.glm4moe import Glm4MoeForCausalLM
+from models.moe import RoutingCapture, RoutingReplay
+from models.weight_update import WeightUpdate, build_weight_update
+from trainer.backend import PackedBatch
+from trainer.batch import StepBatch
+from trainer.checkpoint import load_state, save_state, seed_everything
+from trainer.critic import ValueModel
+from trainer.distributed import DataParallel
+from trainer.losses.advantages import NEEDS_VALUES
+from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
+from trainer.losses.stats import StatSums
+from trainer.moe_balance import expert_load_metrics, update_expert_bias
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.step_prep import prepare_step
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class TorchBackend:
+    """TrainerBackend over a Glm4MoeForCausalLM (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Glm4MoeForCausalLM,
+        cfg: TrainerConfig,
+        algo: AlgorithmConfig,
+        *,
+        seed: int = 0,
+        total_steps: int | None = None,
+        dp: DataParallel | None = None,
+        policy_loss: str | None = None,
+    ) -> None:
+        """policy_loss overrides algo.policy_loss (e.g. "sft" for SFT and rejection sampling);
+        total_steps is the LR schedule's horizon (default cfg.steps)."""
+        if cfg.fsdp:
+            raise NotImplementedError(
+                "trainer.fsdp: FSDP2 sharding is not wired into the torch backend yet; "
+                "use fsdp: false (data parallel with full replicas)"
+            )
+        self.cfg, self.algo = cfg, algo
+        self.dp = dp or DataParallel()
+        seed_everything(seed + self.dp.rank)
+        self.model = model
+        self.dp.broadcast_module(model)
+        self.objective = ActorObjective.from_config(algo, policy_loss)
+        self.optimizer = build_optimizer(model.parameters(), cfg, cfg.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
+        self.ref = _frozen_copy(model) if self.objective.needs_ref else None
+        self.critic: ValueModel | None = None
+        if algo.advantage in NEEDS_VALUES and not self.objective.is_sft:
+            self.critic = ValueModel.from_actor(model)
+            self.critic_objective = CriticObjective.from_config(algo)
+            self.critic_optimizer = build_optimizer(self.critic.parameters(), cfg, cfg.critic_lr)
+            self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg, total_steps)
+        self.version = 0
+        self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
+
+    # --- model passes ------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self._autocast_dtype)
+
+    def _network(self, name: str) -> nn.Module:
+        networks = {"actor": self.model, "ref": self.ref}
+        if networks.get(name) is None:
+            valid = sorted(k for k, v in networks.items() if v is not None)
+            raise ValueError(f"model: {name!r} is not available; valid: {valid}")
+        return networks[name]
+
+    @torch.no_grad()
+    def logprobs(self, batches: list[PackedBatch], *, model: str = "actor") -> list[Tensor]:
+        """float32 [T] per batch. The actor's pass records routing when routing replay is on."""
+        network = self._network(model)
+        capture = self.algo.moe.routing_replay and network is self.model
+        outs = []
+        for b in batches:
+            routing = RoutingCapture() if capture else None
+            with self._autocast():
+                out = network.token_logprobs(
+                    b.input_ids,
+                    b.cu_seqlens,
+                    temperature=b.temperature,
+                    chunk_size=self.cfg.logprob_chunk,
+                    routing=routing,
+                )
+            if capture:
+                b.routed_experts = out.routed_experts
+            outs.append(out.logprobs.float())
+        return outs
+
+    @torch.no_grad()
+    def values(self, batches: list[PackedBatch]) -> list[Tensor]:
+        """Critic values float32 [T] per batch (aligned like logprobs)."""
+        if self.critic is None:
+            raise ValueError("values: this backend has no critic (advantage is not 'gae')")
+        with self._autocast():
+            return [self.critic.values(b.input_ids, b.cu_seqlens).float() for b in batches]
+
+    # --- training ----------------------------------------------------------------------------
+    def prepare(self, step: StepBatch) -> list[PackedBatch]:
+        """This rank's share of `step`, with the passes and advantages the algorithm needs."""
+        return prepare_step(
+            self,
+            step,
+            self.algo,
+            rank=self.dp.rank,
+            world_size=self.dp.world_size,
+            all_gather=self.dp.all_gather_object,
+            ppo_epochs=self.cfg.ppo_epochs,
+        )
+
+    def train(self, step: StepBatch) -> dict[str, float]:
+        """prepare + cfg.ppo_epochs optimizer steps on the step; the last step's metrics."""
+        t0 = time.perf_counter()
+        batches = self.prepare(step)
+        metrics: dict[str, float] = {}
+        for _ in range(self.cfg.ppo_epochs):
+            metrics = self.train_step(batches)
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _totals(self, batches: list[PackedBatch], counter: Any) -> StepTotals:
+        local = torch.zeros(2, dtype=torch.float64)
+        for b in batches:
+            local[0] += counter(b)
+            local[1] += b.num_tokens
+        self.dp.all_reduce(local)
+        return StepTotals(agg=local[0].clamp_min(1.0).float(), tokens=local[1].clamp_min(1.0))
+
+    def _actor_pass(
+        self, batches: list[PackedBatch], objective: ActorObjective
+    ) -> tuple[StatSums, Tensor]:
+        totals = self._totals(batches, objective.count)
+        stats = StatSums()
+        load = torch.zeros(len(self.model.moe_blocks()), self.model.config.n_routed_experts)
+        replay = self.algo.moe.routing_replay
+        for b in batches:
+            routing = (
+                RoutingReplay(b.routed_experts) if replay and b.routed_experts is not None else None
+            )
+            with self._autocast():
+                out = self.model.token_logprobs(
+                    b.input_ids,
+                    b.cu_seqlens,
+                    temperature=b.temperature,
+                    with_entropy=True,
+                    chunk_size=self.cfg.logprob_chunk,
+                    routing=routing,
+                )
+            loss, part = objective(
+                b, out.logprobs, totals, entropy=out.entropy, aux_loss=out.aux_loss
+            )
+            loss.backward()
+            stats.merge(part)
+            load += out.expert_load.detach().float()
+        return stats, load
+
+    def _critic_pass(self, batches: list[PackedBatch]) -> StatSums:
+        totals = self._totals(batches, self.critic_objective.count)
+        stats = StatSums()
+        for b in batches:
+            with self._autocast():
+                values = self.critic.values(b.input_ids, b.cu_seqlens)
+            loss, part = self.critic_objective(b, values.float(), totals)
+            loss.backward()
+            stats.merge(part)
+        return stats
+
+    def _optimizer_step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> float:
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.dp.all_reduce_grads(params)
+        grads = [p for p in params if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+        optimizer.step()
+        scheduler.step()
+        return float(norm)
+
+    def train_step(
+        self, batches: list[PackedBatch], *, loss: str | None = None
+    ) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; `loss` overrides the policy loss."""
+        t0 = time.perf_counter()
+        objective = self.objective if loss is None else ActorObjective.from_config(self.algo, loss)
+        lr = self.scheduler.get_last_lr()[0]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats, load = self._actor_pass(batches, objective)
+        grad_norm = self._optimizer_step(self.model, self.optimizer, self.scheduler)
+        metrics = {"grad_norm": grad_norm, "lr": lr}
+        if self.critic is not None and not objective.is_sft:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            stats.merge(self._critic_pass(batches))
+            metrics["critic/grad_norm"] = self._optimizer_step(
+                self.critic, self.critic_optimizer, self.critic_scheduler
+            )
+        self._reduce_stats(stats)
+        self.dp.all_reduce(load)
+        update_expert_bias(self.model.moe_blocks(), load, self.algo.moe.bias_update_rate)
+        self.version += 1
+        tokens = torch.tensor([float(sum(b.num_tokens for b in batches))])
+        self.dp.all_reduce(tokens)
+        elapsed = time.perf_counter() - t0
+        metrics |= stats.finalize() | expert_load_metrics(load)
+        metrics |= {"tokens": float(tokens), "tokens_per_s": float(tokens) / elapsed}
+        metrics |= {"version": float(self.version), "time/train_step_s": elapsed}
+        return metrics
+
+    def _reduce_stats(self, stats: StatSums) -> None:
+        if self.dp.enabled:
+            names: dict[str, set[str]] = {}
+            for rank_names in self.dp.all_gather_object(stats.names()):
+                for kind, values in rank_names.items():
+                    names.setdefault(kind, set()).update(values)
+            mine = stats.names()
+            stats.include({k: sorted(v - set(mine[k])) for k, v in names.items()})
+        stats.all_reduce(self.dp.all_reduce)
+
+    # --- weights -----------------------------------------------------------------------------
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The actor's full tensors with Hugging Face on-disk names (detached)."""
+        for name, tensor in self.model.hf_state_dict():
+            yield name, tensor.detach()
+
+    def weight_update(
+        self,
+        version: int | None = None,
+        *,
+        fp8_block: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> WeightUpdate:
+        """The actor's weights as a versioned, bucketed update (cfg.weight_bucket_mb buckets);
+        fp8_block quantises the linear weights blockwise; dtype defaults to the model's."""
+        return build_weight_update(
+            self.export_weights(),
+            self.version if version is None else version,
+            bucket_bytes=self.cfg.weight_bucket_mb * 2**20,
+            fp8_block=fp8_block,
+            dtype=dtype or self.model.dtype,
+        )
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _stateful(self) -> dict[str, Any]:
+        items: dict[str, Any] = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
+        if self.ref is not None:
+            items["ref"] = self.ref
+        if self.critic is not None:
+            items |= {
+                "critic": self.critic,
+                "critic_optimizer": self.critic_optimizer,
+                "critic_scheduler": self.critic_scheduler,
+            }
+        return items
+
+    def save(self, path: str) -> None:
+        """Model, optimizer, scheduler (+ critic, reference), RNG, version into directory path."""
+        state = {name: obj.state_dict() for name, obj in self._stateful().items()}
+        state["version"] = self.version
+        save_state(path, state, rank=self.dp.rank)
+        if self.dp.enabled:
+            torch.distributed.barrier()
+
+    def load(self, path: str) -> None:
+        """Restore everything `save` wrote; the components must match (same algorithm)."""
+        state = load_state(path, rank=self.dp.rank)
+        items = self._stateful()
+        missing = sorted(set(items) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint {path}: lacks {missing} that this trainer needs")
+        for name, obj in items.items():
+            obj.load_state_dict(state[name])
+        self.version = int(state["version"])
