@@ -45,6 +45,8 @@ class EvalConfig(Section):
     """0 = greedy."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Defaults to rollout.max_new_tokens."""
+    correct_min_reward: float = 1.0
+    """A sample counts as correct when its reward reaches this."""
 
 
 class RolloutConfig(Section):

@@ -1,0 +1,181 @@
+"""A rollout worker's parts, assembled from the job config: engine, tokenizer, rewards, env.
+
+`RolloutWorkerCore` turns a dataset row into a scored group of Episodes (single turn, or a
+multi-turn episode per sample when the job names an environment), runs the production loop
+(`rollout.producer`) and held-out eval (`rollout.evaluate`), and applies weight updates.
+Engines come from a registry keyed by `rollout.engine`. Nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from buffer.episode import Episode
+from configs import JobConfig
+from models.chat import prompt_ids
+from models.tokenizer import load_tokenizer, stop_token_ids
+from rewards.composite import build_reward_fn
+from rollout.evaluate import evaluate_rows
+from rollout.producer import ProducerPlan, RolloutProducer, sampling_from_config
+from rollout.single_turn import generate_group, row_metadata
+from rollout.types import Engine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def _embedded_engine(job: JobConfig, model_dir: Path, tokenizer: Any, name: str) -> Engine:
+    import torch
+
+    from models.checkpoint import from_pretrained
+    from rollout.embedded.engine import EmbeddedEngine
+
+    torch.set_num_threads(job.rollout.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job.model.dtype]
+    model = from_pretrained(model_dir, dtype=dtype)
+    return EmbeddedEngine(
+        model,
+        tokenizer=tokenizer,
+        max_running=job.rollout.max_running,
+        context_len=job.rollout.max_context,
+        fp8=job.rollout.fp8,
+        seed=job.seed,
+        name=name,
+    )
+
+
+def _sglang_engine(job: JobConfig, model_dir: Path, tokenizer: Any, name: str) -> Engine:
+    from rollout.sglang.engine import launch_sglang_engine
+
+    return launch_sglang_engine(job, model_dir, name=name)
+
+
+ENGINES: dict[str, Callable[[JobConfig, Path, Any, str], Engine]] = {
+    "embedded": _embedded_engine,
+    "sglang": _sglang_engine,
+}
+
+
+class RolloutWorkerCore:
+    """Everything one rollout worker needs, built once at start-up."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        *,
+        model_dir: Path,
+        tokenizer_dir: Path,
+        worker_id: str,
+        store: Any = None,
+    ) -> None:
+        self.job = job
+        self.worker_id = worker_id
+        self.store = store
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.stop_ids = list(stop_token_ids(self.tokenizer))
+        self.reward_fn = build_reward_fn(job.reward.plugins, job.reward.timeout_s)
+        self.env_factory = self._env_factory()
+        self.engine = ENGINES[job.rollout.engine](job, model_dir, self.tokenizer, worker_id)
+        self.sampling = sampling_from_config(job.rollout, self.stop_ids)
+        self.producer: RolloutProducer | None = None
+
+    def _env_factory(self) -> Callable[[], Any] | None:
+        if not self.job.env.name:
+            return None
+        from envs.registry import resolve_env
+
+        return resolve_env(self.job.env.name, self.job.env.args)
+
+    async def generate_for_row(
+        self, row: dict[str, Any], sampling: SamplingParams, n: int
+    ) -> list[Episode]:
+        """n samples of one row as Episodes (not yet scored)."""
+        if self.env_factory is None:
+            ids = prompt_ids(self.tokenizer, row["messages"], row.get("tools"))
+            return await generate_group(
+                self.engine, ids, sampling, n, metadata=row_metadata(row), tokenizer=self.tokenizer
+            )
+        from rollout.multiturn import run_episode
+
+        async def one(index: int) -> Episode:
+            seed = None if sampling.sampling_seed is None else sampling.sampling_seed + index
+            episode = await run_episode(
+                self.engine,
+                self.tokenizer,
+                self.env_factory(),
+                row,
+                replace(sampling, sampling_seed=seed),
+                max_turns=self.job.env.max_turns,
+                max_total_tokens=self.job.env.max_total_tokens,
+            )
+            episode.metadata["sample_index"] = index
+            return episode
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    def make_producer(self, share: int) -> RolloutProducer:
+        rollout = self.job.rollout
+        plan = ProducerPlan(
+            share=share,
+            max_staleness=self.job.buffer.max_staleness,
+            prompts_per_lease=rollout.prompts_per_lease,
+            over_sampling=rollout.over_sampling,
+            dynamic_sampling=rollout.dynamic_sampling,
+        )
+        n = rollout.n_samples_per_prompt
+
+        async def generate(row: dict[str, Any]) -> list[Episode]:
+            return await self.generate_for_row(row, self.sampling, n)
+
+        self.producer = RolloutProducer(
+            worker_id=self.worker_id,
+            engine=self.engine,
+            store=self.store,
+            generate_group=generate,
+            score_group=self.reward_fn.score_group,
+            plan=plan,
+        )
+        return self.producer
+
+    async def evaluate(
+        self, rows: list[dict[str, Any]], *, k: int | None = None, temperature: float | None = None
+    ) -> dict[str, float]:
+        cfg = self.job.rollout.eval
+        k = k or cfg.k
+        temperature = cfg.temperature if temperature is None else temperature
+        sampling = sampling_from_config(
+            self.job.rollout,
+            self.stop_ids,
+            seed=self.job.seed,
+            temperature=temperature,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+
+        async def generate(row: dict[str, Any]) -> list[Episode]:
+            return await self.generate_for_row(row, sampling, k)
+
+        return await evaluate_rows(
+            rows,
+            generate,
+            self.reward_fn.score_group,
+            k=k,
+            correct_min_reward=cfg.correct_min_reward,
+            concurrency=self.job.rollout.max_running,
+        )
+
+    async def update_weights(self, update: Any) -> int:
+        """Apply a WeightUpdate between decode steps; returns the new version."""
+        await self.engine.update_weights(update)
+        if self.producer is not None:
+            self.producer.set_weight_version(update.version)
+        return int(update.version)
+
+    def shutdown(self) -> None:
+        stop = getattr(self.engine, "shutdown", None)
+        if callable(stop):
+            stop()
+        self.reward_fn.close()

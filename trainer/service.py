@@ -1,0 +1,187 @@
+"""The trainer service: one rank's loop body, between the buffer and a training backend.
+
+An RL step takes this rank's share of episode groups within the staleness bound, trains,
+bumps the version (rank 0 publishes it to the buffer) and remembers the groups, which are
+acknowledged only once a checkpoint covering the step is on disk. SFT and rejection-sampling
+steps feed Episodes built elsewhere. Nothing here knows about Ray; `physarum` wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from buffer.episode import Episode, EpisodeGroup
+from buffer.store import EpisodeStore
+from configs import JobConfig
+from models.checkpoint import from_pretrained, save_pretrained
+from models.weight_update import WeightUpdate
+from trainer.batch import build_rl_step, build_step
+from trainer.distributed import DataParallel
+from trainer.torch_backend import TorchBackend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class NoEpisodesError(TimeoutError):
+    """The buffer delivered no episode group for too long: rollout is stuck or dead."""
+
+
+def _torch_backend(
+    job: JobConfig, model_dir: Path, dp: DataParallel, total_steps: int, policy_loss: str | None
+) -> TorchBackend:
+    model = from_pretrained(model_dir, dtype=_DTYPES[job.model.dtype])
+    return TorchBackend(
+        model,
+        job.trainer,
+        job.algorithm,
+        seed=job.seed,
+        total_steps=total_steps,
+        dp=dp,
+        policy_loss=policy_loss,
+    )
+
+
+def _megatron_backend(
+    job: JobConfig, model_dir: Path, dp: DataParallel, total_steps: int, policy_loss: str | None
+) -> Any:
+    from trainer.megatron.backend import build_megatron_backend
+
+    return build_megatron_backend(job, model_dir, total_steps=total_steps, policy_loss=policy_loss)
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {"torch": _torch_backend, "megatron": _megatron_backend}
+
+
+class TrainerService:
+    """One trainer rank. `rank 0` also publishes versions and exports weights."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        model_dir: Path,
+        *,
+        store: EpisodeStore | None,
+        total_steps: int,
+        policy_loss: str | None = None,
+        dp: DataParallel | None = None,
+    ) -> None:
+        torch.set_num_threads(job.trainer.threads)
+        self.job = job
+        self.dp = dp or DataParallel()
+        self.store = store
+        self.consumer = f"trainer-{self.dp.rank}"
+        self.backend = BACKENDS[job.trainer.backend](
+            job, model_dir, self.dp, total_steps, policy_loss
+        )
+        self._pending: list[str] = []
+        self._last_step_end = time.monotonic()
+
+    @property
+    def version(self) -> int:
+        return int(self.backend.version)
+
+    @property
+    def rank(self) -> int:
+        return self.dp.rank
+
+    def take_groups(self, n: int, timeout_s: float) -> list[EpisodeGroup]:
+        """Block until n fresh groups arrived; NoEpisodesError after timeout_s without any."""
+        assert self.store is not None, "take_groups needs a buffer"
+        groups: list[EpisodeGroup] = []
+        last_arrival = time.monotonic()
+        while len(groups) < n:
+            taken = self.store.take_groups(self.consumer, n - len(groups), block_ms=200)
+            if taken:
+                last_arrival = time.monotonic()
+                self._pending.extend(t.entry_id for t in taken)
+                groups.extend(t.group for t in taken)
+            elif time.monotonic() - last_arrival > timeout_s:
+                stats = self.store.stats()
+                raise NoEpisodesError(
+                    f"{self.consumer}: no episode group arrived for {timeout_s:.0f} s "
+                    f"(have {len(groups)}/{n}; buffer: {stats})"
+                )
+        return groups
+
+    def rl_step(self, timeout_s: float) -> dict[str, float]:
+        """Take this rank's share of a step's groups, train on them, publish the version."""
+        started = time.monotonic()
+        share = self.job.trainer.prompts_per_step // self.dp.world_size
+        groups = self.take_groups(share, timeout_s)
+        waited = time.monotonic() - started
+        mask_old = self.job.rollout.mask_offpolicy_tokens
+        step = build_rl_step(
+            groups,
+            micro_batch_tokens=self.job.trainer.micro_batch_tokens,
+            temperature=self.job.rollout.temperature or 1.0,
+            current_version=self.version if mask_old else None,
+            max_staleness=self.job.buffer.max_staleness if mask_old else None,
+        )
+        metrics = self.backend.train(step)
+        if self.rank == 0 and self.store is not None:
+            self.store.set_version(self.version)
+        metrics.update(_group_metrics(groups, self.version - 1))
+        metrics["perf/wait_s"] = waited
+        metrics["perf/step_s"] = time.monotonic() - self._last_step_end
+        self._last_step_end = time.monotonic()
+        return metrics
+
+    def sft_step(self, episodes: list[Episode]) -> dict[str, float]:
+        """One optimizer step of cross-entropy under the loss mask."""
+        step = build_step(
+            episodes,
+            list(range(len(episodes))),
+            micro_batch_tokens=self.job.trainer.micro_batch_tokens,
+        )
+        metrics = self.backend.train(step)
+        metrics["perf/step_s"] = time.monotonic() - self._last_step_end
+        self._last_step_end = time.monotonic()
+        return metrics
+
+    def weight_update(self) -> WeightUpdate:
+        rollout = self.job.rollout
+        return self.backend.weight_update(
+            fp8_block=tuple(rollout.fp8_block) if rollout.fp8 else None
+        )
+
+    def checkpoint(self, path: Path) -> None:
+        """Save everything, then acknowledge the groups the saved steps consumed."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path))
+        if self.store is not None and self._pending:
+            self.store.ack(self._pending)
+            self._pending = []
+        if self.rank == 0:
+            (path / "COMPLETE").write_text(str(self.version))
+        log.info("%s: checkpoint at version %d -> %s", self.consumer, self.version, path)
+
+    def restore(self, path: Path) -> None:
+        self.backend.load(str(path))
+        log.info("%s: restored version %d from %s", self.consumer, self.version, path)
+
+    def save_hf(self, path: Path) -> None:
+        if self.rank == 0:
+            save_pretrained(self.backend.model, path)
+
+
+def _group_metrics(groups: list[EpisodeGroup], train_version: int) -> dict[str, float]:
+    episodes = [e for g in groups for e in g.episodes]
+    rewards = [e.reward for e in episodes]
+    stale = [train_version - v for g in groups if (v := g.oldest_version) is not None]
+    lengths = [len(e.response_ids) for e in episodes]
+    return {
+        "reward": sum(rewards) / max(len(rewards), 1),
+        "data/episodes": float(len(episodes)),
+        "data/response_len": sum(lengths) / max(len(lengths), 1),
+        "data/error_episodes": float(sum(e.is_error for e in episodes)),
+        "buffer/staleness_mean": sum(stale) / max(len(stale), 1),
+        "buffer/staleness_max": float(max(stale, default=0)),
+    }
