@@ -1,0 +1,145 @@
+"""Single-turn rollout: n samples of one prompt -> n Episodes, every response token trainable.
+
+`generate_group` sends n requests (``n = 1`` each, seeds ``sampling_seed + i`` when a seed
+is set, so samples differ yet reproduce) in one `Engine.generate` call and wraps each output
+as an `Episode` with the engine's logprobs, per-token weight versions and finish reason.
+
+Before scoring, a rollout must set ``metadata["response_text"]`` (the reward contract in
+`rewards.protocol`): here it is the decoded response (special tokens kept, a final stop
+token or stop string removed) when a tokenizer is given, else the engine's own `text`.
+`row_metadata` turns a dataset row into the metadata every episode of its group carries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from buffer.episode import Episode, FinishReason
+from rollout.types import Engine, GenerateOutput, GenerateRequest, SamplingParams
+
+RESERVED_KEYS = ("prompt_id", "task", "label", "response_text", "final_text", "error")
+
+
+def row_metadata(task_row: Mapping[str, Any]) -> dict[str, Any]:
+    """Episode metadata for a dataset row: prompt_id, task, label and the row's "metadata"
+    entries (flattened; e.g. countdown's "numbers"), which may not shadow reserved keys."""
+    extra = dict(task_row.get("metadata") or {})
+    clashes = sorted(set(extra) & set(RESERVED_KEYS))
+    if clashes:
+        raise ValueError(f"task row {task_row.get('id')!r}: metadata keys {clashes} are reserved")
+    out: dict[str, Any] = {"prompt_id": task_row.get("id"), "task": task_row.get("task")}
+    if task_row.get("label") is not None:
+        out["label"] = str(task_row["label"])
+    return {**extra, **out}
+
+
+def check_output(output: GenerateOutput) -> None:
+    """ValueError naming the field when an engine output is inconsistent."""
+    n = len(output.output_ids)
+    if len(output.logprobs) != n or len(output.versions) != n:
+        raise ValueError(
+            f"engine output {output.rid!r}: output_ids has {n} tokens but logprobs has "
+            f"{len(output.logprobs)} and versions {len(output.versions)}"
+        )
+    if output.finish_reason not in ("stop", "length", "abort"):
+        raise ValueError(
+            f"engine output {output.rid!r}: finish_reason {output.finish_reason!r} is not "
+            "one of stop, length, abort"
+        )
+
+
+def decode_response(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[int],
+    *,
+    stop_ids: Sequence[int] = (),
+    stop_text: str | None = None,
+) -> str:
+    """Decode `ids` keeping special tokens, without a final stop token / stop string."""
+    ids = list(ids)
+    if ids and ids[-1] in set(stop_ids):
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if stop_text and text.endswith(stop_text):
+        text = text[: -len(stop_text)]
+    return text
+
+
+def output_text(
+    output: GenerateOutput, tokenizer: PreTrainedTokenizerBase | None, stop_ids: Sequence[int]
+) -> str | None:
+    """The response text of one output (see module doc), or None with neither source."""
+    if tokenizer is None:
+        return output.text
+    matched = output.matched_stop
+    ids = [matched] if isinstance(matched, int) else []
+    if output.finish_reason == "stop":
+        ids += list(stop_ids)
+    stop_text = matched if isinstance(matched, str) else None
+    return decode_response(tokenizer, output.output_ids, stop_ids=ids, stop_text=stop_text)
+
+
+async def generate_group(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    n: int,
+    *,
+    metadata: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    rid_prefix: str | None = None,
+) -> list[Episode]:
+    """n samples of one prompt as Episodes (loss_mask all 1).
+
+    prompt_ids  int [P], the templated prompt
+    metadata    copied into every episode (e.g. `row_metadata(row)`), plus sample_index,
+                rid, response_text (see module doc), prompt_text (with a tokenizer) and
+                timings.generate_s
+    """
+    if n < 1:
+        raise ValueError(f"n: expected >= 1, got {n}")
+    prefix = rid_prefix or f"{metadata.get('prompt_id', 'prompt')}-{time.monotonic_ns()}"
+    seed = sampling.sampling_seed
+    requests = [
+        GenerateRequest(
+            input_ids=list(prompt_ids),
+            sampling=replace(sampling, n=1, sampling_seed=None if seed is None else seed + i),
+            rid=f"{prefix}-{i}",
+        )
+        for i in range(n)
+    ]
+    start = time.monotonic()
+    outputs = await engine.generate(requests)
+    elapsed = time.monotonic() - start
+    if len(outputs) != n:
+        raise ValueError(f"engine returned {len(outputs)} outputs for {n} requests")
+    stop_ids = list(sampling.stop_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        stop_ids.append(int(tokenizer.eos_token_id))
+    prompt_text = tokenizer.decode(list(prompt_ids)) if tokenizer is not None else None
+    episodes = []
+    for index, output in enumerate(outputs):
+        check_output(output)
+        meta = {**metadata, "sample_index": index, "rid": output.rid}
+        meta["timings"] = {**dict(metadata.get("timings") or {}), "generate_s": elapsed}
+        text = output_text(output, tokenizer, stop_ids)
+        if text is not None:
+            meta["response_text"] = text
+        if prompt_text is not None:
+            meta["prompt_text"] = prompt_text
+        episodes.append(
+            Episode.from_generation(
+                prompt_ids=list(prompt_ids),
+                response_ids=output.output_ids,
+                logprobs=output.logprobs,
+                versions=output.versions,
+                finish_reason=FinishReason(output.finish_reason),
+                metadata=meta,
+            )
+        )
+    return episodes
