@@ -106,10 +106,10 @@ def is_async_callable(fn: Any) -> bool:
 
 
 def build_with_args(target: Any, args: Mapping[str, Any], *, kind: str, name: str) -> Any:
-    """Call `target(**args)`; PluginError naming the plugin and its args on a bad argument."""
+    """Call `target(**args)`; PluginError naming the plugin and its args if that fails."""
     try:
         return target(**dict(args))
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to build names the plugin
         raise PluginError(
             f"{kind} {name!r}: cannot build it with args {sorted(args)}: {exc}"
         ) from exc
