@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -77,7 +78,10 @@ def encode_group(group: EpisodeGroup) -> bytes:
     """Serialise a group into one record (see the module docstring for the layout)."""
     episodes = group.episodes
     first_prompt = episodes[0].prompt_ids
-    shared = all(np.array_equal(e.prompt_ids, first_prompt) for e in episodes[1:])
+    shared = all(
+        e.prompt_ids is first_prompt or np.array_equal(e.prompt_ids, first_prompt)
+        for e in episodes[1:]
+    )
     header = {
         "prompt_id": str(group.prompt_id),
         "metadata": group.metadata,
@@ -140,7 +144,30 @@ def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
-def _check_episode_header(i: int, eh: Any) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _EpisodeHead:
+    """The checked scalars of one episode's header entry."""
+
+    p: int
+    r: int
+    reward: float
+    rewards: dict[str, float]
+    finish_reason: FinishReason
+    metadata: dict[str, Any]
+
+
+def _check_rewards(rewards: dict, where: str) -> dict[str, float]:
+    out = {}
+    for key, value in rewards.items():
+        if not isinstance(key, str) or isinstance(value, bool):
+            raise EpisodeCodecError(f"{where}.rewards[{key!r}]: expected str -> number")
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise EpisodeCodecError(f"{where}: rewards[{key!r}]: must be finite, got {value!r}")
+        out[key] = float(value)
+    return out
+
+
+def _check_episode_header(i: int, eh: Any) -> _EpisodeHead:
     where = f"episodes[{i}]"
     if not isinstance(eh, dict):
         raise EpisodeCodecError(f"{where}: expected a map, got {type(eh).__name__}")
@@ -151,15 +178,15 @@ def _check_episode_header(i: int, eh: Any) -> tuple[int, int]:
     reward = _field(eh, "reward", (int, float), where)
     if not math.isfinite(reward):
         raise EpisodeCodecError(f"{where}.reward: must be finite, got {reward}")
-    _field(eh, "rewards", dict, where)
-    _field(eh, "metadata", dict, where)
-    reason = _field(eh, "finish_reason", str, where)
-    if reason not in FinishReason._value2member_map_:
-        raise EpisodeCodecError(f"{where}.finish_reason: unknown value {reason!r}")
-    return p, r
+    rewards = _check_rewards(_field(eh, "rewards", dict, where), where)
+    metadata = _field(eh, "metadata", dict, where)
+    reason = FinishReason._value2member_map_.get(_field(eh, "finish_reason", str, where))
+    if reason is None:
+        raise EpisodeCodecError(f"{where}.finish_reason: unknown value {eh['finish_reason']!r}")
+    return _EpisodeHead(p, r, float(reward), rewards, reason, metadata)
 
 
-def _check_header(header: dict[str, Any]) -> list[tuple[int, int]]:
+def _check_header(header: dict[str, Any]) -> list[_EpisodeHead]:
     _field(header, "prompt_id", str, "header")
     _field(header, "metadata", dict, "header")
     _field(header, "shared_prompt", bool, "header")
@@ -172,13 +199,26 @@ def _check_header(header: dict[str, Any]) -> list[tuple[int, int]]:
     return [_check_episode_header(i, eh) for i, eh in enumerate(ehs)]
 
 
+def _check_columns(columns: dict[str, np.ndarray], heads: list[_EpisodeHead]) -> None:
+    """Episode.validate's value rules, over the whole group's columns at once."""
+    bad = {
+        "rollout_logprobs": ("contains NaN or inf", ~np.isfinite(columns["rollout_logprobs"])),
+        "loss_mask": ("values must be 0 or 1", columns["loss_mask"] > 1),
+    }
+    for name, (message, mask) in bad.items():
+        if mask.any():
+            ends = np.cumsum([h.r for h in heads])
+            episode = int(np.searchsorted(ends, int(np.argmax(mask)), side="right"))
+            raise EpisodeCodecError(f"episodes[{episode}]: {name}: {message}")
+
+
 def decode_group(data: bytes) -> EpisodeGroup:
     """Parse and validate a record; raise EpisodeCodecError on anything malformed."""
     header, offset = _read_header(data)
-    lengths = _check_header(header)
+    heads = _check_header(header)
     shared = header["shared_prompt"]
-    p_total = lengths[0][0] if shared else sum(p for p, _ in lengths)
-    r_total = sum(r for _, r in lengths)
+    p_total = heads[0].p if shared else sum(h.p for h in heads)
+    r_total = sum(h.r for h in heads)
     expected = p_total * _PROMPT_DTYPE.itemsize
     expected += sum(r_total * dt.itemsize for _, dt in _RESPONSE_FIELDS)
     body = len(data) - offset
@@ -192,27 +232,28 @@ def decode_group(data: bytes) -> EpisodeGroup:
     for name, dtype in _RESPONSE_FIELDS:
         columns[name] = np.frombuffer(buf, dtype, r_total, pos)
         pos += r_total * dtype.itemsize
+    _check_columns(columns, heads)
     episodes = []
     p_at = r_at = 0
-    for i, ((p, r), eh) in enumerate(zip(lengths, header["episodes"])):
+    for i, head in enumerate(heads):
         if shared:  # episodes must not alias one another's arrays
             prompt = prompts if i == 0 else prompts.copy()
         else:
-            prompt = prompts[p_at : p_at + p]
-            p_at += p
-        arrays = {name: col[r_at : r_at + r] for name, col in columns.items()}
-        r_at += r
-        try:
-            episodes.append(
-                Episode(
-                    prompt_ids=prompt,
-                    reward=eh["reward"],
-                    rewards=eh["rewards"],
-                    finish_reason=eh["finish_reason"],
-                    metadata=eh["metadata"],
-                    **arrays,
-                )
+            prompt = prompts[p_at : p_at + head.p]
+            p_at += head.p
+        end = r_at + head.r
+        episodes.append(
+            Episode._from_checked(
+                prompt_ids=prompt,
+                response_ids=columns["response_ids"][r_at:end],
+                loss_mask=columns["loss_mask"][r_at:end],
+                rollout_logprobs=columns["rollout_logprobs"][r_at:end],
+                versions=columns["versions"][r_at:end],
+                reward=head.reward,
+                rewards=head.rewards,
+                finish_reason=head.finish_reason,
+                metadata=head.metadata,
             )
-        except (EpisodeError, TypeError, ValueError) as exc:
-            raise EpisodeCodecError(f"episodes[{i}]: {exc}") from exc
+        )
+        r_at = end
     return EpisodeGroup(header["prompt_id"], episodes, header["metadata"])

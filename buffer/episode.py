@@ -85,6 +85,37 @@ class Episode:
         self.validate()
 
     @classmethod
+    def _from_checked(
+        cls,
+        prompt_ids: np.ndarray,
+        response_ids: np.ndarray,
+        loss_mask: np.ndarray,
+        rollout_logprobs: np.ndarray,
+        versions: np.ndarray,
+        reward: float,
+        rewards: dict[str, float],
+        finish_reason: FinishReason,
+        metadata: dict[str, Any],
+    ) -> Episode:
+        """Build from fields that already have their dtypes and passed the rules of `validate`.
+
+        For the buffer codec only, which checks a whole group's arrays in one vectorized pass
+        and so skips the per-episode __post_init__. Takes every field (a test keeps this
+        signature equal to the dataclass fields).
+        """
+        episode = object.__new__(cls)
+        episode.prompt_ids = prompt_ids
+        episode.response_ids = response_ids
+        episode.loss_mask = loss_mask
+        episode.rollout_logprobs = rollout_logprobs
+        episode.versions = versions
+        episode.reward = reward
+        episode.rewards = rewards
+        episode.finish_reason = finish_reason
+        episode.metadata = metadata
+        return episode
+
+    @classmethod
     def from_generation(
         cls,
         prompt_ids: Any,

@@ -101,53 +101,64 @@ class GroupStream:
 
     def put(self, group: EpisodeGroup, lease_id: str | None, lease_seconds: float) -> str | None:
         """Append a group; see EpisodeStore.put_group."""
-        record = encode_group(group)
+        return self.put_many([(group, lease_id)], lease_seconds)[0]
+
+    def _push_args(self, group: EpisodeGroup, lease_id: str | None) -> tuple[list, list]:
         oldest = group.oldest_version
-        keys = [
-            self._k.leases,
-            self._k.deadlines,
-            self._k.stream,
-            self._k.stats,
-            self._k.done(lease_id or ""),
-        ]
-        args = [
-            lease_id or "",
-            group.prompt_id,
-            self.capacity,
-            record,
-            -1 if oldest is None else oldest,
-            CONSUMER_GROUP,
-        ]
+        keys = [self._k.leases, self._k.deadlines, self._k.stream, self._k.stats,
+                self._k.done(lease_id or "")]  # fmt: skip
+        args = [lease_id or "", group.prompt_id, self.capacity, encode_group(group),
+                -1 if oldest is None else oldest, CONSUMER_GROUP]  # fmt: skip
+        return keys, args
+
+    def put_many(
+        self, items: list[tuple[EpisodeGroup, str | None]], lease_seconds: float
+    ) -> list[str | None]:
+        """Push several groups in one pipelined round trip per attempt; each push is its own
+        atomic step. Returns the entry id (None for a late push) per item, in order."""
+        calls = [self._push_args(group, lease_id) for group, lease_id in items]
+        results: list[str | None] = [None] * len(items)
+        waiting = list(range(len(items)))
         start = last_renew = time.monotonic()
         pause = 0.002
         while True:
-            reply = self._push(keys=keys, args=args)
-            status = _text(reply[0])
-            if status in ("OK", "DONE"):
-                return _text(reply[1])
-            if status == "LATE":
-                logger.warning(
-                    "late push refused: lease %s of prompt %s expired and was requeued",
-                    lease_id,
-                    group.prompt_id,
-                )
-                return None
-            if status == "MISMATCH":
-                raise LeaseMismatchError(
-                    f"lease_id: {lease_id} leases prompt "
-                    f"{_text(reply[1])!r}, not {group.prompt_id!r}"
-                )
+            pipe = self._r.pipeline(transaction=False)
+            for i in waiting:
+                self._push(keys=calls[i][0], args=calls[i][1], client=pipe)
+            replies = pipe.execute()
+            settle = self._settle
+            waiting = [i for i, reply in zip(waiting, replies) if settle(i, reply, items, results)]
+            if not waiting:
+                return results
             now = time.monotonic()
             if now - start >= self.put_timeout_s:
                 raise BufferFullError(
                     f"put_group: the buffer stayed full ({self.capacity} unconsumed groups) "
                     f"for put_timeout_s={self.put_timeout_s:g}s; is the trainer taking groups?"
                 )
-            if lease_id and now - last_renew >= lease_seconds / 3:
-                self._renew(lease_id)  # waiting on the trainer must not cost us the lease
+            if now - last_renew >= lease_seconds / 3:
+                for i in waiting:  # waiting on the trainer must not cost a worker its lease
+                    if items[i][1]:
+                        self._renew(items[i][1])
                 last_renew = now
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    @staticmethod
+    def _settle(i: int, reply: list, items: list, results: list) -> bool:
+        """Record the outcome of push i; True if it must be retried (buffer full)."""
+        status = _text(reply[0])
+        group, lease_id = items[i]
+        if status in ("OK", "DONE"):
+            results[i] = _text(reply[1])
+        elif status == "LATE":
+            logger.warning("late push refused: lease %s of prompt %s expired and was requeued",
+                           lease_id, group.prompt_id)  # fmt: skip
+        elif status == "MISMATCH":
+            raise LeaseMismatchError(
+                f"lease_id: {lease_id} leases prompt {_text(reply[1])!r}, not {group.prompt_id!r}"
+            )
+        return status == "FULL"
 
     # ---- consuming --------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import struct
 
 import msgpack
@@ -157,11 +159,30 @@ def test_every_truncation_and_random_corruption_gives_a_codec_error() -> None:
         for pos in rng.integers(0, len(record), rng.integers(1, 4)):
             corrupt[pos] = int(rng.integers(0, 256))
         try:
-            decode_group(bytes(corrupt))  # anything but EpisodeCodecError fails the test
-            outcomes["ok"] += 1
+            group = decode_group(bytes(corrupt))  # anything but EpisodeCodecError fails the test
         except EpisodeCodecError:
             outcomes["error"] += 1
-    assert outcomes["error"] > 0 and sum(outcomes.values()) == 400
+            continue
+        outcomes["ok"] += 1
+        for episode in group.episodes:  # the vectorized checks let nothing invalid through
+            _assert_valid(episode)
+    assert outcomes["error"] > 0 and outcomes["ok"] > 0 and sum(outcomes.values()) == 400
+
+
+def _assert_valid(episode: Episode) -> None:
+    episode.validate()
+    expected = {"prompt_ids": np.int32, "response_ids": np.int32, "loss_mask": np.uint8,
+                "rollout_logprobs": np.float32, "versions": np.int32}  # fmt: skip
+    for name, dtype in expected.items():
+        array = getattr(episode, name)
+        assert array.dtype == dtype and array.ndim == 1, name
+    assert isinstance(episode.finish_reason, FinishReason)
+    assert isinstance(episode.reward, float)
+
+
+def test_the_codec_constructor_covers_every_episode_field() -> None:
+    params = list(inspect.signature(Episode._from_checked).parameters)
+    assert params == [f.name for f in dataclasses.fields(Episode)]
 
 
 def test_unserialisable_metadata_is_a_codec_error_on_encode() -> None:

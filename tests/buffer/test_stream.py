@@ -164,3 +164,20 @@ def test_version_round_trip_and_validation(make_store) -> None:
     assert make_store().get_version() == 12
     with pytest.raises(ValueError, match="version: expected an int >= 0"):
         store.set_version(-1)
+
+
+def test_put_groups_pushes_a_batch_with_per_group_outcomes(make_store, tmp_path) -> None:
+    store = make_store(capacity=3, lease_seconds=0.2)
+    store.load_prompts(write_prompts(tmp_path / "d.jsonl", 3), shuffle=False)
+    leases = store.lease_prompts("w", 3)
+    time.sleep(0.3)
+    store.requeue_expired()  # p0..p2's leases expired; re-lease only p0 and p1
+    fresh = store.lease_prompts("w", 2, lease_seconds=30)
+    groups = [make_group(lease.prompt_id) for lease in fresh + leases[2:]]
+    ids = store.put_groups(groups, [lease.lease_id for lease in fresh + leases[2:]])
+    assert ids[0] and ids[1] and ids[2] is None  # the third lease was stale
+    threading.Timer(0.3, lambda: store.take_groups("c", 2, block_ms=0)).start()
+    more = store.put_groups([make_group("x"), make_group("y")])  # waits for room
+    assert all(more) and store.stats().groups_put == 4
+    with pytest.raises(ValueError, match="lease_ids: 1 given for 2 groups"):
+        store.put_groups([make_group("x"), make_group("y")], ["L1"])
