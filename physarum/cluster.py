@@ -21,17 +21,20 @@ log = logging.getLogger(__name__)
 class RayHandle:
     embedded: bool
     address: str | None
+    owned: bool = True  # this handle initialised Ray, so it shuts it down
 
     def shutdown(self) -> None:
-        if ray.is_initialized():
+        if self.owned and ray.is_initialized():
             ray.shutdown()
 
 
-def connect(cfg: ClusterConfig, *, working_dir_env: dict[str, str] | None = None) -> RayHandle:
-    """Initialise Ray for this process (idempotent)."""
+def connect(
+    cfg: ClusterConfig, *, min_cpus: int = 1, working_dir_env: dict[str, str] | None = None
+) -> RayHandle:
+    """Initialise Ray for this process; an already initialised Ray is reused (not owned)."""
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return RayHandle(embedded=False, address=address)
+        return RayHandle(embedded=False, address=address, owned=False)
     runtime_env = {"env_vars": dict(working_dir_env or {})}
     if address:
         log.info("joining the Ray cluster at %s (namespace %s)", address, cfg.namespace)
@@ -39,7 +42,8 @@ def connect(cfg: ClusterConfig, *, working_dir_env: dict[str, str] | None = None
             address=address, namespace=cfg.namespace, runtime_env=runtime_env, log_to_driver=True
         )
         return RayHandle(embedded=False, address=address)
-    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    # Logical CPUs: at least what the job's bundles reserve, even on a 2-core laptop.
+    num_cpus = max(cfg.num_cpus or os.cpu_count() or 1, min_cpus)
     log.info("starting an embedded Ray with %d CPUs", num_cpus)
     ray.init(
         num_cpus=num_cpus,

@@ -1,20 +1,72 @@
-"""Entry point of `physarum run`: load the config and hand it to the job driver."""
+"""Entry point of `physarum run`: resolve the job (or the run dir to resume), pick the mode's
+driver from a registry, run it inside a JobContext, print the summary.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-from configs import load_job
+from configs import JobConfig, load_job
+from physarum.context import JobContext
+from physarum.errors import UserError
+from physarum.metrics import format_duration
+from physarum.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+Driver = Callable[[JobContext], dict[str, float]]
+
+
+def _drivers() -> dict[str, Driver]:
+    from physarum.modes.evaluate import run_eval
+    from physarum.modes.rejection_sampling import run_rejection_sampling
+    from physarum.modes.rl import run_rl
+    from physarum.modes.sft import run_sft
+
+    return {
+        "rl": run_rl,
+        "sft": run_sft,
+        "rejection_sampling": run_rejection_sampling,
+        "eval": run_eval,
+    }
+
+
+def resolve(
+    config_path: str | None, overrides: list[str], resume_dir: str | None
+) -> tuple[JobConfig, bool]:
+    if resume_dir:
+        run = RunDir(Path(resume_dir))
+        job = run.load_job()
+        if overrides:
+            raise UserError("--set cannot change a job being resumed; edit its job.yaml instead")
+        if run.latest_checkpoint() is None:
+            log.warning("%s has no complete checkpoint; starting from step 0", resume_dir)
+        return job, True
+    assert config_path is not None
+    return load_job(config_path, overrides), False
+
+
+def execute(job: JobConfig, *, resume: bool = False, stage: str | None = None) -> dict[str, float]:
+    """Run one job to the end and return its final metrics."""
+    driver = _drivers()[job.mode]
+    started = time.monotonic()
+    with JobContext(job, resume=resume, stage=stage) as ctx:
+        log.info("%s: %s job, run dir %s", job.name, job.mode, ctx.run.root)
+        result = driver(ctx)
+    result["wall_s"] = time.monotonic() - started
+    return result
+
 
 def run_job(config_path: str | None, overrides: list[str], resume_dir: str | None) -> int:
-    """Validate the job and run it. Until the job loop lands this validates and reports."""
-    job = load_job(config_path, overrides) if config_path else None
-    if job is not None:
-        import yaml
-
-        print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
-    print("physarum: the job loop is not built yet; the config above is valid.")
+    job, resume = resolve(config_path, overrides, resume_dir)
+    result = execute(job, resume=resume)
+    summary = {k: round(v, 4) for k, v in result.items() if isinstance(v, int | float)}
+    print(
+        f"physarum: {job.name} finished in {format_duration(result['wall_s'])}: "
+        f"{json.dumps(summary)}"
+    )
     return 0

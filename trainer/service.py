@@ -125,7 +125,7 @@ class TrainerService:
             current_version=self.version if mask_old else None,
             max_staleness=self.job.buffer.max_staleness if mask_old else None,
         )
-        metrics = self.backend.train(step)
+        metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
         if self.rank == 0 and self.store is not None:
             self.store.set_version(self.version)
         metrics.update(_group_metrics(groups, self.version - 1))
@@ -141,7 +141,7 @@ class TrainerService:
             list(range(len(episodes))),
             micro_batch_tokens=self.job.trainer.micro_batch_tokens,
         )
-        metrics = self.backend.train(step)
+        metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
         metrics["perf/step_s"] = time.monotonic() - self._last_step_end
         self._last_step_end = time.monotonic()
         return metrics

@@ -1,0 +1,183 @@
+"""What every mode's driver stands on: the run dir, prepared inputs, Ray, the services,
+metrics and the dashboard, with one teardown that stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from configs import JobConfig
+from envs.tasks import read_jsonl
+from physarum.api import DashboardServer, JobState
+from physarum.cluster import RayHandle, connect
+from physarum.metrics import MetricsSink
+from physarum.prepare import Prepared, export_final, prepare
+from physarum.rundir import RunDir
+from physarum.services.buffer_service import BufferService
+from physarum.services.placement import Placement, embedded_cpus
+from physarum.services.rollout_group import RolloutGroup
+from physarum.services.trainer_group import TrainerGroup
+
+log = logging.getLogger(__name__)
+
+
+class JobContext:
+    """Services are started on demand by the mode driver and all stopped by `close`."""
+
+    def __init__(self, job: JobConfig, *, resume: bool = False, stage: str | None = None) -> None:
+        self.job = job
+        self.resume = resume
+        self.stage = stage or job.mode
+        self.run = RunDir(job.resolved_run_dir).create()
+        self.run.save_job(job)
+        self.prepared: Prepared = prepare(job, self.run)
+        self.eval_rows = read_jsonl(self.prepared.eval_path)[: job.rollout.eval.n_prompts]
+        self._stack = contextlib.ExitStack()
+        needed = embedded_cpus(job, trainers=job.trainer.num_ranks, workers=job.rollout.num_workers)
+        self.ray: RayHandle = connect(job.cluster, min_cpus=needed)
+        self._stack.callback(self.ray.shutdown)
+        self.state = JobState(name=job.name, mode=job.mode, stage=self.stage)
+        self.dashboard = self._start_dashboard()
+        self.metrics: MetricsSink | None = None
+        self.placement: Placement | None = None
+        self.started = time.monotonic()
+
+    def _start_dashboard(self) -> DashboardServer | None:
+        if not self.job.logging.dashboard:
+            return None
+        server = DashboardServer(self.state, self.job.logging.dashboard_port).start()
+        self._stack.callback(server.stop)
+        return server
+
+    def open_metrics(self, total_steps: int) -> MetricsSink:
+        self.metrics = MetricsSink(self.job.logging, self.run.root, total_steps, self.stage)
+        self.state.total_steps = total_steps
+        self._stack.callback(self.metrics.close)
+        return self.metrics
+
+    def log(self, step: int, version: int, metrics: dict[str, Any]) -> None:
+        assert self.metrics is not None, "open_metrics first"
+        self.metrics.log(step, metrics)
+        self.state.publish(step, version, metrics)
+
+    def reserve(self, *, trainers: int, workers: int) -> None:
+        self.placement = Placement(self.job, trainers=trainers, workers=workers)
+        self._stack.callback(self.placement.remove)
+
+    def start_buffer(self, prompts: Path | None) -> BufferService:
+        buffer = BufferService(self.job, self.run)
+        self._stack.callback(buffer.stop)
+        if prompts is not None:
+            buffer.load_prompts(prompts)
+        self.state.buffer_stats = buffer.stats
+        return buffer
+
+    def start_trainer(
+        self,
+        *,
+        store_url: str | None,
+        total_steps: int,
+        policy_loss: str | None = None,
+        model_dir: Path | None = None,
+    ) -> TrainerGroup:
+        group = TrainerGroup(
+            self.job,
+            model_dir or self.prepared.model_dir,
+            store_url=store_url,
+            total_steps=total_steps,
+            policy_loss=policy_loss,
+            placement=self.placement,
+        )
+        self._stack.callback(group.shutdown)
+        return group
+
+    def start_rollout(self, *, store_url: str | None) -> RolloutGroup:
+        group = RolloutGroup(
+            self.job,
+            self.prepared.model_dir,
+            self.prepared.tokenizer_dir,
+            store_url=store_url,
+            placement=self.placement,
+        )
+        self._stack.callback(group.shutdown)
+        self.state.workers = list(group.ids)
+        return group
+
+    def restore_latest(self, trainer: TrainerGroup) -> int:
+        """On resume, load the last complete checkpoint; returns the step to continue from."""
+        latest = self.run.latest_checkpoint() if self.resume else None
+        if latest is None:
+            return 0
+        step, path = latest
+        trainer.restore(path)
+        log.info("resumed from %s (step %d)", path, step)
+        return step
+
+    def evaluate(self, rollout: RolloutGroup, step: int) -> dict[str, float]:
+        started = time.monotonic()
+        result = rollout.evaluate(self.eval_rows)
+        result["eval/seconds"] = time.monotonic() - started
+        log.info(
+            "eval at step %d: accuracy %.3f over %d held-out prompts",
+            step,
+            result.get("eval/accuracy", float("nan")),
+            len(self.eval_rows),
+        )
+        return result
+
+    def checkpoint(self, trainer: TrainerGroup, step: int) -> Path:
+        path = self.run.checkpoint(step)
+        trainer.checkpoint(path)
+        self._prune_checkpoints()
+        return path
+
+    def _prune_checkpoints(self) -> None:
+        import shutil
+
+        keep = self.job.checkpoint.keep_last
+        steps = sorted(
+            int(p.name.split("_")[1])
+            for p in self.run.checkpoints.glob("step_*")
+            if (p / "COMPLETE").exists()
+        )
+        for old in steps[:-keep]:
+            shutil.rmtree(self.run.checkpoint(old), ignore_errors=True)
+
+    def save_final(self, trainer: TrainerGroup) -> Path:
+        trainer.save_hf(self.run.hf)
+        export_final(self.prepared.model_dir, self.prepared.tokenizer_dir, self.run.hf)
+        log.info("final model -> %s", self.run.hf)
+        return self.run.hf
+
+    @staticmethod
+    def due(step: int, interval: int) -> bool:
+        return interval > 0 and step % interval == 0
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> JobContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def job_context(job: JobConfig, **kwargs: Any) -> Iterator[JobContext]:
+    ctx = JobContext(job, **kwargs)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def wait_all(refs: list[ray.ObjectRef]) -> list[Any]:
+    return ray.get(refs)

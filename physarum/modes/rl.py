@@ -1,0 +1,54 @@
+"""RL (PPO and the GRPO family), asynchronous by default. Reads like slime's train_async.py.
+
+Rollout workers produce continuously; each worker may run at most `max_staleness` versions
+ahead of the weights it holds, so `max_staleness: 0` is the synchronous on-policy case and
+the same loop serves both. Weights are pushed after every step and swapped between decode
+steps (partial rollouts carry per-token versions).
+"""
+
+from __future__ import annotations
+
+from physarum.context import JobContext
+
+
+def run_rl(ctx: JobContext) -> dict[str, float]:
+    job = ctx.job
+    ctx.reserve(trainers=job.trainer.num_ranks, workers=job.rollout.num_workers)
+    buffer = ctx.start_buffer(prompts=ctx.prepared.train_path)
+    trainer = ctx.start_trainer(store_url=buffer.url, total_steps=job.trainer.steps)
+    rollout = ctx.start_rollout(store_url=buffer.url)
+    start = ctx.restore_latest(trainer)
+    rollout.push_weights(trainer.weight_update_ref(), start, wait=True)
+    metrics = ctx.open_metrics(job.trainer.steps)
+    ctx.log(start, start, ctx.evaluate(rollout, start))
+    rollout.start()
+
+    for step in range(start + 1, job.trainer.steps + 1):
+        result = trainer.rl_step(timeout_s=job.rollout.request_timeout_s)
+        rollout.push_weights(trainer.weight_update_ref(), step, wait=False)
+        rollout.check()
+        if ctx.due(step, job.rollout.eval.interval):
+            result |= ctx.evaluate(rollout, step)
+        if ctx.due(step, job.checkpoint.interval):
+            ctx.checkpoint(trainer, step)
+        ctx.log(step, step, result | rollout.stats() | _buffer_metrics(buffer.stats()))
+
+    rollout.stop()
+    ctx.checkpoint(trainer, job.trainer.steps)
+    final = ctx.evaluate(rollout, job.trainer.steps)
+    ctx.log(job.trainer.steps, job.trainer.steps, final)
+    ctx.save_final(trainer)
+    return {**final, "steps": float(job.trainer.steps), **metrics.progress.last}
+
+
+def _buffer_metrics(stats: dict) -> dict[str, float]:
+    keys = (
+        "groups_unconsumed",
+        "groups_pending",
+        "drops_stale",
+        "late_pushes",
+        "lease_expiries",
+        "prompts_queued",
+        "epoch",
+    )
+    return {f"buffer/{k}": float(stats[k]) for k in keys if k in stats}

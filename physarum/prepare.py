@@ -1,0 +1,127 @@
+"""Everything a job needs on disk before any service starts, written into the run dir once.
+
+The tokenizer (given, or the toy one built from the tasks' text), the training and held-out
+rows (given files, or generated from the toy task), and the initial weights as a Hugging Face
+directory (a given checkpoint, or a fresh model from the preset). Every service then loads
+the same files, so every rank and worker starts identical. On resume all of it is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs import JobConfig
+from physarum.errors import UserError
+from physarum.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    tokenizer_dir: Path
+    train_path: Path
+    eval_path: Path
+    model_dir: Path
+    vocab_size: int
+
+
+def prepare(job: JobConfig, run: RunDir) -> Prepared:
+    tokenizer_dir = _tokenizer(job, run)
+    train_path, eval_path = _data(job, run)
+    from models.tokenizer import load_tokenizer, stop_token_ids
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    special = {
+        "eos_token_id": list(stop_token_ids(tokenizer)),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+    model_dir = _initial_model(job, run, len(tokenizer), special)
+    return Prepared(tokenizer_dir, train_path, eval_path, model_dir, len(tokenizer))
+
+
+def _tokenizer(job: JobConfig, run: RunDir) -> Path:
+    if job.tokenizer.path:
+        path = Path(job.tokenizer.path)
+        if not path.is_dir():
+            raise UserError(f"tokenizer.path: {path} is not a directory")
+        return path
+    if not (run.tokenizer / "tokenizer.json").exists():
+        from envs.tasks import tokenizer_corpus
+        from models.tokenizer import build_toy_tokenizer
+
+        build_toy_tokenizer(
+            run.tokenizer, tokenizer_corpus(seed=0), vocab_size=job.tokenizer.vocab_size
+        )
+    return run.tokenizer
+
+
+def _data(job: JobConfig, run: RunDir) -> tuple[Path, Path]:
+    data = job.data
+    train = _given(data.train_path, "data.train_path") or _generated(
+        job, run.train_data, "train", data.n_train
+    )
+    evaluation = _given(data.eval_path, "data.eval_path") or _generated(
+        job, run.eval_data, "test", data.n_eval
+    )
+    return train, evaluation
+
+
+def _given(path: str | None, field: str) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UserError(f"{field}: {path} does not exist")
+    return Path(path)
+
+
+def _generated(job: JobConfig, out: Path, split: str, n: int) -> Path:
+    if out.exists():
+        return out
+    if job.data.task is None:
+        raise UserError(f"data: no file for the {split} split and no data.task to generate it")
+    from envs.tasks import make_rows, write_jsonl
+
+    rows = make_rows(job.data.task, n, seed=job.data.seed, split=split, **job.data.task_args)
+    write_jsonl(rows, out)
+    log.info("generated %d %s rows (%s split) -> %s", len(rows), job.data.task, split, out)
+    return out
+
+
+def _initial_model(job: JobConfig, run: RunDir, vocab_size: int, special: dict) -> Path:
+    if job.model.path:
+        path = Path(job.model.path)
+        if not (path / "config.json").exists():
+            raise UserError(f"model.path: {path} has no config.json (not a HF checkpoint dir)")
+        return path
+    if (run.init_model / "config.json").exists():
+        return run.init_model
+    import torch
+
+    from models import get_preset
+    from models.checkpoint import save_pretrained
+    from models.glm4moe import Glm4MoeForCausalLM
+
+    config = get_preset(
+        job.model.preset, **(special | {"vocab_size": vocab_size} | job.model.overrides)
+    )
+    torch.manual_seed(job.model.init_seed)
+    model = Glm4MoeForCausalLM(config)
+    save_pretrained(model, run.init_model)
+    log.info("initialised a fresh %s model -> %s", job.model.preset, run.init_model)
+    return run.init_model
+
+
+def export_final(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """Make `out` a self-contained HF directory: weights + tokenizer files."""
+    if tokenizer_dir.resolve() != out.resolve():
+        for item in tokenizer_dir.iterdir():
+            if item.is_file() and item.name != "config.json":
+                shutil.copy2(item, out / item.name)
+    (out / "physarum.json").write_text(json.dumps({"source": str(model_dir)}))
+    return out

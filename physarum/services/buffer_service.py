@@ -1,0 +1,64 @@
+"""The buffer service: a redis-server (private and embedded, or the one named by buffer.url)
+plus the prompt dataset loaded into it. Everyone else opens their own EpisodeStore on `url`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from buffer.redis_server import EmbeddedRedis
+from buffer.store import EpisodeStore
+from configs import JobConfig
+from physarum.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class BufferService:
+    """Owns the embedded redis-server when there is one; hands out stores."""
+
+    def __init__(self, job: JobConfig, run: RunDir) -> None:
+        self.job = job
+        self.namespace = job.buffer_namespace
+        self._redis: EmbeddedRedis | None = None
+        if job.buffer.url:
+            self.url = job.buffer.url
+            log.info("buffer: using the Redis at %s", _redact(self.url))
+        else:
+            self._redis = EmbeddedRedis(run.redis)
+            self.url = self._redis.start()
+            log.info("buffer: private redis-server on %s (AOF in %s)", self.url, run.redis)
+        self.store = self.open_store()
+
+    def open_store(self) -> EpisodeStore:
+        return EpisodeStore.from_config(
+            self.url, self.namespace, self.job.buffer, lease_seconds=self.job.rollout.lease_seconds
+        )
+
+    def load_prompts(self, path: Path) -> None:
+        data = self.job.data
+        report = self.store.load_prompts(
+            path,
+            seed=data.seed,
+            shuffle=data.shuffle,
+            on_bad_row=data.on_bad_row,
+            max_epochs=data.max_epochs,
+        )
+        log.info("buffer: %s", report)
+
+    def stats(self) -> dict:
+        return dataclasses.asdict(self.store.stats())
+
+    def stop(self) -> None:
+        self.store.close()
+        if self._redis is not None:
+            self._redis.stop()
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
