@@ -244,3 +244,50 @@ def test_env_failure_is_an_error_episode(tokenizer, row) -> None:
         "env ExplodingEnv.step raised RuntimeError: tool backend down"
     )
     assert episode.response_ids.tolist() == call.ids  # the tokens are kept
+
+
+def test_real_engine_tokens_are_kept_exactly(tokenizer, row) -> None:
+    """The embedded engine with a tiny random model: three turns joined by observations; the
+    model's own recomputed logprobs at the trainable positions equal the rollout's, which
+    holds only if every generated token was kept exactly where it was generated."""
+    from rollout.embedded.engine import EmbeddedEngine
+    from tests.envs.sample_envs import EchoEnv
+    from tests.rollout.engine_helpers import tiny_model
+
+    model = tiny_model(seed=1, vocab_size=512)
+    assert len(tokenizer) <= 512
+    engine = EmbeddedEngine(model, tokenizer=tokenizer, max_running=4, context_len=512, seed=0)
+    try:
+        # Stop on a broad set of ids so the random policy ends its turns quickly ("stop").
+        sampling = SamplingParams(
+            max_new_tokens=24,
+            temperature=1.0,
+            sampling_seed=7,
+            stop_token_ids=list(range(20, 512, 3)),
+        )
+        episode = asyncio.run(
+            run_episode(
+                engine,
+                tokenizer,
+                EchoEnv(rounds=2),
+                row,
+                sampling,
+                max_turns=3,
+                max_total_tokens=500,
+            )
+        )
+    finally:
+        engine.shutdown()
+    assert episode.metadata["turns"] == 3, episode.metadata
+    assert episode.loss_mask.min() == 0 and episode.loss_mask.max() == 1
+    inserted = ~episode.loss_mask.astype(bool)
+    assert (episode.versions[inserted] == -1).all() and (
+        episode.rollout_logprobs[inserted] == 0
+    ).all()
+    ids = torch.tensor(np.concatenate([episode.prompt_ids, episode.response_ids]).astype(np.int64))
+    with torch.no_grad():
+        recomputed = model.token_logprobs(ids, torch.tensor([0, len(ids)]), temperature=1.0)
+    trainable = recomputed.logprobs[len(episode.prompt_ids) :][torch.from_numpy(~inserted)]
+    np.testing.assert_allclose(
+        trainable.float().numpy(), episode.rollout_logprobs[~inserted], atol=2e-3, rtol=0
+    )
