@@ -173,7 +173,7 @@ async def _loop(
         text = decode_response(tokenizer, output.output_ids, stop_ids=list(stops))
         record.note_turn(turn, text, env.tools)
         if output.finish_reason == "length":
-            cut = "max_total_tokens" if output_fills(budget, output) else "max_new_tokens"
+            cut = "max_total_tokens" if _fills_budget(budget, output) else "max_new_tokens"
             return record.stop(FinishReason.LENGTH, cut)
         result = await _step(env, text, record)
         if result is None:
@@ -193,7 +193,7 @@ async def _loop(
         trajectory.add_inserted(observation)
 
 
-def output_fills(budget: int, output: GenerateOutput) -> bool:
+def _fills_budget(budget: int, output: GenerateOutput) -> bool:
     """True when the turn used the whole remaining token budget of the episode."""
     return len(output.output_ids) >= budget
 

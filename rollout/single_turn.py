@@ -13,6 +13,7 @@ token or stop string removed) when a tokenizer is given, else the engine's own `
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -103,7 +104,7 @@ async def generate_group(
     """
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
-    prefix = rid_prefix or f"{metadata.get('prompt_id', 'prompt')}-{time.monotonic_ns()}"
+    prefix = rid_prefix or f"{metadata.get('prompt_id', 'prompt')}-{uuid.uuid4().hex[:8]}"
     seed = sampling.sampling_seed
     requests = [
         GenerateRequest(
