@@ -109,7 +109,7 @@ class MegatronConfig(Section):
     ep: int = Field(1, ge=1)
     expert_tp: int = Field(1, ge=1)
     """Tensor parallelism inside each expert (megatron's expert_tensor_parallel_size); slime
-    runs GLM-4.5 with 1: whole experts per rank, spread by ep."""
+    runs GLM-4.5 with 1: whole experts per rank, spread by ep. Taken as tp when ep is 1."""
     cp: int = Field(1, ge=1)
     sequence_parallel: bool | None = None
     """null = on whenever tp > 1 (megatron requires it for MoE with TP)."""

@@ -38,12 +38,25 @@ def sequence_parallel(par: MegatronConfig) -> bool:
     return par.tp > 1 if par.sequence_parallel is None else par.sequence_parallel
 
 
+def expert_tp(par: MegatronConfig) -> int:
+    """Effective expert tensor parallelism: `par.expert_tp`, but `par.tp` when ep == 1.
+
+    megatron-core 0.16 reduces expert gradients over the expert-data-parallel group only when
+    ep > 1; with ep == 1 it treats experts as dense parameters (reduced over the dense DP
+    group), which is right only if the experts are split over TP like the dense layers.
+    """
+    return par.tp if par.ep == 1 else par.expert_tp
+
+
 def check_plan(arch: GlmArch, par: MegatronConfig, world_size: int) -> None:
     """Raise ValueError naming the field when the parallel plan does not fit the model."""
     model_parallel = par.tp * par.pp * par.cp
     problems = [
         (world_size % model_parallel, f"world size {world_size} divisible by tp*pp*cp"),
-        (world_size % (par.pp * par.ep * par.expert_tp), "world size divisible by pp*ep*expert_tp"),
+        (
+            world_size % (par.pp * par.ep * expert_tp(par)),
+            "world size divisible by pp*ep*expert_tp",
+        ),
         (arch.num_kv_heads % par.tp, f"tp ({par.tp}) dividing num_key_value_heads"),
         (arch.vocab_size % par.tp, f"tp ({par.tp}) dividing vocab_size ({arch.vocab_size})"),
         (arch.num_experts % par.ep, f"ep ({par.ep}) dividing n_routed_experts"),
@@ -66,7 +79,7 @@ def init_parallel(par: MegatronConfig, seed: int) -> None:
         pipeline_model_parallel_size=par.pp,
         context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
-        expert_tensor_parallel_size=par.expert_tp,
+        expert_tensor_parallel_size=expert_tp(par),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -123,7 +136,7 @@ def transformer_config(
         pipeline_model_parallel_size=par.pp,
         context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
-        expert_tensor_parallel_size=par.expert_tp,
+        expert_tensor_parallel_size=expert_tp(par),
         sequence_parallel=sequence_parallel(par),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -1,0 +1,216 @@
+"""The torch side of the megatron parity tests: model, batches, objective, one training step.
+
+Run inside a torchrun worker (worker.py) after the CPU shim is installed. The reference is
+our torch GLM-4.x model (models.Glm4MoeForCausalLM) trained with torch.optim.AdamW, global
+grad-norm clipping and the loss-free expert-bias update written out here from its definition
+(bias_i += rate * sign(mean load - load_i)), on the same batches and the same shared
+ActorObjective the megatron backend uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.distributed as dist
+
+from configs.algorithm import AlgorithmConfig, KLConfig, MoEConfig, TISConfig
+from configs.services import MegatronConfig, TrainerConfig
+from models import Glm4MoeForCausalLM, get_preset
+from trainer.backend import PackedBatch
+from trainer.losses import ActorObjective, StepTotals
+from trainer.megatron.backend import MegatronBackend
+
+LR = 1e-3
+TEMPERATURE = 0.9
+SEQ_LENS = [[9, 6, 11], [7, 12], [5, 8, 6]]  # three micro-batches of packed sequences
+
+
+def build_model(untied: bool) -> Glm4MoeForCausalLM:
+    """glm4moe-tiny with 4 layers (1 dense), QKV bias, scaling 2.5; weights far from init."""
+    config = get_preset(
+        "glm4moe-tiny",
+        num_hidden_layers=4,
+        attention_bias=True,
+        routed_scaling_factor=2.5,
+        tie_word_embeddings=not untied,
+        initializer_range=0.08,
+    )
+    torch.manual_seed(1234)
+    model = Glm4MoeForCausalLM(config)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "norm" in name:
+                tensor.uniform_(0.7, 1.3)
+            elif name.endswith("bias"):
+                tensor.normal_(0.0, 0.05)
+        for block in model.moe_blocks():
+            block.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    return model
+
+
+def algorithm() -> AlgorithmConfig:
+    """PPO clip with TIS, a k3 KL loss against ref logprobs and an entropy bonus."""
+    return AlgorithmConfig(
+        policy_loss="ppo_clip",
+        loss_agg="token_mean",
+        entropy_coef=0.01,
+        kl=KLConfig(coef=0.1, estimator="k3", mode="loss"),
+        tis=TISConfig(enabled=True, low=0.0, high=2.0),
+        moe=MoEConfig(bias_update_rate=1e-3),
+    )
+
+
+def make_batches(model: Glm4MoeForCausalLM) -> list[PackedBatch]:
+    """Packed micro-batches with rollout/old/ref logprobs near the model's own."""
+    gen = torch.Generator().manual_seed(7)
+    vocab = model.config.vocab_size
+    batches = []
+    for lens in SEQ_LENS:
+        total = sum(lens)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        ids = torch.randint(0, vocab, (total,), generator=gen)
+        seq_ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        mask = torch.zeros(total)
+        for start, length in zip(cu[:-1].tolist(), lens):
+            mask[start + length // 2 : start + length] = 1.0
+        with torch.no_grad():
+            own = model.token_logprobs(ids, cu, temperature=TEMPERATURE).logprobs
+
+        noise = torch.randn(3, total, generator=gen) * torch.tensor([[0.2], [0.3], [0.1]])
+        rollout, old, ref = ((own + n) * mask for n in noise)
+        batches.append(
+            PackedBatch(
+                input_ids=ids,
+                cu_seqlens=cu,
+                loss_mask=mask,
+                rollout_logprobs=rollout,
+                advantages=torch.randn(len(lens), generator=gen)[seq_ids] * mask,
+                versions=torch.where(mask > 0, 0, -1),
+                seq_ids=seq_ids,
+                temperature=TEMPERATURE,
+                old_logprobs=old,
+                ref_logprobs=ref,
+            )
+        )
+    return batches
+
+
+def torch_logprobs(model: Glm4MoeForCausalLM, batches: list[PackedBatch]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            model.token_logprobs(b.input_ids, b.cu_seqlens, temperature=b.temperature).logprobs
+            for b in batches
+        ]
+
+
+def torch_step(
+    model: Glm4MoeForCausalLM, batches: list[PackedBatch], objective: ActorObjective
+) -> float:
+    """One reference optimizer step; returns the step loss (sum of the objective's shares)."""
+    totals = StepTotals(
+        agg=sum(objective.count(b) for b in batches),
+        tokens=torch.tensor(float(sum(b.num_tokens for b in batches))),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    total_loss, load = 0.0, 0.0
+    for batch in batches:
+        out = model.token_logprobs(
+            batch.input_ids, batch.cu_seqlens, temperature=batch.temperature, with_entropy=True
+        )
+        loss, _ = objective(batch, out.logprobs, totals, entropy=out.entropy)
+        loss.backward()
+        total_loss += float(loss)
+        load = load + out.expert_load
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    with torch.no_grad():
+        for block, layer_load in zip(model.moe_blocks(), load):
+            bias = block.gate.e_score_correction_bias
+            bias += 1e-3 * torch.sign(layer_load.mean() - layer_load)
+    return total_loss
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def run_scenario(args: argparse.Namespace) -> dict:
+    """Build both sides, run the checks of worker.py's docstring, return the figures."""
+    model = build_model(untied=args.untied)
+    hf = dict(model.hf_state_dict())
+    batches = make_batches(model)
+    trainer = TrainerConfig(
+        lr=LR,
+        grad_clip=1.0,
+        steps=10,
+        megatron=MegatronConfig(
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            dispatcher=args.dispatcher,
+            distributed_optimizer=args.dist_opt,
+        ),
+    )
+    algo = algorithm()
+    backend = MegatronBackend(model.config, hf, trainer, algo, seed=0)
+    objective = ActorObjective.from_config(algo)
+    out: dict = {"world": dist.get_world_size()}
+    exported = dict(backend.export_weights())
+    out["roundtrip_missing"] = sorted(set(hf) - set(exported))
+    out["roundtrip_extra"] = sorted(set(exported) - set(hf))
+    out["roundtrip_unequal"] = sorted(
+        k for k in hf if k in exported and not torch.equal(hf[k], exported[k])
+    )
+    ref_lp = torch_logprobs(model, batches)
+    mg_lp = backend.logprobs(batches)
+    out["logprob_max_diff"] = _max_diff(mg_lp, ref_lp)
+    metrics = backend.train_step(batches)
+    out["megatron_loss"] = metrics["loss"]
+    out["metrics"] = metrics
+    out["torch_loss"] = torch_step(model, batches, objective)
+    after_step = backend.logprobs(batches)
+    out["step_logprob_max_diff"] = _max_diff(after_step, torch_logprobs(model, batches))
+    trained = dict(backend.export_weights())
+    out["step_weight_max_diff"] = max(
+        float((trained[k].float() - v.float()).abs().max()) for k, v in model.hf_state_dict()
+    )
+    diffs = {
+        k: float((trained[k].float() - v.float()).abs().max()) for k, v in model.hf_state_dict()
+    }
+    out["step_weight_worst"] = sorted(diffs, key=diffs.get)[-3:]
+    out["bias_max_diff"] = max(
+        float((trained[k] - v).abs().max())
+        for k, v in model.hf_state_dict()
+        if k.endswith("e_score_correction_bias")
+    )
+    out["ref_equals_initial"] = all(
+        torch.equal(a, b) for a, b in zip(backend.logprobs(batches, model="ref"), mg_lp)
+    )
+    out["actor_unchanged_by_ref"] = all(
+        torch.equal(a, b) for a, b in zip(backend.logprobs(batches), after_step)
+    )
+    if args.ckpt:
+        out.update(_checkpoint_roundtrip(backend, batches, args.out))
+    out["finite"] = all(math.isfinite(v) for v in metrics.values())
+    return out
+
+
+def _checkpoint_roundtrip(backend: MegatronBackend, batches, out_dir: str) -> dict:
+    path = f"{out_dir}/ckpt"
+    saved_version = backend.version
+    backend.save(path)
+    saved = backend.logprobs(batches)
+    backend.train_step(batches)
+    moved = _max_diff(backend.logprobs(batches), saved)
+    backend.load(path)
+    restored = backend.logprobs(batches)
+    again = backend.train_step(batches)
+    return {
+        "ckpt_moved_by_step": moved,
+        "ckpt_restored_exact": all(torch.equal(a, b) for a, b in zip(restored, saved)),
+        "ckpt_version": backend.version - 1,
+        "ckpt_saved_version": saved_version,
+        "ckpt_step_after_load_finite": math.isfinite(again["loss"]),
+    }

@@ -1,0 +1,286 @@
+"""The megatron-core TrainerBackend for GLM-4.x MoE (trainer/backend.py's protocol).
+
+One instance per rank; torch.distributed must be initialised (gloo on a CPU, NCCL on GPUs,
+with the CUDA device set) and every rank calls every method with the same arguments: the
+step's full list of micro-batches, of which each data-parallel rank trains its share
+(inputs.py). Inside: megatron's GPTModel with the GLM-4.x spec (model.py, spec.py),
+megatron DDP, megatron's (distributed) Adam and LR scheduler, `get_forward_backward_func`'s
+schedule (1F1B under PP) and `finalize_model_grads`, which also applies the loss-free balancing
+update of the router's expert bias.
+
+Loss: the trainer's shared `ActorObjective` (trainer/losses) on vocab-parallel logprobs
+(logprobs.py). Its per-micro-batch results are shares of the step loss computed with
+step-wide denominators, so the gradient must be their plain sum over micro-batches and DP
+ranks: the config sets `calculate_per_token_loss` (no 1/num_microbatches, no DP averaging in
+DDP) and our finalize hook passes no token count (no 1/num_tokens rescale).
+The MoE auxiliary loss, when its coefficient is > 0, is megatron's own (applied per
+micro-batch by the router), not the objective's.
+
+The reference model for KL ("ref") is the initial weights kept on the CPU and swapped into
+the actor for the logprob pass, as slime does, instead of a second model in device memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from torch import Tensor
+
+from configs.algorithm import AlgorithmConfig
+from configs.services import TrainerConfig
+from trainer.backend import PackedBatch
+from trainer.losses import ActorObjective, StatSums, StepTotals
+from trainer.megatron import checkpoint, router_stats
+from trainer.megatron.arch import GlmArch
+from trainer.megatron.inputs import (
+    MegatronInputs,
+    broadcast_from_last_stage,
+    dp_share,
+    gather_dp,
+    to_megatron_inputs,
+)
+from trainer.megatron.logprobs import packed_token_logprobs
+from trainer.megatron.model import build_model, check_plan, init_parallel, transformer_config
+from trainer.megatron.weights import export_hf_weights, load_hf_weights, named_tensors
+
+log = logging.getLogger(__name__)
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class MegatronBackend:
+    """TrainerBackend on megatron-core (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_config: Any,
+        hf_weights: Mapping[str, Tensor],
+        trainer: TrainerConfig,
+        algo: AlgorithmConfig,
+        *,
+        policy_loss: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        """model_config: HF-style GLM config (models.ModelConfig, transformers config, dict);
+        hf_weights: the initial weights under HF names (checkpoint or hf_state_dict())."""
+        if algo.moe.routing_replay:
+            raise ValueError("algorithm.moe.routing_replay: not supported by the megatron backend")
+        self.arch = GlmArch.from_hf(model_config)
+        par = trainer.megatron
+        check_plan(self.arch, par, dist.get_world_size())
+        init_parallel(par, seed)
+        self.impl = "te" if par.transformer_engine else "local"
+        config = transformer_config(
+            self.arch,
+            par,
+            dtype=trainer.dtype,
+            bias_update_rate=algo.moe.bias_update_rate,
+            aux_loss_coef=algo.moe.aux_loss_coef,
+        )
+        self.gpt = build_model(self.arch, config, self.impl)
+        load_hf_weights(self.gpt, hf_weights, self.arch, self.impl)
+        module = Float16Module(config, self.gpt) if config.bf16 else self.gpt
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=par.distributed_optimizer
+        )
+        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+        config.finalize_model_grads_func = self._finalize
+        config.no_sync_func = self.model.no_sync
+        self.optimizer = get_megatron_optimizer(_optimizer_config(trainer, config), [self.model])
+        self.scheduler = _scheduler(self.optimizer, trainer)
+        self.objective = ActorObjective.from_config(algo, policy_loss)
+        self._ref = _cpu_copy(self.gpt) if self.objective.needs_ref else None
+        self._pad_multiple = par.tp
+        sp = config.sequence_parallel
+        self._sp_rank_size = (ps.get_tensor_model_parallel_rank(), par.tp) if sp else (0, 1)
+        self._load_mask = router_stats.LoadMask(self.gpt, recompute=par.recompute)
+        self._device = next(self.gpt.parameters()).device
+        self._schedule = get_forward_backward_func()
+        self._load = torch.zeros(0)
+        self.version = 0
+
+    # --- the TrainerBackend protocol ---------------------------------------------------------
+    def logprobs(self, batches: list[PackedBatch], *, model: str = "actor") -> list[Tensor]:
+        """No-grad per-token logprobs float32 [T] of every batch, on every rank."""
+        weights = {"actor": contextlib.nullcontext, "ref": self._ref_weights}
+        if model not in weights:
+            raise ValueError(f"model: expected one of {sorted(weights)}, got {model!r}")
+        inputs = self._inputs(batches)
+        results: list[Tensor] = []
+
+        def loss_func(item: MegatronInputs, output: Tensor):
+            logp, _ = packed_token_logprobs(
+                output[0], item.batch.input_ids, item.batch.cu_seqlens,
+                temperature=item.batch.temperature,
+            )  # fmt: skip
+            results.append(logp.detach().float().cpu())
+            return output.new_zeros(()), torch.tensor(1, dtype=torch.int), {}
+
+        self.model.eval()
+        with weights[model](), torch.no_grad():
+            self._run(inputs, loss_func, forward_only=True)
+        return gather_dp(broadcast_from_last_stage(results), len(batches))
+
+    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
+        """One optimizer step over the step's micro-batches; metrics identical on every rank."""
+        start = time.perf_counter()
+        inputs = self._inputs(batches)
+        totals = self._totals(inputs)
+        stats = StatSums()
+
+        def loss_func(item: MegatronInputs, output: Tensor):
+            logp, entropy = packed_token_logprobs(
+                output[0], item.batch.input_ids, item.batch.cu_seqlens,
+                temperature=item.batch.temperature, with_entropy=True,
+            )  # fmt: skip
+            loss, batch_stats = self.objective(item.batch, logp, totals, entropy=entropy)
+            stats.merge(batch_stats)  # fillers add zeros but keep the names equal on all ranks
+            return loss, torch.tensor(1, dtype=torch.int), {}
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._run(inputs, loss_func, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        self.version += 1
+        metrics = self._step_metrics(stats)
+        metrics.update(router_stats.load_metrics(self.gpt, self._load))
+        elapsed = time.perf_counter() - start
+        metrics.update(
+            grad_norm=float(grad_norm or 0.0),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            tokens_per_s=float(totals.tokens) / elapsed,
+            step_time_s=elapsed,
+            version=float(self.version),
+        )
+        return metrics
+
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """Full tensors under HF names, gathered over TP/EP/PP; every rank must consume it."""
+        return export_hf_weights(self.gpt, self.arch, self.impl)
+
+    def save(self, path: str) -> None:
+        checkpoint.save_checkpoint(path, self.gpt, self.optimizer, self.scheduler, self.version)
+
+    def load(self, path: str) -> None:
+        self.version = checkpoint.load_checkpoint(path, self.gpt, self.optimizer, self.scheduler)
+
+    # --- internals -----------------------------------------------------------------------------
+    def _inputs(self, batches: list[PackedBatch]) -> list[MegatronInputs]:
+        return [
+            to_megatron_inputs(batch, self._pad_multiple, self._device, filler)
+            for batch, filler in dp_share(batches)
+        ]
+
+    def _run(self, inputs: list[MegatronInputs], loss_func, *, forward_only: bool) -> None:
+        def forward_step(data_iterator, model):
+            item = next(data_iterator)
+            self._load_mask.first_excluded = item.first_padding_row(*self._sp_rank_size)
+            output = model(item.input_ids, None, None, packed_seq_params=item.packed)
+            return output, partial(loss_func, item)
+
+        self._schedule(
+            forward_step_func=forward_step,
+            data_iterator=iter(inputs),
+            model=[self.model],
+            num_microbatches=len(inputs),
+            seq_length=max(item.input_ids.shape[1] for item in inputs),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    def _totals(self, inputs: list[MegatronInputs]) -> StepTotals:
+        counts = torch.zeros(2, dtype=torch.float64, device=self._device)
+        for item in inputs:
+            counts[0] += self.objective.count(item.batch).double()
+            counts[1] += 0 if item.filler else item.batch.num_tokens
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        return StepTotals(agg=counts[0].float(), tokens=counts[1].float())
+
+    def _finalize(self, model, num_tokens=None, **kwargs) -> None:
+        """finalize_model_grads without the 1/num_tokens rescale (see the module docstring);
+        the routed-token counts are read first, since finalize consumes them."""
+        self._load = router_stats.snapshot_load(self.gpt)
+        finalize_model_grads(model, None, **kwargs)
+
+    def _step_metrics(self, stats: StatSums) -> dict[str, float]:
+        def reduce(tensor: Tensor, op: str) -> None:
+            dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=ps.get_data_parallel_group())
+
+        metrics = None
+        if ps.is_pipeline_last_stage():
+            stats.all_reduce(reduce)
+            metrics = stats.finalize()
+        return dict(broadcast_from_last_stage(metrics))
+
+    @contextlib.contextmanager
+    def _ref_weights(self):
+        """Swap the reference weights into the model for the duration of the block."""
+        if self._ref is None:
+            raise ValueError("model 'ref': no reference model (algorithm.kl.coef is 0)")
+        actor = _cpu_copy(self.gpt)
+        _copy_into(self.gpt, self._ref)
+        try:
+            yield
+        finally:
+            _copy_into(self.gpt, actor)
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in named_tensors(model).items()}
+
+
+@torch.no_grad()
+def _copy_into(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    for name, tensor in named_tensors(model).items():
+        tensor.copy_(state[name])
+
+
+def _optimizer_config(trainer: TrainerConfig, config) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=trainer.lr,
+        min_lr=trainer.min_lr,
+        weight_decay=trainer.weight_decay,
+        adam_beta1=trainer.adam_beta1,
+        adam_beta2=trainer.adam_beta2,
+        adam_eps=trainer.adam_eps,
+        clip_grad=trainer.grad_clip,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=trainer.megatron.distributed_optimizer,
+        optimizer_cpu_offload=trainer.megatron.cpu_adam,
+    )
+
+
+def _scheduler(optimizer, trainer: TrainerConfig) -> OptimizerParamScheduler:
+    warmup = trainer.warmup_steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else trainer.lr,
+        max_lr=trainer.lr,
+        min_lr=trainer.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(trainer.steps, warmup + 1),
+        lr_decay_style=trainer.lr_schedule,
+        start_wd=trainer.weight_decay,
+        end_wd=trainer.weight_decay,
+        wd_incr_steps=trainer.steps,
+        wd_incr_style="constant",
+    )
