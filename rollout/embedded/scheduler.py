@@ -14,6 +14,7 @@ weight version in force for the forward that produced it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -235,9 +236,18 @@ class Scheduler:
         return finished
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot `src` into slot `dst`.
+
+        Uses `cache.copy_slot` when the cache offers one; otherwise every tensor list field of
+        the cache dataclass, whose tensors are [num_slots, *, max_len, head_dim] per layer.
+        """
         cache = self.slots.cache
-        for layer in (*cache.keys, *cache.values):
-            layer[dst, :, :length] = layer[src, :, :length]
+        if hasattr(cache, "copy_slot"):
+            cache.copy_slot(src, dst, length)
+            return
+        for f in dataclasses.fields(cache):
+            for t in getattr(cache, f.name):
+                t[dst, :, :length] = t[src, :, :length]
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:

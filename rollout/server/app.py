@@ -23,8 +23,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rollout.embedded.engine import EmbeddedEngine
+from rollout.embedded.engine import EmbeddedEngine, EngineBusyError
 from rollout.embedded.sequence import Sequence
+from rollout.server.control import AbortReq, ContinueGenerationReq, PauseGenerationReq
 from rollout.server.protocol import ParsedGenerate, RequestError, format_item, parse_generate
 from rollout.server.weights import add_weight_routes
 from rollout.types import GenerateRequest, SamplingParams
@@ -257,9 +258,6 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_flow_routes(app: FastAPI, state: ServerState) -> None:
-    from rollout.embedded.engine import EngineBusyError
-    from rollout.server.control import AbortReq, ContinueGenerationReq, PauseGenerationReq
-
     engine = state.engine
 
     @app.post("/pause_generation")

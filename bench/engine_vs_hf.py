@@ -1,0 +1,127 @@
+"""Embedded engine vs transformers `generate`: tokens/s on the same weights and prompts.
+
+Both run in this process on the same CPU threads. The model is the `glm4moe-toy` preset
+(random init, std 0.2 so outputs are not degenerate), written with our `save_pretrained`
+and loaded into transformers' own `Glm4MoeForCausalLM`. Workload (issue 5): 64 prompts x 8
+samples, 32 new tokens each, temperature 1, no top-k/top-p, EOS ignored so every sequence
+generates exactly 32 tokens. transformers gets all 512 sequences in one left-padded
+`generate` call (its fastest setting here; see --hf-chunks). Then the engine's absolute
+tokens/s at batch 1, 16, 64 and 512 (n=1 requests, 32 new tokens, T=1).
+
+    .venv/bin/python bench/engine_vs_hf.py [--threads 2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import time
+
+import torch
+
+from models import Glm4MoeForCausalLM, get_preset, save_pretrained
+from rollout.embedded import EmbeddedEngine
+from rollout.types import GenerateRequest, SamplingParams
+
+NEW_TOKENS = 32
+
+
+def build_model(preset: str, seed: int = 0) -> Glm4MoeForCausalLM:
+    model = Glm4MoeForCausalLM(get_preset(preset, initializer_range=0.2))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, 49, (n,), generator=g).tolist()
+    return [torch.randint(1, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def hf_generate(hf_model, prompts: list[list[int]], samples: int, chunks: int) -> int:
+    """transformers generate, left-padded; returns the number of generated tokens."""
+    total = 0
+    per = (len(prompts) + chunks - 1) // chunks
+    for start in range(0, len(prompts), per):
+        part = prompts[start : start + per]
+        width = max(len(p) for p in part)
+        ids = torch.zeros(len(part), width, dtype=torch.int64)
+        mask = torch.zeros(len(part), width, dtype=torch.int64)
+        for i, p in enumerate(part):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        with torch.inference_mode():
+            out = hf_model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                num_return_sequences=samples,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        total += (out.shape[1] - width) * out.shape[0]
+    return total
+
+
+def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], samples: int) -> int:
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, n=samples, ignore_eos=True)
+    outs = asyncio.run(engine.generate([GenerateRequest(p, params) for p in prompts]))
+    return sum(len(o.output_ids) for o in outs)
+
+
+def timed(fn, repeats: int) -> tuple[float, int]:
+    """Best-of-`repeats` wall time and the token count of one call."""
+    best, tokens = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="glm4moe-toy")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hf-chunks", type=int, default=1, help="split HF's batch in chunks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    from transformers import Glm4MoeForCausalLM as HFGlm4Moe
+
+    model = build_model(args.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        hf_model = HFGlm4Moe.from_pretrained(tmp, dtype=torch.float32).eval()
+    prompts = make_prompts(64, model.config.vocab_size)
+    context = max(len(p) for p in prompts) + NEW_TOKENS
+    engine = EmbeddedEngine(model, max_running=512, context_len=context, eos_token_ids=[])
+    try:
+        engine_generate(engine, prompts[:4], 2)  # warm-up
+        hf_generate(hf_model, prompts[:4], 2, 1)
+        t_eng, n_eng = timed(lambda: engine_generate(engine, prompts, 8), args.repeats)
+        t_hf, n_hf = timed(lambda: hf_generate(hf_model, prompts, 8, args.hf_chunks), args.repeats)
+        print(f"model {args.preset}, torch threads {args.threads}, best of {args.repeats}")
+        print("workload: 64 prompts x 8 samples, 32 new tokens, T=1")
+        print(f"  embedded engine : {n_eng / t_eng:9.1f} tok/s ({n_eng} tokens, {t_eng:.2f} s)")
+        print(f"  transformers    : {n_hf / t_hf:9.1f} tok/s ({n_hf} tokens, {t_hf:.2f} s)")
+        print(f"  ratio           : {(n_eng / t_eng) / (n_hf / t_hf):9.2f}x")
+        print("embedded engine, absolute (n=1 requests, 32 new tokens, T=1):")
+        for batch in (1, 16, 64, 512):
+            batch_prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
+            t, n = timed(lambda bp=batch_prompts: engine_generate(engine, bp, 1), args.repeats)
+            print(f"  batch {batch:4d}: {n / t:9.1f} tok/s ({n} tokens, {t:.2f} s)")
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
