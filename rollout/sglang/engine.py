@@ -280,14 +280,19 @@ class SGLangEngine:
 
     # ---- shutdown ----------------------------------------------------------------------------
 
-    async def shutdown(self) -> None:
-        """Destroy weight-update groups, stop the router and every launched server."""
+    async def close(self) -> None:
+        """Destroy weight-update groups and close the HTTP clients; processes keep running."""
         await self.sync.close(self.workers)
         if self._router_client is not None:
             await self._router_client.close()
+        for w in self.workers:
+            await w.client.close()
+
+    async def shutdown(self) -> None:
+        """close(), then stop the router and every server this engine launched."""
+        await self.close()
         if self.router is not None:
             await asyncio.to_thread(self.router.stop)
         for w in self.workers:
-            await w.client.close()
             if w.server is not None:
                 await asyncio.to_thread(w.server.stop)
