@@ -129,12 +129,11 @@ class RolloutGroup:
         )
         self.ids = [f"rollout-{i}" for i in range(job.rollout.num_workers)]
         self.actors = {wid: self._spawn(wid) for wid in self.ids}
-        ray.get([a.ready.remote() for a in self.actors.values()])
         self.latest_update: ray.ObjectRef | None = None
         self.latest_version = 0
         self.runs: dict[str, ray.ObjectRef] = {}
         self.restarts = 0
-        log.info("rollout: %d %s worker(s) up", len(self.ids), job.rollout.engine)
+        log.info("rollout: starting %d %s worker(s)", len(self.ids), job.rollout.engine)
 
     def _spawn(self, worker_id: str) -> Any:
         strategy = self.placement.bundle(worker_id) if self.placement else {}

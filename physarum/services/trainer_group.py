@@ -121,8 +121,8 @@ class TrainerGroup:
             )
             self.actors.append(actor)
         self.rank0 = self.actors[0]
-        ray.get([a.version.remote() for a in self.actors])
-        log.info("trainer: %d rank(s) up (%s backend)", world, job.trainer.backend)
+        # No wait here: actors start in parallel with the rollout; the first call waits.
+        log.info("trainer: starting %d rank(s) (%s backend)", world, job.trainer.backend)
 
     def _all(self, method: str, *args: Any) -> Any:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])[0]
@@ -131,9 +131,13 @@ class TrainerGroup:
         return self._all("rl_step", timeout_s)
 
     def sft_step(self, episodes: list) -> dict[str, float]:
+        return ray.get(self.sft_step_async(episodes))
+
+    def sft_step_async(self, episodes: list) -> ray.ObjectRef:
+        """Start an SFT step on every rank (each gets its shard); the ref is rank 0's metrics."""
         shards = [episodes[r :: len(self.actors)] for r in range(len(self.actors))]
         refs = [a.sft_step.remote(s) for a, s in zip(self.actors, shards, strict=True)]
-        return ray.get(refs)[0]
+        return refs[0]
 
     def weight_update_ref(self) -> ray.ObjectRef:
         """An object ref to rank 0's WeightUpdate, shared by every rollout worker."""
