@@ -71,16 +71,19 @@ class SamplingBatch:
     counters: Tensor
 
 
-def _filter_sorted(probs: Tensor, top_k: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
-    """Apply top-k then top-p on the sorted distribution. Returns (masked sorted probs, idx)."""
-    vocab = probs.shape[-1]
-    sorted_probs, idx = probs.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=probs.device)
+def _filter_sorted(
+    weights: Tensor, total: Tensor, top_k: Tensor, top_p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Top-k then top-p on the sorted distribution. weights [R, V] unnormalised, total [R]
+    their sums. Returns (masked sorted weights, sort index)."""
+    vocab = weights.shape[-1]
+    sorted_w, idx = weights.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=weights.device)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     drop = ranks[None, :] >= k[:, None]
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop |= mass_before > top_p[:, None]
-    return sorted_probs.masked_fill(drop, 0.0), idx
+    mass_before = sorted_w.cumsum(dim=-1) - sorted_w
+    drop |= mass_before > (top_p * total)[:, None]
+    return sorted_w.masked_fill(drop, 0.0), idx
 
 
 def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
@@ -98,39 +101,50 @@ def sample(logits: Tensor, params: SamplingBatch) -> tuple[Tensor, Tensor]:
     """Sample one token per row.
 
     logits: float32 [B, V]. Returns (tokens int64 [B], logprobs float32 [B]) with logprobs per
-    the module docstring.
+    the module docstring. Work: a handful of passes over [B, V]; a sort only for rows with
+    top-k or top-p filters.
     """
     greedy = params.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
-    logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)
-    tokens = logits.argmax(dim=-1)
-    sampled_rows = (~greedy).nonzero().squeeze(1)
-    if sampled_rows.numel():
+    z = logits.float() / temp[:, None]
+    zmax, tokens = z.max(dim=-1)  # argmax of z == argmax of the logits (T > 0)
+    weights = (z - zmax[:, None]).exp_()  # unnormalised probs; each row's max is exactly 1
+    total = weights.sum(dim=-1)
+    sampled = (~greedy).nonzero().squeeze(1)
+    if sampled.numel() == tokens.numel():
+        tokens = _sample_rows(weights, total, params, None)
+    elif sampled.numel():
         tokens = tokens.clone()
-        tokens[sampled_rows] = _sample_rows(logp[sampled_rows], params, sampled_rows)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+        tokens[sampled] = _sample_rows(weights[sampled], total[sampled], params, sampled)
+    logprobs = z.gather(1, tokens[:, None]).squeeze(1) - zmax - total.log()
+    return tokens, logprobs
 
 
-def _sample_rows(logp: Tensor, params: SamplingBatch, rows: Tensor) -> Tensor:
-    """Draw from rows `rows` of the batch; logp [R, V] are their tempered log-probs."""
-    probs = logp.exp()
-    vocab = probs.shape[-1]
-    top_k, top_p = params.top_k[rows], params.top_p[rows]
-    min_p = params.min_p[rows]
-    if bool((min_p > 0).any()):
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-        probs = probs.masked_fill(probs < threshold, 0.0)
-    u = hash_uniform(params.seeds[rows], params.counters[rows])
+def _sample_rows(
+    weights: Tensor, total: Tensor, params: SamplingBatch, rows: Tensor | None
+) -> Tensor:
+    """Draw one token per row of `weights` [R, V] (unnormalised tempered probs, row max 1);
+    `rows` are their indices in the batch (None: all rows)."""
+
+    def pick(t: Tensor) -> Tensor:
+        return t if rows is None else t[rows]
+
+    vocab = weights.shape[-1]
+    top_k, top_p, min_p = pick(params.top_k), pick(params.top_p), pick(params.min_p)
+    u = hash_uniform(pick(params.seeds), pick(params.counters))
+    if bool((min_p > 0).any()):  # the max weight is 1, so the threshold is min_p itself
+        weights = weights.masked_fill(weights < min_p[:, None], 0.0)
     needs_sort = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
-    out = torch.empty(rows.numel(), dtype=torch.int64, device=probs.device)
+    if not bool(needs_sort.any()):
+        return _inverse_cdf(weights, u)
+    out = torch.empty(weights.shape[0], dtype=torch.int64, device=weights.device)
     plain = (~needs_sort).nonzero().squeeze(1)
     if plain.numel():
-        out[plain] = _inverse_cdf(probs[plain], u[plain])
+        out[plain] = _inverse_cdf(weights[plain], u[plain])
     sort_rows = needs_sort.nonzero().squeeze(1)
-    if sort_rows.numel():
-        # top_p is measured on the unfiltered distribution (as SGLang), min_p already applied
-        full = logp[sort_rows].exp()
-        kept, idx = _filter_sorted(full, top_k[sort_rows], top_p[sort_rows])
-        kept = kept * (probs[sort_rows].gather(1, idx) > 0)
-        out[sort_rows] = idx.gather(1, _inverse_cdf(kept, u[sort_rows])[:, None]).squeeze(1)
+    # top_p is measured on the unfiltered distribution (as SGLang); min_p zeroes stay zero
+    kept, idx = _filter_sorted(
+        weights[sort_rows], total[sort_rows], top_k[sort_rows], top_p[sort_rows]
+    )
+    out[sort_rows] = idx.gather(1, _inverse_cdf(kept, u[sort_rows])[:, None]).squeeze(1)
     return out
