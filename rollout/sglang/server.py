@@ -277,13 +277,28 @@ class SGLangServer:
             self._signal_group(signal.SIGKILL)
             code = self._proc.wait(timeout=timeout)
         self._signal_group(signal.SIGKILL)  # children that outlived their parent
+        self._wait_group_gone(timeout)
         return code
+
+    def _wait_group_gone(self, timeout: float) -> None:
+        """Poll until no process of the group is left (SIGKILL is asynchronous)."""
+        if self._proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self._proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        logger.warning("sglang server %s: processes of group %d still alive", self.url, self.pid)
 
     def kill(self) -> None:
         """SIGKILL the whole group at once (what a crash looks like to the engine)."""
         self._signal_group(signal.SIGKILL)
         if self._proc is not None:
             self._proc.wait(timeout=30)
+            self._wait_group_gone(30)
 
     def restart(self, args: ServerArgs | None = None) -> float:
         """Stop (if running), optionally change the args, launch again; returns start-up s."""

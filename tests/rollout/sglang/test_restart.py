@@ -5,6 +5,7 @@ before the worker serves again behind the router, and a clean SIGTERM stop."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,4 +79,5 @@ def test_crash_health_restart_resync_then_clean_stop(
         pgid = server.pid
         code = server.stop()
     assert code is not None and not server.is_running()
-    assert pgid is not None and not _group_alive(pgid)
+    left = subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True)
+    assert pgid is not None and not _group_alive(pgid), left.stdout.decode()
