@@ -70,3 +70,17 @@ def test_console_script_is_installed() -> None:
     assert exe is not None, "the physarum console script is not installed in this environment"
     done = subprocess.run([exe, "config", "validate", PRESETS[0]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_plan_prints_per_stage_memory_of_the_cluster_preset(capsys) -> None:
+    preset = str(Path(configs.__file__).parent / "glm46_grpo.yaml")
+    assert main(["plan", preset]) == 0
+    out = capsys.readouterr().out
+    assert "tp 8" in out and "pp 4" in out and "ep 16" in out
+    assert out.count("\n    ") >= 4  # one row per pipeline stage
+    assert "fits in 80 GiB" in out
+
+
+def test_plan_refuses_a_torch_job(capsys) -> None:
+    assert main(["plan", PRESETS[0]]) == 2
+    assert "trainer.backend" in capsys.readouterr().err
