@@ -82,5 +82,6 @@ def test_plan_prints_per_stage_memory_of_the_cluster_preset(capsys) -> None:
 
 
 def test_plan_refuses_a_torch_job(capsys) -> None:
-    assert main(["plan", PRESETS[0]]) == 2
+    toy = str(Path(configs.__file__).parent / "toy_sft.yaml")
+    assert main(["plan", toy]) == 2
     assert "trainer.backend" in capsys.readouterr().err
