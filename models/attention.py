@@ -1,4 +1,5 @@
-"""GQA self-attention with QK-norm and partial RoPE, over packed sequences or a KV cache.
+"""GQA self-attention with QK-norm and partial RoPE over packed sequences (the training path;
+the KV-cache path is models.decode, on fused views of these weights).
 
 HF module names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm). QK-norm is an RMSNorm over
 head_dim applied to q and k before RoPE, as in HF's Glm4MoeAttention.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.batching import CacheBatch, PackInfo
+from models.batching import PackInfo
 from models.config import ModelConfig
 from models.layers import RMSNorm, Rope
 
@@ -53,40 +54,6 @@ class Attention(nn.Module):
         if pack.padded_index is not None:
             out = out.index_select(0, pack.padded_index)
         return self.o_proj(out)
-
-    def forward_cached(
-        self, x: Tensor, rope: Rope, batch: CacheBatch, k_cache: Tensor, v_cache: Tensor
-    ) -> Tensor:
-        """x [B, L, hidden] -> [B, L, hidden]; writes the real tokens' K/V into the cache.
-
-        k_cache, v_cache: [num_slots, Hkv, max_len, D]. Each query attends to its slot's cache
-        up to its own position (batch.mask); GQA runs as Hkv groups of G*L queries, so no
-        K/V head is repeated.
-        """
-        b, length, _ = x.shape
-        q, k, v = self._qkv(x, rope)  # [B, L, H, D]
-        if batch.write_rows is None:
-            slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
-            positions = batch.positions.reshape(-1)
-            k_cache[slots, :, positions] = k.reshape(b * length, self.num_kv_heads, -1)
-            v_cache[slots, :, positions] = v.reshape(b * length, self.num_kv_heads, -1)
-        else:
-            rows = batch.write_rows
-            k_cache[batch.write_slots, :, batch.write_positions] = k.reshape(b * length, -1)[
-                rows
-            ].view(-1, self.num_kv_heads, self.head_dim)
-            v_cache[batch.write_slots, :, batch.write_positions] = v.reshape(b * length, -1)[
-                rows
-            ].view(-1, self.num_kv_heads, self.head_dim)
-        keys = k_cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, Hkv, C, D]
-        values = v_cache[:, :, : batch.context].index_select(0, batch.slots)
-        groups = self.num_heads // self.num_kv_heads
-        # q head h = kv * G + g  ->  [B, Hkv, G * L, D]
-        q = q.view(b, length, self.num_kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4)
-        q = q.reshape(b, self.num_kv_heads, groups * length, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask)
-        out = out.view(b, self.num_kv_heads, groups, length, self.head_dim).permute(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(b, length, self.num_heads * self.head_dim))
 
 
 def _scatter_rows(x: Tensor, index: Tensor, rows: int) -> Tensor:

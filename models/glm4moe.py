@@ -12,11 +12,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Attention
 from models.batching import CacheBatch, PackInfo
 from models.config import ModelConfig
+from models.decode import DecodeWeights, decode_forward
 from models.hf_io import iter_hf_tensors, load_hf_tensors
 from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
@@ -62,21 +64,6 @@ class DecoderLayer(nn.Module):
         moe_out.append(out)
         return x + out.hidden
 
-    def forward_cached(
-        self, x: Tensor, rope: Rope, batch: CacheBatch, cache: KVCache, layer: int, routes: list
-    ) -> Tensor:
-        """x [B, L, H] -> [B, L, H]; appends the MoE layer's chosen experts to routes."""
-        h = self.input_layernorm(x)
-        x = x + self.self_attn.forward_cached(
-            h, rope, batch, cache.keys[layer], cache.values[layer]
-        )
-        h = self.post_attention_layernorm(x)
-        if not self.is_moe:
-            return x + self.mlp(h)
-        out = self.mlp(h.view(-1, h.shape[-1]))
-        routes.append(out.experts)
-        return x + out.hidden.view_as(x)
-
 
 class Glm4MoeModel(nn.Module):
     """HF `model`: embed_tokens, layers, norm."""
@@ -101,6 +88,7 @@ class Glm4MoeForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
+        self._decode: DecodeWeights | None = None  # cache of decode_weights()
 
     def tie_weights(self) -> None:
         """Share lm_head.weight with the input embedding when tie_word_embeddings (again after
@@ -269,18 +257,22 @@ class Glm4MoeForCausalLM(nn.Module):
         b, length = input_ids.shape
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         batch = CacheBatch.build(slots, start_pos, lengths, length, cache.max_len, groups)
-        x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary_emb(batch.positions, x.dtype)
-        routes: list[Tensor] = []
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward_cached(x, rope, batch, cache, i, routes)
+        weights = self.decode_weights()
+        rope = self.model.rotary_emb(batch.positions, weights.embed.dtype)
+        x, routes = decode_forward(self, weights, input_ids, batch, cache.layers, rope)
         if routing is not None:
             k = self.config.num_experts_per_tok
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
-        if all_logits:
-            return self.lm_head(self.model.norm(x)).float()
-        last = x[:, 0] if length == 1 else x[torch.arange(b), lengths - 1]
-        return self.lm_head(self.model.norm(last)).float()
+        if not all_logits:
+            x = x[:, 0] if length == 1 else x[torch.arange(b), lengths - 1]
+        return F.linear(self.model.norm(x), weights.lm_head).float()
+
+    def decode_weights(self) -> DecodeWeights:
+        """The fused inference views of the weights, rebuilt when any weight changed."""
+        key = DecodeWeights.key_of(self)
+        if self._decode is None or self._decode.key != key:
+            self._decode = DecodeWeights.build(self, key)
+        return self._decode
 
     # --- HF names ----------------------------------------------------------------------------
     def hf_state_dict(self) -> Iterator[tuple[str, Tensor]]:

@@ -1,0 +1,246 @@
+"""The inference path (forward_cached) as lean functional code over fused weight views.
+
+On a CPU a decode step of a small model is bound by the number of tensor ops, not FLOPs, so
+this path runs on `DecodeWeights`: per layer q/k/v fused into one matrix, q_norm/k_norm into
+one [Hq + Hkv, D] weight, gate/up fused, FP8 weights dequantized once. They are rebuilt
+automatically whenever a source tensor changed (in-place update, weight load, swap), which
+`DecodeWeights.key` detects from each tensor's identity, storage and version counter.
+
+Per layer: 1 norm, 1 qkv matmul, 1 qk-norm, 3 RoPE ops, 1 cache write, 1 cache read,
+SDPA on [B, Hkv, G*L, D] (no K/V repeat), o_proj; the MoE gathers the chosen experts' weights
+for a few tokens or runs one padded bmm pair over all experts for many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.batching import CacheBatch
+from models.fp8 import Fp8ExpertBank, Fp8Linear
+from models.layers import Rope
+from models.moe import ExpertBank, TopkRouter
+
+# Below this many (token, expert) pairs per expert the MoE gathers each pair's weights;
+# above it, it runs one padded batched matmul over all experts.
+GATHER_MAX_PAIRS_PER_EXPERT = 1.0
+
+
+@dataclass
+class DecodeLayer:
+    in_norm: Tensor  # [H]
+    post_norm: Tensor  # [H]
+    qkv: Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv_bias: Tensor | None
+    qk_norm: Tensor | None  # [Hq + Hkv, D]
+    o: Tensor  # [H, Hq D]
+    gate_up: Tensor | None  # dense MLP or shared experts [2 I, H]
+    down: Tensor | None  # [H, I]
+    router: TopkRouter | None = None  # MoE layers: selection semantics and fp32 bias
+    router_w: Tensor | None = None  # fp32 [E, H]
+    experts_gate_up: Tensor | None = None  # [E, 2 I, H]
+    experts_down: Tensor | None = None  # [E, H, I]
+
+
+def _dense(module: nn.Module, dtype: torch.dtype) -> Tensor:
+    if isinstance(module, Fp8Linear):
+        return module.dense_weight(dtype)
+    return module.weight.detach()
+
+
+def _bank(bank: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if isinstance(bank, Fp8ExpertBank):
+        gate = bank.dense_expert("gate_proj", slice(None), dtype)
+        up = bank.dense_expert("up_proj", slice(None), dtype)
+        return torch.cat([gate, up], dim=1), bank.dense_expert("down_proj", slice(None), dtype)
+    if not isinstance(bank, ExpertBank):
+        raise TypeError(f"unexpected expert bank {type(bank).__name__}")
+    return bank.gate_up_proj.detach(), bank.down_proj.detach()
+
+
+def _gate_up(mlp: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    gate_up = torch.cat([_dense(mlp.gate_proj, dtype), _dense(mlp.up_proj, dtype)])
+    return gate_up, _dense(mlp.down_proj, dtype)
+
+
+def _build_layer(layer: nn.Module, dtype: torch.dtype) -> DecodeLayer:
+    attn = layer.self_attn
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    qkv = torch.cat([_dense(p, dtype) for p in projections])
+    bias = None
+    if attn.q_proj.bias is not None:
+        bias = torch.cat([p.bias.detach() for p in projections])
+    qk_norm = None
+    if attn.use_qk_norm:
+        q_w = attn.q_norm.weight.detach().expand(attn.num_heads, -1)
+        k_w = attn.k_norm.weight.detach().expand(attn.num_kv_heads, -1)
+        qk_norm = torch.cat([q_w, k_w])
+    out = DecodeLayer(
+        in_norm=layer.input_layernorm.weight.detach(),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        qkv=qkv,
+        qkv_bias=bias,
+        qk_norm=qk_norm,
+        o=_dense(attn.o_proj, dtype),
+        gate_up=None,
+        down=None,
+    )
+    mlp = layer.mlp
+    if not layer.is_moe:
+        out.gate_up, out.down = _gate_up(mlp, dtype)
+        return out
+    if mlp.shared_experts is not None:
+        out.gate_up, out.down = _gate_up(mlp.shared_experts, dtype)
+    out.router = mlp.gate
+    out.router_w = mlp.gate.weight.detach().float()
+    out.experts_gate_up, out.experts_down = _bank(mlp.experts, dtype)
+    return out
+
+
+@dataclass
+class DecodeWeights:
+    key: tuple
+    layers: list[DecodeLayer]
+    embed: Tensor  # [V, H]
+    norm: Tensor  # [H]
+    lm_head: Tensor  # [V, H]
+
+    @staticmethod
+    def key_of(model: nn.Module) -> tuple:
+        """Identity, storage and version of every tensor the weights are built from."""
+        tensors = [*model.parameters(), *model.buffers()]
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+    @classmethod
+    def build(cls, model: nn.Module, key: tuple) -> DecodeWeights:
+        dtype = model.dtype
+        with torch.no_grad():
+            layers = [_build_layer(layer, dtype) for layer in model.model.layers]
+        return cls(
+            key,
+            layers,
+            model.model.embed_tokens.weight.detach(),
+            model.model.norm.weight.detach(),
+            model.lm_head.weight.detach(),
+        )
+
+
+def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape[-1:], None, eps) * weight
+    return weight * F.rms_norm(x.float(), weight.shape[-1:], None, eps).to(x.dtype)
+
+
+def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def _attention(
+    x: Tensor,
+    w: DecodeLayer,
+    rope: Rope,
+    batch: CacheBatch,
+    cache: Tensor,
+    shape: tuple,
+    eps: float,
+) -> Tensor:
+    """x [B, L, H] (normed) -> attention output [B, L, H]; cache [slots, 2 Hkv, max_len, D]."""
+    hq, hkv, d = shape
+    b, length, _ = x.shape
+    qkv = F.linear(x, w.qkv, w.qkv_bias).view(b, length, hq + 2 * hkv, d)
+    qk = qkv[:, :, : hq + hkv]
+    if w.qk_norm is not None:
+        qk = _rms(qk, w.qk_norm, eps)
+    qk = rope.apply(qk)
+    kv = torch.cat([qk[:, :, hq:], qkv[:, :, hq + hkv :]], dim=2).view(b * length, 2 * hkv, d)
+    if batch.write_rows is None:
+        slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
+        cache[slots, :, batch.positions.view(-1)] = kv
+    else:
+        cache[batch.write_slots, :, batch.write_positions] = kv[batch.write_rows]
+    ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
+    groups = hq // hkv
+    q = qk[:, :, :hq].reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
+    q = q.reshape(b, hkv, groups * length, d)  # q head h = kv * G + g
+    out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=batch.mask)
+    out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b, length, hq * d)
+    return F.linear(out, w.o)
+
+
+def _moe(x: Tensor, w: DecodeLayer) -> tuple[Tensor, Tensor]:
+    """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k])."""
+    experts, weights, _ = w.router(x)  # same selection code as training
+    n, k = experts.shape
+    num_experts = w.experts_gate_up.shape[0]
+    if n * k <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts:
+        out = _moe_gather(x, experts, weights, w)
+    else:
+        out = _moe_padded(x, experts, weights, w)
+    if w.gate_up is not None:
+        out = out + _swiglu(x, w.gate_up, w.down)
+    return out, experts
+
+
+def _moe_gather(x: Tensor, experts: Tensor, weights: Tensor, w: DecodeLayer) -> Tensor:
+    """Few tokens: gather each (token, expert) pair's weights and run two bmm."""
+    n, k = experts.shape
+    flat = experts.view(-1)
+    gate_up = w.experts_gate_up.index_select(0, flat)  # [N k, 2 I, H]
+    down = w.experts_down.index_select(0, flat)  # [N k, H, I]
+    xs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, -1)
+    gate, up = torch.bmm(xs, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(gate) * up, down.transpose(1, 2)).view(n, k, -1)
+    return (ys * weights.unsqueeze(-1)).to(x.dtype).sum(dim=1)
+
+
+def _moe_padded(x: Tensor, experts: Tensor, weights: Tensor, w: DecodeLayer) -> Tensor:
+    """Many tokens: sort pairs by expert into an [E, C, H] buffer, two bmm, scatter back."""
+    n, k = experts.shape
+    num_experts = w.experts_gate_up.shape[0]
+    flat = experts.view(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    cap = int(counts.max())
+    sorted_experts = flat[order]
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(n * k, device=x.device) - starts[sorted_experts]
+    dest = sorted_experts * cap + rank
+    token = order // k
+    buf = x.new_zeros(num_experts * cap, x.shape[-1])
+    buf[dest] = x[token]
+    buf = buf.view(num_experts, cap, -1)
+    gate, up = torch.bmm(buf, w.experts_gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(gate) * up, w.experts_down.transpose(1, 2)).view(num_experts * cap, -1)
+    ys = (ys[dest] * weights.view(-1)[order].unsqueeze(1)).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+def decode_forward(
+    model: nn.Module,
+    weights: DecodeWeights,
+    input_ids: Tensor,
+    batch: CacheBatch,
+    caches: list[Tensor],
+    rope: Rope,
+) -> tuple[Tensor, list[Tensor]]:
+    """input_ids [B, L] -> (final-normed hidden [B, L, H], per-MoE-layer experts [B L, k])."""
+    c = model.config
+    eps = c.rms_norm_eps
+    shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    x = F.embedding(input_ids, weights.embed)
+    b, length, hidden = x.shape
+    routes = []
+    for w, cache in zip(weights.layers, caches, strict=True):
+        x = x + _attention(_rms(x, w.in_norm, eps), w, rope, batch, cache, shape, eps)
+        h = _rms(x, w.post_norm, eps)
+        if w.router is None:
+            x = x + _swiglu(h, w.gate_up, w.down)
+            continue
+        out, experts = _moe(h.view(b * length, hidden), w)
+        routes.append(experts)
+        x = x + out.view(b, length, hidden)
+    return x, routes
