@@ -14,7 +14,7 @@ class SGLangConfig(Section):
     python: str | None = None
     """Interpreter of the SGLang environment; null = .venv-sglang/bin/python when present."""
     host: str = "127.0.0.1"
-    base_port: int = Field(30000, ge=1024, le=65000)
+    base_port: int = Field(30000, ge=0, le=65000)
     """Worker i listens on base_port + i; 0 picks free ports."""
     tp: int = Field(1, ge=1)
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
@@ -33,6 +33,15 @@ class SGLangConfig(Section):
     router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
     router_port: int = Field(0, ge=0, le=65000)
     """0 picks a free port."""
+    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    """How weights reach the servers: tensor = shared memory / CUDA IPC (same node),
+    distributed = a gloo/NCCL group with the rollout worker as rank 0, disk = safetensors
+    under the run dir (any node that shares it)."""
+    weight_sync_backend: Literal["gloo", "nccl"] = "gloo"
+    """Backend of the distributed path (nccl needs GPUs on both sides)."""
+    max_total_tokens: int | None = Field(None, ge=64)
+    """KV-cache tokens per server; null = rollout.max_running x rollout.max_context when cpu
+    (SGLang would otherwise size the pool from free RAM), SGLang's own choice otherwise."""
 
 
 class EvalConfig(Section):

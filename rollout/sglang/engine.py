@@ -17,25 +17,17 @@ import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from models.weight_update import WeightUpdate
 from rollout.http_client import EngineHTTPError, SGLangClient, version_to_int
-from rollout.sglang.environment import probe
 from rollout.sglang.router import SGLangRouter
-from rollout.sglang.server import ServerArgs, SGLangServer, free_port
-from rollout.sglang.weight_sync import (
-    DiskSync,
-    WeightSync,
-    WeightSyncError,
-    make_weight_sync,
-    push_update,
-)
+from rollout.sglang.weight_sync import DiskSync, WeightSync, WeightSyncError, push_update
 from rollout.sglang.worker import Worker
 from rollout.types import PAUSE_MODES, GenerateOutput, GenerateRequest
 
 if TYPE_CHECKING:
-    from configs.services import SGLangConfig
+    from configs import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,72 +61,6 @@ class SGLangEngine:
         self._update_lock = asyncio.Lock()
         self._last_update: WeightUpdate | None = None
         self._paused: str | None = None
-
-    # ---- construction ------------------------------------------------------------------------
-
-    @classmethod
-    def launch(
-        cls,
-        cfg: SGLangConfig,
-        *,
-        model_path: str | Path,
-        run_dir: str | Path,
-        num_workers: int = 1,
-        weight_sync: str = "tensor",
-        sync_options: dict[str, Any] | None = None,
-        request_timeout: float = 120.0,
-        **server_overrides: Any,
-    ) -> SGLangEngine:
-        """Start `num_workers` servers (and the router when `cfg.router`) and wait for them.
-
-        Blocking (minutes on a CPU). Worker i listens on cfg.base_port + i, or on a free port
-        when `port=0` is passed in `server_overrides`. Logs go to `run_dir/logs/`.
-        """
-        env = probe(cfg.python)
-        run_dir = Path(run_dir)
-        port0 = server_overrides.pop("port", cfg.base_port)
-        servers = []
-        for i in range(num_workers):
-            port = free_port(cfg.host) if port0 == 0 else port0 + i
-            args = ServerArgs.from_config(
-                cfg, model_path=str(model_path), port=port, **server_overrides
-            )
-            log = run_dir / "logs" / f"sglang-worker{i}-{port}.log"
-            servers.append(
-                SGLangServer(
-                    args, python=env.python, log_path=log, startup_timeout=cfg.startup_timeout_s
-                )
-            )
-        router = None
-        try:
-            for server in servers:
-                server.start()
-            for server in servers:
-                server.wait_healthy()
-            if cfg.router:
-                port = cfg.router_port or free_port(cfg.host)
-                router = SGLangRouter(
-                    host=cfg.host,
-                    port=port,
-                    policy=cfg.router_policy,
-                    log_path=run_dir / "logs" / f"sglang-router-{port}.log",
-                    request_timeout_s=request_timeout,
-                )
-                router.start()
-                for server in servers:
-                    router.add_worker(server.url, api_key=cfg.api_key)
-        except BaseException:
-            for server in servers:
-                server.stop()
-            if router is not None:
-                router.stop()
-            raise
-        options = dict(sync_options or {})
-        if weight_sync == "disk":
-            options.setdefault("staging_dir", run_dir / "weights")
-        workers = [Worker.for_server(s, timeout=request_timeout) for s in servers]
-        sync = make_weight_sync(weight_sync, **options)
-        return cls(workers, weight_sync=sync, router=router, request_timeout=request_timeout)
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -296,3 +222,12 @@ class SGLangEngine:
         for w in self.workers:
             if w.server is not None:
                 await asyncio.to_thread(w.server.stop)
+
+
+def launch_sglang_engine(
+    job: JobConfig, model_dir: str | Path, *, name: str, tokenizer_dir: str | Path | None = None
+) -> SGLangEngine:
+    """The `rollout.engine: sglang` entry of rollout.worker.ENGINES (see rollout.sglang.launch)."""
+    from rollout.sglang.launch import launch_sglang_engine as launch
+
+    return launch(job, model_dir, name=name, tokenizer_dir=tokenizer_dir)

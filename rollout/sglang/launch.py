@@ -1,0 +1,183 @@
+"""Build an `SGLangEngine` from the job config: start the servers (and the router), choose the
+weight-sync path. Blocking: an SGLang server takes ~35-70 s to start on this 2-core CPU.
+
+`launch_sglang_engine(job, model_dir, name=...)` is what `rollout.engine: sglang` runs for one
+rollout worker (rollout/worker.py); `launch_engine(cfg, ...)` is the same from the
+`rollout.sglang` section alone, for any number of servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rollout.sglang.engine import SGLangEngine
+from rollout.sglang.environment import probe
+from rollout.sglang.router import SGLangRouter
+from rollout.sglang.server import ServerArgs, SGLangServer, free_port
+from rollout.sglang.weight_sync import WeightSync, make_weight_sync
+from rollout.sglang.worker import Worker
+
+if TYPE_CHECKING:
+    from configs import JobConfig
+    from configs.services import SGLangConfig
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(cfg: SGLangConfig, index: int) -> int:
+    """cfg.base_port + index when free; a free port when base_port is 0 or that one is taken."""
+    if cfg.base_port and _port_free(cfg.host, cfg.base_port + index):
+        return cfg.base_port + index
+    if cfg.base_port:
+        logger.warning("port %d is taken; using a free port", cfg.base_port + index)
+    return free_port(cfg.host)
+
+
+def start_servers(
+    cfg: SGLangConfig,
+    *,
+    model_path: str | Path,
+    run_dir: Path,
+    count: int = 1,
+    first_index: int = 0,
+    **overrides: Any,
+) -> list[SGLangServer]:
+    """Start `count` servers at once, then wait until all are healthy (all stopped on error)."""
+    env = probe(cfg.python)
+    logger.info("sglang environment: %s", env.describe())
+    servers = []
+    for index in range(first_index, first_index + count):
+        port = _pick_port(cfg, index)
+        args = ServerArgs.from_config(cfg, model_path=str(model_path), port=port, **overrides)
+        log = run_dir / "logs" / f"sglang-worker{index}-{port}.log"
+        servers.append(
+            SGLangServer(
+                args, python=env.python, log_path=log, startup_timeout=cfg.startup_timeout_s
+            )
+        )
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.startup_seconds = server.wait_healthy()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def start_router(
+    cfg: SGLangConfig, servers: list[SGLangServer], *, run_dir: Path, timeout: float
+) -> SGLangRouter:
+    port = cfg.router_port or free_port(cfg.host)
+    router = SGLangRouter(
+        host=cfg.host,
+        port=port,
+        policy=cfg.router_policy,
+        log_path=run_dir / "logs" / f"sglang-router-{port}.log",
+        request_timeout_s=timeout,
+    )
+    router.start()
+    try:
+        for server in servers:
+            router.add_worker(server.url, api_key=cfg.api_key)
+    except BaseException:
+        router.stop()
+        raise
+    return router
+
+
+def sync_from_config(cfg: SGLangConfig, run_dir: Path) -> WeightSync:
+    """The weight-sync path `cfg.weight_sync` names."""
+    options: dict[str, dict[str, Any]] = {
+        "tensor": {},
+        "distributed": {"backend": cfg.weight_sync_backend, "master_address": cfg.host},
+        "disk": {"staging_dir": run_dir / "weights"},
+    }
+    return make_weight_sync(cfg.weight_sync, **options[cfg.weight_sync])
+
+
+def launch_engine(
+    cfg: SGLangConfig,
+    *,
+    model_path: str | Path,
+    run_dir: str | Path,
+    num_servers: int = 1,
+    first_index: int = 0,
+    request_timeout: float = 120.0,
+    **overrides: Any,
+) -> SGLangEngine:
+    """Servers (+ the router when `cfg.router` and there is more than one server) -> engine."""
+    run_dir = Path(run_dir)
+    servers = start_servers(
+        cfg,
+        model_path=model_path,
+        run_dir=run_dir,
+        count=num_servers,
+        first_index=first_index,
+        **overrides,
+    )
+    router = None
+    try:
+        if cfg.router and num_servers > 1:
+            router = start_router(cfg, servers, run_dir=run_dir, timeout=request_timeout)
+        sync = sync_from_config(cfg, run_dir)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    workers = [Worker.for_server(s, timeout=request_timeout) for s in servers]
+    return SGLangEngine(workers, weight_sync=sync, router=router, request_timeout=request_timeout)
+
+
+def launch_sglang_engine(
+    job: JobConfig, model_dir: str | Path, *, name: str, tokenizer_dir: str | Path | None = None
+) -> SGLangEngine:
+    """One SGLang server for the rollout worker `name` ("...-<index>" picks base_port+index).
+
+    The KV pool defaults to rollout.max_running x rollout.max_context tokens on a CPU and the
+    context length to rollout.max_context. Without tokenizer files in `model_dir` (and no
+    `tokenizer_dir`) the server runs with --skip-tokenizer-init: ids in, ids out, which is all
+    the rollout functions use (stop strings then do not apply).
+    """
+    cfg, rollout = job.rollout.sglang, job.rollout
+    match = re.search(r"(\d+)$", name)
+    index = int(match.group(1)) if match else 0
+    overrides: dict[str, Any] = {
+        "context_length": cfg.context_length or rollout.max_context,
+        "random_seed": job.seed,
+    }
+    if cfg.max_total_tokens is not None:
+        overrides["max_total_tokens"] = cfg.max_total_tokens
+    elif cfg.cpu:
+        overrides["max_total_tokens"] = rollout.max_running * rollout.max_context
+    extra = list(cfg.extra_args)
+    if tokenizer_dir is not None:
+        overrides["tokenizer_path"] = str(tokenizer_dir)
+    elif not any((Path(model_dir) / f).exists() for f in _TOKENIZER_FILES):
+        extra.append("--skip-tokenizer-init")
+    overrides["extra_args"] = extra
+    return launch_engine(
+        cfg,
+        model_path=model_dir,
+        run_dir=job.resolved_run_dir(),
+        first_index=index,
+        request_timeout=rollout.request_timeout_s,
+        **overrides,
+    )
