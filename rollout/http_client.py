@@ -23,11 +23,17 @@ from typing import Any
 
 import httpx
 
+from models.weight_update import WeightUpdate, encode_weight_update
+from rollout.http_output import (  # noqa: F401  (re-exported)
+    DEFAULT_VERSION,
+    expand_weight_versions,
+    parse_generate_item,
+    version_to_int,
+)
 from rollout.types import GenerateOutput, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VERSION = "default"  # SGLang's weight_version before any update; maps to int 0
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
@@ -51,59 +57,6 @@ class EngineHTTPError(RuntimeError):
         where = f"{server}{route}" + (f" (rid {rid})" if rid else "")
         code = f"HTTP {status}" if status is not None else "no response"
         super().__init__(f"{where}: {code}: {message}")
-
-
-def version_to_int(version: str | int | None) -> int:
-    """Map an SGLang weight_version string to our int version ("default" and None are 0)."""
-    if version is None or version == DEFAULT_VERSION:
-        return 0
-    try:
-        return int(version)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"weight_version: expected an integer string or {DEFAULT_VERSION!r}, got {version!r}"
-        ) from None
-
-
-def expand_weight_versions(meta: dict[str, Any], num_tokens: int) -> list[int]:
-    """Per-token int versions from meta_info's `weight_versions` spans [start, end).
-
-    Falls back to `weight_version` for every token when the spans are absent.
-    """
-    spans = meta.get("weight_versions")
-    if not spans:
-        return [version_to_int(meta.get("weight_version"))] * num_tokens
-    out = [version_to_int(meta.get("weight_version"))] * num_tokens
-    for span in spans:
-        v = version_to_int(span["version"])
-        for i in range(max(0, span["start"]), min(num_tokens, span["end"])):
-            out[i] = v
-    return out
-
-
-def parse_generate_item(item: dict[str, Any], prompt_ids: list[int]) -> GenerateOutput:
-    """One SGLang /generate response object -> GenerateOutput."""
-    meta = item["meta_info"]
-    output_ids = list(item.get("output_ids") or [])
-    finish = meta.get("finish_reason") or {}
-    reason = finish.get("type", "abort")
-    matched = finish.get("matched") if reason == "stop" else None
-    triples = meta.get("output_token_logprobs") or []
-    logprobs = [float(t[0]) for t in triples]
-    if logprobs and len(logprobs) != len(output_ids):
-        raise ValueError(
-            f"output_token_logprobs: {len(logprobs)} entries for {len(output_ids)} output_ids"
-        )
-    return GenerateOutput(
-        rid=str(meta.get("id")),
-        prompt_ids=list(prompt_ids),
-        output_ids=output_ids,
-        logprobs=logprobs,
-        versions=expand_weight_versions(meta, len(output_ids)),
-        finish_reason=reason,
-        matched_stop=matched,
-        text=item.get("text"),
-    )
 
 
 class SGLangClient:
@@ -271,6 +224,23 @@ class SGLangClient:
             "flush_cache": flush_cache,
             "abort_all_requests": abort_all_requests,
             "weight_version": weight_version,
+        }
+        return await self._post("/update_weights_from_tensor", body)
+
+    async def update_weights_from_weight_update(
+        self,
+        update: WeightUpdate,
+        *,
+        flush_cache: bool = True,
+        weight_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Physarum extension of /update_weights_from_tensor (our embedded server only): the
+        compact models.weight_update encoding in field `physarum_weight_update`. Call it inside
+        begin_weight_update() ... end_weight_update(), like the plain format."""
+        body = {
+            "physarum_weight_update": base64.b64encode(encode_weight_update(update)).decode(),
+            "flush_cache": flush_cache,
+            "weight_version": weight_version if weight_version is not None else str(update.version),
         }
         return await self._post("/update_weights_from_tensor", body)
 

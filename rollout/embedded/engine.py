@@ -26,7 +26,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,40 +275,6 @@ class EmbeddedEngine:
             logger.info("%s: weights updated to version %d", self.name, self.sched.version)
 
         await self._acall(apply)
-
-    async def load_named_tensors(
-        self,
-        named: list[tuple[str, torch.Tensor]],
-        version: int | None = None,
-        *,
-        fp8_block: tuple[int, int] | None = None,
-    ) -> None:
-        """Load HF-named tensors (any subset) between two steps; optionally set the version."""
-
-        def load() -> None:
-            self.model.load_hf_state_dict(named, strict=False, fp8_block=fp8_block)
-            if version is not None:
-                self.sched.version = int(version)
-
-        await self._acall(load)
-
-    async def load_checkpoint(
-        self,
-        path: str | Path,
-        version: int | None = None,
-        *,
-        fp8_block: tuple[int, int] | None = None,
-    ) -> None:
-        """Load every tensor of an HF checkpoint directory between two steps."""
-        from models.checkpoint import iter_checkpoint_tensors
-
-        def load() -> None:
-            tensors = iter_checkpoint_tensors(path)
-            self.model.load_hf_state_dict(tensors, strict=True, fp8_block=fp8_block)
-            if version is not None:
-                self.sched.version = int(version)
-
-        await self._acall(load)
 
     async def run_between_steps(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the engine thread between two steps (e.g. loading named tensors)."""

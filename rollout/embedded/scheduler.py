@@ -29,6 +29,10 @@ from rollout.embedded.sequence import Decode, Sequence
 logger = logging.getLogger(__name__)
 
 
+def _slot_of(seq: Sequence) -> int:
+    return seq.slot if seq.slot is not None else -1
+
+
 class ContextLengthError(ValueError):
     """Prompt plus max_new_tokens exceeds the engine's context length (SGLang's message)."""
 
@@ -134,7 +138,7 @@ class Scheduler:
         if self.paused:
             return []
         newcomers = self._admit()
-        decoding = [s for s in self.running if s.cached > 0]
+        decoding = sorted((s for s in self.running if s.cached > 0), key=_slot_of)
         self.running.extend(newcomers)
         finished: list[Sequence] = []
         if newcomers:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from rollout.embedded.weights import load_checkpoint, load_named_tensors
 from rollout.server.control import (
     BeginWeightUpdateReq,
     EndWeightUpdateReq,
@@ -120,7 +121,7 @@ def add_weight_routes(app: FastAPI, state: ServerState) -> None:
                     if version is not None:
                         await engine.set_weight_version(version)
                 else:
-                    await engine.load_named_tensors(named, version)
+                    await load_named_tensors(engine, named, version)
             except (KeyError, ValueError, RuntimeError) as e:
                 logger.error("update_weights_from_tensor failed: %s", e)
                 return _result(False, f"Failed to update weights: {e}")
@@ -141,7 +142,7 @@ def add_weight_routes(app: FastAPI, state: ServerState) -> None:
             if (error := await prepare(req.abort_all_requests, req.flush_cache)) is not None:
                 return _result(False, error, num_paused_requests=0)
             try:
-                await engine.load_checkpoint(path, version, fp8_block=block)
+                await load_checkpoint(engine, path, version, fp8_block=block)
             except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
                 logger.error("update_weights_from_disk failed: %s", e)
                 return _result(False, f"Failed to load weights: {e}", num_paused_requests=0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from models import build_weight_update
 from rollout.embedded import EmbeddedEngine
 from rollout.http_client import (
     EngineHTTPError,
@@ -156,6 +157,29 @@ def test_update_weights_from_tensor_through_the_client(served, model):
     restore = [(n, before[n]) for n, _ in named]
     asyncio.run(_with_client(server.url, lambda c: update(c, restore, "0")))
     assert all(torch.equal(t, before[n]) for n, t in model.hf_state_dict())
+
+
+def test_weight_update_extension_through_the_client(served, model):
+    server, _ = served
+    before = [(n, t.clone()) for n, t in model.hf_state_dict()]
+    other = tiny_model(seed=8)
+    update = build_weight_update(other.hf_state_dict(), version=4, dtype=torch.float32)
+
+    async def scenario(c: SGLangClient):
+        await c.begin_weight_update()
+        result = await c.update_weights_from_weight_update(update)
+        await c.end_weight_update()
+        version = await c.weight_version()
+        out = await c.generate([GenerateRequest([6, 2], greedy(5))])
+        await c.begin_weight_update()  # restore the module's model for the other tests
+        await c.update_weights_from_tensor([serialize_named_tensors(before)], weight_version="0")
+        await c.end_weight_update()
+        return result, version, out[0]
+
+    mp.set_sharing_strategy("file_system")
+    result, version, out = asyncio.run(_with_client(server.url, scenario))
+    assert result["success"] is True and version == "4"
+    assert out.output_ids == greedy_reference(other, [6, 2], 5) and out.versions == [4] * 5
 
 
 def test_serialize_named_tensors_is_sglang_format_and_round_trips():

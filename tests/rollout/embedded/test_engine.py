@@ -12,7 +12,7 @@ import torch
 from models import build_weight_update
 from rollout.embedded import EmbeddedEngine, EngineBusyError
 from rollout.embedded.scheduler import ContextLengthError
-from rollout.types import GenerateRequest, SamplingParams
+from rollout.types import Engine, GenerateRequest, SamplingParams
 from tests.rollout.engine_helpers import (
     greedy_reference,
     model_logprobs,
@@ -46,6 +46,7 @@ def run(coro):
 
 
 def test_greedy_matches_uncached_step_by_step_decode(engine, model):
+    assert isinstance(engine, Engine)  # the rollout contract (rollout/types.py)
     outs = run(engine.generate([GenerateRequest(p, greedy(12)) for p in PROMPTS]))
     for prompt, out in zip(PROMPTS, outs):
         assert out.output_ids == greedy_reference(model, prompt, 12)

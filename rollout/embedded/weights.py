@@ -1,0 +1,51 @@
+"""Loading HF-named weights into a running embedded engine, between two decode steps.
+
+Used by the HTTP server's `/update_weights_from_tensor` (SGLang's tensor payload) and
+`/update_weights_from_disk`. Sequences in flight continue with the new weights; an optional
+version becomes the version of every token generated afterwards. (Our own trainer -> rollout
+message goes through `EmbeddedEngine.update_weights(WeightUpdate)`.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import iter_checkpoint_tensors
+from rollout.embedded.engine import EmbeddedEngine
+
+
+async def load_named_tensors(
+    engine: EmbeddedEngine,
+    named: list[tuple[str, torch.Tensor]],
+    version: int | None = None,
+    *,
+    fp8_block: tuple[int, int] | None = None,
+) -> None:
+    """Load HF-named tensors (any subset; FP8 pairs allowed) and optionally set the version."""
+
+    def load() -> None:
+        engine.model.load_hf_state_dict(named, strict=False, fp8_block=fp8_block)
+        if version is not None:
+            engine.sched.version = int(version)
+
+    await engine.run_between_steps(load)
+
+
+async def load_checkpoint(
+    engine: EmbeddedEngine,
+    path: str | Path,
+    version: int | None = None,
+    *,
+    fp8_block: tuple[int, int] | None = None,
+) -> None:
+    """Load every tensor of an HF checkpoint directory (strict) and optionally set the version."""
+
+    def load() -> None:
+        tensors = iter_checkpoint_tensors(path)
+        engine.model.load_hf_state_dict(tensors, strict=True, fp8_block=fp8_block)
+        if version is not None:
+            engine.sched.version = int(version)
+
+    await engine.run_between_steps(load)
