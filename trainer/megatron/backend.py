@@ -1,12 +1,14 @@
 """The megatron-core TrainerBackend for GLM-4.x MoE (trainer/backend.py's protocol).
 
 One instance per rank; torch.distributed must be initialised (gloo on a CPU, NCCL on GPUs,
-with the CUDA device set) and every rank calls every method with the same arguments: the
-step's full list of micro-batches, of which each data-parallel rank trains its share
-(inputs.py). Inside: megatron's GPTModel with the GLM-4.x spec (model.py, spec.py),
-megatron DDP, megatron's (distributed) Adam and LR scheduler, `get_forward_backward_func`'s
-schedule (1F1B under PP) and `finalize_model_grads`, which also applies the loss-free balancing
-update of the router's expert bias.
+with the CUDA device set) and every rank calls every method with the same arguments, except
+`train(step)`, where each rank passes its own share of the step (step.py gathers them).
+`logprobs` and `train_step` take the full list of micro-batches; each data-parallel rank
+computes its share (inputs.py). Inside: megatron's GPTModel with the GLM-4.x spec (model.py,
+spec.py), megatron DDP, megatron's (distributed) Adam on the torch backend's LR schedule
+(optimizer.py), `get_forward_backward_func`'s schedule (1F1B under PP) and
+`finalize_model_grads`, which also applies the loss-free balancing update of the router's
+expert bias.
 
 Loss: the trainer's shared `ActorObjective` (trainer/losses) on vocab-parallel logprobs
 (logprobs.py). Its per-micro-batch results are shares of the step loss computed with
@@ -27,25 +29,29 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from torch import Tensor
 
 from configs.algorithm import AlgorithmConfig
 from configs.services import TrainerConfig
+from models.checkpoint import save_pretrained
+from models.config import ModelConfig
+from models.weight_update import WeightUpdate, build_weight_update
 from trainer.backend import PackedBatch
+from trainer.batch import StepBatch
 from trainer.losses import ActorObjective, StatSums, StepTotals
 from trainer.megatron import checkpoint, router_stats
 from trainer.megatron.arch import GlmArch
+from trainer.megatron.hf_checkpoint import LazyHFCheckpoint
 from trainer.megatron.inputs import (
     MegatronInputs,
     broadcast_from_last_stage,
@@ -54,8 +60,20 @@ from trainer.megatron.inputs import (
     to_megatron_inputs,
 )
 from trainer.megatron.logprobs import packed_token_logprobs
-from trainer.megatron.model import build_model, check_plan, init_parallel, transformer_config
+from trainer.megatron.model import (
+    build_model,
+    check_plan,
+    ensure_process_group,
+    init_parallel,
+    transformer_config,
+)
+from trainer.megatron.optimizer import build_optimizer, set_lr
+from trainer.megatron.step import gather_steps, prepare_steps
 from trainer.megatron.weights import export_hf_weights, load_hf_weights, named_tensors
+from trainer.moe_balance import expert_load_metrics
+
+if TYPE_CHECKING:
+    from configs import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +92,14 @@ class MegatronBackend:
         *,
         policy_loss: str | None = None,
         seed: int = 0,
+        total_steps: int | None = None,
     ) -> None:
         """model_config: HF-style GLM config (models.ModelConfig, transformers config, dict);
-        hf_weights: the initial weights under HF names (checkpoint or hf_state_dict())."""
+        hf_weights: the initial weights under HF names (a LazyHFCheckpoint, hf_state_dict());
+        total_steps: the LR schedule's horizon (default trainer.steps)."""
         if algo.moe.routing_replay:
             raise ValueError("algorithm.moe.routing_replay: not supported by the megatron backend")
+        self.model_config, self.trainer, self.algo = model_config, trainer, algo
         self.arch = GlmArch.from_hf(model_config)
         par = trainer.megatron
         check_plan(self.arch, par, dist.get_world_size())
@@ -100,8 +121,8 @@ class MegatronBackend:
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
         config.finalize_model_grads_func = self._finalize
         config.no_sync_func = self.model.no_sync
-        self.optimizer = get_megatron_optimizer(_optimizer_config(trainer, config), [self.model])
-        self.scheduler = _scheduler(self.optimizer, trainer)
+        self.optimizer = build_optimizer(self.model, trainer, config)
+        self.total_steps = total_steps or trainer.steps
         self.objective = ActorObjective.from_config(algo, policy_loss)
         self._ref = _cpu_copy(self.gpt) if self.objective.needs_ref else None
         self._pad_multiple = par.tp
@@ -135,11 +156,30 @@ class MegatronBackend:
             self._run(inputs, loss_func, forward_only=True)
         return gather_dp(broadcast_from_last_stage(results), len(batches))
 
-    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
-        """One optimizer step over the step's micro-batches; metrics identical on every rank."""
+    def train(self, step: StepBatch) -> dict[str, float]:
+        """The trainer service's step: gather every rank's share, prepare, then
+        trainer.ppo_epochs optimizer steps; returns the last step's metrics."""
         start = time.perf_counter()
+        batches = self.prepare(step)
+        metrics: dict[str, float] = {}
+        for _ in range(self.trainer.ppo_epochs):
+            metrics = self.train_step(batches)
+        metrics["time/step_s"] = time.perf_counter() - start
+        return metrics
+
+    def prepare(self, step: StepBatch) -> list[PackedBatch]:
+        """Every rank's share of the step, with old/ref logprobs and advantages (step.py)."""
+        return prepare_steps(self, gather_steps(step), self.algo, self.trainer.ppo_epochs)
+
+    def train_step(
+        self, batches: list[PackedBatch], *, loss: str | None = None
+    ) -> dict[str, float]:
+        """One optimizer step over the step's micro-batches; metrics identical on every rank.
+        `loss` overrides the policy loss (e.g. "sft")."""
+        start = time.perf_counter()
+        objective = self.objective if loss is None else ActorObjective.from_config(self.algo, loss)
         inputs = self._inputs(batches)
-        totals = self._totals(inputs)
+        totals = self._totals(inputs, objective)
         stats = StatSums()
 
         def loss_func(item: MegatronInputs, output: Tensor):
@@ -147,39 +187,69 @@ class MegatronBackend:
                 output[0], item.batch.input_ids, item.batch.cu_seqlens,
                 temperature=item.batch.temperature, with_entropy=True,
             )  # fmt: skip
-            loss, batch_stats = self.objective(item.batch, logp, totals, entropy=entropy)
+            loss, batch_stats = objective(item.batch, logp, totals, entropy=entropy)
             stats.merge(batch_stats)  # fillers add zeros but keep the names equal on all ranks
             return loss, torch.tensor(1, dtype=torch.int), {}
 
+        lr = set_lr(self.optimizer, self.trainer, self.version, self.total_steps)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._run(inputs, loss_func, forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
-        if updated:
-            self.scheduler.step(increment=1)
+        _, grad_norm, _ = self.optimizer.step()
         self.version += 1
         metrics = self._step_metrics(stats)
-        metrics.update(router_stats.load_metrics(self.gpt, self._load))
+        metrics.update(expert_load_metrics(router_stats.step_load(self._load)))
+        metrics["moe/bias_abs_mean"] = router_stats.bias_abs_mean(self.gpt)
         elapsed = time.perf_counter() - start
         metrics.update(
             grad_norm=float(grad_norm or 0.0),
-            lr=float(self.optimizer.param_groups[0]["lr"]),
+            lr=lr,
+            tokens=float(totals.tokens),
             tokens_per_s=float(totals.tokens) / elapsed,
-            step_time_s=elapsed,
             version=float(self.version),
         )
+        metrics["time/train_step_s"] = elapsed
         return metrics
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
         """Full tensors under HF names, gathered over TP/EP/PP; every rank must consume it."""
         return export_hf_weights(self.gpt, self.arch, self.impl)
 
+    def weight_update(
+        self,
+        version: int | None = None,
+        *,
+        fp8_block: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> WeightUpdate:
+        """The weights as a versioned, bucketed update (trainer.weight_bucket_mb buckets);
+        fp8_block quantises linear weights blockwise. Collective: call it on every rank."""
+        return build_weight_update(
+            self.export_weights(),
+            self.version if version is None else version,
+            bucket_bytes=self.trainer.weight_bucket_mb * 2**20,
+            fp8_block=fp8_block,
+            dtype=dtype or self.gpt.config.params_dtype,
+        )
+
+    def save_hf(self, path: str | Path) -> None:
+        """An HF checkpoint directory of the current weights (rank 0 writes; collective)."""
+        named = self.export_weights()
+        if dist.get_rank() != 0:
+            for _ in named:
+                pass
+            return
+        config = self.model_config
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_hf_dict(dict(config))
+        save_pretrained(_HFView(config, self.gpt.config.params_dtype, named), path)
+
     def save(self, path: str) -> None:
-        checkpoint.save_checkpoint(path, self.gpt, self.optimizer, self.scheduler, self.version)
+        checkpoint.save_checkpoint(path, self.gpt, self.optimizer, self.version)
 
     def load(self, path: str) -> None:
-        self.version = checkpoint.load_checkpoint(path, self.gpt, self.optimizer, self.scheduler)
+        self.version = checkpoint.load_checkpoint(path, self.gpt, self.optimizer)
 
     # --- internals -----------------------------------------------------------------------------
     def _inputs(self, batches: list[PackedBatch]) -> list[MegatronInputs]:
@@ -205,13 +275,13 @@ class MegatronBackend:
             forward_only=forward_only,
         )
 
-    def _totals(self, inputs: list[MegatronInputs]) -> StepTotals:
+    def _totals(self, inputs: list[MegatronInputs], objective: ActorObjective) -> StepTotals:
         counts = torch.zeros(2, dtype=torch.float64, device=self._device)
         for item in inputs:
-            counts[0] += self.objective.count(item.batch).double()
+            counts[0] += objective.count(item.batch).double()
             counts[1] += 0 if item.filler else item.batch.num_tokens
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
-        return StepTotals(agg=counts[0].float(), tokens=counts[1].float())
+        return StepTotals(agg=counts[0].clamp_min(1.0).float(), tokens=counts[1].clamp_min(1.0))
 
     def _finalize(self, model, num_tokens=None, **kwargs) -> None:
         """finalize_model_grads without the 1/num_tokens rescale (see the module docstring);
@@ -252,35 +322,36 @@ def _copy_into(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
         tensor.copy_(state[name])
 
 
-def _optimizer_config(trainer: TrainerConfig, config) -> OptimizerConfig:
-    return OptimizerConfig(
-        optimizer="adam",
-        lr=trainer.lr,
-        min_lr=trainer.min_lr,
-        weight_decay=trainer.weight_decay,
-        adam_beta1=trainer.adam_beta1,
-        adam_beta2=trainer.adam_beta2,
-        adam_eps=trainer.adam_eps,
-        clip_grad=trainer.grad_clip,
-        bf16=config.bf16,
-        params_dtype=config.params_dtype,
-        use_distributed_optimizer=trainer.megatron.distributed_optimizer,
-        optimizer_cpu_offload=trainer.megatron.cpu_adam,
-    )
+class _HFView:
+    """What models.checkpoint.save_pretrained reads from a model: config, dtype, no FP8
+    modules, and the HF-named tensors (here: the export stream)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, named) -> None:
+        self.config, self.dtype, self._named = config, dtype, named
+
+    def modules(self) -> Iterator[torch.nn.Module]:
+        return iter(())
+
+    def hf_state_dict(self) -> Iterator[tuple[str, Tensor]]:
+        return self._named
 
 
-def _scheduler(optimizer, trainer: TrainerConfig) -> OptimizerParamScheduler:
-    warmup = trainer.warmup_steps
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if warmup else trainer.lr,
-        max_lr=trainer.lr,
-        min_lr=trainer.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(trainer.steps, warmup + 1),
-        lr_decay_style=trainer.lr_schedule,
-        start_wd=trainer.weight_decay,
-        end_wd=trainer.weight_decay,
-        wd_incr_steps=trainer.steps,
-        wd_incr_style="constant",
+def build_megatron_backend(
+    job: JobConfig,
+    model_dir: str | Path,
+    *,
+    total_steps: int | None = None,
+    policy_loss: str | None = None,
+) -> MegatronBackend:
+    """The trainer service's factory: the run's initial HF checkpoint in `model_dir` (the same
+    weights the torch backend and the rollout engines start from), read lazily per rank."""
+    ensure_process_group()
+    return MegatronBackend(
+        ModelConfig.load(model_dir),
+        LazyHFCheckpoint(model_dir),
+        job.trainer,
+        job.algorithm,
+        policy_loss=policy_loss,
+        seed=job.seed,
+        total_steps=total_steps,
     )

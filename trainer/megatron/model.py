@@ -20,7 +20,10 @@ Mapping of GLM-4.x onto megatron (HF key -> megatron):
 
 from __future__ import annotations
 
+import socket
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -66,6 +69,18 @@ def check_plan(arch: GlmArch, par: MegatronConfig, world_size: int) -> None:
     for failed, expected in problems:
         if failed:
             raise ValueError(f"trainer.megatron: expected {expected}")
+
+
+def ensure_process_group() -> None:
+    """A one-process group (gloo, or NCCL when CUDA is available) if none exists yet: megatron
+    needs torch.distributed even on a single rank."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def init_parallel(par: MegatronConfig, seed: int) -> None:

@@ -3,16 +3,16 @@
 Megatron's TopKRouter counts the tokens routed to each expert in `local_tokens_per_expert`
 (when the expert bias is on) and `finalize_model_grads` turns the counts into the loss-free
 balancing update of `expert_bias`, then zeroes them. `snapshot_load` must therefore run just
-before finalize; `load_metrics` then sums the counts over the TP x DP ranks that routed
-different tokens and summarises every MoE layer of the model (all pipeline stages).
+before finalize; `step_load` then sums the counts over the TP x DP ranks that routed
+different tokens.
 
 `LoadMask` keeps rows that are not real tokens -- the TP padding at the end of a packed row
 and whole filler micro-batches (inputs.py) -- out of those counts, so the bias update sees
 exactly the tokens the torch backend sees. (megatron 0.16.1's own `padding_mask` argument
 cannot do this: its router broadcasts the [N] mask against the [N, E] routing map.)
 
-Metrics: moe_load_max_over_mean (mean over MoE layers of the busiest expert's load / the
-mean load; 1.0 is perfect balance), moe_load_min_over_mean, moe_expert_bias_abs_mean.
+`step_load` assembles the step's [n_moe, E] load of the whole model on every rank; the
+metrics are then the torch backend's (trainer.moe_balance.expert_load_metrics).
 """
 
 from __future__ import annotations
@@ -69,30 +69,28 @@ def snapshot_load(model: torch.nn.Module) -> Tensor:
     return torch.stack([r.local_tokens_per_expert.detach().float().clone() for r in routers])
 
 
-def load_metrics(model: torch.nn.Module, load: Tensor) -> dict[str, float]:
-    """Summarise the step's expert load over every MoE layer; identical on every rank."""
+def step_load(load: Tensor) -> Tensor:
+    """float32 [n_moe, E] routed choices per expert of every MoE layer of the model (all
+    pipeline stages, layer order), from this rank's snapshot; identical on every rank."""
+    load = load.clone()
     if load.numel():
-        dist.all_reduce(
-            load, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-        )
-        mean = load.mean(dim=1).clamp_min(1e-9)
-        bias = torch.stack([r.expert_bias.detach().float() for r in _routers(model)])
-        sums = torch.stack(
-            [
-                (load.max(dim=1).values / mean).sum(),
-                (load.min(dim=1).values / mean).sum(),
-                bias.abs().mean(dim=1).sum(),
-                load.new_tensor(float(load.shape[0])),
-            ]
-        )
-    else:
-        sums = torch.zeros(4, device=next(model.parameters()).device)
-    sums = sums.to(torch.float64)
+        group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(load, group=group)
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return load.cpu()
+    stages: list[Tensor | None] = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, load.cpu(), group=ps.get_pipeline_model_parallel_group())
+    return torch.cat([s for s in stages if s is not None and s.numel()])
+
+
+def bias_abs_mean(model: torch.nn.Module) -> float:
+    """Mean |expert bias| over every MoE layer of the model (all pipeline stages)."""
+    routers = _routers(model)
+    device = next(model.parameters()).device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for router in routers:
+        sums[0] += router.expert_bias.detach().abs().mean().double()
+        sums[1] += 1
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
-    layers = float(sums[3]) or 1.0
-    return {
-        "moe_load_max_over_mean": float(sums[0]) / layers,
-        "moe_load_min_over_mean": float(sums[1]) / layers,
-        "moe_expert_bias_abs_mean": float(sums[2]) / layers,
-    }
+    return float(sums[0] / sums[1].clamp_min(1))

@@ -12,15 +12,19 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from buffer.episode import Episode, EpisodeGroup
 from configs.algorithm import AlgorithmConfig, KLConfig, MoEConfig, TISConfig
 from configs.services import MegatronConfig, TrainerConfig
 from models import Glm4MoeForCausalLM, get_preset
 from trainer.backend import PackedBatch
+from trainer.batch import build_rl_step
 from trainer.losses import ActorObjective, StepTotals
 from trainer.megatron.backend import MegatronBackend
+from trainer.torch_backend import TorchBackend
 
 LR = 1e-3
 TEMPERATURE = 0.9
@@ -213,4 +217,58 @@ def _checkpoint_roundtrip(backend: MegatronBackend, batches, out_dir: str) -> di
         "ckpt_version": backend.version - 1,
         "ckpt_saved_version": saved_version,
         "ckpt_step_after_load_finite": math.isfinite(again["loss"]),
+    }
+
+
+def episode_groups(vocab: int, n_groups: int, seed: int) -> list[EpisodeGroup]:
+    """Rollout-like groups of 4 samples with random tokens and 0/1 rewards."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g in range(n_groups):
+        prompt = rng.integers(0, vocab, int(rng.integers(4, 9)))
+        episodes = []
+        for _ in range(4):
+            n = int(rng.integers(3, 8))
+            episodes.append(
+                Episode(
+                    prompt_ids=prompt,
+                    response_ids=rng.integers(0, vocab, n),
+                    loss_mask=np.ones(n),
+                    rollout_logprobs=-rng.uniform(1.0, 6.0, n),
+                    versions=np.zeros(n),
+                    reward=float(rng.integers(0, 2)),
+                )
+            )
+        groups.append(EpisodeGroup(f"p{seed}-{g}", episodes))
+    return groups
+
+
+def run_service_scenario(args: argparse.Namespace) -> dict:
+    """MegatronBackend.train(own share) on every rank vs TorchBackend.train(whole step): the
+    service's GRPO step (old-logprob and ref passes, advantages, 2 PPO epochs)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = build_model(untied=args.untied)
+    vocab = model.config.vocab_size
+    shares = [episode_groups(vocab, 3, seed=100 + r) for r in range(world)]
+    algo = AlgorithmConfig(
+        advantage="grpo", kl=KLConfig(coef=0.05), tis=TISConfig(enabled=True), entropy_coef=0.01
+    )
+    cfg = dict(lr=LR, grad_clip=1.0, steps=10, ppo_epochs=2)
+    par = MegatronConfig(tp=args.tp, pp=args.pp, ep=args.ep, distributed_optimizer=args.dist_opt)
+    megatron = MegatronBackend(
+        model.config, dict(model.hf_state_dict()), TrainerConfig(**cfg, megatron=par), algo
+    )
+    mine = build_rl_step(shares[rank], micro_batch_tokens=48)
+    mg_metrics = megatron.train(mine)
+    whole = build_rl_step([g for share in shares for g in share], micro_batch_tokens=48)
+    torch_backend = TorchBackend(model, TrainerConfig(**cfg), algo)
+    torch_metrics = torch_backend.train(whole)
+    probe = build_rl_step(episode_groups(vocab, 2, seed=7), micro_batch_tokens=64).micro_batches
+    after = _max_diff(megatron.logprobs(probe), torch_backend.logprobs(probe))
+    keys = ["loss", "pg_loss", "kl_loss", "entropy", "clip_frac", "tis_weight", "moe/imbalance"]
+    return {
+        "service_metric_diffs": {k: abs(mg_metrics[k] - torch_metrics[k]) for k in keys},
+        "service_tokens": [mg_metrics["tokens"], torch_metrics["tokens"]],
+        "service_logprob_max_diff": after,
+        "service_version": megatron.version,
     }

@@ -64,6 +64,15 @@ def _check_parity(result: dict) -> None:
     assert result["metrics"]["tis_weight_max"] == 2.0
 
 
+def _check_service(result: dict) -> None:
+    for name, diff in result["service_metric_diffs"].items():
+        assert diff < TOL, name
+    mg_tokens, torch_tokens = result["service_tokens"]
+    assert mg_tokens == torch_tokens  # every rank's share was trained, once
+    assert result["service_logprob_max_diff"] < TOL
+    assert result["service_version"] == 2  # two PPO epochs
+
+
 def _check_checkpoint(result: dict) -> None:
     assert result["ckpt_moved_by_step"] > 1e-3  # the step in between changed the model
     assert result["ckpt_restored_exact"]
@@ -71,27 +80,29 @@ def _check_checkpoint(result: dict) -> None:
     assert result["ckpt_step_after_load_finite"]
 
 
-def test_tp1_parity_roundtrip_checkpoint(tmp_path: Path) -> None:
-    (result,) = _launch(tmp_path, 1, "--untied", "--ckpt")
+def test_tp1_parity_roundtrip_checkpoint_service(tmp_path: Path) -> None:
+    (result,) = _launch(tmp_path, 1, "--untied", "--ckpt", "--service")
     _check_parity(result)
     _check_checkpoint(result)
+    _check_service(result)
 
 
 def test_tp2_sequence_parallel_parity(tmp_path: Path) -> None:
     results = _launch(tmp_path, 2, "--tp", "2", "--untied")
     for result in results:
         _check_parity(result)
-    timing = {"tokens_per_s", "step_time_s"}
+    timing = {"tokens_per_s", "time/train_step_s"}
     first, second = ({k: v for k, v in r["metrics"].items() if k not in timing} for r in results)
     assert first == pytest.approx(second, rel=1e-6, abs=1e-6)
 
 
-def test_ep2_distributed_optimizer_parity_checkpoint(tmp_path: Path) -> None:
+def test_ep2_distributed_optimizer_parity_checkpoint_service(tmp_path: Path) -> None:
     # EP 2 on 2 ranks is also DP 2: 3 micro-batches split 2 + (1 and a zero-mask filler).
-    results = _launch(tmp_path, 2, "--ep", "2", "--dist-opt", "--ckpt")
+    results = _launch(tmp_path, 2, "--ep", "2", "--dist-opt", "--ckpt", "--service")
     for result in results:
         _check_parity(result)
         _check_checkpoint(result)
+        _check_service(result)  # each rank brings its own groups, as the service does
 
 
 def test_pp2_tied_embeddings_parity_checkpoint(tmp_path: Path) -> None:

@@ -12,6 +12,9 @@ requested TP/PP/EP layout, and checks against the torch model on the same packed
   step        after one optimizer step on both sides (torch: AdamW + the same clipping and
               loss-free bias update), max |logprob difference|
   ckpt        save -> train a step -> load -> logprobs equal the saved ones, bitwise
+  service     (--service) MegatronBackend.train(this rank's own StepBatch) vs
+              TorchBackend.train(the whole step) -- the trainer service's GRPO step with
+              old-logprob and ref passes and 2 PPO epochs -- metrics and logprobs after
 
 Results go to OUT/rank{r}.json; the pytest side asserts. TEST-ONLY: installs the CPU shim.
 """
@@ -35,6 +38,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--dist-opt", action="store_true")
     parser.add_argument("--ckpt", action="store_true")
     parser.add_argument("--untied", action="store_true")
+    parser.add_argument("--service", action="store_true")
     return parser.parse_args()
 
 
@@ -52,6 +56,8 @@ def main() -> None:
     from tests.trainer.megatron import reference
 
     result = reference.run_scenario(args)
+    if args.service:  # a second backend in the same processes: megatron state is re-initialised
+        result.update(reference.run_service_scenario(args))
     rank = dist.get_rank()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
