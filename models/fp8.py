@@ -173,11 +173,14 @@ class Fp8Linear(nn.Module):
         cls, linear: nn.Linear, block: tuple[int, int] = DEFAULT_BLOCK, kernel: str = "dequant"
     ) -> Fp8Linear:
         w = linear.weight.detach()
-        out = cls(w.shape[1], w.shape[0], linear.bias is not None, block, w.dtype, kernel)
+        with torch.device(w.device):
+            out = cls(w.shape[1], w.shape[0], linear.bias is not None, block, w.dtype, kernel)
+        if w.device.type == "meta":  # shapes only; the values are loaded later
+            return out
         out.load_dense(w)
         if linear.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
-        return out.to(w.device)
+        return out
 
     @torch.no_grad()
     def load_dense(self, w: Tensor) -> None:
