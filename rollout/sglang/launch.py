@@ -176,7 +176,7 @@ def launch_sglang_engine(
     return launch_engine(
         cfg,
         model_path=model_dir,
-        run_dir=job.resolved_run_dir(),
+        run_dir=job.resolved_run_dir,
         first_index=index,
         request_timeout=rollout.request_timeout_s,
         **overrides,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs.loader import load_job
+from rollout.sglang.engine import launch_sglang_engine
 from rollout.sglang.router import SGLangRouter
 from rollout.sglang.server import SGLangServer, free_port
 from rollout.sglang.weight_sync import make_weight_sync
@@ -26,21 +28,43 @@ from .conftest import (
     perturbed,
     reference_logprobs,
     run,
-    start_server,
 )
 
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(400)]
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 NEW_TOKENS = 8
 _versions = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
 def server(sglang_env, tiny_glm_dir: Path, run_dir: Path):
+    """The server of `rollout.engine: sglang` as a rollout worker launches it from a job."""
     torch.set_num_threads(1)
-    srv = start_server(sglang_env, tiny_glm_dir, run_dir)
+    job = load_job(
+        CONFIGS / "toy_grpo.yaml",
+        [
+            "rollout.engine=sglang",
+            f"run_dir={run_dir}",
+            "rollout.max_context=512",
+            "rollout.sglang.dtype=float32",
+            "rollout.sglang.base_port=0",
+            f"rollout.sglang.python={sglang_env.python}",
+        ],
+    )
+    engine = launch_sglang_engine(job, tiny_glm_dir, name="rollout-0")
+    (worker,) = engine.workers
+    srv = worker.server
     print(f"sglang server start-up: {srv.startup_seconds:.1f} s")
     yield srv
     srv.stop()
+
+
+def test_job_config_maps_to_server_flags(server, run_dir: Path):
+    args = server.args
+    assert (args.dtype, args.context_length, args.random_seed) == ("float32", 512, 0)
+    assert args.max_total_tokens == 64 * 512  # rollout.max_running x rollout.max_context
+    assert args.cpu and server.log_path.parent == run_dir / "logs"
+    assert "Uvicorn running" in server.log_path.read_text()
 
 
 def engine_for(server: SGLangServer, sync: str = "tensor", router=None, **options):
