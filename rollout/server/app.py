@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_VERSION = "physarum-embedded-0.1 (sglang-0.5.23-compatible)"
 HEALTH_TIMEOUT = 20.0
+DISCONNECT_POLL = 1.0  # seconds between client-disconnect checks of a non-streamed /generate
 
 
 @dataclass
@@ -132,10 +133,28 @@ def _add_generate_routes(app: FastAPI, state: ServerState) -> None:
             logger.info("/generate refused: %s", e)
             return error_response(str(e))
         engine.submit(seqs)
-        done = await engine.wait(seqs)
+        done = await _wait_or_abort_on_disconnect(engine, seqs, request)
+        if done is None:
+            return Response(status_code=499)  # nobody is listening any more
         items = [render(s, parsed) for s in done]
         logger.debug("/generate: %d outputs, rids %s", len(items), [s.rid for s in done][:4])
         return JSONResponse(items if parsed.batch else items[0])
+
+
+async def _wait_or_abort_on_disconnect(
+    engine: EmbeddedEngine, seqs: list[Sequence], request: Request
+) -> list[Sequence] | None:
+    """Await the sequences; abort them (and return None) if the client goes away, as SGLang."""
+    waiter = asyncio.ensure_future(engine.wait(seqs))
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL)
+        if done:
+            return waiter.result()
+        if await request.is_disconnected():
+            logger.info("/generate: client disconnected; aborting %d sequences", len(seqs))
+            await engine.abort([s.rid for s in seqs if not s.finished])
+            await waiter
+            return None
 
 
 def _stream(engine: EmbeddedEngine, parsed: ParsedGenerate, render) -> Response:  # type: ignore[no-untyped-def]

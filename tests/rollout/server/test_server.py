@@ -318,3 +318,20 @@ def test_physarum_extension_and_disk_updates(served, http, model_dir, reference,
     assert http.get("/model_info").json()["weight_version"] == "13"
     bad = http.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "none")})
     assert bad.status_code == 400 and "model_path" in bad.json()["message"]
+
+
+def test_client_disconnect_aborts_the_request(served, http):
+    server, engine = served
+    http.post("/pause_generation", json={"mode": "in_place"})  # only an abort can remove it now
+    try:
+        body = {"input_ids": [6, 6], "sampling_params": greedy(20), "rid": "gone"}
+        with httpx.Client(base_url=server.url, timeout=0.3) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/generate", json=body)
+
+        def gone() -> bool:
+            return not any(s.rid == "gone" for s in (*engine.sched.running, *engine.sched.waiting))
+
+        asyncio.run(wait_until(gone, timeout=30))
+    finally:
+        http.post("/continue_generation", json={})
