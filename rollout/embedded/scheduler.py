@@ -149,16 +149,23 @@ class Scheduler:
         return finished
 
     def _admit(self) -> list[Sequence]:
+        """Take waiting sequences into free slots while their prefill fits the token budget;
+        fresh siblings of an admitted sequence (same request, same prompt) cost nothing."""
         admitted: list[Sequence] = []
+        charged: set[str] = set()
         budget = self.max_prefill_tokens
         while self.waiting and self.slots.num_free:
             seq = self.waiting[0]
-            if admitted and seq.num_tokens > budget:
+            shared = not seq.output_ids and seq.group in charged
+            cost = 0 if shared else seq.num_tokens
+            if admitted and cost > budget:
                 break
             self.waiting.popleft()
             seq.slot = self.slots.acquire(seq.params, seq.seed, len(seq.output_ids))
             seq.cached = 0
-            budget -= seq.num_tokens
+            budget -= cost
+            if not seq.output_ids:
+                charged.add(seq.group)
             admitted.append(seq)
         return admitted
 
