@@ -99,7 +99,11 @@ def test_sampling_seed_reproduces_and_n_samples_differ(engine):
 
 def test_siblings_share_one_prefill_and_decode_together(engine, model):
     before = engine.stats()["num_forwards"]
-    outs = run(engine.generate([GenerateRequest([2, 7, 1, 8], greedy(5, n=4))]))
+    outs = run(
+        engine.generate(
+            [GenerateRequest([2, 7, 1, 8], SamplingParams(max_new_tokens=5, temperature=0.0, n=4))]
+        )
+    )
     # one prefill row for the four samples (K/V copied to the sibling slots), then 4 decodes
     assert engine.stats()["num_forwards"] - before == 5
     assert all(o.output_ids == greedy_reference(model, [2, 7, 1, 8], 5) for o in outs)
