@@ -105,11 +105,15 @@ def dequantize_blockwise(
     return w[..., :n, :k].to(dtype)
 
 
-def _linear_dequant(x: Tensor, w8: Tensor, scale: Tensor, block: tuple[int, int]) -> Tensor:
-    return F.linear(x, dequantize_blockwise(w8, scale, block, x.dtype))
+def _linear_dequant(
+    x: Tensor, w8: Tensor, scale: Tensor, block: tuple[int, int], bias: Tensor | None
+) -> Tensor:
+    return F.linear(x, dequantize_blockwise(w8, scale, block, x.dtype), bias)
 
 
-def _linear_scaled_mm(x: Tensor, w8: Tensor, scale: Tensor, block: tuple[int, int]) -> Tensor:
+def _linear_scaled_mm(
+    x: Tensor, w8: Tensor, scale: Tensor, block: tuple[int, int], bias: Tensor | None
+) -> Tensor:
     """Per K-block: activations quantized per token, weights per output channel, then summed."""
     bn, bk = block
     lead, k = x.shape[:-1], x.shape[-1]
@@ -128,10 +132,11 @@ def _linear_scaled_mm(x: Tensor, w8: Tensor, scale: Tensor, block: tuple[int, in
             out_dtype=torch.float32,
         )
         out = part if out is None else out + part
-    return out.to(x.dtype).view(*lead, -1)
+    out = out.to(x.dtype).view(*lead, -1)
+    return out if bias is None else out + bias
 
 
-FP8_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, tuple[int, int]], Tensor]] = {
+FP8_KERNELS: dict[str, Callable[..., Tensor]] = {
     "dequant": _linear_dequant,
     "scaled_mm": _linear_scaled_mm,
 }
@@ -203,8 +208,9 @@ class Fp8Linear(nn.Module):
         return dequantize_blockwise(self.weight, self.weight_scale_inv, self.block, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = FP8_KERNELS[self.kernel](x, self.weight, self.weight_scale_inv, self.block)
-        return y if self.bias is None else y + self.bias
+        return FP8_KERNELS[self.kernel](
+            x, self.weight, self.weight_scale_inv, self.block, self.bias
+        )
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, block={self.block}, kernel={self.kernel}"
