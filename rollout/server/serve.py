@@ -16,7 +16,8 @@ import torch
 import uvicorn
 
 from rollout.embedded.engine import EmbeddedEngine
-from rollout.server.app import ServerState, build_app
+from rollout.server.app import build_app
+from rollout.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 

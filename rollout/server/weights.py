@@ -13,29 +13,29 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from rollout.embedded.weights import load_checkpoint, load_named_tensors
-from rollout.server.control import (
+from rollout.server.bodies import (
     BeginWeightUpdateReq,
     EndWeightUpdateReq,
     UpdateWeightFromDiskReq,
     UpdateWeightsFromTensorReq,
     UpdateWeightVersionReq,
 )
+from rollout.server.state import ServerState, get_state
 from rollout.server.tensor_payload import (
     PayloadError,
     decode_named_tensors,
     decode_weight_update_field,
 )
 
-if TYPE_CHECKING:
-    from rollout.server.app import ServerState
-
 logger = logging.getLogger(__name__)
+
+router = APIRouter()
 
 SESSION_ERROR = (
     "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
@@ -65,105 +65,122 @@ def _checkpoint_fp8_block(path: Path) -> tuple[int, int] | None:
     return tuple(block) if block else None
 
 
-def add_weight_routes(app: FastAPI, state: ServerState) -> None:
+async def _prepare(state: ServerState, abort_all: bool, flush: bool) -> str | None:
+    """Abort / check idleness before an update; an error message or None."""
     engine = state.engine
-
-    async def prepare(abort_all: bool, flush: bool) -> str | None:
-        """Abort / check idleness before an update; an error message or None."""
-        if abort_all:
-            await engine.abort(None)
-        if flush and not engine.sched.idle:
-            stats = engine.stats()
-            return (
-                "Failed to flush cache: requests are running or queued "
-                f"({stats['num_running']} running, {stats['num_waiting']} waiting); "
-                "pass flush_cache=false to update weights under running requests"
-            )
-        return None
-
-    @app.post("/begin_weight_update")
-    async def begin_weight_update(req: BeginWeightUpdateReq) -> JSONResponse:
-        state.session_open = True
-        logger.info("begin_weight_update (selector %s)", req.selector)
-        return _result(True, "Weight update session started.")
-
-    @app.post("/end_weight_update")
-    async def end_weight_update(req: EndWeightUpdateReq | None = None) -> JSONResponse:
-        if not state.session_open:
-            return _result(False, "end_weight_update: no weight update session is open")
-        state.session_open = False
-        logger.info("end_weight_update")
-        return _result(True, "Weight update session ended.")
-
-    @app.post("/update_weights_from_tensor")
-    async def update_weights_from_tensor(req: UpdateWeightsFromTensorReq) -> JSONResponse:
-        if not state.session_open:
-            return _result(False, SESSION_ERROR)
-        if req.load_format not in (None, "direct"):
-            return _result(False, f"load_format: {req.load_format!r} is not supported here")
-        try:
-            version = parse_version(req.weight_version)
-            if req.physarum_weight_update is not None:
-                update = decode_weight_update_field(req.physarum_weight_update)
-                named = None
-            elif req.serialized_named_tensors:
-                named, update = decode_named_tensors(req.serialized_named_tensors[0]), None
-            else:
-                raise PayloadError("serialized_named_tensors: expected at least one payload")
-        except (PayloadError, ValueError) as e:
-            return _result(False, str(e))
-        async with state.weight_lock:
-            if (error := await prepare(req.abort_all_requests, req.flush_cache)) is not None:
-                return _result(False, error)
-            try:
-                if update is not None:
-                    await engine.update_weights(update)
-                    if version is not None:
-                        await engine.set_weight_version(version)
-                else:
-                    await load_named_tensors(engine, named, version)
-            except (KeyError, ValueError, RuntimeError) as e:
-                logger.error("update_weights_from_tensor failed: %s", e)
-                return _result(False, f"Failed to update weights: {e}")
-        logger.info("update_weights_from_tensor: version now %d", engine.sched.version)
-        return _result(True, "Succeeded to update model weights.")
-
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(req: UpdateWeightFromDiskReq) -> JSONResponse:
-        path = Path(req.model_path)
-        try:
-            version = parse_version(req.weight_version)
-            if not (path / "config.json").is_file():
-                raise ValueError(f"model_path: {str(path)!r} has no config.json")
-            block = _checkpoint_fp8_block(path)
-        except ValueError as e:
-            return _result(False, str(e), num_paused_requests=0)
-        async with state.weight_lock:
-            if (error := await prepare(req.abort_all_requests, req.flush_cache)) is not None:
-                return _result(False, error, num_paused_requests=0)
-            try:
-                await load_checkpoint(engine, path, version, fp8_block=block)
-            except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-                logger.error("update_weights_from_disk failed: %s", e)
-                return _result(False, f"Failed to load weights: {e}", num_paused_requests=0)
-        state.model_path = str(path)
-        logger.info("update_weights_from_disk: %s, version %d", path, engine.sched.version)
-        return _result(True, "Succeeded to update model weights.", num_paused_requests=0)
-
-    @app.post("/update_weight_version")
-    async def update_weight_version(req: UpdateWeightVersionReq) -> JSONResponse:
-        try:
-            version = parse_version(req.new_version, "new_version")
-        except ValueError as e:
-            return _result(False, f"Failed to update weight version: {e}")
-        if req.abort_all_requests:
-            await engine.abort(None)
-        await engine.set_weight_version(version)
-        logger.info("update_weight_version: %d", version)
-        return JSONResponse(
-            {
-                "success": True,
-                "message": f"Weight version updated to {req.new_version}",
-                "new_version": req.new_version,
-            }
+    if abort_all:
+        await engine.abort(None)
+    if flush and not engine.sched.idle:
+        stats = engine.stats()
+        return (
+            "Failed to flush cache: requests are running or queued "
+            f"({stats['num_running']} running, {stats['num_waiting']} waiting); "
+            "pass flush_cache=false to update weights under running requests"
         )
+    return None
+
+
+@router.post("/begin_weight_update")
+async def begin_weight_update(
+    req: BeginWeightUpdateReq, state: ServerState = Depends(get_state)
+) -> JSONResponse:
+    state.session_open = True
+    logger.info("begin_weight_update (selector %s)", req.selector)
+    return _result(True, "Weight update session started.")
+
+
+@router.post("/end_weight_update")
+async def end_weight_update(
+    req: EndWeightUpdateReq | None = None, state: ServerState = Depends(get_state)
+) -> JSONResponse:
+    if not state.session_open:
+        return _result(False, "end_weight_update: no weight update session is open")
+    state.session_open = False
+    logger.info("end_weight_update")
+    return _result(True, "Weight update session ended.")
+
+
+def _decode_tensor_request(req: UpdateWeightsFromTensorReq) -> tuple[Any, Any, int | None]:
+    """(named tensors or None, WeightUpdate or None, version); raises ValueError."""
+    if req.load_format not in (None, "direct"):
+        raise PayloadError(f"load_format: {req.load_format!r} is not supported here")
+    version = parse_version(req.weight_version)
+    if req.physarum_weight_update is not None:
+        return None, decode_weight_update_field(req.physarum_weight_update), version
+    if not req.serialized_named_tensors:
+        raise PayloadError("serialized_named_tensors: expected at least one payload")
+    return decode_named_tensors(req.serialized_named_tensors[0]), None, version
+
+
+@router.post("/update_weights_from_tensor")
+async def update_weights_from_tensor(
+    req: UpdateWeightsFromTensorReq, state: ServerState = Depends(get_state)
+) -> JSONResponse:
+    if not state.session_open:
+        return _result(False, SESSION_ERROR)
+    engine = state.engine
+    try:
+        named, update, version = _decode_tensor_request(req)
+    except ValueError as e:
+        return _result(False, str(e))
+    async with state.weight_lock:
+        if (error := await _prepare(state, req.abort_all_requests, req.flush_cache)) is not None:
+            return _result(False, error)
+        try:
+            if update is not None:
+                await engine.update_weights(update)
+                if version is not None:
+                    await engine.set_weight_version(version)
+            else:
+                await load_named_tensors(engine, named, version)
+        except (KeyError, ValueError, RuntimeError) as e:
+            logger.error("update_weights_from_tensor failed: %s", e)
+            return _result(False, f"Failed to update weights: {e}")
+    logger.info("update_weights_from_tensor: version now %d", engine.sched.version)
+    return _result(True, "Succeeded to update model weights.")
+
+
+@router.post("/update_weights_from_disk")
+async def update_weights_from_disk(
+    req: UpdateWeightFromDiskReq, state: ServerState = Depends(get_state)
+) -> JSONResponse:
+    path = Path(req.model_path)
+    try:
+        version = parse_version(req.weight_version)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model_path: {str(path)!r} has no config.json")
+        block = _checkpoint_fp8_block(path)
+    except ValueError as e:
+        return _result(False, str(e), num_paused_requests=0)
+    async with state.weight_lock:
+        if (error := await _prepare(state, req.abort_all_requests, req.flush_cache)) is not None:
+            return _result(False, error, num_paused_requests=0)
+        try:
+            await load_checkpoint(state.engine, path, version, fp8_block=block)
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+            logger.error("update_weights_from_disk failed: %s", e)
+            return _result(False, f"Failed to load weights: {e}", num_paused_requests=0)
+    state.model_path = str(path)
+    logger.info("update_weights_from_disk: %s, version %d", path, state.engine.sched.version)
+    return _result(True, "Succeeded to update model weights.", num_paused_requests=0)
+
+
+@router.post("/update_weight_version")
+async def update_weight_version(
+    req: UpdateWeightVersionReq, state: ServerState = Depends(get_state)
+) -> JSONResponse:
+    try:
+        version = parse_version(req.new_version, "new_version")
+    except ValueError as e:
+        return _result(False, f"Failed to update weight version: {e}")
+    if req.abort_all_requests:
+        await state.engine.abort(None)
+    await state.engine.set_weight_version(version)
+    logger.info("update_weight_version: %d", version)
+    return JSONResponse(
+        {
+            "success": True,
+            "message": f"Weight version updated to {req.new_version}",
+            "new_version": req.new_version,
+        }
+    )
