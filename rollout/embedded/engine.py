@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from models.weight_update import apply_weight_update
 from rollout.embedded.scheduler import Scheduler
 from rollout.embedded.sequence import Decode, Sequence, StopRule
+from rollout.embedded.weights import mark_weights_changed
 from rollout.types import PAUSE_MODES, GenerateOutput, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -267,10 +269,10 @@ class EmbeddedEngine:
 
     async def update_weights(self, update: Any) -> None:
         """Apply a models.weight_update.WeightUpdate between two decode steps."""
-        from models.weight_update import apply_weight_update
 
         def apply() -> None:
             apply_weight_update(self.model, update)
+            mark_weights_changed(self.model)
             self.sched.version = int(update.version)
             logger.info("%s: weights updated to version %d", self.name, self.sched.version)
 

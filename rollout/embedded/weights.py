@@ -9,11 +9,26 @@ message goes through `EmbeddedEngine.update_weights(WeightUpdate)`.)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch.autograd.graph import increment_version
 
 from models.checkpoint import iter_checkpoint_tensors
-from rollout.embedded.engine import EmbeddedEngine
+
+if TYPE_CHECKING:
+    from rollout.embedded.engine import EmbeddedEngine
+
+
+def mark_weights_changed(model: torch.nn.Module) -> None:
+    """Bump the version counter of every parameter and buffer after an in-place weight load.
+
+    The model rebuilds its fused decode weights when a tensor's version changes
+    (models/decode.py); a load that writes through `.data` does not bump it, so the engine
+    does it explicitly (O(number of tensors), no data touched).
+    """
+    for t in (*model.parameters(), *model.buffers()):
+        increment_version(t)
 
 
 async def load_named_tensors(
@@ -27,6 +42,7 @@ async def load_named_tensors(
 
     def load() -> None:
         engine.model.load_hf_state_dict(named, strict=False, fp8_block=fp8_block)
+        mark_weights_changed(engine.model)
         if version is not None:
             engine.sched.version = int(version)
 
@@ -45,6 +61,7 @@ async def load_checkpoint(
     def load() -> None:
         tensors = iter_checkpoint_tensors(path)
         engine.model.load_hf_state_dict(tensors, strict=True, fp8_block=fp8_block)
+        mark_weights_changed(engine.model)
         if version is not None:
             engine.sched.version = int(version)
 
