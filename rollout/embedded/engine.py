@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from models.fp8 import quantize_model_
 from models.weight_update import apply_weight_update
 from rollout.embedded.scheduler import Scheduler
 from rollout.embedded.sequence import Decode, Sequence, StopRule
@@ -82,8 +83,6 @@ class EmbeddedEngine:
         name: str = "embedded",
     ) -> None:
         if fp8:
-            from models.fp8 import quantize_model_
-
             quantize_model_(model)
         model.eval()
         self.model = model
@@ -126,7 +125,7 @@ class EmbeddedEngine:
         if given is not None:
             return list(given)
         if self.tokenizer is not None:
-            from models.tokenizer import stop_token_ids
+            from models.tokenizer import stop_token_ids  # imports transformers: only if needed
 
             return list(stop_token_ids(self.tokenizer))
         eos = getattr(config, "eos_token_id", None)
