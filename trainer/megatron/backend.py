@@ -68,6 +68,7 @@ from trainer.megatron.model import (
     transformer_config,
 )
 from trainer.megatron.optimizer import build_optimizer, set_lr
+from trainer.megatron.routing import Routing, gather_stages
 from trainer.megatron.step import gather_steps, prepare_steps
 from trainer.megatron.weights import export_hf_weights, load_hf_weights, named_tensors
 from trainer.moe_balance import expert_load_metrics
@@ -97,8 +98,6 @@ class MegatronBackend:
         """model_config: HF-style GLM config (models.ModelConfig, transformers config, dict);
         hf_weights: the initial weights under HF names (a LazyHFCheckpoint, hf_state_dict());
         total_steps: the LR schedule's horizon (default trainer.steps)."""
-        if algo.moe.routing_replay:
-            raise ValueError("algorithm.moe.routing_replay: not supported by the megatron backend")
         self.model_config, self.trainer, self.algo = model_config, trainer, algo
         self.arch = GlmArch.from_hf(model_config)
         par = trainer.megatron
@@ -129,6 +128,11 @@ class MegatronBackend:
         sp = config.sequence_parallel
         self._sp_rank_size = (ps.get_tensor_model_parallel_rank(), par.tp) if sp else (0, 1)
         self._load_mask = router_stats.LoadMask(self.gpt, recompute=par.recompute)
+        self._routing = (
+            Routing(self.gpt, self.arch.moe_layer_pattern, par.recompute)
+            if algo.moe.routing_replay
+            else None
+        )
         self._device = next(self.gpt.parameters()).device
         self._schedule = get_forward_backward_func()
         self._load = torch.zeros(0)
@@ -136,12 +140,15 @@ class MegatronBackend:
 
     # --- the TrainerBackend protocol ---------------------------------------------------------
     def logprobs(self, batches: list[PackedBatch], *, model: str = "actor") -> list[Tensor]:
-        """No-grad per-token logprobs float32 [T] of every batch, on every rank."""
+        """No-grad per-token logprobs float32 [T] of every batch, on every rank. With routing
+        replay, the actor's pass also sets each batch's `routed_experts`."""
         weights = {"actor": contextlib.nullcontext, "ref": self._ref_weights}
         if model not in weights:
             raise ValueError(f"model: expected one of {sorted(weights)}, got {model!r}")
         inputs = self._inputs(batches)
         results: list[Tensor] = []
+        record = self._routing is not None and model == "actor"
+        routed: list[Tensor] = []
 
         def loss_func(item: MegatronInputs, output: Tensor):
             logp, _ = packed_token_logprobs(
@@ -151,9 +158,17 @@ class MegatronBackend:
             results.append(logp.detach().float().cpu())
             return output.new_zeros(()), torch.tensor(1, dtype=torch.int), {}
 
+        def after_forward(item: MegatronInputs) -> None:
+            routed.append(self._routing.recorded(item))
+
         self.model.eval()
         with weights[model](), torch.no_grad():
-            self._run(inputs, loss_func, forward_only=True)
+            self._routing_mode("record" if record else None)
+            self._run(inputs, loss_func, forward_only=True, after=after_forward if record else None)
+            self._routing_mode(None)
+        if record:
+            for batch, experts in zip(batches, gather_dp(gather_stages(routed), len(batches))):
+                batch.routed_experts = experts
         return gather_dp(broadcast_from_last_stage(results), len(batches))
 
     def train(self, step: StepBatch) -> dict[str, float]:
@@ -258,11 +273,22 @@ class MegatronBackend:
             for batch, filler in dp_share(batches)
         ]
 
-    def _run(self, inputs: list[MegatronInputs], loss_func, *, forward_only: bool) -> None:
+    def _routing_mode(self, mode: str | None) -> None:
+        if self._routing is not None:
+            self._routing.set_mode(mode)
+
+    def _run(self, inputs: list[MegatronInputs], loss_func, *, forward_only: bool, after=None):
+        """Megatron's schedule over `inputs`; `after(item)` runs after each forward."""
+        replay = self._routing is not None and not forward_only
+
         def forward_step(data_iterator, model):
             item = next(data_iterator)
             self._load_mask.first_excluded = item.first_padding_row(*self._sp_rank_size)
+            if replay:
+                self._routing.replay(item, *self._sp_rank_size)
             output = model(item.input_ids, None, None, packed_seq_params=item.packed)
+            if after is not None:
+                after(item)
             return output, partial(loss_func, item)
 
         self._schedule(

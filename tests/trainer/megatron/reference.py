@@ -245,13 +245,18 @@ def episode_groups(vocab: int, n_groups: int, seed: int) -> list[EpisodeGroup]:
 
 def run_service_scenario(args: argparse.Namespace) -> dict:
     """MegatronBackend.train(own share) on every rank vs TorchBackend.train(whole step): the
-    service's GRPO step (old-logprob and ref passes, advantages, 2 PPO epochs)."""
+    service's GRPO step (old-logprob pass recording the routing, ref pass, advantages, 2 PPO
+    epochs replaying the routing)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model = build_model(untied=args.untied)
     vocab = model.config.vocab_size
     shares = [episode_groups(vocab, 3, seed=100 + r) for r in range(world)]
     algo = AlgorithmConfig(
-        advantage="grpo", kl=KLConfig(coef=0.05), tis=TISConfig(enabled=True), entropy_coef=0.01
+        advantage="grpo",
+        kl=KLConfig(coef=0.05),
+        tis=TISConfig(enabled=True),
+        entropy_coef=0.01,
+        moe=MoEConfig(routing_replay=True),
     )
     cfg = dict(lr=LR, grad_clip=1.0, steps=10, ppo_epochs=2)
     par = MegatronConfig(tp=args.tp, pp=args.pp, ep=args.ep, distributed_optimizer=args.dist_opt)
@@ -263,12 +268,48 @@ def run_service_scenario(args: argparse.Namespace) -> dict:
     whole = build_rl_step([g for share in shares for g in share], micro_batch_tokens=48)
     torch_backend = TorchBackend(model, TrainerConfig(**cfg), algo)
     torch_metrics = torch_backend.train(whole)
-    probe = build_rl_step(episode_groups(vocab, 2, seed=7), micro_batch_tokens=64).micro_batches
-    after = _max_diff(megatron.logprobs(probe), torch_backend.logprobs(probe))
+
+    def probe():
+        return build_rl_step(episode_groups(vocab, 2, seed=7), micro_batch_tokens=64).micro_batches
+
+    mg_probe, torch_probe = probe(), probe()
+    after = _max_diff(megatron.logprobs(mg_probe), torch_backend.logprobs(torch_probe))
+    routed_equal = all(
+        torch.equal(a.routed_experts, b.routed_experts) for a, b in zip(mg_probe, torch_probe)
+    )
+    version = megatron.version
+    forced = _forced_routing_step(megatron, torch_backend, probe)
     keys = ["loss", "pg_loss", "kl_loss", "entropy", "clip_frac", "tis_weight", "moe/imbalance"]
     return {
         "service_metric_diffs": {k: abs(mg_metrics[k] - torch_metrics[k]) for k in keys},
         "service_tokens": [mg_metrics["tokens"], torch_metrics["tokens"]],
         "service_logprob_max_diff": after,
-        "service_version": megatron.version,
+        "service_version": version,
+        "service_routed_equal": routed_equal,
+        "service_routed_shape": list(mg_probe[0].routed_experts.shape),
+        **forced,
+    }
+
+
+def _forced_routing_step(megatron: MegatronBackend, torch_backend: TorchBackend, probe) -> dict:
+    """Train one step on both backends with every token forced to other experts than its own
+    ((e + 1) mod E of the captured routing): replay must really steer megatron's routers."""
+    mg_batches, torch_batches = probe(), probe()
+    torch_backend.logprobs(torch_batches)  # captures the natural routing
+    experts = torch_backend.model.config.n_routed_experts
+    natural = []
+    for mg, tb in zip(mg_batches, torch_batches):
+        with torch.no_grad():
+            out = torch_backend.model.token_logprobs(
+                tb.input_ids, tb.cu_seqlens, temperature=tb.temperature, with_entropy=True
+            )
+        natural.append(float((out.entropy * tb.loss_mask).sum() / tb.loss_mask.sum()))
+        tb.routed_experts = ((tb.routed_experts + 1) % experts).sort(dim=-1).values
+        mg.routed_experts = tb.routed_experts.clone()
+    mg_metrics = megatron.train_step(mg_batches)
+    torch_metrics = torch_backend.train_step(torch_batches)
+    return {
+        "forced_entropy_diff": abs(mg_metrics["entropy"] - torch_metrics["entropy"]),
+        "forced_entropies": [mg_metrics["entropy"], torch_metrics["entropy"], *natural],
+        "forced_vs_natural_entropy": abs(torch_metrics["entropy"] - sum(natural) / len(natural)),
     }

@@ -71,6 +71,12 @@ def _check_service(result: dict) -> None:
     assert mg_tokens == torch_tokens  # every rank's share was trained, once
     assert result["service_logprob_max_diff"] < TOL
     assert result["service_version"] == 2  # two PPO epochs
+    assert result[
+        "service_routed_equal"
+    ]  # the routing recorded for replay equals the torch model's
+    assert result["service_routed_shape"][0] == 3  # [MoE layers, T, k]
+    assert result["forced_entropy_diff"] < TOL  # both steered to the same foreign experts
+    assert result["forced_vs_natural_entropy"] > 1e-4  # ... which really changed the model
 
 
 def _check_checkpoint(result: dict) -> None:
