@@ -19,7 +19,7 @@ import torch.distributed as dist
 from buffer.episode import Episode, EpisodeGroup
 from configs.algorithm import AlgorithmConfig, KLConfig, MoEConfig, TISConfig
 from configs.services import MegatronConfig, TrainerConfig
-from models import Glm4MoeForCausalLM, get_preset
+from models import Glm4MoeForCausalLM, build_weight_update, get_preset, iter_bucket_tensors
 from trainer.backend import PackedBatch
 from trainer.batch import build_rl_step
 from trainer.losses import ActorObjective, StepTotals
@@ -167,6 +167,7 @@ def run_scenario(args: argparse.Namespace) -> dict:
     out["roundtrip_unequal"] = sorted(
         k for k in hf if k in exported and not torch.equal(hf[k], exported[k])
     )
+    out.update(_fp8_update_check(backend, hf))
     ref_lp = torch_logprobs(model, batches)
     mg_lp = backend.logprobs(batches)
     out["logprob_max_diff"] = _max_diff(mg_lp, ref_lp)
@@ -199,6 +200,28 @@ def run_scenario(args: argparse.Namespace) -> dict:
         out.update(_checkpoint_roundtrip(backend, batches, args.out))
     out["finite"] = all(math.isfinite(v) for v in metrics.values())
     return out
+
+
+def _fp8_update_check(backend: MegatronBackend, hf: dict) -> dict:
+    """backend.weight_update with FP8 equals models.build_weight_update of the HF weights."""
+    block = (32, 32)
+    ours = backend.weight_update(fp8_block=block)
+    theirs = build_weight_update(hf.items(), 0, fp8_block=block, dtype=torch.float32)
+
+    def tensors(update) -> dict:
+        return {n: t for b in update.buckets for n, t in iter_bucket_tensors(b)}
+
+    mine, ref = tensors(ours), tensors(theirs)
+    same = set(mine) == set(ref) and all(
+        mine[n].dtype == ref[n].dtype
+        and torch.equal(mine[n].view(torch.uint8), ref[n].view(torch.uint8))
+        for n in ref
+    )
+    return {
+        "fp8_update_equal": same,
+        "fp8_pairs": sum(n.endswith("_scale_inv") for n in mine),
+        "fp8_version": ours.version,
+    }
 
 
 def _checkpoint_roundtrip(backend: MegatronBackend, batches, out_dir: str) -> dict:

@@ -51,6 +51,8 @@ def _check_parity(result: dict) -> None:
     assert result["roundtrip_missing"] == []
     assert result["roundtrip_extra"] == []
     assert result["roundtrip_unequal"] == []
+    assert result["fp8_update_equal"]  # the FP8 weight update = models' own, byte for byte
+    assert result["fp8_pairs"] > 0 and result["fp8_version"] == 0
     assert result["logprob_max_diff"] < TOL
     assert abs(result["megatron_loss"] - result["torch_loss"]) < TOL
     assert result["step_logprob_max_diff"] < TOL
