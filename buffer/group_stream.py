@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,10 +204,13 @@ class GroupStream:
         return taken
 
     def _sort(self, entries: list, version: int, floor: int, state: _Consumer) -> list:
-        """Decode fresh entries; drop stale and quarantine corrupt ones (acked in one trip)."""
+        """Decode fresh entries; drop stale and quarantine corrupt ones, all acked in one
+        atomic trip. The prompt of a stale group that came from a lease is requeued, so it
+        is generated again by a fresher policy instead of being lost for its epoch."""
         fresh: list[TakenGroup] = []
-        pipe = self._r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=True)
         dropped: list[str] = []
+        ages: Counter[int] = Counter()
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             if not fields:  # deleted while pending: nothing to deliver
@@ -214,9 +218,8 @@ class GroupStream:
                 continue
             try:
                 oldest = int(fields[b"v"])
-                if oldest >= 0 and oldest < floor:
-                    pipe.hincrby(self._k.hist_dropped, version - oldest, 1)
-                    pipe.hincrby(self._k.stats, "drops_stale", 1)
+                if 0 <= oldest < floor:
+                    self._drop_stale(pipe, fields, version - oldest)
                     dropped.append(entry_id)
                     continue
                 group = decode_group(fields[b"g"])
@@ -225,14 +228,23 @@ class GroupStream:
                 dropped.append(entry_id)
                 continue
             if oldest >= 0:
-                pipe.hincrby(self._k.hist_taken, version - oldest, 1)
+                ages[version - oldest] += 1
             state.handed.add(entry_id)
             fresh.append(TakenGroup(entry_id, group))
+        for age, count in ages.items():
+            pipe.hincrby(self._k.hist_taken, age, count)
         if dropped:
             pipe.xack(self._k.stream, CONSUMER_GROUP, *dropped)
             pipe.xdel(self._k.stream, *dropped)
         pipe.execute()
         return fresh
+
+    def _drop_stale(self, pipe: Any, fields: dict, staleness: int) -> None:
+        pipe.hincrby(self._k.hist_dropped, staleness, 1)
+        pipe.hincrby(self._k.stats, "drops_stale", 1)
+        if b"e" in fields:
+            pipe.rpush(self._k.retry, b"%s|%s" % (fields[b"e"], fields[b"p"]))
+            pipe.hincrby(self._k.stats, "stale_requeued", 1)
 
     def _quarantine(self, pipe: Any, entry_id: str, fields: dict, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"

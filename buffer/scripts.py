@@ -131,6 +131,7 @@ return 1
 #         {'MISMATCH', leased prompt id} | {'FULL'}
 PUSH = r"""
 local lid = ARGV[1]
+local epoch = nil
 if lid ~= '' then
   local prev = redis.call('GET', KEYS[5])
   if prev then
@@ -146,10 +147,16 @@ if lid ~= '' then
   end
   local l = cjson.decode(raw)
   if l.p ~= ARGV[2] then return {'MISMATCH', l.p} end
+  epoch = tostring(l.e)
 end
 local unconsumed = redis.call('XLEN', KEYS[3]) - redis.call('XPENDING', KEYS[3], ARGV[6])[1]
 if unconsumed >= tonumber(ARGV[3]) then return {'FULL'} end
-local id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARGV[2])
+local id
+if epoch then  -- the epoch lets a consumer requeue the prompt if the group is too stale
+  id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARGV[2], 'e', epoch)
+else
+  id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARGV[2])
+end
 if lid ~= '' then
   redis.call('HDEL', KEYS[1], lid)
   redis.call('ZREM', KEYS[2], lid)

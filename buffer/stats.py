@@ -37,6 +37,7 @@ class BufferStats:
     groups_acked: int = 0
     lag_versions: int | None = None
     drops_stale: int = 0
+    stale_requeued: int = 0  # prompts of dropped groups sent back to be generated again
     corrupt: int = 0
     late_pushes: int = 0
     lease_expiries: int = 0
@@ -54,6 +55,7 @@ _COUNTERS = (
     "groups_put",
     "groups_acked",
     "drops_stale",
+    "stale_requeued",
     "corrupt",
     "late_pushes",
     "lease_expiries",

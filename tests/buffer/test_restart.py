@@ -74,3 +74,25 @@ def test_state_survives_a_redis_crash_and_restart(tmp_path: Path) -> None:
             assert [lease.prompt_id for lease in store.lease_prompts("w", 2)] == ["p3", "p4"]
     finally:
         server.stop()
+
+
+def test_a_store_keeps_working_across_a_server_restart(tmp_path: Path) -> None:
+    """Clients reconnect by themselves; Lua scripts are reloaded into the fresh script cache."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    url = server.start()
+    port = server.port
+    try:
+        with EpisodeStore(url, "job") as store:
+            store.load_prompts(write_prompts(tmp_path / "d.jsonl", 4), shuffle=False)
+            (lease,) = store.lease_prompts("w", 1)
+            server.stop()
+            fixed = EmbeddedRedis(tmp_path / "redis", port=port)  # same address, same data
+            fixed.start()
+            server = fixed
+            assert store.put_group(make_group("p0"), lease_id=lease.lease_id) is not None
+            assert store.put_groups([make_group("x")])[0] is not None
+            assert [lease.prompt_id for lease in store.lease_prompts("w", 2)] == ["p1", "p2"]
+            taken = store.take_groups("t", 5, block_ms=0)
+            assert [t.group.prompt_id for t in taken] == ["p0", "x"]
+    finally:
+        server.stop()

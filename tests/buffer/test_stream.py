@@ -181,3 +181,19 @@ def test_put_groups_pushes_a_batch_with_per_group_outcomes(make_store, tmp_path)
     assert all(more) and store.stats().groups_put == 4
     with pytest.raises(ValueError, match="lease_ids: 1 given for 2 groups"):
         store.put_groups([make_group("x"), make_group("y")], ["L1"])
+
+
+def test_the_prompt_of_a_stale_leased_group_is_generated_again(make_store, tmp_path) -> None:
+    store = make_store(max_staleness=0)
+    store.load_prompts(write_prompts(tmp_path / "d.jsonl", 2), shuffle=False, max_epochs=1)
+    (lease,) = store.lease_prompts("w", 1)
+    store.put_group(make_group("p0", version=0), lease_id=lease.lease_id)
+    store.put_group(make_group("unleased", version=0))
+    store.set_version(1)
+    assert store.take_groups("c", 2, block_ms=0) == []
+    again = store.lease_prompts("w", 5)
+    assert [(x.prompt_id, x.epoch) for x in again] == [("p0", 0), ("p1", 0)]
+    stats = store.stats()
+    assert (stats.drops_stale, stats.stale_requeued) == (2, 1)
+    store.put_group(make_group("p0", version=1), lease_id=again[0].lease_id)
+    assert [t.group.prompt_id for t in store.take_groups("c", 2, block_ms=0)] == ["p0"]
