@@ -77,11 +77,14 @@ class CacheBatch:
                 "forward_cached: slots, start_pos and lengths must all be int64 [B]; got "
                 f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
             )
-        ends = start_pos + lengths
-        if bool((lengths < 1).any()) or bool((lengths > seq_len).any()):
+        # one host sync for all checks: min/max of lengths, min start, max end
+        stats = torch.stack(
+            [lengths.min(), lengths.max(), start_pos.min(), (start_pos + lengths).max()]
+        ).tolist()
+        min_len, max_len_new, min_start, context = stats
+        if min_len < 1 or max_len_new > seq_len:
             raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")
-        context = int(ends.max())
-        if bool((start_pos < 0).any()) or context > max_len:
+        if min_start < 0 or context > max_len:
             raise ValueError(
                 f"forward_cached: positions must lie in [0, max_len={max_len}); max end {context}"
             )
@@ -92,7 +95,7 @@ class CacheBatch:
         if groups > 1:
             mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
         mask = mask.reshape(batch, 1, groups * seq_len, context)
-        if bool((lengths == seq_len).all()):
+        if min_len == seq_len:
             return cls(slots, positions, None, None, None, context, mask)
         valid = (steps < lengths[:, None]).reshape(-1)
         rows = valid.nonzero().squeeze(1)

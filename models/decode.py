@@ -7,8 +7,8 @@ automatically whenever a source tensor changed (in-place update, weight load, sw
 `DecodeWeights.key` detects from each tensor's identity, storage and version counter.
 
 Per layer: 1 norm, 1 qkv matmul, 1 qk-norm, 3 RoPE ops, 1 cache write, 1 cache read,
-SDPA on [B, Hkv, G*L, D] (no K/V repeat), o_proj; the MoE gathers the chosen experts' weights
-for a few tokens or runs one padded bmm pair over all experts for many.
+SDPA on [B, Hkv, G*L, D] (no K/V repeat), o_proj; the MoE sorts (token, expert) pairs by
+expert and runs one grouped GEMM pair (as the training path does).
 """
 
 from __future__ import annotations
@@ -22,11 +22,7 @@ from torch import Tensor, nn
 from models.batching import CacheBatch
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope
-from models.moe import ExpertBank, TopkRouter
-
-# Below this many (token, expert) pairs per expert the MoE gathers each pair's weights;
-# above it, it runs one padded batched matmul over all experts.
-GATHER_MAX_PAIRS_PER_EXPERT = 1.0
+from models.moe import ExpertBank, TopkRouter, expert_swiglu
 
 
 @dataclass
@@ -129,7 +125,10 @@ class DecodeWeights:
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim; weight [..., D] may also vary over leading dims (heads)."""
     if x.dtype == torch.float32:
+        if weight.dim() == 1:
+            return F.rms_norm(x, weight.shape, weight, eps)
         return F.rms_norm(x, weight.shape[-1:], None, eps) * weight
     return weight * F.rms_norm(x.float(), weight.shape[-1:], None, eps).to(x.dtype)
 
@@ -171,52 +170,39 @@ def _attention(
     return F.linear(out, w.o)
 
 
-def _moe(x: Tensor, w: DecodeLayer) -> tuple[Tensor, Tensor]:
-    """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k])."""
-    experts, weights, _ = w.router(x)  # same selection code as training
-    n, k = experts.shape
-    num_experts = w.experts_gate_up.shape[0]
-    if n * k <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts:
-        out = _moe_gather(x, experts, weights, w)
-    else:
-        out = _moe_padded(x, experts, weights, w)
+def _route(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
+    """The router of models.moe.TopkRouter without autograd bookkeeping: (experts int64
+    [N, k], weights fp32 [N, k]); experts ascending per token only when `ordered`."""
+    r = w.router
+    scores = F.linear(x if x.dtype == torch.float32 else x.float(), w.router_w).sigmoid()
+    choice = scores + r.e_score_correction_bias
+    if r.n_group > 1:
+        choice = r._mask_groups(choice)
+    experts = choice.topk(r.top_k, dim=-1).indices
+    if ordered:
+        experts = experts.sort(dim=-1).values
+    weights = scores.gather(1, experts)
+    if r.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return experts, (weights * r.scaling if r.scaling != 1.0 else weights)
+
+
+def _moe(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
+    """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k]).
+
+    Pairs sorted by expert, one grouped GEMM pair, weighted rows added back per token."""
+    experts, weights = _route(x, w, ordered)
+    k = experts.shape[1]
+    flat = experts.view(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w.experts_gate_up.shape[0])
+    token = order // k if k > 1 else order
+    ys = expert_swiglu(x.index_select(0, token), w.experts_gate_up, w.experts_down, counts)
+    ys = (ys * weights.view(-1)[order].unsqueeze(1)).to(x.dtype)
+    out = torch.zeros_like(x).index_add_(0, token, ys)
     if w.gate_up is not None:
         out = out + _swiglu(x, w.gate_up, w.down)
     return out, experts
-
-
-def _moe_gather(x: Tensor, experts: Tensor, weights: Tensor, w: DecodeLayer) -> Tensor:
-    """Few tokens: gather each (token, expert) pair's weights and run two bmm."""
-    n, k = experts.shape
-    flat = experts.view(-1)
-    gate_up = w.experts_gate_up.index_select(0, flat)  # [N k, 2 I, H]
-    down = w.experts_down.index_select(0, flat)  # [N k, H, I]
-    xs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, -1)
-    gate, up = torch.bmm(xs, gate_up.transpose(1, 2)).chunk(2, dim=-1)
-    ys = torch.bmm(F.silu(gate) * up, down.transpose(1, 2)).view(n, k, -1)
-    return (ys * weights.unsqueeze(-1)).to(x.dtype).sum(dim=1)
-
-
-def _moe_padded(x: Tensor, experts: Tensor, weights: Tensor, w: DecodeLayer) -> Tensor:
-    """Many tokens: sort pairs by expert into an [E, C, H] buffer, two bmm, scatter back."""
-    n, k = experts.shape
-    num_experts = w.experts_gate_up.shape[0]
-    flat = experts.view(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    cap = int(counts.max())
-    sorted_experts = flat[order]
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(n * k, device=x.device) - starts[sorted_experts]
-    dest = sorted_experts * cap + rank
-    token = order // k
-    buf = x.new_zeros(num_experts * cap, x.shape[-1])
-    buf[dest] = x[token]
-    buf = buf.view(num_experts, cap, -1)
-    gate, up = torch.bmm(buf, w.experts_gate_up.transpose(1, 2)).chunk(2, dim=-1)
-    ys = torch.bmm(F.silu(gate) * up, w.experts_down.transpose(1, 2)).view(num_experts * cap, -1)
-    ys = (ys[dest] * weights.view(-1)[order].unsqueeze(1)).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 def decode_forward(
@@ -226,8 +212,10 @@ def decode_forward(
     batch: CacheBatch,
     caches: list[Tensor],
     rope: Rope,
+    capture: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
-    """input_ids [B, L] -> (final-normed hidden [B, L, H], per-MoE-layer experts [B L, k])."""
+    """input_ids [B, L] -> (hidden before the final norm [B, L, H], per-MoE-layer experts
+    [B L, k], ascending per token when `capture`)."""
     c = model.config
     eps = c.rms_norm_eps
     shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
@@ -240,7 +228,7 @@ def decode_forward(
         if w.router is None:
             x = x + _swiglu(h, w.gate_up, w.down)
             continue
-        out, experts = _moe(h.view(b * length, hidden), w)
+        out, experts = _moe(h.view(b * length, hidden), w, capture)
         routes.append(experts)
         x = x + out.view(b, length, hidden)
     return x, routes

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.moe import ExpertBank
+from models.moe import ExpertBank, expert_swiglu
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -238,24 +238,23 @@ class Fp8ExpertBank(nn.Module):
             self.register_buffer(name, w8)
             self.register_buffer(name + "_scale_inv", scale)
 
-    def dense_expert(self, name: str, expert: int, dtype: torch.dtype) -> Tensor:
+    def dense_expert(self, name: str, expert: int | slice, dtype: torch.dtype) -> Tensor:
+        """Dequantized `name` weight of one expert ([N, K]) or a slice of them ([e, N, K])."""
         w8 = getattr(self, name)[expert]
         scale = getattr(self, name + "_scale_inv")[expert]
         return dequantize_blockwise(w8, scale, self.block, dtype)
 
-    def forward(self, xs: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, xs: Tensor, counts: Tensor) -> Tensor:
         """Same contract as ExpertBank.forward: rows of xs sorted by expert."""
-        outs = []
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            x = xs[start : start + count]
-            gate = F.linear(x, self.dense_expert("gate_proj", e, x.dtype))
-            up = F.linear(x, self.dense_expert("up_proj", e, x.dtype))
-            outs.append(F.linear(F.silu(gate) * up, self.dense_expert("down_proj", e, x.dtype)))
-            start += count
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        every = slice(None)
+        gate_up = torch.cat(
+            [
+                self.dense_expert("gate_proj", every, xs.dtype),
+                self.dense_expert("up_proj", every, xs.dtype),
+            ],
+            dim=1,
+        )
+        return expert_swiglu(xs, gate_up, self.dense_expert("down_proj", every, xs.dtype), counts)
 
 
 def quantize_model_(

@@ -261,7 +261,9 @@ class Glm4MoeForCausalLM(nn.Module):
         batch = CacheBatch.build(slots, start_pos, lengths, length, cache.max_len, groups)
         weights = self.decode_weights()
         rope = self.model.rotary_emb(batch.positions, weights.embed.dtype)
-        x, routes = decode_forward(self, weights, input_ids, batch, cache.layers, rope)
+        x, routes = decode_forward(
+            self, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
+        )
         if routing is not None:
             k = self.config.num_experts_per_tok
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)

@@ -10,7 +10,8 @@ stay eligible; the k chosen experts' unbiased scores are optionally normalised t
 Experts are kept fused in memory like transformers 5 (`experts.gate_up_proj` [E, 2I, H] with
 gate rows first, `experts.down_proj` [E, H, I]); models.hf_io maps them to the per-expert
 on-disk names. Dispatch: one stable argsort of the T*k choices by expert, one gather, one
-matmul pair per *active* expert on a contiguous slice, one index_add back.
+grouped GEMM pair over the sorted rows (torch._grouped_mm; a per-expert loop where torch lacks
+it), one index_add back.
 """
 
 from __future__ import annotations
@@ -102,6 +103,31 @@ class TopkRouter(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, -1)
 
 
+def _grouped_mm_loop(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """Fallback of torch's grouped GEMM: x [M, K] rows grouped by offs, weight [E, K, N]."""
+    outs, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            outs.append(x[start:end] @ weight[e])
+        start = end
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[-1])
+
+
+# torch >= 2.9 has a grouped GEMM on the CPU (exact: the same per-group matmuls, one call).
+_grouped_mm = getattr(torch, "_grouped_mm", None) or _grouped_mm_loop
+
+
+def expert_swiglu(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
+    """Routed experts over rows sorted by expert.
+
+    xs [M, H] (counts[e] consecutive rows for expert e), gate_up [E, 2I, H] (gate rows first),
+    down [E, H, I], counts int64 [E] -> [M, H]. Two grouped GEMMs; differentiable.
+    """
+    offs = counts.cumsum(0).to(torch.int32)
+    gate, up = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
+
+
 class ExpertBank(nn.Module):
     """HF name `mlp.experts`: all routed experts' SwiGLU weights, fused per layer."""
 
@@ -112,22 +138,9 @@ class ExpertBank(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Per expert: gate_up [2I, H] and down [H, I] in the compute dtype."""
-        return list(self.gate_up_proj.unbind(0)), list(self.down_proj.unbind(0))
-
-    def forward(self, xs: Tensor, counts: list[int]) -> Tensor:
-        """xs [M, H]: rows sorted by expert, counts[e] rows for expert e -> [M, H]."""
-        gate_up, down = self.expert_weights()
-        outs = []
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            gate, up = F.linear(xs[start : start + count], gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, down[e]))
-            start += count
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    def forward(self, xs: Tensor, counts: Tensor) -> Tensor:
+        """xs [M, H]: rows sorted by expert, counts int64 [E] rows per expert -> [M, H]."""
+        return expert_swiglu(xs, self.gate_up_proj, self.down_proj, counts)
 
 
 class MoE(nn.Module):
@@ -149,7 +162,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         token = order // self.top_k
-        ys = self.experts(x.index_select(0, token), counts.tolist())
+        ys = self.experts(x.index_select(0, token), counts)
         ys = (ys * weights.reshape(-1)[order].unsqueeze(1)).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, ys)
         if self.shared_experts is not None:
