@@ -62,6 +62,11 @@ class SGLangEngine:
         self._last_update: WeightUpdate | None = None
         self._paused: str | None = None
 
+    @property
+    def paused_mode(self) -> str | None:
+        """The mode of the last pause() not yet resumed, else None."""
+        return self._paused
+
     # ---- generation --------------------------------------------------------------------------
 
     async def _pick(self) -> Worker:
@@ -150,7 +155,7 @@ class SGLangEngine:
         return all(await asyncio.gather(*checks))
 
     async def _router_answers(self) -> bool:
-        return self.router is not None and await asyncio.to_thread(self.router.is_running)
+        return self.router is not None and await asyncio.to_thread(self.router.answers)
 
     async def check_and_restart(self) -> list[str]:
         """Restart every launched worker whose /health fails; returns their URLs.

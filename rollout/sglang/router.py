@@ -94,7 +94,7 @@ class SGLangRouter:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        while not self._answers():
+        while not self.answers():
             code = self._proc.poll()
             if code is not None:
                 raise SGLangRouterError(
@@ -109,7 +109,8 @@ class SGLangRouter:
         logger.info("sglang-router %s up (policy %s)", self.url, self.policy)
         return time.monotonic() - began
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
+        """GET /workers answers 200."""
         try:
             return httpx.get(f"{self.url}/workers", timeout=2.0).status_code == 200
         except httpx.HTTPError:

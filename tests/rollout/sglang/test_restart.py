@@ -1,6 +1,8 @@
 """Server lifecycle on a real SGLang server: its log in the run directory, a crash (SIGKILL of
 the whole process group) seen by the health check, a restart that re-sends the newest weights
-before the worker serves again behind the router, and a clean SIGTERM stop."""
+before the worker serves again behind the router, and a clean SIGTERM stop. Weights go over
+the distributed (gloo) path, so the restart also has to drop the broken process group and
+build a new one with the restarted server."""
 
 from __future__ import annotations
 
@@ -48,9 +50,8 @@ def test_crash_health_restart_resync_then_clean_stop(
         first_pid = server.pid
 
         async def body():
-            engine = SGLangEngine(
-                [Worker.for_server(server)], weight_sync=make_weight_sync("tensor"), router=router
-            )
+            sync = make_weight_sync("distributed")
+            engine = SGLangEngine([Worker.for_server(server)], weight_sync=sync, router=router)
             try:
                 await engine.update_weights(make_update(perturbed(reference_model, seed=5), 4))
                 before = await engine.generate(_greedy())
