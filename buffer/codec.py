@@ -5,7 +5,8 @@ Record layout (all integers little-endian):
     magic   4 bytes  b"PHEG"
     format  u8       FORMAT_VERSION
     hlen    u32      length of the header in bytes
-    header  msgpack  prompt_id, metadata, dtypes, per-episode scalars and lengths
+    header  msgpack  prompt_id, metadata, dtypes, shared_prompt, and per-episode columns
+                     (lists of n): P, R, reward, rewards, finish_reason, episode_metadata
     body    bytes    the arrays, field by field, each field concatenated over episodes:
                      prompt_ids int32 [sum P] (stored once if every episode shares it),
                      response_ids int32 [sum R], rollout_logprobs float32 [sum R],
@@ -74,33 +75,34 @@ def _pack(obj: Any, what: str) -> bytes:
         raise EpisodeCodecError(f"{what}: not serialisable ({exc})") from exc
 
 
+def _shares_prompt(episodes: list[Episode]) -> bool:
+    first = episodes[0].prompt_ids
+    first_bytes = first.tobytes()
+    return all(
+        e.prompt_ids is first
+        or (len(e.prompt_ids) == len(first) and e.prompt_ids.tobytes() == first_bytes)
+        for e in episodes[1:]
+    )
+
+
 def encode_group(group: EpisodeGroup) -> bytes:
     """Serialise a group into one record (see the module docstring for the layout)."""
     episodes = group.episodes
-    first_prompt = episodes[0].prompt_ids
-    shared = all(
-        e.prompt_ids is first_prompt or np.array_equal(e.prompt_ids, first_prompt)
-        for e in episodes[1:]
-    )
+    shared = _shares_prompt(episodes)
     header = {
         "prompt_id": str(group.prompt_id),
         "metadata": group.metadata,
         "dtypes": _DTYPES,
         "shared_prompt": shared,
-        "episodes": [
-            {
-                "P": len(e.prompt_ids),
-                "R": len(e.response_ids),
-                "reward": e.reward,
-                "rewards": {str(k): float(v) for k, v in e.rewards.items()},
-                "finish_reason": e.finish_reason.value,
-                "metadata": e.metadata,
-            }
-            for e in episodes
-        ],
+        "P": [len(e.prompt_ids) for e in episodes],
+        "R": [len(e.response_ids) for e in episodes],
+        "reward": [e.reward for e in episodes],
+        "rewards": [{str(k): float(v) for k, v in e.rewards.items()} for e in episodes],
+        "finish_reason": [e.finish_reason.value for e in episodes],
+        "episode_metadata": [e.metadata for e in episodes],
     }
     head = _pack(header, f"group {group.prompt_id!r} metadata")
-    prompts = [first_prompt] if shared else [e.prompt_ids for e in episodes]
+    prompts = [episodes[0].prompt_ids] if shared else [e.prompt_ids for e in episodes]
     parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head]
     parts.append(np.concatenate(prompts).astype(_PROMPT_DTYPE, copy=False).tobytes())
     for name, dtype in _RESPONSE_FIELDS:
@@ -144,62 +146,90 @@ def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
+# per-episode header columns: name -> accepted element types (bool is never accepted)
+_COLUMNS: dict[str, type | tuple[type, ...]] = {
+    "P": int,
+    "R": int,
+    "reward": (int, float),
+    "rewards": dict,
+    "finish_reason": str,
+    "episode_metadata": dict,
+}
+
+
 @dataclass(frozen=True)
-class _EpisodeHead:
-    """The checked scalars of one episode's header entry."""
+class _Heads:
+    """The checked per-episode columns of a header."""
 
-    p: int
-    r: int
-    reward: float
-    rewards: dict[str, float]
-    finish_reason: FinishReason
-    metadata: dict[str, Any]
+    p: list[int]
+    r: list[int]
+    reward: list[float]
+    rewards: list[dict[str, float]]
+    finish_reason: list[FinishReason]
+    metadata: list[dict[str, Any]]
 
 
-def _check_rewards(rewards: dict, where: str) -> dict[str, float]:
+def _check_rewards(i: int, rewards: dict) -> dict[str, float]:
     out = {}
     for key, value in rewards.items():
-        if not isinstance(key, str) or isinstance(value, bool):
-            raise EpisodeCodecError(f"{where}.rewards[{key!r}]: expected str -> number")
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise EpisodeCodecError(f"{where}: rewards[{key!r}]: must be finite, got {value!r}")
+        if (
+            not isinstance(key, str)
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+        ):
+            raise EpisodeCodecError(f"episodes[{i}].rewards[{key!r}]: expected str -> number")
+        if not math.isfinite(value):
+            raise EpisodeCodecError(f"episodes[{i}]: rewards[{key!r}]: must be finite, got {value}")
         out[key] = float(value)
     return out
 
 
-def _check_episode_header(i: int, eh: Any) -> _EpisodeHead:
-    where = f"episodes[{i}]"
-    if not isinstance(eh, dict):
-        raise EpisodeCodecError(f"{where}: expected a map, got {type(eh).__name__}")
-    p = _field(eh, "P", int, where)
-    r = _field(eh, "R", int, where)
-    if p < 0 or r < 0:
-        raise EpisodeCodecError(f"{where}: negative length P={p} R={r}")
-    reward = _field(eh, "reward", (int, float), where)
-    if not math.isfinite(reward):
-        raise EpisodeCodecError(f"{where}.reward: must be finite, got {reward}")
-    rewards = _check_rewards(_field(eh, "rewards", dict, where), where)
-    metadata = _field(eh, "metadata", dict, where)
-    reason = FinishReason._value2member_map_.get(_field(eh, "finish_reason", str, where))
-    if reason is None:
-        raise EpisodeCodecError(f"{where}.finish_reason: unknown value {eh['finish_reason']!r}")
-    return _EpisodeHead(p, r, float(reward), rewards, reason, metadata)
+def _check_column(header: dict[str, Any], key: str, n: int | None) -> list:
+    column = _field(header, key, list, "header")
+    if n is not None and len(column) != n:
+        raise EpisodeCodecError(f"header.{key}: {len(column)} entries for {n} episodes")
+    types = _COLUMNS[key]
+    for i, value in enumerate(column):
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise EpisodeCodecError(f"episodes[{i}].{key}: wrong type {type(value).__name__}")
+    return column
 
 
-def _check_header(header: dict[str, Any]) -> list[_EpisodeHead]:
+def _check_header(header: dict[str, Any]) -> _Heads:
     _field(header, "prompt_id", str, "header")
     _field(header, "metadata", dict, "header")
     _field(header, "shared_prompt", bool, "header")
     dtypes = _field(header, "dtypes", dict, "header")
     if dtypes != _DTYPES:
         raise EpisodeCodecError(f"header.dtypes: {dtypes} do not match the expected {_DTYPES}")
-    ehs = _field(header, "episodes", list, "header")
-    if not ehs:
-        raise EpisodeCodecError("header.episodes: empty group")
-    return [_check_episode_header(i, eh) for i, eh in enumerate(ehs)]
+    columns: dict[str, list] = {}
+    for key in _COLUMNS:
+        columns[key] = _check_column(header, key, len(columns["P"]) if columns else None)
+    if not columns["P"]:
+        raise EpisodeCodecError("header: empty group (no episodes)")
+    for key in ("P", "R"):
+        if min(columns[key]) < 0:
+            i = next(i for i, v in enumerate(columns[key]) if v < 0)
+            raise EpisodeCodecError(f"episodes[{i}].{key}: negative length {columns[key][i]}")
+    for i, reward in enumerate(columns["reward"]):
+        if not math.isfinite(reward):
+            raise EpisodeCodecError(f"episodes[{i}].reward: must be finite, got {reward}")
+    reasons = [FinishReason._value2member_map_.get(v) for v in columns["finish_reason"]]
+    if None in reasons:
+        i = reasons.index(None)
+        value = columns["finish_reason"][i]
+        raise EpisodeCodecError(f"episodes[{i}].finish_reason: unknown value {value!r}")
+    return _Heads(
+        p=columns["P"],
+        r=columns["R"],
+        reward=[float(v) for v in columns["reward"]],
+        rewards=[_check_rewards(i, d) if d else {} for i, d in enumerate(columns["rewards"])],
+        finish_reason=reasons,
+        metadata=columns["episode_metadata"],
+    )
 
 
-def _check_columns(columns: dict[str, np.ndarray], heads: list[_EpisodeHead]) -> None:
+def _check_columns(columns: dict[str, np.ndarray], heads: _Heads) -> None:
     """Episode.validate's value rules, over the whole group's columns at once."""
     bad = {
         "rollout_logprobs": ("contains NaN or inf", ~np.isfinite(columns["rollout_logprobs"])),
@@ -207,7 +237,7 @@ def _check_columns(columns: dict[str, np.ndarray], heads: list[_EpisodeHead]) ->
     }
     for name, (message, mask) in bad.items():
         if mask.any():
-            ends = np.cumsum([h.r for h in heads])
+            ends = np.cumsum(heads.r)
             episode = int(np.searchsorted(ends, int(np.argmax(mask)), side="right"))
             raise EpisodeCodecError(f"episodes[{episode}]: {name}: {message}")
 
@@ -217,8 +247,8 @@ def decode_group(data: bytes) -> EpisodeGroup:
     header, offset = _read_header(data)
     heads = _check_header(header)
     shared = header["shared_prompt"]
-    p_total = heads[0].p if shared else sum(h.p for h in heads)
-    r_total = sum(h.r for h in heads)
+    p_total = heads.p[0] if shared else sum(heads.p)
+    r_total = sum(heads.r)
     expected = p_total * _PROMPT_DTYPE.itemsize
     expected += sum(r_total * dt.itemsize for _, dt in _RESPONSE_FIELDS)
     body = len(data) - offset
@@ -233,26 +263,28 @@ def decode_group(data: bytes) -> EpisodeGroup:
         columns[name] = np.frombuffer(buf, dtype, r_total, pos)
         pos += r_total * dtype.itemsize
     _check_columns(columns, heads)
+    ids, mask = columns["response_ids"], columns["loss_mask"]
+    logprobs, versions = columns["rollout_logprobs"], columns["versions"]
     episodes = []
     p_at = r_at = 0
-    for i, head in enumerate(heads):
+    for i, (p, r) in enumerate(zip(heads.p, heads.r)):
         if shared:  # episodes must not alias one another's arrays
             prompt = prompts if i == 0 else prompts.copy()
         else:
-            prompt = prompts[p_at : p_at + head.p]
-            p_at += head.p
-        end = r_at + head.r
+            prompt = prompts[p_at : p_at + p]
+            p_at += p
+        end = r_at + r
         episodes.append(
             Episode._from_checked(
                 prompt_ids=prompt,
-                response_ids=columns["response_ids"][r_at:end],
-                loss_mask=columns["loss_mask"][r_at:end],
-                rollout_logprobs=columns["rollout_logprobs"][r_at:end],
-                versions=columns["versions"][r_at:end],
-                reward=head.reward,
-                rewards=head.rewards,
-                finish_reason=head.finish_reason,
-                metadata=head.metadata,
+                response_ids=ids[r_at:end],
+                loss_mask=mask[r_at:end],
+                rollout_logprobs=logprobs[r_at:end],
+                versions=versions[r_at:end],
+                reward=heads.reward[i],
+                rewards=heads.rewards[i],
+                finish_reason=heads.finish_reason[i],
+                metadata=heads.metadata[i],
             )
         )
         r_at = end

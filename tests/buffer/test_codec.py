@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from buffer.codec import _PREFIX, EpisodeCodecError, decode_group, encode_group
+from buffer.codec import _COLUMNS, _PREFIX, EpisodeCodecError, decode_group, encode_group
 from buffer.episode import Episode, EpisodeGroup, FinishReason
 from tests.buffer.conftest import make_group
 
@@ -99,16 +99,20 @@ def _set(path: list, value):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_set(["episodes", 0, "R"], 9), "body: truncated"),
-        (_set(["episodes", 0, "R"], 7), "body: has trailing bytes"),
-        (_set(["episodes", 1, "reward"], float("nan")), "episodes[1].reward: must be finite"),
-        (_set(["episodes", 0, "rewards"], {"m": float("inf")}), "rewards['m']: must be finite"),
-        (_set(["episodes", 0, "finish_reason"], "exploded"), "finish_reason: unknown value"),
+        (_set(["R", 0], 9), "body: truncated"),
+        (_set(["R", 0], 7), "body: has trailing bytes"),
+        (_set(["reward", 1], float("nan")), "episodes[1].reward: must be finite"),
+        (_set(["rewards", 0], {"m": float("inf")}), "rewards['m']: must be finite"),
+        (_set(["finish_reason", 0], "exploded"), "finish_reason: unknown value"),
         (_set(["dtypes", "response_ids"], "<i8"), "header.dtypes"),
-        (_set(["episodes"], []), "header.episodes: empty group"),
+        (lambda h: [h[k].clear() for k in _COLUMNS], "header: empty group"),
         (_set(["prompt_id"], 5), "header.prompt_id: wrong type"),
-        (_set(["episodes", 0, "P"], True), "episodes[0].P: wrong type"),
+        (_set(["P", 0], True), "episodes[0].P: wrong type"),
         (lambda h: h.pop("metadata"), "header.metadata: missing"),
+        (lambda h: h["R"].pop(), "header.R: 1 entries for 2 episodes"),
+        (_set(["rewards", 1], {"m": "high"}), r"episodes[1].rewards['m']: expected str -> number"),
+        (_set(["episode_metadata", 1], [1]), "episodes[1].episode_metadata: wrong type list"),
+        (_set(["P", 1], -3), "episodes[1].P: negative length -3"),
     ],
 )
 def test_bad_header_names_the_field(edit, message: str) -> None:
