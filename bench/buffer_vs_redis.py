@@ -10,7 +10,9 @@ through the same redis-server in the same run:
   raw            the already-encoded bytes: pipelined XADD, XREADGROUP, XACK + XDEL
 
 Rounds of --batch groups alternate put and take, so the stream stays short, as in training.
-Prints groups/s, MB/s (record bytes) and the ratio store/raw. Usage:
+Prints groups/s, MB/s (record bytes) and the ratio store/raw by wall clock, and the CPU
+seconds each path costs (this process + redis-server), which stays meaningful when other
+jobs share the machine. Usage:
 
     .venv/bin/python bench/buffer_vs_redis.py [--groups 2000] [--batch 32] [--url redis://...]
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +56,43 @@ def make_groups(n: int, episodes: int, tokens: int, prompt: int) -> list[Episode
     return groups
 
 
-def run_store(url: str, groups: list[EpisodeGroup], batch: int, batched_put: bool) -> float:
+@dataclass
+class Cost:
+    """One run: wall seconds, and CPU seconds of this process and of redis-server."""
+
+    wall: float
+    client_cpu: float
+    server_cpu: float
+
+
+def _server_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@contextmanager
+def meter(client: redis.Redis, out: list[Cost]) -> Iterator[None]:
+    """Measure the block; CPU times do not depend on what else the machine runs."""
+    server, cpu, wall = _server_cpu(client), time.process_time(), time.perf_counter()
+    yield
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    out.append(Cost(wall, cpu, _server_cpu(client) - server))
+
+
+def run_store(url: str, groups: list[EpisodeGroup], batch: int, batched_put: bool) -> Cost:
     store = EpisodeStore(url, f"bench-store-{time.time_ns()}", capacity=4 * batch)
-    start = time.perf_counter()
+    cost: list[Cost] = []
+    with meter(store.client, cost):
+        _store_loop(store, groups, batch, batched_put)
+    store.client.delete(*store.client.keys(f"{store.keys.prefix}*"))
+    store.close()
+    return cost[0]
+
+
+def _store_loop(store: EpisodeStore, groups: list[EpisodeGroup], batch: int, batched: bool) -> None:
     for i in range(0, len(groups), batch):
         chunk = groups[i : i + batch]
-        if batched_put:
+        if batched:
             store.put_groups(chunk)
         else:
             for group in chunk:
@@ -66,17 +101,21 @@ def run_store(url: str, groups: list[EpisodeGroup], batch: int, batched_put: boo
         if len(taken) != len(chunk):
             raise RuntimeError(f"store: took {len(taken)} of {len(chunk)}")
         store.ack([t.entry_id for t in taken])
-    elapsed = time.perf_counter() - start
-    store.client.delete(*store.client.keys(f"{store.keys.prefix}*"))
-    store.close()
-    return elapsed
 
 
-def run_raw(url: str, records: list[bytes], batch: int) -> float:
+def run_raw(url: str, records: list[bytes], batch: int) -> Cost:
     client = redis.Redis.from_url(url)
     stream = f"bench-raw-{time.time_ns()}"
     client.xgroup_create(stream, "g", id="0", mkstream=True)
-    start = time.perf_counter()
+    cost: list[Cost] = []
+    with meter(client, cost):
+        _raw_loop(client, stream, records, batch)
+    client.delete(stream)
+    client.close()
+    return cost[0]
+
+
+def _raw_loop(client: redis.Redis, stream: str, records: list[bytes], batch: int) -> None:
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
         pipe = client.pipeline(transaction=False)
@@ -91,10 +130,6 @@ def run_raw(url: str, records: list[bytes], batch: int) -> float:
         pipe.xack(stream, "g", *ids)
         pipe.xdel(stream, *ids)
         pipe.execute()
-    elapsed = time.perf_counter() - start
-    client.delete(stream)
-    client.close()
-    return elapsed
 
 
 def per_item(fn: Callable[[], object], n: int) -> float:
@@ -102,6 +137,23 @@ def per_item(fn: Callable[[], object], n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - start) / n
+
+
+def report(costs: dict[str, list[Cost]], n: int, mb: float) -> None:
+    """Best wall time and best total CPU (client + server) of each path, with ratios to raw."""
+    wall = {name: min(c.wall for c in runs) for name, runs in costs.items()}
+    cpu = {name: min(c.client_cpu + c.server_cpu for c in runs) for name, runs in costs.items()}
+    print("  wall clock (best run):")
+    for name, seconds in wall.items():
+        ratio = f"  ratio to raw {wall['raw'] / seconds:.2f}" if name != "raw" else ""
+        print(f"    {name:13s} {n / seconds:7.0f} groups/s {mb / seconds:7.1f} MB/s{ratio}")
+    print("  CPU per group, client + redis-server (insensitive to other load on the machine):")
+    for name, runs in costs.items():
+        best = min(runs, key=lambda c: c.client_cpu + c.server_cpu)
+        ratio = f"  ratio to raw {cpu['raw'] / cpu[name]:.2f}" if name != "raw" else ""
+        print(f"    {name:13s} {cpu[name] / n * 1e6:6.0f} us = {best.client_cpu / n * 1e6:4.0f} "
+              f"client + {best.server_cpu / n * 1e6:4.0f} server "
+              f"({n / cpu[name]:6.0f} groups per CPU-s){ratio}")  # fmt: skip
 
 
 def main() -> None:
@@ -127,19 +179,17 @@ def main() -> None:
                 "store": lambda: run_store(url, groups, args.batch, batched_put=False),
                 "store-batched": lambda: run_store(url, groups, args.batch, batched_put=True),
             }
-            best = {name: float("inf") for name in runs}
+            costs: dict[str, list[Cost]] = {name: [] for name in runs}
             for _ in range(args.repeats):  # interleave, keep the best of each
                 for name, run in runs.items():
-                    best[name] = min(best[name], run())
+                    costs[name].append(run())
         finally:
             if server is not None:
                 server.stop()
     print(f"{args.groups} groups of {args.episodes} x {args.tokens} tokens "
           f"(+{args.prompt} prompt), {len(records[0])} B/record, batch {args.batch}, "
           f"best of {args.repeats}")  # fmt: skip
-    for name, seconds in best.items():
-        ratio = f"  ratio to raw {best['raw'] / seconds:.2f}" if name != "raw" else ""
-        print(f"  {name:13s} {args.groups / seconds:7.0f} groups/s {mb / seconds:7.1f} MB/s{ratio}")
+    report(costs, args.groups, mb)
     enc = per_item(lambda: encode_group(groups[0]), 500)
     dec = per_item(lambda: decode_group(records[0]), 500)
     print(f"  codec: encode {enc * 1e6:.0f} us/group, decode+validate {dec * 1e6:.0f} us/group")

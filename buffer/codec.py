@@ -87,6 +87,12 @@ def _shares_prompt(episodes: list[Episode]) -> bool:
 
 def encode_group(group: EpisodeGroup) -> bytes:
     """Serialise a group into one record (see the module docstring for the layout)."""
+    return encode_group_versioned(group)[0]
+
+
+def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
+    """The record, and the group's oldest version (as group.oldest_version, computed once
+    over the concatenated columns rather than per episode)."""
     episodes = group.episodes
     shared = _shares_prompt(episodes)
     header = {
@@ -105,10 +111,12 @@ def encode_group(group: EpisodeGroup) -> bytes:
     prompts = [episodes[0].prompt_ids] if shared else [e.prompt_ids for e in episodes]
     parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head]
     parts.append(np.concatenate(prompts).astype(_PROMPT_DTYPE, copy=False).tobytes())
+    columns = {}
     for name, dtype in _RESPONSE_FIELDS:
-        column = np.concatenate([getattr(e, name) for e in episodes])
-        parts.append(column.astype(dtype, copy=False).tobytes())
-    return b"".join(parts)
+        columns[name] = np.concatenate([getattr(e, name) for e in episodes])
+        parts.append(columns[name].astype(dtype, copy=False).tobytes())
+    generated = columns["versions"][columns["loss_mask"].astype(bool)]
+    return b"".join(parts), int(generated.min()) if generated.size else None
 
 
 def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
@@ -146,14 +154,15 @@ def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
-# per-episode header columns: name -> accepted element types (bool is never accepted)
-_COLUMNS: dict[str, type | tuple[type, ...]] = {
-    "P": int,
-    "R": int,
-    "reward": (int, float),
-    "rewards": dict,
-    "finish_reason": str,
-    "episode_metadata": dict,
+# per-episode header columns: name -> the exact types msgpack decodes them to (so a bool
+# is never taken for an int)
+_COLUMNS: dict[str, frozenset[type]] = {
+    "P": frozenset({int}),
+    "R": frozenset({int}),
+    "reward": frozenset({int, float}),
+    "rewards": frozenset({dict}),
+    "finish_reason": frozenset({str}),
+    "episode_metadata": frozenset({dict}),
 }
 
 
@@ -189,9 +198,9 @@ def _check_column(header: dict[str, Any], key: str, n: int | None) -> list:
     if n is not None and len(column) != n:
         raise EpisodeCodecError(f"header.{key}: {len(column)} entries for {n} episodes")
     types = _COLUMNS[key]
-    for i, value in enumerate(column):
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise EpisodeCodecError(f"episodes[{i}].{key}: wrong type {type(value).__name__}")
+    if not types.issuperset(map(type, column)):
+        i, value = next((i, v) for i, v in enumerate(column) if type(v) not in types)
+        raise EpisodeCodecError(f"episodes[{i}].{key}: wrong type {type(value).__name__}")
     return column
 
 

@@ -29,7 +29,8 @@ class Keys:
     leases: str  # HASH   lease id -> {"p": prompt id, "w": worker, "e": epoch}
     deadlines: str  # ZSET   lease id -> deadline (server time, seconds)
     lease_seq: str  # STRING counter for lease ids
-    stream: str  # STREAM episode groups: g = record, v = oldest version, p = prompt id
+    stream: str  # STREAM episode groups: r = payload token, v = oldest version, p = prompt id,
+    #                    e = epoch (groups pushed under a lease)
     quarantine: str  # STREAM undecodable records with the error (capped)
     version: str  # STRING current policy version
     stats: str  # HASH   counters (see stats.py)
@@ -46,6 +47,14 @@ class Keys:
         prefix = f"physarum:{{{namespace}}}:"
         names = [n for n in cls.__dataclass_fields__ if n not in ("namespace", "prefix")]
         return cls(namespace=namespace, prefix=prefix, **{n: prefix + n for n in names})
+
+    def payload(self, token: str) -> str:
+        """STRING the encoded record of the stream entry whose `r` field is `token`."""
+        return f"{self.prefix}g:{token}"
+
+    @property
+    def payload_prefix(self) -> str:
+        return f"{self.prefix}g:"
 
     def done(self, lease_id: str) -> str:
         """STRING "entry id|prompt id" of a completed lease's push (expires after an hour)."""

@@ -1,4 +1,5 @@
-"""Lua scripts for the steps that must be atomic: lease, requeue, renew, release, push, epoch.
+"""Lua scripts for the steps that must be atomic: lease, requeue, renew, release, push, ack,
+epoch.
 
 All times come from the Redis server's clock (`TIME`), so workers on hosts with skewed
 clocks agree on every deadline. Scripts run atomically on the server; a push that completes
@@ -125,16 +126,20 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: leases, deadlines, stream, stats, done_key
-# ARGV: lease_id ('' for none), prompt_id, capacity, record, oldest_version, consumer_group
+# KEYS: leases, deadlines, stream, stats, done_key, payload_key
+# ARGV: lease_id ('' for none), prompt_id, capacity, payload token, oldest_version, group
+# The record itself was SET into payload_key (with a TTL) just before, in the same pipeline:
+# passing ~30 KB through Lua costs the single-threaded server ~1 us per KB, a plain SET does
+# not. The stream entry carries the token; PERSIST keeps the payload until it is acked.
 # returns {'OK', id} | {'DONE', id} (this lease was already pushed: its entry id) | {'LATE'} |
-#         {'MISMATCH', leased prompt id} | {'FULL'}
+#         {'MISMATCH', leased prompt id} | {'FULL'} | {'NOPAYLOAD'} (SET it again)
 PUSH = r"""
 local lid = ARGV[1]
 local epoch = nil
 if lid ~= '' then
   local prev = redis.call('GET', KEYS[5])
   if prev then
+    redis.call('DEL', KEYS[6])
     local sep = string.find(prev, '|', 1, true)
     local done_pid = string.sub(prev, sep + 1)
     if done_pid ~= ARGV[2] then return {'MISMATCH', done_pid} end
@@ -142,20 +147,27 @@ if lid ~= '' then
   end
   local raw = redis.call('HGET', KEYS[1], lid)
   if not raw then
+    redis.call('DEL', KEYS[6])
     redis.call('HINCRBY', KEYS[4], 'late_pushes', 1)
     return {'LATE'}
   end
   local l = cjson.decode(raw)
-  if l.p ~= ARGV[2] then return {'MISMATCH', l.p} end
+  if l.p ~= ARGV[2] then
+    redis.call('DEL', KEYS[6])
+    return {'MISMATCH', l.p}
+  end
   epoch = tostring(l.e)
 end
 local unconsumed = redis.call('XLEN', KEYS[3]) - redis.call('XPENDING', KEYS[3], ARGV[6])[1]
 if unconsumed >= tonumber(ARGV[3]) then return {'FULL'} end
+if redis.call('PERSIST', KEYS[6]) == 0 and redis.call('EXISTS', KEYS[6]) == 0 then
+  return {'NOPAYLOAD'}
+end
 local id
 if epoch then  -- the epoch lets a consumer requeue the prompt if the group is too stale
-  id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARGV[2], 'e', epoch)
+  id = redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 'v', ARGV[5], 'p', ARGV[2], 'e', epoch)
 else
-  id = redis.call('XADD', KEYS[3], '*', 'g', ARGV[4], 'v', ARGV[5], 'p', ARGV[2])
+  id = redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 'v', ARGV[5], 'p', ARGV[2])
 end
 if lid ~= '' then
   redis.call('HDEL', KEYS[1], lid)
@@ -165,4 +177,25 @@ if lid ~= '' then
 end
 redis.call('HINCRBY', KEYS[4], 'groups_put', 1)
 return {'OK', id}
+"""
+
+# KEYS: stream, stats   ARGV: group, payload key prefix, entry id, ...
+# Acknowledge and delete entries together with their payloads; returns how many were pending.
+# (The payload keys are built here from the entries' tokens; they share the namespace's hash
+# tag, so this stays in one cluster slot.)
+ACK = r"""
+local acked = 0
+for i = 3, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+  if entry then
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'r' then redis.call('DEL', ARGV[2] .. fields[j + 1]) end
+    end
+  end
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+if acked > 0 then redis.call('HINCRBY', KEYS[2], 'groups_acked', acked) end
+return acked
 """

@@ -29,6 +29,7 @@ import redis
 from buffer.dataset import LoadReport, OnBadRow
 from buffer.episode import EpisodeGroup
 from buffer.group_stream import GroupStream, TakenGroup
+from buffer.group_writer import GroupWriter
 from buffer.keys import Keys
 from buffer.prompt_queue import Lease, PromptQueue
 from buffer.stats import BufferStats, collect
@@ -73,14 +74,14 @@ class EpisodeStore:
         self._r = connect(url)
         try:
             self._prompts = PromptQueue(self._r, self.keys, lease_seconds)
-            self._groups = GroupStream(
+            self._writer = GroupWriter(
                 self._r,
                 self.keys,
                 capacity=capacity,
-                max_staleness=max_staleness,
                 put_timeout_s=put_timeout_s,
                 renew=self._prompts.renew,
             )
+            self._groups = GroupStream(self._r, self.keys, max_staleness=max_staleness)
         except Exception:
             self._r.close()
             raise
@@ -106,7 +107,7 @@ class EpisodeStore:
 
     @property
     def capacity(self) -> int:
-        return self._groups.capacity
+        return self._writer.capacity
 
     @property
     def max_staleness(self) -> int:
@@ -169,7 +170,7 @@ class EpisodeStore:
         BufferFullError after put_timeout_s and LeaseMismatchError if the lease is for a
         different prompt.
         """
-        return self._groups.put(group, lease_id, self._prompts.lease_seconds)
+        return self._writer.put_many([(group, lease_id)], self._prompts.lease_seconds)[0]
 
     def put_groups(
         self, groups: Sequence[EpisodeGroup], lease_ids: Sequence[str | None] | None = None
@@ -183,7 +184,7 @@ class EpisodeStore:
         if len(lease_ids) != len(groups):
             raise ValueError(f"lease_ids: {len(lease_ids)} given for {len(groups)} groups")
         items = list(zip(groups, lease_ids))
-        return self._groups.put_many(items, self._prompts.lease_seconds)
+        return self._writer.put_many(items, self._prompts.lease_seconds)
 
     def take_groups(self, consumer: str, n: int, *, block_ms: int = 1000) -> list[TakenGroup]:
         """Up to n groups fresh enough for the current version, waiting up to block_ms.

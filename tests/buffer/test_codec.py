@@ -10,7 +10,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from buffer.codec import _COLUMNS, _PREFIX, EpisodeCodecError, decode_group, encode_group
+from buffer.codec import (
+    _COLUMNS,
+    _PREFIX,
+    EpisodeCodecError,
+    decode_group,
+    encode_group,
+    encode_group_versioned,
+)
 from buffer.episode import Episode, EpisodeGroup, FinishReason
 from tests.buffer.conftest import make_group
 
@@ -62,7 +69,12 @@ def test_round_trip_is_exact_for_shared_and_distinct_prompts() -> None:
     decoded.episodes[1].prompt_ids[0] = -5
     assert decoded.episodes[0].prompt_ids[0] != -5
 
+    assert encode_group_versioned(shared) == (encode_group(shared), 2)
     mixed = _multi_turn_group()
+    assert encode_group_versioned(mixed)[1] == mixed.oldest_version == 4
+    untrained = Episode(prompt_ids=[1], response_ids=[2, 3], loss_mask=[0, 0],
+                        rollout_logprobs=[0, 0], versions=[-1, -1])  # fmt: skip
+    assert encode_group_versioned(EpisodeGroup("u", [untrained]))[1] is None
     back = decode_group(encode_group(mixed))
     assert back.episodes[0].metadata["t"] == 0.5  # numpy scalar became a float
     mixed.episodes[0].metadata["t"] = 0.5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from buffer.group_stream import LeaseMismatchError
+from buffer.errors import LeaseMismatchError
 from buffer.prompt_queue import NoDatasetError, epoch_order
 from tests.buffer.conftest import make_group, write_prompts
 
@@ -74,6 +74,8 @@ def test_an_expired_lease_is_requeued_and_its_late_push_refused(make_store, tmp_
 
     stats = store.stats()
     assert (stats.lease_expiries, stats.late_pushes, stats.prompts_done) == (1, 1, 2)
+    payloads = store.client.keys(f"{store.keys.payload_prefix}*")
+    assert len(payloads) == 2  # refused and duplicate pushes left no payload behind
     assert stats.groups_unconsumed == 2 and stats.prompts_leased == 1
     taken = store.take_groups("t", 10, block_ms=0)
     assert sorted(t.group.prompt_id for t in taken) == ["p0", "p1"]  # p0 once, not twice

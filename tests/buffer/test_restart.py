@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from buffer.group_stream import LeaseMismatchError
+from buffer.errors import LeaseMismatchError
 from buffer.redis_server import EmbeddedRedis
 from buffer.store import EpisodeStore
 from tests.buffer.conftest import make_group, write_prompts

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from buffer.group_stream import BufferFullError
+from buffer.errors import BufferFullError
 from tests.buffer.conftest import make_group, write_prompts
 
 
@@ -114,18 +114,39 @@ def test_a_blocked_producer_keeps_its_lease(make_store, tmp_path) -> None:
 
 def test_a_corrupt_payload_is_quarantined_not_fatal(make_store) -> None:
     store = make_store()
+    client, keys = store.client, store.keys
     store.put_group(make_group("good-1"))
-    bad = store.client.xadd(store.keys.stream, {"g": b"PHEG\x01garbage", "v": 0, "p": "x"})
-    store.client.xadd(store.keys.stream, {"p": "no-fields"})
+    client.set(keys.payload("bad"), b"PHEG\x01garbage")
+    bad = client.xadd(keys.stream, {"r": "bad", "v": 0, "p": "x"}).decode()
+    client.xadd(keys.stream, {"r": "gone", "v": 0, "p": "y"})  # its payload never existed
+    client.xadd(keys.stream, {"p": "no-fields"})
     store.put_group(make_group("good-2"))
     taken = store.take_groups("c", 10, block_ms=0)
     assert [t.group.prompt_id for t in taken] == ["good-1", "good-2"]
     stats = store.stats()
-    assert stats.corrupt == 2 and stats.groups_pending == 2 and stats.groups_unconsumed == 0
-    quarantined = store.client.xrange(store.keys.quarantine)
-    assert [q[1][b"entry"].decode() for q in quarantined][0] == bad.decode()
-    assert b"EpisodeCodecError" in quarantined[0][1][b"error"]
-    assert quarantined[0][1][b"g"] == b"PHEG\x01garbage"  # kept for inspection
+    assert stats.corrupt == 3 and stats.groups_pending == 2 and stats.groups_unconsumed == 0
+    quarantined = {q[1][b"entry"].decode(): q[1] for q in client.xrange(keys.quarantine)}
+    assert b"EpisodeCodecError: header: truncated" in quarantined[bad][b"error"]
+    assert quarantined[bad][b"g"] == b"PHEG\x01garbage"  # kept for inspection
+    assert not client.exists(keys.payload("bad"))
+    errors = b" ".join(q[b"error"] for q in quarantined.values())
+    assert b"payload: missing" in errors and b"KeyError" in errors
+
+
+def test_payloads_live_exactly_as_long_as_their_entries(make_store) -> None:
+    store = make_store(max_staleness=0)
+    client, pattern = store.client, f"{store.keys.payload_prefix}*"
+    store.put_group(make_group("a"))
+    store.put_group(make_group("stale", version=0))
+    assert len(client.keys(pattern)) == 2
+    assert all(client.ttl(k) == -1 for k in client.keys(pattern))  # persisted on push
+    store.set_version(0)
+    taken = store.take_groups("c", 1, block_ms=0)
+    store.ack([t.entry_id for t in taken])
+    store.set_version(1)
+    assert store.take_groups("c", 1, block_ms=0) == []  # the stale one is dropped
+    assert client.keys(pattern) == [] and client.xlen(store.keys.stream) == 0
+    assert store.stats().groups_acked == 1
 
 
 def test_a_restarted_consumer_gets_its_unacked_groups_again(make_store) -> None:

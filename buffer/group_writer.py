@@ -1,0 +1,142 @@
+"""The producing side of the episode stream: push groups, completing their leases atomically.
+
+One push is one pipelined round trip: SET the encoded record under a fresh payload key (with
+a TTL, so a producer that dies right there leaves nothing behind), then the PUSH script,
+which in one atomic step checks the lease (refusing a late push), checks capacity, XADDs an
+entry that references the payload, and completes the lease. While the buffer is full the
+script is retried (the payload is not re-sent) and the producer's leases are renewed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import redis
+
+from buffer import scripts
+from buffer.codec import encode_group_versioned
+from buffer.episode import EpisodeGroup
+from buffer.errors import BufferFullError, LeaseMismatchError
+from buffer.keys import CONSUMER_GROUP, Keys
+
+logger = logging.getLogger(__name__)
+
+_RETRY = frozenset({"FULL", "NOPAYLOAD"})
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Push:
+    """One pending push: its script keys/args and its record (kept to re-SET if needed)."""
+
+    def __init__(self, keys: Keys, group: EpisodeGroup, lease_id: str | None, capacity: int):
+        self.group, self.lease_id = group, lease_id
+        self.record, oldest = encode_group_versioned(group)
+        token = uuid.uuid4().hex
+        self.payload_key = keys.payload(token)
+        self.keys = [keys.leases, keys.deadlines, keys.stream, keys.stats,
+                     keys.done(lease_id or ""), self.payload_key]  # fmt: skip
+        self.args = [lease_id or "", group.prompt_id, capacity, token,
+                     -1 if oldest is None else oldest, CONSUMER_GROUP]  # fmt: skip
+        self.status = "NOPAYLOAD"  # the payload has not been SET yet
+        self.reply: list = []
+
+
+class GroupWriter:
+    """Pushes episode groups of one namespace, waiting while the buffer is at capacity."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        capacity: int,
+        put_timeout_s: float,
+        renew: Callable[[str], float | None],
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        if put_timeout_s <= 0:
+            raise ValueError(f"put_timeout_s: must be > 0, got {put_timeout_s}")
+        self._r = client
+        self._k = keys
+        self.capacity = capacity
+        self.put_timeout_s = put_timeout_s
+        self._payload_ttl_s = int(put_timeout_s) + 3600  # outlives any wait for room
+        self._renew = renew  # lease_id -> new deadline | None
+        self._push_sha = client.script_load(scripts.PUSH)
+
+    def put_many(
+        self, items: list[tuple[EpisodeGroup, str | None]], lease_seconds: float
+    ) -> list[str | None]:
+        """Push groups (each its own atomic step) in one round trip per attempt.
+
+        Returns the entry id per item (None for a late push), in order.
+        """
+        pushes = [_Push(self._k, group, lease_id, self.capacity) for group, lease_id in items]
+        results: list[str | None] = [None] * len(pushes)
+        waiting = list(range(len(pushes)))
+        start = last_renew = time.monotonic()
+        pause = 0.002
+        while True:
+            self._attempt([pushes[i] for i in waiting])
+            waiting = [i for i in waiting if self._settle(pushes[i], i, results)]
+            if not waiting:
+                return results
+            now = time.monotonic()
+            if now - start >= self.put_timeout_s:
+                self._r.delete(*[pushes[i].payload_key for i in waiting])
+                raise BufferFullError(
+                    f"put_group: the buffer stayed full ({self.capacity} unconsumed groups) "
+                    f"for put_timeout_s={self.put_timeout_s:g}s; is the trainer taking groups?"
+                )
+            if now - last_renew >= lease_seconds / 3:
+                for i in waiting:  # waiting on the trainer must not cost a worker its lease
+                    if pushes[i].lease_id:
+                        self._renew(pushes[i].lease_id)
+                last_renew = now
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _attempt(self, pushes: list[_Push]) -> None:
+        """One pipelined round trip: (re-)SET missing payloads, run the push script (by sha:
+        redis-py's Script objects add a SCRIPT EXISTS round trip to every pipeline)."""
+        pipe = self._r.pipeline(transaction=False)
+        for push in pushes:
+            if push.status == "NOPAYLOAD":
+                pipe.set(push.payload_key, push.record, ex=self._payload_ttl_s)
+            pipe.evalsha(self._push_sha, len(push.keys), *push.keys, *push.args)
+        replies = iter(pipe.execute(raise_on_error=False))
+        unloaded = False
+        for push in pushes:
+            if push.status == "NOPAYLOAD":
+                next(replies)  # the SET's OK
+            reply = next(replies)
+            if isinstance(reply, redis.exceptions.NoScriptError):  # the server restarted
+                unloaded, push.status = True, "FULL"  # not run: safe to run again
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            push.reply, push.status = reply, _text(reply[0])
+        if unloaded:
+            self._push_sha = self._r.script_load(scripts.PUSH)
+
+    @staticmethod
+    def _settle(push: _Push, i: int, results: list[str | None]) -> bool:
+        """Record the outcome of one push; True if it must be tried again."""
+        if push.status in ("OK", "DONE"):
+            results[i] = _text(push.reply[1])
+        elif push.status == "LATE":
+            logger.warning("late push refused: lease %s of prompt %s expired and was requeued",
+                           push.lease_id, push.group.prompt_id)  # fmt: skip
+        elif push.status == "MISMATCH":
+            raise LeaseMismatchError(
+                f"lease_id: {push.lease_id} leases prompt {_text(push.reply[1])!r}, "
+                f"not {push.group.prompt_id!r}"
+            )
+        return push.status in _RETRY
