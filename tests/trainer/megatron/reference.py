@@ -168,6 +168,8 @@ def run_scenario(args: argparse.Namespace) -> dict:
         k for k in hf if k in exported and not torch.equal(hf[k], exported[k])
     )
     out.update(_fp8_update_check(backend, hf))
+    if args.pp == 1:  # a later stage's forward needs its input from the stage before
+        out["activation_ratios"] = _activation_ratios(backend, batches[0], args)
     ref_lp = torch_logprobs(model, batches)
     mg_lp = backend.logprobs(batches)
     out["logprob_max_diff"] = _max_diff(mg_lp, ref_lp)
@@ -200,6 +202,48 @@ def run_scenario(args: argparse.Namespace) -> dict:
         out.update(_checkpoint_roundtrip(backend, batches, args.out))
     out["finite"] = all(math.isfinite(v) for v in metrics.values())
     return out
+
+
+def _activation_ratios(backend: MegatronBackend, batch: PackedBatch, args) -> list[float]:
+    """Per local layer: bytes the autograd graph keeps for backward per token (measured with
+    saved-tensor hooks, parameters excluded) / memory_plan.layer_activation_bytes (x2: the plan
+    counts bf16, this run is fp32)."""
+    from trainer.megatron.memory_plan import PlanInputs, layer_activation_bytes
+
+    params = {p.data_ptr() for p in backend.gpt.parameters()}
+    current: list[int | None] = [None]
+    kept: dict[int, dict[int, int]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if current[0] is not None and tensor.data_ptr() not in params:
+            kept.setdefault(current[0], {})[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    layers = backend.gpt.decoder.layers
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+    item = backend._inputs([batch])[0]
+    routers = [m for m in backend.gpt.modules() if getattr(m, "expert_bias", None) is not None]
+    counts = [r.local_tokens_per_expert.clone() for r in routers]
+    backend.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backend.model(item.input_ids, None, None, packed_seq_params=item.packed)
+    for hook in hooks:
+        hook.remove()
+    for router, count in zip(routers, counts):  # this forward must not feed the bias update
+        router.local_tokens_per_expert.copy_(count)
+    plan = PlanInputs(backend.trainer.megatron, dist.get_world_size(), dtype="float32")
+    pattern, offset = backend.arch.moe_layer_pattern, layers[0].layer_number - 1
+    tokens = item.input_ids.shape[1]
+    return [
+        sum(kept[i].values())
+        / tokens
+        / (2 * layer_activation_bytes(backend.arch, plan, bool(pattern[offset + i])))
+        for i in range(len(layers))
+    ]
 
 
 def _fp8_update_check(backend: MegatronBackend, hf: dict) -> dict:
