@@ -8,6 +8,9 @@ through the same redis-server in the same run:
                  (XACK + XDEL)
   store-batched  the same with put_groups: the batch's Lua calls in one pipelined trip
   raw            the already-encoded bytes: pipelined XADD, XREADGROUP, XACK + XDEL
+  raw+codec      raw, plus encode_group before XADD and decode_group after XREADGROUP: the
+                 same work as the store minus its guarantees (leases, atomic push, capacity,
+                 staleness, acks that delete payloads), so store vs raw+codec isolates those
 
 Rounds of --batch groups alternate put and take, so the stream stays short, as in training.
 Prints groups/s, MB/s (record bytes) and the ratio store/raw by wall clock, and the CPU
@@ -103,26 +106,30 @@ def _store_loop(store: EpisodeStore, groups: list[EpisodeGroup], batch: int, bat
         store.ack([t.entry_id for t in taken])
 
 
-def run_raw(url: str, records: list[bytes], batch: int) -> Cost:
+def run_raw(url: str, items: list, batch: int, codec: bool) -> Cost:
+    """items: encoded records (codec=False) or groups to encode and decode (codec=True)."""
     client = redis.Redis.from_url(url)
     stream = f"bench-raw-{time.time_ns()}"
     client.xgroup_create(stream, "g", id="0", mkstream=True)
     cost: list[Cost] = []
     with meter(client, cost):
-        _raw_loop(client, stream, records, batch)
+        _raw_loop(client, stream, items, batch, codec)
     client.delete(stream)
     client.close()
     return cost[0]
 
 
-def _raw_loop(client: redis.Redis, stream: str, records: list[bytes], batch: int) -> None:
-    for i in range(0, len(records), batch):
-        chunk = records[i : i + batch]
+def _raw_loop(client: redis.Redis, stream: str, items: list, batch: int, codec: bool) -> None:
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
         pipe = client.pipeline(transaction=False)
-        for j, record in enumerate(chunk):
+        for j, item in enumerate(chunk):
+            record = encode_group(item) if codec else item
             pipe.xadd(stream, {"g": record, "v": 0, "p": f"p{i + j}"})
         pipe.execute()
         reply = client.xreadgroup("g", "bench", {stream: ">"}, count=len(chunk), block=1000)
+        if codec:
+            [decode_group(fields[b"g"]) for _, fields in reply[0][1]]
         ids = [entry_id for entry_id, _ in reply[0][1]]
         if len(ids) != len(chunk):
             raise RuntimeError(f"raw: took {len(ids)} of {len(chunk)}")
@@ -145,15 +152,20 @@ def report(costs: dict[str, list[Cost]], n: int, mb: float) -> None:
     cpu = {name: min(c.client_cpu + c.server_cpu for c in runs) for name, runs in costs.items()}
     print("  wall clock (best run):")
     for name, seconds in wall.items():
-        ratio = f"  ratio to raw {wall['raw'] / seconds:.2f}" if name != "raw" else ""
-        print(f"    {name:13s} {n / seconds:7.0f} groups/s {mb / seconds:7.1f} MB/s{ratio}")
+        print(f"    {name:13s} {n / seconds:7.0f} groups/s {mb / seconds:7.1f} MB/s"
+              f"{_ratios(wall, name, seconds)}")  # fmt: skip
     print("  CPU per group, client + redis-server (insensitive to other load on the machine):")
     for name, runs in costs.items():
         best = min(runs, key=lambda c: c.client_cpu + c.server_cpu)
-        ratio = f"  ratio to raw {cpu['raw'] / cpu[name]:.2f}" if name != "raw" else ""
+        ratios = _ratios(cpu, name, cpu[name])
         print(f"    {name:13s} {cpu[name] / n * 1e6:6.0f} us = {best.client_cpu / n * 1e6:4.0f} "
               f"client + {best.server_cpu / n * 1e6:4.0f} server "
-              f"({n / cpu[name]:6.0f} groups per CPU-s){ratio}")  # fmt: skip
+              f"({n / cpu[name]:6.0f} groups per CPU-s){ratios}")  # fmt: skip
+
+
+def _ratios(table: dict[str, float], name: str, seconds: float) -> str:
+    peers = [p for p in ("raw", "raw+codec") if p != name and (p == "raw" or name != "raw")]
+    return "".join(f"  {table[p] / seconds:.2f} of {p}" for p in peers)
 
 
 def main() -> None:
@@ -175,7 +187,8 @@ def main() -> None:
         url = args.url or server.start()
         try:
             runs = {
-                "raw": lambda: run_raw(url, records, args.batch),
+                "raw": lambda: run_raw(url, records, args.batch, codec=False),
+                "raw+codec": lambda: run_raw(url, groups, args.batch, codec=True),
                 "store": lambda: run_store(url, groups, args.batch, batched_put=False),
                 "store-batched": lambda: run_store(url, groups, args.batch, batched_put=True),
             }
