@@ -51,6 +51,7 @@ from trainer.batch import StepBatch
 from trainer.losses import ActorObjective, StatSums, StepTotals
 from trainer.megatron import checkpoint, router_stats
 from trainer.megatron.arch import GlmArch
+from trainer.megatron.convert import names_key
 from trainer.megatron.hf_checkpoint import LazyHFCheckpoint
 from trainer.megatron.inputs import (
     MegatronInputs,
@@ -103,7 +104,8 @@ class MegatronBackend:
         par = trainer.megatron
         check_plan(self.arch, par, dist.get_world_size())
         init_parallel(par, seed)
-        self.impl = "te" if par.transformer_engine else "local"
+        self.impl = "te" if par.transformer_engine else "local"  # the layer spec
+        self.names = names_key(par.transformer_engine, par.grouped_gemm)  # its tensor names
         config = transformer_config(
             self.arch,
             par,
@@ -112,7 +114,7 @@ class MegatronBackend:
             aux_loss_coef=algo.moe.aux_loss_coef,
         )
         self.gpt = build_model(self.arch, config, self.impl)
-        load_hf_weights(self.gpt, hf_weights, self.arch, self.impl)
+        load_hf_weights(self.gpt, hf_weights, self.arch, self.names)
         module = Float16Module(config, self.gpt) if config.bf16 else self.gpt
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.distributed_optimizer
@@ -229,7 +231,7 @@ class MegatronBackend:
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
         """Full tensors under HF names, gathered over TP/EP/PP; every rank must consume it."""
-        return export_hf_weights(self.gpt, self.arch, self.impl)
+        return export_hf_weights(self.gpt, self.arch, self.names)
 
     def weight_update(
         self,

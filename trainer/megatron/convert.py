@@ -149,9 +149,17 @@ PARAM_NAMES: dict[str, ParamNames] = {
         expert_fc1=_LAYER + "mlp.experts.local_experts.{e}.linear_fc1.weight",
         expert_fc2=_LAYER + "mlp.experts.local_experts.{e}.linear_fc2.weight",
     ),
-    # TransformerEngine spec: input norm fused into linear_qkv, dense pre-MLP norm fused into
-    # linear_fc1, TEGroupedMLP experts (grouped_gemm). Not runnable without a GPU.
+    # TransformerEngine spec (GPU): input norm fused into linear_qkv, the dense layers'
+    # pre-MLP norm fused into linear_fc1; experts as SequentialMLP of TE linears ...
     "te": ParamNames(
+        input_norm=_LAYER + "self_attention.linear_qkv.layer_norm_weight",
+        pre_mlp_norm_dense=_LAYER + "mlp.linear_fc1.layer_norm_weight",
+        pre_mlp_norm_moe=_LAYER + "pre_mlp_layernorm.weight",
+        expert_fc1=_LAYER + "mlp.experts.local_experts.{e}.linear_fc1.weight",
+        expert_fc2=_LAYER + "mlp.experts.local_experts.{e}.linear_fc2.weight",
+    ),
+    # ... or as TEGroupedMLP (grouped_gemm), one weight per local expert in one module.
+    "te_grouped": ParamNames(
         input_norm=_LAYER + "self_attention.linear_qkv.layer_norm_weight",
         pre_mlp_norm_dense=_LAYER + "mlp.linear_fc1.layer_norm_weight",
         pre_mlp_norm_moe=_LAYER + "pre_mlp_layernorm.weight",
@@ -244,8 +252,15 @@ def layer_entries(arch: GlmArch, names: ParamNames, i: int, layout: RankLayout) 
     return out + _swiglu(_LAYER.format(i=i) + "mlp.", hf + "mlp.", "tp")
 
 
+def names_key(transformer_engine: bool, grouped_gemm: bool) -> str:
+    """The PARAM_NAMES key of a spec: "local", "te" or "te_grouped"."""
+    if not transformer_engine:
+        return "local"
+    return "te_grouped" if grouped_gemm else "te"
+
+
 def entries(arch: GlmArch, layout: RankLayout, impl: str = "local") -> list[Entry]:
-    """Every megatron tensor of this rank, in model order."""
+    """Every megatron tensor of this rank, in model order (impl: a PARAM_NAMES key)."""
     names = PARAM_NAMES[impl]
     out: list[Entry] = []
     if layout.first_stage:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from configs.services import MegatronConfig
+from configs.services import MegatronConfig, TrainerConfig
 from trainer.megatron.arch import GlmArch
 
 GB = 1024**3
@@ -195,3 +195,20 @@ def render(a: GlmArch, p: PlanInputs, gpu_gb: float = 80.0) -> str:
         f"peak {worst.total / GB:.1f} GiB on stage {worst.stage}: {verdict} in {gpu_gb:g} GiB"
     )
     return "\n".join(lines)
+
+
+def render_for_trainer(
+    model_config: object, trainer: TrainerConfig, *, num_microbatches: int = 8, gpu_gb: float = 80.0
+) -> str:
+    """`render` for a job's trainer section: world = trainer.num_ranks, micro-batches of
+    trainer.micro_batch_tokens tokens in trainer.dtype. model_config: an HF-style GLM config
+    (models.ModelConfig, a config.json dict, or a GlmArch)."""
+    arch = model_config if isinstance(model_config, GlmArch) else GlmArch.from_hf(model_config)
+    plan = PlanInputs(
+        trainer.megatron,
+        trainer.num_ranks,
+        dtype=trainer.dtype,
+        micro_batch_tokens=trainer.micro_batch_tokens,
+        num_microbatches=num_microbatches,
+    )
+    return render(arch, plan, gpu_gb)

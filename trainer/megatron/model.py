@@ -65,6 +65,11 @@ def check_plan(arch: GlmArch, par: MegatronConfig, world_size: int) -> None:
         (arch.num_experts % par.ep, f"ep ({par.ep}) dividing n_routed_experts"),
         (arch.num_layers % par.pp, f"pp ({par.pp}) dividing num_hidden_layers"),
         (par.tp > 1 and not sequence_parallel(par), "sequence_parallel on for MoE with tp > 1"),
+        (par.cp > 1, "cp 1 (context parallelism is not implemented by this backend yet)"),
+        (
+            par.grouped_gemm and not par.transformer_engine,
+            "grouped_gemm only with transformer_engine",
+        ),
     ]
     for failed, expected in problems:
         if failed:
