@@ -117,11 +117,27 @@ def _initial_model(job: JobConfig, run: RunDir, vocab_size: int, special: dict) 
     return run.init_model
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
 def export_final(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
-    """Make `out` a self-contained HF directory: weights + tokenizer files."""
+    """Make `out` a self-contained HF directory: the weights already there + tokenizer files.
+
+    Only tokenizer files are copied: a tokenizer dir may itself be a model dir (a previous
+    stage's output), and its weights must never overwrite the ones just saved.
+    """
     if tokenizer_dir.resolve() != out.resolve():
-        for item in tokenizer_dir.iterdir():
-            if item.is_file() and item.name != "config.json":
-                shutil.copy2(item, out / item.name)
-    (out / "physarum.json").write_text(json.dumps({"source": str(model_dir)}))
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, out / name)
+    (out / "physarum.json").write_text(json.dumps({"initial_weights": str(model_dir)}))
     return out
