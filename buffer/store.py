@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -48,6 +49,16 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("health_check_interval", 30)
     return redis.Redis.from_url(url, **kwargs)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
 class EpisodeStore:
@@ -82,6 +93,12 @@ class EpisodeStore:
                 renew=self._prompts.renew,
             )
             self._groups = GroupStream(self._r, self.keys, max_staleness=max_staleness)
+        except redis.ConnectionError as exc:
+            self._r.close()
+            raise redis.ConnectionError(
+                f"buffer: cannot reach Redis at {redact(url)} ({exc}); is the server up, and "
+                "are the host, port and password in the URL right?"
+            ) from exc
         except Exception:
             self._r.close()
             raise

@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from buffer import redis_server
 from buffer.redis_server import EmbeddedRedis, RedisServerError, RedisTLS
-from buffer.store import EpisodeStore
+from buffer.store import EpisodeStore, redact
 from tests.buffer.conftest import make_group
 
 
@@ -93,3 +93,15 @@ def test_rediss_url_with_password(tmp_path: Path) -> None:
         plain = f"redis://:s3cret@127.0.0.1:{server.port}/0"
         with pytest.raises(redis.ConnectionError):
             redis.Redis.from_url(plain, socket_timeout=2).ping()
+
+
+def test_an_unreachable_server_is_named_without_its_password(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path, password="hunter2") as server:
+        port = server.port
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"  # stopped: nothing listens there now
+    with pytest.raises(redis.ConnectionError, match=r"cannot reach Redis at redis://:\*\*\*@127"):
+        EpisodeStore(url, "x")
+    assert redact(url) == f"redis://:***@127.0.0.1:{port}/0"
+    assert redact("rediss://user:pw@h:1/0?ssl_cert_reqs=none") == (
+        "rediss://user:***@h:1/0?ssl_cert_reqs=none"
+    )
