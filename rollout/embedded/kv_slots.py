@@ -2,12 +2,16 @@
 
 The model's KV cache (`model.new_kv_cache(num_slots, max_len)`) is allocated once; each
 running sequence owns one slot until it finishes, then the slot returns to the free list and
-is reused without clearing (the model never attends past a row's own length). Sampling
+is reused without clearing (the model never attends past a row's own length). The lowest free
+slot is handed out first, so the running set stays packed at the low slots and a decode
+batch (rows ordered by slot) is often one contiguous slot range. Sampling
 parameters live in slot-indexed tensors written once at admission, so building a step's
 `SamplingBatch` is a gather by the active slots, not a per-row Python loop.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import torch
 from torch import Tensor
@@ -32,7 +36,7 @@ class SlotPool:
         self.cache = cache
         self.num_slots = num_slots
         self.max_len = max_len
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free = list(range(num_slots))  # a min-heap: the lowest free slot goes first
         self._used: set[int] = set()
         self.temperature = torch.zeros(num_slots, dtype=torch.float32)
         self.top_p = torch.ones(num_slots, dtype=torch.float32)
@@ -53,7 +57,7 @@ class SlotPool:
         """Take a free slot for a sequence with these parameters and `counter` tokens so far."""
         if not self._free:
             raise RuntimeError("SlotPool.acquire: no free slot")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self._used.add(slot)
         self.temperature[slot] = float(params.temperature)
         self.top_p[slot] = float(params.top_p)
@@ -67,11 +71,11 @@ class SlotPool:
         if slot not in self._used:
             raise RuntimeError(f"SlotPool.release: slot {slot} is not in use")
         self._used.discard(slot)
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def reset(self) -> None:
         """Forget every slot assignment (flush_cache on an idle engine)."""
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._free = list(range(self.num_slots))
         self._used.clear()
 
     def batch(self, slots: Tensor) -> SamplingBatch:
