@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from buffer.store import EpisodeStore
-from tests.buffer.conftest import make_group
+from tests.buffer.helpers import make_group
 
 
 def produce(url: str, namespace: str, worker: str, seed: int, results: Any) -> None:

@@ -19,7 +19,7 @@ from buffer.codec import (
     encode_group_versioned,
 )
 from buffer.episode import Episode, EpisodeGroup, FinishReason
-from tests.buffer.conftest import make_group
+from tests.buffer.helpers import make_group
 
 
 def _assert_same(a: EpisodeGroup, b: EpisodeGroup) -> None:

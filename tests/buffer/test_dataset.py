@@ -11,7 +11,7 @@ import pytest
 
 from buffer.dataset import DatasetError, parse_dataset
 from buffer.prompt_queue import DatasetMismatchError
-from tests.buffer.conftest import write_prompts
+from tests.buffer.helpers import write_prompts
 
 MESSAGES = [{"role": "user", "content": "2+2?"}]
 

@@ -9,7 +9,7 @@ import pytest
 
 from buffer.errors import LeaseMismatchError
 from buffer.prompt_queue import NoDatasetError, epoch_order
-from tests.buffer.conftest import make_group, write_prompts
+from tests.buffer.helpers import make_group, write_prompts
 
 
 def _ids(leases) -> list[str]:

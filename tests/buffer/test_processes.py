@@ -10,7 +10,7 @@ from pathlib import Path
 
 from buffer.store import EpisodeStore
 from tests.buffer import _workers
-from tests.buffer.conftest import make_group, write_prompts
+from tests.buffer.helpers import make_group, write_prompts
 
 CTX = mp.get_context("spawn")  # fresh interpreters: no inherited sockets or threads
 

@@ -14,7 +14,7 @@ from redis.retry import Retry
 from buffer import redis_server
 from buffer.redis_server import EmbeddedRedis, RedisServerError, RedisTLS
 from buffer.store import EpisodeStore, redact
-from tests.buffer.conftest import make_group
+from tests.buffer.helpers import make_group
 
 
 def test_restart_on_the_same_data_dir_reloads_the_aof(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import redis
 from buffer.errors import LeaseMismatchError
 from buffer.redis_server import EmbeddedRedis
 from buffer.store import EpisodeStore
-from tests.buffer.conftest import make_group, write_prompts
+from tests.buffer.helpers import make_group, write_prompts
 
 
 def _wait_aof_written(url: str) -> None:

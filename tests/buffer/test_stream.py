@@ -9,7 +9,7 @@ import time
 import pytest
 
 from buffer.errors import BufferFullError
-from tests.buffer.conftest import make_group, write_prompts
+from tests.buffer.helpers import make_group, write_prompts
 
 
 def test_take_returns_groups_in_order_and_ack_removes_them(make_store) -> None:

@@ -1,0 +1,42 @@
+"""Builders shared by the buffer tests and their worker processes (no pytest import, so
+spawned processes start fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from buffer.episode import Episode, EpisodeGroup
+
+
+def make_group(
+    prompt_id: str, *, n: int = 2, response_len: int = 8, version: int = 0, seed: int = 0
+) -> EpisodeGroup:
+    """A group of n single-turn episodes whose tokens were all generated at `version`."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 1000, 5)
+    episodes = [
+        Episode.from_generation(
+            prompt_ids=prompt,
+            response_ids=rng.integers(0, 1000, response_len),
+            logprobs=-rng.random(response_len).astype(np.float32),
+            versions=np.full(response_len, version),
+            finish_reason="stop",
+            metadata={"sample": i},
+        )
+        for i in range(n)
+    ]
+    for i, episode in enumerate(episodes):
+        episode.reward = float(i)
+    return EpisodeGroup(prompt_id, episodes, {"prompt": prompt_id})
+
+
+def write_prompts(path: Path, n: int, *, start: int = 0) -> Path:
+    """A JSONL dataset of n well-formed rows with ids p<start>..p<start+n-1>."""
+    with path.open("w") as fh:
+        for i in range(start, start + n):
+            row = {"id": f"p{i}", "messages": [{"role": "user", "content": f"q{i}"}]}
+            fh.write(json.dumps(row) + "\n")
+    return path
