@@ -14,7 +14,7 @@ padded [N, L] view of the responses (`to_padded` / `from_padded`), see `assign_a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -187,18 +187,22 @@ def from_padded(batches: Sequence[PackedBatch], padded: Tensor) -> list[Tensor]:
     return outs
 
 
-def shard_batches(batches: Sequence[PackedBatch], rank: int, world_size: int) -> list[PackedBatch]:
-    """This rank's micro-batches: greedy by tokens (largest first, to the least loaded rank).
-
-    Deterministic and identical on every rank; a rank may get none when there are fewer
-    micro-batches than ranks.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
-    load = [0] * world_size
-    owner = [0] * len(batches)
-    for i in sorted(range(len(batches)), key=lambda i: (-batches[i].num_tokens, i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += batches[i].num_tokens
-    return [b for b, r in zip(batches, owner, strict=True) if r == rank]
+def concat_steps(steps: Sequence[StepBatch]) -> StepBatch:
+    """One StepBatch holding the micro-batches of `steps` unchanged, sequences renumbered
+    (step k's sequences follow step k-1's; group ids likewise), e.g. the ranks' shares."""
+    if not steps:
+        raise ValueError("steps: expected at least one StepBatch")
+    batches, seq_offset, group_offset = [], 0, 0
+    group_ids = []
+    for step in steps:
+        for batch in step.micro_batches:
+            batches.append(replace(batch, sample_index=batch.sample_index + seq_offset))
+        group_ids.append(step.group_ids + group_offset)
+        seq_offset += step.num_seqs
+        group_offset += int(step.group_ids.max()) + 1 if step.num_seqs else 0
+    return StepBatch(
+        micro_batches=batches,
+        rewards=torch.cat([s.rewards for s in steps]),
+        group_ids=torch.cat(group_ids),
+        response_lens=torch.cat([s.response_lens for s in steps]),
+    )

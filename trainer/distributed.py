@@ -5,6 +5,7 @@ backward passes (the losses are already scaled by step-wide denominators, so the
 exact gradient of the global batch). This is DDP's arithmetic without its forward hooks: it
 works with any model method (token_logprobs, not just forward) and with MoE experts that
 receive no token on some rank (their gradient counts as zero). Gloo on CPU, NCCL on GPU.
+FSDP2 sharding of the actor is in trainer/fsdp.py.
 """
 
 from __future__ import annotations
@@ -88,15 +89,3 @@ class DataParallel:
             return
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0, group=self.group)
-
-
-def fully_shard_model(model: nn.Module, layers: Iterable[nn.Module]) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the root. Raises if FSDP2 is unavailable."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as err:  # pragma: no cover - depends on the torch build
-        raise RuntimeError(f"trainer.fsdp: FSDP2 (fully_shard) is unavailable: {err}") from err
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model

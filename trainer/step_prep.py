@@ -1,10 +1,9 @@
-"""Make a step's micro-batches ready for `train_step`: shard, logprob passes, advantages.
+"""Make a rank's share of a step ready for `train_step`: logprob passes, then advantages.
 
-Backend-agnostic (any TrainerBackend; `values` only for a backend with a critic). Every rank
-receives the same StepBatch; each keeps its shard, runs the model passes the algorithm needs
-on it, and the advantages are computed over the *whole* step (a group may straddle ranks):
-rank outputs are all-gathered first when an estimator needs per-token model outputs (critic
-values for GAE, KL penalties in the reward).
+Backend-agnostic (any TrainerBackend; `values` only for a backend with a critic). The trainer
+service hands every data-parallel rank its own share of the step (whole episode groups), so
+the passes and group-based advantages are local; REINFORCE++'s whitening over the *global*
+batch combines the ranks' moments through `all_reduce`.
 
   old logprobs   recomputed when `recompute_old` (several optimizer steps on this data, routing
                  replay, KL in the reward); otherwise train_step uses its own forward's
@@ -17,19 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor
 
 from configs.algorithm import AlgorithmConfig
 from trainer.backend import PackedBatch, TrainerBackend
-from trainer.batch import StepBatch, from_padded, shard_batches, to_padded
+from trainer.batch import StepBatch, from_padded, to_padded
 from trainer.losses.advantages import NEEDS_VALUES, AdvantageInputs, AdvantageParams
 from trainer.losses.kl import kl_penalty
 from trainer.losses.registry import lookup
 
-AllGather = Callable[[Any], list[Any]]
-"""all_gather_object(obj) -> every rank's obj in rank order."""
+AllReduce = Callable[[Tensor, str], None]
+"""all_reduce(tensor, op) in place over the data-parallel ranks, op "sum" | "max"."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +48,6 @@ class PassPlan:
         )
 
 
-def _full_step(
-    step: StepBatch, local_idx: list[int], local: list[Tensor], gather: AllGather
-) -> list[Tensor]:
-    """Per-token tensors for every micro-batch of the step, from every rank's shard."""
-    merged: dict[int, Tensor] = {}
-    for part in gather(dict(zip(local_idx, local, strict=True))):
-        merged.update(part)
-    return [merged[i] for i in range(len(step.micro_batches))]
-
-
 def assign_advantages(
     step: StepBatch,
     algo: AlgorithmConfig,
@@ -68,11 +56,13 @@ def assign_advantages(
     ref_logprobs: list[Tensor] | None = None,
     values: list[Tensor] | None = None,
     eps: float = 1e-6,
+    all_reduce: AllReduce | None = None,
 ) -> None:
     """Fill advantages (and returns, values) of every micro-batch of `step` in place.
 
     Per-token inputs are lists aligned with step.micro_batches. KL in the reward needs
-    old_logprobs and ref_logprobs; gae needs values.
+    old_logprobs and ref_logprobs; gae needs values. all_reduce (over data-parallel ranks,
+    each with its own step) makes batch-wide statistics (REINFORCE++ whitening) global.
     """
     batches, n, length = step.micro_batches, step.num_seqs, step.max_response_len
     mask = to_padded(batches, [b.loss_mask for b in batches], n, length)
@@ -88,7 +78,7 @@ def assign_advantages(
         penalties = to_padded(batches, per_token, n, length)
     padded_values = to_padded(batches, values, n, length) if values is not None else None
     inputs = AdvantageInputs(step.rewards, step.group_ids, mask, penalties, padded_values)
-    params = AdvantageParams(gamma=algo.gamma, lam=algo.lam, eps=eps)
+    params = AdvantageParams(gamma=algo.gamma, lam=algo.lam, eps=eps, all_reduce=all_reduce)
     result = lookup("advantage", algo.advantage)(inputs, params)
     for batch, adv in zip(batches, from_padded(batches, result.advantages), strict=True):
         batch.advantages = adv
@@ -105,38 +95,19 @@ def prepare_step(
     step: StepBatch,
     algo: AlgorithmConfig,
     *,
-    rank: int = 0,
-    world_size: int = 1,
-    all_gather: AllGather | None = None,
     ppo_epochs: int = 1,
+    all_reduce: AllReduce | None = None,
 ) -> list[PackedBatch]:
     """This rank's micro-batches with old/ref logprobs, values and advantages filled."""
-    if world_size > 1 and all_gather is None:
-        raise ValueError("all_gather: needed when world_size > 1")
-    gather: AllGather = all_gather or (lambda obj: [obj])
     plan = PassPlan.for_algorithm(algo, ppo_epochs=ppo_epochs)
-    mine = shard_batches(step.micro_batches, rank, world_size)
-    index = {id(b): i for i, b in enumerate(step.micro_batches)}
-    local_idx = [index[id(b)] for b in mine]
-    outputs: dict[str, list[Tensor]] = {}
-    if plan.old:
-        outputs["old"] = backend.logprobs(mine, model="actor")
-    if plan.ref:
-        outputs["ref"] = backend.logprobs(mine, model="ref")
-    if plan.values:
-        outputs["values"] = backend.values(mine)  # type: ignore[attr-defined]
-    for key, batch_attr in (("old", "old_logprobs"), ("ref", "ref_logprobs")):
-        for batch, t in zip(mine, outputs.get(key, ()), strict=False):
-            setattr(batch, batch_attr, t)
-    needs_full = plan.values or (algo.kl.coef > 0 and algo.kl.mode == "reward")
-    full = {}
-    if needs_full:
-        full = {k: _full_step(step, local_idx, v, gather) for k, v in outputs.items()}
+    batches = step.micro_batches
+    old = backend.logprobs(batches, model="actor") if plan.old else None
+    ref = backend.logprobs(batches, model="ref") if plan.ref else None
+    values = backend.values(batches) if plan.values else None  # type: ignore[attr-defined]
+    for i, batch in enumerate(batches):
+        batch.old_logprobs = old[i] if old is not None else batch.old_logprobs
+        batch.ref_logprobs = ref[i] if ref is not None else batch.ref_logprobs
     assign_advantages(
-        step,
-        algo,
-        old_logprobs=full.get("old"),
-        ref_logprobs=full.get("ref"),
-        values=full.get("values"),
+        step, algo, old_logprobs=old, ref_logprobs=ref, values=values, all_reduce=all_reduce
     )
-    return mine
+    return batches

@@ -34,6 +34,7 @@ from trainer.batch import StepBatch
 from trainer.checkpoint import load_state, save_state, seed_everything
 from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
+from trainer.fsdp import full_state, load_full_state, shard_actor, to_float, unsharded
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
 from trainer.losses.stats import StatSums
@@ -44,6 +45,20 @@ from trainer.step_prep import prepare_step
 log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _inert_batch() -> PackedBatch:
+    """A 2-token micro-batch with nothing to train (keeps FSDP ranks in step)."""
+    zeros = torch.zeros(2)
+    return PackedBatch(
+        input_ids=torch.zeros(2, dtype=torch.long),
+        cu_seqlens=torch.tensor([0, 2]),
+        loss_mask=zeros,
+        rollout_logprobs=zeros,
+        advantages=zeros,
+        versions=torch.full((2,), -1),
+        seq_ids=torch.zeros(2, dtype=torch.long),
+    )
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -68,19 +83,12 @@ class TorchBackend:
     ) -> None:
         """policy_loss overrides algo.policy_loss (e.g. "sft" for SFT and rejection sampling);
         total_steps is the LR schedule's horizon (default cfg.steps)."""
-        if cfg.fsdp:
-            raise NotImplementedError(
-                "trainer.fsdp: FSDP2 sharding is not wired into the torch backend yet; "
-                "use fsdp: false (data parallel with full replicas)"
-            )
         self.cfg, self.algo = cfg, algo
         self.dp = dp or DataParallel()
         seed_everything(seed + self.dp.rank)
         self.model = model
         self.dp.broadcast_module(model)
         self.objective = ActorObjective.from_config(algo, policy_loss)
-        self.optimizer = build_optimizer(model.parameters(), cfg, cfg.lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.ref = _frozen_copy(model) if self.objective.needs_ref else None
         self.critic: ValueModel | None = None
         if algo.advantage in NEEDS_VALUES and not self.objective.is_sft:
@@ -88,6 +96,12 @@ class TorchBackend:
             self.critic_objective = CriticObjective.from_config(algo)
             self.critic_optimizer = build_optimizer(self.critic.parameters(), cfg, cfg.critic_lr)
             self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg, total_steps)
+        self._fsdp_units = shard_actor(model) if cfg.fsdp and self.dp.enabled else None
+        if cfg.fsdp and not self.dp.enabled:
+            log.info("trainer.fsdp: one rank, nothing to shard; training unsharded")
+        self._loss_scale = float(self.dp.world_size) if self._fsdp_units else 1.0
+        self.optimizer = build_optimizer(model.parameters(), cfg, cfg.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.version = 0
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
 
@@ -110,7 +124,7 @@ class TorchBackend:
         network = self._network(model)
         capture = self.algo.moe.routing_replay and network is self.model
         outs = []
-        for b in batches:
+        for b, real in self._aligned(batches, sharded=network is self.model):
             routing = RoutingCapture() if capture else None
             with self._autocast():
                 out = network.token_logprobs(
@@ -122,8 +136,19 @@ class TorchBackend:
                 )
             if capture:
                 b.routed_experts = out.routed_experts
-            outs.append(out.logprobs.float())
+            if real:
+                outs.append(out.logprobs.float())
         return outs
+
+    def _aligned(self, batches: list[PackedBatch], *, sharded: bool = True) -> list[tuple]:
+        """(batch, is_real) pairs; under FSDP every rank runs as many micro-batches as the
+        busiest one (its collectives must match), padded with an inert 2-token batch."""
+        pairs = [(b, True) for b in batches]
+        if not (sharded and self._fsdp_units):
+            return pairs
+        count = torch.tensor([float(len(batches))])
+        self.dp.all_reduce(count, "max")
+        return pairs + [(_inert_batch(), False)] * (int(count) - len(batches))
 
     @torch.no_grad()
     def values(self, batches: list[PackedBatch]) -> list[Tensor]:
@@ -135,19 +160,15 @@ class TorchBackend:
 
     # --- training ----------------------------------------------------------------------------
     def prepare(self, step: StepBatch) -> list[PackedBatch]:
-        """This rank's share of `step`, with the passes and advantages the algorithm needs."""
+        """This rank's share of a step (its own groups) with the passes and advantages the
+        algorithm needs; REINFORCE++ whitening is global over the ranks."""
         return prepare_step(
-            self,
-            step,
-            self.algo,
-            rank=self.dp.rank,
-            world_size=self.dp.world_size,
-            all_gather=self.dp.all_gather_object,
-            ppo_epochs=self.cfg.ppo_epochs,
+            self, step, self.algo, ppo_epochs=self.cfg.ppo_epochs, all_reduce=self.dp.all_reduce
         )
 
     def train(self, step: StepBatch) -> dict[str, float]:
-        """prepare + cfg.ppo_epochs optimizer steps on the step; the last step's metrics."""
+        """The trainer service's step, `step` being this rank's share (its own episode
+        groups): prepare, then cfg.ppo_epochs optimizer steps; the last step's metrics."""
         t0 = time.perf_counter()
         batches = self.prepare(step)
         metrics: dict[str, float] = {}
@@ -171,7 +192,7 @@ class TorchBackend:
         stats = StatSums()
         load = torch.zeros(len(self.model.moe_blocks()), self.model.config.n_routed_experts)
         replay = self.algo.moe.routing_replay
-        for b in batches:
+        for b, real in self._aligned(batches):
             routing = (
                 RoutingReplay(b.routed_experts) if replay and b.routed_experts is not None else None
             )
@@ -187,9 +208,10 @@ class TorchBackend:
             loss, part = objective(
                 b, out.logprobs, totals, entropy=out.entropy, aux_loss=out.aux_loss
             )
-            loss.backward()
-            stats.merge(part)
-            load += out.expert_load.detach().float()
+            (loss * self._loss_scale).backward()
+            if real:
+                stats.merge(part)
+                load += out.expert_load.detach().float()
         return stats, load
 
     def _critic_pass(self, batches: list[PackedBatch]) -> StatSums:
@@ -207,13 +229,14 @@ class TorchBackend:
         self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> float:
         params = [p for p in module.parameters() if p.requires_grad]
-        self.dp.all_reduce_grads(params)
+        if not (self._fsdp_units and module is self.model):  # FSDP reduced them already
+            self.dp.all_reduce_grads(params)
         grads = [p for p in params if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
         optimizer.step()
         scheduler.step()
-        return float(norm)
+        return to_float(norm)
 
     def train_step(
         self, batches: list[PackedBatch], *, loss: str | None = None
@@ -257,7 +280,13 @@ class TorchBackend:
 
     # --- weights -----------------------------------------------------------------------------
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """The actor's full tensors with Hugging Face on-disk names (detached)."""
+        """The actor's full tensors with Hugging Face on-disk names (detached). Under FSDP
+        every rank must call this (the parameters are all-gathered)."""
+        if self._fsdp_units:
+            with unsharded(self._fsdp_units):
+                tensors = [(n, t.detach().clone()) for n, t in self.model.hf_state_dict()]
+            yield from tensors
+            return
         for name, tensor in self.model.hf_state_dict():
             yield name, tensor.detach()
 
@@ -296,8 +325,11 @@ class TorchBackend:
         return items
 
     def save(self, path: str) -> None:
-        """Model, optimizer, scheduler (+ critic, reference), RNG, version into directory path."""
-        state = {name: obj.state_dict() for name, obj in self._stateful().items()}
+        """Model, optimizer, scheduler (+ critic, reference), RNG, version into directory path.
+        Every rank must call it (rank 0 writes the state, each rank its RNG state)."""
+        items = self._stateful()
+        state = full_state(self.model, self.optimizer) if self._fsdp_units else {}
+        state |= {name: obj.state_dict() for name, obj in items.items() if name not in state}
         state["version"] = self.version
         save_state(path, state, rank=self.dp.rank)
         if self.dp.enabled:
@@ -310,6 +342,9 @@ class TorchBackend:
         missing = sorted(set(items) - set(state))
         if missing:
             raise ValueError(f"checkpoint {path}: lacks {missing} that this trainer needs")
+        if self._fsdp_units:
+            load_full_state(self.model, self.optimizer, state)
         for name, obj in items.items():
-            obj.load_state_dict(state[name])
+            if not (self._fsdp_units and name in ("model", "optimizer")):
+                obj.load_state_dict(state[name])
         self.version = int(state["version"])

@@ -10,9 +10,9 @@ from buffer.episode import Episode, EpisodeGroup
 from trainer.batch import (
     build_rl_step,
     build_step,
+    concat_steps,
     from_padded,
     pack_by_tokens,
-    shard_batches,
     to_padded,
 )
 
@@ -100,16 +100,15 @@ def test_groups_flatten_in_order_and_views_round_trip():
         assert torch.all(values[prompt] == 0)
 
 
-def test_shards_partition_the_micro_batches():
-    episodes = [_episode([1] * n, [2]) for n in (7, 3, 5, 1, 6)]
-    step = build_step(episodes, list(range(5)), micro_batch_tokens=8)
-    shards = [shard_batches(step.micro_batches, r, 2) for r in range(2)]
-    ids = sorted(id(b) for s in shards for b in s)
-    assert ids == sorted(id(b) for b in step.micro_batches)
-    loads = [sum(b.num_tokens for b in s) for s in shards]
-    assert abs(loads[0] - loads[1]) <= max(b.num_tokens for b in step.micro_batches)
-    with pytest.raises(ValueError, match="rank"):
-        shard_batches(step.micro_batches, 2, 2)
+def test_concat_steps_renumbers_sequences_and_groups():
+    a = build_step([_episode([1], [2], reward=1.0), _episode([1], [3])], [0, 0],
+                   micro_batch_tokens=8)  # fmt: skip
+    b = build_step([_episode([4], [5, 6], reward=2.0)], [0], micro_batch_tokens=8)
+    both = concat_steps([a, b])
+    assert both.rewards.tolist() == [1.0, 0.0, 2.0] and both.group_ids.tolist() == [0, 0, 1]
+    assert [mb.sample_index.tolist() for mb in both.micro_batches] == [[0, 1], [2]]
+    assert both.micro_batches[0].input_ids is a.micro_batches[0].input_ids
+    assert a.micro_batches[0].sample_index.tolist() == [0, 1]  # the inputs are untouched
 
 
 def test_bad_inputs_name_the_field():

@@ -55,11 +55,16 @@ class AdvantageResult:
 
 @dataclass(frozen=True)
 class AdvantageParams:
-    """The estimator hyper-parameters (from AlgorithmConfig)."""
+    """The estimator hyper-parameters (from AlgorithmConfig).
+
+    all_reduce: optional in-place sum over data-parallel ranks (`f(tensor, "sum")`), for the
+    batch-wide statistics of REINFORCE++ when every rank holds only its share of the batch.
+    """
 
     gamma: float = 1.0
     lam: float = 1.0
     eps: float = 1e-6
+    all_reduce: Callable[[Tensor, str], None] | None = None
 
 
 AdvantageEstimator = Callable[[AdvantageInputs, AdvantageParams], AdvantageResult]
@@ -146,14 +151,30 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return AdvantageResult(advantages=adv, returns=(adv + values) * mask)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
-    """(x - mean) / (std + eps) over the positions where mask > 0 (unbiased std); 0 elsewhere."""
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    eps: float = 1e-6,
+    all_reduce: Callable[[Tensor, str], None] | None = None,
+) -> Tensor:
+    """(x - mean) / (std + eps) over the positions where mask > 0 (unbiased std); 0 elsewhere.
+
+    With all_reduce the mean and std are those of every rank's masked positions together.
+    """
     m = mask > 0
-    values = x[m]
-    if values.numel() == 0:
+    values = x[m].double()
+    moments = torch.stack([values.new_tensor(float(values.numel())), values.sum()])
+    if all_reduce is not None:
+        all_reduce(moments, "sum")
+    count, total = float(moments[0]), moments[1]
+    if count == 0:
         return torch.zeros_like(x)
-    std = values.std() if values.numel() > 1 else values.new_zeros(())
-    return torch.where(m, (x - values.mean()) / (std + eps), torch.zeros_like(x))
+    mean = total / count
+    sq = ((values - mean) ** 2).sum().reshape(1)
+    if all_reduce is not None:
+        all_reduce(sq, "sum")
+    std = (sq[0] / (count - 1)).sqrt() if count > 1 else sq.new_zeros(())
+    return torch.where(m, ((x.double() - mean) / (std + eps)).to(x.dtype), torch.zeros_like(x))
 
 
 def _broadcast(per_seq: Tensor, mask: Tensor) -> AdvantageResult:
@@ -174,7 +195,7 @@ def _rloo(inp: AdvantageInputs, p: AdvantageParams) -> AdvantageResult:
 
 def _reinforce_pp(inp: AdvantageInputs, p: AdvantageParams) -> AdvantageResult:
     returns = discounted_returns(token_rewards(inp), inp.mask, p.gamma)
-    return AdvantageResult(advantages=masked_whiten(returns, inp.mask, p.eps))
+    return AdvantageResult(advantages=masked_whiten(returns, inp.mask, p.eps, p.all_reduce))
 
 
 def _gae(inp: AdvantageInputs, p: AdvantageParams) -> AdvantageResult:
