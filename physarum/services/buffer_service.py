@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 from buffer.redis_server import EmbeddedRedis
@@ -27,6 +30,7 @@ class BufferService:
             self.url = job.buffer.url
             log.info("buffer: using the Redis at %s", _redact(self.url))
         else:
+            stop_orphan_redis(run.redis)
             self._redis = EmbeddedRedis(run.redis)
             self.url = self._redis.start()
             log.info("buffer: private redis-server on %s (AOF in %s)", self.url, run.redis)
@@ -62,3 +66,28 @@ def _redact(url: str) -> str:
         return url
     scheme, rest = url.split("://", 1)
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def stop_orphan_redis(data_dir: Path, timeout_s: float = 30.0) -> bool:
+    """Stop a redis-server left behind on `data_dir` by a driver that died (kill -9, OOM).
+
+    SIGTERM makes redis flush its AOF before exiting, so nothing acknowledged is lost; the
+    resumed job then starts its own server on the same data. Returns True if one was stopped.
+    """
+    pidfile = data_dir / "redis.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    if b"redis-server" not in cmdline:
+        return False
+    log.warning("buffer: a redis-server (pid %d) from an earlier run still serves %s; "
+                "stopping it (its AOF is flushed on SIGTERM)", pid, data_dir)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+    return True
