@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from models.fp8 import quantize_model_
-from models.weight_update import apply_weight_update
+from models.weight_update import WeightUpdate, apply_weight_update
 from rollout.embedded.scheduler import Scheduler
 from rollout.embedded.sequence import Decode, Sequence, StopRule
 from rollout.embedded.weights import mark_weights_changed
@@ -266,8 +266,9 @@ class EmbeddedEngine:
 
     # ---- control ---------------------------------------------------------------------------
 
-    async def update_weights(self, update: Any) -> None:
-        """Apply a models.weight_update.WeightUpdate between two decode steps."""
+    def submit_update(self, update: WeightUpdate) -> Future[None]:
+        """Queue a weight update (from any thread, without waiting); it is applied before the
+        next scheduler step. The Future resolves once the new weights are in place."""
 
         def apply() -> None:
             apply_weight_update(self.model, update)
@@ -275,7 +276,11 @@ class EmbeddedEngine:
             self.sched.version = int(update.version)
             logger.info("%s: weights updated to version %d", self.name, self.sched.version)
 
-        await self._acall(apply)
+        return self.call(apply)
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Apply a models.weight_update.WeightUpdate between two decode steps."""
+        await asyncio.wrap_future(self.submit_update(update))
 
     async def run_between_steps(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the engine thread between two steps (e.g. loading named tensors)."""

@@ -5,6 +5,7 @@ the model's own token logprobs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import torch
@@ -50,3 +51,21 @@ async def wait_until(pred, timeout: float = 30.0, interval: float = 0.005) -> No
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def slowed(engine, seconds: float = 0.004):
+    """Make every forward of `engine`'s model `seconds` slower (it still runs for real), so
+    that a control call made after a few tokens lands long before a request could finish."""
+    model = engine.model
+    forward = model.forward_cached
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward_cached = slow_forward
+    try:
+        yield
+    finally:
+        del model.forward_cached

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -22,7 +21,13 @@ from rollout.http_client import (
 from rollout.server import ServerThread, free_port, make_state
 from rollout.server.tensor_payload import decode_named_tensors
 from rollout.types import GenerateRequest, SamplingParams
-from tests.rollout.engine_helpers import greedy_reference, model_logprobs, tiny_model, wait_until
+from tests.rollout.engine_helpers import (
+    greedy_reference,
+    model_logprobs,
+    slowed,
+    tiny_model,
+    wait_until,
+)
 
 torch.set_num_threads(1)
 
@@ -98,7 +103,7 @@ def test_retry_reaches_a_server_that_comes_up_late(model):
     starter = threading.Timer(0.3, server.start)
     starter.start()
     try:
-        client_kw = {"retries": 8, "backoff": 0.05}  # backoff totals ~12 s: ample for startup
+        client_kw = {"retries": 10, "backoff": 0.05}  # backoff totals ~51 s: ample for startup
         info = asyncio.run(_with_client(server.url, lambda c: c.model_info(), **client_kw))
         assert info["weight_version"] == "0"
     finally:
@@ -109,6 +114,11 @@ def test_retry_reaches_a_server_that_comes_up_late(model):
 
 def test_control_calls(served):
     server, engine = served
+    with slowed(engine):
+        _control_calls(server, engine)
+
+
+def _control_calls(server, engine):
 
     async def scenario(c: SGLangClient):
         assert await c.health() and await c.health_generate()
@@ -217,15 +227,15 @@ def test_weight_versions_spans_expand_per_token():
 
 def test_client_timeout_is_reported_with_route(served):
     server, _ = served
-    started = time.monotonic()
-    with pytest.raises(EngineHTTPError) as info:
-        asyncio.run(
-            _with_client(
-                server.url,
-                lambda c: c.generate([GenerateRequest([1], greedy(120), rid="slow")]),
-                timeout=0.05,
-            )
-        )
-    assert "Timeout" in str(info.value) and info.value.rid == "slow"
-    assert time.monotonic() - started < 30
-    asyncio.run(_with_client(server.url, lambda c: c.abort_request(abort_all=True)))
+
+    async def scenario(c: SGLangClient):
+        await c.pause_generation("in_place")  # nothing can finish: the timeout must fire
+        async with SGLangClient(server.url, timeout=0.2) as impatient:
+            with pytest.raises(EngineHTTPError) as info:
+                await impatient.generate([GenerateRequest([1], greedy(20), rid="slow")])
+        await c.continue_generation()
+        await c.abort_request(abort_all=True)
+        return info.value
+
+    err = asyncio.run(_with_client(server.url, scenario))
+    assert "Timeout" in str(err) and err.rid == "slow" and err.route == "/generate"

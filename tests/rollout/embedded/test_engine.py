@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 
 import pytest
 import torch
@@ -109,22 +110,29 @@ def test_siblings_share_one_prefill_and_decode_together(engine, model):
     assert all(o.output_ids == greedy_reference(model, [2, 7, 1, 8], 5) for o in outs)
 
 
-def _start(engine, prompt, n_tokens, rid):
-    seqs = engine.make_sequences(GenerateRequest(prompt, greedy(n_tokens, ignore_eos=True), rid))
+def _slow(seq):
+    """on_update hook: 5 ms per token on the engine thread, so a control call made after a
+    few tokens always lands long before the sequence could finish (no race on a busy CPU)."""
+    time.sleep(0.005)
+
+
+def _start(engine, prompt, n_tokens, rid, slow=True):
+    params = greedy(n_tokens, ignore_eos=True)
+    seqs = engine.make_sequences(GenerateRequest(prompt, params, rid), _slow if slow else None)
     engine.submit(seqs)
     return seqs[0]
 
 
 def test_abort_one_request_keeps_the_others(engine, model):
     async def scenario():
-        victim = _start(engine, [1, 2, 3], 100, "victim")
-        other = _start(engine, [4, 5, 6], 20, "other")
+        victim = _start(engine, [1, 2, 3], 120, "victim")
+        other = _start(engine, [4, 5, 6], 20, "other", slow=False)
         await wait_until(lambda: len(victim.output_ids) >= 3)
         await engine.abort(["victim"])
         return await engine.wait([victim, other])
 
     victim, other = run(scenario())
-    assert victim.finish_reason == "abort" and 3 <= len(victim.output_ids) < 100
+    assert victim.finish_reason == "abort" and 3 <= len(victim.output_ids) < 120
     assert victim.output_ids == greedy_reference(model, [1, 2, 3], len(victim.output_ids))
     assert other.finish_reason == "length"
     assert other.output_ids == greedy_reference(model, [4, 5, 6], 20)
@@ -133,11 +141,11 @@ def test_abort_one_request_keeps_the_others(engine, model):
 @pytest.mark.parametrize("mode", ["retract", "in_place"])
 def test_pause_keeps_requests_and_resume_finishes_them(engine, model, mode):
     async def scenario():
-        seq = _start(engine, [8, 6, 4, 2], 40, "paused")
+        seq = _start(engine, [8, 6, 4, 2], 60, "paused")
         await wait_until(lambda: len(seq.output_ids) >= 5)
         await engine.pause(mode)
         frozen = len(seq.output_ids)
-        late = _start(engine, [3, 3], 5, "late")  # queued while paused
+        late = _start(engine, [3, 3], 5, "late", slow=False)  # queued while paused
         await asyncio.sleep(0.1)
         assert len(seq.output_ids) == frozen and not late.output_ids  # nothing ran
         if mode == "retract":
@@ -150,23 +158,23 @@ def test_pause_keeps_requests_and_resume_finishes_them(engine, model, mode):
 
     seq, late = run(scenario())
     assert seq.finish_reason == "length"
-    assert seq.output_ids == greedy_reference(model, [8, 6, 4, 2], 40)  # KV kept or recomputed
+    assert seq.output_ids == greedy_reference(model, [8, 6, 4, 2], 60)  # KV kept or recomputed
     assert seq.num_retractions == (1 if mode == "retract" else 0)
     assert late.output_ids == greedy_reference(model, [3, 3], 5)
 
 
 def test_pause_abort_returns_partial_outputs_then_serves_new_requests(engine, model):
     async def scenario():
-        seq = _start(engine, [9, 9, 9], 100, "inflight")
+        seq = _start(engine, [9, 9, 9], 120, "inflight")
         await wait_until(lambda: len(seq.output_ids) >= 2)
         await engine.pause("abort")
         (aborted,) = await engine.wait([seq])
-        late = _start(engine, [2, 4], 6, "after")
+        late = _start(engine, [2, 4], 6, "after", slow=False)
         await engine.resume()
         return aborted, (await engine.wait([late]))[0]
 
     aborted, late = run(scenario())
-    assert aborted.finish_reason == "abort" and 2 <= len(aborted.output_ids) < 100
+    assert aborted.finish_reason == "abort" and 2 <= len(aborted.output_ids) < 120
     assert late.output_ids == greedy_reference(model, [2, 4], 6)
 
 
@@ -175,19 +183,29 @@ def test_weight_update_mid_generation_is_applied_and_versions_show_where(model):
     update = build_weight_update(new_model.hf_state_dict(), version=7, dtype=torch.float32)
     local = copy.deepcopy(model)
     eng = EmbeddedEngine(local, max_running=4, context_len=128, eos_token_ids=[])
+    queued = []
+
+    def after_each_token(seq):  # engine thread: queue the update right after token 8
+        if len(seq.output_ids) == 8 and not queued:
+            queued.append(eng.submit_update(update))
 
     async def scenario():
-        seq = _start(eng, [1, 2, 3, 4], 60, "partial")
-        await wait_until(lambda: len(seq.output_ids) >= 8)
-        await eng.update_weights(update)
+        (seq,) = eng.make_sequences(GenerateRequest([1, 2, 3, 4], greedy(40), "partial"))
+        seq.on_update = after_each_token
+        eng.submit([seq])
         return (await eng.wait([seq]))[0]
 
     try:
         seq = run(scenario())
-        switch = seq.versions.index(7)
-        assert 8 <= switch < 60
-        assert seq.versions == [0] * switch + [7] * (60 - switch)
-        assert seq.output_ids[:switch] == greedy_reference(model, [1, 2, 3, 4], switch)
+        queued[0].result(timeout=30)
+        # the update landed between decode steps 8 and 9; the sequence went on with it
+        assert seq.versions == [0] * 8 + [7] * 32
+        assert seq.output_ids[:8] == greedy_reference(model, [1, 2, 3, 4], 8)
+        # tokens after the switch come from the new weights over the old prefix's K/V: their
+        # logprobs differ from the old model's (the new weights really were used)
+        old = model_logprobs(model, [1, 2, 3, 4], seq.output_ids)
+        assert float((torch.tensor(seq.logprobs[8:]) - old[8:]).abs().max()) > 0.1
+        torch.testing.assert_close(torch.tensor(seq.logprobs[:8]), old[:8], atol=2e-5, rtol=0)
         assert run(eng.weight_version()) == 7
         for p_new, p_local in zip(new_model.parameters(), local.parameters()):
             torch.testing.assert_close(p_local, p_new)

@@ -19,7 +19,13 @@ from models.tokenizer import build_toy_tokenizer
 from rollout.embedded import EmbeddedEngine
 from rollout.http_client import serialize_named_tensors
 from rollout.server import ServerThread, load_engine, make_state
-from tests.rollout.engine_helpers import greedy_reference, model_logprobs, tiny_model, wait_until
+from tests.rollout.engine_helpers import (
+    greedy_reference,
+    model_logprobs,
+    slowed,
+    tiny_model,
+    wait_until,
+)
 
 torch.set_num_threads(1)
 
@@ -197,6 +203,13 @@ def _running(engine: EmbeddedEngine, rid: str, at_least: int):
     return check
 
 
+@pytest.fixture
+def slow_engine(served):
+    with slowed(served[1]):
+        yield
+
+
+@pytest.mark.usefixtures("slow_engine")
 def test_abort_request_and_pause_continue_over_http(served, http):
     server, engine = served
 
@@ -247,14 +260,17 @@ def test_restricted_unpickler_refuses_arbitrary_globals(http):
 
 
 def _swap_model_weights(http, server, engine, named, version: int, partial_rid: str):
+    """Partial rollout over HTTP, as slime drives SGLang: pause in place, update, continue."""
+
     async def scenario():
         task = asyncio.create_task(_long_generate(server.url, partial_rid, 60))
         await wait_until(_running(engine, partial_rid, 5))
+        http.post("/pause_generation", json={"mode": "in_place"})
         assert http.post("/begin_weight_update", json={"selector": "all"}).json()["success"]
         refused = http.post(
             "/update_weights_from_tensor",
             json={"serialized_named_tensors": [serialize_named_tensors(named)]},
-        )  # flush_cache defaults to true: refused while a request runs, as SGLang
+        )  # flush_cache defaults to true: refused while a request holds KV, as SGLang
         ok = http.post(
             "/update_weights_from_tensor",
             json={
@@ -264,6 +280,7 @@ def _swap_model_weights(http, server, engine, named, version: int, partial_rid: 
             },
         )
         assert http.post("/end_weight_update", json={}).json()["success"]
+        http.post("/continue_generation", json={})
         return refused, ok, await task
 
     return asyncio.run(scenario())
