@@ -156,12 +156,14 @@ def _attention(
         qk = _rms(qk, w.qk_norm, eps)
     qk = rope.apply(qk)
     kv = torch.cat([qk[:, :, hq:], qkv[:, :, hq + hkv :]], dim=2).view(b * length, 2 * hkv, d)
+    kv = kv.to(cache.dtype)  # the cache may be stored in another dtype than the compute
     if batch.write_rows is None:
         slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
         cache[slots, :, batch.positions.view(-1)] = kv
     else:
         cache[batch.write_slots, :, batch.write_positions] = kv[batch.write_rows]
     ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
+    ctx = ctx.to(x.dtype)
     groups = hq // hkv
     q = qk[:, :, :hq].reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
     q = q.reshape(b, hkv, groups * length, d)  # q head h = kv * G + g

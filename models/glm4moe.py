@@ -223,6 +223,9 @@ class Glm4MoeForCausalLM(nn.Module):
     def new_kv_cache(
         self, num_slots: int, max_len: int, dtype: torch.dtype | None = None
     ) -> KVCache:
+        """A zeroed cache of num_slots sequences of up to max_len tokens; dtype defaults to
+        the model's (a different one, e.g. a bf16 cache for an fp32 model, is cast on the
+        way in and out)."""
         c = self.config
         if max_len > c.max_position_embeddings:
             raise ValueError(

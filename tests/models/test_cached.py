@@ -106,3 +106,22 @@ def test_slot_reuse_needs_no_reset_and_bounds_are_checked() -> None:
         model.forward_cached(short, torch.tensor([0, 0]), zero, one, cache)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.new_kv_cache(1, model.config.max_position_embeddings + 1)
+
+
+def test_bf16_model_and_bf16_cache_under_fp32_model() -> None:
+    model = make_model(seed=14)
+    ids = torch.randint(0, 128, (1, 10))
+    ref = full_logits(model, ids[0])
+    args = (torch.tensor([0]), torch.tensor([0]), torch.tensor([10]))
+    # fp32 model, bf16 cache: keys/values rounded to bf16, the rest in fp32
+    got = model.forward_cached(
+        ids, *args, model.new_kv_cache(1, 10, torch.bfloat16), all_logits=True
+    )
+    err = (got[0] - ref).abs().max().item()
+    assert 1e-7 < err < 2e-2
+    # bf16 model: the cached path equals its own packed path up to bf16 round-off
+    bf16 = make_model(seed=14).to_dtype(torch.bfloat16)
+    got = bf16.forward_cached(ids, *args, bf16.new_kv_cache(1, 10), all_logits=True)
+    assert bf16.new_kv_cache(1, 2).dtype == torch.bfloat16
+    assert (got[0] - full_logits(bf16, ids[0])).abs().max().item() < 3e-2
+    assert (got[0] - ref).abs().max().item() < 6e-2
