@@ -114,8 +114,10 @@ class MegatronBackend:
             aux_loss_coef=algo.moe.aux_loss_coef,
         )
         self.gpt = build_model(self.arch, config, self.impl)
-        load_hf_weights(self.gpt, hf_weights, self.arch, self.names)
         module = Float16Module(config, self.gpt) if config.bf16 else self.gpt
+        for router in router_stats.routers(self.gpt):  # Float16Module cast it to bf16
+            router.expert_bias.data = router.expert_bias.data.float()
+        load_hf_weights(self.gpt, hf_weights, self.arch, self.names)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.distributed_optimizer
         )
@@ -230,7 +232,8 @@ class MegatronBackend:
         return metrics
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """Full tensors under HF names, gathered over TP/EP/PP; every rank must consume it."""
+        """Full tensors under HF names, gathered over TP/EP/PP; every rank must consume it.
+        Unsplit tensors may be views of the live parameters: copy them before the next step."""
         return export_hf_weights(self.gpt, self.arch, self.names)
 
     def weight_update(

@@ -25,7 +25,7 @@ from megatron.core import parallel_state as ps
 from torch import Tensor
 
 
-def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "expert_bias", None) is not None]
 
 
@@ -43,7 +43,7 @@ class LoadMask:
         self.first_excluded: int | None = None
         self._recompute = recompute
         self._pending: dict[int, deque] = {}
-        for router in _routers(model):
+        for router in routers(model):
             self._pending[id(router)] = deque()
             router.register_forward_hook(self._hook)
 
@@ -63,10 +63,10 @@ class LoadMask:
 
 def snapshot_load(model: torch.nn.Module) -> Tensor:
     """float32 [local MoE layers, E]: this rank's routed-token counts (a copy)."""
-    routers = _routers(model)
-    if not routers:
+    found = routers(model)
+    if not found:
         return torch.zeros(0, 0)
-    return torch.stack([r.local_tokens_per_expert.detach().float().clone() for r in routers])
+    return torch.stack([r.local_tokens_per_expert.detach().float().clone() for r in found])
 
 
 def step_load(load: Tensor) -> Tensor:
@@ -85,10 +85,9 @@ def step_load(load: Tensor) -> Tensor:
 
 def bias_abs_mean(model: torch.nn.Module) -> float:
     """Mean |expert bias| over every MoE layer of the model (all pipeline stages)."""
-    routers = _routers(model)
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for router in routers:
+    for router in routers(model):
         sums[0] += router.expert_bias.detach().abs().mean().double()
         sums[1] += 1
     if ps.get_pipeline_model_parallel_world_size() > 1:

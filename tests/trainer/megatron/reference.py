@@ -380,3 +380,27 @@ def _forced_routing_step(megatron: MegatronBackend, torch_backend: TorchBackend,
         "forced_entropies": [mg_metrics["entropy"], torch_metrics["entropy"], *natural],
         "forced_vs_natural_entropy": abs(torch_metrics["entropy"] - sum(natural) / len(natural)),
     }
+
+
+def run_bf16_scenario(args: argparse.Namespace) -> dict:
+    """bf16 training (Float16Module, fp32 main params in the optimizer): the fp32 expert bias
+    survives the cast, the export equals the HF weights cast to bf16, logprobs stay within
+    bf16 error of the fp32 torch model and three steps on one batch lower the loss."""
+    model = build_model(untied=args.untied)
+    hf = dict(model.hf_state_dict())
+    batches = make_batches(model)
+    par = MegatronConfig(tp=args.tp, pp=args.pp, ep=args.ep, distributed_optimizer=args.dist_opt)
+    trainer = TrainerConfig(dtype="bfloat16", lr=LR, megatron=par)
+    backend = MegatronBackend(model.config, hf, trainer, algorithm())
+    exported = {k: v.clone() for k, v in backend.export_weights()}  # views of live params
+    logprob_diff = _max_diff(backend.logprobs(batches), torch_logprobs(model, batches))
+    losses = [backend.train_step(batches)["loss"] for _ in range(3)]
+    return {
+        "bf16_export_exact": all(
+            exported[k].dtype == (torch.float32 if "correction_bias" in k else torch.bfloat16)
+            and torch.equal(exported[k], v.to(exported[k].dtype))
+            for k, v in hf.items()
+        ),
+        "bf16_logprob_max_diff": logprob_diff,
+        "bf16_losses": losses,
+    }

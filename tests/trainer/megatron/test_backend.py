@@ -97,10 +97,13 @@ def test_tp1_parity_roundtrip_checkpoint_service(tmp_path: Path) -> None:
     _check_service(result)
 
 
-def test_tp2_sequence_parallel_parity(tmp_path: Path) -> None:
-    results = _launch(tmp_path, 2, "--tp", "2", "--untied")
+def test_tp2_sequence_parallel_parity_and_bf16(tmp_path: Path) -> None:
+    results = _launch(tmp_path, 2, "--tp", "2", "--untied", "--bf16")
     for result in results:
         _check_parity(result)
+        assert result["bf16_export_exact"]
+        assert result["bf16_logprob_max_diff"] < 0.1  # bf16 vs the fp32 torch model
+        assert result["bf16_losses"][2] < result["bf16_losses"][1] < result["bf16_losses"][0]
     timing = {"tokens_per_s", "time/train_step_s"}
     first, second = ({k: v for k, v in r["metrics"].items() if k not in timing} for r in results)
     assert first == pytest.approx(second, rel=1e-6, abs=1e-6)
