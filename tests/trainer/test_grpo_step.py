@@ -4,6 +4,7 @@ moves, slime's first-step gate, routing replay, PPO epochs, TIS."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from buffer.episode import Episode, EpisodeGroup
@@ -121,3 +122,28 @@ def test_importance_weights_follow_the_rollout_mismatch(toy_tokenizer):
     )
     assert abs(metrics["tis_weight"] - 1.5) < 1e-6 and metrics["tis_clip_frac"] == 1.0
     assert abs(metrics["mismatch_k3"] - (np.e - 2.0)) < 1e-4
+
+
+def test_bf16_autocast_step_tracks_fp32(toy_tokenizer):
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = toy_model(len(toy_tokenizer), seed=8)
+        tb = backend(model, {"dtype": dtype}, {"advantage": "grpo", "entropy_coef": 0.01})
+        step = grpo_step(toy_tokenizer, n_prompts=2, n_samples=4, seed=8)
+        logp = tb.logprobs(step.micro_batches)[0]
+        assert logp.dtype == torch.float32
+        metrics = tb.train(step)
+        losses[dtype] = (metrics["entropy"], logp)
+    entropy32, logp32 = losses["float32"]
+    entropy16, logp16 = losses["bfloat16"]
+    assert entropy16 == pytest.approx(entropy32, rel=2e-2)
+    assert 0 < float((logp16 - logp32).abs().max()) < 0.1  # bf16 really ran, and stayed close
+
+
+def test_unknown_model_name_lists_the_available_ones(toy_tokenizer):
+    tb = backend(toy_model(len(toy_tokenizer)), {}, {"kl": {"coef": 0.0}})
+    step = grpo_step(toy_tokenizer, n_prompts=1, n_samples=2, seed=9)
+    with pytest.raises(ValueError, match=r"'ref' is not available; valid: \['actor'\]"):
+        tb.logprobs(step.micro_batches, model="ref")
+    with pytest.raises(ValueError, match="no critic"):
+        tb.values(step.micro_batches)
