@@ -31,7 +31,7 @@ TEMPERATURE = 0.9
 SEQ_LENS = [[9, 6, 11], [7, 12], [5, 8, 6]]  # three micro-batches of packed sequences
 
 
-def build_model(untied: bool) -> Glm4MoeForCausalLM:
+def build_model(untied: bool, **overrides) -> Glm4MoeForCausalLM:
     """glm4moe-tiny with 4 layers (1 dense), QKV bias, scaling 2.5; weights far from init."""
     config = get_preset(
         "glm4moe-tiny",
@@ -40,6 +40,7 @@ def build_model(untied: bool) -> Glm4MoeForCausalLM:
         routed_scaling_factor=2.5,
         tie_word_embeddings=not untied,
         initializer_range=0.08,
+        **overrides,
     )
     torch.manual_seed(1234)
     model = Glm4MoeForCausalLM(config)
@@ -403,4 +404,24 @@ def run_bf16_scenario(args: argparse.Namespace) -> dict:
         ),
         "bf16_logprob_max_diff": logprob_diff,
         "bf16_losses": losses,
+    }
+
+
+def run_group_routing_scenario(args: argparse.Namespace) -> dict:
+    """Group-limited routing (n_group 2, topk_group 1: both experts from the better group,
+    groups scored by their top-2 biased scores as in HF) -> megatron's moe_router_num_groups."""
+    model = build_model(untied=args.untied, n_group=2, topk_group=1)
+    batches = make_batches(model)
+    par = MegatronConfig(tp=args.tp, pp=args.pp, ep=args.ep)
+    backend = MegatronBackend(
+        model.config, dict(model.hf_state_dict()), TrainerConfig(megatron=par), algorithm()
+    )
+    plain = build_model(untied=args.untied)  # same weights, no group limit
+    return {
+        "group_logprob_max_diff": _max_diff(
+            backend.logprobs(batches), torch_logprobs(model, batches)
+        ),
+        "group_vs_ungrouped": _max_diff(
+            torch_logprobs(plain, batches), torch_logprobs(model, batches)
+        ),
     }

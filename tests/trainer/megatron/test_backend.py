@@ -91,10 +91,12 @@ def _check_checkpoint(result: dict) -> None:
 
 
 def test_tp1_parity_roundtrip_checkpoint_service(tmp_path: Path) -> None:
-    (result,) = _launch(tmp_path, 1, "--untied", "--ckpt", "--service")
+    (result,) = _launch(tmp_path, 1, "--untied", "--ckpt", "--service", "--group-routing")
     _check_parity(result)
     _check_checkpoint(result)
     _check_service(result)
+    assert result["group_logprob_max_diff"] < TOL  # n_group 2 routing, as HF/our torch model
+    assert result["group_vs_ungrouped"] > 0.1  # and the group limit did change the routing
 
 
 def test_tp2_sequence_parallel_parity_and_bf16(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ requested TP/PP/EP layout, and checks against the torch model on the same packed
   service     (--service) MegatronBackend.train(this rank's own StepBatch) vs
               TorchBackend.train(the whole step) -- the trainer service's GRPO step with
               old-logprob and ref passes and 2 PPO epochs -- metrics and logprobs after
+  group       (--group-routing) group-limited routing (n_group 2) logprobs vs the torch model
   bf16        (--bf16) bf16 training: export exact to the bf16-cast weights, logprobs within
               bf16 error of the fp32 torch model, the loss falls over three steps
 
@@ -42,6 +43,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--untied", action="store_true")
     parser.add_argument("--service", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--group-routing", action="store_true")
     return parser.parse_args()
 
 
@@ -63,6 +65,8 @@ def main() -> None:
         result.update(reference.run_service_scenario(args))
     if args.bf16:
         result.update(reference.run_bf16_scenario(args))
+    if args.group_routing:
+        result.update(reference.run_group_routing_scenario(args))
     rank = dist.get_rank()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
