@@ -85,6 +85,7 @@ async def decode_rates(engines: dict, args, vocab: int) -> dict[int, dict[str, t
         for _ in range(args.reps):
             for label, engine in engines.items():
                 rate, outs = await timed_generate(engine, reqs)
+                print(f"  batch {b:>3} {label:<8} {rate:9.1f} tok/s", flush=True)
                 if label not in best or rate > best[label][0]:
                     best[label] = (rate, outs)
         rates[b] = best

@@ -6,8 +6,10 @@
   router         `sglang-router` in front of the workers (POST /workers)
   worker         a worker as the engine sees it (URL, client, TP size, process)
   process_group  rank 0 of SGLang's weight-update process group, without sglang
+  payloads       what the sync paths send (flattened buckets, FP8 pairs), built without sglang
   weight_sync    the tensor / distributed / disk weight-update paths
   engine         `SGLangEngine`, the Engine protocol over all of the above
+  launch         servers + router + sync path from the job config (`rollout.engine: sglang`)
 
 Nothing here imports sglang: the main environment talks to SGLang over HTTP and
 torch.distributed only.

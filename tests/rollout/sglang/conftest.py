@@ -1,11 +1,12 @@
 """Fixtures for the SGLang backend tests: the SGLang environment (skip with the reason when it
 is absent), a tiny GLM-4-MoE checkpoint saved by transformers' `save_pretrained` from the main
 environment (random weights, fp32, a locally trained GLM-style tokenizer), our own model of the
-same weights as the numerical reference, and helpers that start real servers on free ports."""
+same weights as the numerical reference, and helpers for updates and reference outputs."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from models.checkpoint import from_pretrained
 from models.glm4moe import Glm4MoeForCausalLM
 from models.weight_update import WeightUpdate, build_weight_update
 from rollout.sglang.environment import SGLangEnvironment, find
-from rollout.sglang.server import ServerArgs, SGLangServer, free_port
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -25,12 +25,12 @@ CORPUS = [
     "countdown: reach 24 with 3 4 6 8",
 ] * 20
 PROMPTS = [[11, 12, 13, 14], [40, 41, 42], [7, 8, 9, 10, 11, 12]]
-MAX_TOTAL_TOKENS = 4096
 
 
 @pytest.fixture(scope="session")
 def sglang_env() -> SGLangEnvironment:
-    env, reason = find()
+    """PHYSARUM_SGLANG_PYTHON names another interpreter; default <repo>/.venv-sglang."""
+    env, reason = find(os.environ.get("PHYSARUM_SGLANG_PYTHON") or None)
     if env is None:
         print(f"SGLang tests skipped: {reason}")
         pytest.skip(f"SGLang environment unavailable: {reason}")
@@ -139,28 +139,6 @@ def reference_logprobs(model: Glm4MoeForCausalLM, prompt: list[int], output: lis
     ids = torch.tensor(prompt + output)
     lp = model.token_logprobs(ids, torch.tensor([0, len(ids)])).logprobs
     return lp[len(prompt) :]
-
-
-def start_server(
-    env: SGLangEnvironment, model_dir: Path, run_dir: Path, **overrides
-) -> SGLangServer:
-    """A real CPU SGLang server (fp32) on a free port, healthy on return."""
-    args = ServerArgs(
-        model_path=str(model_dir),
-        port=free_port(),
-        dtype="float32",
-        max_total_tokens=MAX_TOTAL_TOKENS,
-        random_seed=0,
-        **overrides,
-    )
-    server = SGLangServer(
-        args,
-        python=env.python,
-        log_path=run_dir / f"sglang-{args.port}.log",
-        startup_timeout=300,
-    )
-    server.launch()
-    return server
 
 
 def run(coro):

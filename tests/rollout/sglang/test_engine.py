@@ -1,19 +1,23 @@
-"""SGLangEngine against ONE real SGLang 0.5.23 server on this CPU (tiny GLM-4-MoE, fp32):
-generation and logprobs checked against our own model, every weight-sync path (outputs change
-to exactly what the pushed weights give, the version bumps), pause and abort mid-generation,
-and sglang-router in front of the server."""
+"""SGLangEngine against ONE real SGLang 0.5.23 server on this CPU (tiny GLM-4-MoE, fp32),
+launched from a job config as `rollout.engine: sglang` does: generation and logprobs checked
+against our own model, every weight-sync path (outputs change to exactly what the pushed
+weights give, the version bumps), pause and abort mid-generation, sglang-router in front of
+the server, and a crash (SIGKILL) -> failed health check -> restart -> weights re-sent before
+the worker serves again. The module's teardown checks a clean SIGTERM stop."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from configs.loader import load_job
-from rollout.sglang.engine import launch_sglang_engine
+from rollout.sglang.engine import SGLangEngine, launch_sglang_engine
 from rollout.sglang.router import SGLangRouter
 from rollout.sglang.server import SGLangServer, free_port
 from rollout.sglang.weight_sync import make_weight_sync
@@ -56,7 +60,18 @@ def server(sglang_env, tiny_glm_dir: Path, run_dir: Path):
     srv = worker.server
     print(f"sglang server start-up: {srv.startup_seconds:.1f} s")
     yield srv
-    srv.stop()
+    pgid, code = srv.pid, srv.stop()  # SIGTERM; the whole process group must be gone
+    left = subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True)
+    if code is None or srv.is_running() or _group_alive(pgid):
+        raise AssertionError(f"server not stopped cleanly: {left.stdout.decode()}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_job_config_maps_to_server_flags(server, run_dir: Path):
@@ -239,3 +254,42 @@ def test_router_in_front_routes_generate(server, run_dir: Path):
     finally:
         router.stop()
     assert not router.is_running()
+
+
+def test_crash_health_restart_resync(server, reference_model, run_dir: Path):
+    """Weights go over the distributed (gloo) path, so the restart also drops the broken
+    process group and builds a new one with the restarted server."""
+    router = SGLangRouter(port=free_port(), log_path=run_dir / "router2.log", policy="round_robin")
+    router.start()
+    try:
+        router.add_worker(server.url)
+        first_pid = server.pid
+        version = next(_versions)
+
+        async def body():
+            sync = make_weight_sync("distributed")
+            engine = SGLangEngine([Worker.for_server(server)], weight_sync=sync, router=router)
+            try:
+                named = perturbed(reference_model, seed=5)
+                await engine.update_weights(make_update(named, version))
+                before = await engine.generate(greedy())
+                assert await engine.check_and_restart() == []  # healthy: nothing to do
+                server.kill()  # a crash: every process of the server dies at once
+                assert not _group_alive(first_pid)
+                assert not await engine.health()
+                restarted = await engine.check_and_restart()
+                after = await engine.generate(greedy())
+                served, healthy = await engine.weight_version(), await engine.health()
+                return before, restarted, after, served, healthy
+            finally:
+                await engine.close()
+
+        before, restarted, after, served, healthy = run(body())
+        assert restarted == [server.url] and server.pid != first_pid and healthy
+        assert served == version  # re-synced before serving: not the checkpoint's weights
+        assert [o.output_ids for o in after] == [o.output_ids for o in before]
+        assert all(o.versions == [version] * NEW_TOKENS for o in after)
+        assert [w["url"] for w in router.list_workers()] == [server.url]
+        assert server.log_path.read_text().count("===== physarum: starting") >= 2
+    finally:
+        router.stop()

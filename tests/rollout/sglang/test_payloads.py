@@ -17,16 +17,15 @@ from configs.services import SGLangConfig
 from models.fp8 import is_quantized_name
 from models.weight_update import build_weight_update, iter_bucket_tensors
 from rollout.http_client import serialize_named_tensors
-from rollout.sglang.server import CPU_FLAGS, ServerArgs
-from rollout.sglang.weight_sync import (
-    DiskSync,
-    TensorSync,
+from rollout.sglang.payloads import (
     WeightSyncError,
     broadcast_layout,
     check_fp8_pairs,
     flattened_bucket,
     serialize_object,
 )
+from rollout.sglang.server import CPU_FLAGS, ServerArgs
+from rollout.sglang.weight_sync import DiskSync, TensorSync
 
 BLOCK = (32, 32)  # the toy model's linears are 32..128 wide: several blocks per weight
 
