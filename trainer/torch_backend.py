@@ -100,7 +100,9 @@ class TorchBackend:
         if cfg.fsdp and not self.dp.enabled:
             log.info("trainer.fsdp: one rank, nothing to shard; training unsharded")
         self._loss_scale = float(self.dp.world_size) if self._fsdp_units else 1.0
-        self.optimizer = build_optimizer(model.parameters(), cfg, cfg.lr)
+        self.optimizer = build_optimizer(
+            model.parameters(), cfg, cfg.lr, fused=self._fsdp_units is None
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.version = 0
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
