@@ -156,6 +156,7 @@ def run_scenario(args: argparse.Namespace) -> dict:
             ep=args.ep,
             dispatcher=args.dispatcher,
             distributed_optimizer=args.dist_opt,
+            recompute=args.recompute,
         ),
     )
     algo = algorithm()
@@ -169,7 +170,7 @@ def run_scenario(args: argparse.Namespace) -> dict:
         k for k in hf if k in exported and not torch.equal(hf[k], exported[k])
     )
     out.update(_fp8_update_check(backend, hf))
-    if args.pp == 1:  # a later stage's forward needs its input from the stage before
+    if args.pp == 1 and not args.recompute:  # later stages need their input; recompute saves none
         out["activation_ratios"] = _activation_ratios(backend, batches[0], args)
     ref_lp = torch_logprobs(model, batches)
     mg_lp = backend.logprobs(batches)
@@ -327,7 +328,10 @@ def run_service_scenario(args: argparse.Namespace) -> dict:
         moe=MoEConfig(routing_replay=True),
     )
     cfg = dict(lr=LR, grad_clip=1.0, steps=10, ppo_epochs=2)
-    par = MegatronConfig(tp=args.tp, pp=args.pp, ep=args.ep, distributed_optimizer=args.dist_opt)
+    par = MegatronConfig(
+        tp=args.tp, pp=args.pp, ep=args.ep, distributed_optimizer=args.dist_opt,
+        recompute=args.recompute,
+    )  # fmt: skip
     megatron = MegatronBackend(
         model.config, dict(model.hf_state_dict()), TrainerConfig(**cfg, megatron=par), algo
     )

@@ -140,8 +140,11 @@ def test_four_process_layouts(tmp_path: Path, layout: tuple[str, ...]) -> None:
         _check_service(result)
 
 
-def test_pp2_tied_embeddings_parity_checkpoint(tmp_path: Path) -> None:
-    results = _launch(tmp_path, 2, "--pp", "2", "--ckpt")
+def test_pp2_tied_embeddings_recompute_parity_checkpoint_service(tmp_path: Path) -> None:
+    # full activation recompute under 1F1B: routing replay and the load counts must follow
+    # each micro-batch's recompute in the backward
+    results = _launch(tmp_path, 2, "--pp", "2", "--ckpt", "--recompute", "--service")
     for result in results:
         _check_parity(result)
         _check_checkpoint(result)
+        _check_service(result)

@@ -44,6 +44,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--service", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--group-routing", action="store_true")
+    parser.add_argument("--recompute", action="store_true")
     return parser.parse_args()
 
 
