@@ -163,7 +163,9 @@ class TorchBackend:
     # --- training ----------------------------------------------------------------------------
     def prepare(self, step: StepBatch) -> list[PackedBatch]:
         """This rank's share of a step (its own groups) with the passes and advantages the
-        algorithm needs; REINFORCE++ whitening is global over the ranks."""
+        algorithm needs; REINFORCE++ whitening is global over the ranks. SFT needs none."""
+        if self.objective.is_sft:
+            return step.micro_batches
         return prepare_step(
             self, step, self.algo, ppo_epochs=self.cfg.ppo_epochs, all_reduce=self.dp.all_reduce
         )
