@@ -108,22 +108,34 @@ def hf_grpo_step(hf: torch.nn.Module, opt: torch.optim.Optimizer, inp: dict) -> 
     return time.perf_counter() - t0
 
 
+def model_forward_backward(model: Glm4MoeForCausalLM, step: StepBatch) -> float:
+    """Wall time of the model's packed token_logprobs forward + backward on the step."""
+    t0 = time.perf_counter()
+    for batch in step.micro_batches:
+        out = model.token_logprobs(batch.input_ids, batch.cu_seqlens, with_entropy=True)
+        (out.logprobs * batch.loss_mask).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def grpo_bench(tok, ours: Glm4MoeForCausalLM, repeats: int) -> None:
     groups = arithmetic_groups(tok, n_prompts=8, n_samples=8, seed=0)
     cfg = TrainerConfig(lr=1e-4, micro_batch_tokens=4096, steps=10**6)
     backend = TorchBackend(ours, cfg, AlgorithmConfig(advantage="grpo", loss_agg="token_mean"))
     hf = hf_peer(ours)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
-    ours_s, peer_s = [], []
+    ours_s, peer_s, model_s = [], [], []
     for i in range(repeats + 3):
         step = build_rl_step(groups, micro_batch_tokens=cfg.micro_batch_tokens)
         t0 = time.perf_counter()
         backend.train(step)
         ours_time = time.perf_counter() - t0
         peer_time = hf_grpo_step(hf, opt, padded_inputs(step))
+        model_time = model_forward_backward(ours, step)
         if i >= 3:
             ours_s.append(ours_time)
             peer_s.append(peer_time)
+            model_s.append(model_time)
     tokens = sum(b.num_tokens for b in step.micro_batches)
     completion = sum(int(b.loss_mask.sum()) for b in step.micro_batches) / step.num_seqs
     ours_med, peer_med = statistics.median(ours_s), statistics.median(peer_s)
@@ -133,6 +145,13 @@ def grpo_bench(tok, ours: Glm4MoeForCausalLM, repeats: int) -> None:
                       ("peer (transformers, TRL-like)", peer_med)):  # fmt: skip
         print(f"  {name} {med * 1e3:8.1f} ms  {tokens / med:8.0f} tok/s")
     print(f"  speed-up vs the peer: {peer_med / ours_med:.2f}x")
+    model_med = statistics.median(model_s)
+    print(f"  of which the model's packed forward+backward alone: {model_med * 1e3:.1f} ms "
+          f"({model_med / ours_med:.0%} of our step)")  # fmt: skip
+    shared = sum(len(g.episodes[0].prompt_ids) + sum(len(e.response_ids) for e in g.episodes)
+                 for g in groups)  # fmt: skip
+    print(f"  tokens if each group's prompt were computed once (prefix sharing): {shared} "
+          f"({tokens / shared:.1f}x fewer)")  # fmt: skip
     print(f"  TRL reference (training part) {TRL_TRAIN_S * 1e3:8.1f} ms  -> ours is "
           f"{TRL_TRAIN_S / ours_med:.2f}x; whole TRL step {TRL_STEP_S * 1e3:.0f} ms")  # fmt: skip
 
