@@ -49,11 +49,13 @@ class _ParamSlot:
 
     def set_dense(self, value: Tensor) -> None:
         _check_shape(self.name, self.shape, value)
-        self.tensor.data.copy_(value)
+        with torch.no_grad():  # an in-place copy bumps the version counter (decode cache key)
+            self.tensor.copy_(value)
 
     def set_fp8(self, w8: Tensor, scale: Tensor, block: tuple[int, int]) -> None:
         _check_shape(self.name, self.shape, w8)
-        self.tensor.data.copy_(dequantize_blockwise(w8, scale, block, torch.float32))
+        with torch.no_grad():
+            self.tensor.copy_(dequantize_blockwise(w8, scale, block, torch.float32))
 
 
 class _BankSlot(_ParamSlot):

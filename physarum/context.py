@@ -5,6 +5,7 @@ metrics and the dashboard, with one teardown that stops everything it started.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -122,8 +123,11 @@ class JobContext:
 
     def evaluate(self, rollout: RolloutGroup, step: int) -> dict[str, float]:
         started = time.monotonic()
-        result = rollout.evaluate(self.eval_rows)
+        result, samples = rollout.evaluate(self.eval_rows)
         result["eval/seconds"] = time.monotonic() - started
+        out = self.run.root / "eval" / f"step_{step}.jsonl"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("".join(json.dumps(s) + "\n" for s in samples))
         log.info(
             "eval at step %d: accuracy %.3f over %d held-out prompts",
             step,

@@ -11,11 +11,20 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from buffer.episode import Episode
 
 GenerateForRow = Callable[[dict[str, Any]], Awaitable[list[Episode]]]
+
+
+@dataclass
+class EvalResult:
+    """Metrics (floats, keyed eval/...) and one record per sample (prompt id, text, reward)."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -33,7 +42,7 @@ async def evaluate_rows(
     k: int,
     correct_min_reward: float = 1.0,
     concurrency: int = 64,
-) -> dict[str, float]:
+) -> EvalResult:
     """Evaluate every row (each `generate` call returns the k samples of one row)."""
     limit = asyncio.Semaphore(concurrency)
     started = time.monotonic()
@@ -55,7 +64,19 @@ async def evaluate_rows(
         tokens += sum(e.num_trainable for e in episodes)
         errors += sum(e.is_error for e in episodes)
     n = max(len(groups), 1)
-    return {
+    samples = [
+        {
+            "id": row.get("id"),
+            "sample": i,
+            "response": e.metadata.get("response_text"),
+            "reward": e.reward,
+            "label": row.get("label"),
+            "logprob": float(e.rollout_logprobs[e.loss_mask.astype(bool)].sum()),
+        }
+        for row, episodes in zip(rows, groups, strict=True)
+        for i, e in enumerate(episodes)
+    ]
+    metrics = {
         "eval/accuracy": sum(per_sample) / n,
         f"eval/pass@{k}": sum(at_k) / n,
         "eval/reward_mean": sum(rewards) / max(len(rewards), 1),
@@ -63,3 +84,4 @@ async def evaluate_rows(
         "eval/errors": float(errors),
         "eval/gen_tokens_per_s": tokens / elapsed,
     }
+    return EvalResult(metrics, samples)

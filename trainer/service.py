@@ -165,6 +165,9 @@ class TrainerService:
 
     def restore(self, path: Path) -> None:
         self.backend.load(str(path))
+        if self.rank == 0 and self.store is not None:
+            # replayed (unacknowledged) groups are judged against the restored version
+            self.store.set_version(self.version)
         log.info("%s: restored version %d from %s", self.consumer, self.version, path)
 
     def save_hf(self, path: Path) -> None:

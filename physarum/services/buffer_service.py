@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from buffer.redis_server import EmbeddedRedis
-from buffer.store import EpisodeStore
+from buffer.store import EpisodeStore, redact
 from configs import JobConfig
 from physarum.rundir import RunDir
 
@@ -28,7 +28,7 @@ class BufferService:
         self._redis: EmbeddedRedis | None = None
         if job.buffer.url:
             self.url = job.buffer.url
-            log.info("buffer: using the Redis at %s", _redact(self.url))
+            log.info("buffer: using the Redis at %s", redact(self.url))
         else:
             stop_orphan_redis(run.redis)
             self._redis = EmbeddedRedis(run.redis)
@@ -61,13 +61,6 @@ class BufferService:
             self._redis.stop()
 
 
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
-
-
 def stop_orphan_redis(data_dir: Path, timeout_s: float = 30.0) -> bool:
     """Stop a redis-server left behind on `data_dir` by a driver that died (kill -9, OOM).
 
@@ -82,8 +75,12 @@ def stop_orphan_redis(data_dir: Path, timeout_s: float = 30.0) -> bool:
         return False
     if b"redis-server" not in cmdline:
         return False
-    log.warning("buffer: a redis-server (pid %d) from an earlier run still serves %s; "
-                "stopping it (its AOF is flushed on SIGTERM)", pid, data_dir)
+    log.warning(
+        "buffer: a redis-server (pid %d) from an earlier run still serves %s; "
+        "stopping it (its AOF is flushed on SIGTERM)",
+        pid,
+        data_dir,
+    )
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:

@@ -183,13 +183,15 @@ class RolloutGroup:
         self.runs[worker_id] = actor.run_until_stopped.remote()
         log.info("rollout: %s is back at weight version %d", worker_id, self.latest_version)
 
-    def evaluate(self, rows: list[dict], **kwargs: Any) -> dict[str, float]:
+    def evaluate(self, rows: list[dict], **kwargs: Any) -> tuple[dict[str, float], list[dict]]:
+        """(merged metrics, every sample) of the rows split across workers."""
         actors = list(self.actors.values())
         shards = [rows[i :: len(actors)] for i in range(len(actors))]
         results = ray.get(
             [a.evaluate.remote(s, **kwargs) for a, s in zip(actors, shards, strict=True) if s]
         )
-        return _merge_eval(results, [len(s) for s in shards if s])
+        metrics = _merge_eval([r.metrics for r in results], [len(s) for s in shards if s])
+        return metrics, [sample for r in results for sample in r.samples]
 
     def generate_rows(self, rows: list[dict], n: int) -> list[list]:
         """Scored samples of every row, the rows split across workers; row order kept."""

@@ -40,7 +40,10 @@ def test_evaluate_rows_counts_correct_samples() -> None:
 
     iter_rewards = iter(scripted.values())
     rows = [{"id": key} for key in scripted]
-    result = asyncio.run(evaluate_rows(rows, generate, score, k=2, concurrency=1))
+    outcome = asyncio.run(evaluate_rows(rows, generate, score, k=2, concurrency=1))
+    result = outcome.metrics
+    assert [s["id"] for s in outcome.samples] == ["a", "a", "b", "b", "c", "c"]
+    assert [s["reward"] for s in outcome.samples] == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     assert result["eval/accuracy"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
     assert result["eval/pass@2"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)
     assert result["eval/reward_mean"] == pytest.approx(np.mean([1, 0, 0, 0, 1, 1]))
