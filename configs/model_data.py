@@ -49,6 +49,9 @@ class DataConfig(Section):
     seed: int = 0
     """Seed of generation and of the per-epoch shuffle."""
     shuffle: bool = True
+    demonstrations: bool = False
+    """SFT on the task's reference assistant turns (tool calls and observations included)
+    instead of the bare label; used to warm-start agentic jobs."""
     on_bad_row: Literal["skip", "fail"] = "skip"
     """A malformed dataset row is skipped (and counted, with its line) or fails the job."""
     max_epochs: int | None = Field(None, ge=1)

@@ -85,9 +85,12 @@ def _generated(job: JobConfig, out: Path, split: str, n: int) -> Path:
         return out
     if job.data.task is None:
         raise UserError(f"data: no file for the {split} split and no data.task to generate it")
-    from envs.tasks import make_rows, write_jsonl
+    from envs.tasks import get_task, make_rows, write_jsonl
 
     rows = make_rows(job.data.task, n, seed=job.data.seed, split=split, **job.data.task_args)
+    if job.data.demonstrations and split == "train":
+        spec = get_task(job.data.task)
+        rows = [{**row, "messages": spec.demonstration(row)} for row in rows]
     write_jsonl(rows, out)
     log.info("generated %d %s rows (%s split) -> %s", len(rows), job.data.task, split, out)
     return out

@@ -72,6 +72,7 @@ async def evaluate_rows(
             "reward": e.reward,
             "label": row.get("label"),
             "logprob": float(e.rollout_logprobs[e.loss_mask.astype(bool)].sum()),
+            "tool_calls": e.metadata.get("num_tool_calls"),
         }
         for row, episodes in zip(rows, groups, strict=True)
         for i, e in enumerate(episodes)
@@ -84,4 +85,8 @@ async def evaluate_rows(
         "eval/errors": float(errors),
         "eval/gen_tokens_per_s": tokens / elapsed,
     }
+    calls = [s["tool_calls"] for s in samples if s["tool_calls"] is not None]
+    if calls:  # multi-turn episodes: how often the policy used a tool
+        metrics["eval/tool_call_rate"] = sum(c > 0 for c in calls) / len(calls)
+        metrics["eval/tool_calls_mean"] = sum(calls) / len(calls)
     return EvalResult(metrics, samples)

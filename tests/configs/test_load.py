@@ -20,6 +20,7 @@ def test_there_are_presets() -> None:
         "toy_grpo.yaml",
         "toy_ppo.yaml",
         "toy_agentic.yaml",
+        "toy_agentic_sft.yaml",
         "glm46_grpo.yaml",
     }
     assert expected <= names
