@@ -67,6 +67,7 @@ def _cmd_serve_engine(args: argparse.Namespace) -> int:
         fp8=args.fp8,
         max_running=args.max_running,
         tokenizer_dir=args.tokenizer,
+        context_len=args.context_len,
     )
     return 0
 
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--fp8", action="store_true", help="serve blockwise-FP8 weights")
     serve.add_argument("--max-running", type=int, default=64, help="concurrent sequences")
+    serve.add_argument(
+        "--context-len",
+        type=int,
+        default=None,
+        help="positions per sequence (default: min(model max, 2048))",
+    )
     serve.set_defaults(func=_cmd_serve_engine)
 
     plan = sub.add_parser("plan", help="per-GPU memory plan of a megatron job")
