@@ -212,21 +212,22 @@ class SGLangEngine:
     # ---- shutdown ----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Destroy weight-update groups and close the HTTP clients; processes keep running."""
+        """Destroy weight-update groups and close the HTTP clients; servers keep running."""
         await self.sync.close(self.workers)
         if self._router_client is not None:
             await self._router_client.close()
         for w in self.workers:
             await w.client.close()
 
-    async def shutdown(self) -> None:
-        """close(), then stop the router and every server this engine launched."""
-        await self.close()
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the router and every server this engine launched (blocking, like the embedded
+        engine's shutdown). Weight-update groups and HTTP clients die with the servers; call
+        `await close()` first for a tidy teardown while the event loop still runs."""
         if self.router is not None:
-            await asyncio.to_thread(self.router.stop)
+            self.router.stop(timeout=timeout)
         for w in self.workers:
             if w.server is not None:
-                await asyncio.to_thread(w.server.stop)
+                w.server.stop(timeout=timeout)
 
 
 def launch_sglang_engine(

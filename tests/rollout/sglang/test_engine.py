@@ -60,9 +60,10 @@ def server(sglang_env, tiny_glm_dir: Path, run_dir: Path):
     srv = worker.server
     print(f"sglang server start-up: {srv.startup_seconds:.1f} s")
     yield srv
-    pgid, code = srv.pid, srv.stop()  # SIGTERM; the whole process group must be gone
+    pgid = srv.pid
+    engine.shutdown()  # SIGTERM; the whole process group must be gone
     left = subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True)
-    if code is None or srv.is_running() or _group_alive(pgid):
+    if srv.is_running() or _group_alive(pgid):
         raise AssertionError(f"server not stopped cleanly: {left.stdout.decode()}")
 
 
