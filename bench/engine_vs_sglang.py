@@ -10,7 +10,7 @@ alternate on each batch size and the best of `--reps` runs counts, so load from 
 processes hits both alike. SGLang runs as a real server (CPU flags, transformers backend) in
 its own environment; its time includes HTTP (one request per prompt, sent concurrently).
 Weight-sync costs are end to end (serialise/write + server load + session + version check),
-median of `--reps` pushes.
+median of `--sync-reps` pushes.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def run_both(args, server: SGLangServer, model, vocab: int, work: Path) -> dict:
         try:
             engines = {"embedded": embedded, "sglang": worker.client}
             rates = await decode_rates(engines, args, vocab)
-            costs = await sync_costs(worker, model, args.reps, work / "weights")
-            emb_cost = await embedded_sync_cost(embedded, model, args.reps)
+            costs = await sync_costs(worker, model, args.sync_reps, work / "weights")
+            emb_cost = await embedded_sync_cost(embedded, model, args.sync_reps)
         finally:
             await worker.client.close()
             embedded.shutdown()
@@ -164,7 +164,7 @@ def report(args, res: dict) -> dict:
         total = sum(len(e.output_ids) for e in eo)
         print(f"{b:>6} {er:>15.1f} {sr:>13.1f} {er / sr:>7.2f} {same / total:>12.1%}")
         rows.append({"batch": b, "embedded": er, "sglang": sr, "token_agreement": same / total})
-    print(f"\nweight sync of the whole {args.preset} (bf16), median of {args.reps}:")
+    print(f"\nweight sync of the whole {args.preset} (bf16), median of {args.sync_reps}:")
     print(f"  embedded engine (in-process load): {res['embedded_sync'] * 1e3:8.1f} ms")
     for label, secs in res["sync"].items():
         print(f"  sglang {label:<18}: {secs * 1e3:8.1f} ms")
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="decode runs per engine and batch")
+    parser.add_argument("--sync-reps", type=int, default=7, help="pushes per weight-sync path")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sglang-python", default=None)
     parser.add_argument("--out", type=Path, default=None)
