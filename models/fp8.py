@@ -184,7 +184,8 @@ class Fp8Linear(nn.Module):
             return out
         out.load_dense(w)
         if linear.bias is not None:
-            out.bias.data.copy_(linear.bias.detach())
+            with torch.no_grad():
+                out.bias.copy_(linear.bias.detach())
         return out
 
     @torch.no_grad()

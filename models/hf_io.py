@@ -64,9 +64,9 @@ class _BankSlot(_ParamSlot):
     def __init__(self, name: str, bank: ExpertBank, expert: int, proj: str) -> None:
         i = bank.intermediate
         views = {
-            "gate_proj": bank.gate_up_proj.data[expert, :i],
-            "up_proj": bank.gate_up_proj.data[expert, i:],
-            "down_proj": bank.down_proj.data[expert],
+            "gate_proj": bank.gate_up_proj.detach()[expert, :i],
+            "up_proj": bank.gate_up_proj.detach()[expert, i:],
+            "down_proj": bank.down_proj.detach()[expert],
         }
         super().__init__(name, views[proj])
 

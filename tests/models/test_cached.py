@@ -125,3 +125,18 @@ def test_bf16_model_and_bf16_cache_under_fp32_model() -> None:
     assert bf16.new_kv_cache(1, 2).dtype == torch.bfloat16
     assert (got[0] - full_logits(bf16, ids[0])).abs().max().item() < 3e-2
     assert (got[0] - ref).abs().max().item() < 6e-2
+
+
+def test_weight_loads_refresh_the_decode_weights() -> None:
+    """load_hf_state_dict (the weight-update path) must invalidate the fused decode views,
+    for every kind of tensor: attention, norms, router, experts, embeddings."""
+    model = make_model(seed=15, tie_word_embeddings=False)
+    ids = torch.randint(0, 128, (1, 6))
+    args = (torch.tensor([0]), torch.tensor([0]), torch.tensor([6]))
+    model.forward_cached(ids, *args, model.new_kv_cache(1, 8))  # builds the decode weights
+    source = make_model(seed=16, tie_word_embeddings=False)
+    for name, tensor in source.hf_state_dict():
+        model.load_hf_state_dict([(name, tensor)], strict=False)
+        got = model.forward_cached(ids, *args, model.new_kv_cache(1, 8), all_logits=True)
+        assert (got[0] - full_logits(model, ids[0])).abs().max().item() < 1e-5, name
+    assert (got[0] - full_logits(source, ids[0])).abs().max().item() < 1e-5
