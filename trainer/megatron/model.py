@@ -104,6 +104,46 @@ def init_parallel(par: MegatronConfig, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def _moe_kwargs(arch: GlmArch, par: MegatronConfig, bias_update_rate: float, aux: float) -> dict:
+    grouped = arch.n_group > 1
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_layer_freq=arch.moe_layer_pattern,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=arch.shared_ffn_hidden_size or None,
+        moe_router_topk=arch.topk,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=bias_update_rate,
+        moe_router_topk_scaling_factor=arch.routed_scaling_factor,
+        moe_router_num_groups=arch.n_group if grouped else None,
+        moe_router_group_topk=arch.topk_group if grouped else None,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+        moe_aux_loss_coeff=aux,
+        moe_token_dispatcher_type=par.dispatcher,
+        moe_grouped_gemm=par.grouped_gemm,
+    )
+
+
+def _parallel_kwargs(par: MegatronConfig) -> dict:
+    recompute = (
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+        if par.recompute
+        else {}
+    )
+    return dict(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=expert_tp(par),
+        sequence_parallel=sequence_parallel(par),
+        variable_seq_lengths=True,
+        **recompute,
+    )
+
+
 def transformer_config(
     arch: GlmArch,
     par: MegatronConfig,
@@ -114,12 +154,6 @@ def transformer_config(
 ) -> TransformerConfig:
     """The megatron TransformerConfig for `arch` under the parallel plan `par`."""
     params_dtype = DTYPES[dtype]
-    grouped = arch.n_group > 1
-    recompute = (
-        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-        if par.recompute
-        else {}
-    )
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -136,32 +170,9 @@ def transformer_config(
         qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        num_moe_experts=arch.num_experts,
-        moe_layer_freq=arch.moe_layer_pattern,
-        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=arch.shared_ffn_hidden_size or None,
-        moe_router_topk=arch.topk,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=bias_update_rate,
-        moe_router_topk_scaling_factor=arch.routed_scaling_factor,
-        moe_router_num_groups=arch.n_group if grouped else None,
-        moe_router_group_topk=arch.topk_group if grouped else None,
-        moe_router_dtype="fp32",
-        moe_router_load_balancing_type="aux_loss" if aux_loss_coef > 0 else "none",
-        moe_aux_loss_coeff=aux_loss_coef,
-        moe_token_dispatcher_type=par.dispatcher,
-        moe_grouped_gemm=par.grouped_gemm,
-        tensor_model_parallel_size=par.tp,
-        pipeline_model_parallel_size=par.pp,
-        context_parallel_size=par.cp,
-        expert_model_parallel_size=par.ep,
-        expert_tensor_parallel_size=expert_tp(par),
-        sequence_parallel=sequence_parallel(par),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        variable_seq_lengths=True,
         calculate_per_token_loss=True,
         init_method_std=0.02,
         masked_softmax_fusion=False,
@@ -170,7 +181,8 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         transformer_impl="transformer_engine" if par.transformer_engine else "local",
-        **recompute,
+        **_moe_kwargs(arch, par, bias_update_rate, aux_loss_coef),
+        **_parallel_kwargs(par),
     )
 
 

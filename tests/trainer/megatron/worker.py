@@ -59,15 +59,17 @@ def main() -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    from tests.trainer.megatron import reference
+    from tests.trainer.megatron import scenarios
 
-    result = reference.run_scenario(args)
-    if args.service:  # a second backend in the same processes: megatron state is re-initialised
-        result.update(reference.run_service_scenario(args))
-    if args.bf16:
-        result.update(reference.run_bf16_scenario(args))
-    if args.group_routing:
-        result.update(reference.run_group_routing_scenario(args))
+    result = scenarios.run_scenario(args)
+    extra = {
+        "service": scenarios.run_service_scenario,
+        "bf16": scenarios.run_bf16_scenario,
+        "group_routing": scenarios.run_group_routing_scenario,
+    }
+    for flag, scenario in extra.items():  # more backends in the same processes: megatron's
+        if getattr(args, flag):  # parallel state is re-initialised by each
+            result.update(scenario(args))
     rank = dist.get_rank()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
