@@ -1,0 +1,76 @@
+"""`physarum run --resume RUN_DIR` after the driver was killed with SIGKILL mid-run.
+
+The job continues from its last checkpoint, with the buffer (the embedded redis-server's AOF)
+and the prompt cursor intact: the steps after the checkpoint are trained again from the
+groups that were never acknowledged, and the job ends at the configured step and version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.physarum.test_job import TINY
+
+STEPS = 6
+
+
+def _physarum(*args: str) -> list[str]:
+    return [sys.executable, "-m", "physarum.cli", *args]
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x)["step"] for x in path.read_text().splitlines() if '"reward"' in x]
+
+
+def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}",
+        *TINY,
+        f"trainer.steps={STEPS}",
+        "checkpoint.interval=2",
+        "rollout.eval.interval=0",
+    ]
+    cmd = _physarum("run", "configs/toy_grpo.yaml", *[x for o in overrides for x in ("--set", o)])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while max(_steps(run_dir), default=0) < 3:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = max(_steps(run_dir))
+    assert killed_at < STEPS
+    assert (run_dir / "checkpoints" / "step_2" / "COMPLETE").exists()
+
+    done = subprocess.run(
+        _physarum("run", "--resume", str(run_dir)),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = _steps(run_dir)
+    resumed = steps[steps.index(killed_at) + 1 :]
+    restart = 2 if killed_at < 4 else 4  # the last complete checkpoint before the kill
+    assert resumed == list(range(restart + 1, STEPS + 1))
+    assert (run_dir / "checkpoints" / f"step_{STEPS}" / "COMPLETE").read_text() == str(STEPS)
+    assert "finished" in done.stdout
