@@ -34,6 +34,7 @@ from trainer.batch import StepBatch
 from trainer.checkpoint import load_state, save_state, seed_everything
 from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
+from trainer.forward import trainable_logprobs
 from trainer.fsdp import full_state, load_full_state, shard_actor, to_float, unsharded
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
@@ -189,6 +190,15 @@ class TorchBackend:
         self.dp.all_reduce(local)
         return StepTotals(agg=local[0].clamp_min(1.0).float(), tokens=local[1].clamp_min(1.0))
 
+    def _train_forward(self, b: PackedBatch, routing: RoutingReplay | None) -> Any:
+        """Differentiable logprobs/entropy (+ expert load, aux loss) of the actor on b."""
+        if self._fsdp_units:  # FSDP gathers the weights around its registered token_logprobs
+            return self.model.token_logprobs(
+                b.input_ids, b.cu_seqlens, temperature=b.temperature, with_entropy=True,
+                chunk_size=self.cfg.logprob_chunk, routing=routing,
+            )  # fmt: skip
+        return trainable_logprobs(self.model, b, chunk_size=self.cfg.logprob_chunk, routing=routing)
+
     def _actor_pass(
         self, batches: list[PackedBatch], objective: ActorObjective
     ) -> tuple[StatSums, Tensor]:
@@ -201,14 +211,7 @@ class TorchBackend:
                 RoutingReplay(b.routed_experts) if replay and b.routed_experts is not None else None
             )
             with self._autocast():
-                out = self.model.token_logprobs(
-                    b.input_ids,
-                    b.cu_seqlens,
-                    temperature=b.temperature,
-                    with_entropy=True,
-                    chunk_size=self.cfg.logprob_chunk,
-                    routing=routing,
-                )
+                out = self._train_forward(b, routing)
             loss, part = objective(
                 b, out.logprobs, totals, entropy=out.entropy, aux_loss=out.aux_loss
             )

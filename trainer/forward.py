@@ -1,0 +1,61 @@
+"""The training forward: per-token logprobs computed at the trainable tokens only.
+
+`Glm4MoeForCausalLM.token_logprobs` runs lm_head on every position of a pack; the loss only
+ever reads positions with loss mask 1 (response tokens the policy generated), typically a third
+of a short-answer RL pack. This runs the trunk once (`forward_packed`) and the chunked
+lm_head log-softmax (`models.logprobs.chunked_token_logprobs`) on the hidden states that
+predict trainable tokens, scattering the results into [T] tensors that are 0 elsewhere. At the
+trainable positions the numbers are the same as token_logprobs' (the first-step gate checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.glm4moe import Glm4MoeForCausalLM
+from models.logprobs import chunked_token_logprobs
+from models.moe import RoutingReplay
+from trainer.backend import PackedBatch
+
+
+@dataclass
+class TrainForward:
+    """logprobs, entropy float32 [T] (0 off the trainable tokens); expert_load float32
+    [n_moe, E]; aux_loss float32 scalar."""
+
+    logprobs: Tensor
+    entropy: Tensor
+    expert_load: Tensor
+    aux_loss: Tensor
+
+
+def trainable_logprobs(
+    model: Glm4MoeForCausalLM,
+    batch: PackedBatch,
+    *,
+    chunk_size: int,
+    routing: RoutingReplay | None = None,
+) -> TrainForward:
+    """Differentiable logprobs and entropies of `batch`'s trainable tokens."""
+    out = model.forward_packed(batch.input_ids, batch.cu_seqlens, routing=routing)
+    starts = torch.zeros(batch.num_tokens, dtype=torch.bool)
+    starts[batch.cu_seqlens[:-1]] = True
+    positions = ((batch.loss_mask > 0) & ~starts).nonzero().squeeze(1)
+    logp, entropy = chunked_token_logprobs(
+        out.hidden[positions - 1],
+        model.lm_head.weight,
+        batch.input_ids[positions],
+        temperature=batch.temperature,
+        with_entropy=True,
+        chunk_size=chunk_size,
+    )
+    zeros = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    return TrainForward(
+        logprobs=zeros.index_put((positions,), logp),
+        entropy=zeros.index_put((positions,), entropy),
+        expert_load=out.expert_load,
+        aux_loss=out.aux_loss,
+    )
