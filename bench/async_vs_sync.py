@@ -1,0 +1,330 @@
+"""Benchmark: one toy GRPO job run synchronously (max_staleness 0) and asynchronously (2).
+
+Both runs are `configs/toy_grpo.yaml` with the same overrides (seed, steps, batch, a small
+held-out eval only at the start and the end, no TensorBoard or plot), executed in this process
+by `physarum.launch.execute` on one shared embedded Ray. Per step we read the run's
+metrics.jsonl, skipping the first --skip steps (start-up, first compilations):
+
+  step      perf/step_s: wall time between two step ends as the trainer sees them
+  wait      perf/wait_s: time the trainer waited for the step's episode groups
+  busy      step - wait: everything the trainer side does per step (batch building, the
+            backend's train, weight export, the driver's logging between steps)
+  backend   train/time/step_s: the training backend's own time (logprobs + optimizer step)
+
+How generation time is measured: with max_staleness 0 the rollout worker may not start a
+step's batch before the weights of the previous step arrive, so the synchronous trainer waits
+for the whole rollout phase of every step (weight transfer and swap, lease, generate, reward,
+push). The sync run's median `wait` is the generation time per step; its median `busy` is the
+training time per step (its `backend` share is printed too). A perfect pipeline runs a step in
+max(generation, training); the goal is async step <= 1.15 x that.
+
+Other engineers share this machine's two cores, so wall times are inflated and vary from
+minute to minute. To compare like with like, the runs alternate (sync, async, sync, ...) for
+--reps pairs, each async run is judged against the sync run just before it, and the load
+average is printed beside every run. Usage:
+
+    .venv/bin/python bench/async_vs_sync.py [--steps 40] [--skip 5] [--reps 2]
+        [--staleness 2] [--set rollout.max_new_tokens=16 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import configs
+from configs import load_job
+from physarum.cluster import connect
+from physarum.launch import execute
+
+PRESET = Path(configs.__file__).parent / "toy_grpo.yaml"
+GOAL = 1.15
+
+
+class CpuSampler:
+    """Samples the machine's idle CPU time (/proc/stat) in a thread, so each run can say how
+    many cores stood idle while its steps were measured (near 0 = the machine was saturated
+    by other work and two services had no room to overlap)."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period_s = period_s
+        self.samples: list[tuple[float, float]] = []  # (unix time, idle seconds summed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+        self._hz = os.sysconf("SC_CLK_TCK")
+
+    def _idle_s(self) -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        return (int(fields[4]) + int(fields[5])) / self._hz  # idle + iowait
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            idle = self._idle_s()
+            if idle is not None:
+                self.samples.append((time.time(), idle))
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def idle_cores(self, start: float, end: float) -> float:
+        """Mean idle cores between two unix times (nan without samples inside)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return float("nan")
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+@dataclass
+class Run:
+    """The measured steps of one job (records of metrics.jsonl after the skipped ones)."""
+
+    staleness: int
+    rep: int
+    records: list[dict[str, Any]]
+    wall_s: float
+    load: tuple[float, float]
+    """1-minute load average before and after the run."""
+    idle_cores: float
+    """Mean idle cores of the machine while the measured steps ran."""
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.records)
+
+    @property
+    def step_s(self) -> float:
+        return self.median("perf/step_s")
+
+    @property
+    def wait_s(self) -> float:
+        return self.median("perf/wait_s")
+
+    @property
+    def busy_s(self) -> float:
+        return statistics.median(r["perf/step_s"] - r["perf/wait_s"] for r in self.records)
+
+    @property
+    def backend_s(self) -> float:
+        return self.median("train/time/step_s")
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated (trainable) tokens per trainer step, from the cumulative rollout counter."""
+        first, last = self.records[0], self.records[-1]
+        steps = last["step"] - first["step"]
+        if steps <= 0:
+            return float("nan")
+        return (last["rollout/generated_tokens"] - first["rollout/generated_tokens"]) / steps
+
+    @property
+    def staleness_mean(self) -> float:
+        return statistics.fmean(r["buffer/staleness_mean"] for r in self.records)
+
+    @property
+    def reward(self) -> float:
+        return statistics.fmean(r["reward"] for r in self.records)
+
+
+def job_overrides(args: argparse.Namespace, staleness: int, rep: int, root: Path) -> list[str]:
+    """The same job for every run; only max_staleness, the name and the run dir differ."""
+    name = f"async_vs_sync_s{staleness}_r{rep}"
+    return [
+        f"name={name}",
+        f"run_dir={root / name}",
+        f"seed={args.seed}",
+        f"buffer.max_staleness={staleness}",
+        f"trainer.steps={args.steps}",
+        "rollout.eval.interval=0",
+        f"rollout.eval.n_prompts={args.eval_prompts}",
+        "checkpoint.interval=0",
+        "checkpoint.save_hf=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        f"logging.level={'INFO' if args.verbose else 'WARNING'}",
+        *args.set,
+    ]
+
+
+def measured_records(metrics_path: Path, skip: int) -> list[dict[str, Any]]:
+    """Per-step trainer records (those with perf/step_s) after the first `skip` steps."""
+    records = []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "perf/step_s" in record and record["step"] > skip:
+            records.append(record)
+    if len(records) < 2:
+        raise RuntimeError(
+            f"{metrics_path}: {len(records)} measured step(s) after skipping {skip}; "
+            "raise --steps or lower --skip"
+        )
+    return records
+
+
+def run_one(args: argparse.Namespace, staleness: int, rep: int, root: Path) -> Run:
+    job = load_job(PRESET, job_overrides(args, staleness, rep, root))
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    with CpuSampler() as cpu:
+        execute(job)
+    wall = time.monotonic() - started
+    records = measured_records(job.resolved_run_dir / "metrics.jsonl", args.skip)
+    window = (records[0]["time"] - records[0]["perf/step_s"], records[-1]["time"])
+    load = (load_before, os.getloadavg()[0])
+    run = Run(staleness, rep, records, wall, load, cpu.idle_cores(*window))
+    print(
+        f"  rep {rep} staleness {staleness}: median step {run.step_s:.3f} s over "
+        f"{len(records)} steps (job wall {wall:.0f} s, load {load[0]:.1f} -> {load[1]:.1f}, "
+        f"idle cores {run.idle_cores:.2f})",
+        flush=True,
+    )
+    return run
+
+
+def print_runs(runs: list[Run]) -> None:
+    print("\nper run (medians over the measured steps; seconds):")
+    header = (
+        f"{'rep':>3} {'stale':>5} {'step':>7} {'wait':>7} {'busy':>7} {'backend':>7} "
+        f"{'tok/step':>8} {'stale_mean':>10} {'reward':>6} {'load':>11} {'idle':>5}"
+    )
+    print(header)
+    for r in runs:
+        print(
+            f"{r.rep:>3} {r.staleness:>5} {r.step_s:7.3f} {r.wait_s:7.3f} {r.busy_s:7.3f} "
+            f"{r.backend_s:7.3f} {r.tokens_per_step:8.0f} {r.staleness_mean:10.2f} "
+            f"{r.reward:6.3f} {r.load[0]:5.1f}-{r.load[1]:<5.1f} {r.idle_cores:5.2f}"
+        )
+
+
+@dataclass
+class Pair:
+    """One sync run and the async run right after it."""
+
+    sync: Run
+    asyn: Run
+
+    @property
+    def gen_s(self) -> float:
+        return self.sync.wait_s
+
+    @property
+    def train_s(self) -> float:
+        return self.sync.busy_s
+
+    @property
+    def ratio(self) -> float:
+        return self.asyn.step_s / max(self.gen_s, self.train_s)
+
+    @property
+    def speedup(self) -> float:
+        return self.sync.step_s / self.asyn.step_s
+
+
+def print_summary(pairs: list[Pair]) -> None:
+    print(
+        "\ngeneration/step = sync median wait; training/step = sync median busy (backend share "
+        "in brackets)\nratio = async median step / max(generation, training); goal <= "
+        f"{GOAL:.2f}\n"
+    )
+    print(
+        f"{'rep':>3} {'sync step':>9} {'gen/step':>8} {'train/step':>17} {'async step':>10} "
+        f"{'ratio':>6} {'sync/async':>10}"
+    )
+    for i, p in enumerate(pairs):
+        train = f"{p.train_s:.3f} [{p.sync.backend_s:.3f}]"
+        print(
+            f"{i:>3} {p.sync.step_s:9.3f} {p.gen_s:8.3f} {train:>17} {p.asyn.step_s:10.3f} "
+            f"{p.ratio:6.3f} {p.speedup:9.2f}x"
+        )
+    ratios = [p.ratio for p in pairs]
+    best = min(ratios)
+    verdict = "meets" if statistics.median(ratios) <= GOAL else "misses"
+    print(
+        f"\nratio median {statistics.median(ratios):.3f} (best {best:.3f}, worst "
+        f"{max(ratios):.3f}) over {len(pairs)} pair(s): {verdict} the goal of {GOAL:.2f}"
+    )
+
+
+def check_staleness(runs: list[Run], bound: int) -> None:
+    """The runs must respect their bounds; a violation is a bug, not noise."""
+    for r in runs:
+        worst = max(rec["buffer/staleness_max"] for rec in r.records)
+        limit = 0 if r.staleness == 0 else bound
+        if worst > limit:
+            raise RuntimeError(
+                f"rep {r.rep} staleness {r.staleness}: a step trained on groups {worst:.0f} "
+                f"versions old (bound {limit})"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="trainer steps per run")
+    parser.add_argument("--skip", type=int, default=5, help="first steps left out of medians")
+    parser.add_argument("--reps", type=int, default=2, help="sync/async pairs, alternated")
+    parser.add_argument("--staleness", type=int, default=2, help="max_staleness of async runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts (ends)")
+    parser.add_argument("--set", action="append", default=[], help="extra override key=value")
+    parser.add_argument("--root", type=Path, default=None, help="run dirs (default: a temp dir)")
+    parser.add_argument("--verbose", action="store_true", help="job logs and progress lines")
+    args = parser.parse_args(argv)
+    if args.staleness < 1:
+        parser.error("--staleness: the async runs need max_staleness >= 1")
+    if args.skip >= args.steps - 1:
+        parser.error(f"--skip {args.skip} leaves fewer than 2 of --steps {args.steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+    )
+    torch.set_num_threads(1)
+    root = args.root or Path(tempfile.mkdtemp(prefix="async_vs_sync_"))
+    first = load_job(PRESET, job_overrides(args, 0, 0, root))
+    handle = connect(first.cluster, min_cpus=2)
+    print(
+        f"async_vs_sync: {PRESET.name}, {args.steps} steps (first {args.skip} skipped), "
+        f"{first.trainer.prompts_per_step} prompts x {first.rollout.n_samples_per_prompt} "
+        f"samples/step, max_new_tokens {first.rollout.max_new_tokens}; staleness 0 vs "
+        f"{args.staleness}, {args.reps} pair(s); run dirs under {root}",
+        flush=True,
+    )
+    runs: list[Run] = []
+    pairs: list[Pair] = []
+    try:
+        for rep in range(args.reps):
+            sync = run_one(args, 0, rep, root)
+            asyn = run_one(args, args.staleness, rep, root)
+            runs += [sync, asyn]
+            pairs.append(Pair(sync, asyn))
+    finally:
+        handle.shutdown()
+    check_staleness(runs, args.staleness)
+    print_runs(runs)
+    print_summary(pairs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
