@@ -15,7 +15,7 @@ import torch
 from configs.services import MegatronConfig
 from models import count_params, get_preset
 from trainer.megatron.arch import ArchError, GlmArch
-from trainer.megatron.convert import KINDS, RankLayout, entries, shard, unshard
+from trainer.megatron.convert import KINDS, RankLayout, entries, names_key, shard, unshard
 from trainer.megatron.memory_plan import GB, PlanInputs, memory_plan, render
 
 TINY = GlmArch.from_hf(get_preset("glm4moe-tiny", attention_bias=True))
@@ -96,8 +96,10 @@ def test_simple_rules_round_trip(kind: str) -> None:
     assert torch.equal(KINDS[kind].unshard(pieces, TINY)[0], x)
 
 
-def test_entries_cover_every_hf_tensor_once_across_a_layout() -> None:
-    """Over all ranks of PP2 x EP2, the entries name every HF tensor of the torch model."""
+@pytest.mark.parametrize("impl", ["local", "te", "te_grouped"])
+def test_entries_cover_every_hf_tensor_once_across_a_layout(impl: str) -> None:
+    """Over all ranks of PP2 x EP2, the entries name every HF tensor of the torch model, once,
+    whichever spec's megatron names (local, TransformerEngine, TE grouped experts)."""
     from models import Glm4MoeForCausalLM
 
     config = get_preset("glm4moe-tiny", num_hidden_layers=4, tie_word_embeddings=False)
@@ -107,11 +109,19 @@ def test_entries_cover_every_hf_tensor_once_across_a_layout() -> None:
     for stage in range(2):
         for ep_rank in range(2):
             layout = RankLayout(2 * stage, 2, stage == 0, stage == 1, ep_rank, 2)
-            for entry in entries(arch, layout):
+            megatron_names = [e.megatron for e in entries(arch, layout, impl)]
+            assert len(set(megatron_names)) == len(megatron_names)
+            for entry in entries(arch, layout, impl):
                 expert = None if entry.expert is None else ep_rank * 2 + entry.expert
                 if entry.expert is not None or ep_rank == 0:
                     covered += entry.hf_names(expert)
     assert sorted(covered) == sorted(hf_names)
+
+
+def test_names_key_follows_the_spec_switches() -> None:
+    assert names_key(False, False) == "local"
+    assert names_key(True, False) == "te"
+    assert names_key(True, True) == "te_grouped"
 
 
 def test_shard_unshard_identity_through_entries() -> None:
