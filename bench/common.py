@@ -1,0 +1,177 @@
+"""Shared fixtures for end-to-end benchmarks on the toy arithmetic task.
+
+Everything a benchmark needs to compare two systems from the same starting point, built with
+neutral tools (plain torch and transformers, no Physarum service):
+
+* `build_fixture`: the toy tokenizer, train / held-out rows as JSONL, and a freshly
+  initialised `glm4moe-toy` checkpoint (a Hugging Face directory both transformers and
+  Physarum load);
+* `sft_warm_start`: a few hundred steps of plain token cross-entropy on the chat-rendered
+  rows (transformers' Glm4MoeForCausalLM, AdamW), saved as an HF directory;
+* `greedy_accuracy`: held-out accuracy of an HF directory with transformers' `generate`,
+  scored by the project's `arithmetic` reward, so every system is judged by one evaluator;
+* `median`, `window_mean`: small statistics for the printed tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from envs.tasks import make_rows, read_jsonl, tokenizer_corpus, write_jsonl
+from models import Glm4MoeForCausalLM, get_preset, save_pretrained
+from models.chat import prompt_ids, render_sft
+from models.tokenizer import build_toy_tokenizer, load_tokenizer, stop_token_ids
+from rewards.builtins.toy_tasks import arithmetic_score
+
+log = logging.getLogger(__name__)
+
+TASK_ARGS: dict[str, Any] = {"digits": 2, "ops": "+"}
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """Paths of the shared inputs; every system under test reads exactly these files."""
+
+    tokenizer_dir: Path
+    train_path: Path
+    eval_path: Path
+    init_dir: Path
+    """A freshly initialised model (HF directory, config + safetensors, no tokenizer)."""
+
+
+def build_fixture(root: Path, *, n_train: int, n_eval: int, seed: int = 0) -> Fixture:
+    """Tokenizer, rows and a fresh toy model under `root` (the same seed gives the same files)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_toy_tokenizer(root / "tokenizer", tokenizer_corpus(seed=0))
+    train_path, eval_path = root / "train.jsonl", root / "eval.jsonl"
+    write_jsonl(make_rows("arithmetic", n_train, seed=seed, split="train", **TASK_ARGS), train_path)
+    write_jsonl(make_rows("arithmetic", n_eval, seed=seed, split="test", **TASK_ARGS), eval_path)
+    config = get_preset(
+        "glm4moe-toy",
+        vocab_size=len(tok),
+        eos_token_id=list(stop_token_ids(tok)),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    save_pretrained(Glm4MoeForCausalLM(config), root / "init")
+    return Fixture(root / "tokenizer", train_path, eval_path, root / "init")
+
+
+def load_hf_model(model_dir: Path) -> transformers.PreTrainedModel:
+    """transformers' own Glm4MoeForCausalLM from an HF directory, fp32, on the CPU."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if type(model).__name__ != "Glm4MoeForCausalLM":
+        raise ValueError(f"{model_dir}: expected a Glm4MoeForCausalLM, got {type(model).__name__}")
+    return model
+
+
+def _sft_batch(
+    examples: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 = no loss), each [B, S] int64."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (seq, lab) in enumerate(examples):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(seq)] = 1
+    return ids, attention, labels
+
+
+def _sft_examples(tok: Any, rows: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+    examples = []
+    for row in rows:
+        messages = [*row["messages"], {"role": "assistant", "content": str(row["label"])}]
+        prompt, response, mask = render_sft(tok, messages)
+        labels = [-100] * len(prompt) + [t if m else -100 for t, m in zip(response, mask)]
+        examples.append((prompt + response, labels))
+    return examples
+
+
+def sft_warm_start(
+    fixture: Fixture, out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int = 0
+) -> dict[str, float]:
+    """Plain cross-entropy SFT of the fresh model on the training rows; saves an HF directory
+    (weights + tokenizer files) to `out_dir`. Returns {"sft/loss", "sft/seconds", ...}."""
+    tok = load_tokenizer(fixture.tokenizer_dir)
+    examples = _sft_examples(tok, read_jsonl(fixture.train_path))
+    model = load_hf_model(fixture.init_dir).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 30)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        ),
+    )
+    rng = random.Random(seed)
+    started, losses = time.monotonic(), []
+    for step in range(steps):
+        ids, attention, labels = _sft_batch(rng.sample(examples, batch_size), tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log.info("sft step %d/%d loss %.4f", step + 1, steps, statistics.fmean(losses[-50:]))
+    seconds = time.monotonic() - started
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    return {"sft/loss": statistics.fmean(losses[-20:]), "sft/seconds": seconds}
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model_dir: Path, tokenizer_dir: Path, rows: Sequence[dict], *, max_new_tokens: int = 8
+) -> float:
+    """Fraction of `rows` whose greedy completion starts with the label (the arithmetic reward).
+
+    Uses transformers' generate on a left-padded batch; the same function judges every system.
+    """
+    tok = load_tokenizer(tokenizer_dir)
+    model = load_hf_model(model_dir).eval()
+    prompts = [prompt_ids(tok, row["messages"]) for row in rows]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attention,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_token_ids(tok)),
+        pad_token_id=tok.pad_token_id,
+    )
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    scores = [arithmetic_score(text, str(row["label"])) for text, row in zip(texts, rows)]
+    return statistics.fmean(scores)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def window_mean(values: Sequence[float], start: int, stop: int | None = None) -> float:
+    """Mean of values[start:stop] (nan when empty), e.g. the first / last 25 rewards."""
+    window = list(values[start:stop])
+    return statistics.fmean(window) if window else float("nan")

@@ -1,0 +1,373 @@
+"""End to end: GRPO with TRL's `GRPOTrainer` against a Physarum `rl` job, in one script.
+
+Both sides run on the same toy GLM-4 MoE (glm4moe-toy), the same toy tokenizer and chat
+template, the same arithmetic rows (2-digit addition), the same SFT warm start (plain torch
+cross-entropy, `bench/common.py`), the same reward (`rewards` built-in `arithmetic`, wrapped in
+TRL's reward signature for TRL), and the same per-step shape: 8 prompts x 8 samples,
+max 8 new tokens, temperature 1.0, lr 1e-4 constant, no KL, token-level loss with clip-higher
+(TRL loss_type "dapo", epsilon 0.2 / epsilon_high 0.28; ours ppo_clip + token_mean, 0.2 / 0.28).
+TRL runs with the CPU settings it needs (use_cpu, no bf16, no vLLM, no gradient checkpointing).
+
+Printed: wall time per step (median after --skip warm-up steps; TRL split into generation,
+scoring and training), the speed-up, batch-reward curves, and held-out greedy accuracy of the
+warm start and of each final model, all judged by one evaluator (transformers' generate).
+
+    .venv/bin/python bench/e2e_vs_trl.py                # 100 steps; ours at max_staleness 0 and 1
+    .venv/bin/python bench/e2e_vs_trl.py --steps 2500   # the length of the TRL reference
+    .venv/bin/python bench/e2e_vs_trl.py --warm-start runs/bench_e2e_vs_trl/warm_start
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (  # bench/common.py: the script's own directory is on sys.path
+    Fixture,
+    build_fixture,
+    greedy_accuracy,
+    median,
+    sft_warm_start,
+    window_mean,
+)
+
+import configs
+from envs.tasks import read_jsonl
+from models.chat import prompt_ids
+from models.tokenizer import load_tokenizer
+from rewards.builtins.toy_tasks import arithmetic_score
+
+log = logging.getLogger("bench.e2e_vs_trl")
+
+PROMPTS, SAMPLES, MAX_NEW, TEMPERATURE, LR, CLIP_LOW, CLIP_HIGH = 8, 8, 8, 1.0, 1e-4, 0.2, 0.28
+
+
+@dataclass
+class RunResult:
+    """One system's run: per-step wall times [s] and batch rewards, in step order."""
+
+    name: str
+    step_s: list[float]
+    rewards: list[float]
+    wall_s: float
+    final_dir: str
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    """Per-step seconds of named phases (TRL: generate, score, train; ours: train)."""
+    load_avg: tuple[float, float] = (float("nan"), float("nan"))
+    """1-minute load average of the machine before and after the run."""
+    accuracy: float = float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# TRL
+
+
+def _trl_reward(completions: list[Any], label: list[str], **_: Any) -> list[float]:
+    """The `arithmetic` reward in TRL's signature: completions (conversational) -> floats."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [arithmetic_score(text, str(lab)) for text, lab in zip(texts, label, strict=True)]
+
+
+_trl_reward.__name__ = "arithmetic"
+
+
+def _check_same_prompts(tok: Any, rows: list[dict]) -> None:
+    """TRL tokenises prompts with apply_chat_template; ours with models.chat.prompt_ids."""
+    for row in rows[:16]:
+        trl_ids = tok.apply_chat_template(
+            [row["messages"]], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"][0]
+        if list(trl_ids) != prompt_ids(tok, row["messages"]):
+            raise RuntimeError(f"row {row['id']}: TRL and Physarum tokenise the prompt differently")
+
+
+def run_trl(fixture: Fixture, warm: Path, out: Path, *, steps: int, seed: int) -> RunResult:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with wall-clock timers around generation and generation+scoring."""
+
+        phase_times: dict[str, list[float]]
+
+        def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            result = super()._generate_single_turn(*args, **kwargs)
+            self.phase_times["generate"].append(time.perf_counter() - started)
+            return result
+
+        def _generate_and_score_completions(self, inputs: Any) -> Any:
+            started = time.perf_counter()
+            result = super()._generate_and_score_completions(inputs)
+            self.phase_times["generate_and_score"].append(time.perf_counter() - started)
+            return result
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    tok = load_tokenizer(fixture.tokenizer_dir)
+    tok.padding_side = "left"
+    rows = read_jsonl(fixture.train_path)
+    _check_same_prompts(tok, rows)
+    dataset = Dataset.from_list([{"prompt": r["messages"], "label": str(r["label"])} for r in rows])
+    args = GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=PROMPTS * SAMPLES,
+        gradient_accumulation_steps=1,
+        num_generations=SAMPLES,
+        max_completion_length=MAX_NEW,
+        temperature=TEMPERATURE,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=CLIP_LOW,
+        epsilon_high=CLIP_HIGH,
+        max_grad_norm=1.0,
+        max_steps=steps,
+        use_cpu=True,
+        bf16=False,
+        use_vllm=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+        model_init_kwargs={"dtype": torch.float32},
+    )
+    clock = StepClock()
+    trainer = TimedGRPOTrainer(
+        model=str(warm),
+        reward_funcs=_trl_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[clock],
+    )
+    trainer.phase_times = {"generate": [], "generate_and_score": []}
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    trainer.train()
+    wall = time.monotonic() - started
+    final = out / "final"
+    trainer.save_model(str(final))
+    step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    gen, gen_score = trainer.phase_times["generate"], trainer.phase_times["generate_and_score"]
+    phases = {
+        "generate": gen,
+        "score": [gs - g for g, gs in zip(gen, gen_score, strict=True)],
+        "train": [s - gs for s, gs in zip(step_s, gen_score, strict=True)],
+    }
+    rewards = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
+    return RunResult(
+        "trl", step_s, rewards, wall, str(final), phases, (load_before, os.getloadavg()[0])
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Physarum
+
+
+def ours_overrides(
+    fixture: Fixture, warm: Path, run_dir: Path, *, steps: int, staleness: int, seed: int
+) -> list[str]:
+    """`--set` overrides turning configs/toy_grpo.yaml into the benchmark's job."""
+    n_eval = len(read_jsonl(fixture.eval_path))
+    return [
+        f"run_dir={run_dir}",
+        f"name=bench_e2e_s{staleness}",
+        f"seed={seed}",
+        f"model.path={warm}",
+        f"tokenizer.path={fixture.tokenizer_dir}",
+        f"data.train_path={fixture.train_path}",
+        f"data.eval_path={fixture.eval_path}",
+        f"trainer.steps={steps}",
+        f"trainer.prompts_per_step={PROMPTS}",
+        f"trainer.lr={LR}",
+        "trainer.lr_schedule=constant",
+        "trainer.warmup_steps=0",
+        "trainer.grad_clip=1.0",
+        f"rollout.n_samples_per_prompt={SAMPLES}",
+        f"rollout.max_new_tokens={MAX_NEW}",
+        f"rollout.temperature={TEMPERATURE}",
+        "rollout.eval.interval=0",
+        f"rollout.eval.n_prompts={n_eval}",
+        f"buffer.max_staleness={staleness}",
+        "algorithm.advantage=grpo",
+        "algorithm.policy_loss=ppo_clip",
+        "algorithm.loss_agg=token_mean",
+        f"algorithm.eps_clip_low={CLIP_LOW}",
+        f"algorithm.eps_clip_high={CLIP_HIGH}",
+        "algorithm.kl.coef=0.0",
+        "checkpoint.interval=0",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    ]
+
+
+def run_ours(
+    fixture: Fixture, warm: Path, run_dir: Path, *, steps: int, staleness: int, seed: int
+) -> RunResult:
+    try:
+        from physarum.launch import execute
+    except ImportError as err:
+        raise RuntimeError(f"job loop not available (physarum.launch: {err})") from err
+    from configs import load_job
+    from physarum.metrics import read_metrics
+
+    preset = Path(configs.__file__).parent / "toy_grpo.yaml"
+    overrides = ours_overrides(fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed)
+    job = load_job(preset, overrides)
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    execute(job)
+    wall = time.monotonic() - started
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward" in r]
+    records.sort(key=lambda r: r["step"])
+    times = [r["time"] for r in records]
+    step_s = [b - a for a, b in zip(times, times[1:])]  # driver wall clock, step to step
+    phases = {
+        "trainer_step": [r["perf/step_s"] for r in records[1:]],
+        "train": [r["train/time/train_step_s"] for r in records[1:]],
+    }
+    return RunResult(
+        f"physarum s{staleness}",
+        step_s,
+        [float(r["reward"]) for r in records],
+        wall,
+        str(run_dir / "hf"),
+        phases,
+        (load_before, os.getloadavg()[0]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def print_report(results: list[RunResult], skip: int, warm_acc: float, steps: int) -> None:
+    trl = next((r for r in results if r.name == "trl"), None)
+    print(f"\n== wall time per GRPO step (median after {skip} warm-up steps), {steps} steps ==")
+    print(f"{'system':<16}{'step s':>9}{'x TRL':>8}{'run s':>9}  phases (median s)   load avg")
+    for r in results:
+        step = median(r.step_s[skip:])
+        speedup = median(trl.step_s[skip:]) / step if trl and step > 0 else float("nan")
+        phases = " ".join(f"{k} {median(v[skip:]):.3f}" for k, v in r.phases.items())
+        load = f"{r.load_avg[0]:.1f}->{r.load_avg[1]:.1f}"
+        print(f"{r.name:<16}{step:>9.3f}{speedup:>8.2f}{r.wall_s:>9.1f}  {phases}   {load}")
+    width = max(1, steps // 10)
+    print(f"\n== batch reward, mean over windows of {width} steps ==")
+    print(f"{'steps':<12}" + "".join(f"{r.name:>16}" for r in results))
+    for start in range(0, steps, width):
+        cells = "".join(f"{window_mean(r.rewards, start, start + width):>16.3f}" for r in results)
+        print(f"{start + 1:>4}-{min(start + width, steps):<7}" + cells)
+    n = min(25, max(1, steps // 4))
+    print(f"\n== first {n} -> last {n} steps' reward; held-out greedy accuracy ==")
+    for r in results:
+        first, last = window_mean(r.rewards, 0, n), window_mean(r.rewards, -n)
+        print(
+            f"{r.name:<16} reward {first:.3f} -> {last:.3f}   accuracy {warm_acc:.3f} -> "
+            f"{r.accuracy:.3f}"
+        )
+
+
+def prepare_inputs(args: argparse.Namespace) -> tuple[Fixture, Path, dict[str, float]]:
+    fixture = build_fixture(
+        args.root / "fixture", n_train=args.n_train, n_eval=args.n_eval, seed=args.seed
+    )
+    if args.warm_start is not None:
+        return fixture, args.warm_start, {}
+    warm = args.root / "warm_start"
+    stats = sft_warm_start(
+        fixture, warm, steps=args.sft_steps, batch_size=64, lr=args.sft_lr, seed=args.seed
+    )
+    log.info("SFT warm start: %s -> %s", stats, warm)
+    return fixture, warm, stats
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="GRPO steps of each run")
+    parser.add_argument("--root", type=Path, default=Path("runs/bench_e2e_vs_trl"))
+    parser.add_argument(
+        "--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness of our runs"
+    )
+    parser.add_argument(
+        "--warm-start", type=Path, default=None, help="an HF dir to start from (skips the SFT)"
+    )
+    parser.add_argument("--sft-steps", type=int, default=800)
+    parser.add_argument("--sft-lr", type=float, default=2e-3)
+    parser.add_argument("--n-train", type=int, default=10000)
+    parser.add_argument("--n-eval", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of this process (SFT, TRL, eval)"
+    )
+    parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of medians")
+    parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--no-ours", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
+    )
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.monotonic()
+    fixture, warm, sft_stats = prepare_inputs(args)
+    eval_rows = read_jsonl(fixture.eval_path)
+    warm_acc = greedy_accuracy(warm, fixture.tokenizer_dir, eval_rows)
+    log.info("warm start held-out greedy accuracy %.3f", warm_acc)
+    results: list[RunResult] = []
+    if not args.no_trl:
+        results.append(run_trl(fixture, warm, args.root / "trl", steps=args.steps, seed=args.seed))
+    if not args.no_ours:
+        for k in args.staleness:
+            run_dir = args.root / f"physarum_s{k}"
+            try:
+                result = run_ours(
+                    fixture, warm, run_dir, steps=args.steps, staleness=k, seed=args.seed
+                )
+            except RuntimeError as err:
+                print(f"physarum s{k}: {err}")
+                continue
+            results.append(result)
+    for r in results:
+        r.accuracy = greedy_accuracy(Path(r.final_dir), fixture.tokenizer_dir, eval_rows)
+    print_report(results, args.skip, warm_acc, args.steps)
+    total = time.monotonic() - started
+    print(f"\nwhole script {total:.0f} s (SFT {sft_stats.get('sft/seconds', 0.0):.0f} s)")
+    summary = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "warm_start_accuracy": warm_acc,
+        "sft": sft_stats,
+        "runs": [asdict(r) for r in results],
+        "script_s": total,
+    }
+    (args.root / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
