@@ -19,12 +19,19 @@ training time per step (its `backend` share is printed too). A perfect pipeline 
 max(generation, training); the goal is async step <= 1.15 x that.
 
 Other engineers share this machine's two cores, so wall times are inflated and vary from
-minute to minute. To compare like with like, the runs alternate (sync, async, sync, ...) for
---reps pairs, each async run is judged against the sync run just before it, and the load
-average is printed beside every run. Usage:
+minute to minute. To compare like with like, the runs alternate in pairs (sync then async,
+then async then sync, ...) for --reps pairs, each async run is judged against the sync run of
+its pair, and each run prints the load average, the machine's idle cores and the CPU seconds
+per step of the trainer and rollout actors (a sampler thread reads /proc), which tell noise
+from a real pipeline stall: when the machine has no idle core, two services cannot overlap.
 
-    .venv/bin/python bench/async_vs_sync.py [--steps 40] [--skip 5] [--reps 2]
-        [--staleness 2] [--set rollout.max_new_tokens=16 ...]
+Ray starts its workers at niceness 15, which on a shared machine leaves our actors only the
+CPU other users' processes leave over (so the bench would measure them, not us). The bench's
+own embedded Ray therefore starts workers at --worker-niceness 0 by default (the driver and
+redis-server run at 0 anyway); on a dedicated machine the niceness makes no difference. Usage:
+
+    .venv/bin/python bench/async_vs_sync.py [--steps 40] [--skip 5] [--reps 3]
+        [--staleness 2] [--worker-niceness 0] [--set rollout.max_new_tokens=16 ...]
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 import configs
@@ -52,30 +60,49 @@ PRESET = Path(configs.__file__).parent / "toy_grpo.yaml"
 GOAL = 1.15
 
 
+ROLES = {"trainer": "ray::TrainerActor", "rollout": "ray::RolloutActor"}
+"""Our service processes by their Ray process title (the bench's embedded Ray is a child)."""
+
+
 class CpuSampler:
-    """Samples the machine's idle CPU time (/proc/stat) in a thread, so each run can say how
-    many cores stood idle while its steps were measured (near 0 = the machine was saturated
-    by other work and two services had no room to overlap)."""
+    """Samples, in a thread, the machine's idle CPU time (/proc/stat) and the CPU time of this
+    job's trainer and rollout actors, so each run can say how many cores stood idle while its
+    steps ran (near 0 = saturated by other work: two services had no room to overlap) and how
+    many CPU seconds each service spent per step (a cost the machine's load does not inflate
+    as much as wall time)."""
 
     def __init__(self, period_s: float = 0.5) -> None:
         self.period_s = period_s
-        self.samples: list[tuple[float, float]] = []  # (unix time, idle seconds summed)
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (unix time, cumulative s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
         self._hz = os.sysconf("SC_CLK_TCK")
+        self._roles: dict[int, str] = {}
 
-    def _idle_s(self) -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        except OSError:
-            return None
+    def _idle_s(self) -> float:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
         return (int(fields[4]) + int(fields[5])) / self._hz  # idle + iowait
+
+    def _role_cpu(self) -> dict[str, float]:
+        totals = dict.fromkeys(ROLES, 0.0)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                role = self._roles.get(proc.pid)
+                if role is None:
+                    title = " ".join(proc.cmdline())
+                    role = next((r for r, p in ROLES.items() if title.startswith(p)), None)
+                    if role is None:
+                        continue
+                    self._roles[proc.pid] = role
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            totals[role] += times.user + times.system
+        return totals
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
-            idle = self._idle_s()
-            if idle is not None:
-                self.samples.append((time.time(), idle))
+            self.samples.append((time.time(), {"idle": self._idle_s(), **self._role_cpu()}))
 
     def __enter__(self) -> CpuSampler:
         self._thread.start()
@@ -85,12 +112,14 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
 
-    def idle_cores(self, start: float, end: float) -> float:
-        """Mean idle cores between two unix times (nan without samples inside)."""
+    def rates(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per wall second of each counter between two unix times (nan when the
+        window holds fewer than two samples): "idle" is then the mean idle cores."""
         inside = [s for s in self.samples if start <= s[0] <= end]
         if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
-            return float("nan")
-        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+            return {key: float("nan") for key in ("idle", *ROLES)}
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        return {key: (last[key] - first[key]) / (t1 - t0) for key in first}
 
 
 @dataclass
@@ -103,8 +132,9 @@ class Run:
     wall_s: float
     load: tuple[float, float]
     """1-minute load average before and after the run."""
-    idle_cores: float
-    """Mean idle cores of the machine while the measured steps ran."""
+    cpu: dict[str, float]
+    """While the measured steps ran: mean idle cores of the machine ("idle") and the cores
+    each service kept busy ("trainer", "rollout"), from CpuSampler.rates."""
 
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.records)
@@ -133,6 +163,10 @@ class Run:
         if steps <= 0:
             return float("nan")
         return (last["rollout/generated_tokens"] - first["rollout/generated_tokens"]) / steps
+
+    def cpu_per_step(self, role: str) -> float:
+        """CPU seconds `role` spent per step (its busy cores x the mean step time)."""
+        return self.cpu[role] * statistics.fmean(r["perf/step_s"] for r in self.records)
 
     @property
     def staleness_mean(self) -> float:
@@ -188,28 +222,34 @@ def run_one(args: argparse.Namespace, staleness: int, rep: int, root: Path) -> R
     records = measured_records(job.resolved_run_dir / "metrics.jsonl", args.skip)
     window = (records[0]["time"] - records[0]["perf/step_s"], records[-1]["time"])
     load = (load_before, os.getloadavg()[0])
-    run = Run(staleness, rep, records, wall, load, cpu.idle_cores(*window))
+    run = Run(staleness, rep, records, wall, load, cpu.rates(*window))
     print(
         f"  rep {rep} staleness {staleness}: median step {run.step_s:.3f} s over "
         f"{len(records)} steps (job wall {wall:.0f} s, load {load[0]:.1f} -> {load[1]:.1f}, "
-        f"idle cores {run.idle_cores:.2f})",
+        f"idle cores {run.cpu['idle']:.2f})",
         flush=True,
     )
     return run
 
 
 def print_runs(runs: list[Run]) -> None:
-    print("\nper run (medians over the measured steps; seconds):")
+    print(
+        "\nper run: medians over the measured steps (s); cpu/step = CPU seconds per step of the "
+        "trainer / rollout actor;\nidle = mean idle cores of the machine meanwhile"
+    )
     header = (
         f"{'rep':>3} {'stale':>5} {'step':>7} {'wait':>7} {'busy':>7} {'backend':>7} "
-        f"{'tok/step':>8} {'stale_mean':>10} {'reward':>6} {'load':>11} {'idle':>5}"
+        f"{'cpu/step trn':>12} {'gen':>6} {'tok/step':>8} {'stale_mean':>10} {'reward':>6} "
+        f"{'load':>11} {'idle':>5}"
     )
     print(header)
     for r in runs:
         print(
             f"{r.rep:>3} {r.staleness:>5} {r.step_s:7.3f} {r.wait_s:7.3f} {r.busy_s:7.3f} "
-            f"{r.backend_s:7.3f} {r.tokens_per_step:8.0f} {r.staleness_mean:10.2f} "
-            f"{r.reward:6.3f} {r.load[0]:5.1f}-{r.load[1]:<5.1f} {r.idle_cores:5.2f}"
+            f"{r.backend_s:7.3f} {r.cpu_per_step('trainer'):12.3f} "
+            f"{r.cpu_per_step('rollout'):6.3f} {r.tokens_per_step:8.0f} "
+            f"{r.staleness_mean:10.2f} {r.reward:6.3f} {r.load[0]:5.1f}-{r.load[1]:<5.1f} "
+            f"{r.cpu['idle']:5.2f}"
         )
 
 
@@ -245,13 +285,14 @@ def print_summary(pairs: list[Pair]) -> None:
     )
     print(
         f"{'rep':>3} {'sync step':>9} {'gen/step':>8} {'train/step':>17} {'async step':>10} "
-        f"{'ratio':>6} {'sync/async':>10}"
+        f"{'ratio':>6} {'sync/async':>10} {'idle sync/async':>15}"
     )
     for i, p in enumerate(pairs):
         train = f"{p.train_s:.3f} [{p.sync.backend_s:.3f}]"
+        idle = f"{p.sync.cpu['idle']:.2f}/{p.asyn.cpu['idle']:.2f}"
         print(
             f"{i:>3} {p.sync.step_s:9.3f} {p.gen_s:8.3f} {train:>17} {p.asyn.step_s:10.3f} "
-            f"{p.ratio:6.3f} {p.speedup:9.2f}x"
+            f"{p.ratio:6.3f} {p.speedup:9.2f}x {idle:>15}"
         )
     ratios = [p.ratio for p in pairs]
     best = min(ratios)
@@ -259,6 +300,23 @@ def print_summary(pairs: list[Pair]) -> None:
     print(
         f"\nratio median {statistics.median(ratios):.3f} (best {best:.3f}, worst "
         f"{max(ratios):.3f}) over {len(pairs)} pair(s): {verdict} the goal of {GOAL:.2f}"
+    )
+    print_cpu(pairs)
+
+
+def print_cpu(pairs: list[Pair]) -> None:
+    """CPU seconds per step, medians over the runs of each mode: async must cost no more CPU
+    than sync; max(trainer, rollout) is the step time two free cores would allow."""
+
+    def med(runs: list[Run], role: str) -> float:
+        return statistics.median(r.cpu_per_step(role) for r in runs)
+
+    syncs, asyncs = [p.sync for p in pairs], [p.asyn for p in pairs]
+    trn, gen = med(syncs, "trainer"), med(syncs, "rollout")
+    print(
+        f"CPU s/step (median over runs): trainer {trn:.3f} sync / {med(asyncs, 'trainer'):.3f} "
+        f"async, rollout {gen:.3f} sync / {med(asyncs, 'rollout'):.3f} async; "
+        f"max(trainer, rollout) in sync = {max(trn, gen):.3f} s"
     )
 
 
@@ -278,12 +336,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="trainer steps per run")
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of medians")
-    parser.add_argument("--reps", type=int, default=2, help="sync/async pairs, alternated")
+    parser.add_argument("--reps", type=int, default=3, help="sync/async pairs, alternated")
     parser.add_argument("--staleness", type=int, default=2, help="max_staleness of async runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts (ends)")
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
     parser.add_argument("--root", type=Path, default=None, help="run dirs (default: a temp dir)")
+    parser.add_argument(
+        "--worker-niceness", type=int, default=0, help="niceness of Ray workers (Ray: 15)"
+    )
     parser.add_argument("--verbose", action="store_true", help="job logs and progress lines")
     args = parser.parse_args(argv)
     if args.staleness < 1:
@@ -302,22 +363,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     root = args.root or Path(tempfile.mkdtemp(prefix="async_vs_sync_"))
     first = load_job(PRESET, job_overrides(args, 0, 0, root))
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read when Ray starts
     handle = connect(first.cluster, min_cpus=2)
     print(
         f"async_vs_sync: {PRESET.name}, {args.steps} steps (first {args.skip} skipped), "
         f"{first.trainer.prompts_per_step} prompts x {first.rollout.n_samples_per_prompt} "
         f"samples/step, max_new_tokens {first.rollout.max_new_tokens}; staleness 0 vs "
-        f"{args.staleness}, {args.reps} pair(s); run dirs under {root}",
+        f"{args.staleness}, {args.reps} pair(s), worker niceness {args.worker_niceness}; "
+        f"run dirs under {root}",
         flush=True,
     )
     runs: list[Run] = []
     pairs: list[Pair] = []
     try:
         for rep in range(args.reps):
-            sync = run_one(args, 0, rep, root)
-            asyn = run_one(args, args.staleness, rep, root)
-            runs += [sync, asyn]
-            pairs.append(Pair(sync, asyn))
+            order = (0, args.staleness) if rep % 2 == 0 else (args.staleness, 0)
+            done = {st: run_one(args, st, rep, root) for st in order}
+            runs += [done[st] for st in order]
+            pairs.append(Pair(done[0], done[args.staleness]))
     finally:
         handle.shutdown()
     check_staleness(runs, args.staleness)
