@@ -5,7 +5,9 @@
    logprobs, AdamW, MoE bias update, metrics); peer = what TRL's GRPOTrainer does per step
    with transformers' Glm4MoeForCausalLM on the SAME weights and tokens: a right-padded
    [B, S] forward, full logits, log_softmax + gather, the DAPO clipped loss, backward, AdamW.
-   Both timed in this process, interleaved, median of --repeats steps after warm-up.
+   Both timed in this process, interleaved, median of --repeats steps after warm-up; wall
+   time and this process's CPU time (at 1 thread on a busy machine, CPU time is close to what
+   an idle machine's wall time would be).
 2. SFT train tokens/s at two micro-batch token budgets (--budgets), --sft-seqs sequences/step.
 
 TRL's own figures on this machine (reference/trl_baseline.md, not re-measured here): GRPO step
@@ -124,26 +126,33 @@ def grpo_bench(tok, ours: Glm4MoeForCausalLM, repeats: int) -> None:
     backend = TorchBackend(ours, cfg, AlgorithmConfig(advantage="grpo", loss_agg="token_mean"))
     hf = hf_peer(ours)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
-    ours_s, peer_s, model_s = [], [], []
+    ours_s, peer_s, model_s, ours_cpu, peer_cpu = [], [], [], [], []
     for i in range(repeats + 3):
         step = build_rl_step(groups, micro_batch_tokens=cfg.micro_batch_tokens)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         backend.train(step)
-        ours_time = time.perf_counter() - t0
-        peer_time = hf_grpo_step(hf, opt, padded_inputs(step))
+        ours_time, ours_c = time.perf_counter() - t0, time.process_time() - c0
+        inputs = padded_inputs(step)
+        c0 = time.process_time()
+        peer_time = hf_grpo_step(hf, opt, inputs)
+        peer_c = time.process_time() - c0
         model_time = model_forward_backward(ours, step)
         if i >= 3:
             ours_s.append(ours_time)
             peer_s.append(peer_time)
             model_s.append(model_time)
+            ours_cpu.append(ours_c)
+            peer_cpu.append(peer_c)
     tokens = sum(b.num_tokens for b in step.micro_batches)
     completion = sum(int(b.loss_mask.sum()) for b in step.micro_batches) / step.num_seqs
     ours_med, peer_med = statistics.median(ours_s), statistics.median(peer_s)
     print(f"GRPO step, 8 prompts x 8 samples: {tokens} tokens, {completion:.2f} completion "
           f"tokens/seq (TRL: ~3.5)")  # fmt: skip
-    for name, med in (("ours (TorchBackend.train)    ", ours_med),
-                      ("peer (transformers, TRL-like)", peer_med)):  # fmt: skip
-        print(f"  {name} {med * 1e3:8.1f} ms  {tokens / med:8.0f} tok/s")
+    for name, med, cpu in (("ours (TorchBackend.train)    ", ours_med, ours_cpu),
+                           ("peer (transformers, TRL-like)", peer_med, peer_cpu)):  # fmt: skip
+        cpu_med = statistics.median(cpu)
+        print(f"  {name} wall {med * 1e3:7.1f} ms ({tokens / med:6.0f} tok/s)   "
+              f"cpu {cpu_med * 1e3:7.1f} ms ({tokens / cpu_med:6.0f} tok/s)")  # fmt: skip
     print(f"  speed-up vs the peer: {peer_med / ours_med:.2f}x")
     model_med = statistics.median(model_s)
     print(f"  of which the model's packed forward+backward alone: {model_med * 1e3:.1f} ms "
@@ -165,17 +174,19 @@ def sft_bench(tok, vocab: int, budgets: list[int], n_seqs: int, repeats: int) ->
         cfg = TrainerConfig(lr=1e-3, micro_batch_tokens=budget, steps=10**6)
         backend = TorchBackend(model, cfg, AlgorithmConfig(), policy_loss="sft")
         step = build_step(episodes, list(range(n_seqs)), micro_batch_tokens=budget)
-        times = []
+        times, cpus = [], []
         for i in range(repeats + 2):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             backend.train_step(step.micro_batches)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
         tokens = sum(b.num_tokens for b in step.micro_batches)
-        med = statistics.median(times)
+        med, cpu = statistics.median(times), statistics.median(cpus)
         print(f"SFT micro_batch_tokens={budget:5d}: {len(step.micro_batches):3d} micro-batches, "
-              f"{tokens} tokens/step, {med * 1e3:7.1f} ms/step, {tokens / med:8.0f} train tok/s "
-              f"(TRL SFT reference: 9,586; TRL GRPO: {TRL_TOKENS_PER_S:,})")  # fmt: skip
+              f"{tokens} tokens/step: wall {med * 1e3:7.1f} ms ({tokens / med:6.0f} tok/s), "
+              f"cpu {cpu * 1e3:7.1f} ms ({tokens / cpu:6.0f} tok/s)")  # fmt: skip
+    print(f"  (TRL reference, idle machine: SFT 9,586 tok/s, GRPO {TRL_TOKENS_PER_S:,} tok/s)")
 
 
 def main() -> None:
