@@ -67,7 +67,7 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
-        for check in (_check_rewards, _check_losses, _check_megatron, _check_data):
+        for check in (_check_rewards, _check_losses, _check_ranks, _check_megatron, _check_data):
             check(self)
         return self
 
@@ -94,6 +94,14 @@ def _check_losses(job: JobConfig) -> None:
         raise ValueError(
             f"rollout.n_samples_per_prompt: advantage {algo.advantage!r} compares samples of "
             f"one prompt, so it needs at least 2 (got {job.rollout.n_samples_per_prompt})"
+        )
+
+
+def _check_ranks(job: JobConfig) -> None:
+    if job.mode == "rl" and job.trainer.prompts_per_step < job.trainer.num_ranks:
+        raise ValueError(
+            f"trainer.prompts_per_step: {job.trainer.prompts_per_step} groups cannot be split "
+            f"over trainer.num_ranks = {job.trainer.num_ranks} ranks (each needs at least one)"
         )
 
 

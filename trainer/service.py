@@ -114,7 +114,7 @@ class TrainerService:
     def rl_step(self, timeout_s: float) -> dict[str, float]:
         """Take this rank's share of a step's groups, train on them, publish the version."""
         started = time.monotonic()
-        share = self.job.trainer.prompts_per_step // self.dp.world_size
+        share = step_share(self.job.trainer.prompts_per_step, self.dp.rank, self.dp.world_size)
         groups = self.take_groups(share, timeout_s)
         waited = time.monotonic() - started
         mask_old = self.job.rollout.mask_offpolicy_tokens
@@ -171,8 +171,35 @@ class TrainerService:
         log.info("%s: restored version %d from %s", self.consumer, self.version, path)
 
     def save_hf(self, path: Path) -> None:
-        if self.rank == 0:
-            save_pretrained(self.backend.model, path)
+        """Write the current weights as an HF directory. Collective: call on every rank."""
+        backend_save = getattr(self.backend, "save_hf", None)
+        if callable(backend_save):  # megatron: gathered across TP/EP/PP
+            backend_save(path)
+            return
+        if not self.job.trainer.fsdp:
+            if self.rank == 0:
+                save_pretrained(self.backend.model, path)
+            return
+        named = self.backend.export_weights()  # FSDP: every rank takes part in the gather
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return
+        from models.glm4moe import Glm4MoeForCausalLM
+
+        full = Glm4MoeForCausalLM(self.backend.model.config)
+        full.load_hf_state_dict(named)
+        save_pretrained(full, path)
+
+    @property
+    def collective_export(self) -> bool:
+        """Whether every rank must take part in building a weight update."""
+        return self.job.trainer.backend == "megatron" or self.job.trainer.fsdp
+
+
+def step_share(total: int, rank: int, world_size: int) -> int:
+    """This rank's groups of a step: an even split, the remainder to the lowest ranks."""
+    return total // world_size + (rank < total % world_size)
 
 
 def _group_metrics(groups: list[EpisodeGroup], train_version: int) -> dict[str, float]:

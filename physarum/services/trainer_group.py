@@ -121,6 +121,7 @@ class TrainerGroup:
             )
             self.actors.append(actor)
         self.rank0 = self.actors[0]
+        self.collective_export = job.trainer.backend == "megatron" or job.trainer.fsdp
         # No wait here: actors start in parallel with the rollout; the first call waits.
         log.info("trainer: starting %d rank(s) (%s backend)", world, job.trainer.backend)
 
@@ -140,7 +141,10 @@ class TrainerGroup:
         return refs[0]
 
     def weight_update_ref(self) -> ray.ObjectRef:
-        """An object ref to rank 0's WeightUpdate, shared by every rollout worker."""
+        """An object ref to rank 0's WeightUpdate, shared by every rollout worker. Backends
+        whose export is collective (megatron's gathers, FSDP) build it on every rank."""
+        if self.collective_export:
+            return [a.weight_update.remote() for a in self.actors][0]
         return self.rank0.weight_update.remote()
 
     def version(self) -> int:
