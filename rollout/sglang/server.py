@@ -263,13 +263,19 @@ class SGLangServer:
             pass
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the process group, wait up to `timeout`, then SIGKILL what is left.
+        """SIGTERM the server, wait up to `timeout`, then SIGKILL its whole process group.
 
+        SIGTERM goes to the main process only: SGLang then drains and exits 0, stopping its
+        scheduler and detokenizer itself (signalling them too makes it take the crash path).
         Returns the server's exit code (None if it was never started).
         """
         if self._proc is None:
             return None
-        self._signal_group(signal.SIGTERM)
+        if self._proc.poll() is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         try:
             code = self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
