@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,10 @@ log = logging.getLogger("bench.e2e_vs_trl")
 PROMPTS, SAMPLES, MAX_NEW, TEMPERATURE, LR, CLIP_LOW, CLIP_HIGH = 8, 8, 8, 1.0, 1e-4, 0.2, 0.28
 
 
+class JobLoopUnavailable(RuntimeError):
+    """physarum.launch cannot be imported: only the TRL half of the benchmark can run."""
+
+
 @dataclass
 class RunResult:
     """One system's run: per-step wall times [s] and batch rewards, in step order."""
@@ -64,6 +69,11 @@ class RunResult:
     load_avg: tuple[float, float] = (float("nan"), float("nan"))
     """1-minute load average of the machine before and after the run."""
     accuracy: float = float("nan")
+    rep: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} #{self.rep}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +101,7 @@ def _check_same_prompts(tok: Any, rows: list[dict]) -> None:
 
 def run_trl(fixture: Fixture, warm: Path, out: Path, *, steps: int, seed: int) -> RunResult:
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     class TimedGRPOTrainer(GRPOTrainer):
@@ -121,6 +131,7 @@ def run_trl(fixture: Fixture, warm: Path, out: Path, *, steps: int, seed: int) -
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.ends.append(time.perf_counter())
 
+    shutil.rmtree(out, ignore_errors=True)
     tok = load_tokenizer(fixture.tokenizer_dir)
     tok.padding_side = "left"
     rows = read_jsonl(fixture.train_path)
@@ -162,6 +173,7 @@ def run_trl(fixture: Fixture, warm: Path, out: Path, *, steps: int, seed: int) -
         processing_class=tok,
         callbacks=[clock],
     )
+    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; we print tables
     trainer.phase_times = {"generate": [], "generate_and_score": []}
     load_before = os.getloadavg()[0]
     started = time.monotonic()
@@ -229,33 +241,34 @@ def run_ours(
     try:
         from physarum.launch import execute
     except ImportError as err:
-        raise RuntimeError(f"job loop not available (physarum.launch: {err})") from err
+        raise JobLoopUnavailable(f"physarum.launch: {err}") from err
     from configs import load_job
     from physarum.metrics import read_metrics
 
     preset = Path(configs.__file__).parent / "toy_grpo.yaml"
     overrides = ours_overrides(fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed)
     job = load_job(preset, overrides)
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start from scratch
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     execute(job)
     wall = time.monotonic() - started
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward" in r]
-    records.sort(key=lambda r: r["step"])
-    times = [r["time"] for r in records]
-    step_s = [b - a for a, b in zip(times, times[1:])]  # driver wall clock, step to step
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps_done = sorted((r for r in records if "reward" in r), key=lambda r: r["step"])
+    start = next(r["time"] for r in records if r["step"] == 0)  # after the initial eval
+    times = [start] + [r["time"] for r in steps_done]
     phases = {
-        "trainer_step": [r["perf/step_s"] for r in records[1:]],
-        "train": [r["train/time/train_step_s"] for r in records[1:]],
+        "wait": [r["perf/wait_s"] for r in steps_done],
+        "train": [r["train/time/train_step_s"] for r in steps_done],
     }
     return RunResult(
-        f"physarum s{staleness}",
-        step_s,
-        [float(r["reward"]) for r in records],
-        wall,
-        str(run_dir / "hf"),
-        phases,
-        (load_before, os.getloadavg()[0]),
+        name=f"physarum s{staleness}",
+        step_s=[b - a for a, b in zip(times, times[1:])],  # driver wall clock, step to step
+        rewards=[float(r["reward"]) for r in steps_done],
+        wall_s=wall,
+        final_dir=str(run_dir / "hf"),
+        phases=phases,
+        load_avg=(load_before, os.getloadavg()[0]),
     )
 
 
@@ -263,28 +276,38 @@ def run_ours(
 # Report
 
 
+def _speedups(results: list[RunResult], skip: int) -> dict[int, float]:
+    """id(run) -> median TRL step / median run step, against the TRL run of the same rep."""
+    trl_step = {r.rep: median(r.step_s[skip:]) for r in results if r.name == "trl"}
+    return {
+        id(r): trl_step.get(r.rep, float("nan")) / max(median(r.step_s[skip:]), 1e-12)
+        for r in results
+    }
+
+
 def print_report(results: list[RunResult], skip: int, warm_acc: float, steps: int) -> None:
-    trl = next((r for r in results if r.name == "trl"), None)
+    speedups = _speedups(results, skip)
     print(f"\n== wall time per GRPO step (median after {skip} warm-up steps), {steps} steps ==")
-    print(f"{'system':<16}{'step s':>9}{'x TRL':>8}{'run s':>9}  phases (median s)   load avg")
+    print(f"{'run':<20}{'step s':>8}{'x TRL':>7}{'run s':>8}  phases (median s)  load avg")
     for r in results:
-        step = median(r.step_s[skip:])
-        speedup = median(trl.step_s[skip:]) / step if trl and step > 0 else float("nan")
         phases = " ".join(f"{k} {median(v[skip:]):.3f}" for k, v in r.phases.items())
         load = f"{r.load_avg[0]:.1f}->{r.load_avg[1]:.1f}"
-        print(f"{r.name:<16}{step:>9.3f}{speedup:>8.2f}{r.wall_s:>9.1f}  {phases}   {load}")
+        print(
+            f"{r.label:<20}{median(r.step_s[skip:]):>8.3f}{speedups[id(r)]:>7.2f}"
+            f"{r.wall_s:>8.1f}  {phases}  {load}"
+        )
     width = max(1, steps // 10)
     print(f"\n== batch reward, mean over windows of {width} steps ==")
-    print(f"{'steps':<12}" + "".join(f"{r.name:>16}" for r in results))
+    print(f"{'steps':<11}" + "".join(f"{r.label:>18}" for r in results))
     for start in range(0, steps, width):
-        cells = "".join(f"{window_mean(r.rewards, start, start + width):>16.3f}" for r in results)
-        print(f"{start + 1:>4}-{min(start + width, steps):<7}" + cells)
+        cells = "".join(f"{window_mean(r.rewards, start, start + width):>18.3f}" for r in results)
+        print(f"{start + 1:>4}-{min(start + width, steps):<6}" + cells)
     n = min(25, max(1, steps // 4))
-    print(f"\n== first {n} -> last {n} steps' reward; held-out greedy accuracy ==")
+    print(f"\n== batch reward first {n} -> last {n} steps; held-out greedy accuracy ==")
     for r in results:
         first, last = window_mean(r.rewards, 0, n), window_mean(r.rewards, -n)
         print(
-            f"{r.name:<16} reward {first:.3f} -> {last:.3f}   accuracy {warm_acc:.3f} -> "
+            f"{r.label:<20} reward {first:.3f} -> {last:.3f}   accuracy {warm_acc:.3f} -> "
             f"{r.accuracy:.3f}"
         )
 
@@ -296,9 +319,22 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Fixture, Path, dict[str, f
     if args.warm_start is not None:
         return fixture, args.warm_start, {}
     warm = args.root / "warm_start"
+    recipe = {
+        "steps": args.sft_steps,
+        "lr": args.sft_lr,
+        "seed": args.seed,
+        "n_train": args.n_train,
+        "batch_size": 64,
+    }
+    marker = warm / "bench_sft.json"
+    if marker.exists() and json.loads(marker.read_text()).get("recipe") == recipe:
+        stats = json.loads(marker.read_text())["stats"]
+        log.info("reusing the SFT warm start in %s (same recipe)", warm)
+        return fixture, warm, stats | {"sft/seconds": 0.0}
     stats = sft_warm_start(
         fixture, warm, steps=args.sft_steps, batch_size=64, lr=args.sft_lr, seed=args.seed
     )
+    marker.write_text(json.dumps({"recipe": recipe, "stats": stats}))
     log.info("SFT warm start: %s -> %s", stats, warm)
     return fixture, warm, stats
 
@@ -322,9 +358,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads of this process (SFT, TRL, eval)"
     )
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of medians")
+    parser.add_argument(
+        "--reps", type=int, default=1, help="alternate the runs this many times (busy machine)"
+    )
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-ours", action="store_true")
     return parser.parse_args(argv)
+
+
+def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) -> list[RunResult]:
+    """TRL, then ours at each staleness, all from the same warm start."""
+    runs: list[RunResult] = []
+    if not args.no_trl:
+        runs.append(run_trl(fixture, warm, args.root / "trl", steps=args.steps, seed=args.seed))
+    for k in [] if args.no_ours else args.staleness:
+        try:
+            run_dir = args.root / f"physarum_s{k}"
+            runs.append(
+                run_ours(fixture, warm, run_dir, steps=args.steps, staleness=k, seed=args.seed)
+            )
+        except JobLoopUnavailable as err:
+            print(f"physarum s{k}: job loop not available, our side skipped ({err})")
+    eval_rows = read_jsonl(fixture.eval_path)
+    for run in runs:  # each run overwrites its directory next rep: evaluate it now
+        run.rep = rep
+        run.accuracy = greedy_accuracy(Path(run.final_dir), fixture.tokenizer_dir, eval_rows)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,21 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     warm_acc = greedy_accuracy(warm, fixture.tokenizer_dir, eval_rows)
     log.info("warm start held-out greedy accuracy %.3f", warm_acc)
     results: list[RunResult] = []
-    if not args.no_trl:
-        results.append(run_trl(fixture, warm, args.root / "trl", steps=args.steps, seed=args.seed))
-    if not args.no_ours:
-        for k in args.staleness:
-            run_dir = args.root / f"physarum_s{k}"
-            try:
-                result = run_ours(
-                    fixture, warm, run_dir, steps=args.steps, staleness=k, seed=args.seed
-                )
-            except RuntimeError as err:
-                print(f"physarum s{k}: {err}")
-                continue
-            results.append(result)
-    for r in results:
-        r.accuracy = greedy_accuracy(Path(r.final_dir), fixture.tokenizer_dir, eval_rows)
+    for rep in range(args.reps):  # alternate the systems so machine load hits them alike
+        results += run_rep(args, fixture, warm, rep)
     print_report(results, args.skip, warm_acc, args.steps)
     total = time.monotonic() - started
     print(f"\nwhole script {total:.0f} s (SFT {sft_stats.get('sft/seconds', 0.0):.0f} s)")
