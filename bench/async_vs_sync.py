@@ -60,16 +60,17 @@ PRESET = Path(configs.__file__).parent / "toy_grpo.yaml"
 GOAL = 1.15
 
 
-ROLES = {"trainer": "ray::TrainerActor", "rollout": "ray::RolloutActor"}
-"""Our service processes by their Ray process title (the bench's embedded Ray is a child)."""
+ROLES = {"trainer": "ray::TrainerActor", "rollout": "ray::RolloutActor", "redis": "redis-server"}
+"""Our service processes by their process title (the embedded Ray and Redis are children of
+this process); "driver" is this process itself."""
 
 
 class CpuSampler:
     """Samples, in a thread, the machine's idle CPU time (/proc/stat) and the CPU time of this
-    job's trainer and rollout actors, so each run can say how many cores stood idle while its
-    steps ran (near 0 = saturated by other work: two services had no room to overlap) and how
-    many CPU seconds each service spent per step (a cost the machine's load does not inflate
-    as much as wall time)."""
+    job's processes (ROLES and this driver). Each run can then say how many cores stood idle
+    while its steps ran (near 0 = saturated by other work: two services had no room to
+    overlap) and how many CPU seconds each process spent per step (a cost the machine's load
+    inflates far less than wall time)."""
 
     def __init__(self, period_s: float = 0.5) -> None:
         self.period_s = period_s
@@ -84,13 +85,14 @@ class CpuSampler:
         return (int(fields[4]) + int(fields[5])) / self._hz  # idle + iowait
 
     def _role_cpu(self) -> dict[str, float]:
-        totals = dict.fromkeys(ROLES, 0.0)
-        for proc in psutil.Process().children(recursive=True):
+        me = psutil.Process()
+        totals = dict.fromkeys(ROLES, 0.0) | {"driver": sum(me.cpu_times()[:2])}
+        for proc in me.children(recursive=True):
             try:
                 role = self._roles.get(proc.pid)
                 if role is None:
                     title = " ".join(proc.cmdline())
-                    role = next((r for r, p in ROLES.items() if title.startswith(p)), None)
+                    role = next((r for r, p in ROLES.items() if p in title), None)
                     if role is None:
                         continue
                     self._roles[proc.pid] = role
@@ -117,7 +119,7 @@ class CpuSampler:
         window holds fewer than two samples): "idle" is then the mean idle cores."""
         inside = [s for s in self.samples if start <= s[0] <= end]
         if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
-            return {key: float("nan") for key in ("idle", *ROLES)}
+            return {key: float("nan") for key in ("idle", "driver", *ROLES)}
         (t0, first), (t1, last) = inside[0], inside[-1]
         return {key: (last[key] - first[key]) / (t1 - t0) for key in first}
 
@@ -235,19 +237,21 @@ def run_one(args: argparse.Namespace, staleness: int, rep: int, root: Path) -> R
 def print_runs(runs: list[Run]) -> None:
     print(
         "\nper run: medians over the measured steps (s); cpu/step = CPU seconds per step of the "
-        "trainer / rollout actor;\nidle = mean idle cores of the machine meanwhile"
+        "trainer actor, the rollout actor,\nthe driver (this process) and redis-server; idle = "
+        "mean idle cores of the machine meanwhile"
     )
     header = (
-        f"{'rep':>3} {'stale':>5} {'step':>7} {'wait':>7} {'busy':>7} {'backend':>7} "
-        f"{'cpu/step trn':>12} {'gen':>6} {'tok/step':>8} {'stale_mean':>10} {'reward':>6} "
-        f"{'load':>11} {'idle':>5}"
+        f"{'rep':>3} {'stale':>5} {'step':>6} {'wait':>6} {'busy':>6} {'backend':>7} "
+        f"{'cpu/step trn':>12} {'gen':>5} {'drv':>5} {'redis':>5} {'tok/step':>8} "
+        f"{'stale_mean':>10} {'reward':>6} {'load':>11} {'idle':>5}"
     )
     print(header)
     for r in runs:
         print(
-            f"{r.rep:>3} {r.staleness:>5} {r.step_s:7.3f} {r.wait_s:7.3f} {r.busy_s:7.3f} "
+            f"{r.rep:>3} {r.staleness:>5} {r.step_s:6.3f} {r.wait_s:6.3f} {r.busy_s:6.3f} "
             f"{r.backend_s:7.3f} {r.cpu_per_step('trainer'):12.3f} "
-            f"{r.cpu_per_step('rollout'):6.3f} {r.tokens_per_step:8.0f} "
+            f"{r.cpu_per_step('rollout'):5.3f} {r.cpu_per_step('driver'):5.3f} "
+            f"{r.cpu_per_step('redis'):5.3f} {r.tokens_per_step:8.0f} "
             f"{r.staleness_mean:10.2f} {r.reward:6.3f} {r.load[0]:5.1f}-{r.load[1]:<5.1f} "
             f"{r.cpu['idle']:5.2f}"
         )
