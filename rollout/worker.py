@@ -28,7 +28,8 @@ from rollout.types import Engine, SamplingParams
 log = logging.getLogger(__name__)
 
 
-def _embedded_engine(job: JobConfig, model_dir: Path, tokenizer: Any, name: str) -> Engine:
+def _embedded_engine(job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_dir: Path,
+                     name: str) -> Engine:
     import torch
 
     from models.checkpoint import from_pretrained
@@ -48,13 +49,14 @@ def _embedded_engine(job: JobConfig, model_dir: Path, tokenizer: Any, name: str)
     )
 
 
-def _sglang_engine(job: JobConfig, model_dir: Path, tokenizer: Any, name: str) -> Engine:
+def _sglang_engine(job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_dir: Path,
+                   name: str) -> Engine:
     from rollout.sglang.engine import launch_sglang_engine
 
-    return launch_sglang_engine(job, model_dir, name=name)
+    return launch_sglang_engine(job, model_dir, name=name, tokenizer_dir=tokenizer_dir)
 
 
-ENGINES: dict[str, Callable[[JobConfig, Path, Any, str], Engine]] = {
+ENGINES: dict[str, Callable[[JobConfig, Path, Any, Path, str], Engine]] = {
     "embedded": _embedded_engine,
     "sglang": _sglang_engine,
 }
@@ -79,7 +81,8 @@ class RolloutWorkerCore:
         self.stop_ids = list(stop_token_ids(self.tokenizer))
         self.reward_fn = build_reward_fn(job.reward.plugins, job.reward.timeout_s)
         self.env_factory = self._env_factory()
-        self.engine = ENGINES[job.rollout.engine](job, model_dir, self.tokenizer, worker_id)
+        self.engine = ENGINES[job.rollout.engine](job, model_dir, self.tokenizer, tokenizer_dir,
+                                                  worker_id)
         self.sampling = sampling_from_config(job.rollout, self.stop_ids)
         self.producer: RolloutProducer | None = None
 
