@@ -159,12 +159,8 @@ class Run:
 
     @property
     def tokens_per_step(self) -> float:
-        """Generated (trainable) tokens per trainer step, from the cumulative rollout counter."""
-        first, last = self.records[0], self.records[-1]
-        steps = last["step"] - first["step"]
-        if steps <= 0:
-            return float("nan")
-        return (last["rollout/generated_tokens"] - first["rollout/generated_tokens"]) / steps
+        """Response tokens the trainer took per step (episodes x mean response length)."""
+        return statistics.fmean(r["data/episodes"] * r["data/response_len"] for r in self.records)
 
     def cpu_per_step(self, role: str) -> float:
         """CPU seconds `role` spent per step (its busy cores x the mean step time)."""
