@@ -320,7 +320,8 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Fixture, Path, dict[str, f
         return fixture, args.warm_start, {}
     warm = args.root / "warm_start"
     recipe = {
-        "steps": args.sft_steps,
+        "max_steps": args.sft_max_steps,
+        "target_accuracy": args.sft_target,
         "lr": args.sft_lr,
         "seed": args.seed,
         "n_train": args.n_train,
@@ -332,7 +333,13 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Fixture, Path, dict[str, f
         log.info("reusing the SFT warm start in %s (same recipe)", warm)
         return fixture, warm, stats | {"sft/seconds": 0.0}
     stats = sft_warm_start(
-        fixture, warm, steps=args.sft_steps, batch_size=64, lr=args.sft_lr, seed=args.seed
+        fixture,
+        warm,
+        max_steps=args.sft_max_steps,
+        batch_size=64,
+        lr=args.sft_lr,
+        target_accuracy=args.sft_target,
+        seed=args.seed,
     )
     marker.write_text(json.dumps({"recipe": recipe, "stats": stats}))
     log.info("SFT warm start: %s -> %s", stats, warm)
@@ -349,7 +356,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warm-start", type=Path, default=None, help="an HF dir to start from (skips the SFT)"
     )
-    parser.add_argument("--sft-steps", type=int, default=800)
+    parser.add_argument("--sft-max-steps", type=int, default=1000)
+    parser.add_argument(
+        "--sft-target", type=float, default=0.5, help="stop SFT at this train-prompt accuracy"
+    )
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-eval", type=int, default=200)
