@@ -134,24 +134,29 @@ def test_output_is_capped() -> None:
 
 
 def test_cancelling_the_caller_kills_the_child() -> None:
-    async def scenario() -> tuple[list[int], list[int]]:
-        task = asyncio.create_task(Sandbox(wall_s=60).run("import time\ntime.sleep(60)"))
-        await asyncio.sleep(0.5)
-        before = [p.pid for p in psutil.Process().children(recursive=True)]
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.3)
-        alive = [
+    def children() -> set[int]:
+        return {
             p.pid
             for p in psutil.Process().children(recursive=True)
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]
-        return before, alive
+        }
 
-    before, alive = asyncio.run(scenario())
-    assert before, "the sandboxed child should have been running"
-    assert not set(before) & set(alive)
+    async def scenario() -> tuple[set[int], set[int]]:
+        baseline = children()  # other tests' servers in the same pytest process
+        task = asyncio.create_task(Sandbox(wall_s=60).run("import time\ntime.sleep(60)"))
+        await asyncio.sleep(0.5)
+        sandboxed = children() - baseline
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 5.0
+        while sandboxed & children() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return sandboxed, sandboxed & children()
+
+    sandboxed, alive = asyncio.run(scenario())
+    assert sandboxed, "the sandboxed child should have been running"
+    assert not alive
 
 
 def test_configuration_errors() -> None:
