@@ -19,16 +19,13 @@ training time per step (its `backend` share is printed too). A perfect pipeline 
 max(generation, training); the goal is async step <= 1.15 x that.
 
 Other engineers share this machine's two cores, so wall times are inflated and vary from
-minute to minute. To compare like with like, the runs alternate in pairs (sync then async,
-then async then sync, ...) for --reps pairs, each async run is judged against the sync run of
-its pair, and each run prints the load average, the machine's idle cores and the CPU seconds
-per step of the trainer and rollout actors (a sampler thread reads /proc), which tell noise
-from a real pipeline stall: when the machine has no idle core, two services cannot overlap.
-
-Ray starts its workers at niceness 15, which on a shared machine leaves our actors only the
-CPU other users' processes leave over (so the bench would measure them, not us). The bench's
-own embedded Ray therefore starts workers at --worker-niceness 0 by default (the driver and
-redis-server run at 0 anyway); on a dedicated machine the niceness makes no difference. Usage:
+minute to minute. The runs alternate in pairs (ABBA: sync-async, async-sync, ...) and each
+async run is judged against the sync run of its pair. Each run prints the load, the machine's
+idle cores and the CPU seconds per step of our processes (read from /proc): with no idle core
+two services cannot overlap, and the CPU columns show whether async did extra work. Ray starts
+workers at niceness 15, leaving them only what other users' processes leave over, so the
+bench's own Ray starts them at --worker-niceness 0 (as the driver and redis-server run).
+Usage:
 
     .venv/bin/python bench/async_vs_sync.py [--steps 40] [--skip 5] [--reps 3]
         [--staleness 2] [--worker-niceness 0] [--set rollout.max_new_tokens=16 ...]
@@ -37,6 +34,7 @@ redis-server run at 0 anyway); on a dedicated machine the niceness makes no diff
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -341,7 +339,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts (ends)")
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
-    parser.add_argument("--root", type=Path, default=None, help="run dirs (default: a temp dir)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="keep the run dirs here (default: a temp dir, deleted)",
+    )
     parser.add_argument(
         "--worker-niceness", type=int, default=0, help="niceness of Ray workers (Ray: 15)"
     )
@@ -354,14 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-    )
-    torch.set_num_threads(1)
-    root = args.root or Path(tempfile.mkdtemp(prefix="async_vs_sync_"))
+def run_pairs(args: argparse.Namespace, root: Path) -> list[Pair]:
+    """--reps pairs of runs in ABBA order on one embedded Ray; prints the per-run table."""
     first = load_job(PRESET, job_overrides(args, 0, 0, root))
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read when Ray starts
     handle = connect(first.cluster, min_cpus=2)
@@ -385,6 +382,20 @@ def main(argv: list[str] | None = None) -> int:
         handle.shutdown()
     check_staleness(runs, args.staleness)
     print_runs(runs)
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+    )
+    torch.set_num_threads(1)
+    with contextlib.ExitStack() as stack:
+        if args.root is None:
+            args.root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="avs_")))
+        pairs = run_pairs(args, args.root)
     print_summary(pairs)
     return 0
 
