@@ -44,6 +44,9 @@ def connect(
         return RayHandle(embedded=False, address=address)
     # Logical CPUs: at least what the job's bundles reserve, even on a 2-core laptop.
     num_cpus = max(cfg.num_cpus or os.cpu_count() or 1, min_cpus)
+    # Ray starts workers at niceness 15; on a shared laptop our trainer and rollout would
+    # then get only the CPU everything else leaves over.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     log.info("starting an embedded Ray with %d CPUs", num_cpus)
     ray.init(
         num_cpus=num_cpus,

@@ -24,9 +24,8 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
     rollout.start()
 
     for step in range(start + 1, job.trainer.steps + 1):
-        result = trainer.rl_step(timeout_s=job.rollout.request_timeout_s)
+        result = trainer.rl_step(job.rollout.request_timeout_s, while_waiting=rollout.check)
         rollout.push_weights(trainer.weight_update_ref(), step, wait=False)
-        rollout.check()
         if ctx.due(step, job.rollout.eval.interval):
             result |= ctx.evaluate(rollout, step)
         if ctx.due(step, job.checkpoint.interval):

@@ -108,6 +108,10 @@ class RolloutActor:
         self.core.shutdown()
 
 
+class EngineStalledError(TimeoutError):
+    """A rollout worker did not answer within the configured timeout."""
+
+
 class RolloutGroup:
     """Handle on every rollout worker, with restart on death."""
 
@@ -187,9 +191,18 @@ class RolloutGroup:
         """(merged metrics, every sample) of the rows split across workers."""
         actors = list(self.actors.values())
         shards = [rows[i :: len(actors)] for i in range(len(actors))]
-        results = ray.get(
-            [a.evaluate.remote(s, **kwargs) for a, s in zip(actors, shards, strict=True) if s]
-        )
+        refs = [a.evaluate.remote(s, **kwargs) for a, s in zip(actors, shards, strict=True) if s]
+        # one request timeout per wave of max_running prompts, plus one: never a silent hang
+        waves = -(-max(len(s) for s in shards) // self.job.rollout.max_running) + 1
+        timeout = self.job.rollout.request_timeout_s * waves
+        try:
+            results = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineStalledError(
+                f"eval of {len(rows)} prompts did not finish within {timeout:.0f} s "
+                f"(rollout.request_timeout_s={self.job.rollout.request_timeout_s}): a rollout "
+                "worker or its environment stopped answering"
+            ) from None
         metrics = _merge_eval([r.metrics for r in results], [len(s) for s in shards if s])
         return metrics, [sample for r in results for sample in r.samples]
 

@@ -128,8 +128,16 @@ class TrainerGroup:
     def _all(self, method: str, *args: Any) -> Any:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])[0]
 
-    def rl_step(self, timeout_s: float) -> dict[str, float]:
-        return self._all("rl_step", timeout_s)
+    def rl_step(self, timeout_s: float, *, while_waiting: Any = None) -> dict[str, float]:
+        """One RL step on every rank; `while_waiting()` runs every half second until it is
+        done (the driver restarts dead rollout workers meanwhile, or the step would starve)."""
+        refs = [a.rl_step.remote(timeout_s) for a in self.actors]
+        while while_waiting is not None:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+            if len(ready) == len(refs):
+                break
+            while_waiting()
+        return ray.get(refs)[0]
 
     def sft_step(self, episodes: list) -> dict[str, float]:
         return ray.get(self.sft_step_async(episodes))
