@@ -37,16 +37,29 @@ class ProducerStats:
     generated_tokens: int = 0
     reward_sum: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0  # wall time with at least one group in flight
+    busy_since: float | None = None
+
+    def set_busy(self, busy: bool) -> None:
+        now = time.monotonic()
+        if busy and self.busy_since is None:
+            self.busy_since = now
+        elif not busy and self.busy_since is not None:
+            self.busy_s += now - self.busy_since
+            self.busy_since = None
 
     def snapshot(self) -> dict[str, float]:
         elapsed = max(time.monotonic() - self.started, 1e-9)
+        busy = self.busy_s + (time.monotonic() - self.busy_since if self.busy_since else 0.0)
         return {
             "rollout/groups_pushed": self.groups_pushed,
             "rollout/groups_filtered": self.groups_filtered,
             "rollout/groups_refused": self.groups_refused,
             "rollout/episode_errors": self.episode_errors,
             "rollout/generated_tokens": self.generated_tokens,
-            "rollout/gen_tokens_per_s": self.generated_tokens / elapsed,
+            "rollout/gen_tokens_per_s": self.generated_tokens / max(busy, 1e-9),
+            "rollout/produced_tokens_per_s": self.generated_tokens / elapsed,
+            "rollout/busy_fraction": busy / elapsed,
             "rollout/reward_mean": self.reward_sum / max(self.episodes, 1),
         }
 
@@ -119,6 +132,7 @@ class RolloutProducer:
             for lease in leases:
                 task = asyncio.create_task(self._produce(lease))
                 self._in_flight.add(task)
+                self.stats.set_busy(True)
                 task.add_done_callback(self._finished)
             if not leases:
                 self._wake.clear()
@@ -134,6 +148,8 @@ class RolloutProducer:
 
     def _finished(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)
+        if not self._in_flight:
+            self.stats.set_busy(False)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: a group failed: %r", self.worker_id, task.exception())

@@ -224,8 +224,9 @@ class RolloutGroup:
         for snapshot in ray.get([a.stats.remote() for a in self.actors.values()]):
             for key, value in snapshot.items():
                 merged[key] = merged.get(key, 0.0) + value
-        if merged and "rollout/reward_mean" in merged:
-            merged["rollout/reward_mean"] /= len(self.actors)
+        for mean in ("rollout/reward_mean", "rollout/busy_fraction"):
+            if mean in merged:
+                merged[mean] /= len(self.actors)
         merged["rollout/restarts"] = float(self.restarts)
         return merged
 
