@@ -1,0 +1,113 @@
+"""The producer's quota: how far rollout runs ahead is bounded by max_staleness; dynamic
+sampling drops groups whose rewards are all equal. Against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from buffer.episode import Episode
+from buffer.redis_server import EmbeddedRedis
+from buffer.store import EpisodeStore
+from rollout.producer import ProducerPlan, RolloutProducer
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+class _NoEngine:
+    async def abort(self, rids=None) -> None:
+        return None
+
+
+def _store(url: str, tmp_path: Path, name: str) -> EpisodeStore:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": str(i)}]}) + "\n"
+            for i in range(100)
+        )
+    )
+    store = EpisodeStore(url, name, capacity=64, max_staleness=5)
+    store.load_prompts(rows)
+    return store
+
+
+def _producer(
+    store: EpisodeStore, *, staleness: int, rewards: list[float], dynamic: bool = False
+) -> RolloutProducer:
+    async def generate(row):
+        episodes = [
+            Episode.from_generation([1], [2, 3], [-0.5, -0.5], [0, 0], "stop") for _ in rewards
+        ]
+        return episodes
+
+    async def score(episodes):
+        for e, r in zip(episodes, rewards, strict=True):
+            e.reward = r
+
+    plan = ProducerPlan(
+        share=4, max_staleness=staleness, prompts_per_lease=3, dynamic_sampling=dynamic
+    )
+    return RolloutProducer(
+        worker_id="w",
+        engine=_NoEngine(),
+        store=store,
+        generate_group=generate,
+        score_group=score,
+        plan=plan,
+    )
+
+
+async def _run_until_idle(producer: RolloutProducer, seconds: float = 1.0) -> None:
+    task = asyncio.create_task(producer.run())
+    await asyncio.sleep(seconds)
+    producer.stop()
+    await task
+
+
+def test_synchronous_quota_is_one_batch_per_weight_version(redis_url, tmp_path) -> None:
+    store = _store(redis_url, tmp_path, "sync")
+    producer = _producer(store, staleness=0, rewards=[0.0, 1.0])
+
+    async def scenario() -> list[int]:
+        seen = []
+        task = asyncio.create_task(producer.run())
+        await asyncio.sleep(0.8)
+        seen.append(producer.stats.groups_pushed)
+        producer.set_weight_version(1)  # new weights: the next batch may be made
+        await asyncio.sleep(0.8)
+        seen.append(producer.stats.groups_pushed)
+        producer.stop()
+        await task
+        return seen
+
+    assert asyncio.run(scenario()) == [4, 8]
+    assert store.stats().groups_unconsumed == 8
+
+
+def test_staleness_two_runs_three_batches_ahead(redis_url, tmp_path) -> None:
+    store = _store(redis_url, tmp_path, "ahead")
+    producer = _producer(store, staleness=2, rewards=[0.0, 1.0])
+    asyncio.run(_run_until_idle(producer))
+    assert producer.stats.groups_pushed == 12  # versions 0, 1 and 2 of weights 0
+
+
+def test_dynamic_sampling_drops_equal_reward_groups_and_consumes_their_prompts(
+    redis_url, tmp_path
+) -> None:
+    store = _store(redis_url, tmp_path, "dynamic")
+    producer = _producer(store, staleness=0, rewards=[1.0, 1.0], dynamic=True)
+    asyncio.run(_run_until_idle(producer, 0.5))
+    stats = store.stats()
+    assert producer.stats.groups_pushed == 0
+    assert producer.stats.groups_filtered > 0
+    assert stats.groups_put == 0
+    assert stats.prompts_leased == 0  # filtered leases were closed, not left to expire
