@@ -10,7 +10,9 @@ neutral tools (plain torch and transformers, no Physarum service):
   Glm4MoeForCausalLM, AdamW) until a target greedy accuracy, saved as an HF directory;
 * `greedy_accuracy`: held-out accuracy of an HF directory with transformers' `generate`,
   scored by the project's `arithmetic` reward, so every system is judged by one evaluator;
-* `median`, `window_mean`: small statistics for the printed tables.
+* `RunResult`, `print_report`: one run's per-step times, phases and rewards, and the printed
+  tables (step time and speed-up against the peer run of the same rep, reward curves,
+  held-out accuracy).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +195,27 @@ def greedy_accuracy(model_dir: Path, tokenizer_dir: Path, rows: Sequence[dict]) 
     return model_greedy_accuracy(load_hf_model(model_dir), load_tokenizer(tokenizer_dir), rows)
 
 
+@dataclass
+class RunResult:
+    """One system's run: per-step wall times [s] and batch rewards, in step order."""
+
+    name: str
+    step_s: list[float]
+    rewards: list[float]
+    wall_s: float
+    final_dir: str
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    """Per-step seconds of named phases (e.g. generate, train)."""
+    load_avg: tuple[float, float] = (float("nan"), float("nan"))
+    """1-minute load average of the machine before and after the run."""
+    accuracy: float = float("nan")
+    rep: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} #{self.rep}"
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -201,3 +224,47 @@ def window_mean(values: Sequence[float], start: int, stop: int | None = None) ->
     """Mean of values[start:stop] (nan when empty), e.g. the first / last 25 rewards."""
     window = list(values[start:stop])
     return statistics.fmean(window) if window else float("nan")
+
+
+def _speedups(results: list[RunResult], skip: int, peer: str) -> dict[int, float]:
+    """id(run) -> median peer step / median run step, against the peer run of the same rep."""
+    peer_step = {r.rep: median(r.step_s[skip:]) for r in results if r.name == peer}
+    return {
+        id(r): peer_step.get(r.rep, float("nan")) / max(median(r.step_s[skip:]), 1e-12)
+        for r in results
+    }
+
+
+def print_report(
+    results: list[RunResult], *, skip: int, start_accuracy: float, steps: int, peer: str
+) -> None:
+    """Step-time table (with the speed-up over the `peer` run of the same rep), the reward
+    curves in ten windows, and each run's first/last rewards and held-out accuracy."""
+    speedups = _speedups(results, skip, peer)
+    print(f"\n== wall time per step (median after {skip} warm-up steps), {steps} steps ==")
+    print(f"{'run':<20}{'step s':>8}{'x peer':>7}{'run s':>8}  phases (median s)  load avg")
+    for r in results:
+        phases = " ".join(f"{k} {median(v[skip:]):.3f}" for k, v in r.phases.items())
+        load = f"{r.load_avg[0]:.1f}->{r.load_avg[1]:.1f}"
+        print(
+            f"{r.label:<20}{median(r.step_s[skip:]):>8.3f}{speedups[id(r)]:>7.2f}"
+            f"{r.wall_s:>8.1f}  {phases}  {load}"
+        )
+    for name in dict.fromkeys(r.name for r in results if r.name != peer):
+        ratios = [speedups[id(r)] for r in results if r.name == name]
+        cells = ", ".join(f"{x:.2f}" for x in ratios)
+        print(f"speed-up of {name} over {peer}: median {median(ratios):.2f} (per rep: {cells})")
+    width = max(1, steps // 10)
+    print(f"\n== batch reward, mean over windows of {width} steps ==")
+    print(f"{'steps':<11}" + "".join(f"{r.label:>18}" for r in results))
+    for start in range(0, steps, width):
+        cells = "".join(f"{window_mean(r.rewards, start, start + width):>18.3f}" for r in results)
+        print(f"{start + 1:>4}-{min(start + width, steps):<6}" + cells)
+    n = min(25, max(1, steps // 4))
+    print(f"\n== batch reward first {n} -> last {n} steps; held-out greedy accuracy ==")
+    for r in results:
+        first, last = window_mean(r.rewards, 0, n), window_mean(r.rewards, -n)
+        print(
+            f"{r.label:<20} reward {first:.3f} -> {last:.3f}   accuracy {start_accuracy:.3f} -> "
+            f"{r.accuracy:.3f}"
+        )

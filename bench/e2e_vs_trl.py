@@ -26,18 +26,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from common import (  # bench/common.py: the script's own directory is on sys.path
     Fixture,
+    RunResult,
     build_fixture,
     greedy_accuracy,
-    median,
+    print_report,
     sft_warm_start,
-    window_mean,
 )
 
 import configs
@@ -53,27 +53,6 @@ PROMPTS, SAMPLES, MAX_NEW, TEMPERATURE, LR, CLIP_LOW, CLIP_HIGH = 8, 8, 8, 1.0, 
 
 class JobLoopUnavailable(RuntimeError):
     """physarum.launch cannot be imported: only the TRL half of the benchmark can run."""
-
-
-@dataclass
-class RunResult:
-    """One system's run: per-step wall times [s] and batch rewards, in step order."""
-
-    name: str
-    step_s: list[float]
-    rewards: list[float]
-    wall_s: float
-    final_dir: str
-    phases: dict[str, list[float]] = field(default_factory=dict)
-    """Per-step seconds of named phases (TRL: generate, score, train; ours: train)."""
-    load_avg: tuple[float, float] = (float("nan"), float("nan"))
-    """1-minute load average of the machine before and after the run."""
-    accuracy: float = float("nan")
-    rep: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} #{self.rep}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,42 +255,6 @@ def run_ours(
 # Report
 
 
-def _speedups(results: list[RunResult], skip: int) -> dict[int, float]:
-    """id(run) -> median TRL step / median run step, against the TRL run of the same rep."""
-    trl_step = {r.rep: median(r.step_s[skip:]) for r in results if r.name == "trl"}
-    return {
-        id(r): trl_step.get(r.rep, float("nan")) / max(median(r.step_s[skip:]), 1e-12)
-        for r in results
-    }
-
-
-def print_report(results: list[RunResult], skip: int, warm_acc: float, steps: int) -> None:
-    speedups = _speedups(results, skip)
-    print(f"\n== wall time per GRPO step (median after {skip} warm-up steps), {steps} steps ==")
-    print(f"{'run':<20}{'step s':>8}{'x TRL':>7}{'run s':>8}  phases (median s)  load avg")
-    for r in results:
-        phases = " ".join(f"{k} {median(v[skip:]):.3f}" for k, v in r.phases.items())
-        load = f"{r.load_avg[0]:.1f}->{r.load_avg[1]:.1f}"
-        print(
-            f"{r.label:<20}{median(r.step_s[skip:]):>8.3f}{speedups[id(r)]:>7.2f}"
-            f"{r.wall_s:>8.1f}  {phases}  {load}"
-        )
-    width = max(1, steps // 10)
-    print(f"\n== batch reward, mean over windows of {width} steps ==")
-    print(f"{'steps':<11}" + "".join(f"{r.label:>18}" for r in results))
-    for start in range(0, steps, width):
-        cells = "".join(f"{window_mean(r.rewards, start, start + width):>18.3f}" for r in results)
-        print(f"{start + 1:>4}-{min(start + width, steps):<6}" + cells)
-    n = min(25, max(1, steps // 4))
-    print(f"\n== batch reward first {n} -> last {n} steps; held-out greedy accuracy ==")
-    for r in results:
-        first, last = window_mean(r.rewards, 0, n), window_mean(r.rewards, -n)
-        print(
-            f"{r.label:<20} reward {first:.3f} -> {last:.3f}   accuracy {warm_acc:.3f} -> "
-            f"{r.accuracy:.3f}"
-        )
-
-
 def prepare_inputs(args: argparse.Namespace) -> tuple[Fixture, Path, dict[str, float]]:
     fixture = build_fixture(
         args.root / "fixture", n_train=args.n_train, n_eval=args.n_eval, seed=args.seed
@@ -411,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     for rep in range(args.reps):  # alternate the systems so machine load hits them alike
         results += run_rep(args, fixture, warm, rep)
-    print_report(results, args.skip, warm_acc, args.steps)
+    print_report(results, skip=args.skip, start_accuracy=warm_acc, steps=args.steps, peer="trl")
     total = time.monotonic() - started
     print(f"\nwhole script {total:.0f} s (SFT {sft_stats.get('sft/seconds', 0.0):.0f} s)")
     summary = {
