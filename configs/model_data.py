@@ -52,6 +52,10 @@ class DataConfig(Section):
     demonstrations: bool = False
     """SFT on the task's reference assistant turns (tool calls and observations included)
     instead of the bare label; used to warm-start agentic jobs."""
+    demonstration_fraction: float = Field(1.0, gt=0, le=1)
+    """With `demonstrations`: the share of generated train rows that get the demonstration,
+    spread evenly; the others keep the bare label as a direct answer (e.g. 0.5 gives an agentic
+    warm start that calls the tool about half of the time, for RL to improve on)."""
     on_bad_row: Literal["skip", "fail"] = "skip"
     """A malformed dataset row is skipped (and counted, with its line) or fails the job."""
     max_epochs: int | None = Field(None, ge=1)

@@ -90,7 +90,13 @@ def _generated(job: JobConfig, out: Path, split: str, n: int) -> Path:
     rows = make_rows(job.data.task, n, seed=job.data.seed, split=split, **job.data.task_args)
     if job.data.demonstrations and split == "train":
         spec = get_task(job.data.task)
-        rows = [{**row, "messages": spec.demonstration(row)} for row in rows]
+        share = job.data.demonstration_fraction  # row i is a demonstration when the count
+        rows = [  # floor(i * share) steps up at i: exactly floor(n * share), evenly spread
+            {**row, "messages": spec.demonstration(row)}
+            if int((i + 1) * share) > int(i * share)
+            else row
+            for i, row in enumerate(rows)
+        ]
     write_jsonl(rows, out)
     log.info("generated %d %s rows (%s split) -> %s", len(rows), job.data.task, split, out)
     return out

@@ -197,3 +197,22 @@ def test_agentic_rl_job_reports_tool_use(rl_run: tuple[Path, dict]) -> None:
     assert len(called) / len(samples) == pytest.approx(result["eval/tool_call_rate"])
     for sample in called:  # the calculator's answer came back inside the response
         assert "<tool_response>" in sample["response"]
+
+
+def test_demonstration_fraction_mixes_tool_use_and_direct_answers(tmp_path: Path) -> None:
+    """data.demonstration_fraction 0.25: every 4th train row demonstrates the tool call, the
+    rest answer directly with the label; the held-out rows stay bare prompts."""
+    overrides = [f"run_dir={tmp_path}", "model.preset=glm4moe-tiny", "data.n_train=12"]
+    job = load_job(
+        Path("configs/toy_agentic_sft.yaml"), [*overrides, "data.demonstration_fraction=0.25"]
+    )
+    prepared = prepare(job, RunDir(tmp_path).create())
+    rows = read_jsonl(prepared.train_path)
+    demonstrated = [any(m.get("tool_calls") for m in r["messages"]) for r in rows]
+    assert demonstrated == [i % 4 == 3 for i in range(12)]
+    for row, demo in zip(rows, demonstrated, strict=True):
+        roles = [m["role"] for m in row["messages"]]
+        tail = ["assistant", "tool", "assistant"] if demo else []
+        assert roles == ["system", "user", *tail]
+        assert row["tools"][0]["function"]["name"] == "calculator"
+    assert all(len(r["messages"]) == 2 for r in read_jsonl(prepared.eval_path))
