@@ -9,7 +9,9 @@ Engines come from a registry keyed by `rollout.engine`. Nothing here knows about
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +62,14 @@ ENGINES: dict[str, Callable[[JobConfig, Path, Any, Path, str], Engine]] = {
     "embedded": _embedded_engine,
     "sglang": _sglang_engine,
 }
+
+
+def row_seed(seed: int, row: dict[str, Any]) -> int:
+    """A reproducible sampling seed of its own for each eval row. The engine draws sample j's
+    uniforms from (seed, token position) only, so one seed shared by every row would give
+    every prompt the same draws and make sampled evals (temperature > 0) all-or-nothing."""
+    key = row.get("id") or json.dumps(row.get("messages"), sort_keys=True)
+    return (seed * 1_000_003 + zlib.crc32(str(key).encode())) % (1 << 62)
 
 
 class RolloutWorkerCore:
@@ -159,7 +169,8 @@ class RolloutWorkerCore:
         )
 
         async def generate(row: dict[str, Any]) -> list[Episode]:
-            return await self.generate_for_row(row, sampling, k)
+            seeded = replace(sampling, sampling_seed=row_seed(self.job.seed, row))
+            return await self.generate_for_row(row, seeded, k)
 
         return await evaluate_rows(
             rows,
