@@ -30,8 +30,9 @@ from rollout.types import Engine, SamplingParams
 log = logging.getLogger(__name__)
 
 
-def _embedded_engine(job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_dir: Path,
-                     name: str) -> Engine:
+def _embedded_engine(
+    job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_dir: Path, name: str
+) -> Engine:
     import torch
 
     from models.checkpoint import from_pretrained
@@ -51,8 +52,9 @@ def _embedded_engine(job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_
     )
 
 
-def _sglang_engine(job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_dir: Path,
-                   name: str) -> Engine:
+def _sglang_engine(
+    job: JobConfig, model_dir: Path, tokenizer: Any, tokenizer_dir: Path, name: str
+) -> Engine:
     from rollout.sglang.engine import launch_sglang_engine
 
     return launch_sglang_engine(job, model_dir, name=name, tokenizer_dir=tokenizer_dir)
@@ -91,8 +93,9 @@ class RolloutWorkerCore:
         self.stop_ids = list(stop_token_ids(self.tokenizer))
         self.reward_fn = build_reward_fn(job.reward.plugins, job.reward.timeout_s)
         self.env_factory = self._env_factory()
-        self.engine = ENGINES[job.rollout.engine](job, model_dir, self.tokenizer, tokenizer_dir,
-                                                  worker_id)
+        self.engine = ENGINES[job.rollout.engine](
+            job, model_dir, self.tokenizer, tokenizer_dir, worker_id
+        )
         self.sampling = sampling_from_config(job.rollout, self.stop_ids)
         self.producer: RolloutProducer | None = None
 
