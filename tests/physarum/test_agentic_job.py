@@ -30,6 +30,7 @@ TINY_SFT = [
     "model.preset=glm4moe-tiny",
     "data.n_train=64",
     "data.n_eval=8",
+    "data.demonstration_fraction=1.0",  # every row a demonstration: the tiny model must call
     "trainer.batch_size=16",
     f"trainer.steps={SFT_STEPS}",
     "trainer.lr=2e-2",

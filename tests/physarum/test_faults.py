@@ -34,7 +34,9 @@ def test_dead_worker_is_restarted_with_current_weights_and_reward_errors_are_cou
             *TINY,
             "trainer.steps=4",
             "rollout.eval.interval=0",
-            "rollout.lease_seconds=5",
+            # short leases: the dead worker's lease expires while the job still runs (its
+            # replacement starts in ~4 s), so the returned prompts are seen in the stats
+            "rollout.lease_seconds=2",
             plugins,
         ],
     )

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -171,16 +172,27 @@ def test_disk_path_and_pruned_versions(server, reference_model):
     run(body())
 
 
+async def seconds_per_token(engine) -> float:
+    """This server's decode time per token right now (the machine's load varies), so the
+    pause tests can act a fixed fraction of the way through a long request."""
+    req = GenerateRequest([5, 6, 7], SamplingParams(max_new_tokens=64, ignore_eos=True))
+    started = time.monotonic()
+    await engine.generate([req])
+    return (time.monotonic() - started) / 64
+
+
 def test_pause_abort_and_abort_by_rid(server):
     """pause(abort) ends running requests with finish_reason abort and their partial tokens;
     abort(rid) ends only that request; generation works again after resume."""
-    long = SamplingParams(max_new_tokens=400, temperature=1.0, ignore_eos=True, sampling_seed=1)
-
-    async def started(engine) -> None:  # wait until decoding is under way
-        await asyncio.sleep(1.5)
+    long = SamplingParams(max_new_tokens=500, temperature=1.0, ignore_eos=True, sampling_seed=1)
 
     async def body():
         engine = engine_for(server)
+        pause_after = 0.2 * 500 * await seconds_per_token(engine)
+
+        async def started(engine) -> None:  # decoding under way, a fifth of the way through
+            await asyncio.sleep(pause_after)
+
         try:
             task = asyncio.create_task(engine.generate([GenerateRequest([5, 6, 7], long)]))
             await started(engine)
@@ -197,10 +209,10 @@ def test_pause_abort_and_abort_by_rid(server):
         finally:
             await engine.close()
         assert paused_out.finish_reason == "abort"
-        assert 0 < len(paused_out.output_ids) < 400
+        assert 0 < len(paused_out.output_ids) < 500
         assert len(paused_out.logprobs) == len(paused_out.output_ids)
         assert dropped.rid == "drop-me" and dropped.finish_reason == "abort"
-        assert 0 < len(dropped.output_ids) < 400
+        assert 0 < len(dropped.output_ids) < 500
         assert kept.finish_reason == "length" and len(kept.output_ids) == 24
 
     run(body())
@@ -211,18 +223,22 @@ def test_pause_retract_resumes_to_completion(server):
 
     async def body():
         engine = engine_for(server)
-        req = GenerateRequest([5, 6, 7], SamplingParams(max_new_tokens=120, ignore_eos=True))
+        req = GenerateRequest([5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))
+        wait = 0.2 * 400 * await seconds_per_token(engine)
         try:
             task = asyncio.create_task(engine.generate([req]))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(wait)
             await engine.pause("retract")
-            await asyncio.sleep(1.0)
-            assert not task.done()
-            await engine.resume()
+            await asyncio.sleep(2 * wait)
+            parked = not task.done()
+        finally:
+            await engine.resume()  # never leave the shared server paused for later tests
+        try:
             (out,) = await asyncio.wait_for(task, 120)
         finally:
             await engine.close()
-        assert out.finish_reason == "length" and len(out.output_ids) == 120
+        assert parked, "the request finished while the server was paused"
+        assert out.finish_reason == "length" and len(out.output_ids) == 400
 
     run(body())
 
