@@ -67,7 +67,14 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
-        for check in (_check_rewards, _check_losses, _check_ranks, _check_megatron, _check_data):
+        for check in (
+            _check_rewards,
+            _check_losses,
+            _check_ranks,
+            _check_megatron,
+            _check_data,
+            _check_early_stop,
+        ):
             check(self)
         return self
 
@@ -124,3 +131,17 @@ def _check_megatron(job: JobConfig) -> None:
 def _check_data(job: JobConfig) -> None:
     if job.data.train_path is None and job.data.task is None:
         raise ValueError("data: give data.train_path or a built-in data.task to generate from")
+
+
+def _check_early_stop(job: JobConfig) -> None:
+    ev = job.rollout.eval
+    if ev.stop_at_accuracy is None:
+        return
+    if job.mode != "sft":
+        raise ValueError(
+            f"rollout.eval.stop_at_accuracy: early stopping is for mode sft, not {job.mode!r}"
+        )
+    if ev.interval == 0:
+        raise ValueError(
+            "rollout.eval.stop_at_accuracy: needs rollout.eval.interval > 0 (the evals it checks)"
+        )

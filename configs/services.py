@@ -56,6 +56,9 @@ class EvalConfig(Section):
     """Defaults to rollout.max_new_tokens."""
     correct_min_reward: float = 1.0
     """A sample counts as correct when its reward reaches this."""
+    stop_at_accuracy: float | None = Field(None, gt=0, le=1)
+    """sft mode only: end training at the first eval (after step 0) whose accuracy reaches
+    this; that evaluated model is the one saved. Needs eval.interval > 0."""
 
 
 class RolloutConfig(Section):

@@ -6,6 +6,7 @@ worker serves held-out eval (greedy generation scored by the job's rewards).
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,8 @@ from envs.tasks import read_jsonl
 from models.tokenizer import load_tokenizer
 from physarum.context import JobContext
 from trainer.sft_data import sft_episodes
+
+log = logging.getLogger(__name__)
 
 
 def run_sft(ctx: JobContext) -> dict[str, float]:
@@ -29,22 +32,37 @@ def run_sft(ctx: JobContext) -> dict[str, float]:
     ctx.log(start, start, ctx.evaluate(rollout, start))
     batches = sft_batches(ctx, skip=start)
 
-    pending = trainer.sft_step_async(next(batches))
+    target = job.rollout.eval.stop_at_accuracy
+    pending, last = trainer.sft_step_async(next(batches)), job.trainer.steps
     for step in range(start + 1, job.trainer.steps + 1):
-        following = next(batches) if step < job.trainer.steps else None  # overlaps training
+        following = next(batches) if step < job.trainer.steps else None
         result = ray.get(pending)
-        if following is not None:
-            pending = trainer.sft_step_async(following)
-        if ctx.due(step, job.rollout.eval.interval) or step == job.trainer.steps:
+        evaluate = ctx.due(step, job.rollout.eval.interval) or step == job.trainer.steps
+        if following is not None and not (evaluate and target is not None):
+            pending = trainer.sft_step_async(following)  # overlaps rendering with training
+            following = None
+        if evaluate:
             rollout.push_weights(trainer.weight_update_ref(), step, wait=True)
             result |= ctx.evaluate(rollout, step)
-        if ctx.due(step, job.checkpoint.interval):
+        stop = target is not None and evaluate and result["eval/accuracy"] >= target
+        if following is not None and not stop:
+            pending = trainer.sft_step_async(following)  # after the early-stop eval only
+        if ctx.due(step, job.checkpoint.interval) and not stop:
             ctx.checkpoint(trainer, step)
         ctx.log(step, step, result)
+        if stop:
+            log.info(
+                "eval accuracy %.3f >= stop_at_accuracy %.3f: SFT ends at step %d",
+                result["eval/accuracy"],
+                target,
+                step,
+            )
+            last = step
+            break
 
-    ctx.checkpoint(trainer, job.trainer.steps)
+    ctx.checkpoint(trainer, last)
     ctx.save_final(trainer)
-    return {"steps": float(job.trainer.steps), **metrics.progress.last}
+    return {"steps": float(last), **metrics.progress.last}
 
 
 def sft_batches(ctx: JobContext, *, skip: int) -> Iterator[list[Any]]:
