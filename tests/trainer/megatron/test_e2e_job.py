@@ -1,4 +1,4 @@
-"""`physarum run` of the toy GRPO job with `trainer.backend: megatron` (opt-in: ~90 s).
+"""`physarum run` of the toy GRPO job with `trainer.backend: megatron` (~30-90 s).
 
 The job's trainer actor imports trainer.megatron.backend; the test-only sitecustomize in
 shim_site/ installs the CPU shim in that process only. Checks: every step trained on the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,6 @@ STEPS = 3
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("PHYSARUM_MEGATRON_E2E") != "1",
-    reason="a whole Ray job: opt in with PHYSARUM_MEGATRON_E2E=1 (~90 s)",
-)
 def test_toy_grpo_job_trains_on_the_megatron_backend(tmp_path: Path) -> None:
     site = Path(__file__).with_name("shim_site")
     env = dict(
@@ -41,7 +38,8 @@ def test_toy_grpo_job_trains_on_the_megatron_backend(tmp_path: Path) -> None:
         f"trainer.steps={STEPS}",
         "rollout.eval.n_prompts=8",
     ]
-    cmd = [str(REPO / ".venv/bin/physarum"), "run", str(REPO / "configs/toy_grpo.yaml")]
+    physarum = Path(sys.executable).with_name("physarum")  # this venv's console script
+    cmd = [str(physarum), "run", str(REPO / "configs/toy_grpo.yaml")]
     for item in overrides:
         cmd += ["--set", item]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
