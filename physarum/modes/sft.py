@@ -35,28 +35,22 @@ def run_sft(ctx: JobContext) -> dict[str, float]:
     target = job.rollout.eval.stop_at_accuracy
     pending, last = trainer.sft_step_async(next(batches)), job.trainer.steps
     for step in range(start + 1, job.trainer.steps + 1):
-        following = next(batches) if step < job.trainer.steps else None
+        following = next(batches) if step < job.trainer.steps else None  # while it trains
         result = ray.get(pending)
-        evaluate = ctx.due(step, job.rollout.eval.interval) or step == job.trainer.steps
-        if following is not None and not (evaluate and target is not None):
-            pending = trainer.sft_step_async(following)  # overlaps rendering with training
-            following = None
-        if evaluate:
+        if ctx.due(step, job.rollout.eval.interval) or step == job.trainer.steps:
             rollout.push_weights(trainer.weight_update_ref(), step, wait=True)
             result |= ctx.evaluate(rollout, step)
-        stop = target is not None and evaluate and result["eval/accuracy"] >= target
-        if following is not None and not stop:
-            pending = trainer.sft_step_async(following)  # after the early-stop eval only
+        stop = target is not None and result.get("eval/accuracy", -1.0) >= target
         if ctx.due(step, job.checkpoint.interval) and not stop:
             ctx.checkpoint(trainer, step)
+        if following is not None and not stop:
+            # queued only now: the trainer actor runs calls in order, so the eval and the
+            # checkpoint above must be taken before it starts the next step
+            pending = trainer.sft_step_async(following)
         ctx.log(step, step, result)
         if stop:
-            log.info(
-                "eval accuracy %.3f >= stop_at_accuracy %.3f: SFT ends at step %d",
-                result["eval/accuracy"],
-                target,
-                step,
-            )
+            log.info("eval accuracy %.3f >= stop_at_accuracy %.3f: SFT ends at step %d",
+                     result["eval/accuracy"], target, step)  # fmt: skip
             last = step
             break
 
