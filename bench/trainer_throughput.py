@@ -19,51 +19,27 @@ TRL's own figures on this machine (reference/trl_baseline.md, not re-measured he
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from buffer.episode import Episode, EpisodeGroup
 from configs import AlgorithmConfig, TrainerConfig
 from envs.tasks import make_rows, tokenizer_corpus
 from models import Glm4MoeForCausalLM, get_preset
-from models.chat import prompt_ids
 from models.tokenizer import build_toy_tokenizer
 from trainer.batch import StepBatch, build_rl_step, build_step
 from trainer.sft_data import sft_episodes
 from trainer.torch_backend import TorchBackend
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests/
+from tests.trainer.toy import arithmetic_groups  # noqa: E402  (the suite's toy GRPO groups)
+
 TRL_STEP_S, TRL_TRAIN_S, TRL_TOKENS_PER_S = 0.130, 0.080, 8328
-
-
-def arithmetic_groups(tok, n_prompts: int, n_samples: int, seed: int) -> list[EpisodeGroup]:
-    """Rollout-like groups: per prompt, right or wrong sums as the answers, rewards 1 / 0."""
-    rng = random.Random(seed)
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    groups = []
-    for row in make_rows("arithmetic", n_prompts, seed=seed, split="train"):
-        prompt = prompt_ids(tok, row["messages"])
-        episodes = []
-        for k in range(n_samples):
-            answer = int(row["label"]) + (0 if k % 2 == 0 else rng.randint(1, 9))
-            response = [*tok("\n" + str(answer), add_special_tokens=False)["input_ids"], eos]
-            n = len(response)
-            episodes.append(
-                Episode(
-                    prompt,
-                    response,
-                    [1] * n,
-                    [0.0] * n,
-                    [0] * n,
-                    reward=float(str(answer) == row["label"]),
-                )  # fmt: skip
-            )
-        groups.append(EpisodeGroup(row["id"], episodes))
-    return groups
 
 
 def hf_peer(ours: Glm4MoeForCausalLM) -> torch.nn.Module:
