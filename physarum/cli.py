@@ -122,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(show)
     show.set_defaults(func=_cmd_config_show)
 
+    _add_data_parser(sub)
+    _add_serve_parser(sub)
+
+    plan = sub.add_parser("plan", help="per-GPU memory plan of a megatron job")
+    plan.add_argument("config")
+    _add_set(plan)
+    plan.set_defaults(func=_cmd_plan)
+
+    tokenizer = sub.add_parser("tokenizer", help="tokenizers")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    build = tok_sub.add_parser("build", help="build the toy GLM-style tokenizer")
+    build.add_argument("out", type=Path)
+    build.add_argument("--vocab-size", type=int, default=512)
+    build.set_defaults(func=_cmd_tokenizer_build)
+    return parser
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="toy datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     make = data_sub.add_parser("make", help="generate a toy task as JSONL")
@@ -139,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.set_defaults(func=_cmd_data_make)
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve-engine", help="serve the embedded engine with SGLang's HTTP API")
     serve.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     serve.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
@@ -154,19 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions per sequence (default: min(model max, 2048))",
     )
     serve.set_defaults(func=_cmd_serve_engine)
-
-    plan = sub.add_parser("plan", help="per-GPU memory plan of a megatron job")
-    plan.add_argument("config")
-    _add_set(plan)
-    plan.set_defaults(func=_cmd_plan)
-
-    tokenizer = sub.add_parser("tokenizer", help="tokenizers")
-    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    build = tok_sub.add_parser("build", help="build the toy GLM-style tokenizer")
-    build.add_argument("out", type=Path)
-    build.add_argument("--vocab-size", type=int, default=512)
-    build.set_defaults(func=_cmd_tokenizer_build)
-    return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
