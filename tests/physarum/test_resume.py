@@ -34,24 +34,33 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines() if '"reward"' in x]
 
 
-def _kill_everything(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started, at once, and wait until all are gone.
+def _kill_all_but_redis(proc: subprocess.Popen) -> int:
+    """SIGKILL the driver and every process it started but redis-server, at once, and wait
+    until all are gone. Returns the pid of the surviving redis-server.
 
     Killing only the driver's session is not enough: Ray's workers (the trainer among them)
-    can outlive it for a moment and finish a checkpoint after the kill, which moves the
-    restart point after the test has read it.
+    run in their own process groups, can outlive the driver for a moment and finish a
+    checkpoint after the kill, which moves the restart point after the test has read it.
+    The embedded redis-server is left alive, as after a real crash of the driver (it runs in
+    its own session so that its AOF is flushed); the resumed job must stop it and reuse its
+    data.
     """
     # stop first (a stopped process starts no more), until the family stops growing
     family: dict[int, psutil.Process] = {}
+    redis_pid = -1
     while True:
         root = psutil.Process(proc.pid)
         found = {p.pid: p for p in [root, *root.children(recursive=True)] if p.pid not in family}
         if not found:
             break
+        family.update(found)
         for p in found.values():
             with contextlib.suppress(psutil.NoSuchProcess):
-                p.suspend()
-        family.update(found)
+                if p.name() == "redis-server":
+                    redis_pid = p.pid
+                else:
+                    p.suspend()
+    redis = family.pop(redis_pid)
     for p in family.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -59,6 +68,8 @@ def _kill_everything(proc: subprocess.Popen) -> None:
     proc.wait()
     _, alive = psutil.wait_procs(list(family.values()), timeout=30)
     assert not alive, f"still alive after SIGKILL: {alive}"
+    assert redis.is_running()
+    return redis.pid
 
 
 def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> None:
@@ -81,10 +92,18 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> N
             assert proc.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "the job made no progress"
             time.sleep(0.05)
-        _kill_everything(proc)
+        redis_pid = _kill_all_but_redis(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        _check_resume(run_dir, env, redis_pid)
+    finally:  # never leave the orphaned redis-server behind, even when the test fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(redis_pid, signal.SIGKILL)
+
+
+def _check_resume(run_dir: Path, env: dict[str, str], orphan_redis: int) -> None:
     killed_at = max(_steps(run_dir))
     assert killed_at < STEPS
     # the last complete checkpoint at the kill; a step is checkpointed before it is logged,
@@ -103,6 +122,8 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> N
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not psutil.pid_exists(orphan_redis), "the resumed job did not stop the old redis"
+    assert "still serves" in done.stderr  # it said so
     steps = _steps(run_dir)
     resumed = steps[steps.index(killed_at) + 1 :]
     assert resumed == list(range(restart + 1, STEPS + 1))
