@@ -59,6 +59,8 @@ class CacheBatch:
     context: int  # keys attended: cache positions [0, context), the max end over rows
     mask: Tensor  # bool [B, 1, G * L, context]: key position <= the query's own position,
     # repeated for the G query heads of each KV head (attention runs per KV head on G*L rows)
+    first_slot: int | None = None  # set when slots are first_slot, first_slot + 1, ...: the
+    # cache rows are then a slice (a view), not a gather (the engine keeps slots packed)
 
     @classmethod
     def build(
@@ -77,11 +79,21 @@ class CacheBatch:
                 "forward_cached: slots, start_pos and lengths must all be int64 [B]; got "
                 f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
             )
-        # one host sync for all checks: min/max of lengths, min start, max end
+        # one host sync for all checks: min/max of lengths, min start, max end, and whether
+        # the slots are one ascending run
+        run = (slots.diff() == 1).all().to(torch.int64)
         stats = torch.stack(
-            [lengths.min(), lengths.max(), start_pos.min(), (start_pos + lengths).max()]
+            [
+                lengths.min(),
+                lengths.max(),
+                start_pos.min(),
+                (start_pos + lengths).max(),
+                run,
+                slots[0],
+            ]
         ).tolist()
-        min_len, max_len_new, min_start, context = stats
+        min_len, max_len_new, min_start, context, is_run, first = stats
+        first_slot = first if is_run else None
         if min_len < 1 or max_len_new > seq_len:
             raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")
         if min_start < 0 or context > max_len:
@@ -96,8 +108,9 @@ class CacheBatch:
             mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
         mask = mask.reshape(batch, 1, groups * seq_len, context)
         if min_len == seq_len:
-            return cls(slots, positions, None, None, None, context, mask)
+            return cls(slots, positions, None, None, None, context, mask, first_slot)
         valid = (steps < lengths[:, None]).reshape(-1)
         rows = valid.nonzero().squeeze(1)
         write_slots = slots.repeat_interleave(seq_len)[rows]
-        return cls(slots, positions, write_slots, positions.reshape(-1)[rows], rows, context, mask)
+        write_positions = positions.reshape(-1)[rows]
+        return cls(slots, positions, write_slots, write_positions, rows, context, mask, first_slot)

@@ -162,7 +162,10 @@ def _attention(
         cache[slots, :, batch.positions.view(-1)] = kv
     else:
         cache[batch.write_slots, :, batch.write_positions] = kv[batch.write_rows]
-    ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
+    if batch.first_slot is not None:  # a view: no copy of the batch's K and V
+        ctx = cache[batch.first_slot : batch.first_slot + b, :, : batch.context]
+    else:
+        ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
     ctx = ctx.to(x.dtype)
     groups = hq // hkv
     q = qk[:, :, :hq].reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)

@@ -140,3 +140,41 @@ def test_weight_loads_refresh_the_decode_weights() -> None:
         got = model.forward_cached(ids, *args, model.new_kv_cache(1, 8), all_logits=True)
         assert (got[0] - full_logits(model, ids[0])).abs().max().item() < 1e-5, name
     assert (got[0] - full_logits(source, ids[0])).abs().max().item() < 1e-5
+
+
+def test_a_run_of_slots_is_read_as_a_view_and_gives_the_same_logits() -> None:
+    """Rows in consecutive ascending slots read the cache through a slice (no gather); any
+    other order gathers. Both must equal the uncached path."""
+    from models.batching import CacheBatch
+
+    def first(slots: list[int]) -> int | None:
+        n = len(slots)
+        t = torch.tensor(slots)
+        return CacheBatch.build(
+            t, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1, 8
+        ).first_slot
+
+    assert first([2, 3, 4]) == 2 and first([5]) == 5
+    assert first([3, 2]) is None and first([0, 2]) is None and first([1, 1]) is None
+    model = make_model(seed=14)
+    seqs = [torch.randint(0, 128, (6,)) for _ in range(3)]
+    ref = [full_logits(model, s) for s in seqs]
+    for slots in ([2, 3, 4], [4, 2, 3]):
+        cache = model.new_kv_cache(5, 8)
+        t = torch.tensor(slots)
+        model.forward_cached(
+            _rows(seqs, [0] * 3, [5] * 3),
+            t,
+            torch.zeros(3, dtype=torch.long),
+            torch.full((3,), 5),
+            cache,
+        )
+        last = model.forward_cached(
+            _rows(seqs, [5] * 3, [1] * 3),
+            t,
+            torch.full((3,), 5),
+            torch.ones(3, dtype=torch.long),
+            cache,
+        )
+        for i in range(3):
+            assert (last[i] - ref[i][-1]).abs().max().item() < 1e-5, (slots, i)
