@@ -138,6 +138,8 @@ class JobContext:
 
     def checkpoint(self, trainer: TrainerGroup, step: int) -> Path:
         path = self.run.checkpoint(step)
+        if (path / "COMPLETE").exists():  # the last step is often an interval step too
+            return path
         trainer.checkpoint(path)
         self._prune_checkpoints()
         return path

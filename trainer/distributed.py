@@ -75,6 +75,11 @@ class DataParallel:
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone() if has else None
             offset += n
 
+    def barrier(self) -> None:
+        """Wait for every rank. No-op on one rank."""
+        if self.enabled:
+            dist.barrier(group=self.group)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""
         if not self.enabled:

@@ -8,6 +8,7 @@ steps feed Episodes built elsewhere. Nothing here knows about Ray; `physarum` wr
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from trainer.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 
+CONSUMED_FILE = "consumed_groups.json"  # entry ids of the groups the checkpointed steps used
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -153,14 +155,21 @@ class TrainerService:
         )
 
     def checkpoint(self, path: Path) -> None:
-        """Save everything, then acknowledge the groups the saved steps consumed."""
+        """Save everything and mark it COMPLETE, then acknowledge the groups the saved steps
+        consumed. Their entry ids are saved too: a crash between the marker and the ack is
+        repaired by `restore`, so a group is neither lost (acked, but the checkpoint that
+        used it incomplete) nor trained twice (checkpointed, but never acked)."""
         path.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path))
+        consumed = self.dp.all_gather_object(list(self._pending))
+        if self.rank == 0:
+            ids = [entry for rank in consumed for entry in rank]
+            (path / CONSUMED_FILE).write_text(json.dumps(ids))
+            (path / "COMPLETE").write_text(str(self.version))
+        self.dp.barrier()  # no rank acks before the checkpoint is complete
         if self.store is not None and self._pending:
             self.store.ack(self._pending)
             self._pending = []
-        if self.rank == 0:
-            (path / "COMPLETE").write_text(str(self.version))
         log.info("%s: checkpoint at version %d -> %s", self.consumer, self.version, path)
 
     def restore(self, path: Path) -> None:
@@ -168,6 +177,10 @@ class TrainerService:
         if self.rank == 0 and self.store is not None:
             # replayed (unacknowledged) groups are judged against the restored version
             self.store.set_version(self.version)
+            consumed = path / CONSUMED_FILE
+            if consumed.exists():  # acks are idempotent: only a crash left any of these
+                self.store.ack(json.loads(consumed.read_text()))
+        self.dp.barrier()  # every rank takes groups only after the repair
         log.info("%s: restored version %d from %s", self.consumer, self.version, path)
 
     def save_hf(self, path: Path) -> None:
