@@ -25,9 +25,8 @@ from trainer.service import CONSUMED_FILE, TrainerService
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    server = EmbeddedRedis(tmp_path / "redis")
-    yield server.start()
-    server.stop()
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        yield server.url
 
 
 def _service(tmp_path: Path, url: str) -> tuple[TrainerService, EpisodeStore]:

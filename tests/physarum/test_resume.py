@@ -64,7 +64,6 @@ def _kill_all_but_redis(proc: subprocess.Popen) -> int:
     for p in family.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _, alive = psutil.wait_procs(list(family.values()), timeout=30)
     assert not alive, f"still alive after SIGKILL: {alive}"
