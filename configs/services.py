@@ -185,5 +185,9 @@ class ClusterConfig(Section):
     rollout_cpus: float = Field(1.0, gt=0)
     trainer_gpus: float = Field(0.0, ge=0)
     rollout_gpus: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where trainer ranks and embedded engines compute: auto = cuda:<local index> in an
+    actor that Ray gave GPUs (trainer_gpus / rollout_gpus > 0), the CPU otherwise; cuda
+    fails at start when a process has no GPU."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     namespace: str = "physarum"
