@@ -260,6 +260,10 @@ class Glm4MoeForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
         b, length = input_ids.shape
+        # the engine builds its index tensors on the host; a no-op when they are on the device
+        input_ids, slots, start_pos, lengths = (
+            t.to(self.device) for t in (input_ids, slots, start_pos, lengths)
+        )
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         batch = CacheBatch.build(slots, start_pos, lengths, length, cache.max_len, groups)
         weights = self.decode_weights()
@@ -271,7 +275,7 @@ class Glm4MoeForCausalLM(nn.Module):
             k = self.config.num_experts_per_tok
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
         if not all_logits:
-            x = x[:, 0] if length == 1 else x[torch.arange(b), lengths - 1]
+            x = x[:, 0] if length == 1 else x[torch.arange(b, device=x.device), lengths - 1]
         return F.linear(self.model.norm(x), weights.lm_head).float()
 
     def decode_weights(self) -> DecodeWeights:

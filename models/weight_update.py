@@ -7,6 +7,12 @@ weight travels as `<x>.weight` float8_e4m3fn + `<x>.weight_scale_inv` fp32, both
 bucket; everything else is cast to `dtype`, except the router's e_score_correction_bias,
 which stays fp32 (its steps are far below bf16 resolution near 1).
 
+Devices: conversion (casts, FP8 quantization) runs where the tensors are, e.g. on the
+trainer's GPU. The payloads are on the CPU by default, since an update that leaves the
+process (a Ray object, an HTTP body, a file) carries host bytes; `device=` keeps them on the
+GPU for an engine in the same process on the same GPU, and `apply_weight_update` then copies
+GPU to GPU. `encode_weight_update` always produces host bytes.
+
 Wire format of `encode_weight_update`: b"PHWU", u32 format version, u64 header length, a
 JSON header (version, fp8_block, per bucket: names, shapes, dtypes, offsets, nbytes), zero
 padding to 16 bytes, then each bucket's payload (each padded to 16 bytes).
@@ -77,14 +83,15 @@ class WeightUpdate:
         return sum(b.nbytes for b in self.buckets)
 
 
-def _pack(items: list[tuple[str, Tensor]]) -> WeightBucket:
+def _pack(items: list[tuple[str, Tensor]], device: torch.device) -> WeightBucket:
     offsets, pos = [], 0
     for _, t in items:
         offsets.append(pos)
         pos = _aligned(pos + t.numel() * t.element_size())
-    payload = torch.zeros(pos, dtype=torch.uint8)
+    payload = torch.zeros(pos, dtype=torch.uint8, device=device)
     for (_, t), off in zip(items, offsets):
-        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        # the one device -> host copy of a cross-process update (none when device is the GPU)
+        raw = t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
         payload[off : off + raw.numel()].copy_(raw)
     return WeightBucket(
         names=[n for n, _ in items],
@@ -113,11 +120,15 @@ def build_weight_update(
     bucket_bytes: int = 512 * 2**20,
     fp8_block: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
 ) -> WeightUpdate:
     """Bucket HF-named tensors (e.g. model.hf_state_dict()) into a versioned update.
 
     A bucket holds at most bucket_bytes unless a single tensor (or FP8 pair) is larger.
+    device: where the payloads live (see the module docstring): the CPU for an update that
+    leaves the process, the tensors' GPU for an engine in the same process.
     """
+    device = torch.device(device)
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes: expected >= 1, got {bucket_bytes}")
     block = tuple(fp8_block) if fp8_block is not None else None
@@ -128,12 +139,12 @@ def build_weight_update(
         group = _convert(name, tensor, block, dtype)
         group_bytes = sum(_aligned(t.numel() * t.element_size()) for _, t in group)
         if current and size + group_bytes > bucket_bytes:
-            buckets.append(_pack(current))
+            buckets.append(_pack(current, device))
             current, size = [], 0
         current.extend(group)
         size += group_bytes
     if current:
-        buckets.append(_pack(current))
+        buckets.append(_pack(current, device))
     return WeightUpdate(int(version), buckets, block)
 
 
@@ -169,7 +180,7 @@ def encode_weight_update(update: WeightUpdate) -> bytes:
     parts = [_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head)), head]
     parts.append(b"\0" * (start - _PREAMBLE.size - len(head)))
     for b in update.buckets:
-        raw = b.payload.numpy().tobytes()
+        raw = b.payload.cpu().numpy().tobytes()  # bytes leave the process: host memory
         parts.append(raw + b"\0" * (_aligned(len(raw)) - len(raw)))
     return b"".join(parts)
 

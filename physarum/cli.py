@@ -68,6 +68,8 @@ def _cmd_serve_engine(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         tokenizer_dir=args.tokenizer,
         context_len=args.context_len,
+        device=args.device,
+        dtype=args.dtype,
     )
     return 0
 
@@ -172,6 +174,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="positions per sequence (default: min(model max, 2048))",
+    )
+    serve.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model and KV cache live (auto: cuda:0 if torch sees a GPU, else cpu)",
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="weight dtype (auto: bfloat16 on a GPU, float32 on the CPU)",
     )
     serve.set_defaults(func=_cmd_serve_engine)
 

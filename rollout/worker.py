@@ -36,11 +36,17 @@ def _embedded_engine(
     import torch
 
     from models.checkpoint import from_pretrained
+    from models.device import resolve_device
     from rollout.embedded.engine import EmbeddedEngine
 
     torch.set_num_threads(job.rollout.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job.model.dtype]
-    model = from_pretrained(model_dir, dtype=dtype)
+    # auto: the GPU Ray gave this worker (CUDA_VISIBLE_DEVICES), the CPU otherwise; the KV
+    # cache and the sampling tensors follow the model onto it
+    device = resolve_device(job.cluster.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = from_pretrained(model_dir, dtype=dtype, device=device)
     return EmbeddedEngine(
         model,
         tokenizer=tokenizer,

@@ -33,6 +33,9 @@ class DataParallel:
     rank: int = 0
     world_size: int = 1
     group: Any = None
+    device: torch.device | None = None
+    """Where collectives run; None = this rank's current CUDA device under NCCL (which
+    reduces only GPU tensors), a tensor's own device otherwise."""
 
     @classmethod
     def from_env(cls, backend: str | None = None, timeout_s: float = 600.0) -> DataParallel:
@@ -48,10 +51,23 @@ class DataParallel:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def _comm_device(self) -> torch.device | None:
+        if self.device is not None:
+            return self.device
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return None
+
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> None:
-        """In place; op "sum" | "max". No-op on one rank."""
-        if self.enabled:
-            dist.all_reduce(tensor, op=_OPS[op], group=self.group)
+        """In place; op "sum" | "max". No-op on one rank. A CPU tensor (a count, a metric)
+        is reduced on the collective's device under NCCL and copied back."""
+        if not self.enabled:
+            return
+        device = self._comm_device()
+        work = tensor if device is None or tensor.device == device else tensor.to(device)
+        dist.all_reduce(work, op=_OPS[op], group=self.group)
+        if work is not tensor:
+            tensor.copy_(work)
 
     def all_reduce_grads(self, params: Iterable[nn.Parameter]) -> None:
         """Sum gradients over ranks in one collective.
@@ -62,7 +78,10 @@ class DataParallel:
         if not self.enabled:
             return
         params = [p for p in params if p.requires_grad]
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        device = params[0].device if params else None
+        present = torch.tensor(
+            [p.grad is not None for p in params], dtype=torch.float32, device=device
+        )
         parts = [
             p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params
         ]

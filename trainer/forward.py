@@ -41,7 +41,8 @@ def trainable_logprobs(
 ) -> TrainForward:
     """Differentiable logprobs and entropies of `batch`'s trainable tokens."""
     out = model.forward_packed(batch.input_ids, batch.cu_seqlens, routing=routing)
-    starts = torch.zeros(batch.num_tokens, dtype=torch.bool)
+    device = batch.input_ids.device
+    starts = torch.zeros(batch.num_tokens, dtype=torch.bool, device=device)
     starts[batch.cu_seqlens[:-1]] = True
     positions = ((batch.loss_mask > 0) & ~starts).nonzero().squeeze(1)
     logp, entropy = chunked_token_logprobs(
@@ -52,7 +53,7 @@ def trainable_logprobs(
         with_entropy=True,
         chunk_size=chunk_size,
     )
-    zeros = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    zeros = torch.zeros(batch.num_tokens, dtype=torch.float32, device=device)
     return TrainForward(
         logprobs=zeros.index_put((positions,), logp),
         entropy=zeros.index_put((positions,), entropy),

@@ -21,6 +21,7 @@ from buffer.episode import Episode, EpisodeGroup
 from buffer.store import EpisodeStore
 from configs import JobConfig
 from models.checkpoint import from_pretrained, save_pretrained
+from models.device import resolve_device
 from models.weight_update import WeightUpdate
 from trainer.batch import build_rl_step, build_step
 from trainer.distributed import DataParallel
@@ -37,9 +38,14 @@ class NoEpisodesError(TimeoutError):
 
 
 def _torch_backend(
-    job: JobConfig, model_dir: Path, dp: DataParallel, total_steps: int, policy_loss: str | None
+    job: JobConfig,
+    model_dir: Path,
+    dp: DataParallel,
+    total_steps: int,
+    policy_loss: str | None,
+    device: torch.device,
 ) -> TorchBackend:
-    model = from_pretrained(model_dir, dtype=_DTYPES[job.model.dtype])
+    model = from_pretrained(model_dir, dtype=_DTYPES[job.model.dtype], device=device)
     return TorchBackend(
         model,
         job.trainer,
@@ -52,8 +58,14 @@ def _torch_backend(
 
 
 def _megatron_backend(
-    job: JobConfig, model_dir: Path, dp: DataParallel, total_steps: int, policy_loss: str | None
+    job: JobConfig,
+    model_dir: Path,
+    dp: DataParallel,
+    total_steps: int,
+    policy_loss: str | None,
+    device: torch.device,
 ) -> Any:
+    """megatron places its model itself (on the current CUDA device, or the CPU shim)."""
     from trainer.megatron.backend import build_megatron_backend
 
     return build_megatron_backend(job, model_dir, total_steps=total_steps, policy_loss=policy_loss)
@@ -74,14 +86,20 @@ class TrainerService:
         total_steps: int,
         policy_loss: str | None = None,
         dp: DataParallel | None = None,
+        device: torch.device | None = None,
     ) -> None:
+        """device: where this rank computes; None = resolve job.cluster.device here (auto:
+        the first GPU this process was given, e.g. by Ray through CUDA_VISIBLE_DEVICES)."""
         torch.set_num_threads(job.trainer.threads)
         self.job = job
+        self.device = device if device is not None else resolve_device(job.cluster.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives use the current device
         self.dp = dp or DataParallel()
         self.store = store
         self.consumer = f"trainer-{self.dp.rank}"
         self.backend = BACKENDS[job.trainer.backend](
-            job, model_dir, self.dp, total_steps, policy_loss
+            job, model_dir, self.dp, total_steps, policy_loss, self.device
         )
         self._pending: list[str] = []
         self._last_step_end = time.monotonic()

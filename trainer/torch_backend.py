@@ -10,6 +10,13 @@ PPO: a critic (`ValueModel`, the actor's architecture + a value head, its own Ad
 critic_lr) is built when the advantage estimator needs values; a frozen reference copy of the
 initial actor when kl.coef > 0. Routing replay: the actor's logprob pass captures each
 micro-batch's experts (PackedBatch.routed_experts) and training replays them.
+
+Devices: everything runs on the model's device (`models.device.resolve_device` picks it;
+the caller moves the model there before building the backend). Micro-batches are built on
+the CPU and moved to the device right before each forward; the per-token results of the
+no-grad passes (old/ref logprobs, values) come back to the CPU, where the step's advantages
+are computed. On CUDA the forwards run under bf16 autocast whatever trainer.dtype says
+(fp32 master weights and optimizer state stay in the model's dtype).
 """
 
 from __future__ import annotations
@@ -106,13 +113,20 @@ class TorchBackend:
         )
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.version = 0
+        self.device = model.device
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
+        if self.device.type == "cuda":
+            self._autocast_dtype = torch.bfloat16
 
     # --- model passes ------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.model.device.type, dtype=self._autocast_dtype)
+
+    def _on_device(self, b: PackedBatch) -> PackedBatch:
+        """b with its tensors on the model's device (b itself on the CPU)."""
+        return b if self.device.type == "cpu" else b.to(self.device)
 
     def _network(self, name: str) -> nn.Module:
         networks = {"actor": self.model, "ref": self.ref}
@@ -129,10 +143,11 @@ class TorchBackend:
         outs = []
         for b, real in self._aligned(batches, sharded=network is self.model):
             routing = RoutingCapture() if capture else None
+            on_device = self._on_device(b)
             with self._autocast():
                 out = network.token_logprobs(
-                    b.input_ids,
-                    b.cu_seqlens,
+                    on_device.input_ids,
+                    on_device.cu_seqlens,
                     temperature=b.temperature,
                     chunk_size=self.cfg.logprob_chunk,
                     routing=routing,
@@ -140,7 +155,7 @@ class TorchBackend:
             if capture:
                 b.routed_experts = out.routed_experts
             if real:
-                outs.append(out.logprobs.float())
+                outs.append(out.logprobs.float().cpu())
         return outs
 
     def _aligned(self, batches: list[PackedBatch], *, sharded: bool = True) -> list[tuple]:
@@ -158,8 +173,13 @@ class TorchBackend:
         """Critic values float32 [T] per batch (aligned like logprobs)."""
         if self.critic is None:
             raise ValueError("values: this backend has no critic (advantage is not 'gae')")
-        with self._autocast():
-            return [self.critic.values(b.input_ids, b.cu_seqlens).float() for b in batches]
+        outs = []
+        for b in batches:
+            on_device = self._on_device(b)
+            with self._autocast():
+                values = self.critic.values(on_device.input_ids, on_device.cu_seqlens)
+            outs.append(values.float().cpu())
+        return outs
 
     # --- training ----------------------------------------------------------------------------
     def prepare(self, step: StepBatch) -> list[PackedBatch]:
@@ -188,6 +208,7 @@ class TorchBackend:
             local[0] += counter(b)
             local[1] += b.num_tokens
         self.dp.all_reduce(local)
+        local = local.to(self.device)
         return StepTotals(agg=local[0].clamp_min(1.0).float(), tokens=local[1].clamp_min(1.0))
 
     def _train_forward(self, b: PackedBatch, routing: RoutingReplay | None) -> Any:
@@ -204,9 +225,12 @@ class TorchBackend:
     ) -> tuple[StatSums, Tensor]:
         totals = self._totals(batches, objective.count)
         stats = StatSums()
-        load = torch.zeros(len(self.model.moe_blocks()), self.model.config.n_routed_experts)
+        load = torch.zeros(
+            len(self.model.moe_blocks()), self.model.config.n_routed_experts, device=self.device
+        )
         replay = self.algo.moe.routing_replay
         for b, real in self._aligned(batches):
+            b = self._on_device(b)
             routing = (
                 RoutingReplay(b.routed_experts) if replay and b.routed_experts is not None else None
             )
@@ -225,6 +249,7 @@ class TorchBackend:
         totals = self._totals(batches, self.critic_objective.count)
         stats = StatSums()
         for b in batches:
+            b = self._on_device(b)
             with self._autocast():
                 values = self.critic.values(b.input_ids, b.cu_seqlens)
             loss, part = self.critic_objective(b, values.float(), totals)
@@ -287,8 +312,9 @@ class TorchBackend:
 
     # --- weights -----------------------------------------------------------------------------
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """The actor's full tensors with Hugging Face on-disk names (detached). Under FSDP
-        every rank must call this (the parameters are all-gathered)."""
+        """The actor's full tensors with Hugging Face on-disk names (detached, on the model's
+        device: nothing is copied to the CPU here). Under FSDP every rank must call this (the
+        parameters are all-gathered)."""
         if self._fsdp_units:
             with unsharded(self._fsdp_units):
                 tensors = [(n, t.detach().clone()) for n, t in self.model.hf_state_dict()]
@@ -303,15 +329,24 @@ class TorchBackend:
         *,
         fp8_block: tuple[int, int] | None = None,
         dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
     ) -> WeightUpdate:
         """The actor's weights as a versioned, bucketed update (cfg.weight_bucket_mb buckets);
-        fp8_block quantises the linear weights blockwise; dtype defaults to the model's."""
+        fp8_block quantises the linear weights blockwise (on the model's device); dtype
+        defaults to the model's.
+
+        device is where the bucket payloads live. The default, the CPU, is for an update that
+        leaves this process (a Ray object, an HTTP body: those carry host bytes, and a CUDA
+        tensor in a Ray object would need a GPU on the receiving side). An engine in this
+        same process on the same GPU takes `device=self.device` and nothing leaves the GPU.
+        """
         return build_weight_update(
             self.export_weights(),
             self.version if version is None else version,
             bucket_bytes=self.cfg.weight_bucket_mb * 2**20,
             fp8_block=fp8_block,
             dtype=dtype or self.model.dtype,
+            device=device,
         )
 
     # --- checkpoints -------------------------------------------------------------------------

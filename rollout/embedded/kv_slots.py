@@ -6,7 +6,8 @@ is reused without clearing (the model never attends past a row's own length). Th
 slot is handed out first, so the running set stays packed at the low slots and a decode
 batch (rows ordered by slot) is often one contiguous slot range. Sampling
 parameters live in slot-indexed tensors written once at admission, so building a step's
-`SamplingBatch` is a gather by the active slots, not a per-row Python loop.
+`SamplingBatch` is a gather by the active slots, not a per-row Python loop. They live on the
+KV cache's device (the GPU for a GPU engine), next to the logits they are applied to.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ def _to_int64(seed: int) -> int:
 
 
 class SlotPool:
-    """`num_slots` slots over a KV cache of `max_len` positions each."""
+    """`num_slots` slots over a KV cache of `max_len` positions each; the sampling tensors on
+    `device` (the cache's)."""
 
-    def __init__(self, cache: object, num_slots: int, max_len: int) -> None:
+    def __init__(
+        self, cache: object, num_slots: int, max_len: int, device: torch.device | str = "cpu"
+    ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots: expected >= 1, got {num_slots}")
         self.cache = cache
@@ -38,12 +42,13 @@ class SlotPool:
         self.max_len = max_len
         self._free = list(range(num_slots))  # a min-heap: the lowest free slot goes first
         self._used: set[int] = set()
-        self.temperature = torch.zeros(num_slots, dtype=torch.float32)
-        self.top_p = torch.ones(num_slots, dtype=torch.float32)
-        self.top_k = torch.zeros(num_slots, dtype=torch.int64)
-        self.min_p = torch.zeros(num_slots, dtype=torch.float32)
-        self.seeds = torch.zeros(num_slots, dtype=torch.int64)
-        self.counters = torch.zeros(num_slots, dtype=torch.int64)
+        self.device = torch.device(device)
+        self.temperature = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        self.min_p = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(num_slots, dtype=torch.int64, device=device)
 
     @property
     def num_free(self) -> int:

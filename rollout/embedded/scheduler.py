@@ -57,7 +57,9 @@ class Scheduler:
             raise ValueError(f"max_prefill_tokens: expected >= 1, got {max_prefill_tokens}")
         self.model = model
         cache = model.new_kv_cache(max_running, context_len, dtype=kv_dtype)
-        self.slots = SlotPool(cache, max_running, context_len)
+        # the cache is on the model's device, and so are the per-slot sampling tensors
+        device = getattr(model, "device", torch.device("cpu"))
+        self.slots = SlotPool(cache, max_running, context_len, device=device)
         self.context_len = context_len
         self.max_prefill_tokens = max_prefill_tokens
         self.decode = decode
@@ -233,7 +235,7 @@ class Scheduler:
         )
 
     def _sample_append(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.slots.device)
         tokens, logprobs = sample(logits, self.slots.batch(slots))
         self.slots.advance(slots)
         finished = []

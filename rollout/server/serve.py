@@ -39,13 +39,18 @@ def load_engine(
     tokenizer_dir: str | Path | None = None,
     context_len: int | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> EmbeddedEngine:
-    """An EmbeddedEngine over an HF checkpoint directory (and its tokenizer, if any)."""
+    """An EmbeddedEngine over an HF checkpoint directory (and its tokenizer, if any), with
+    the model, its KV cache and the sampling state on `device`."""
     from models.checkpoint import from_pretrained
     from models.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
-    model = from_pretrained(model_dir, dtype=dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = from_pretrained(model_dir, dtype=dtype, device=device)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
     tokenizer = None
     if tokenizer_dir is not None or any((tok_dir / f).exists() for f in _TOKENIZER_FILES):
@@ -60,6 +65,26 @@ def load_engine(
         fp8=fp8,
         name=model_dir.name,
     )
+
+
+def serve_device(setting: str) -> torch.device:
+    """`--device` of serve-engine: auto | cpu | cuda, every visible GPU counting as given."""
+    from models.device import resolve_device
+
+    visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+    return resolve_device(setting, gpu_ids=visible)
+
+
+_SERVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def serve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`--dtype` of serve-engine: auto = bfloat16 on a GPU, float32 on the CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if setting not in _SERVE_DTYPES:
+        raise ValueError(f"--dtype: expected auto, float32 or bfloat16, got {setting!r}")
+    return _SERVE_DTYPES[setting]
 
 
 def make_state(
@@ -103,20 +128,30 @@ def serve_engine(
     max_running: int = 64,
     tokenizer_dir: str | Path | None = None,
     context_len: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> None:
-    """Load the checkpoint and serve it until interrupted (blocking)."""
+    """Load the checkpoint and serve it until interrupted (blocking).
+
+    device: auto | cpu | cuda (cluster.device's values). Outside Ray every GPU this process
+    sees counts as given, so auto means cuda:0 whenever torch sees a GPU.
+    dtype: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16.
+    """
+    where = serve_device(device)
     engine = load_engine(
         model_dir,
         fp8=fp8,
         max_running=max_running,
         tokenizer_dir=tokenizer_dir,
         context_len=context_len,
+        dtype=serve_dtype(dtype, where),
+        device=where,
     )
     tok = str(tokenizer_dir or model_dir) if engine.tokenizer is not None else None
     state = make_state(
         engine, str(model_dir), tokenizer_path=tok, api_key=api_key, host=host, port=port, fp8=fp8
     )
-    logger.info("serving %s on http://%s:%d", model_dir, host, port)
+    logger.info("serving %s on http://%s:%d (%s)", model_dir, host, port, where)
     try:
         uvicorn.run(build_app(state), host=host, port=port, log_level="info")
     finally:

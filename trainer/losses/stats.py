@@ -94,8 +94,8 @@ class StatSums:
         mean_names, sum_names = sorted(self.means), sorted(self.sums)
         max_names, min_names = sorted(self.maxes), sorted(self.mins)
         flat = [v for n in mean_names for v in self.means[n]] + [self.sums[n] for n in sum_names]
-        if flat:
-            packed = torch.stack(flat)
+        if flat:  # on the CPU: the parts may sit on a GPU or (identities, floats) on the CPU
+            packed = torch.stack([t.cpu() for t in flat])
             reduce(packed, "sum")
             for i, n in enumerate(mean_names):
                 self.means[n] = (packed[2 * i], packed[2 * i + 1])
@@ -104,7 +104,7 @@ class StatSums:
                 self.sums[n] = packed[offset + i]
         extremes = [self.maxes[n] for n in max_names] + [-self.mins[n] for n in min_names]
         if extremes:
-            packed = torch.stack(extremes)
+            packed = torch.stack([t.cpu() for t in extremes])
             reduce(packed, "max")
             for i, n in enumerate(max_names):
                 self.maxes[n] = packed[i]
