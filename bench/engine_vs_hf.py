@@ -42,8 +42,24 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(1, vocab, (length,), generator=g).tolist() for length in lengths]
 
 
-def hf_generate(hf_model, prompts: list[list[int]], samples: int, chunks: int) -> int:
-    """transformers generate, left-padded; returns the number of generated tokens."""
+def hf_generate(
+    hf_model,
+    prompts: list[list[int]],
+    samples: int,
+    chunks: int,
+    *,
+    new_tokens: int = NEW_TOKENS,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+    outputs: list[list[int]] | None = None,
+) -> int:
+    """transformers generate, left-padded; returns the number of generated tokens.
+    temperature 0 = greedy; `outputs` (if given) receives each sequence's new tokens."""
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     total = 0
     per = (len(prompts) + chunks - 1) // chunks
     for start in range(0, len(prompts), per):
@@ -56,25 +72,37 @@ def hf_generate(hf_model, prompts: list[list[int]], samples: int, chunks: int) -
             mask[i, width - len(p) :] = 1
         with torch.inference_mode():
             out = hf_model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                **sampling,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 num_return_sequences=samples,
                 pad_token_id=0,
                 eos_token_id=None,
             )
         total += (out.shape[1] - width) * out.shape[0]
+        if outputs is not None:
+            outputs.extend(out[:, width:].tolist())
     return total
 
 
-def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], samples: int) -> int:
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, n=samples, ignore_eos=True)
+def engine_generate(
+    engine: EmbeddedEngine,
+    prompts: list[list[int]],
+    samples: int,
+    *,
+    new_tokens: int = NEW_TOKENS,
+    temperature: float = 1.0,
+    outputs: list[list[int]] | None = None,
+) -> int:
+    """The engine's generated token count (EOS ignored); `outputs` receives the tokens."""
+    params = SamplingParams(
+        max_new_tokens=new_tokens, temperature=temperature, n=samples, ignore_eos=True
+    )
     outs = asyncio.run(engine.generate([GenerateRequest(p, params) for p in prompts]))
+    if outputs is not None:
+        outputs.extend(list(o.output_ids) for o in outs)
     return sum(len(o.output_ids) for o in outs)
 
 
