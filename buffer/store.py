@@ -19,6 +19,7 @@ calls it through `asyncio.to_thread`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -178,16 +179,24 @@ class EpisodeStore:
 
     # ---- episode groups ---------------------------------------------------------------
 
-    def put_group(self, group: EpisodeGroup, *, lease_id: str | None = None) -> str | None:
+    def put_group(
+        self,
+        group: EpisodeGroup,
+        *,
+        lease_id: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> str | None:
         """Append a group to the stream, completing its lease in the same atomic step.
 
         Returns the stream entry id (the same id again if this lease was already pushed),
         or None if the lease had expired and its prompt was requeued (a late push, counted).
         Waits while the buffer is at capacity, renewing the lease meanwhile; raises
         BufferFullError after put_timeout_s and LeaseMismatchError if the lease is for a
-        different prompt.
+        different prompt. Setting `cancel` (from any thread) ends a wait for room at once
+        with PutCancelledError; the lease is then still held.
         """
-        return self._writer.put_many([(group, lease_id)], self._prompts.lease_seconds)[0]
+        items = [(group, lease_id)]
+        return self._writer.put_many(items, self._prompts.lease_seconds, cancel)[0]
 
     def put_groups(
         self, groups: Sequence[EpisodeGroup], lease_ids: Sequence[str | None] | None = None

@@ -36,6 +36,9 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
     save_hf: bool = True
     """Also write a Hugging Face directory (config, safetensors, tokenizer) at the end."""
+    timeout_s: float = Field(1800.0, gt=0)
+    """A checkpoint, restore or final save that takes longer fails the job, naming the
+    trainer ranks that did not answer (instead of a silent hang)."""
 
 
 class JobConfig(Section):

@@ -64,7 +64,10 @@ class SafeEvaluator:
         try:
             tree = ast.parse(text, mode="eval")
         except SyntaxError as exc:
-            raise SafeEvalError(f"invalid syntax: {exc.msg}") from exc
+            # Python's own hints (";" onwards, e.g. "use an 0o prefix for octal integers")
+            # suggest syntax this evaluator refuses, and a tool error must stay short: the
+            # model reads it as an observation inside its token budget.
+            raise SafeEvalError(f"invalid syntax: {exc.msg.split(';')[0]}") from exc
         nodes = sum(1 for _ in ast.walk(tree))
         if nodes > self.max_nodes:
             raise SafeEvalError(f"expression has {nodes} nodes, more than {self.max_nodes}")

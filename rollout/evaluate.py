@@ -73,6 +73,10 @@ async def evaluate_rows(
             "label": row.get("label"),
             "logprob": float(e.rollout_logprobs[e.loss_mask.astype(bool)].sum()),
             "tool_calls": e.metadata.get("num_tool_calls"),
+            "turns": e.metadata.get("turns"),
+            "tool_call_turns": sorted({c["turn"] for c in e.metadata.get("tool_calls", ())}),
+            "finish_reason": str(e.finish_reason),
+            "truncated": e.metadata.get("truncated"),
         }
         for row, episodes in zip(rows, groups, strict=True)
         for i, e in enumerate(episodes)

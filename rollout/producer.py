@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from buffer.episode import Episode, EpisodeGroup
+from buffer.errors import PutCancelledError
 from rollout.types import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class ProducerStats:
     groups_pushed: int = 0
     groups_filtered: int = 0  # dynamic sampling: all rewards equal
     groups_refused: int = 0  # the lease had expired; the buffer refused the push
+    groups_dropped: int = 0  # finished or waiting for room when stopped; prompt requeued
     episodes: int = 0
     episode_errors: int = 0
     generated_tokens: int = 0
@@ -55,6 +58,7 @@ class ProducerStats:
             "rollout/groups_pushed": self.groups_pushed,
             "rollout/groups_filtered": self.groups_filtered,
             "rollout/groups_refused": self.groups_refused,
+            "rollout/groups_dropped": self.groups_dropped,
             "rollout/episode_errors": self.episode_errors,
             "rollout/generated_tokens": self.generated_tokens,
             "rollout/gen_tokens_per_s": self.generated_tokens / max(busy, 1e-9),
@@ -107,6 +111,7 @@ class RolloutProducer:
         self._in_flight: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._cancel_puts = threading.Event()  # read by the put threads
 
     def set_weight_version(self, version: int) -> None:
         """Called after the engine applied new weights: the quota grows."""
@@ -165,6 +170,8 @@ class RolloutProducer:
             self.stats.groups_filtered += 1
             await asyncio.to_thread(self.store.release_lease, lease.lease_id, True)
             return
+        if self._stopping:  # nobody will train on it: give the prompt back
+            return await self._drop(lease)
         group = EpisodeGroup(
             prompt_id=lease.prompt_id,
             episodes=episodes,
@@ -174,7 +181,12 @@ class RolloutProducer:
                 "seconds": round(time.monotonic() - started, 4),
             },
         )
-        entry = await asyncio.to_thread(self.store.put_group, group, lease_id=lease.lease_id)
+        try:
+            entry = await asyncio.to_thread(
+                self.store.put_group, group, lease_id=lease.lease_id, cancel=self._cancel_puts
+            )
+        except PutCancelledError:
+            return await self._drop(lease)
         if entry is None:
             self.stats.groups_refused += 1
         else:
@@ -186,13 +198,29 @@ class RolloutProducer:
         self.stats.generated_tokens += sum(e.num_trainable for e in episodes)
         self.stats.reward_sum += sum(e.reward for e in episodes)
 
+    async def _drop(self, lease: Any) -> None:
+        """Give up a finished group at stop: its prompt returns to the queue, counted."""
+        self.stats.groups_dropped += 1
+        await asyncio.to_thread(self.store.release_lease, lease.lease_id, False)
+
     def stop(self) -> None:
+        """Stop producing: no new leases, waits for buffer room end, generation is aborted."""
         self._stopping = True
+        self._cancel_puts.set()
         self._wake.set()
 
-    async def _drain(self) -> None:
-        if self._in_flight:
+    async def _drain(self, timeout_s: float = 30.0) -> None:
+        """Abort generation until every group task ended (a multi-turn episode may start a
+        new turn after an abort, so abort again); cancel what is left after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
             await self.engine.abort(None)
+            await asyncio.wait(set(self._in_flight), timeout=0.5)
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            log.warning("%s: %d group task(s) cancelled at stop", self.worker_id,
+                        len(self._in_flight))  # fmt: skip
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         failure = getattr(self, "_failure", None)
         if failure is not None:

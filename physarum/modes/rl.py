@@ -8,12 +8,14 @@ steps (partial rollouts carry per-token versions).
 
 from __future__ import annotations
 
+import time
+
 from physarum.context import JobContext
 
 
 def run_rl(ctx: JobContext) -> dict[str, float]:
     job = ctx.job
-    ctx.reserve(trainers=job.trainer.num_ranks, workers=job.rollout.num_workers)
+    ctx.reserve(trainers=job.trainer.num_ranks, workers=job.rollout.num_workers, buffer=True)
     buffer = ctx.start_buffer(prompts=ctx.prepared.train_path)
     trainer = ctx.start_trainer(store_url=buffer.url, total_steps=job.trainer.steps)
     rollout = ctx.start_rollout(store_url=buffer.url)
@@ -32,9 +34,13 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
             ctx.checkpoint(trainer, step)
         ctx.log(step, step, result | rollout.stats() | _buffer_metrics(buffer.stats()))
 
-    rollout.stop()
-    ctx.checkpoint(trainer, job.trainer.steps)
+    ctx.checkpoint(trainer, job.trainer.steps)  # first: a stuck worker cannot cost the model
+    stopping = time.monotonic()
+    rollout.stop()  # bounded: aborts generation and drops groups still waiting for room
+    stop_seconds = time.monotonic() - stopping
     final = ctx.evaluate(rollout, job.trainer.steps)
+    final["rollout/stop_seconds"] = stop_seconds
+    final["rollout/groups_dropped"] = rollout.stats().get("rollout/groups_dropped", 0.0)
     ctx.log(job.trainer.steps, job.trainer.steps, final)
     ctx.save_final(trainer)
     return {**final, "steps": float(job.trainer.steps), **metrics.progress.last}

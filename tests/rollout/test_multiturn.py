@@ -23,6 +23,7 @@ from models import chat
 from models.tokenizer import build_toy_tokenizer
 from rewards.composite import build_reward_fn
 from rewards.registry import RewardSpec
+from rollout.evaluate import evaluate_rows
 from rollout.multiturn import run_episode
 from rollout.types import GenerateOutput, GenerateRequest, SamplingParams
 
@@ -176,6 +177,48 @@ def test_malformed_call_becomes_an_error_observation(tokenizer, row) -> None:
     assert episode.metadata["tool_errors"][0]["turn"] == 0
     assert episode.metadata["env_reward"] == 0.0  # 7 is not the label
     assert episode.finish_reason is FinishReason.STOP
+
+
+def test_invalid_calculator_input_reaches_the_model_in_rollout_and_eval(tokenizer, row) -> None:
+    """`1410*090` is no valid literal: the calculator's error is the observation the model
+    reads next, and it fits the toy agentic budget (prompt + call + error < 256 tokens, the
+    preset's max_total_tokens), in a training rollout and in a held-out eval alike."""
+    call = tool_call_text("1410*090")
+
+    def script(seed: int) -> ScriptedEngine:
+        return ScriptedEngine(
+            [
+                model_turn(tokenizer, call, "<|observation|>", 0, seed),
+                model_turn(tokenizer, "\n7", "<|endoftext|>", 0, seed + 1),
+            ]
+        )
+
+    error = "<tool_response>\nerror: calculator: invalid syntax: leading zeros"
+    engine = script(0)
+    episode = run(engine, tokenizer, CalculatorEnv(), row, max_total_tokens=256)
+    assert error in tokenizer.decode(engine.requests[1].input_ids)
+    assert error in episode.metadata["response_text"]
+    assert episode.finish_reason is FinishReason.STOP and episode.metadata["turns"] == 2
+
+    async def generate(task_row: dict) -> list:
+        return [await _episode_of(script(10), task_row)]
+
+    async def _episode_of(engine: ScriptedEngine, task_row: dict):
+        sampling = SamplingParams(max_new_tokens=64, temperature=0.0)
+        return await run_episode(
+            engine, tokenizer, CalculatorEnv(), task_row, sampling, max_turns=3,
+            max_total_tokens=256,
+        )  # fmt: skip
+
+    async def score(episodes: list) -> None:
+        for e in episodes:
+            e.reward = e.metadata.get("env_reward", 0.0)
+
+    outcome = asyncio.run(evaluate_rows([row], generate, score, k=1, concurrency=1))
+    (sample,) = outcome.samples
+    assert error in sample["response"]
+    assert sample["tool_call_turns"] == [0] and sample["turns"] == 2
+    assert sample["finish_reason"] == "stop" and sample["truncated"] is None
 
 
 def test_max_turns_ends_without_a_trailing_observation(tokenizer, row) -> None:

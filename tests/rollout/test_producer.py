@@ -111,3 +111,38 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_consumes_their_prompts(
     assert producer.stats.groups_filtered > 0
     assert stats.groups_put == 0
     assert stats.prompts_leased == 0  # filtered leases were closed, not left to expire
+
+
+def test_stop_ends_a_wait_for_a_full_buffer_at_once_and_returns_the_leases(
+    redis_url, tmp_path
+) -> None:
+    """The trainer has finished and will never take again: producers waiting for room (the
+    600 s put_timeout_s of the default config) must not hold up the job's stop. Their groups
+    are dropped and counted, their prompts go back to the queue."""
+    rows = tmp_path / "rows.jsonl"
+    row = {"messages": [{"role": "user", "content": "x"}]}
+    rows.write_text("".join(json.dumps({"id": f"p{i}", **row}) + "\n" for i in range(20)))
+    store = EpisodeStore(redis_url, "full", capacity=2, max_staleness=5, put_timeout_s=600)
+    store.load_prompts(rows)
+    producer = _producer(store, staleness=5, rewards=[0.0, 1.0])
+
+    async def scenario() -> float:
+        task = asyncio.create_task(producer.run())
+        deadline = asyncio.get_running_loop().time() + 30
+        # full, and a later group is waiting for room (pushed groups stop at capacity)
+        while not (producer.stats.groups_pushed == 2 and producer._in_flight):
+            assert asyncio.get_running_loop().time() < deadline, (producer.stats, store.stats())
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the waiting pushes have retried against the full buffer
+        began = asyncio.get_running_loop().time()
+        producer.stop()
+        await asyncio.wait_for(task, timeout=10)
+        return asyncio.get_running_loop().time() - began
+
+    seconds = asyncio.run(scenario())
+    stats = store.stats()
+    assert seconds < 2.0, f"stop took {seconds:.1f} s"
+    assert stats.groups_unconsumed == 2 and stats.groups_put == 2
+    assert producer.stats.groups_dropped >= 1
+    assert stats.prompts_leased == 0  # every dropped group's prompt is back in the queue
+    assert stats.prompts_queued == 20 - 2

@@ -23,7 +23,9 @@ def test_trainable_logprobs_equal_token_logprobs_with_the_same_gradient(toy_toke
     model.zero_grad(set_to_none=True)
     out = trainable_logprobs(model, batch, chunk_size=7)
     ((out.logprobs + 0.1 * out.entropy) * mask).sum().backward()
-    assert torch.equal(out.logprobs.detach(), full.logprobs.detach() * mask)
+    # Not bitwise: chunking the lm_head changes the matmul shapes, so the CPU kernels may
+    # block (and round) the fp32 sums differently; fp32 tolerances cover that.
+    torch.testing.assert_close(out.logprobs.detach(), full.logprobs.detach() * mask)
     torch.testing.assert_close(out.entropy.detach(), full.entropy.detach() * mask)
     torch.testing.assert_close(out.expert_load, full.expert_load)
     for name, grad in want.items():
