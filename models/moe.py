@@ -117,6 +117,29 @@ def _grouped_mm_loop(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
 _grouped_mm = getattr(torch, "_grouped_mm", None) or _grouped_mm_loop
 
 
+_CUDA_GROUPED: dict[int, bool] = {}
+
+
+def _cuda_grouped_mm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """The grouped GEMM on a GPU. torch's CUDA kernel takes bf16 only (Hopper or newer, rows
+    16-byte aligned): under autocast both sides are cast to its dtype first (autocast does not
+    cover this op), and anything the kernel cannot take runs the per-expert loop."""
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_GROUPED:
+        _CUDA_GROUPED[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    usable = (
+        _grouped_mm is not _grouped_mm_loop
+        and _CUDA_GROUPED[index]
+        and x.dtype == weight.dtype == torch.bfloat16
+        and x.shape[-1] % 8 == 0
+        and weight.shape[-1] % 8 == 0
+    )
+    return (_grouped_mm if usable else _grouped_mm_loop)(x, weight, offs=offs)
+
+
 def expert_swiglu(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
     """Routed experts over rows sorted by expert.
 
@@ -124,8 +147,9 @@ def expert_swiglu(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor) -> 
     down [E, H, I], counts int64 [E] -> [M, H]. Two grouped GEMMs; differentiable.
     """
     offs = counts.cumsum(0).to(torch.int32)
-    gate, up = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    return _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
+    grouped = _cuda_grouped_mm if xs.is_cuda else _grouped_mm
+    gate, up = grouped(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return grouped(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
 
 
 class ExpertBank(nn.Module):
