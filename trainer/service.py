@@ -167,6 +167,9 @@ class TrainerService:
         return metrics
 
     def weight_update(self) -> WeightUpdate:
+        """The current weights for the rollout workers. Casts and FP8 quantization run on
+        this rank's device; the payload is host bytes because the update leaves this process
+        (a Ray object; a CUDA tensor there would need a GPU wherever Ray deserializes it)."""
         rollout = self.job.rollout
         return self.backend.weight_update(
             fp8_block=tuple(rollout.fp8_block) if rollout.fp8 else None

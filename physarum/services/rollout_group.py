@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from configs import JobConfig
 from physarum.cluster import actor_options
 
 log = logging.getLogger(__name__)
-
 
 @ray.remote
 class RolloutActor:
@@ -37,8 +37,12 @@ class RolloutActor:
             level=job.logging.level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
         )
         from buffer.store import EpisodeStore
+        from physarum.services.network import pin_interface, serving_ip
         from rollout.worker import RolloutWorkerCore
 
+        self.worker_id = worker_id
+        if job.rollout.engine == "sglang":  # its weight-sync group runs gloo/NCCL from here
+            pin_interface(serving_ip(job.rollout.sglang.host))
         store = (
             EpisodeStore.from_config(
                 store_url, job.buffer_namespace, job.buffer, lease_seconds=job.rollout.lease_seconds
@@ -57,6 +61,25 @@ class RolloutActor:
 
     async def ready(self) -> bool:
         return await self.core.engine.health()
+
+    async def where(self) -> dict[str, Any]:
+        from models.device import resolve_device
+        from physarum.services.nodes import where
+
+        device = resolve_device(self.core.job.cluster.device, gpu_ids=ray.get_gpu_ids())
+        return where("rollout", int(self.worker_id.rsplit("-", 1)[-1]), str(device))
+
+    async def set_share(self, share: int) -> None:
+        """Owe `share` groups per weight version from the current version on (a worker was
+        lost or is back): the quota of past versions stays what it was."""
+        producer = self.core.producer
+        if producer is None or producer.plan.share == share:
+            return
+        plan = producer.plan
+        ahead = producer.weight_version + plan.max_staleness + 1
+        producer.stats.groups_pushed += ahead * (share - plan.share)
+        plan.share = share
+        producer.set_weight_version(producer.weight_version)  # wakes the loop: room changed
 
     async def update_weights(self, update: Any) -> int:
         return await self.core.update_weights(update)
@@ -136,6 +159,7 @@ class RolloutGroup:
         self.latest_update: ray.ObjectRef | None = None
         self.latest_version = 0
         self.runs: dict[str, ray.ObjectRef] = {}
+        self.starting: dict[str, tuple[Any, ray.ObjectRef]] = {}  # restarts not yet ready
         self.restarts = 0
         log.info("rollout: starting %d %s worker(s)", len(self.ids), job.rollout.engine)
 
@@ -147,8 +171,10 @@ class RolloutGroup:
 
     @property
     def share(self) -> int:
+        """Groups per version each live worker owes: lost workers' part is covered by the
+        others until they are back."""
         per_step = self.job.trainer.prompts_per_step
-        return -(-per_step // len(self.ids))
+        return -(-per_step // max(1, len(self.actors)))
 
     def push_weights(self, update_ref: ray.ObjectRef, version: int, *, wait: bool) -> None:
         """Send the update to every worker; they apply it between two decode steps."""
@@ -164,6 +190,9 @@ class RolloutGroup:
 
     def check(self) -> None:
         """Restart dead workers; re-raise a worker's own failure (a bug is not a crash)."""
+        self._finish_restarts()
+        if not self.runs:
+            return
         done, _ = ray.wait(list(self.runs.values()), timeout=0, num_returns=len(self.runs))
         for wid, ref in list(self.runs.items()):
             if ref not in done:
@@ -176,19 +205,54 @@ class RolloutGroup:
             raise RuntimeError(f"{wid}: production stopped unexpectedly")
 
     def _restart(self, worker_id: str) -> None:
+        """Replace a dead worker without waiting for it: if its node is gone, the new actor
+        waits for its bundle to be placed again (the node back, or another with room) while
+        the job goes on with the others, who take over its share meanwhile."""
         self.restarts += 1
         log.warning("rollout: %s died; restarting it (restart #%d)", worker_id, self.restarts)
+        self.actors.pop(worker_id, None)
+        self.runs.pop(worker_id, None)
         actor = self._spawn(worker_id)
-        ray.get(actor.ready.remote())
-        if self.latest_update is not None:
-            ray.get(actor.update_weights.remote(self.latest_update))
-        ray.get(actor.start.remote(self.share, self.latest_version))
-        self.actors[worker_id] = actor
-        self.runs[worker_id] = actor.run_until_stopped.remote()
-        log.info("rollout: %s is back at weight version %d", worker_id, self.latest_version)
+        self.starting[worker_id] = (actor, actor.ready.remote())
+        self._reshare()
+
+    def _finish_restarts(self) -> None:
+        """Bring replacements that are up back into production, current weights first."""
+        for worker_id, (actor, ready) in list(self.starting.items()):
+            if not ray.wait([ready], timeout=0)[0]:
+                continue
+            del self.starting[worker_id]
+            ray.get(ready)  # raises if the new worker failed to start: that is a bug
+            if self.latest_update is not None:
+                ray.get(actor.update_weights.remote(self.latest_update))
+            self.actors[worker_id] = actor
+            ray.get(actor.start.remote(self.share, self.latest_version))
+            self.runs[worker_id] = actor.run_until_stopped.remote()
+            self._reshare()
+            log.info("rollout: %s is back at weight version %d", worker_id, self.latest_version)
+
+    def _reshare(self) -> None:
+        ray.get([a.set_share.remote(self.share) for a in self.actors.values()])
+
+    def wait_for_a_worker(self, timeout_s: float) -> None:
+        """Block until at least one worker is live (all may be restarting after a node died)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.actors:
+            if time.monotonic() > deadline:
+                raise EngineStalledError(
+                    f"rollout: no worker is live after {timeout_s:.0f} s "
+                    f"({', '.join(self.starting)} waiting for a node to place them on)"
+                )
+            time.sleep(0.5)
+            self._finish_restarts()
+
+    def where(self) -> list[dict[str, Any]]:
+        """placement.json rows of the live workers."""
+        return ray.get([a.where.remote() for a in self.actors.values()])
 
     def evaluate(self, rows: list[dict], **kwargs: Any) -> tuple[dict[str, float], list[dict]]:
         """(merged metrics, every sample) of the rows split across workers."""
+        self.wait_for_a_worker(self.job.rollout.request_timeout_s)
         actors = list(self.actors.values())
         shards = [rows[i :: len(actors)] for i in range(len(actors))]
         refs = [a.evaluate.remote(s, **kwargs) for a, s in zip(actors, shards, strict=True) if s]
@@ -226,7 +290,7 @@ class RolloutGroup:
                 merged[key] = merged.get(key, 0.0) + value
         for mean in ("rollout/reward_mean", "rollout/busy_fraction"):
             if mean in merged:
-                merged[mean] /= len(self.actors)
+                merged[mean] /= max(1, len(self.actors))
         merged["rollout/restarts"] = float(self.restarts)
         return merged
 

@@ -7,7 +7,6 @@ ranks and returns rank 0's answer (metrics are already reduced across ranks by t
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import ray
 
 from configs import JobConfig
 from physarum.cluster import actor_options
+from physarum.services.trainer_start import bundle_nodes, check_lost, join_group
 
 log = logging.getLogger(__name__)
 
@@ -30,38 +30,92 @@ class TrainerActor:
         *,
         rank: int,
         world_size: int,
-        master: tuple[str, int],
+        bind_ip: str | None,
         store_url: str | None,
         total_steps: int,
         policy_loss: str | None,
     ) -> None:
+        """Light on purpose: the driver asks rank 0 for its address first (`address`), then
+        every rank joins (`join`) and builds its model (`build`)."""
         logging.basicConfig(
             level=job.logging.level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
         )
+        from models.device import resolve_device
+        from physarum.services.network import serving_ip
+
+        self.job, self.model_dir, self.rank, self.world_size = job, model_dir, rank, world_size
+        self.store_url, self.total_steps, self.policy_loss = store_url, total_steps, policy_loss
+        self.ip = serving_ip(bind_ip)
+        self.device = resolve_device(job.cluster.device, gpu_ids=ray.get_gpu_ids())
+        self._service: Any = None
+        self._failed: BaseException | None = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it: where rank 0 hosts the rendezvous."""
+        from physarum.services.network import free_port
+
+        return self.ip, free_port(self.ip)
+
+    def where(self) -> dict[str, Any]:
+        from physarum.services.nodes import where
+
+        return where("trainer", self.rank, str(self.device))
+
+    def join(self, master: tuple[str, int], timeout_s: float) -> list[int]:
+        """Join torch.distributed (NCCL on CUDA, gloo on the CPU) over this node's interface;
+        rank 0 returns the ranks that did not arrive within `timeout_s`."""
+        from models.device import dist_backend
+        from physarum.services.network import pin_interface
+        from physarum.services.rendezvous import join
+
+        pin_interface(self.ip)
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.device)  # NCCL binds the current device at init
+        return join(
+            master,
+            rank=self.rank,
+            world_size=self.world_size,
+            backend=dist_backend(self.device),
+            timeout_s=timeout_s,
+            node_ip=self.ip,
+        )
+
+    def build(self) -> None:
+        """Load the model and optimizer (after `join` when there are several ranks)."""
         from buffer.store import EpisodeStore
         from trainer.distributed import DataParallel
         from trainer.service import TrainerService
 
-        dp = DataParallel()
-        if world_size > 1:
-            import torch.distributed as dist
-
-            os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
-            dp = DataParallel(rank=rank, world_size=world_size)
+        job = self.job
+        dp = DataParallel(rank=self.rank, world_size=self.world_size)
         store = (
-            EpisodeStore.from_config(store_url, job.buffer_namespace, job.buffer)
-            if store_url
+            EpisodeStore.from_config(self.store_url, job.buffer_namespace, job.buffer)
+            if self.store_url
             else None
         )
-        self.service = TrainerService(
-            job,
-            Path(model_dir),
-            store=store,
-            total_steps=total_steps,
-            policy_loss=policy_loss,
-            dp=dp,
-        )
+        try:
+            self._service = TrainerService(
+                job,
+                Path(self.model_dir),
+                store=store,
+                total_steps=self.total_steps,
+                policy_loss=self.policy_loss,
+                dp=dp,
+                device=self.device,
+            )
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    @property
+    def service(self) -> Any:
+        if self._service is None:
+            raise RuntimeError(
+                f"trainer rank {self.rank} has no model: its start-up failed ({self._failed!r})"
+            )
+        return self._service
 
     def version(self) -> int:
         return self.service.version
@@ -98,14 +152,15 @@ class TrainerGroup:
         total_steps: int,
         policy_loss: str | None = None,
         placement: Any = None,
+        bind_ip: str | None = None,
     ) -> None:
-        from physarum.api import free_port
-
+        """bind_ip: the rendezvous address (127.0.0.1 on an embedded Ray); None = the IP of
+        rank 0's node."""
+        self.job = job
         world = job.trainer.num_ranks
         options = actor_options(
             job.cluster.trainer_cpus, job.cluster.trainer_gpus, threads=job.trainer.threads
         )
-        master = ("127.0.0.1", free_port())
         self.actors = []
         for rank in range(world):
             strategy = placement.bundle(f"trainer-{rank}") if placement else {}
@@ -114,7 +169,7 @@ class TrainerGroup:
                 str(model_dir),
                 rank=rank,
                 world_size=world,
-                master=master,
+                bind_ip=bind_ip,
                 store_url=store_url,
                 total_steps=total_steps,
                 policy_loss=policy_loss,
@@ -122,22 +177,111 @@ class TrainerGroup:
             self.actors.append(actor)
         self.rank0 = self.actors[0]
         self.collective_export = job.trainer.backend == "megatron" or job.trainer.fsdp
-        # No wait here: actors start in parallel with the rollout; the first call waits.
+        self.nodes = bundle_nodes(world, placement)  # rank -> node IP, for error messages
+        if world > 1:  # waits for the ranks' processes, not for their models
+            self.nodes = join_group(self.actors, job.cluster.rendezvous_timeout_s, placement)
+        for actor in self.actors:  # in order before any later call; the first call waits
+            actor.build.remote()
         log.info("trainer: starting %d rank(s) (%s backend)", world, job.trainer.backend)
 
     def _all(self, method: str, *args: Any) -> Any:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])[0]
 
+    def rl_step(self, timeout_s: float) -> dict[str, float]:
+        return self.service.rl_step(timeout_s)
+
+    def sft_step(self, episodes: list) -> dict[str, float]:
+        return self.service.sft_step(episodes)
+
+    def weight_update(self) -> Any:
+        return self.service.weight_update()
+
+    def checkpoint(self, path: str) -> None:
+        self.service.checkpoint(Path(path))
+
+    def restore(self, path: str) -> int:
+        self.service.restore(Path(path))
+        return self.service.version
+
+    def save_hf(self, path: str) -> None:
+        self.service.save_hf(Path(path))
+
+
+class TrainerGroup:
+    """Handle on all trainer ranks."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        model_dir: Path,
+        *,
+        store_url: str | None,
+        total_steps: int,
+        policy_loss: str | None = None,
+        placement: Any = None,
+        bind_ip: str | None = None,
+    ) -> None:
+        """bind_ip: the rendezvous address (127.0.0.1 on an embedded Ray); None = the IP of
+        rank 0's node."""
+        self.job = job
+        world = job.trainer.num_ranks
+        options = actor_options(
+            job.cluster.trainer_cpus, job.cluster.trainer_gpus, threads=job.trainer.threads
+        )
+        self.actors = []
+        for rank in range(world):
+            strategy = placement.bundle(f"trainer-{rank}") if placement else {}
+            actor = TrainerActor.options(name=None, **options, **strategy).remote(
+                job,
+                str(model_dir),
+                rank=rank,
+                world_size=world,
+                bind_ip=bind_ip,
+                store_url=store_url,
+                total_steps=total_steps,
+                policy_loss=policy_loss,
+            )
+            self.actors.append(actor)
+        self.rank0 = self.actors[0]
+        self.collective_export = job.trainer.backend == "megatron" or job.trainer.fsdp
+        self.nodes = bundle_nodes(world, placement)  # rank -> node IP, for error messages
+        if world > 1:  # waits for the ranks' processes, not for their models
+            self.nodes = join_group(self.actors, job.cluster.rendezvous_timeout_s, placement)
+        for actor in self.actors:  # in order before any later call; the first call waits
+            actor.build.remote()
+        log.info("trainer: starting %d rank(s) (%s backend)", world, job.trainer.backend)
+
+    def _all(self, method: str, *args: Any) -> Any:
+        """Call `method` on every rank, bounded by checkpoint.timeout_s; rank 0's answer."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        timeout = self.job.checkpoint.timeout_s
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):
+            silent = [rank for rank, ref in enumerate(refs) if ref not in ready]
+            raise TrainerStalledError(
+                f"trainer: rank(s) {silent} did not finish {method} within {timeout:.0f} s "
+                "(checkpoint.timeout_s)"
+            )
+        return ray.get(refs)[0]
+
     def rl_step(self, timeout_s: float, *, while_waiting: Any = None) -> dict[str, float]:
         """One RL step on every rank; `while_waiting()` runs every half second until it is
         done (the driver restarts dead rollout workers meanwhile, or the step would starve)."""
         refs = [a.rl_step.remote(timeout_s) for a in self.actors]
-        while while_waiting is not None:
+        while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+            check_lost(self.actors, refs, ready, self.job, self.nodes)  # others would hang
             if len(ready) == len(refs):
                 break
-            while_waiting()
+            if while_waiting is not None:
+                while_waiting()
         return ray.get(refs)[0]
+
+    def where(self) -> list[dict[str, Any]]:
+        """placement.json rows of every rank."""
+        rows = ray.get([a.where.remote() for a in self.actors])
+        self.nodes = {row["rank"]: row["node_ip"] for row in rows}
+        return rows
 
     def sft_step(self, episodes: list) -> dict[str, float]:
         return ray.get(self.sft_step_async(episodes))
