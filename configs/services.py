@@ -167,6 +167,9 @@ class TrainerConfig(Section):
     logprob_chunk: int = Field(1024, ge=16)
     """Positions per lm_head chunk when computing logprobs (never full-vocab logits at once)."""
     weight_bucket_mb: int = Field(512, ge=1)
+    mtp_loss_weight: float = Field(0.0, ge=0)
+    """SFT only: weight of the MTP layers' next-next-token loss (GLM's recipe; Megatron's
+    mtp-loss-scaling-factor); 0 keeps them frozen. RL never trains them. Torch backend, no FSDP."""
     megatron: MegatronConfig = Field(default_factory=MegatronConfig)
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ both layouts, and transformers' own `save_pretrained` output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -97,6 +98,15 @@ def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _has_layer(path: Path, layer: int) -> bool:
+    prefix = f"model.layers.{layer}."
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            if any(name.startswith(prefix) for name in f.keys()):  # noqa: SIM118
+                return True
+    return False
+
+
 def from_pretrained(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -108,9 +118,18 @@ def from_pretrained(
 
     A block-FP8 checkpoint is dequantized into `dtype`, or kept FP8 with keep_fp8=True.
     The model is built on the meta device and materialised once, so no random init runs.
+    A config that announces MTP layers whose tensors the checkpoint lacks (transformers'
+    save_pretrained drops them) gives a model without MTP, with a warning.
     """
     path = Path(path)
     config = ModelConfig.load(path)
+    if config.num_nextn_predict_layers and not _has_layer(path, config.num_hidden_layers):
+        log.warning(
+            "%s: config.json has num_nextn_predict_layers=%d but no model.layers.%d.* tensors; "
+            "loading without the MTP layer", path, config.num_nextn_predict_layers,
+            config.num_hidden_layers,
+        )  # fmt: skip
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
     raw = json.loads((path / CONFIG_NAME).read_text())
     quant = raw.get("quantization_config")
     block = None

@@ -75,7 +75,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     attention_dropout: float = 0.0  # accepted for compatibility; Physarum never drops out
-    num_nextn_predict_layers: int = 0  # MTP layers in the checkpoint; not run by Physarum
+    num_nextn_predict_layers: int = 0  # MTP layers (models/mtp.py): loaded, saved, SFT-trainable
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -276,20 +276,13 @@ def count_params(config: ModelConfig, *, include_mtp: bool = False) -> tuple[int
 
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
     embedding = model.model.embed_tokens.weight.numel()
     if not config.tie_word_embeddings:
         embedding += model.lm_head.weight.numel()
     inactive = 0
-    mtp = 0
     for block in model.moe_blocks():
         per_expert = sum(p.numel() for p in block.experts.parameters()) // config.n_routed_experts
         inactive += per_expert * (config.n_routed_experts - config.num_experts_per_tok)
-    if include_mtp and config.num_nextn_predict_layers:
-        last = model.model.layers[-1]
-        layer = sum(p.numel() for p in last.parameters())
-        if config.num_hidden_layers <= config.first_k_dense_replace:
-            raise ValueError("count_params(include_mtp): the MTP layer needs an MoE layer size")
-        h = config.hidden_size
-        mtp = config.num_nextn_predict_layers * (layer + 2 * h * h + 3 * h)
-    return total + mtp, total - embedding - inactive
+    return total + (mtp if include_mtp else 0), total - embedding - inactive

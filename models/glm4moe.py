@@ -3,7 +3,9 @@ and an inference path over a KV cache, plus the MoE hooks RL needs.
 
 Module paths equal transformers' in-memory names (model.embed_tokens, model.layers.{i}.
 self_attn.q_proj, .mlp.gate, .mlp.experts.gate_up_proj, ..., model.norm, lm_head), so
-`hf_state_dict` only has to split the fused experts into HF's per-expert on-disk names.
+`hf_state_dict` only has to split the fused experts into HF's per-expert on-disk names. The
+MTP layers (models/mtp.py) live at `mtp.{i}` and are named `model.layers.{N + i}` on disk;
+they run only in `forward_mtp` (the main paths, the KV cache and expert_load ignore them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
 from models.logprobs import chunked_token_logprobs
 from models.moe import ExpertBank, MoE, RoutingCapture, RoutingReplay, TopkRouter
+from models.mtp import MtpLayer, next_token_ids
 
 
 @dataclass
@@ -88,6 +91,13 @@ class Glm4MoeForCausalLM(nn.Module):
         self.config = config
         self.model = Glm4MoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MtpLayer(config.hidden_size, config.rms_norm_eps, DecoderLayer(config, layer_id))
+            for layer_id in range(
+                config.num_hidden_layers,
+                config.num_hidden_layers + config.num_nextn_predict_layers,
+            )
+        )
         self.tie_weights()
         self.init_weights()
         self._decode: DecodeWeights | None = None  # cache of decode_weights()
@@ -218,6 +228,38 @@ class Glm4MoeForCausalLM(nn.Module):
             if with_entropy:
                 entropy = torch.cat([zero[None], torch.where(starts[1:], zero, ent)])
         return TokenLogprobs(logp, entropy, out.expert_load, out.aux_loss, out.routed_experts)
+
+    def forward_mtp(self, input_ids: Tensor, cu_seqlens: Tensor, hidden: Tensor) -> list[Tensor]:
+        """The MTP layers over a pack, given the main model's normed hidden [T, H] of it
+        (PackedOutput.hidden). Returns one [T, H] per MTP layer k (normed; lm_head of row t
+        predicts input_ids[t + k + 2]); rows whose target lies past their sequence are junk
+        (use `mtp_targets`). Routing is the router's own (no capture, no replay)."""
+        if not len(self.mtp):
+            raise ValueError("forward_mtp: the model has no MTP layer (num_nextn_predict_layers=0)")
+        pack = PackInfo.build(cu_seqlens.to(input_ids.device), input_ids.numel())
+        outs: list[Tensor] = []
+        ids = input_ids
+        for layer in self.mtp:
+            ids, _ = next_token_ids(ids, pack.cu_seqlens)
+            hidden = layer.forward_packed(
+                self.model.embed_tokens(ids), hidden, self.model.rotary_emb, pack, []
+            )
+            outs.append(hidden)
+        return outs
+
+    @staticmethod
+    def mtp_targets(input_ids: Tensor, cu_seqlens: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+        """(target ids int64 [T], valid bool [T]) of MTP layer `depth` (0-based): row t's
+        target is input_ids[t + depth + 2] when that lies in the same sequence."""
+        shift = depth + 2
+        cu = cu_seqlens.to(input_ids.device)
+        lengths = cu[1:] - cu[:-1]
+        pack = PackInfo.build(cu, input_ids.numel())
+        valid = pack.positions + shift < torch.repeat_interleave(lengths, lengths)
+        index = (torch.arange(input_ids.numel(), device=input_ids.device) + shift).clamp(
+            max=input_ids.numel() - 1
+        )
+        return torch.where(valid, input_ids[index], torch.zeros_like(input_ids)), valid
 
     # --- inference path ----------------------------------------------------------------------
     def new_kv_cache(

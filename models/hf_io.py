@@ -2,10 +2,11 @@
 
 Module paths in Physarum's model are HF's in-memory names, so most tensors map one to one.
 Routed experts are fused in memory ([E, 2I, H] gate+up, [E, H, I] down) and split on disk
-into `mlp.experts.{j}.{gate,up,down}_proj.weight`. A block-FP8 tensor is a pair
-`<x>.weight` (float8_e4m3fn) + `<x>.weight_scale_inv` (fp32); pairs may arrive in any order
-and are dequantized when the target is a plain layer, while dense weights sent to an FP8
-layer are quantized with its block size.
+into `mlp.experts.{j}.{gate,up,down}_proj.weight`. MTP layer i (module `mtp.{i}`, its
+decoder at `mtp.{i}.decoder`) is `model.layers.{num_hidden_layers + i}` on disk. A block-FP8
+tensor is a pair `<x>.weight` (float8_e4m3fn) + `<x>.weight_scale_inv` (fp32); pairs may
+arrive in any order and are dequantized when the target is a plain layer, while dense weights
+sent to an FP8 layer are quantized with its block size.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP_MODULE = re.compile(r"^mtp\.(\d+)(\.decoder)?(?=\.|$)")
+_MTP_COPY = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
 
 
 class _ParamSlot:
@@ -115,8 +118,9 @@ def hf_slots(model: nn.Module) -> dict[str, _Slot]:
     """HF on-disk weight name -> where it lives in `model`, in module order."""
     slots: dict[str, _Slot] = {}
     seen: set[int] = set()
+    first_mtp = _num_layers(model)
     for mname, module in model.named_modules():
-        prefix = f"{mname}." if mname else ""
+        prefix = _disk_prefix(mname, first_mtp)
         if isinstance(module, ExpertBank | Fp8ExpertBank):
             for j in range(module.num_experts):
                 for proj in _PROJECTIONS:
@@ -142,6 +146,19 @@ def hf_slots(model: nn.Module) -> dict[str, _Slot]:
     return slots
 
 
+def _num_layers(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_hidden_layers", 0))
+
+
+def _disk_prefix(module_name: str, first_mtp: int) -> str:
+    """`mtp.{i}[.decoder].x` -> `model.layers.{first_mtp + i}.x.`; other names unchanged."""
+    m = _MTP_MODULE.match(module_name)
+    if m:
+        module_name = f"model.layers.{first_mtp + int(m.group(1))}{module_name[m.end() :]}"
+    return f"{module_name}." if module_name else ""
+
+
 def iter_hf_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(HF on-disk name, tensor view) for every tensor of the model; tied lm_head omitted."""
     for slot in hf_slots(model).values():
@@ -160,18 +177,22 @@ def load_hf_tensors(
 ) -> list[str]:
     """Copy HF-named tensors into `model`; returns the weight names loaded.
 
-    Tensors of decoder layers >= num_layers (GLM's MTP layer) are skipped, as is lm_head.weight
-    of a tied model. Unknown names always raise; strict also requires every tensor.
+    Decoder layers past the model's own (num_layers main + its MTP layers) are skipped, as is
+    lm_head.weight of a tied model. GLM-4.5's copies of the embedding and head inside an MTP
+    layer are kept on that layer (MtpLayer.carry). Unknown names always raise; strict also
+    requires every tensor.
     fp8_block: block size of incoming FP8 pairs (default 128x128).
     """
     block = tuple(fp8_block or DEFAULT_BLOCK)
     slots = hf_slots(model)
+    total_layers = num_layers + len(getattr(model, "mtp", ()))
     pending: dict[str, dict[str, Tensor]] = {}
     loaded: list[str] = []
     for name, value in named:
         is_scale = name.endswith(SCALE_SUFFIX)
         base = name[: -len(SCALE_SUFFIX)] if is_scale else name
-        slot = _lookup(slots, base, num_layers, tied_lm_head)
+        slot = _lookup(slots, base, num_layers, total_layers, tied_lm_head)
+        slot = slot or _carry(model, base, value)
         if slot is None:
             continue
         if not is_scale and value.dtype != FP8_DTYPE:
@@ -196,16 +217,34 @@ def load_hf_tensors(
     return loaded
 
 
-def _lookup(slots: dict[str, _Slot], name: str, num_layers: int, tied: bool) -> _Slot | None:
+def _lookup(
+    slots: dict[str, _Slot], name: str, first_mtp: int, num_layers: int, tied: bool
+) -> _Slot | None:
+    """The slot of name; None for tensors to skip (num_layers counts main + MTP layers)."""
     slot = slots.get(name)
     if slot is not None:
         return slot
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= num_layers:
-        log.debug("skipping %s (layer beyond num_hidden_layers, e.g. MTP)", name)
+        log.debug("skipping %s (layer beyond the model's main and MTP layers)", name)
         return None
+    if _MTP_COPY.match(name) and layer and int(layer.group(1)) >= first_mtp:
+        return None  # an MTP layer's duplicate of the embedding or head: see _carry
     if tied and name == "lm_head.weight":
         return None
     close = difflib.get_close_matches(name, list(slots), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(f"unknown tensor name {name!r}{hint}")
+
+
+def _carry(model: nn.Module, name: str, value: Tensor) -> _Slot | None:
+    """The slot of a GLM-4.5 MTP duplicate (embed_tokens / shared_head.head), created on first
+    sight; None for any other name."""
+    m = _MTP_COPY.match(name)
+    mtp = getattr(model, "mtp", None)
+    if m is None or mtp is None:
+        return None
+    index = int(m.group(1)) - _num_layers(model)
+    if not 0 <= index < len(mtp):
+        return None
+    return _ParamSlot(name, mtp[index].carry(m.group(2), value))

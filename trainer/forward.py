@@ -6,6 +6,9 @@ of a short-answer RL pack. This runs the trunk once (`forward_packed`) and the c
 lm_head log-softmax (`models.logprobs.chunked_token_logprobs`) on the hidden states that
 predict trainable tokens, scattering the results into [T] tensors that are 0 elsewhere. At the
 trainable positions the numbers are the same as token_logprobs' (the first-step gate checks it).
+
+`mtp_token_loss` is the MTP layers' next-next-token cross-entropy over the same trunk pass
+(SFT with trainer.mtp_loss_weight > 0, as in GLM's recipe).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from trainer.backend import PackedBatch
 @dataclass
 class TrainForward:
     """logprobs, entropy float32 [T] (0 off the trainable tokens); expert_load float32
-    [n_moe, E]; aux_loss float32 scalar."""
+    [n_moe, E]; aux_loss float32 scalar; hidden [T, H] the trunk's normed output."""
 
     logprobs: Tensor
     entropy: Tensor
     expert_load: Tensor
     aux_loss: Tensor
+    hidden: Tensor | None = None
 
 
 def trainable_logprobs(
@@ -59,4 +63,30 @@ def trainable_logprobs(
         entropy=zeros.index_put((positions,), entropy),
         expert_load=out.expert_load,
         aux_loss=out.aux_loss,
+        hidden=out.hidden,
     )
+
+
+def mtp_token_loss(
+    model: Glm4MoeForCausalLM, batch: PackedBatch, hidden: Tensor, *, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """(summed -log p of every MTP layer's targets, number of targets), both float32 scalars.
+
+    MTP layer k at row t predicts input_ids[t + k + 2]; a row counts when that token lies in
+    the same sequence and has loss mask 1. hidden: the trunk's normed output [T, H] on batch.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    count = hidden.new_zeros((), dtype=torch.float32)
+    for depth, out in enumerate(model.forward_mtp(batch.input_ids, batch.cu_seqlens, hidden)):
+        targets, valid = model.mtp_targets(batch.input_ids, batch.cu_seqlens, depth)
+        shift = depth + 2
+        target_mask = torch.cat([batch.loss_mask[shift:], batch.loss_mask.new_zeros(shift)])
+        rows = (valid & (target_mask > 0)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        logp, _ = chunked_token_logprobs(
+            out[rows], model.lm_head.weight, targets[rows], chunk_size=chunk_size
+        )
+        total = total - logp.float().sum()
+        count = count + rows.numel()
+    return total, count

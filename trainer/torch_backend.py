@@ -41,7 +41,7 @@ from trainer.batch import StepBatch
 from trainer.checkpoint import load_state, save_state, seed_everything
 from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
-from trainer.forward import trainable_logprobs
+from trainer.forward import mtp_token_loss, trainable_logprobs
 from trainer.fsdp import full_state, load_full_state, shard_actor, to_float, unsharded
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
@@ -104,6 +104,7 @@ class TorchBackend:
             self.critic_objective = CriticObjective.from_config(algo)
             self.critic_optimizer = build_optimizer(self.critic.parameters(), cfg, cfg.critic_lr)
             self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg, total_steps)
+        self._train_mtp = self._check_mtp(model, cfg)
         self._fsdp_units = shard_actor(model) if cfg.fsdp and self.dp.enabled else None
         if cfg.fsdp and not self.dp.enabled:
             log.info("trainer.fsdp: one rank, nothing to shard; training unsharded")
@@ -117,6 +118,20 @@ class TorchBackend:
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
         if self.device.type == "cuda":
             self._autocast_dtype = torch.bfloat16
+
+    def _check_mtp(self, model: Glm4MoeForCausalLM, cfg: TrainerConfig) -> bool:
+        """Whether SFT trains the MTP layers (trainer.mtp_loss_weight > 0); else freeze them."""
+        if cfg.mtp_loss_weight == 0 or not self.objective.is_sft:
+            model.mtp.requires_grad_(False)
+            return False
+        if not len(model.mtp):
+            raise ValueError(
+                f"trainer.mtp_loss_weight={cfg.mtp_loss_weight}: the model has no MTP layer "
+                "(its config.json has num_nextn_predict_layers=0); set it to 0"
+            )
+        if cfg.fsdp and self.dp.enabled:
+            raise ValueError("trainer.mtp_loss_weight > 0 is not supported with trainer.fsdp")
+        return True
 
     # --- model passes ------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -239,11 +254,24 @@ class TorchBackend:
             loss, part = objective(
                 b, out.logprobs, totals, entropy=out.entropy, aux_loss=out.aux_loss
             )
+            if self._train_mtp and objective.is_sft:
+                loss = loss + self._mtp_loss(b, out.hidden, totals, part)
             (loss * self._loss_scale).backward()
             if real:
                 stats.merge(part)
                 load += out.expert_load.detach().float()
         return stats, load
+
+    def _mtp_loss(
+        self, b: PackedBatch, hidden: Tensor, totals: StepTotals, stats: StatSums
+    ) -> Tensor:
+        """weight * the MTP cross-entropy summed over b, over the step's loss denominator."""
+        with self._autocast():
+            total, count = mtp_token_loss(self.model, b, hidden, chunk_size=self.cfg.logprob_chunk)
+        share = self.cfg.mtp_loss_weight * total / totals.agg
+        stats.add_sum("mtp_loss", share)
+        stats.add_mean("mtp_ce", total, count)
+        return share
 
     def _critic_pass(self, batches: list[PackedBatch]) -> StatSums:
         totals = self._totals(batches, self.critic_objective.count)

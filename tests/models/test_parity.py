@@ -37,6 +37,9 @@ CONFIGS = {
         topk_group=1,
         rope_theta=500.0,
     ),
+    # GLM-4.6's one MTP layer (model.layers.3): transformers' main model has none and ignores
+    # it; the layer's own parity with transformers' MtpModel is in tests/models/test_mtp.py
+    "one-mtp-layer": dict(num_nextn_predict_layers=1, tie_word_embeddings=False),
 }
 
 
