@@ -49,6 +49,17 @@ class RejectionSamplingConfig(Section):
     sft_epochs_per_round: int = Field(1, ge=1)
 
 
+class OverlongConfig(Section):
+    """DAPO's soft overlong punishment, added to each sample's reward (rewards/overlong.py):
+    0 up to L_max - buffer_tokens generated tokens, then falling linearly to -penalty at L_max
+    (= rollout.max_new_tokens), -penalty beyond."""
+
+    buffer_tokens: int = Field(ge=1)
+    """L_cache: the length of the punished interval before the limit."""
+    penalty: float = Field(1.0, ge=0)
+    """The penalty factor: the shaped reward reaches -penalty at the limit."""
+
+
 class AlgorithmConfig(Section):
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = "grpo"
     policy_loss: Literal["ppo_clip", "gspo", "sft"] = "ppo_clip"
@@ -67,6 +78,11 @@ class AlgorithmConfig(Section):
     tis: TISConfig = Field(default_factory=TISConfig)
     moe: MoEConfig = Field(default_factory=MoEConfig)
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
+    overlong: OverlongConfig | None = None
+    """DAPO overlong reward shaping; null = off."""
+    overlong_filter: bool = False
+    """DAPO overlong filtering: samples cut by the length limit (finish reason 'length') are
+    masked out of the loss (they still count in their group's advantage statistics)."""
 
 
 class RewardPluginConfig(Section):

@@ -73,6 +73,7 @@ class JobConfig(Section):
         for check in (
             _check_rewards,
             _check_losses,
+            _check_overlong,
             _check_ranks,
             _check_megatron,
             _check_data,
@@ -104,6 +105,15 @@ def _check_losses(job: JobConfig) -> None:
         raise ValueError(
             f"rollout.n_samples_per_prompt: advantage {algo.advantage!r} compares samples of "
             f"one prompt, so it needs at least 2 (got {job.rollout.n_samples_per_prompt})"
+        )
+
+
+def _check_overlong(job: JobConfig) -> None:
+    overlong, limit = job.algorithm.overlong, job.rollout.max_new_tokens
+    if overlong is not None and overlong.buffer_tokens >= limit:
+        raise ValueError(
+            f"algorithm.overlong.buffer_tokens: {overlong.buffer_tokens} must be below "
+            f"rollout.max_new_tokens = {limit} (L_max - L_cache is where the penalty starts)"
         )
 
 

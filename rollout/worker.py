@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from configs import JobConfig
 from models.chat import prompt_ids
 from models.tokenizer import load_tokenizer, stop_token_ids
 from rewards.composite import build_reward_fn
+from rewards.overlong import shaped_scoring
 from rollout.evaluate import evaluate_rows
 from rollout.producer import ProducerPlan, RolloutProducer, sampling_from_config
 from rollout.single_turn import generate_group, row_metadata
@@ -158,10 +159,23 @@ class RolloutWorkerCore:
             engine=self.engine,
             store=self.store,
             generate_group=generate,
-            score_group=self.reward_fn.score_group,
+            score_group=self._training_scorer(),
             plan=plan,
         )
         return self.producer
+
+    def _training_scorer(self) -> Callable[[Sequence[Episode]], Awaitable[None]]:
+        """The reward function, plus DAPO's overlong term when algorithm.overlong is set
+        (training samples only: evaluation scores the plain reward)."""
+        overlong = self.job.algorithm.overlong
+        if overlong is None:
+            return self.reward_fn.score_group
+        return shaped_scoring(
+            self.reward_fn.score_group,
+            self.job.rollout.max_new_tokens,
+            overlong.buffer_tokens,
+            overlong.penalty,
+        )
 
     async def evaluate(
         self, rows: list[dict[str, Any]], *, k: int | None = None, temperature: float | None = None

@@ -20,6 +20,11 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from buffer.episode import FinishReason
+
+FINISH_REASONS: tuple[FinishReason, ...] = tuple(FinishReason)
+"""PackedBatch.finish_codes index -> finish reason."""
+
 _PER_TOKEN = (
     "input_ids",
     "loss_mask",
@@ -53,6 +58,9 @@ class PackedBatch:
     sample_index      int64   [B]    index of each sequence in the step's sequence list
     prompt_lens       int64   [B]    prompt length of each sequence (response starts after)
     routed_experts    int64   [n_moe, T, k] | None  routing captured in the logprob pass
+    finish_codes      int64   [B] | None  each sequence's finish reason (FINISH_REASONS index)
+    policy_version    int | None     the trainer's version the step was built at (a token's
+                                     staleness is policy_version - versions)
     """
 
     input_ids: Tensor
@@ -70,6 +78,8 @@ class PackedBatch:
     sample_index: Tensor | None = None
     prompt_lens: Tensor | None = None
     routed_experts: Tensor | None = None
+    finish_codes: Tensor | None = None
+    policy_version: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,7 +103,7 @@ class PackedBatch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (t,):
                 raise ValueError(f"{name}: expected shape ({t},), got {tuple(value.shape)}")
-        for name in ("sample_index", "prompt_lens"):
+        for name in ("sample_index", "prompt_lens", "finish_codes"):
             value = getattr(self, name)
             if value is not None and value.numel() != self.num_seqs:
                 raise ValueError(f"{name}: expected {self.num_seqs} entries, got {value.numel()}")

@@ -142,8 +142,9 @@ class TrainerService:
             groups,
             micro_batch_tokens=self.job.trainer.micro_batch_tokens,
             temperature=self.job.rollout.temperature or 1.0,
-            current_version=self.version if mask_old else None,
+            current_version=self.version,
             max_staleness=self.job.buffer.max_staleness if mask_old else None,
+            mask_truncated=self.job.algorithm.overlong_filter,
         )
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
         if self.rank == 0 and self.store is not None:
