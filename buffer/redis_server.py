@@ -1,7 +1,8 @@
-"""A private redis-server for one job: loopback only, AOF on, data under the run dir.
+"""A private redis-server for one job: AOF on, data under the run dir.
 
 `EmbeddedRedis(data_dir).start()` writes `data_dir/redis.conf` (mode 0600, it may hold the
-password), starts `redis-server` on a free 127.0.0.1 port and returns its URL. The AOF
+password), starts `redis-server` on a free port of `host` (127.0.0.1 unless told: a job on
+a Ray cluster binds the buffer node's IP) and returns its URL. The AOF
 (`appendonly yes`, `appendfsync everysec`) lives in `data_dir`, so starting again on the same
 directory after a stop or a crash reloads everything that was written. Tests and the app use
 this same launcher.
@@ -54,10 +55,10 @@ def find_redis_server() -> str:
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -65,6 +66,7 @@ class EmbeddedRedis:
     """Start and stop a redis-server whose data lives in `data_dir`.
 
     port: fixed port, or None for a free one (chosen at each start).
+    host: the address to bind and put in the URL.
     password: sets `requirepass`; the URL then carries it (percent-encoded).
     tls: serve TLS only (`rediss://`), with `tls-auth-clients no`.
     """
@@ -74,12 +76,14 @@ class EmbeddedRedis:
         data_dir: Path | str,
         *,
         port: int | None = None,
+        host: str = "127.0.0.1",
         password: str | None = None,
         tls: RedisTLS | None = None,
         start_timeout_s: float = 30.0,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.password = password
+        self.host = host
         self.tls = tls
         self.start_timeout_s = start_timeout_s
         self._fixed_port = port
@@ -103,7 +107,7 @@ class EmbeddedRedis:
 
     def _config(self, port: int) -> str:
         lines = [
-            "bind 127.0.0.1",
+            f"bind {self.host}",
             "protected-mode yes",
             "daemonize no",
             f'dir "{self.data_dir}"',
@@ -135,9 +139,9 @@ class EmbeddedRedis:
     def _make_url(self, port: int) -> str:
         auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
         if self.tls is None:
-            return f"redis://{auth}127.0.0.1:{port}/0"
+            return f"redis://{auth}{self.host}:{port}/0"
         query = urlencode({"ssl_ca_certs": str(self.tls.ca_file), "ssl_check_hostname": "false"})
-        return f"rediss://{auth}127.0.0.1:{port}/0?{query}"
+        return f"rediss://{auth}{self.host}:{port}/0?{query}"
 
     def _check_not_running(self) -> None:
         pidfile = self.data_dir / "redis.pid"
@@ -167,7 +171,7 @@ class EmbeddedRedis:
         self._check_not_running()
         attempts = 1 if self._fixed_port is not None else 3
         for attempt in range(attempts):
-            port = self._fixed_port or free_port()
+            port = self._fixed_port or free_port(self.host)
             conf = self.data_dir / "redis.conf"
             conf.write_text(self._config(port))
             conf.chmod(0o600)
@@ -182,8 +186,9 @@ class EmbeddedRedis:
             if self._wait_ready(port):
                 self.port, self._url = port, self._make_url(port)
                 logger.info(
-                    "redis-server pid %d on 127.0.0.1:%d, data in %s",
+                    "redis-server pid %d on %s:%d, data in %s",
                     self._proc.pid,
+                    self.host,
                     port,
                     self.data_dir,
                 )

@@ -62,7 +62,33 @@ class JobConfig(Section):
 
     @property
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        """Absolute: a relative run_dir is taken from this process's cwd (the driver's, since
+        the driver hands actors a job made absolute by `with_absolute_paths`)."""
+        return (Path(self.run_dir) if self.run_dir else Path("runs") / self.name).absolute()
+
+    def with_absolute_paths(self, base: Path) -> JobConfig:
+        """A copy whose run dir and model/tokenizer/data paths are absolute, relative ones
+        taken from `base`: actors on other nodes run in another cwd (that of `ray start`)."""
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(base / Path(path).expanduser())
+
+        run_dir = Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        return self.model_copy(
+            update={
+                "run_dir": str(base / run_dir.expanduser()),
+                "model": self.model.model_copy(update={"path": absolute(self.model.path)}),
+                "tokenizer": self.tokenizer.model_copy(
+                    update={"path": absolute(self.tokenizer.path)}
+                ),
+                "data": self.data.model_copy(
+                    update={
+                        "train_path": absolute(self.data.train_path),
+                        "eval_path": absolute(self.data.eval_path),
+                    }
+                ),
+            }
+        )
 
     @property
     def buffer_namespace(self) -> str:

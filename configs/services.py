@@ -13,7 +13,9 @@ from configs.model_data import DType
 class SGLangConfig(Section):
     python: str | None = None
     """Interpreter of the SGLang environment; null = .venv-sglang/bin/python when present."""
-    host: str = "127.0.0.1"
+    host: str | None = None
+    """Address servers, the router and the weight-sync master bind; null = the node's IP as
+    Ray sees it on a Ray cluster, 127.0.0.1 on an embedded Ray."""
     base_port: int = Field(30000, ge=0, le=65000)
     """Worker i listens on base_port + i; 0 picks free ports."""
     tp: int = Field(1, ge=1)
@@ -192,5 +194,31 @@ class ClusterConfig(Section):
     """Where trainer ranks and embedded engines compute: auto = cuda:<local index> in an
     actor that Ray gave GPUs (trainer_gpus / rollout_gpus > 0), the CPU otherwise; cuda
     fails at start when a process has no GPU."""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    rollout_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the rollout workers' bundles spread over nodes (trainer ranks of one TP group are
+    always STRICT_PACK: one node)."""
+    trainer_resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources added to each trainer rank's bundle, e.g. {trainer_node: 1} with
+    `ray start --resources '{"trainer_node": 8}'` on the trainer nodes."""
+    rollout_resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources added to each rollout worker's bundle."""
+    buffer_resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources of the buffer's bundle (the node that runs redis-server when the
+    job is on a Ray cluster)."""
+    rendezvous_timeout_s: float = Field(120.0, gt=0)
+    """Trainer ranks that have not all joined torch.distributed within this fail the job,
+    naming the missing rank and its node."""
     namespace: str = "physarum"
+
+    @model_validator(mode="after")
+    def _resources(self) -> ClusterConfig:
+        for role in ("trainer", "rollout", "buffer"):
+            for name, amount in getattr(self, f"{role}_resources").items():
+                if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ValueError(
+                        f"cluster.{role}_resources: {name!r} is set by cluster.{role}_cpus / "
+                        "_gpus; list only custom resources here"
+                    )
+                if amount <= 0:
+                    raise ValueError(f"cluster.{role}_resources.{name}: must be > 0, got {amount}")
+        return self

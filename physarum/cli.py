@@ -75,6 +75,17 @@ def _cmd_serve_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    if args.placement:
+        from configs import load_job
+        from physarum.placement_plan import plan_placement, render
+
+        if args.config or args.nodes is None or args.gpus_per_node is None:
+            raise UserError("plan --placement CONFIG needs --nodes N and --gpus-per-node G")
+        job = load_job(args.placement, args.set)
+        print(render(job, plan_placement(job, args.nodes, args.gpus_per_node)))
+        return 0
+    if not args.config:
+        raise UserError("plan: give a megatron CONFIG, or --placement CONFIG --nodes N ...")
     from physarum.plan import print_plan
 
     return print_plan(args.config, args.set)
@@ -127,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_serve_parser(sub)
 
-    plan = sub.add_parser("plan", help="per-GPU memory plan of a megatron job")
-    plan.add_argument("config")
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory plan of a megatron job, or (--placement) roles per node"
+    )
+    plan.add_argument("config", nargs="?")
+    plan.add_argument("--placement", metavar="CONFIG", help="print which node gets what")
+    plan.add_argument("--nodes", type=int, help="with --placement: nodes in the cluster")
+    plan.add_argument("--gpus-per-node", type=int, help="with --placement: GPUs per node")
     _add_set(plan)
     plan.set_defaults(func=_cmd_plan)
 

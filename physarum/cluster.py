@@ -29,9 +29,16 @@ class RayHandle:
 
 
 def connect(
-    cfg: ClusterConfig, *, min_cpus: int = 1, working_dir_env: dict[str, str] | None = None
+    cfg: ClusterConfig,
+    *,
+    min_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    working_dir_env: dict[str, str] | None = None,
 ) -> RayHandle:
-    """Initialise Ray for this process; an already initialised Ray is reused (not owned)."""
+    """Initialise Ray for this process; an already initialised Ray is reused (not owned).
+
+    resources: custom resources an embedded Ray declares (the job's cluster.*_resources),
+    so a config written for a cluster also runs on one machine."""
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return RayHandle(embedded=False, address=address, owned=False)
@@ -50,6 +57,7 @@ def connect(
     log.info("starting an embedded Ray with %d CPUs", num_cpus)
     ray.init(
         num_cpus=num_cpus,
+        resources=dict(resources or {}),
         namespace=cfg.namespace,
         include_dashboard=False,
         runtime_env=runtime_env,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from configs import JobConfig
 from envs.tasks import read_jsonl
@@ -22,7 +23,8 @@ from physarum.metrics import MetricsSink
 from physarum.prepare import Prepared, export_final, prepare
 from physarum.rundir import RunDir
 from physarum.services.buffer_service import BufferService
-from physarum.services.placement import Placement, embedded_cpus
+from physarum.services.nodes import check_run_dir, driver_row, write_placement
+from physarum.services.placement import Placement, embedded_cpus, embedded_resources
 from physarum.services.rollout_group import RolloutGroup
 from physarum.services.trainer_group import TrainerGroup
 
@@ -33,6 +35,9 @@ class JobContext:
     """Services are started on demand by the mode driver and all stopped by `close`."""
 
     def __init__(self, job: JobConfig, *, resume: bool = False, stage: str | None = None) -> None:
+        # Actors run in another cwd (that of `ray start`), maybe on another node: every path
+        # they get is absolute, resolved here against the driver's cwd.
+        job = job.with_absolute_paths(Path.cwd())
         self.job = job
         self.resume = resume
         self.stage = stage or job.mode
@@ -41,9 +46,21 @@ class JobContext:
         self.prepared: Prepared = prepare(job, self.run)
         self.eval_rows = read_jsonl(self.prepared.eval_path)[: job.rollout.eval.n_prompts]
         self._stack = contextlib.ExitStack()
-        needed = embedded_cpus(job, trainers=job.trainer.num_ranks, workers=job.rollout.num_workers)
-        self.ray: RayHandle = connect(job.cluster, min_cpus=needed)
+        roles = {"trainers": job.trainer.num_ranks, "workers": job.rollout.num_workers}
+        self.ray: RayHandle = connect(
+            job.cluster,
+            min_cpus=embedded_cpus(job, **roles),
+            resources=embedded_resources(job, **roles),
+        )
         self._stack.callback(self.ray.shutdown)
+        # One machine: servers stay on loopback. A cluster: each binds its node's IP.
+        self.local_ip = "127.0.0.1" if self.ray.embedded else None
+        if self.ray.embedded and job.rollout.sglang.host is None:
+            sglang = job.rollout.sglang.model_copy(update={"host": self.local_ip})
+            self.job = job.model_copy(
+                update={"rollout": job.rollout.model_copy(update={"sglang": sglang})}
+            )
+        self._services: dict[str, Any] = {}
         self.state = JobState(name=job.name, mode=job.mode, stage=self.stage)
         self.dashboard = self._start_dashboard()
         self.metrics: MetricsSink | None = None
@@ -61,24 +78,55 @@ class JobContext:
         self.metrics = MetricsSink(self.job.logging, self.run.root, total_steps, self.stage)
         self.state.total_steps = total_steps
         self._stack.callback(self.metrics.close)
+        self.write_placement()  # every mode opens its metrics once its services are up
         return self.metrics
+
+    def write_placement(self) -> Path:
+        """placement.json: the node, pid, device and GPUs of every actor and the driver."""
+        rows = [driver_row()]
+        for service in self._services.values():
+            found = service.where()
+            rows += found if isinstance(found, list) else [found]
+        path = write_placement(self.run.root, rows)
+        log.info(
+            "placement: %s", ", ".join(f"{r['role']}-{r['rank']}@{r['node_ip']}" for r in rows)
+        )
+        return path
 
     def log(self, step: int, version: int, metrics: dict[str, Any]) -> None:
         assert self.metrics is not None, "open_metrics first"
         self.metrics.log(step, metrics)
         self.state.publish(step, version, metrics)
 
-    def reserve(self, *, trainers: int, workers: int) -> None:
-        self.placement = Placement(self.job, trainers=trainers, workers=workers)
+    def reserve(self, *, trainers: int, workers: int, buffer: bool = False) -> None:
+        """Reserve every bundle (the buffer's only on a cluster: embedded, the driver runs
+        it); on a cluster, then check that each node holding one sees the run dir."""
+        on_cluster = not self.ray.embedded
+        self.placement = Placement(
+            self.job, trainers=trainers, workers=workers, buffer=buffer and on_cluster
+        )
         self._stack.callback(self.placement.remove)
+        if on_cluster:
+            check_run_dir(self.run.root, set(self.placement.node_ids().values()))
 
     def start_buffer(self, prompts: Path | None) -> BufferService:
-        buffer = BufferService(self.job, self.run)
+        buffer = BufferService(self.job, self.run, remote=self._buffer_node())
+        self._services["buffer"] = buffer
         self._stack.callback(buffer.stop)
         if prompts is not None:
             buffer.load_prompts(prompts)
         self.state.buffer_stats = buffer.stats
         return buffer
+
+    def _buffer_node(self) -> dict[str, Any] | None:
+        """Where a cluster job's redis-server runs: the buffer bundle, else the driver's node
+        (None on an embedded Ray: the driver runs it itself)."""
+        if self.ray.embedded:
+            return None
+        if self.placement is not None and "buffer" in self.placement.names:
+            return self.placement.bundle("buffer")
+        here = ray.get_runtime_context().get_node_id()
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
     def start_trainer(
         self,
@@ -95,7 +143,9 @@ class JobContext:
             total_steps=total_steps,
             policy_loss=policy_loss,
             placement=self.placement,
+            bind_ip=self.local_ip,
         )
+        self._services["trainer"] = group
         self._stack.callback(group.shutdown)
         return group
 
@@ -107,6 +157,7 @@ class JobContext:
             store_url=store_url,
             placement=self.placement,
         )
+        self._services["rollout"] = group
         self._stack.callback(group.shutdown)
         self.state.workers = list(group.ids)
         return group

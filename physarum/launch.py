@@ -45,7 +45,8 @@ def resolve(
             raise UserError("--set cannot change a job being resumed; edit its job.yaml instead")
         if run.latest_checkpoint() is None:
             log.warning("%s has no complete checkpoint; starting from step 0", resume_dir)
-        return job, True
+        # the run dir is where it is now, whatever job.yaml says (it may have been moved)
+        return job.model_copy(update={"run_dir": str(Path(resume_dir).absolute())}), True
     assert config_path is not None
     return load_job(config_path, overrides), False
 

@@ -6,7 +6,8 @@ runs/<name>/
   data/train.jsonl    training rows (generated for toy tasks)
   data/eval.jsonl     held-out rows
   init/               the initial weights as a Hugging Face directory
-  redis/              the embedded redis-server's data dir (AOF)
+  redis/              the private redis-server's data dir (AOF) and password (0600)
+  placement.json      where every actor runs: role, rank, node, pid, device, GPUs
   checkpoints/step_N/ trainer checkpoints (model, optimizer, scheduler, RNG, step, version)
   hf/                 the final model as a Hugging Face directory (+ tokenizer)
   metrics.jsonl       one JSON object per step
@@ -61,6 +62,11 @@ class RunDir:
     @property
     def redis(self) -> Path:
         return self.root / "redis"
+
+    @property
+    def redis_password(self) -> Path:
+        """The private redis-server's password (mode 0600)."""
+        return self.root / "redis" / "password"
 
     @property
     def checkpoints(self) -> Path:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rollout.sglang.engine import SGLangEngine
 from rollout.sglang.environment import probe
 from rollout.sglang.router import SGLangRouter
-from rollout.sglang.server import ServerArgs, SGLangServer, free_port
+from rollout.sglang.server import ServerArgs, SGLangServer, free_port, serving_host
 from rollout.sglang.weight_sync import WeightSync, make_weight_sync
 from rollout.sglang.worker import Worker
 
@@ -41,11 +41,12 @@ def _port_free(host: str, port: int) -> bool:
 
 def _pick_port(cfg: SGLangConfig, index: int) -> int:
     """cfg.base_port + index when free; a free port when base_port is 0 or that one is taken."""
-    if cfg.base_port and _port_free(cfg.host, cfg.base_port + index):
+    host = serving_host(cfg)
+    if cfg.base_port and _port_free(host, cfg.base_port + index):
         return cfg.base_port + index
     if cfg.base_port:
         logger.warning("port %d is taken; using a free port", cfg.base_port + index)
-    return free_port(cfg.host)
+    return free_port(host)
 
 
 def start_servers(
@@ -85,9 +86,10 @@ def start_servers(
 def start_router(
     cfg: SGLangConfig, servers: list[SGLangServer], *, run_dir: Path, timeout: float
 ) -> SGLangRouter:
-    port = cfg.router_port or free_port(cfg.host)
+    host = serving_host(cfg)
+    port = cfg.router_port or free_port(host)
     router = SGLangRouter(
-        host=cfg.host,
+        host=host,
         port=port,
         policy=cfg.router_policy,
         log_path=run_dir / "logs" / f"sglang-router-{port}.log",
@@ -107,7 +109,7 @@ def sync_from_config(cfg: SGLangConfig, run_dir: Path) -> WeightSync:
     """The weight-sync path `cfg.weight_sync` names."""
     options: dict[str, dict[str, Any]] = {
         "tensor": {},
-        "distributed": {"backend": cfg.weight_sync_backend, "master_address": cfg.host},
+        "distributed": {"backend": cfg.weight_sync_backend, "master_address": serving_host(cfg)},
         "disk": {"staging_dir": run_dir / "weights"},
     }
     return make_weight_sync(cfg.weight_sync, **options[cfg.weight_sync])

@@ -68,6 +68,19 @@ class SGLangServerError(RuntimeError):
     """A server failed to start, died, or did not become healthy; names the URL and log file."""
 
 
+def serving_host(cfg: SGLangConfig) -> str:
+    """The address servers, the router and the weight-sync master bind: `cfg.host`, else
+    this node's IP when inside a Ray job (other nodes must reach it), else 127.0.0.1. The
+    driver sets `host` to 127.0.0.1 for a job on an embedded (one-machine) Ray."""
+    if cfg.host:
+        return cfg.host
+    try:
+        import ray
+    except ImportError:  # the SGLang environment has no Ray: a single-host setting
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now."""
     with socket.socket() as sock:
@@ -106,7 +119,7 @@ class ServerArgs:
         base = {
             "model_path": model_path,
             "port": port,
-            "host": cfg.host,
+            "host": serving_host(cfg),
             "tp": cfg.tp,
             "dtype": cfg.dtype,
             "mem_fraction_static": cfg.mem_fraction_static,
