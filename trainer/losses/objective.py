@@ -23,6 +23,7 @@ from trainer.backend import PackedBatch
 from trainer.losses.aggregation import Aggregator
 from trainer.losses.importance import ISMode, mismatch_abs_diff, mismatch_k3
 from trainer.losses.kl import KLEstimator
+from trainer.losses.mismatch import add_mismatch_splits
 from trainer.losses.policy import ClipParams, PolicyInputs, PolicyLoss
 from trainer.losses.registry import lookup
 from trainer.losses.stats import StatSums
@@ -137,9 +138,13 @@ class ActorObjective:
         mask, rollout = batch.loss_mask, batch.rollout_logprobs
         stats.add_masked_mean("mismatch_abs_diff", mismatch_abs_diff(old, rollout), mask)
         stats.add_masked_mean("mismatch_k3", mismatch_k3(old, rollout), mask)
+        split = {"mismatch_abs_diff": mismatch_abs_diff(old, rollout)}
+        split["mismatch_k3"] = mismatch_k3(old, rollout)
         if self.importance is None:
+            add_mismatch_splits(stats, batch, split, mask)
             return per_token
         weights = self.importance(old, rollout, self.tis_low, self.tis_high)
+        add_mismatch_splits(stats, batch, split | {"tis_clip_frac": weights.clipped}, mask)
         stats.add_masked_mean("tis_weight", weights.weights, mask)
         stats.add_masked_mean("tis_clip_frac", weights.clipped, mask)
         stats.add_masked_extremes("tis_weight", weights.weights, mask)
