@@ -48,19 +48,29 @@ def test_unlimited_epochs_and_a_cursor_shared_across_stores(make_store, tmp_path
     assert b.stats().epoch == 2
 
 
+def _wait_for(poll, timeout_s: float = 10.0):
+    """poll() until it returns something truthy (a lease expiring), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := poll()):
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.05)
+    return result
+
+
 def test_leasing_without_a_dataset_is_an_error(make_store) -> None:
     with pytest.raises(NoDatasetError, match="call load_prompts first"):
         make_store().lease_prompts("w", 1)
 
 
 def test_an_expired_lease_is_requeued_and_its_late_push_refused(make_store, tmp_path) -> None:
-    store = make_store(lease_seconds=0.2)
+    # 1 s leases: the "not yet expired" check needs no race against a busy CPU; the expiry
+    # itself is awaited, not slept for
+    store = make_store(lease_seconds=1.0)
     store.load_prompts(write_prompts(tmp_path / "d.jsonl", 3), shuffle=False, max_epochs=1)
     dead, alive = store.lease_prompts("dead-worker", 2)
     store.renew_lease(alive.lease_id, 30.0)
     assert store.requeue_expired() == 0
-    time.sleep(0.3)
-    assert store.requeue_expired() == 1  # only the lease that was not renewed
+    assert _wait_for(store.requeue_expired) == 1  # only the lease that was not renewed
     assert store.renew_lease(dead.lease_id) is None
 
     retry = store.lease_prompts("w2", 2)
@@ -82,12 +92,11 @@ def test_an_expired_lease_is_requeued_and_its_late_push_refused(make_store, tmp_
 
 
 def test_leasing_runs_the_requeue_itself(make_store, tmp_path) -> None:
-    store = make_store(lease_seconds=0.1)
+    store = make_store(lease_seconds=1.0)  # no race for the "still leased" check
     store.load_prompts(write_prompts(tmp_path / "d.jsonl", 1), max_epochs=1)
     (lease,) = store.lease_prompts("w", 1)
     assert store.lease_prompts("w", 1) == []
-    time.sleep(0.2)
-    (again,) = store.lease_prompts("w", 1)  # no explicit requeue_expired call
+    (again,) = _wait_for(lambda: store.lease_prompts("w", 1))  # no explicit requeue_expired
     assert again.prompt_id == lease.prompt_id and store.stats().lease_expiries == 1
 
 

@@ -99,13 +99,18 @@ def test_backpressure_times_out_with_a_clear_error(make_store) -> None:
 
 
 def test_a_blocked_producer_keeps_its_lease(make_store, tmp_path) -> None:
-    store = make_store(capacity=1, lease_seconds=0.3)
+    # 1 s leases (renewed every 1/3 s while waiting) leave a busy CPU slack; the wait is
+    # still 2.5 leases long, so a producer that did not renew would lose its lease
+    store = make_store(capacity=1, lease_seconds=1.0)
     store.load_prompts(write_prompts(tmp_path / "d.jsonl", 2), shuffle=False)
     first, second = store.lease_prompts("w", 2)
     store.put_group(make_group("p0"), lease_id=first.lease_id)
-    timer = threading.Timer(0.8, lambda: store.take_groups("c", 1, block_ms=0))
+    # the timer requeues expired leases first: a lease the wait let lapse would be lost here
+    timer = threading.Timer(
+        2.5, lambda: (store.requeue_expired(), store.take_groups("c", 1, block_ms=0))
+    )
     timer.start()
-    entry = store.put_group(make_group("p1"), lease_id=second.lease_id)  # waits ~0.8 s
+    entry = store.put_group(make_group("p1"), lease_id=second.lease_id)  # waits ~2.5 s
     timer.join()
     assert entry is not None
     stats = store.stats()

@@ -74,7 +74,8 @@ def test_memory_bomb_is_stopped() -> None:
 
 
 def test_sleeping_code_is_killed_on_the_wall_timeout() -> None:
-    result = run(Sandbox(wall_s=0.5), "import time\nprint('started', flush=True)\ntime.sleep(60)")
+    # 3 s: the child must start and print before the kill, even on a busy CPU
+    result = run(Sandbox(wall_s=3.0), "import time\nprint('started', flush=True)\ntime.sleep(60)")
     assert result.timed_out and result.status == "timeout"
     assert result.stdout.strip() == "started"  # output before the kill is kept
     assert result.duration_s < 30
@@ -84,7 +85,10 @@ def test_connect_is_refused_by_the_audit_hook(listener: tuple[int, list]) -> Non
     port, accepted = listener
     with socket.create_connection(("127.0.0.1", port)):  # the server is reachable from here
         pass
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10.0
+    while not accepted:  # wait for the listener to record it, however busy the CPU
+        assert time.monotonic() < deadline, "the listener never accepted the connection"
+        time.sleep(0.01)
     baseline = len(accepted)
     code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
     result = run(Sandbox(use_unshare=False, audit_hook=True), code)
@@ -144,8 +148,9 @@ def test_cancelling_the_caller_kills_the_child() -> None:
     async def scenario() -> tuple[set[int], set[int]]:
         baseline = children()  # other tests' servers in the same pytest process
         task = asyncio.create_task(Sandbox(wall_s=60).run("import time\ntime.sleep(60)"))
-        await asyncio.sleep(0.5)
-        sandboxed = children() - baseline
+        deadline = time.monotonic() + 10.0
+        while not (sandboxed := children() - baseline) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until the child runs, not a guess of how long it takes
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

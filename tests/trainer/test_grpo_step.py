@@ -96,13 +96,18 @@ def test_first_step_gate_ratio_one_and_ppo_kl_zero(toy_tokenizer):
     batches = tb.prepare(step)  # ppo_epochs 2: recomputes old logprobs, captures routing
     assert all(b.old_logprobs is not None and b.routed_experts is not None for b in batches)
     first = tb.train_step(batches)
-    assert first["ratio_max"] == 1.0 and first["ratio_min"] == 1.0
-    assert first["ppo_kl"] == 0.0 and first["clip_frac"] == 0.0
+    # Not bitwise: the old logprobs (no-grad token_logprobs, lm_head on every position) and the
+    # training forward (lm_head on the trainable positions only) are different matmul shapes,
+    # which the CPU's kernels may round differently; fp32 tolerances cover that.
+    assert first["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert first["ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(first["ppo_kl"]) < 1e-6 and first["clip_frac"] == 0.0
+    # exact: rollout and old logprobs are the same pass (tb.logprobs) on the same batches
     assert first["mismatch_abs_diff"] == 0.0 and first["tis_weight"] == 1.0
     assert first["tis_clip_frac"] == 0.0
     second = tb.train_step(batches)  # same data, the policy has moved: the gate must open
-    assert second["ratio_max"] > 1.0 > second["ratio_min"]
-    assert second["ppo_kl"] != 0.0
+    assert second["ratio_max"] > 1.01 and second["ratio_min"] < 0.99  # far beyond round-off
+    assert abs(second["ppo_kl"]) > 1e-3
     assert second["version"] == 2.0
 
 
