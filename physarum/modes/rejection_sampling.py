@@ -1,6 +1,7 @@
 """Rejection sampling (RFT), in rounds: k samples per prompt -> rewards -> keep the accepted
 (reward >= accept_min_reward, at most max_accepted_per_prompt per prompt) -> write them to
-accepted/round_K.jsonl -> SFT on them -> push the new weights -> next round.
+accepted/round_K.jsonl -> SFT on them -> push the new weights -> next round. A round that
+accepts nothing stops the job with a UserError naming the threshold (no SFT on an empty set).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from buffer.episode import Episode
 from envs.tasks import read_jsonl
 from models.tokenizer import load_tokenizer
 from physarum.context import JobContext
+from physarum.errors import UserError
 
 
 def run_rejection_sampling(ctx: JobContext) -> dict[str, float]:
@@ -33,6 +35,8 @@ def run_rejection_sampling(ctx: JobContext) -> dict[str, float]:
         groups = rollout.generate_rows(prompts, job.rollout.n_samples_per_prompt)
         accepted = accept(groups, rs.accept_min_reward, rs.max_accepted_per_prompt)
         write_accepted(ctx.run.accepted(round_index), accepted, tokenizer)
+        if not accepted:
+            raise UserError(_nothing_accepted(round_index, groups, rs.accept_min_reward))
         result = _train_on(ctx, trainer, accepted)
         rollout.push_weights(trainer.weight_update_ref(), round_index, wait=True)
         samples = sum(len(g) for g in groups)
@@ -47,6 +51,17 @@ def run_rejection_sampling(ctx: JobContext) -> dict[str, float]:
     ctx.checkpoint(trainer, rs.rounds)
     ctx.save_final(trainer)
     return {"rounds": float(rs.rounds), **metrics.progress.last}
+
+
+def _nothing_accepted(round_index: int, groups: list[list[Episode]], min_reward: float) -> str:
+    rewards = [e.reward for g in groups for e in g if not e.is_error]
+    best = f"{max(rewards):g}" if rewards else "none (every sample failed)"
+    return (
+        f"rejection sampling round {round_index}: none of {sum(len(g) for g in groups)} samples "
+        f"reached algorithm.rejection_sampling.accept_min_reward = {min_reward:g} (best reward: "
+        f"{best}), so there is nothing to train on; lower accept_min_reward or raise "
+        "rollout.n_samples_per_prompt"
+    )
 
 
 def _round_rows(rows: list[dict], round_index: int, n: int) -> list[dict]:
