@@ -18,7 +18,8 @@ from tests.buffer.helpers import make_group
 def produce(url: str, namespace: str, worker: str, seed: int, results: Any) -> None:
     """Lease prompts until the dataset is done; misbehave on purpose now and then.
 
-    - abandon (15 %): keep the lease and never push, as a crashed worker would;
+    - abandon (15 %, and always the first lease: the crash path runs whatever the timing
+      hands each producer): keep the lease and never push, as a crashed worker would;
     - slow (10 %): push only after the lease expired, so the push may be refused as late;
     - otherwise push at once.
     """
@@ -36,7 +37,7 @@ def produce(url: str, namespace: str, worker: str, seed: int, results: Any) -> N
                 continue
             for lease in leases:
                 roll = rng.random()
-                if roll < 0.15:
+                if roll < 0.15 or not any(counts.values()):
                     counts["abandoned"] += 1
                     continue
                 if roll < 0.25:
