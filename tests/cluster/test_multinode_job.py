@@ -9,7 +9,7 @@ where is decided by the cluster, and read back from the run dir's placement.json
   on n3 (`trainer_rank` exists on those two nodes only, one each), the two rollout
   workers on n3, the buffer on the head; 20 steps. The ranks meet in a gloo rendezvous on
   rank 0's address, so this also covers torch.distributed across nodes.
-- test_ray_job_submit: the same job (fewer steps: CI time) through the head's job server.
+- test_ray_job_submit: the same job (one trainer rank, on n2) through the head's job server.
 - test_rollout_node_dies_and_comes_back: one trainer rank on n2; n3's raylet is SIGKILLed
   mid-run (both rollout workers die with it), n3 is started again, new workers start there
   and the job finishes; the buffer's accounting shows no prompt lost and no group trained
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +33,7 @@ from tests.cluster.conftest import BIN, NODE_IPS, REPO, NetnsCluster
 from tests.physarum.test_job import TINY
 
 HEAD, N2, N3 = NODE_IPS["head"], NODE_IPS["n2"], NODE_IPS["n3"]
+ACTOR_LINE = re.compile(r"\(RolloutActor pid=(\d+), ip=([\d.]+)\)")
 STEPS = 20
 PROMPTS_PER_STEP = 4  # TINY's trainer.prompts_per_step
 
@@ -64,7 +66,13 @@ def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written while the job runs
+            continue
+    return out
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -126,8 +134,7 @@ def test_driver_on_head_two_trainer_ranks_across_nodes(
 
 def test_ray_job_submit(netns_cluster: NetnsCluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    steps = 6
-    sets = overrides(run_dir, f"trainer.steps={steps}", "checkpoint.interval=3")
+    sets = overrides(run_dir)
     submit = [
         "ray",
         "job",
@@ -145,10 +152,10 @@ def test_ray_job_submit(netns_cluster: NetnsCluster, tmp_path: Path) -> None:
         time.sleep(2)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stdout[-6000:]
-    print(f"ray job submit, {steps} steps: {took:.0f} s")
+    print(f"ray job submit, {STEPS} steps: {took:.0f} s")
     assert "succeeded" in done.stdout.lower()
     assert "joining the Ray cluster" in done.stdout
-    check_every_step(run_dir, steps)
+    check_every_step(run_dir, STEPS)
     check_placement(run_dir, [N2])
 
 
@@ -194,10 +201,11 @@ def test_rollout_node_dies_and_comes_back(netns_cluster: NetnsCluster, tmp_path:
     killed_at = restarted_at = None
     try:
         deadline = time.monotonic() + 300
-        while not train_steps(run_dir) or train_steps(run_dir)[-1] < 4:
+        # A step takes well under a second once the job is up: kill n3 right after step 2.
+        while not train_steps(run_dir) or train_steps(run_dir)[-1] < 2:
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-6000:]
-            assert time.monotonic() < deadline, "the job did not reach step 4 in 300 s"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, "the job did not reach step 2 in 300 s"
+            time.sleep(0.1)
         raylet = _raylet(netns_cluster, "n3")
         assert raylet is not None, "no raylet in n3"
         os.kill(raylet, signal.SIGKILL)
@@ -219,29 +227,35 @@ def test_rollout_node_dies_and_comes_back(netns_cluster: NetnsCluster, tmp_path:
     assert driver.returncode == 0, output[-6000:]
     print(f"n3 killed after step {killed_at}, back after step {restarted_at}")
     check_every_step(run_dir, STEPS)
-    # Both rollout workers were on n3: every step after its restart was made by new workers
-    # there (no other node has rollout_node).
     assert restarted_at < STEPS - 2, "the job finished before n3 came back; kill it earlier"
     train = [r for r in records(run_dir) if "reward" in r]
     assert train[-1]["rollout/restarts"] >= 1
-    assert train[-1]["buffer/drops_stale"] == 0
+    # New rollout workers ran on n3 after it came back (no other node has rollout_node).
+    before = {r["pid"] for r in placement(run_dir)["rollout"]}
+    after = {int(pid) for pid, ip in ACTOR_LINE.findall(output) if ip == N3} - before
+    assert after, "no new rollout worker logged from n3"
 
     stats = _buffer_stats(run_dir, "toy_grpo")
-    # No prompt lost: every prompt is done, leased or queued (the dead workers' leases
-    # expired and went back to the queue).
-    assert stats.prompts_total == 200
-    assert stats.prompts_total == (
-        stats.prompts_done + stats.prompts_leased + stats.prompts_queued + stats.prompts_filtered
-    ), stats
+    # No prompt lost: each prompt is done, leased or queued. The dead workers' leases expired
+    # and their prompts went back to the queue; a group dropped as too stale (the new
+    # workers' first groups can be, while the shares settle) sends its prompt back too, so
+    # that prompt is done twice.
     assert stats.lease_expiries >= 1, stats
-    # No group trained twice: one group a completed lease, each acknowledged once (an
-    # acknowledged entry is deleted from the stream), exactly the job's steps worth trained.
+    assert stats.stale_requeued == stats.drops_stale, stats
+    assert stats.prompts_total == 200
+    done_once = stats.prompts_done - stats.stale_requeued
+    assert stats.prompts_total == (
+        done_once + stats.prompts_leased + stats.prompts_queued + stats.prompts_filtered
+    ), stats
+    # No group trained twice: one group a completed lease; every group put is acknowledged
+    # (and deleted), still unconsumed, or dropped, exactly once; exactly the job's steps'
+    # worth acknowledged; nothing left pending.
     assert stats.groups_put == stats.prompts_done, stats
-    assert stats.groups_acked == STEPS * PROMPTS_PER_STEP, stats
-    assert stats.groups_pending == 0, stats
     assert stats.groups_put == (
         stats.groups_acked + stats.groups_unconsumed + stats.drops_stale + stats.corrupt
     ), stats
+    assert stats.groups_acked == STEPS * PROMPTS_PER_STEP, stats
+    assert stats.groups_pending == 0, stats
     assert stats.version == STEPS
 
 
