@@ -5,7 +5,8 @@ Routes (one module each): generate.py (POST|PUT /generate, SSE streaming), contr
 updates from tensors or disk, weight version). With an API key every route but /health*,
 /ready and /metrics needs `Authorization: Bearer KEY` (SGLang's --api-key; 401
 {"error": "Unauthorized"} otherwise). Weight versions are integers here, reported as decimal
-strings.
+strings. /v1/* are the OpenAI-compatible routes (openai_routes.py), guarded by the same key
+but refused in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from rollout.server import control_routes, generate, weights
+from rollout.server import control_routes, generate, openai_errors, openai_routes, weights
 from rollout.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.physarum = state
     if state.api_key:
         _add_auth(app, state.api_key)
-    for module in (generate, control_routes, weights):
+    openai_errors.install(app)
+    for module in (generate, control_routes, weights, openai_routes):
         app.include_router(module.router)
     return app
 
@@ -43,5 +45,7 @@ def _add_auth(app: FastAPI, api_key: str) -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or token != api_key:
             logger.warning("refused %s %s: missing or wrong API key", request.method, path)
+            if path.startswith(openai_errors.V1_PREFIX):
+                return openai_errors.unauthorized()
             return JSONResponse({"error": "Unauthorized"}, status_code=401)
         return await call_next(request)

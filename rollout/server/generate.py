@@ -76,7 +76,7 @@ async def generate(request: Request, state: ServerState = Depends(get_state)) ->
     if parsed.stream:
         return _stream(engine, parsed, seqs, render)
     engine.submit(seqs)
-    done = await _wait_or_abort_on_disconnect(engine, seqs, request)
+    done = await wait_or_abort_on_disconnect(engine, seqs, request)
     if done is None:
         return Response(status_code=499)  # nobody is listening any more
     items = [render(s, parsed, None) for s in done]
@@ -84,7 +84,7 @@ async def generate(request: Request, state: ServerState = Depends(get_state)) ->
     return JSONResponse(items if parsed.batch else items[0])
 
 
-async def _wait_or_abort_on_disconnect(
+async def wait_or_abort_on_disconnect(
     engine: EmbeddedEngine, seqs: list[Sequence], request: Request
 ) -> list[Sequence] | None:
     """Await the sequences; abort them (and return None) if the client goes away."""
