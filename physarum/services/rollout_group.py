@@ -223,16 +223,28 @@ class RolloutGroup:
                 continue
             del self.starting[worker_id]
             ray.get(ready)  # raises if the new worker failed to start: that is a bug
-            if self.latest_update is not None:
-                ray.get(actor.update_weights.remote(self.latest_update))
-            self.actors[worker_id] = actor
-            ray.get(actor.start.remote(self.share, self.latest_version))
+            try:
+                if self.latest_update is not None:
+                    ray.get(actor.update_weights.remote(self.latest_update))
+                self.actors[worker_id] = actor
+                ray.get(actor.start.remote(self.share, self.latest_version))
+            except RayActorError:  # lost again while coming back (its node died again)
+                self._restart(worker_id)
+                continue
             self.runs[worker_id] = actor.run_until_stopped.remote()
             self._reshare()
             log.info("rollout: %s is back at weight version %d", worker_id, self.latest_version)
 
-    def _reshare(self) -> None:
-        ray.get([a.set_share.remote(self.share) for a in self.actors.values()])
+    def _reshare(self, timeout_s: float = 30.0) -> None:
+        """Tell the live workers their share; one that is dead too (or unreachable) is left
+        to the next check, which restarts it."""
+        refs = [a.set_share.remote(self.share) for a in self.actors.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                pass
 
     def wait_for_a_worker(self, timeout_s: float) -> None:
         """Block until at least one worker is live (all may be restarting after a node died)."""
