@@ -134,6 +134,24 @@ def greedy_reference(model: Glm4MoeForCausalLM, prompt: list[int], n: int) -> li
     return seq[len(prompt) :]
 
 
+# SGLang's kernels are another backend: its logits differ from ours by up to ~1e-4 (see the
+# logprob tolerance), so where our top two logits are closer than GREEDY_TIE either token is a
+# correct greedy choice, on any CPU; exact equality with greedy_reference would hinge on that.
+GREEDY_TIE = 1e-3
+
+
+@torch.no_grad()
+def assert_greedy(model: Glm4MoeForCausalLM, prompt: list[int], output: list[int], n: int):
+    """`output` (n tokens) is a greedy continuation of `prompt` under `model`: teacher-forced on
+    `output` itself, every token's logit is within GREEDY_TIE of that step's maximum."""
+    assert len(output) == n, (prompt, output)
+    ids = torch.tensor(prompt + output)
+    hidden = model.forward_packed(ids, torch.tensor([0, len(ids)])).hidden
+    logits = model.lm_head(hidden[len(prompt) - 1 : -1]).float()  # [n, V]
+    short = logits.max(-1).values - logits.gather(1, torch.tensor(output)[:, None]).squeeze(1)
+    assert float(short.max()) <= GREEDY_TIE, (prompt, output, short.tolist())
+
+
 @torch.no_grad()
 def reference_logprobs(model: Glm4MoeForCausalLM, prompt: list[int], output: list[int]):
     ids = torch.tensor(prompt + output)
