@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rollout.embedded.engine import EmbeddedEngine
 from rollout.embedded.sequence import Sequence
+from rollout.server.generate_models import GenerateReqInput, GenerateResponse
 from rollout.server.protocol import ParsedGenerate, RequestError, format_item, parse_generate
 from rollout.server.state import ServerState, error_response, get_state
 
@@ -54,13 +55,17 @@ def _renderer(engine: EmbeddedEngine) -> Render:
     return render
 
 
-@router.api_route("/generate", methods=["POST", "PUT"])
-async def generate(request: Request, state: ServerState = Depends(get_state)) -> Response:
+@router.api_route(
+    "/generate",
+    methods=["POST", "PUT"],
+    response_model=GenerateResponse | list[GenerateResponse],
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def generate(
+    req: GenerateReqInput, request: Request, state: ServerState = Depends(get_state)
+) -> Response:
     engine = state.engine
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return error_response(f"request body: invalid JSON ({e})")
+    body = req.as_body()
     tok = engine.tokenizer
     tokenize = (lambda text: tok.encode(text)) if tok is not None else None
     try:

@@ -44,9 +44,7 @@ class OpenAIError(Exception):
 
 
 def unauthorized() -> JSONResponse:
-    return OpenAIError(
-        "Incorrect API key provided", status=401, code="invalid_api_key"
-    ).response()
+    return OpenAIError("Incorrect API key provided", status=401, code="invalid_api_key").response()
 
 
 def param_path(loc: Sequence[Any]) -> str:

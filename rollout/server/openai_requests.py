@@ -198,5 +198,6 @@ def make_sequences(
             seqs.extend(engine.make_sequences(request))
         except ValueError as e:  # context length, stop strings without a tokenizer
             param = "stop" if str(e).startswith("stop") else max_param
-            raise OpenAIError(str(e), param=param) from None
+            message = str(e) if str(e).startswith(param) else f"{param}: {e}"
+            raise OpenAIError(message, param=param) from None
     return rid, seqs

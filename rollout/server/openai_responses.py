@@ -88,7 +88,9 @@ def finish_reason(seq: Sequence, has_calls: bool = False) -> FinishReason:
 def usage(seqs: list[Sequence], prompts: list[list[int]]) -> Usage:
     prompt = sum(len(p) for p in prompts)
     completion = sum(len(s.output_ids) for s in seqs)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def chat_completion(
@@ -153,7 +155,9 @@ def completion(
         CompletionChoice(
             index=index,
             text=output_text(engine, seq),
-            logprobs=completion_logprobs(engine, seq.output_ids, seq.logprobs) if logprobs else None,
+            logprobs=completion_logprobs(engine, seq.output_ids, seq.logprobs)
+            if logprobs
+            else None,
             finish_reason=finish_reason(seq),
             token_ids=list(seq.output_ids) if token_ids else None,
             prompt_token_ids=list(prompts[index // per_prompt]) if token_ids else None,

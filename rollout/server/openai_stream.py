@@ -70,7 +70,9 @@ class _Choice:
         return out
 
 
-async def _progress(engine: EmbeddedEngine, seqs: list[Sequence]) -> AsyncIterator[tuple[int, bool]]:
+async def _progress(
+    engine: EmbeddedEngine, seqs: list[Sequence]
+) -> AsyncIterator[tuple[int, bool]]:
     """(choice index, finished) each time a sequence has new tokens or finished."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, bool]] = asyncio.Queue()
@@ -192,7 +194,9 @@ def stream_completion(
             choice = CompletionChoice(
                 index=index,
                 text=sent.delta(text),
-                logprobs=completion_logprobs(engine, new_ids, new_lps, offset) if logprobs else None,
+                logprobs=completion_logprobs(engine, new_ids, new_lps, offset)
+                if logprobs
+                else None,
                 finish_reason=finish_reason(seq) if finished else None,
                 token_ids=list(new_ids) if token_ids else None,
             )
