@@ -7,12 +7,14 @@ tag of this pytest process (`pt<pid>-head`, ...) and the node temp dirs live in 
 
 Topology (what the issue asks; logical CPUs exceed the machine's 2 cores on purpose):
   head  198.18.0.1  driver + buffer       {"buffer_node": 1}                       2 CPUs
-  n2    198.18.0.2  trainer rank 0        {"trainer_node": 1, "trainer_rank": 1}   2 CPUs
+  n2    198.18.0.2  the trainer           {"trainer_node": 1, "trainer_rank": 1}   2 CPUs
   n3    198.18.0.3  two rollout workers   {"rollout_node": 2, "trainer_rank": 1}   4 CPUs
-`trainer_rank` exists on n2 and n3 only, for the job that spreads two trainer ranks over them.
+`trainer_rank` exists on n2 and n3 only, one each, for the job that spreads two trainer ranks
+over them (4 CPUs on n3: two rollout workers and a trainer rank).
 
-The cluster is torn down (every process of its namespaces killed, namespaces deleted) when
-the session ends, also when a test fails, from atexit and on SIGTERM; namespaces that an
+One cluster serves every test of this package; it is torn down (every process of its
+namespaces killed, namespaces deleted) after the package's last test, also when a test
+fails, and from atexit and on SIGTERM if pytest dies first; namespaces that an
 earlier, killed run left behind are removed at start. Skips when not root, without `ip netns`,
 or without the venv's `ray`.
 """
@@ -205,7 +207,7 @@ def _reap_stale(env: dict[str, str]) -> None:
         )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def netns_cluster() -> Iterator[NetnsCluster]:
     reason = _why_not()
     if reason:
