@@ -5,6 +5,8 @@ Every job runs its driver inside the head namespace, as a user on the head node 
 and places its roles with Ray custom resources only (cluster.*_resources), so what lands
 where is decided by the cluster, and read back from the run dir's placement.json.
 
+- test_a_resource_no_node_has_fails_at_once_naming_it: a role asks for a custom resource
+  that no node declares; the job fails at start, naming it.
 - test_driver_on_head_two_trainer_ranks_across_nodes: TWO trainer ranks, one on n2 and one
   on n3 (`trainer_rank` exists on those two nodes only, one each), the two rollout
   workers on n3, the buffer on the head; 20 steps. The ranks meet in a gloo rendezvous on
@@ -108,6 +110,17 @@ def check_placement(run_dir: Path, trainer_ips: list[str]) -> None:
     for rows in where.values():
         for row in rows:
             assert row["device"] == "cpu" and row["gpu_ids"] == []
+
+
+def test_a_resource_no_node_has_fails_at_once_naming_it(
+    netns_cluster: NetnsCluster, tmp_path: Path
+) -> None:
+    sets = overrides(tmp_path / "run", 'cluster.rollout_resources={"rollout_gpu_node": 1}')
+    started = time.monotonic()
+    done = netns_cluster.run("head", physarum_run(sets), timeout=120)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60, "the job did not fail at start"
+    assert "rollout_gpu_node: need 2, the cluster has 0" in done.stdout, done.stdout[-4000:]
 
 
 def test_driver_on_head_two_trainer_ranks_across_nodes(
