@@ -55,12 +55,14 @@ def _renderer(engine: EmbeddedEngine) -> Render:
     return render
 
 
-@router.api_route(
-    "/generate",
-    methods=["POST", "PUT"],
+_GENERATE_DOC: dict[str, Any] = dict(
     response_model=GenerateResponse | list[GenerateResponse],
     responses={200: {"content": {"text/event-stream": {}}}},
 )
+
+
+@router.post("/generate", operation_id="generate", **_GENERATE_DOC)
+@router.put("/generate", operation_id="generate_put", **_GENERATE_DOC)
 async def generate(
     req: GenerateReqInput, request: Request, state: ServerState = Depends(get_state)
 ) -> Response:

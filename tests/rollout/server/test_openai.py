@@ -15,56 +15,18 @@ import openai
 import pytest
 import torch
 
-from envs.tasks import tokenizer_corpus
-from envs.tool_calls import ToolCall, render_tool_call
-from models import from_pretrained, save_pretrained
-from models.chat import encode, prompt_ids
-from models.tokenizer import build_toy_tokenizer, load_tokenizer
+from models import from_pretrained
+from models.chat import prompt_ids
+from models.tokenizer import load_tokenizer
 from rollout.server import ServerThread, load_engine, make_state
-from tests.rollout.engine_helpers import model_logprobs, tiny_model
+from tests.rollout.engine_helpers import model_logprobs
+from tests.rollout.openai_helpers import ADD_TOOL, ASK, build_tool_model_dir
 
 torch.set_num_threads(1)
 
-ADD_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "a+b",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-        },
-    },
-}
-ASK = [{"role": "user", "content": "2+3?"}]
-CALL_TEXT = "ok " + render_tool_call(ToolCall("add", {"a": 2, "b": 3}))
-
-
-def _overfit(model, prompt: list[int], target: list[int], steps: int = 300) -> None:
-    """Train `model` until greedy decoding after `prompt` yields `target`."""
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ids = torch.tensor(prompt + target)
-    cu = torch.tensor([0, len(ids)])
-    for _ in range(steps):
-        lp = model.token_logprobs(ids, cu).logprobs[len(prompt) :]
-        if lp.min().item() > -0.05:
-            break
-        opt.zero_grad()
-        (-lp.sum()).backward()
-        opt.step()
-    model.eval()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_openai")
-    tok = build_toy_tokenizer(path, tokenizer_corpus(n_per_task=100), vocab_size=300)
-    model = tiny_model(vocab_size=len(tok))
-    observation = tok.convert_tokens_to_ids("<|observation|>")
-    _overfit(model, prompt_ids(tok, ASK, [ADD_TOOL]), encode(tok, CALL_TEXT) + [observation])
-    save_pretrained(model, path)
-    return path
+    return build_tool_model_dir(tmp_path_factory.mktemp("tiny_openai"))
 
 
 @pytest.fixture(scope="module")
