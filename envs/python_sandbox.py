@@ -72,7 +72,7 @@ class PythonSandboxEnv:
     def factory(
         cls, *, max_calls: int = 2, max_observation_chars: int = 2000, **limits: Any
     ) -> Callable[[], PythonSandboxEnv]:
-        """Build the Sandbox once (limits: cpu_s, memory_mb, wall_s, use_unshare, ...)."""
+        """Build the Sandbox once (args: cpu_s, memory_mb, wall_s, processes, allow_weak, ...)."""
         sandbox = Sandbox(**limits)
 
         def make() -> PythonSandboxEnv:

@@ -1,36 +1,48 @@
-"""Run untrusted Python in a subprocess with resource limits and no network.
+"""Run untrusted Python in an isolated subprocess: bubblewrap namespaces plus rlimits.
 
 Used by the `code` reward (tests against generated code) and the Python tool environment.
-One `Sandbox` holds the limits; `await sandbox.run(code)` runs `code` as ``main.py``:
+One `Sandbox` holds the limits; `await sandbox.run(code)` runs `code` as ``main.py``, and
+`sandbox.open(code)` starts it with live pipes (the `code` reward talks to two at once).
 
-* a fresh temporary directory is the cwd (also TMPDIR and HOME) and is deleted afterwards;
-* the child sets its own limits before the user code starts: RLIMIT_CPU (CPU seconds; the
-  kernel sends SIGXCPU, then SIGKILL one second later), RLIMIT_AS (address space, so a
-  memory bomb gets MemoryError or dies), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE = 0;
-* it runs in its own session / process group; on the wall-clock timeout, or when the caller
-  is cancelled, the whole group is SIGKILLed;
-* environment: only PATH, LANG and the temp dirs; the interpreter runs with ``-I -B``
-  (isolated: no PYTHON* variables, no user site, script dir not on sys.path; no .pyc writes);
-* stdout and stderr are captured up to `max_output_bytes` each (the rest is drained and
-  dropped, so a print loop cannot fill memory).
+Isolation (``isolation == "bwrap"``, the default; needs `bwrap`, Debian package
+``bubblewrap``, which ``scripts/setup.sh`` installs):
 
-No network, two layers (measured on this machine: running as root, `unshare -n` works):
+* ``bwrap --unshare-all``: new user, mount, pid, network, IPC, UTS and cgroup namespaces. The
+  network namespace holds only a down loopback, so every connect fails (the host's
+  127.0.0.1 included). The code runs as uid/gid 65534 with no capabilities.
+* ``--ro-bind / /``: the root is read-only; then a private, size-limited tmpfs on ``/tmp``
+  holds the work dir ``/tmp/physarum-sandbox`` (cwd, HOME, TMPDIR), into which the input
+  files are copied. ``/var/tmp``, ``/home``, ``/root``, ``/run``, ``/mnt``, ``/media``,
+  ``/srv`` and the paths in ``hide`` are covered by empty tmpfs (nothing there can be read);
+  the Python installation is bound back read-only when it lives under one of them. ``/proc``
+  is the new pid namespace's, ``/dev`` a minimal one.
+* ``--die-with-parent`` and ``--new-session``: the sandbox dies with its bwrap, and bwrap is
+  killed with its process group on the wall-clock timeout or when the caller is cancelled.
+* rlimits, set in the sandbox before the user code: RLIMIT_NPROC (processes), RLIMIT_CPU
+  (CPU seconds; SIGXCPU, then SIGKILL a second later), RLIMIT_AS (address space),
+  RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE = 0. The kernel never applies RLIMIT_NPROC to
+  host uid 0, so when this process runs as root the process limit is a pids cgroup per run
+  (``pids.max``); a root without a writable pids cgroup cannot bound processes and the
+  Sandbox refuses to start.
 
-1. ``unshare -n`` (a new, empty network namespace: every connect fails) when available.
-   `use_unshare=None` probes for it once per Sandbox; True requires it; False skips it.
-2. A `sys.addaudithook` installed in the child before the user code (`audit_hook=True`):
-   creating or connecting a socket, DNS lookups, spawning processes (subprocess, os.system,
-   exec*, fork, posix_spawn), signalling other processes, and writing, removing or linking
-   files outside the temp dir raise PermissionError. Audit hooks cannot be removed from
-   Python, but they are a best-effort barrier: native code (ctypes, private C modules) can
-   bypass them. Only the namespace is a hard network barrier; neither isolates the file
-   system from reading. Run the whole service in a container for hostile workloads.
+When bwrap is missing or cannot create namespaces here, `Sandbox(...)` raises `SandboxError`
+naming the tool and how to install it. ``allow_weak=True`` (the ``allow_weak: true`` arg of
+the reward or env) instead logs a loud warning and runs in ``isolation == "weak"`` mode:
+rlimits, ``unshare -n`` when it works, and the audit hook below. That mode is NOT a
+security boundary: native code (ctypes) escapes it (writes anywhere, forks, connects).
+
+Both modes: the interpreter runs with ``-I -B`` and an environment of only PATH, LANG and the
+temp dirs; stdout and stderr are captured up to `max_output_bytes` each; and, unless
+``audit_hook=False``, a `sys.addaudithook` refuses sockets, DNS, process spawning, signals and
+Python-level writes outside the work dir with a readable PermissionError (a courtesy to the
+model in bwrap mode, the only barrier in weak mode).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -39,20 +51,33 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-# Runs in the child, before the user code: limits, then the audit hook, then main.py.
+INSTALL_HINT = "install it with `apt-get install -y bubblewrap` (scripts/setup.sh does)"
+HIDDEN = ("/var/tmp", "/home", "/root", "/run", "/mnt", "/media", "/srv")
+WORKDIR = "/tmp/physarum-sandbox"  # inside the bwrap sandbox, on its private tmpfs
+_INPUT = "/tmp/.physarum-input"  # the host temp dir, bound read-only, copied to WORKDIR
+_SANDBOX_UID = 65534
+_run_ids = itertools.count()
+
+# Runs in the child, before the user code: copy the inputs, limits, audit hook, then main.py.
 _BOOTSTRAP = r"""
-import os, resource, sys
-cpu, mem, fsize, nofile, audit = (int(a) for a in sys.argv[1:6])
-script = sys.argv[6]
+import os, resource, shutil, sys
+cpu, mem, fsize, nofile, nproc, audit = (int(a) for a in sys.argv[1:7])
+inputs, script = sys.argv[7:9]
+if inputs != "-":
+    for name in os.listdir(inputs):
+        shutil.copyfile(os.path.join(inputs, name), name)
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+if nproc:
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 if audit:
     root = os.getcwd() + os.sep
     denied = frozenset((
@@ -139,8 +164,57 @@ def unshare_available() -> bool:
     return probe.returncode == 0
 
 
+def bwrap_problem(bwrap: str | None = None) -> str | None:
+    """None when `bwrap --unshare-all` works here, else why not (for the error message)."""
+    exe = bwrap or shutil.which("bwrap")
+    if exe is None:
+        return "`bwrap` (bubblewrap) is not on PATH"
+    argv = [exe, "--unshare-all", "--uid", str(_SANDBOX_UID), "--ro-bind", "/", "/"]
+    try:
+        probe = subprocess.run([*argv, "--", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`{exe}` does not run: {exc}"
+    if probe.returncode != 0:
+        reason = probe.stderr.decode("utf-8", "replace").strip()
+        return f"`{exe} --unshare-all` fails here: {reason or f'exit {probe.returncode}'}"
+    return None
+
+
+def pids_cgroup() -> str | None:
+    """A writable pids-cgroup dir to create per-run children in (cgroup v1 or v2), or None."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            candidate = os.path.join("/sys/fs/cgroup/pids", path.lstrip("/"))
+        elif controllers == "" and _v2_has_pids(path):
+            candidate = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        else:
+            continue
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            return candidate
+    return None
+
+
+def _v2_has_pids(path: str) -> bool:
+    control = os.path.join("/sys/fs/cgroup", path.lstrip("/"), "cgroup.subtree_control")
+    with contextlib.suppress(OSError), open(control, encoding="utf-8") as handle:
+        return "pids" in handle.read().split()
+    return False
+
+
 class Sandbox:
-    """Limits for running untrusted Python; see the module docstring for what each does."""
+    """Isolation and limits for running untrusted Python; see the module docstring.
+
+    processes   most processes and threads at once, the code's own included
+    tmpfs_mb    size of the private /tmp holding the work dir (bwrap mode)
+    hide        more host paths to cover with an empty tmpfs (bwrap mode)
+    allow_weak  run without bwrap (loudly) instead of refusing; NOT isolation
+    """
 
     def __init__(
         self,
@@ -151,84 +225,184 @@ class Sandbox:
         max_output_bytes: int = 64 * 1024,
         file_size_mb: int = 16,
         open_files: int = 64,
-        use_unshare: bool | None = None,
+        processes: int = 32,
+        tmpfs_mb: int = 256,
+        hide: Sequence[str] = (),
+        allow_weak: bool = False,
         audit_hook: bool = True,
         python: str = sys.executable,
     ) -> None:
-        for field_name, value in (("cpu_s", cpu_s), ("memory_mb", memory_mb)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field_name}: expected an int >= 1, got {value!r}")
+        for name, value in (
+            ("cpu_s", cpu_s),
+            ("memory_mb", memory_mb),
+            ("file_size_mb", file_size_mb),
+            ("open_files", open_files),
+            ("processes", processes),
+            ("tmpfs_mb", tmpfs_mb),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if not wall_s > 0:
             raise ValueError(f"wall_s: expected > 0, got {wall_s!r}")
+        if not isinstance(allow_weak, bool):
+            raise ValueError(f"allow_weak: expected true or false, got {allow_weak!r}")
+        for path in hide:
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise ValueError(f"hide: expected absolute paths, got {path!r}")
         self.cpu_s, self.memory_mb, self.wall_s = cpu_s, memory_mb, float(wall_s)
         self.max_output_bytes, self.python = max_output_bytes, python
         self.file_size_mb, self.open_files, self.audit_hook = file_size_mb, open_files, audit_hook
-        available = unshare_available() if use_unshare is not False else False
-        self._unshare = shutil.which("unshare") or "unshare"
-        if use_unshare and not available:
-            raise SandboxError("use_unshare=True but `unshare -n` does not work on this machine")
-        self.uses_unshare = available
-        if not (self.uses_unshare or self.audit_hook):
-            raise SandboxError("no network barrier: enable use_unshare or audit_hook")
+        self.processes, self.tmpfs_mb, self.hide = processes, tmpfs_mb, tuple(hide)
+        self._bwrap = shutil.which("bwrap")
+        self._cgroup: str | None = None
+        problem = bwrap_problem(self._bwrap)
+        if problem is None and os.geteuid() == 0:
+            self._cgroup = pids_cgroup()
+            if self._cgroup is None:
+                problem = (
+                    "this process runs as root, where the kernel ignores RLIMIT_NPROC, "
+                    "and no writable pids cgroup was found to bound processes"
+                )
+        self.uses_unshare = False
+        if problem is None:
+            self.isolation = "bwrap"
+        elif not allow_weak:
+            raise SandboxError(
+                f"the code sandbox needs bubblewrap: {problem}; {INSTALL_HINT}. To run untrusted "
+                "code without it anyway (rlimits and an audit hook only: ctypes escapes them), set "
+                "allow_weak: true in this reward's or environment's args"
+            )
+        else:
+            self.isolation = "weak"
+            self.uses_unshare = unshare_available()
+            if not (self.uses_unshare or self.audit_hook):
+                raise SandboxError("allow_weak: no network barrier: enable audit_hook")
+            logger.warning(
+                "UNSAFE SANDBOX (allow_weak: true): %s, so untrusted code runs with rlimits and "
+                "an audit hook only; native code can write files, fork and%s reach the network. "
+                "Fix: %s",
+                problem,
+                "" if self.uses_unshare else " (no `unshare -n` here)",
+                INSTALL_HINT,
+            )
 
-    def command(self, script: str) -> list[str]:
-        """The argv that runs `script` under this sandbox's limits."""
+    @property
+    def workdir(self) -> str | None:
+        """The code's cwd inside the sandbox (bwrap), None when it is a host temp dir (weak)."""
+        return WORKDIR if self.isolation == "bwrap" else None
+
+    def command(self, script: str, inputs: str) -> list[str]:
+        """The argv that runs `script` under this sandbox; `inputs` is the host dir of files."""
+        bwrap = self.isolation == "bwrap"
         limits = [
             self.cpu_s,
             self.memory_mb * 2**20,
             self.file_size_mb * 2**20,
             self.open_files,
+            self.processes,
             int(self.audit_hook),
         ]
-        argv = [self.python, "-I", "-B", "-c", _BOOTSTRAP, *map(str, limits), script]
-        return [self._unshare, "-n", *argv] if self.uses_unshare else argv
+        argv = [
+            self.python,
+            "-I",
+            "-B",
+            "-c",
+            _BOOTSTRAP,
+            *map(str, limits),
+            _INPUT if bwrap else "-",
+            script,
+        ]
+        if not bwrap:
+            unshare = shutil.which("unshare") or "unshare"
+            return [unshare, "-n", *argv] if self.uses_unshare else argv
+        hidden = [p for p in (*HIDDEN, *self.hide) if os.path.isdir(p)]
+        uid = str(_SANDBOX_UID)
+        return [
+            self._bwrap or "bwrap",
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--uid",
+            uid,
+            "--gid",
+            uid,
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--size",
+            str(self.tmpfs_mb * 2**20),
+            "--tmpfs",
+            "/tmp",
+            *itertools.chain.from_iterable(("--tmpfs", p) for p in hidden),
+            *itertools.chain.from_iterable(
+                ("--ro-bind", p, p) for p in _python_dirs(self.python, ["/tmp", *hidden])
+            ),
+            "--ro-bind",
+            inputs,
+            _INPUT,
+            "--dir",
+            WORKDIR,
+            "--chdir",
+            WORKDIR,
+            "--",
+            *argv,
+        ]
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self, code: str, *, files: dict[str, str] | None = None
+    ) -> AsyncIterator[asyncio.subprocess.Process]:
+        """Start `code` as main.py (plus `files`, name -> text) with stdin/stdout/stderr pipes
+        (`readline` takes lines up to 1 MiB). On exit the whole sandbox is killed and removed.
+        Raises SandboxError only if the sandbox cannot start."""
+        with tempfile.TemporaryDirectory(prefix="physarum-sandbox-") as inputs:
+            for name, text in {**(files or {}), "main.py": code}.items():
+                path = os.path.join(inputs, name)
+                if os.path.dirname(os.path.normpath(path)) != inputs:
+                    raise ValueError(f"files: {name!r} must be a plain file name")
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            os.chmod(inputs, 0o755)
+            cgroup = self._make_cgroup()
+            try:
+                proc = await self._spawn(inputs, cgroup)
+                try:
+                    yield proc
+                finally:
+                    if proc.returncode is None:  # cancelled or done early: nothing left behind
+                        _kill_group(proc)
+            finally:
+                _remove_cgroup(cgroup)
 
     async def run(
         self, code: str, *, stdin: str = "", files: dict[str, str] | None = None
     ) -> SandboxResult:
-        """Run `code` as main.py in a fresh temp dir (plus `files`, name -> text); never raises
-        for anything the code does. Raises SandboxError only if the interpreter cannot start."""
-        with tempfile.TemporaryDirectory(prefix="physarum-sandbox-") as workdir:
-            for name, text in {**(files or {}), "main.py": code}.items():
-                path = os.path.join(workdir, name)
-                if os.path.dirname(os.path.normpath(path)) != workdir:
-                    raise ValueError(f"files: {name!r} must be a plain file name")
-                with open(path, "w", encoding="utf-8") as handle:
-                    handle.write(text)
-            return await self._run_in(workdir, stdin)
-
-    async def _run_in(self, workdir: str, stdin: str) -> SandboxResult:
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+        """Run `code` as main.py in a fresh work dir (plus `files`, name -> text); never raises
+        for anything the code does. Raises SandboxError only if the sandbox cannot start."""
         start = time.monotonic()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command("main.py"),
-                cwd=workdir,
-                env=env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise SandboxError(f"cannot start {self.python!r}: {exc}") from exc
         out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
         timed_out = False
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr), _feed(proc, stdin)),
-                self.wall_s,
-            )
-            await proc.wait()
-        except TimeoutError:
-            timed_out = True
-            _kill_group(proc)
-            await proc.wait()
-        finally:
-            if proc.returncode is None:  # cancelled by the caller: never leave a child behind
+        async with self.open(code, files=files) as proc:
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        out.drain(proc.stdout),
+                        err.drain(proc.stderr),
+                        _feed(proc, stdin),
+                        proc.wait(),
+                    ),
+                    self.wall_s,
+                )
+            except TimeoutError:
+                timed_out = True
                 _kill_group(proc)
+                await proc.wait()
         return SandboxResult(
-            returncode=proc.returncode if proc.returncode is not None else -signal.SIGKILL,
+            returncode=self.returncode(proc.returncode),
             stdout=out.text(),
             stderr=err.text(),
             timed_out=timed_out,
@@ -236,6 +410,80 @@ class Sandbox:
             stdout_truncated=out.truncated,
             stderr_truncated=err.truncated,
         )
+
+    def returncode(self, raw: int | None) -> int:
+        """The code's exit status; bwrap reports a child killed by signal N as 128 + N."""
+        if raw is None:
+            return -signal.SIGKILL
+        if self.isolation == "bwrap" and 128 < raw <= 128 + 64:
+            return 128 - raw
+        return raw
+
+    async def _spawn(self, inputs: str, cgroup: str | None) -> asyncio.subprocess.Process:
+        work = WORKDIR if self.isolation == "bwrap" else inputs
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
+        join: Callable[[], None] | None = None
+        if cgroup is not None:
+            procs = os.path.join(cgroup, "cgroup.procs")
+
+            def join() -> None:  # runs in the child between fork and exec
+                with open(procs, "w") as handle:
+                    handle.write(str(os.getpid()))
+
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.command("main.py", inputs),
+                cwd=inputs,
+                env=env,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=join,
+                limit=2**20,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SandboxError(f"cannot start the sandbox ({self.isolation}): {exc}") from exc
+
+    def _make_cgroup(self) -> str | None:
+        if self._cgroup is None:
+            return None
+        path = os.path.join(self._cgroup, f"physarum-sandbox-{os.getpid()}-{next(_run_ids)}")
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, "pids.max"), "w") as handle:
+                handle.write(str(self.processes + 2))  # + bwrap and its pid-1 monitor
+        except OSError as exc:
+            _remove_cgroup(path)
+            raise SandboxError(f"processes: cannot create the pids cgroup {path}: {exc}") from exc
+        return path
+
+
+def _python_dirs(python: str, hidden: Sequence[str]) -> list[str]:
+    """The interpreter's install dirs that lie under a hidden path (bound back read-only)."""
+    real = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    dirs = {
+        os.path.realpath(p)
+        for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    } | {real}
+    roots = [h.rstrip("/") + os.sep for h in hidden]
+    under = [d for d in dirs if any((d + os.sep).startswith(root) for root in roots)]
+    return sorted(d for d in under if not any(d != o and d.startswith(o + os.sep) for o in under))
+
+
+def _remove_cgroup(path: str | None) -> None:
+    """rmdir a per-run cgroup once its processes are gone (the kill is asynchronous)."""
+    if path is None:
+        return
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    logger.warning("sandbox: could not remove the pids cgroup %s (still busy)", path)
 
 
 class _Capture:

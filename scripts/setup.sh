@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up Physarum on a fresh Debian/Ubuntu machine with Python 3.11: redis-server (apt),
+# Set up Physarum on a fresh Debian/Ubuntu machine with Python 3.11: redis-server and bwrap (apt),
 # a virtualenv with torch==2.13.0 (CPU) installed FIRST, then the project with its extras.
 # Idempotent: a second run only re-installs when pyproject.toml changed.
 set -euo pipefail
@@ -14,6 +14,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else
     echo "setup: redis-server is missing. Install it with:" >&2
     echo "  sudo apt-get install -y redis-server redis-tools" >&2
+    exit 1
+  fi
+fi
+
+# bubblewrap: the isolation of the code sandbox (rewards/sandbox.py); without it the `code`
+# reward and the python env refuse to start unless their args say allow_weak: true.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    echo "setup: installing bubblewrap with apt-get"
+    apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap >/dev/null
+  else
+    echo "setup: bwrap (bubblewrap) is missing. Install it with:" >&2
+    echo "  sudo apt-get install -y bubblewrap" >&2
     exit 1
   fi
 fi

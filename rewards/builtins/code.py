@@ -1,64 +1,176 @@
-"""Code-execution reward: run the generated code against tests in the sandbox.
+"""Code-execution reward: run the generated code against tests, the verdict kept out of reach.
 
 The code is the last fenced block of the final model turn (```` ```python ... ``` ````, else
 any ```` ``` ```` block, else the whole text). The tests come from ``metadata["tests"]`` (a
 list of Python snippets, e.g. ``"assert add(2, 3) == 5"``, or one snippet), else from
-``metadata["label"]`` (one snippet). Everything runs in ONE sandboxed process
-(`rewards.sandbox.Sandbox`: CPU, memory, wall-clock limits, no network, temp dir): the
-solution is executed as module ``solution``, then each test in the solution's namespace.
+``metadata["label"]`` (one snippet).
+
+Two sandboxes (`rewards.sandbox.Sandbox`), so that nothing the solution does can fake a pass:
+
+* the *solution* sandbox executes the code as module ``solution``, then serves requests on
+  its stdin/stdout: look a name up, get an attribute, call an object. A result that is a
+  Python literal (numbers, strings, bytes, None, and lists, tuples, dicts, sets of them)
+  goes back as its ``repr``; anything else as a handle to the object, which stays there.
+* the *tests* sandbox runs each test snippet. Each global name a test uses that is not a
+  builtin is looked up in the solution: literals become plain values, other objects become
+  proxies whose calls, attributes, ``len``, indexing, iteration and ``in`` go to the
+  solution. Results are parsed here with ``ast.literal_eval``, so they are plain data: an
+  object with a rigged ``__eq__`` never crosses, and the comparison is done by this
+  process's own, untouched builtins.
+* this process relays the two and reads the verdict from the tests sandbox only; the
+  solution cannot reach that channel (separate namespaces, no shared memory or files).
+
+Arguments passed to the solution must be literals or solution objects (a test passing a
+lambda fails with a TypeError saying so). A missing function is a NameError in the test.
 
 Result: ``{"pass_rate": passed / total, "ran": 1.0 if the solution itself executed}``; the
 scalar is ``pass_rate`` (the main key). A timeout, crash or limit gives pass_rate 0.
-
-The harness reports its verdict on stdout behind a per-run random nonce it reads from stdin
-before the solution runs, so printing a fake verdict does not work; code that deliberately
-inspects the harness's frames could still forge it (the sandbox is a resource and network
-barrier, not a defence against reward hacking by introspection).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
-import secrets
 
 from buffer.episode import Episode
 from rewards.protocol import RewardInputError, final_text
 from rewards.sandbox import Sandbox
 
-_VERDICT = "__physarum_verdict__"
 _FENCED = re.compile(r"```[ \t]*(?:python|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _ANY_FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+_CRASHED = json.dumps({"error": "RuntimeError", "message": "the solution process ended"})
 
-_HARNESS = """\
-import json, sys
-class _Discard:
-    def write(self, text):
-        return len(text)
-    def flush(self):
-        pass
-def _run(tests):
-    nonce = sys.stdin.readline().strip()
-    sys.stdout = _Discard()  # the solution's prints must not push the verdict out of the cap
-    namespace = {"__name__": "solution"}
-    passed, ran = 0, 0
+# Untrusted: runs the solution, then answers requests. It may lie; the tests side trusts
+# nothing from it but parsed literals.
+_SERVER = r"""
+import ast, json, os, sys
+reply = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # the solution's own prints go to stderr
+handles = []
+def send(message):
+    reply.write(json.dumps(message) + "\n")
+    reply.flush()
+def encode(value):
     try:
-        with open("solution.py", encoding="utf-8") as handle:
-            source = handle.read()
-        exec(compile(source, "solution.py", "exec"), namespace)
-        ran = 1
+        text = repr(value)
+        if len(text) < 100_000 and ast.literal_eval(text) == value:
+            return {"value": text}
+    except Exception:
+        pass
+    handles.append(value)
+    return {"handle": len(handles) - 1}
+def decode(arg):
+    return handles[arg["handle"]] if "handle" in arg else ast.literal_eval(arg["value"])
+namespace = {"__name__": "solution"}
+try:
+    with open("solution.py", encoding="utf-8") as handle:
+        exec(compile(handle.read(), "solution.py", "exec"), namespace)
+except BaseException as exc:
+    print(f"solution failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    send({"ready": False})
+    sys.exit(0)
+send({"ready": True})
+special = {"len": len, "iter": list, "getitem": lambda o, k: o[k], "contains": lambda o, k: k in o}
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        op = request["op"]
+        target = namespace if request.get("obj") is None else handles[request["obj"]]
+        if op == "lookup":
+            if request["name"] not in namespace:
+                send({"missing": True})
+                continue
+            result = namespace[request["name"]]
+        elif op == "get":
+            result = getattr(target, request["name"])
+        elif op == "call":
+            args = [decode(a) for a in request["args"]]
+            kwargs = {k: decode(v) for k, v in request["kwargs"].items()}
+            result = target(*args, **kwargs)
+        else:
+            result = special[op](target, *[decode(a) for a in request["args"]])
+        send(encode(result))
     except BaseException as exc:
-        print(f"solution failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    if ran:
-        for index, test in enumerate(tests):
-            try:
-                exec(compile(test, f"test_{index}", "exec"), namespace)
-                passed += 1
-            except BaseException as exc:
-                print(f"test {index} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    sys.__stdout__.write(f"\\n%s {nonce} {passed} {ran}\\n")
-    sys.__stdout__.flush()
-_run(json.loads(%r))
+        send({"error": type(exc).__name__, "message": str(exc)[:2000]})
+"""
+
+# Trusted: runs the tests; asks the solution through this process (its stdin/stdout).
+_TESTS = r"""
+import ast, builtins, json, os, sys
+channel = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # the tests' prints go to stderr
+def ask(request):
+    channel.write(json.dumps(request) + "\n")
+    channel.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise RuntimeError("no answer from the solution")
+    return json.loads(line)
+def encode(value):
+    if isinstance(value, Remote):
+        return {"handle": object.__getattribute__(value, "_handle")}
+    text = repr(value)
+    try:
+        ast.literal_eval(text)
+    except Exception:
+        raise TypeError(f"cannot pass a {type(value).__name__} to the solution: only Python "
+                        "literals and the solution's own objects cross the sandbox") from None
+    return {"value": text}
+def decode(answer):
+    if "error" in answer:
+        kind = getattr(builtins, str(answer["error"]), None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            kind = RuntimeError
+        raise kind(f"{answer['error']} in the solution: {answer.get('message', '')}")
+    if "handle" in answer:
+        return Remote(int(answer["handle"]))
+    return ast.literal_eval(answer["value"])
+class Remote:
+    __slots__ = ("_handle",)
+    def __init__(self, handle):
+        object.__setattr__(self, "_handle", handle)
+    def _ask(self, op, *args, **kwargs):
+        request = {"op": op, "obj": object.__getattribute__(self, "_handle")}
+        return decode(ask({**request, **kwargs, "args": [encode(a) for a in args]}))
+    def __call__(self, *args, **kwargs):
+        kwargs = {k: encode(v) for k, v in kwargs.items()}
+        return object.__getattribute__(self, "_ask")("call", *args, kwargs=kwargs)
+    def __getattr__(self, name):
+        return object.__getattribute__(self, "_ask")("get", name=name)
+    def __len__(self):
+        return object.__getattribute__(self, "_ask")("len")
+    def __getitem__(self, key):
+        return object.__getattribute__(self, "_ask")("getitem", key)
+    def __contains__(self, key):
+        return object.__getattribute__(self, "_ask")("contains", key)
+    def __iter__(self):
+        return iter(object.__getattribute__(self, "_ask")("iter"))
+def names(code):
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            found |= names(const)
+    return found
+def main(tests):
+    ready = ask({"op": "ready"}).get("ready") is True
+    passed = 0
+    for index, test in enumerate(tests if ready else []):
+        try:
+            code = compile(test, f"test_{index}", "exec")
+            namespace = {"__name__": "__test__"}
+            for name in sorted(names(code) - set(dir(builtins))):
+                answer = ask({"op": "lookup", "name": name})
+                if not answer.get("missing"):
+                    namespace[name] = decode(answer)
+            exec(code, namespace)
+            passed += 1
+        except BaseException as exc:
+            print(f"test {index} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    channel.write(json.dumps({"verdict": [passed, int(ready)]}) + "\n")
+    channel.flush()
+main(json.loads(%r))
 """
 
 
@@ -84,32 +196,58 @@ def _tests(episode: Episode) -> list[str]:
 
 
 class CodeTestsReward:
-    """Sandboxed test execution; args are the sandbox limits (see `rewards.sandbox`)."""
+    """Sandboxed test execution; args are the sandbox's (see `rewards.sandbox.Sandbox`:
+    cpu_s, memory_mb, wall_s, processes, allow_weak, ...), the same for both sandboxes."""
 
     reward_main_key = "pass_rate"
 
-    def __init__(
-        self,
-        *,
-        cpu_s: int = 5,
-        memory_mb: int = 512,
-        wall_s: float = 10.0,
-        use_unshare: bool | None = None,
-    ) -> None:
-        self.sandbox = Sandbox(
-            cpu_s=cpu_s, memory_mb=memory_mb, wall_s=wall_s, use_unshare=use_unshare
-        )
+    def __init__(self, **sandbox_args: object) -> None:
+        self.sandbox = Sandbox(**sandbox_args)  # type: ignore[arg-type]
 
     async def __call__(self, episode: Episode) -> dict[str, float]:
         tests = _tests(episode)
         code = extract_code(final_text(episode))
-        nonce = secrets.token_hex(16)
-        harness = _HARNESS % (_VERDICT, json.dumps(tests))
-        result = await self.sandbox.run(harness, stdin=nonce + "\n", files={"solution.py": code})
         passed, ran = 0, 0
-        for line in reversed(result.stdout.splitlines()):
-            parts = line.split()
-            if len(parts) == 4 and parts[0] == _VERDICT and parts[1] == nonce:
-                passed, ran = int(parts[2]), int(parts[3])
-                break
+        with contextlib.suppress(TimeoutError):
+            passed, ran = await asyncio.wait_for(self._grade(code, tests), self.sandbox.wall_s)
         return {"pass_rate": passed / len(tests), "ran": float(ran)}
+
+    async def _grade(self, code: str, tests: list[str]) -> tuple[int, int]:
+        """Relay the tests sandbox's requests to the solution sandbox; return its verdict."""
+        async with (
+            self.sandbox.open(_SERVER, files={"solution.py": code}) as solution,
+            self.sandbox.open(_TESTS % json.dumps(tests)) as grader,
+        ):
+            drains = [asyncio.ensure_future(_discard(p.stderr)) for p in (solution, grader)]
+            try:
+                while line := await grader.stdout.readline():
+                    message = json.loads(line)
+                    if "verdict" in message:
+                        passed, ran = message["verdict"]
+                        return int(passed), int(ran)
+                    answer = await _answer(solution, None if message.get("op") == "ready" else line)
+                    grader.stdin.write(answer.encode() + b"\n")
+                    await grader.stdin.drain()
+                return 0, 0  # the tests sandbox died (a limit): no verdict, no pass
+            finally:
+                for drain in drains:
+                    drain.cancel()
+
+
+async def _answer(solution: asyncio.subprocess.Process, request: bytes | None) -> str:
+    """Send `request` (None: just read the "ready" message) and return the solution's reply
+    line as it sent it: only the tests sandbox parses it."""
+    try:
+        if request is not None:
+            solution.stdin.write(request)
+            await solution.stdin.drain()
+        line = await solution.stdout.readline()
+    except (ValueError, ConnectionError):  # a reply over 1 MiB, or the solution is gone
+        return _CRASHED
+    text = line.decode("utf-8", "replace").strip()
+    return text if text and "\n" not in text else _CRASHED
+
+
+async def _discard(stream: asyncio.StreamReader | None) -> None:
+    while stream is not None and await stream.read(65536):
+        pass

@@ -26,7 +26,7 @@ def test_factory_hook_shares_read_only_state() -> None:
     factory = resolve_env("search", {"top_k": 2})
     first, second = factory(), factory()
     assert first.index is second.index and first.top_k == 2
-    python = resolve_env("python", {"cpu_s": 2, "use_unshare": False})
+    python = resolve_env("python", {"cpu_s": 2, "processes": 4})
     assert python().sandbox is python().sandbox and python().sandbox.cpu_s == 2
 
 

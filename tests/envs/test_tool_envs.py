@@ -89,7 +89,7 @@ def test_toolbox_limits_calls_and_output_and_survives_tool_bugs() -> None:
 
 
 def test_python_env_runs_code_in_the_sandbox() -> None:
-    env = PythonSandboxEnv.factory(cpu_s=1, wall_s=10, use_unshare=False)()
+    env = PythonSandboxEnv.factory(cpu_s=1, wall_s=10)()
     env.reset({"id": "q", "messages": [{"role": "user", "content": "2**100?"}]})
     result = step(env, call("python", code="print(2**100)"))
     assert result.observations == [str(2**100)] and not result.done

@@ -56,7 +56,64 @@ def test_printing_a_fake_verdict_does_not_pass() -> None:
 
 def test_infinite_loop_scores_zero_within_the_limits() -> None:
     result = reward("def add(a, b):\n    while True:\n        pass\n", cpu_s=1, wall_s=20)
-    assert result == {"pass_rate": 0.0, "ran": 0.0}
+    assert result == {"pass_rate": 0.0, "ran": 1.0}  # the module ran; every call hit the limit
+    assert reward("while True:\n    pass\n", cpu_s=1, wall_s=20) == {"pass_rate": 0.0, "ran": 0.0}
+
+
+# Each of these scored 1.0 when the tests ran in the solution's own process.
+FORGERIES = {
+    "compile replaced, no function": (
+        "import builtins\n_real = builtins.compile\n"
+        "builtins.compile = lambda src, name, mode, *a, **k: _real('pass', name, mode)\n"
+    ),
+    "exec replaced": (
+        "import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b):\n    return None\n"
+    ),
+    "__eq__ always true": (
+        "class Anything:\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return Anything()\n"
+    ),
+    "verdict on every fd": (
+        "import os\n"
+        "for fd in range(1, 20):\n"
+        "    try:\n"
+        '        os.write(fd, b\'{"verdict": [3, 1]}\\n{"ready": true}\\n\')\n'
+        "    except OSError:\n"
+        "        pass\n"
+        "def add(a, b):\n    return None\n"
+    ),
+    "AssertionError silenced": (
+        "import builtins\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\n"
+        "def add(a, b):\n    return None\n"
+    ),
+    "exit before the tests": "import os\nos._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_the_solution_cannot_forge_the_verdict(name: str) -> None:
+    assert reward(f"```python\n{FORGERIES[name]}```")["pass_rate"] == 0.0
+
+
+def test_objects_calls_and_exceptions_cross_the_boundary() -> None:
+    solution = (
+        "class Stack:\n"
+        "    def __init__(self):\n        self.items = []\n"
+        "    def push(self, x):\n        self.items.append(x)\n"
+        "    def pop(self):\n        return self.items.pop()\n"
+        "    def __len__(self):\n        return len(self.items)\n"
+        "LIMIT = 3\n"
+        "def div(a, b):\n    return a / b\n"
+    )
+    tests = [
+        "s = Stack()\ns.push(1)\ns.push([2, 'x'])\nassert len(s) == 2\n"
+        "assert s.pop() == [2, 'x'] and s.items == [1]",
+        "assert LIMIT == 3 and div(b=4, a=2) == 0.5",
+        "try:\n    div(1, 0)\nexcept ZeroDivisionError:\n    pass\nelse:\n    raise AssertionError",
+        "assert div(lambda: 1, 2)",  # a lambda cannot be passed: fails, with a TypeError
+        "assert missing(1) == 1",  # NameError
+    ]
+    assert reward(solution, tests=tests) == {"pass_rate": pytest.approx(3 / 5), "ran": 1.0}
 
 
 def test_through_reward_fn_with_main_key() -> None:

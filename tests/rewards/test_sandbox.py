@@ -1,4 +1,9 @@
-"""The code sandbox: CPU, memory and wall limits, no network, temp dir, output cap, cleanup."""
+"""The code sandbox: bwrap isolation, rlimits, output cap, cleanup, and escape attempts.
+
+Each escape test asserts on the host side (files, listener, processes) that nothing
+changed; the same escapes run in weak mode (the pre-bwrap sandbox) show that they do leak
+there, so the assertions can fail.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,14 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from rewards.sandbox import Sandbox, SandboxError, unshare_available
+from rewards import sandbox as sandbox_module
+from rewards.sandbox import WORKDIR, Sandbox, SandboxError, bwrap_problem, unshare_available
 
 UNSHARE = unshare_available()
+pytestmark = pytest.mark.skipif(
+    bwrap_problem() is not None,
+    reason=f"{bwrap_problem()}: install it with `apt-get install -y bubblewrap`",
+)
 
 
 def run(sandbox: Sandbox, code: str, **kwargs):
@@ -46,18 +56,18 @@ def listener() -> Iterator[tuple[int, list]]:
         conn.close()
 
 
-def test_runs_code_with_stdin_and_files_in_a_temp_dir() -> None:
+def test_runs_code_with_stdin_and_files_in_a_private_work_dir() -> None:
     code = (
         "import os, sys, helper\n"
-        "print(helper.VALUE, sys.stdin.read().strip(), os.getcwd())\n"
+        "print(helper.VALUE, sys.stdin.read().strip(), os.getcwd(), os.getuid())\n"
         "open('scratch.txt', 'w').write('ok')\n"
     )
-    result = run(Sandbox(use_unshare=False), code, stdin="hello", files={"helper.py": "VALUE=7"})
+    sandbox = Sandbox()
+    assert sandbox.isolation == "bwrap"
+    result = run(sandbox, code, stdin="hello", files={"helper.py": "VALUE=7"})
     assert result.ok and result.status == "ok", result.stderr
-    value, echoed, cwd = result.stdout.split()
-    assert (value, echoed) == ("7", "hello")
-    assert "physarum-sandbox-" in cwd
-    assert not psutil.os.path.exists(cwd)  # removed afterwards
+    assert result.stdout.split() == ["7", "hello", WORKDIR, "65534"]
+    assert not psutil.os.path.exists(WORKDIR)  # the work dir never existed on the host
 
 
 def test_infinite_loop_is_killed_by_the_cpu_limit() -> None:
@@ -91,28 +101,54 @@ def test_connect_is_refused_by_the_audit_hook(listener: tuple[int, list]) -> Non
         time.sleep(0.01)
     baseline = len(accepted)
     code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-    result = run(Sandbox(use_unshare=False, audit_hook=True), code)
+    result = run(Sandbox(audit_hook=True), code)
     assert result.returncode == 1
     assert "PermissionError: sandbox: socket" in result.stderr
     time.sleep(0.3)
     assert len(accepted) == baseline
 
 
-@pytest.mark.skipif(not UNSHARE, reason="`unshare -n` does not work here (needs root/userns)")
-def test_connect_is_refused_by_the_network_namespace(listener: tuple[int, list]) -> None:
-    port, accepted = listener
-    code = (
+def wait_accepted(port: int, accepted: list) -> int:
+    """Connect from the host first (the listener works), return the accepted count."""
+    with socket.create_connection(("127.0.0.1", port)):
+        pass
+    deadline = time.monotonic() + 10.0
+    while not accepted:  # wait for the listener to record it, however busy the CPU
+        assert time.monotonic() < deadline, "the listener never accepted the connection"
+        time.sleep(0.01)
+    return len(accepted)
+
+
+CONNECTS = {
+    "socket": (
         "import socket\n"
         "try:\n"
-        f"    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
         "    print('connected')\n"
         "except OSError as exc:\n"
         "    print('refused', exc.errno)\n"
-    )
-    result = run(Sandbox(use_unshare=True, audit_hook=False), code)
+    ),
+    "ctypes": (  # below the audit hook: libc socket() + connect()
+        "import ctypes, struct\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "fd = libc.socket(2, 1, 0)\n"
+        "addr = struct.pack('=H', 2) + struct.pack('!H', {port}) + bytes([127, 0, 0, 1])\n"
+        "addr += bytes(8)\n"
+        "rc = libc.connect(fd, addr, 16)\n"
+        "print('connected' if rc == 0 else 'refused', ctypes.get_errno())\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CONNECTS))
+def test_connect_to_the_hosts_loopback_is_refused(listener: tuple[int, list], how: str) -> None:
+    port, accepted = listener
+    baseline = wait_accepted(port, accepted)
+    result = run(Sandbox(audit_hook=False), CONNECTS[how].format(port=port))
     assert result.ok, result.stderr
-    assert result.stdout.startswith("refused")
-    assert accepted == []
+    assert result.stdout.startswith("refused"), result.stdout
+    time.sleep(0.3)
+    assert len(accepted) == baseline
 
 
 @pytest.mark.parametrize(
@@ -128,7 +164,7 @@ def test_connect_is_refused_by_the_network_namespace(listener: tuple[int, list])
     ],
 )
 def test_audit_hook_blocks_processes_and_writes_outside(code: str, fragment: str) -> None:
-    result = run(Sandbox(use_unshare=False), code)
+    result = run(Sandbox(), code)
     assert result.returncode == 1 and fragment in result.stderr, result.stderr[-300:]
 
 
@@ -165,7 +201,41 @@ def test_cancelling_the_caller_kills_the_child() -> None:
 
 
 def test_configuration_errors() -> None:
-    with pytest.raises(SandboxError, match="no network barrier"):
-        Sandbox(use_unshare=False, audit_hook=False)
     with pytest.raises(ValueError, match="cpu_s"):
         Sandbox(cpu_s=0)
+    with pytest.raises(ValueError, match="processes"):
+        Sandbox(processes=True)
+    with pytest.raises(ValueError, match="hide"):
+        Sandbox(hide=["relative/path"])
+    with pytest.raises(ValueError, match="allow_weak"):
+        Sandbox(allow_weak="yes")  # type: ignore[arg-type]
+
+
+def test_missing_bwrap_is_an_error_naming_the_tool_and_the_way_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    with pytest.raises(SandboxError) as info:
+        Sandbox()
+    message = str(info.value)
+    assert "`bwrap` (bubblewrap) is not on PATH" in message
+    assert "apt-get install -y bubblewrap" in message and "allow_weak: true" in message
+    with caplog.at_level("WARNING", logger="rewards.sandbox"):
+        weak = Sandbox(allow_weak=True)
+    assert weak.isolation == "weak"
+    assert "UNSAFE SANDBOX (allow_weak: true)" in caplog.text and "bubblewrap" in caplog.text
+    with pytest.raises(SandboxError, match="no network barrier"):
+        Sandbox(allow_weak=True, audit_hook=False)  # no `unshare` either (which() is None)
+
+
+def test_a_broken_bwrap_is_reported_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: "/bin/false")
+    with pytest.raises(SandboxError, match=r"`/bin/false --unshare-all` fails here: exit 1"):
+        Sandbox()
+
+
+@pytest.mark.skipif(psutil.os.geteuid() != 0, reason="the cgroup is needed only as root")
+def test_root_without_a_pids_cgroup_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox_module, "pids_cgroup", lambda: None)
+    with pytest.raises(SandboxError, match="ignores RLIMIT_NPROC"):
+        Sandbox()
