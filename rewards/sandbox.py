@@ -9,7 +9,11 @@ Isolation (``isolation == "bwrap"``, the default; needs `bwrap`, Debian package
 
 * ``bwrap --unshare-all``: new user, mount, pid, network, IPC, UTS and cgroup namespaces. The
   network namespace holds only a down loopback, so every connect fails (the host's
-  127.0.0.1 included). The code runs as uid/gid 65534 with no capabilities.
+  127.0.0.1 included). The code runs as uid/gid 65534 with no capabilities. When this
+  process is root, uid 65534 of a user namespace would still be the host's root for file
+  permissions (0600 secrets, /etc/shadow), so there bwrap makes every namespace but the
+  user one and the bootstrap drops to the host's uid/gid 65534 before the user code
+  (bwrap sets no_new_privs: setuid binaries give nothing back).
 * ``--ro-bind / /``: the root is read-only; then a private, size-limited tmpfs on ``/tmp``
   holds the work dir ``/tmp/physarum-sandbox`` (cwd, HOME, TMPDIR), into which the input
   files are copied. ``/var/tmp``, ``/home``, ``/root``, ``/run``, ``/mnt``, ``/media``,
@@ -61,13 +65,18 @@ HIDDEN = ("/var/tmp", "/home", "/root", "/run", "/mnt", "/media", "/srv")
 WORKDIR = "/tmp/physarum-sandbox"  # inside the bwrap sandbox, on its private tmpfs
 _INPUT = "/tmp/.physarum-input"  # the host temp dir, bound read-only, copied to WORKDIR
 _SANDBOX_UID = 65534
+_ROOT = os.geteuid() == 0
 _run_ids = itertools.count()
 
 # Runs in the child, before the user code: copy the inputs, limits, audit hook, then main.py.
 _BOOTSTRAP = r"""
 import os, resource, shutil, sys
-cpu, mem, fsize, nofile, nproc, audit = (int(a) for a in sys.argv[1:7])
-inputs, script = sys.argv[7:9]
+cpu, mem, fsize, nofile, nproc, audit, drop = (int(a) for a in sys.argv[1:8])
+inputs, script = sys.argv[8:10]
+if drop:  # host root: become nobody (no capabilities left; bwrap set no_new_privs)
+    os.setgroups([])
+    os.setgid(drop)
+    os.setuid(drop)
 if inputs != "-":
     for name in os.listdir(inputs):
         shutil.copyfile(os.path.join(inputs, name), name)
@@ -169,7 +178,7 @@ def bwrap_problem(bwrap: str | None = None) -> str | None:
     exe = bwrap or shutil.which("bwrap")
     if exe is None:
         return "`bwrap` (bubblewrap) is not on PATH"
-    argv = [exe, "--unshare-all", "--uid", str(_SANDBOX_UID), "--ro-bind", "/", "/"]
+    argv = [exe, *_namespaces(), "--ro-bind", "/", "/"]
     try:
         probe = subprocess.run([*argv, "--", "true"], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -178,6 +187,17 @@ def bwrap_problem(bwrap: str | None = None) -> str | None:
         reason = probe.stderr.decode("utf-8", "replace").strip()
         return f"`{exe} --unshare-all` fails here: {reason or f'exit {probe.returncode}'}"
     return None
+
+
+def _namespaces() -> list[str]:
+    """bwrap's namespace flags. Not root: ``--unshare-all`` as uid 65534 in a user namespace.
+    Root: the same namespaces except the user one, whose uid 65534 would still be the host's
+    root for file permissions (reading 0600 secrets, /etc/shadow); the bootstrap instead
+    drops to the host's uid 65534 with the two capabilities kept for that (then none)."""
+    if not _ROOT:
+        return ["--unshare-all", "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID)]
+    unshare = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+    return [*unshare, "--unshare-cgroup-try", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
 
 
 def pids_cgroup() -> str | None:
@@ -294,63 +314,27 @@ class Sandbox:
     def command(self, script: str, inputs: str) -> list[str]:
         """The argv that runs `script` under this sandbox; `inputs` is the host dir of files."""
         bwrap = self.isolation == "bwrap"
-        limits = [
-            self.cpu_s,
-            self.memory_mb * 2**20,
-            self.file_size_mb * 2**20,
-            self.open_files,
-            self.processes,
-            int(self.audit_hook),
-        ]
-        argv = [
-            self.python,
-            "-I",
-            "-B",
-            "-c",
-            _BOOTSTRAP,
-            *map(str, limits),
-            _INPUT if bwrap else "-",
-            script,
-        ]
+        nproc = 0 if self._cgroup else self.processes  # root: the cgroup counts, not NPROC
+        drop = _SANDBOX_UID if bwrap and _ROOT else 0
+        limits = [self.cpu_s, self.memory_mb * 2**20, self.file_size_mb * 2**20]
+        limits += [self.open_files, nproc, int(self.audit_hook), drop]
+        argv = [self.python, "-I", "-B", "-c", _BOOTSTRAP, *map(str, limits)]
+        argv += [_INPUT if bwrap else "-", script]
         if not bwrap:
             unshare = shutil.which("unshare") or "unshare"
             return [unshare, "-n", *argv] if self.uses_unshare else argv
         hidden = [p for p in (*HIDDEN, *self.hide) if os.path.isdir(p)]
-        uid = str(_SANDBOX_UID)
-        return [
-            self._bwrap or "bwrap",
-            "--unshare-all",
-            "--die-with-parent",
-            "--new-session",
-            "--uid",
-            uid,
-            "--gid",
-            uid,
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--size",
-            str(self.tmpfs_mb * 2**20),
-            "--tmpfs",
-            "/tmp",
-            *itertools.chain.from_iterable(("--tmpfs", p) for p in hidden),
-            *itertools.chain.from_iterable(
-                ("--ro-bind", p, p) for p in _python_dirs(self.python, ["/tmp", *hidden])
-            ),
-            "--ro-bind",
-            inputs,
-            _INPUT,
-            "--dir",
-            WORKDIR,
-            "--chdir",
-            WORKDIR,
-            "--",
-            *argv,
-        ]
+        mounts = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        mounts += ["--perms", "01777", "--size", str(self.tmpfs_mb * 2**20), "--tmpfs", "/tmp"]
+        for path in hidden:
+            mounts += ["--perms", "0755", "--tmpfs", path]
+        for path in _python_dirs(self.python, ["/tmp", *hidden]):
+            for parent in _parents_below(path, ["/tmp", *hidden]):
+                mounts += ["--perms", "0755", "--dir", parent]
+            mounts += ["--ro-bind", path, path]
+        mounts += ["--ro-bind", inputs, _INPUT, "--perms", "01777", "--dir", WORKDIR]
+        bwrap_argv = [self._bwrap or "bwrap", *_namespaces(), "--die-with-parent"]
+        return [*bwrap_argv, "--new-session", *mounts, "--chdir", WORKDIR, "--", *argv]
 
     @contextlib.asynccontextmanager
     async def open(
@@ -469,6 +453,16 @@ def _python_dirs(python: str, hidden: Sequence[str]) -> list[str]:
     roots = [h.rstrip("/") + os.sep for h in hidden]
     under = [d for d in dirs if any((d + os.sep).startswith(root) for root in roots)]
     return sorted(d for d in under if not any(d != o and d.startswith(o + os.sep) for o in under))
+
+
+def _parents_below(path: str, hidden: Sequence[str]) -> list[str]:
+    """The dirs between the hidden root that holds `path` and `path` (made 0755 there)."""
+    for root in hidden:
+        root = root.rstrip("/")
+        if path.startswith(root + os.sep):
+            parts = path[len(root) + 1 :].split(os.sep)[:-1]
+            return [os.path.join(root, *parts[: i + 1]) for i in range(len(parts))]
+    return []
 
 
 def _remove_cgroup(path: str | None) -> None:

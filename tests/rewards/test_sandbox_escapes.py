@@ -102,6 +102,26 @@ def test_host_files_cannot_be_read(tmp_path: Path) -> None:
     assert set(eval(lines["/root"])) <= {".pyenv"}  # only the bound-back interpreter, if any
 
 
+@pytest.mark.skipif(psutil.os.geteuid() != 0, reason="as a user, the code runs as that user")
+def test_as_root_the_code_has_no_root_file_access(repo_tmp: Path) -> None:
+    secret = repo_tmp / "secret.txt"  # on the read-only root, not under a hidden dir
+    secret.write_text("hunter2")
+    secret.chmod(0o600)
+    code = (
+        f"for path in [{str(secret)!r}, '/etc/shadow']:\n"
+        "    try:\n"
+        "        print(path, open(path).read()[:20])\n"
+        "    except OSError as exc:\n"
+        "        print(path, type(exc).__name__)\n"
+    )
+    result = run(Sandbox(), code)
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{secret} PermissionError",
+        "/etc/shadow PermissionError",
+    ]
+
+
 FORKS = (
     "import ctypes, time\nlibc = ctypes.CDLL(None, use_errno=True)\nforked = 0\n"
     "for _ in range(100):\n"
