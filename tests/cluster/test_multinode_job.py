@@ -16,6 +16,9 @@ where is decided by the cluster, and read back from the run dir's placement.json
   mid-run (both rollout workers die with it), n3 is started again, new workers start there
   and the job finishes; the buffer's accounting shows no prompt lost and no group trained
   twice.
+- test_trainer_node_dies_the_job_stops_naming_it_and_resumes: n2's raylet is SIGKILLed
+  after the step-5 checkpoint; the job stops within 60 s naming n2 and the resume command;
+  with n2 back, that command finishes the job.
 The run dir is on the filesystem every node shares (design (a) of DESIGN.md).
 """
 
@@ -270,6 +273,59 @@ def test_rollout_node_dies_and_comes_back(netns_cluster: NetnsCluster, tmp_path:
     assert stats.groups_acked == STEPS * PROMPTS_PER_STEP, stats
     assert stats.groups_pending == 0, stats
     assert stats.version == STEPS
+
+
+def test_trainer_node_dies_the_job_stops_naming_it_and_resumes(
+    netns_cluster: NetnsCluster, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(
+        netns_cluster.command("head", physarum_run(overrides(run_dir))),
+        env=netns_cluster.env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "step_5" / "COMPLETE").exists():
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 5 within 300 s"
+            time.sleep(0.1)
+        raylet = _raylet(netns_cluster, "n2")
+        assert raylet is not None, "no raylet in n2"
+        os.kill(raylet, signal.SIGKILL)
+        killed = time.monotonic()
+        driver.wait(timeout=120)
+        stopped_after = time.monotonic() - killed
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        log.close()
+        netns_cluster.kill_node("n2")  # what the raylet left; then n2 rejoins
+        netns_cluster.start_node("n2")
+    output = (tmp_path / "driver.log").read_text()
+    last = train_steps(run_dir)[-1]
+    print(f"trainer node killed after step {last}: the job stopped {stopped_after:.0f} s later")
+    assert driver.returncode != 0, output[-6000:]
+    assert stopped_after < 60, output[-6000:]
+    assert f"on node {N2} was lost" in output, output[-6000:]
+    assert f"physarum run --resume {run_dir}" in output, output[-6000:]
+
+    # What the message says to run, with n2 back: the job ends where it would have.
+    started = time.monotonic()
+    done = netns_cluster.run(
+        "head", [str(BIN / "physarum"), "run", "--resume", str(run_dir)], timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-6000:]
+    print(f"resumed and finished in {time.monotonic() - started:.0f} s")
+    assert "resumed from" in done.stdout
+    check_every_step(run_dir, STEPS)
+    check_placement(run_dir, [N2])
+    assert (run_dir / "checkpoints" / f"step_{STEPS}" / "COMPLETE").exists()
 
 
 def _job_process(argv: list[bytes]) -> bool:
