@@ -445,11 +445,12 @@ class Sandbox:
 
 def _python_dirs(python: str, hidden: Sequence[str]) -> list[str]:
     """The interpreter's install dirs that lie under a hidden path (bound back read-only)."""
-    real = os.path.dirname(os.path.dirname(os.path.realpath(python)))
-    dirs = {
-        os.path.realpath(p)
-        for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
-    } | {real}
+    # the venv (python's own dir's parent) and the install it links to; sys's prefixes when
+    # `python` is this interpreter
+    dirs = {os.path.dirname(os.path.dirname(p)) for p in (python, os.path.realpath(python))}
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+        dirs |= {os.path.realpath(p) for p in prefixes}
     roots = [h.rstrip("/") + os.sep for h in hidden]
     under = [d for d in dirs if any((d + os.sep).startswith(root) for root in roots)]
     return sorted(d for d in under if not any(d != o and d.startswith(o + os.sep) for o in under))

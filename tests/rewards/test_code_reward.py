@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 
+from rewards import sandbox as sandbox_module
 from rewards.builtins.code import CodeTestsReward, extract_code
 from rewards.composite import build_reward_fn
 from rewards.registry import RewardSpec
+from rewards.resolver import PluginError
 from tests.rewards.conftest import episode_with
 
 TESTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add('a', 'b') == 'ab'"]
@@ -127,3 +129,12 @@ def test_through_reward_fn_with_main_key() -> None:
     assert episodes[0].reward == 1.0 and episodes[0].rewards["code/ran"] == 1.0
     assert episodes[1].reward == pytest.approx(1 / 3)
     assert episodes[2].is_error and "metadata['tests']" in episodes[2].metadata["error"]
+
+
+def test_without_bwrap_the_reward_fails_at_start_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox_module, "bwrap_problem", lambda exe: "`bwrap` is not on PATH")
+    with pytest.raises(PluginError) as info:
+        build_reward_fn([RewardSpec("code", args={"cpu_s": 2})], timeout_s=30)
+    message = str(info.value)
+    assert "reward 'code'" in message and "`bwrap` is not on PATH" in message
+    assert "apt-get install -y bubblewrap" in message and "allow_weak: true" in message
