@@ -470,14 +470,14 @@ def _remove_cgroup(path: str | None) -> None:
     """rmdir a per-run cgroup once its processes are gone (the kill is asynchronous)."""
     if path is None:
         return
-    for _ in range(100):
+    for _ in range(1000):  # usually a few ms after bwrap exits
         try:
             os.rmdir(path)
             return
         except FileNotFoundError:
             return
         except OSError:
-            time.sleep(0.01)
+            time.sleep(0.001)
     logger.warning("sandbox: could not remove the pids cgroup %s (still busy)", path)
 
 
