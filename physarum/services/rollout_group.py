@@ -222,7 +222,14 @@ class RolloutGroup:
             if not ray.wait([ready], timeout=0)[0]:
                 continue
             del self.starting[worker_id]
-            ray.get(ready)  # raises if the new worker failed to start: that is a bug
+            try:
+                ray.get(ready)
+            except RayActorError as exc:
+                if exc.actor_init_failed:  # its constructor raised: a bug, not a lost node
+                    raise
+                # placed on a node that died before it ran (the GCS had not noticed yet)
+                self._restart(worker_id)
+                continue
             try:
                 if self.latest_update is not None:
                     ray.get(actor.update_weights.remote(self.latest_update))
@@ -297,12 +304,18 @@ class RolloutGroup:
 
     def stats(self) -> dict[str, float]:
         merged: dict[str, float] = {}
-        for snapshot in ray.get([a.stats.remote() for a in self.actors.values()]):
+        answered = 0
+        for ref in [a.stats.remote() for a in self.actors.values()]:
+            try:
+                snapshot = ray.get(ref)
+            except RayActorError:  # died since the last check(), which restarts it next
+                continue
+            answered += 1
             for key, value in snapshot.items():
                 merged[key] = merged.get(key, 0.0) + value
         for mean in ("rollout/reward_mean", "rollout/busy_fraction"):
             if mean in merged:
-                merged[mean] /= max(1, len(self.actors))
+                merged[mean] /= max(1, answered)
         merged["rollout/restarts"] = float(self.restarts)
         return merged
 

@@ -252,11 +252,12 @@ def test_rollout_node_dies_and_comes_back(netns_cluster: NetnsCluster, tmp_path:
     assert after, "no new rollout worker logged from n3"
 
     stats = _buffer_stats(run_dir, "toy_grpo")
-    # No prompt lost: each prompt is done, leased or queued. The dead workers' leases expired
-    # and their prompts went back to the queue; a group dropped as too stale (the new
-    # workers' first groups can be, while the shares settle) sends its prompt back too, so
-    # that prompt is done twice.
-    assert stats.lease_expiries >= 1, stats
+    print(f"buffer after the job: {stats}")
+    # No prompt lost: each prompt is done, leased or queued. Leases the dead workers held
+    # expired and their prompts went back to the queue (lease_expiries; none when the kill
+    # found them waiting for the trainer); a group dropped as too stale (the new workers'
+    # first groups can be, while the shares settle) sends its prompt back too, so that
+    # prompt is done twice.
     assert stats.stale_requeued == stats.drops_stale, stats
     assert stats.prompts_total == 200
     done_once = stats.prompts_done - stats.stale_requeued
