@@ -22,6 +22,7 @@ Two sandboxes (`rewards.sandbox.Sandbox`), so that nothing the solution does can
 
 Arguments passed to the solution must be literals or solution objects (a test passing a
 lambda fails with a TypeError saying so). A missing function is a NameError in the test.
+Tests may also ``from solution import f``.
 
 Result: ``{"pass_rate": passed / total, "ran": 1.0 if the solution itself executed}``; the
 scalar is ``pass_rate`` (the main key). A timeout, crash or limit gives pass_rate 0.
@@ -147,6 +148,14 @@ class Remote:
         return object.__getattribute__(self, "_ask")("contains", key)
     def __iter__(self):
         return iter(object.__getattribute__(self, "_ask")("iter"))
+def lookup(name):
+    answer = ask({"op": "lookup", "name": name})
+    if answer.get("missing"):
+        raise AttributeError(f"the solution defines no {name!r}")
+    return decode(answer)
+module = type(sys)("solution")  # `from solution import f` in a test works too
+module.__getattr__ = lookup
+sys.modules["solution"] = module
 def names(code):
     found = set(code.co_names)
     for const in code.co_consts:
@@ -160,10 +169,11 @@ def main(tests):
         try:
             code = compile(test, f"test_{index}", "exec")
             namespace = {"__name__": "__test__"}
-            for name in sorted(names(code) - set(dir(builtins))):
-                answer = ask({"op": "lookup", "name": name})
-                if not answer.get("missing"):
-                    namespace[name] = decode(answer)
+            for name in sorted(names(code) - set(dir(builtins)) - {"solution"}):
+                try:
+                    namespace[name] = lookup(name)
+                except AttributeError:
+                    pass  # not the solution's: the test's own name, or a NameError to come
             exec(code, namespace)
             passed += 1
         except BaseException as exc:

@@ -114,8 +114,10 @@ def test_objects_calls_and_exceptions_cross_the_boundary() -> None:
         "try:\n    div(1, 0)\nexcept ZeroDivisionError:\n    pass\nelse:\n    raise AssertionError",
         "assert div(lambda: 1, 2)",  # a lambda cannot be passed: fails, with a TypeError
         "assert missing(1) == 1",  # NameError
+        "from solution import div\nassert div(1, 4) == 0.25",
+        "from solution import nothing",  # ImportError
     ]
-    assert reward(solution, tests=tests) == {"pass_rate": pytest.approx(3 / 5), "ran": 1.0}
+    assert reward(solution, tests=tests) == {"pass_rate": pytest.approx(4 / 7), "ran": 1.0}
 
 
 def test_through_reward_fn_with_main_key() -> None:
