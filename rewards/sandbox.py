@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import shutil
@@ -58,15 +57,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from rewards import bwrap
+from rewards.bwrap import (
+    INPUT,
+    ROOT,
+    SANDBOX_UID,
+    WORKDIR,
+    bwrap_problem,
+    pids_cgroup,
+)
+
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "install it with `apt-get install -y bubblewrap` (scripts/setup.sh does)"
-HIDDEN = ("/var/tmp", "/home", "/root", "/run", "/mnt", "/media", "/srv")
-WORKDIR = "/tmp/physarum-sandbox"  # inside the bwrap sandbox, on its private tmpfs
-_INPUT = "/tmp/.physarum-input"  # the host temp dir, bound read-only, copied to WORKDIR
-_SANDBOX_UID = 65534
-_ROOT = os.geteuid() == 0
-_run_ids = itertools.count()
 
 # Runs in the child, before the user code: copy the inputs, limits, audit hook, then main.py.
 _BOOTSTRAP = r"""
@@ -173,60 +176,6 @@ def unshare_available() -> bool:
     return probe.returncode == 0
 
 
-def bwrap_problem(bwrap: str | None = None) -> str | None:
-    """None when `bwrap --unshare-all` works here, else why not (for the error message)."""
-    exe = bwrap or shutil.which("bwrap")
-    if exe is None:
-        return "`bwrap` (bubblewrap) is not on PATH"
-    argv = [exe, *_namespaces(), "--ro-bind", "/", "/"]
-    try:
-        probe = subprocess.run([*argv, "--", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`{exe}` does not run: {exc}"
-    if probe.returncode != 0:
-        reason = probe.stderr.decode("utf-8", "replace").strip()
-        return f"`{exe} --unshare-all` fails here: {reason or f'exit {probe.returncode}'}"
-    return None
-
-
-def _namespaces() -> list[str]:
-    """bwrap's namespace flags. Not root: ``--unshare-all`` as uid 65534 in a user namespace.
-    Root: the same namespaces except the user one, whose uid 65534 would still be the host's
-    root for file permissions (reading 0600 secrets, /etc/shadow); the bootstrap instead
-    drops to the host's uid 65534 with the two capabilities kept for that (then none)."""
-    if not _ROOT:
-        return ["--unshare-all", "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID)]
-    unshare = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
-    return [*unshare, "--unshare-cgroup-try", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-
-
-def pids_cgroup() -> str | None:
-    """A writable pids-cgroup dir to create per-run children in (cgroup v1 or v2), or None."""
-    try:
-        with open("/proc/self/cgroup", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(","):
-            candidate = os.path.join("/sys/fs/cgroup/pids", path.lstrip("/"))
-        elif controllers == "" and _v2_has_pids(path):
-            candidate = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-        else:
-            continue
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
-            return candidate
-    return None
-
-
-def _v2_has_pids(path: str) -> bool:
-    control = os.path.join("/sys/fs/cgroup", path.lstrip("/"), "cgroup.subtree_control")
-    with contextlib.suppress(OSError), open(control, encoding="utf-8") as handle:
-        return "pids" in handle.read().split()
-    return False
-
-
 class Sandbox:
     """Isolation and limits for running untrusted Python; see the module docstring.
 
@@ -306,6 +255,15 @@ class Sandbox:
                 INSTALL_HINT,
             )
 
+    def _make_cgroup(self) -> str | None:
+        if self._cgroup is None:
+            return None
+        try:  # + 2: bwrap and its pid-1 monitor
+            return bwrap.make_cgroup(self._cgroup, self.processes + 2)
+        except OSError as exc:
+            msg = f"processes: cannot create a pids cgroup in {self._cgroup}: {exc}"
+            raise SandboxError(msg) from exc
+
     @property
     def workdir(self) -> str | None:
         """The code's cwd inside the sandbox (bwrap), None when it is a host temp dir (weak)."""
@@ -313,27 +271,18 @@ class Sandbox:
 
     def command(self, script: str, inputs: str) -> list[str]:
         """The argv that runs `script` under this sandbox; `inputs` is the host dir of files."""
-        bwrap = self.isolation == "bwrap"
+        isolated = self.isolation == "bwrap"
         nproc = 0 if self._cgroup else self.processes  # root: the cgroup counts, not NPROC
-        drop = _SANDBOX_UID if bwrap and _ROOT else 0
+        drop = SANDBOX_UID if isolated and ROOT else 0
         limits = [self.cpu_s, self.memory_mb * 2**20, self.file_size_mb * 2**20]
         limits += [self.open_files, nproc, int(self.audit_hook), drop]
         argv = [self.python, "-I", "-B", "-c", _BOOTSTRAP, *map(str, limits)]
-        argv += [_INPUT if bwrap else "-", script]
-        if not bwrap:
+        argv += [INPUT if isolated else "-", script]
+        if not isolated:
             unshare = shutil.which("unshare") or "unshare"
             return [unshare, "-n", *argv] if self.uses_unshare else argv
-        hidden = [p for p in (*HIDDEN, *self.hide) if os.path.isdir(p)]
-        mounts = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        mounts += ["--perms", "01777", "--size", str(self.tmpfs_mb * 2**20), "--tmpfs", "/tmp"]
-        for path in hidden:
-            mounts += ["--perms", "0755", "--tmpfs", path]
-        for path in _python_dirs(self.python, ["/tmp", *hidden]):
-            for parent in _parents_below(path, ["/tmp", *hidden]):
-                mounts += ["--perms", "0755", "--dir", parent]
-            mounts += ["--ro-bind", path, path]
-        mounts += ["--ro-bind", inputs, _INPUT, "--perms", "01777", "--dir", WORKDIR]
-        bwrap_argv = [self._bwrap or "bwrap", *_namespaces(), "--die-with-parent"]
+        mounts = bwrap.mounts(inputs, tmpfs_mb=self.tmpfs_mb, hide=self.hide, python=self.python)
+        bwrap_argv = [self._bwrap or "bwrap", *bwrap.namespaces(), "--die-with-parent"]
         return [*bwrap_argv, "--new-session", *mounts, "--chdir", WORKDIR, "--", *argv]
 
     @contextlib.asynccontextmanager
@@ -360,7 +309,11 @@ class Sandbox:
                     if proc.returncode is None:  # cancelled or done early: nothing left behind
                         _kill_group(proc)
             finally:
-                _remove_cgroup(cgroup)
+                if cgroup is not None:
+                    try:
+                        bwrap.remove_cgroup(cgroup)
+                    except OSError as exc:
+                        logger.warning("%s", exc)
 
     async def run(
         self, code: str, *, stdin: str = "", files: dict[str, str] | None = None
@@ -428,57 +381,6 @@ class Sandbox:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxError(f"cannot start the sandbox ({self.isolation}): {exc}") from exc
-
-    def _make_cgroup(self) -> str | None:
-        if self._cgroup is None:
-            return None
-        path = os.path.join(self._cgroup, f"physarum-sandbox-{os.getpid()}-{next(_run_ids)}")
-        try:
-            os.mkdir(path)
-            with open(os.path.join(path, "pids.max"), "w") as handle:
-                handle.write(str(self.processes + 2))  # + bwrap and its pid-1 monitor
-        except OSError as exc:
-            _remove_cgroup(path)
-            raise SandboxError(f"processes: cannot create the pids cgroup {path}: {exc}") from exc
-        return path
-
-
-def _python_dirs(python: str, hidden: Sequence[str]) -> list[str]:
-    """The interpreter's install dirs that lie under a hidden path (bound back read-only)."""
-    # the venv (python's own dir's parent) and the install it links to; sys's prefixes when
-    # `python` is this interpreter
-    dirs = {os.path.dirname(os.path.dirname(p)) for p in (python, os.path.realpath(python))}
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
-        dirs |= {os.path.realpath(p) for p in prefixes}
-    roots = [h.rstrip("/") + os.sep for h in hidden]
-    under = [d for d in dirs if any((d + os.sep).startswith(root) for root in roots)]
-    return sorted(d for d in under if not any(d != o and d.startswith(o + os.sep) for o in under))
-
-
-def _parents_below(path: str, hidden: Sequence[str]) -> list[str]:
-    """The dirs between the hidden root that holds `path` and `path` (made 0755 there)."""
-    for root in hidden:
-        root = root.rstrip("/")
-        if path.startswith(root + os.sep):
-            parts = path[len(root) + 1 :].split(os.sep)[:-1]
-            return [os.path.join(root, *parts[: i + 1]) for i in range(len(parts))]
-    return []
-
-
-def _remove_cgroup(path: str | None) -> None:
-    """rmdir a per-run cgroup once its processes are gone (the kill is asynchronous)."""
-    if path is None:
-        return
-    for _ in range(1000):  # usually a few ms after bwrap exits
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.001)
-    logger.warning("sandbox: could not remove the pids cgroup %s (still busy)", path)
 
 
 class _Capture:
