@@ -27,6 +27,8 @@ assert missing == [], missing
 t = torch.full((3,), float(rank + 1))
 dist.all_reduce(t)
 print("allreduce", t.tolist(), flush=True)
+dist.barrier()  # neither rank tears its side down while the other still uses it
+dist.destroy_process_group()
 """
 
 pytestmark = pytest.mark.skipif(
