@@ -21,6 +21,9 @@ from physarum.cluster import actor_options
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 60.0  # stop aborts generation at once; this only bounds a stuck worker
+
+
 @ray.remote
 class RolloutActor:
     """One rollout worker around rollout.worker.RolloutWorkerCore."""
@@ -96,6 +99,8 @@ class RolloutActor:
             await self._task
 
     async def stop(self) -> None:
+        """Stop production: aborts generation and waits for buffer room; bounded (see
+        RolloutProducer.stop), so it never waits on a trainer that has finished."""
         if self.core.producer is not None:
             self.core.producer.stop()
         if self._task is not None:
@@ -307,8 +312,12 @@ class RolloutGroup:
         answered = 0
         for ref in [a.stats.remote() for a in self.actors.values()]:
             try:
-                snapshot = ray.get(ref)
+                snapshot = ray.get(ref, timeout=STOP_TIMEOUT_S)
             except RayActorError:  # died since the last check(), which restarts it next
+                continue
+            except ray.exceptions.GetTimeoutError:
+                log.warning("rollout: a worker's stats did not come within %.0f s; skipped",
+                            STOP_TIMEOUT_S)  # fmt: skip
                 continue
             answered += 1
             for key, value in snapshot.items():
@@ -319,16 +328,42 @@ class RolloutGroup:
         merged["rollout/restarts"] = float(self.restarts)
         return merged
 
-    def stop(self) -> None:
-        ray.get([a.stop.remote() for a in self.actors.values()])
-
-    def shutdown(self) -> None:
-        for actor in self.actors.values():
-            try:
-                ray.get(actor.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop every worker's production; a worker that does not answer within `timeout_s`
+        is killed and named (the eval that follows would otherwise hang on it)."""
+        for wid, (actor, _) in self.starting.items():  # replacements that never ran
+            log.info("rollout: %s was still waiting for a node; not started", wid)
             ray.kill(actor)
+        self.starting.clear()
+        refs = {wid: a.stop.remote() for wid, a in self.actors.items()}
+        silent = _unanswered(refs, timeout_s)
+        for wid in silent:
+            log.error("rollout: %s did not stop within %.0f s; killing it", wid, timeout_s)
+            ray.kill(self.actors[wid])
+        if silent:
+            raise EngineStalledError(
+                f"rollout: {', '.join(silent)} did not stop within {timeout_s:.0f} s"
+            )
+
+    def shutdown(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        refs = {wid: a.shutdown.remote() for wid, a in self.actors.items()}
+        for wid in _unanswered(refs, timeout_s):
+            log.warning("rollout: %s did not shut down within %.0f s", wid, timeout_s)
+        for actor in self.actors.values():
+            ray.kill(actor)
+
+
+def _unanswered(refs: dict[str, ray.ObjectRef], timeout_s: float) -> list[str]:
+    """Names whose call has not returned within `timeout_s` (all waited on together); the
+    failures of those that did return are logged, not raised: this is the way out."""
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    for name, ref in refs.items():
+        if ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - reported, the job is ending anyway
+                log.warning("rollout: %s failed while stopping: %r", name, exc)
+    return [name for name, ref in refs.items() if ref not in ready]
 
 
 def _merge_eval(results: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:

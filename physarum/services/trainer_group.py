@@ -140,6 +140,10 @@ class TrainerActor:
         self.service.save_hf(Path(path))
 
 
+class TrainerStalledError(TimeoutError):
+    """A trainer rank did not answer within its timeout."""
+
+
 class TrainerGroup:
     """Handle on all trainer ranks."""
 
@@ -185,7 +189,17 @@ class TrainerGroup:
         log.info("trainer: starting %d rank(s) (%s backend)", world, job.trainer.backend)
 
     def _all(self, method: str, *args: Any) -> Any:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])[0]
+        """Call `method` on every rank, bounded by checkpoint.timeout_s; rank 0's answer."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        timeout = self.job.checkpoint.timeout_s
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):
+            silent = [rank for rank, ref in enumerate(refs) if ref not in ready]
+            raise TrainerStalledError(
+                f"trainer: rank(s) {silent} did not finish {method} within {timeout:.0f} s "
+                "(checkpoint.timeout_s)"
+            )
+        return ray.get(refs)[0]
 
     def rl_step(self, timeout_s: float, *, while_waiting: Any = None) -> dict[str, float]:
         """One RL step on every rank; `while_waiting()` runs every half second until it is
