@@ -24,6 +24,7 @@ from tests.rollout.openai_helpers import ADD_TOOL, ASK, build_tool_model_dir
 
 torch.set_num_threads(1)
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tool_model_dir(tmp_path_factory.mktemp("tiny_openai"))
