@@ -48,8 +48,12 @@ def run(sandbox: Sandbox, code: str):
 
 @pytest.fixture
 def repo_tmp() -> Iterator[Path]:
-    REPO_TMP.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=REPO_TMP, prefix="escape-") as path:
+    """A host dir the sandbox shows read-only. The repo's tmp/ is that unless the clone
+    itself lies under a dir the sandbox hides (CI may clone under /tmp); as root, /var/lib
+    is always shown, so it is used instead."""
+    root = Path("/var/lib") if psutil.os.geteuid() == 0 else REPO_TMP
+    root.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix="physarum-escape-") as path:
         yield Path(path)
 
 
