@@ -204,7 +204,8 @@ class RolloutProducer:
         await asyncio.to_thread(self.store.release_lease, lease.lease_id, False)
 
     def stop(self) -> None:
-        """Stop producing: no new leases, waits for buffer room end, generation is aborted."""
+        """Stop producing: no new leases, waits for buffer room end, generation is aborted
+        (in `_drain`); groups not pushed by then are dropped and their prompts requeued."""
         self._stopping = True
         self._cancel_puts.set()
         self._wake.set()

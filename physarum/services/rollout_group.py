@@ -99,8 +99,8 @@ class RolloutActor:
             await self._task
 
     async def stop(self) -> None:
-        """Stop production: aborts generation and waits for buffer room; bounded (see
-        RolloutProducer.stop), so it never waits on a trainer that has finished."""
+        """Stop production: generation is aborted and waits for buffer room are cancelled
+        (RolloutProducer.stop), so it never waits on a trainer that has finished."""
         if self.core.producer is not None:
             self.core.producer.stop()
         if self._task is not None:

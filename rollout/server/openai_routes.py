@@ -78,13 +78,10 @@ async def chat_completions(
         return stream_chat(
             engine, rid, body.model, prompt, seqs, include_usage=include_usage, **options
         )
-    engine.submit(seqs)
-    done = await wait_or_abort_on_disconnect(engine, seqs, request)
-    if done is None:
-        return Response(status_code=499)
-    result = rs.chat_completion(engine, rid, body.model, prompt, done, **options)
-    logger.debug("/v1/chat/completions %s: %d choices", rid, len(done))
-    return JSONResponse(result.model_dump())
+    return await _answer(
+        engine, seqs, request, lambda done: rs.chat_completion(
+            engine, rid, body.model, prompt, done, **options)
+    )  # fmt: skip
 
 
 @router.post("/completions", response_model=Completion, responses=_sse_doc(Completion))
@@ -103,9 +100,17 @@ async def completions(
         return stream_completion(
             engine, rid, body.model, prompts, seqs, include_usage=include_usage, **options
         )
+    return await _answer(
+        engine, seqs, request, lambda done: rs.completion(
+            engine, rid, body.model, prompts, done, **options)
+    )  # fmt: skip
+
+
+async def _answer(engine: Any, seqs: list, request: Request, build: Any) -> Response:
+    """Run the sequences to the end (aborted if the client goes away: 499) and answer with
+    `build(finished sequences)` as JSON."""
     engine.submit(seqs)
     done = await wait_or_abort_on_disconnect(engine, seqs, request)
     if done is None:
         return Response(status_code=499)
-    result = rs.completion(engine, rid, body.model, prompts, done, **options)
-    return JSONResponse(result.model_dump())
+    return JSONResponse(build(done).model_dump())
