@@ -35,12 +35,14 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
         ctx.log(step, step, result | rollout.stats() | _buffer_metrics(buffer.stats()))
 
     ctx.checkpoint(trainer, job.trainer.steps)  # first: a stuck worker cannot cost the model
+    unconsumed_at_stop = float(buffer.stats().get("groups_unconsumed", 0))
     stopping = time.monotonic()
     rollout.stop()  # bounded: aborts generation and drops groups still waiting for room
     stop_seconds = time.monotonic() - stopping
     final = ctx.evaluate(rollout, job.trainer.steps)
     final["rollout/stop_seconds"] = stop_seconds
     final["rollout/groups_dropped"] = rollout.stats().get("rollout/groups_dropped", 0.0)
+    final["buffer/groups_unconsumed_at_stop"] = unconsumed_at_stop  # produced, never trained on
     ctx.log(job.trainer.steps, job.trainer.steps, final)
     ctx.save_final(trainer)
     return {**final, "steps": float(job.trainer.steps), **metrics.progress.last}
