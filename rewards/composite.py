@@ -13,10 +13,12 @@ an episode, THAT episode is marked error (`Episode.mark_error`, message naming t
 raised. A batch plugin that fails fails every episode of its call. Episodes that arrive
 already marked error (a failed generation or environment) are not scored; their reward is 0.
 
-Sync plugins run in the RewardFn's own thread pool (`max_workers` threads), async plugins on
-the event loop. A timed-out async plugin is cancelled; a timed-out sync plugin's thread cannot
-be killed and keeps its pool slot until it returns, so plugins that can hang (subprocesses,
-HTTP) should be async, as the built-in `code` and `remote_rm` are.
+Async plugins run on the event loop and a timed-out one is cancelled. Each sync plugin call
+runs in its own daemon thread, in a lane of that plugin only (`rewards.isolation.SyncLane`, at
+most `max_workers` calls of one plugin at once): a timed-out call is abandoned, so a hung sync
+plugin fills only its own lane and never starves the other plugins (it cannot be killed, so
+plugins that can hang, such as subprocesses or HTTP, are better async, as the built-in `code`
+and `remote_rm` are).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import inspect
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from buffer.episode import Episode
+from rewards.isolation import SyncLane
 from rewards.protocol import to_scalar
 from rewards.registry import ResolvedReward, RewardSpecLike, resolve_reward
 
@@ -55,7 +57,7 @@ class RewardFn:
             raise ValueError(f"rewards: each plugin name may appear once, repeated: {duplicates}")
         self.rewards = tuple(rewards)
         self.timeout_s = float(timeout_s)
-        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="reward")
+        self._lanes = {r.name: SyncLane(r.name, max_workers) for r in rewards if not r.is_async}
 
     @property
     def names(self) -> list[str]:
@@ -78,8 +80,7 @@ class RewardFn:
         await self.score_group([episode])
 
     def close(self) -> None:
-        """Release the thread pool (threads still running a hung sync plugin are abandoned)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: threads still running a hung sync plugin are daemons, abandoned."""
 
     def __enter__(self) -> RewardFn:
         return self
@@ -137,9 +138,8 @@ class RewardFn:
         if reward.is_async:
             result = await asyncio.wait_for(reward.fn(arg), self.timeout_s)
         else:
-            loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self._executor, reward.fn, arg)
-            result = await asyncio.wait_for(pending, self.timeout_s)
+            lane = self._lanes[reward.name]
+            result = await asyncio.wait_for(lane.call(reward.fn, arg), self.timeout_s)
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
             result = await asyncio.wait_for(result, self.timeout_s)
         return result
@@ -147,6 +147,11 @@ class RewardFn:
     def _describe(self, reward: ResolvedReward, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
             message = f"reward {reward.name!r} timed out after {self.timeout_s:g}s"
+            if (lane := self._lanes.get(reward.name)) is not None:
+                logger.warning(
+                    "%s: %d of its calls still running, abandoned", message, lane.running
+                )
+                return message
         else:
             message = f"reward {reward.name!r} raised {type(exc).__name__}: {exc}"
         logger.warning("%s", message)
@@ -161,7 +166,7 @@ def build_reward_fn(
     Args:
       specs: objects with `name`, `weight`, `args` (RewardSpec or the config's plugin entries).
       timeout_s: per-call timeout of each plugin, in seconds.
-      max_workers: threads for sync plugins.
+      max_workers: concurrent calls of one sync plugin (each in its own thread).
     Raises PluginError (a ValueError) naming the first spec that does not resolve.
     """
     return RewardFn([resolve_reward(s) for s in specs], timeout_s, max_workers=max_workers)
