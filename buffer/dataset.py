@@ -49,8 +49,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             if not raw.strip():
                 continue
             try:
-                yield lineno, json.loads(raw), None
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    lineno,
+                    None,
+                    f"not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})",
+                )
+                continue
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as exc:
                 yield lineno, None, f"invalid JSON ({exc.__class__.__name__}: {exc})"
 
 

@@ -33,6 +33,7 @@ class Prepared:
 def prepare(job: JobConfig, run: RunDir) -> Prepared:
     tokenizer_dir = _tokenizer(job, run)
     train_path, eval_path = _data(job, run)
+    check_rows(job, train_path, "data.train_path")
     from models.tokenizer import load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -43,6 +44,26 @@ def prepare(job: JobConfig, run: RunDir) -> Prepared:
     }
     model_dir = _initial_model(job, run, len(tokenizer), special)
     return Prepared(tokenizer_dir, train_path, eval_path, model_dir, len(tokenizer))
+
+
+def check_rows(job: JobConfig, path: Path, field: str) -> int:
+    """Refuse a dataset with no usable row before any actor starts (an empty one used to wait
+    120 s for prompts; an all-invalid one ran on until killed). Returns the usable rows."""
+    from buffer.dataset import DatasetError, parse_dataset
+    from envs.tasks import read_jsonl
+
+    try:
+        if job.mode in ("sft", "rejection_sampling"):  # read whole by the driver, strictly
+            n, errors = len(read_jsonl(path)), []
+        else:  # read by the buffer, bad rows skipped or fatal as data.on_bad_row says
+            report = parse_dataset(path, on_bad_row=job.data.on_bad_row).report
+            n, errors = report.n_loaded, report.errors
+    except (DatasetError, ValueError) as exc:
+        raise UserError(f"{field}: {exc}") from None
+    if n == 0:
+        why = f"; every row is invalid, e.g. {'; '.join(errors[:3])}" if errors else " (empty)"
+        raise UserError(f"{field}: {path} has no usable row{why}")
+    return n
 
 
 def _tokenizer(job: JobConfig, run: RunDir) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from physarum.context import JobContext
+from physarum.step_guard import check_step
 
 
 def run_rl(ctx: JobContext) -> dict[str, float]:
@@ -27,6 +28,7 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
 
     for step in range(start + 1, job.trainer.steps + 1):
         result = trainer.rl_step(job.rollout.request_timeout_s, while_waiting=rollout.check)
+        check_step(step, result, job.reward.max_error_fraction)
         rollout.push_weights(trainer.weight_update_ref(), step, wait=False)
         if ctx.due(step, job.rollout.eval.interval):
             result |= ctx.evaluate(rollout, step)
