@@ -1,17 +1,21 @@
 """A private redis-server for one job: AOF on, data under the run dir.
 
-`EmbeddedRedis(data_dir).start()` writes `data_dir/redis.conf` (mode 0600, it may hold the
+`EmbeddedRedis(data_dir).start()` writes `data_dir/redis.conf` (mode 0600: it holds the
 password), starts `redis-server` on a free port of `host` (127.0.0.1 unless told: a job on
-a Ray cluster binds the buffer node's IP) and returns its URL. The AOF
+a Ray cluster binds the buffer node's IP) and returns its URL, which carries the password.
+There is always one (`requirepass`): the job's own, or a random one made for this server, so
+no other local user can read or write the buffer. `data_dir` is mode 0700. The AOF
 (`appendonly yes`, `appendfsync everysec`) lives in `data_dir`, so starting again on the same
-directory after a stop or a crash reloads everything that was written. Tests and the app use
-this same launcher.
+directory after a stop or a crash reloads everything that was written. A truncated AOF is
+refused (`aof-load-truncated no`): the server does not start and AOFTruncatedError names the
+file, instead of silently dropping the writes it lost. Tests and the app use this launcher.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -25,11 +29,17 @@ import redis
 
 logger = logging.getLogger(__name__)
 
+_AOF_TRUNCATED = "Unexpected end of file reading the append only file"
 _CANDIDATES = ("redis-server", "/usr/bin/redis-server", "/usr/sbin/redis-server")
 
 
 class RedisServerError(RuntimeError):
     """redis-server is missing, failed to start, or is already running on this data dir."""
+
+
+class AOFTruncatedError(RedisServerError, ValueError):
+    """The AOF in the data dir ends in the middle of a command: writes were lost (a
+    ValueError too: the CLI prints it as one line, it is the user's data to repair)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,8 @@ class EmbeddedRedis:
 
     port: fixed port, or None for a free one (chosen at each start).
     host: the address to bind and put in the URL.
-    password: sets `requirepass`; the URL then carries it (percent-encoded).
+    password: sets `requirepass`; the URL carries it (percent-encoded). None makes a random
+        one for this server (there is no password-less server).
     tls: serve TLS only (`rediss://`), with `tls-auth-clients no`.
     """
 
@@ -82,7 +93,9 @@ class EmbeddedRedis:
         start_timeout_s: float = 30.0,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.password = password
+        self.password = password if password is not None else secrets.token_urlsafe(32)
+        if not self.password:
+            raise ValueError("password: an empty password is no password; give a non-empty one")
         self.host = host
         self.tls = tls
         self.start_timeout_s = start_timeout_s
@@ -116,6 +129,7 @@ class EmbeddedRedis:
             "appendonly yes",
             "appendfsync everysec",
             'appendfilename "appendonly.aof"',
+            "aof-load-truncated no",  # a lost tail must stop the start, not vanish silently
             'dbfilename "dump.rdb"',
             'save ""',
             "shutdown-timeout 10",
@@ -131,13 +145,12 @@ class EmbeddedRedis:
                 f'tls-ca-cert-file "{self.tls.ca_file}"',
                 "tls-auth-clients no",
             ]
-        if self.password is not None:
-            escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'requirepass "{escaped}"')
+        escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'requirepass "{escaped}"')
         return "\n".join(lines) + "\n"
 
     def _make_url(self, port: int) -> str:
-        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        auth = f":{quote(self.password, safe='')}@"
         if self.tls is None:
             return f"redis://{auth}{self.host}:{port}/0"
         query = urlencode({"ssl_ca_certs": str(self.tls.ca_file), "ssl_check_hostname": "false"})
@@ -168,6 +181,7 @@ class EmbeddedRedis:
             return self.url
         binary = find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the AOF holds every prompt and episode of the job
         self._check_not_running()
         attempts = 1 if self._fixed_port is not None else 3
         for attempt in range(attempts):
@@ -175,6 +189,7 @@ class EmbeddedRedis:
             conf = self.data_dir / "redis.conf"
             conf.write_text(self._config(port))
             conf.chmod(0o600)
+            log_from = self._log_size()
             self._proc = subprocess.Popen(
                 [binary, str(conf)],
                 cwd=self.data_dir,
@@ -193,6 +208,7 @@ class EmbeddedRedis:
                     self.data_dir,
                 )
                 return self._url
+            self._raise_if_truncated(log_from)
             logger.warning("redis-server failed to start on port %d (attempt %d)", port, attempt)
         raise RedisServerError(
             f"redis-server did not start in {self.data_dir}; last log lines:\n{self._log_tail()}"
@@ -217,6 +233,32 @@ class EmbeddedRedis:
             client.close()
         self._kill()
         return False
+
+    def _log_size(self) -> int:
+        log = self.data_dir / "redis.log"
+        return log.stat().st_size if log.exists() else 0
+
+    def _raise_if_truncated(self, log_from: int) -> None:
+        """AOFTruncatedError when this start's log says redis refused a truncated AOF."""
+        log = self.data_dir / "redis.log"
+        if not log.exists():
+            return
+        with log.open("rb") as f:
+            f.seek(log_from)
+            lines = f.read().decode(errors="replace").splitlines()
+        said = [line for line in lines if _AOF_TRUNCATED in line]
+        if not said:
+            return
+        manifest = next(self.data_dir.rglob("*.manifest"), None)
+        raise AOFTruncatedError(
+            f"the buffer's AOF in {self.data_dir} is truncated: the writes at its end were "
+            "lost, so the buffer may no longer match the job's checkpoints; redis-server "
+            "refused to load it (aof-load-truncated no) and nothing was changed. Way out: "
+            "keep a copy of the directory, cut the broken tail with `redis-check-aof --fix "
+            f"{manifest or 'FILE'}` (it says what it drops), then resume (the resume checks the "
+            "buffer against the checkpoint); or start the job afresh with --overwrite. "
+            f"redis-server said: {said[-1].split('# ', 1)[-1]}"
+        )
 
     def _log_tail(self, n: int = 15) -> str:
         log = self.data_dir / "redis.log"

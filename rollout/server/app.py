@@ -2,21 +2,24 @@
 
 Routes (one module each): generate.py (POST|PUT /generate, SSE streaming), control_routes.py
 (health, info, pause/continue/abort, flush_cache), weights.py (weight-update session and
-updates from tensors or disk, weight version). With an API key every route but /health*,
-/ready and /metrics needs `Authorization: Bearer KEY` (SGLang's --api-key; 401
-{"error": "Unauthorized"} otherwise). Weight versions are integers here, reported as decimal
-strings. /v1/* are the OpenAI-compatible routes (openai_routes.py), guarded by the same key
-but refused in OpenAI's error shape.
+updates from tensors or disk, weight version). Every route but /health*, /ready and
+/metrics needs `Authorization: Bearer KEY` (SGLang's --api-key; 401 {"error": "Unauthorized"}
+otherwise) unless the state opts out with `no_auth`, which auth.py allows on loopback only.
+Weight versions are integers here, reported as decimal strings. /v1/* are the
+OpenAI-compatible routes (openai_routes.py), guarded by the same key but refused in OpenAI's
+error shape.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from rollout.server import control_routes, generate, openai_errors, openai_routes, weights
+from rollout.server.auth import EngineAuthError
 from rollout.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,11 @@ OPEN_PREFIXES = ("/health", "/ready", "/metrics")  # probes never need the key (
 def build_app(state: ServerState) -> FastAPI:
     """The FastAPI app serving `state.engine`."""
     app = FastAPI(title="physarum embedded engine")
+    if not state.api_key and not state.no_auth:
+        raise EngineAuthError(
+            "build_app: the state has no api_key and did not opt out (no_auth=True, loopback "
+            "only); make it with make_state(..., api_key=KEY)"
+        )
     app.state.physarum = state
     if state.api_key:
         _add_auth(app, state.api_key)
@@ -43,7 +51,8 @@ def _add_auth(app: FastAPI, api_key: str) -> None:
         if request.method == "OPTIONS" or path.startswith(OPEN_PREFIXES):
             return await call_next(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token != api_key:
+        given = token.encode()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, api_key.encode()):
             logger.warning("refused %s %s: missing or wrong API key", request.method, path)
             if path.startswith(openai_errors.V1_PREFIX):
                 return openai_errors.unauthorized()

@@ -24,6 +24,7 @@ class ServerState:
     tokenizer_path: str | None = None
     served_model_name: str | None = None
     api_key: str | None = None
+    no_auth: bool = False  # serve without a key: an explicit opt-out, loopback only (auth.py)
     server_args: dict[str, Any] = field(default_factory=dict)
     startup_time: float = field(default_factory=time.time)
     session_open: bool = False  # between /begin_weight_update and /end_weight_update

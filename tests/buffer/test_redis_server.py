@@ -20,7 +20,7 @@ from tests.buffer.helpers import make_group
 def test_restart_on_the_same_data_dir_reloads_the_aof(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path / "redis")
     url = server.start()
-    assert url.startswith("redis://127.0.0.1:")
+    assert url.startswith("redis://:") and "@127.0.0.1:" in url  # always a password
     client = redis.Redis.from_url(url)
     config = client.config_get("*")
     assert (config["appendonly"], config["appendfsync"], config["bind"]) == (
@@ -28,6 +28,7 @@ def test_restart_on_the_same_data_dir_reloads_the_aof(tmp_path: Path) -> None:
         "everysec",
         "127.0.0.1",
     )
+    assert config["aof-load-truncated"] == "no"
     assert Path(config["dir"]) == (tmp_path / "redis").resolve()
     client.set("kept", "1")
     client.close()

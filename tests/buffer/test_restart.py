@@ -86,7 +86,8 @@ def test_a_store_keeps_working_across_a_server_restart(tmp_path: Path) -> None:
             store.load_prompts(write_prompts(tmp_path / "d.jsonl", 4), shuffle=False)
             (lease,) = store.lease_prompts("w", 1)
             server.stop()
-            fixed = EmbeddedRedis(tmp_path / "redis", port=port)  # same address, same data
+            # same address, same data, same password (the job keeps it in the run dir)
+            fixed = EmbeddedRedis(tmp_path / "redis", port=port, password=server.password)
             fixed.start()
             server = fixed
             assert store.put_group(make_group("p0"), lease_id=lease.lease_id) is not None

@@ -30,7 +30,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(model_dir):
     engine = load_engine(model_dir, max_running=8, context_len=512)
-    with ServerThread(make_state(engine, str(model_dir), tokenizer_path=str(model_dir))) as srv:
+    with ServerThread(
+        make_state(engine, str(model_dir), tokenizer_path=str(model_dir), no_auth=True)
+    ) as srv:
         with openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0) as c:
             yield c
     engine.shutdown()

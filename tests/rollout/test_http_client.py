@@ -40,7 +40,7 @@ def model():
 @pytest.fixture(scope="module")
 def served(model):
     engine = EmbeddedEngine(model, max_running=16, context_len=128, eos_token_ids=[])
-    with ServerThread(make_state(engine, "tiny-in-process")) as server:
+    with ServerThread(make_state(engine, "tiny-in-process", no_auth=True)) as server:
         yield server, engine
     engine.shutdown()
 
@@ -99,7 +99,7 @@ def test_connection_errors_are_retried_then_reported():
 def test_retry_reaches_a_server_that_comes_up_late(model):
     port = free_port()
     engine = EmbeddedEngine(model, max_running=2, context_len=32, eos_token_ids=[])
-    server = ServerThread(make_state(engine, "late"), port=port)
+    server = ServerThread(make_state(engine, "late", no_auth=True), port=port)
     starter = threading.Timer(0.3, server.start)
     starter.start()
     try:

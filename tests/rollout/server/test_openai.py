@@ -33,7 +33,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(model_dir):
     engine = load_engine(model_dir, max_running=16, context_len=512)
-    server = ServerThread(make_state(engine, str(model_dir), tokenizer_path=str(model_dir)))
+    server = ServerThread(
+        make_state(engine, str(model_dir), tokenizer_path=str(model_dir), no_auth=True)
+    )
     with server:
         yield server, engine
     engine.shutdown()

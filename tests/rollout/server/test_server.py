@@ -46,7 +46,9 @@ def reference(model_dir):
 @pytest.fixture(scope="module")
 def served(model_dir):
     engine = load_engine(model_dir, max_running=16, context_len=128)
-    server = ServerThread(make_state(engine, str(model_dir), tokenizer_path=str(model_dir)))
+    server = ServerThread(
+        make_state(engine, str(model_dir), tokenizer_path=str(model_dir), no_auth=True)
+    )
     with server:
         yield server, engine
     engine.shutdown()
