@@ -58,12 +58,14 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
 
 def _cmd_serve_engine(args: argparse.Namespace) -> int:
     from rollout.server import serve_engine
+    from rollout.server.auth import key_from_env
 
     serve_engine(
         args.model,
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=key_from_env(args.api_key),
+        no_auth=args.no_auth,
         fp8=args.fp8,
         max_running=args.max_running,
         tokenizer_dir=args.tokenizer,
@@ -182,7 +184,14 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=30000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $PHYSARUM_ENGINE_API_KEY)",
+    )
+    serve.add_argument(
+        "--no-auth", action="store_true", help="serve without a key (loopback --host only)"
+    )
     serve.add_argument("--fp8", action="store_true", help="serve blockwise-FP8 weights")
     serve.add_argument("--max-running", type=int, default=64, help="concurrent sequences")
     serve.add_argument(

@@ -17,6 +17,7 @@ import uvicorn
 
 from rollout.embedded.engine import EmbeddedEngine
 from rollout.server.app import build_app
+from rollout.server.auth import check_access
 from rollout.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -93,10 +94,14 @@ def make_state(
     *,
     tokenizer_path: str | None = None,
     api_key: str | None = None,
+    no_auth: bool = False,
     host: str = "127.0.0.1",
     port: int = 0,
     fp8: bool = False,
 ) -> ServerState:
+    """The state of a server for `engine`: it needs `api_key`, or no_auth=True on a loopback
+    `host` (EngineAuthError otherwise, before anything binds)."""
+    check_access(api_key, no_auth, host)
     args: dict[str, Any] = {
         "model_path": model_path,
         "tokenizer_path": tokenizer_path,
@@ -114,6 +119,7 @@ def make_state(
         model_path=model_path,
         tokenizer_path=tokenizer_path,
         api_key=api_key,
+        no_auth=no_auth,
         server_args=args,
     )
 
@@ -124,6 +130,7 @@ def serve_engine(
     host: str = "127.0.0.1",
     port: int = 30000,
     api_key: str | None = None,
+    no_auth: bool = False,
     fp8: bool = False,
     max_running: int = 64,
     tokenizer_dir: str | Path | None = None,
@@ -136,7 +143,9 @@ def serve_engine(
     device: auto | cpu | cuda (cluster.device's values). Outside Ray every GPU this process
     sees counts as given, so auto means cuda:0 whenever torch sees a GPU.
     dtype: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16.
+    api_key / no_auth: see auth.py; refused before the checkpoint is loaded.
     """
+    check_access(api_key, no_auth, host)
     where = serve_device(device)
     engine = load_engine(
         model_dir,
@@ -149,7 +158,14 @@ def serve_engine(
     )
     tok = str(tokenizer_dir or model_dir) if engine.tokenizer is not None else None
     state = make_state(
-        engine, str(model_dir), tokenizer_path=tok, api_key=api_key, host=host, port=port, fp8=fp8
+        engine,
+        str(model_dir),
+        tokenizer_path=tok,
+        api_key=api_key,
+        no_auth=no_auth,
+        host=host,
+        port=port,
+        fp8=fp8,
     )
     logger.info("serving %s on http://%s:%d (%s)", model_dir, host, port, where)
     try:
@@ -166,6 +182,7 @@ class ServerThread:
     """
 
     def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None):
+        check_access(state.api_key, state.no_auth, host)  # whichever app serves it
         self.host = host
         self.port = port or free_port(host)
         state.server_args.update(host=host, port=self.port)
