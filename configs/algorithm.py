@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from configs.base import Section
 
@@ -36,8 +36,21 @@ class MoEConfig(Section):
     bias_update_rate: float = Field(1e-3, ge=0)
     """u in loss-free balancing: bias_i += u * sign(mean_load - load_i) after each step."""
     aux_loss_coef: float = Field(0.0, ge=0)
-    routing_replay: bool = False
-    """Replay the experts chosen in the logprob pass during training (R3-style)."""
+    routing_replay: Literal["none", "trainer", "rollout"] = "none"
+    """Which experts the trainer's MoE layers use. rollout (R3): the experts the rollout engine
+    used for each generated token, in the logprob and training passes; trainer (R2): the
+    experts of the trainer's own logprob pass, replayed in training; none: the router's own
+    choice in every pass. true / false are read as trainer / none."""
+    replay_prompt_routing: bool = False
+    """With routing_replay rollout: also replay the engine's experts of the prompt tokens
+    (they travel in the Episode too); by default the trainer routes the prompt itself."""
+
+    @field_validator("routing_replay", mode="before")
+    @classmethod
+    def _bool_routing_replay(cls, value: object) -> object:
+        if isinstance(value, bool):  # the earlier boolean form of this field
+            return "trainer" if value else "none"
+        return value
 
 
 class RejectionSamplingConfig(Section):

@@ -126,6 +126,11 @@ def _check_losses(job: JobConfig) -> None:
             "algorithm.advantage: gae gives per-token advantages; gspo needs a "
             "sequence-level estimator (grpo, dr_grpo, rloo, reinforce_pp)"
         )
+    if algo.advantage == "gae" and job.mode == "rl" and job.trainer.lora is not None:
+        raise ValueError(
+            "trainer.lora: algorithm.advantage 'gae' trains a critic (PPO value model) that "
+            "has no LoRA adapters; use grpo, dr_grpo, rloo or reinforce_pp with LoRA"
+        )
     needs_group = algo.advantage in ("grpo", "dr_grpo", "rloo")
     if job.mode == "rl" and needs_group and job.rollout.n_samples_per_prompt < 2:
         raise ValueError(

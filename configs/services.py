@@ -138,6 +138,49 @@ class MegatronConfig(Section):
     cpu_adam: bool = False
 
 
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "shared_experts",
+    "experts",
+)
+"""LoRA targets: attention projections, the dense MLP's projections (dense layers only), the
+shared expert (its three projections) and the routed experts (one adapter pair per expert)."""
+
+
+class LoraConfig(Section):
+    """LoRA adapters on a frozen base (models/lora.py); torch backend only."""
+
+    rank: int = 8
+    """Adapter rank r (> 0)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling s = alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input (not on routed experts: applied to dense targets only)."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """A's init (PEFT's init_lora_weights True / "gaussian"); B starts at zero."""
+
+    @model_validator(mode="after")
+    def _targets(self) -> LoraConfig:
+        if self.rank <= 0:
+            raise ValueError(f"trainer.lora.rank: must be > 0, got {self.rank}")
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if unknown or not self.target_modules:
+            raise ValueError(
+                f"trainer.lora.target_modules: unknown {unknown or 'empty list'}; "
+                f"valid: {list(LORA_TARGETS)}"
+            )
+        return self
+
+
 class TrainerConfig(Section):
     backend: Literal["torch", "megatron"] = "torch"
     num_ranks: int = Field(1, ge=1)
@@ -173,12 +216,28 @@ class TrainerConfig(Section):
     """SFT only: weight of the MTP layers' next-next-token loss (GLM's recipe; Megatron's
     mtp-loss-scaling-factor); 0 keeps them frozen. RL never trains them. Torch backend, no FSDP."""
     megatron: MegatronConfig = Field(default_factory=MegatronConfig)
+    lora: LoraConfig | None = None
+    """LoRA adapters on a frozen base; null = full fine-tuning."""
 
     @model_validator(mode="after")
     def _lr(self) -> TrainerConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lora is not None:
+            _check_lora(self)
         return self
+
+
+def _check_lora(cfg: TrainerConfig) -> None:
+    if cfg.backend == "megatron":
+        raise ValueError(
+            "trainer.lora: LoRA is not supported by the megatron backend; use "
+            "trainer.backend: torch or set trainer.lora: null"
+        )
+    if cfg.fsdp:
+        raise ValueError("trainer.lora: LoRA is not supported with trainer.fsdp (set it false)")
+    if cfg.mtp_loss_weight > 0:
+        raise ValueError("trainer.lora: the MTP layers get no adapters; set mtp_loss_weight: 0")
 
 
 class ClusterConfig(Section):

@@ -17,6 +17,7 @@ it), one index_add back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,16 +141,27 @@ def _cuda_grouped_mm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     return (_grouped_mm if usable else _grouped_mm_loop)(x, weight, offs=offs)
 
 
-def expert_swiglu(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
+def expert_swiglu(
+    xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor, lora: Any = None
+) -> Tensor:
     """Routed experts over rows sorted by expert.
 
     xs [M, H] (counts[e] consecutive rows for expert e), gate_up [E, 2I, H] (gate rows first),
     down [E, H, I], counts int64 [E] -> [M, H]. Two grouped GEMMs; differentiable.
+    lora: a models.lora.ExpertDelta adding each expert's own adapter inside the same grouped
+    GEMMs (lora(proj, rows, offs, grouped) -> [M, out] or None when disabled).
     """
     offs = counts.cumsum(0).to(torch.int32)
     grouped = _cuda_grouped_mm if xs.is_cuda else _grouped_mm
-    gate, up = grouped(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    return grouped(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
+    gu = grouped(xs, gate_up.transpose(1, 2), offs=offs)
+    if lora is not None and (delta := lora("gate_up_proj", xs, offs, grouped)) is not None:
+        gu = gu + delta
+    gate, up = gu.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    out = grouped(h, down.transpose(1, 2), offs=offs)
+    if lora is not None and (delta := lora("down_proj", h, offs, grouped)) is not None:
+        out = out + delta
+    return out
 
 
 class ExpertBank(nn.Module):
@@ -161,10 +173,11 @@ class ExpertBank(nn.Module):
         self.num_experts, self.intermediate = e, i
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.lora: Any = None  # a models.lora.ExpertDelta when LoRA targets the experts
 
     def forward(self, xs: Tensor, counts: Tensor) -> Tensor:
         """xs [M, H]: rows sorted by expert, counts int64 [E] rows per expert -> [M, H]."""
-        return expert_swiglu(xs, self.gate_up_proj, self.down_proj, counts)
+        return expert_swiglu(xs, self.gate_up_proj, self.down_proj, counts, self.lora)
 
 
 class MoE(nn.Module):

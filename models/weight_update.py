@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from models.fp8 import FP8_DTYPE, is_quantized_name, quantize_blockwise
+from models.lora import is_adapter_name
 
 ALIGN = 16
 MAGIC = b"PHWU"
@@ -217,4 +218,9 @@ def apply_weight_update(model: nn.Module, update: WeightUpdate) -> None:
     weights sent to FP8 layers are quantized with the layer's block size.
     """
     tensors = chain.from_iterable(iter_bucket_tensors(b) for b in update.buckets)
+    if update.buckets and is_adapter_name(update.buckets[0].names[0]):
+        from models.lora_merge import apply_adapter_update  # LoRA: merged onto the kept base
+
+        apply_adapter_update(model, tensors)
+        return
     model.load_hf_state_dict(tensors, strict=False, fp8_block=update.fp8_block)

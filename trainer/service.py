@@ -25,6 +25,7 @@ from models.device import resolve_device
 from models.weight_update import WeightUpdate
 from trainer.batch import build_rl_step, build_step
 from trainer.distributed import DataParallel
+from trainer.lora_export import save_lora_job
 from trainer.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,10 @@ class TrainerService:
 
     def save_hf(self, path: Path) -> None:
         """Write the current weights as an HF directory. Collective: call on every rank."""
+        if getattr(self.backend, "lora", None) is not None:  # merged hf/ + PEFT adapter/
+            if self.rank == 0:
+                save_lora_job(self.backend.model, self.backend.lora, path)
+            return
         backend_save = getattr(self.backend, "save_hf", None)
         if callable(backend_save):  # megatron: gathered across TP/EP/PP
             backend_save(path)

@@ -43,6 +43,7 @@ from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
 from trainer.forward import mtp_token_loss, trainable_logprobs
 from trainer.fsdp import full_state, load_full_state, shard_actor, to_float, unsharded
+from trainer.lora_backend import AdapterFreeReference, adapter_weight_update, setup_lora
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
 from trainer.losses.stats import StatSums
@@ -96,8 +97,10 @@ class TorchBackend:
         seed_everything(seed + self.dp.rank)
         self.model = model
         self.dp.broadcast_module(model)
+        self.lora = setup_lora(model, cfg, self.dp)  # None = full fine-tuning
         self.objective = ActorObjective.from_config(algo, policy_loss)
-        self.ref = _frozen_copy(model) if self.objective.needs_ref else None
+        needs_copy = self.objective.needs_ref and self.lora is None  # LoRA: adapters off
+        self.ref = _frozen_copy(model) if needs_copy else None
         self.critic: ValueModel | None = None
         if algo.advantage in NEEDS_VALUES and not self.objective.is_sft:
             self.critic = ValueModel.from_actor(model)
@@ -110,7 +113,7 @@ class TorchBackend:
             log.info("trainer.fsdp: one rank, nothing to shard; training unsharded")
         self._loss_scale = float(self.dp.world_size) if self._fsdp_units else 1.0
         self.optimizer = build_optimizer(
-            model.parameters(), cfg, cfg.lr, fused=self._fsdp_units is None
+            self._trainable.parameters(), cfg, cfg.lr, fused=self._fsdp_units is None
         )
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.version = 0
@@ -118,6 +121,11 @@ class TorchBackend:
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
         if self.device.type == "cuda":
             self._autocast_dtype = torch.bfloat16
+
+    @property
+    def _trainable(self) -> nn.Module:
+        """What the actor's optimizer trains and checkpoints save: the adapters under LoRA."""
+        return self.lora if self.lora is not None else self.model
 
     def _check_mtp(self, model: Glm4MoeForCausalLM, cfg: TrainerConfig) -> bool:
         """Whether SFT trains the MTP layers (trainer.mtp_loss_weight > 0); else freeze them."""
@@ -144,7 +152,8 @@ class TorchBackend:
         return b if self.device.type == "cpu" else b.to(self.device)
 
     def _network(self, name: str) -> nn.Module:
-        networks = {"actor": self.model, "ref": self.ref}
+        ref = self.ref if self.lora is None else AdapterFreeReference(self.model, self.lora)
+        networks = {"actor": self.model, "ref": ref if self.objective.needs_ref else None}
         if networks.get(name) is None:
             valid = sorted(k for k, v in networks.items() if v is not None)
             raise ValueError(f"model: {name!r} is not available; valid: {valid}")
@@ -308,7 +317,7 @@ class TorchBackend:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats, load = self._actor_pass(batches, objective)
-        grad_norm = self._optimizer_step(self.model, self.optimizer, self.scheduler)
+        grad_norm = self._optimizer_step(self._trainable, self.optimizer, self.scheduler)
         metrics = {"grad_norm": grad_norm, "lr": lr}
         if self.critic is not None and not objective.is_sft:
             self.critic_optimizer.zero_grad(set_to_none=True)
@@ -318,7 +327,8 @@ class TorchBackend:
             )
         self._reduce_stats(stats)
         self.dp.all_reduce(load)
-        update_expert_bias(self.model.moe_blocks(), load, self.algo.moe.bias_update_rate)
+        if self.lora is None:  # under LoRA the router's bias is frozen base (lora_backend.py)
+            update_expert_bias(self.model.moe_blocks(), load, self.algo.moe.bias_update_rate)
         self.version += 1
         tokens = torch.tensor([float(sum(b.num_tokens for b in batches))])
         self.dp.all_reduce(tokens)
@@ -368,6 +378,11 @@ class TorchBackend:
         tensor in a Ray object would need a GPU on the receiving side). An engine in this
         same process on the same GPU takes `device=self.device` and nothing leaves the GPU.
         """
+        if self.lora is not None:  # adapters only; FP8 and dtype apply on the receiving side
+            return adapter_weight_update(
+                self.lora, self.version if version is None else version,
+                bucket_bytes=self.cfg.weight_bucket_mb * 2**20, device=device,
+            )  # fmt: skip
         return build_weight_update(
             self.export_weights(),
             self.version if version is None else version,
@@ -380,7 +395,7 @@ class TorchBackend:
     # --- checkpoints -------------------------------------------------------------------------
     def _stateful(self) -> dict[str, Any]:
         items: dict[str, Any] = {
-            "model": self.model,
+            "model": self._trainable,  # LoRA: the adapters only, the base is never re-saved
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
         }
