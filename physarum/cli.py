@@ -23,7 +23,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError("give either CONFIG or --resume RUN_DIR, not both")
     if not args.resume and not args.config:
         raise UserError("give a CONFIG file (or --resume RUN_DIR)")
-    return run_job(config_path=args.config, overrides=args.set, resume_dir=args.resume)
+    return run_job(
+        config_path=args.config,
+        overrides=args.set,
+        resume_dir=args.resume,
+        dashboard=not args.no_dashboard,
+    )
 
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job (SFT, rejection sampling, RL, eval)")
     run.add_argument("config", nargs="?", help="job YAML, e.g. configs/toy_grpo.yaml")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a job from its run dir")
+    run.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
     _add_set(run)
     run.set_defaults(func=_cmd_run)
 

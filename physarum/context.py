@@ -17,8 +17,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from configs import JobConfig
 from envs.tasks import read_jsonl
-from physarum.api import DashboardServer, JobState
+from physarum.api import JobState
 from physarum.cluster import RayHandle, connect
+from physarum.dashboard import DashboardServer
+from physarum.dashboard.services import live_view, service_rows
 from physarum.metrics import MetricsSink
 from physarum.prepare import Prepared, export_final, prepare
 from physarum.rundir import RunDir
@@ -70,7 +72,13 @@ class JobContext:
     def _start_dashboard(self) -> DashboardServer | None:
         if not self.job.logging.dashboard:
             return None
-        server = DashboardServer(self.state, self.job.logging.dashboard_port).start()
+        cfg = self.job.logging
+        self.state.services = lambda: service_rows(
+            self.run.root / "placement.json", live_view(self._services, self.state.version)
+        )
+        server = DashboardServer(
+            self.state, host=cfg.dashboard_host, port=cfg.dashboard_port, run_dir=self.run.root
+        ).start()
         self._stack.callback(server.stop)
         return server
 

@@ -62,8 +62,14 @@ def execute(job: JobConfig, *, resume: bool = False, stage: str | None = None) -
     return result
 
 
-def run_job(config_path: str | None, overrides: list[str], resume_dir: str | None) -> int:
+def run_job(
+    config_path: str | None, overrides: list[str], resume_dir: str | None, dashboard: bool = True
+) -> int:
     job, resume = resolve(config_path, overrides, resume_dir)
+    if not dashboard:  # --no-dashboard; also for --resume, which takes no --set
+        job = job.model_copy(
+            update={"logging": job.logging.model_copy(update={"dashboard": False})}
+        )
     result = execute(job, resume=resume)
     summary = {k: round(v, 4) for k, v in result.items() if isinstance(v, int | float)}
     print(
