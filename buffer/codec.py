@@ -10,7 +10,13 @@ Record layout (all integers little-endian):
     body    bytes    the arrays, field by field, each field concatenated over episodes:
                      prompt_ids int32 [sum P] (stored once if every episode shares it),
                      response_ids int32 [sum R], rollout_logprobs float32 [sum R],
-                     versions int32 [sum R], loss_mask uint8 [sum R]
+                     versions int32 [sum R], loss_mask uint8 [sum R], then, when the
+                     header has a `routing` column, each episode's routed_experts
+                     (uint8 or uint16 [N, n_moe, k], the ids' own dtype: 1 byte per
+                     layer and expert slot up to 256 experts)
+
+`routing` (optional, absent when no episode carries experts, so such records are unchanged):
+one entry per episode, null or [routing_start, N, n_moe, k, dtype].
 
 Decoding checks the magic, the format, the header's types, the dtypes, that the body has
 exactly the bytes the header promises, and finally the Episode invariants (lengths match
@@ -31,6 +37,7 @@ import numpy as np
 from buffer.episode import (
     LOGPROB_DTYPE,
     MASK_DTYPE,
+    ROUTING_DTYPES,
     TOKEN_DTYPE,
     VERSION_DTYPE,
     Episode,
@@ -52,6 +59,9 @@ _RESPONSE_FIELDS: tuple[tuple[str, np.dtype], ...] = (
 )
 _PROMPT_DTYPE = np.dtype(TOKEN_DTYPE).newbyteorder("<")
 _DTYPES = {"prompt_ids": _PROMPT_DTYPE.str, **{name: dt.str for name, dt in _RESPONSE_FIELDS}}
+_ROUTING_DTYPES = {
+    np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<") for d in ROUTING_DTYPES
+}
 
 
 class EpisodeCodecError(EpisodeError):
@@ -107,6 +117,9 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
         "finish_reason": [e.finish_reason.value for e in episodes],
         "episode_metadata": [e.metadata for e in episodes],
     }
+    routed = [e.routed_experts for e in episodes]
+    if any(r is not None for r in routed):
+        header["routing"] = [_routing_entry(e) for e in episodes]
     head = _pack(header, f"group {group.prompt_id!r} metadata")
     prompts = [episodes[0].prompt_ids] if shared else [e.prompt_ids for e in episodes]
     parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head]
@@ -115,8 +128,41 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     for name, dtype in _RESPONSE_FIELDS:
         columns[name] = np.concatenate([getattr(e, name) for e in episodes])
         parts.append(columns[name].astype(dtype, copy=False).tobytes())
+    for r in routed:
+        if r is not None:
+            parts.append(r.astype(r.dtype.newbyteorder("<"), copy=False).tobytes())
     generated = columns["versions"][columns["loss_mask"].astype(bool)]
     return b"".join(parts), int(generated.min()) if generated.size else None
+
+
+def _routing_entry(e: Episode) -> list | None:
+    r = e.routed_experts
+    if r is None:
+        return None
+    return [e.routing_start, *r.shape, np.dtype(r.dtype).newbyteorder("<").str]
+
+
+def _check_routing(header: dict[str, Any], n: int) -> list[tuple[int, tuple, np.dtype] | None]:
+    """The checked `routing` column: (start, shape, dtype) or None per episode."""
+    if "routing" not in header:
+        return [None] * n
+    column = _field(header, "routing", list, "header")
+    if len(column) != n:
+        raise EpisodeCodecError(f"header.routing: {len(column)} entries for {n} episodes")
+    out: list[tuple[int, tuple, np.dtype] | None] = []
+    for i, entry in enumerate(column):
+        if entry is None:
+            out.append(None)
+            continue
+        ok = isinstance(entry, list) and len(entry) == 5 and entry[4] in _ROUTING_DTYPES
+        ints = ok and all(type(v) is int and v >= 0 for v in entry[:4])
+        if not ints:
+            raise EpisodeCodecError(
+                f"episodes[{i}].routing: expected [start, N, n_moe, k, uint8|uint16 dtype], "
+                f"got {entry!r}"
+            )
+        out.append((entry[0], tuple(entry[1:4]), _ROUTING_DTYPES[entry[4]]))
+    return out
 
 
 def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
@@ -260,6 +306,8 @@ def decode_group(data: bytes) -> EpisodeGroup:
     r_total = sum(heads.r)
     expected = p_total * _PROMPT_DTYPE.itemsize
     expected += sum(r_total * dt.itemsize for _, dt in _RESPONSE_FIELDS)
+    routing = _check_routing(header, len(heads.p))
+    expected += sum(math.prod(r[1]) * r[2].itemsize for r in routing if r is not None)
     body = len(data) - offset
     if body != expected:
         state = "truncated" if body < expected else "has trailing bytes"
@@ -272,6 +320,14 @@ def decode_group(data: bytes) -> EpisodeGroup:
         columns[name] = np.frombuffer(buf, dtype, r_total, pos)
         pos += r_total * dtype.itemsize
     _check_columns(columns, heads)
+    routed: list[np.ndarray | None] = []
+    for entry in routing:
+        if entry is None:
+            routed.append(None)
+            continue
+        size = math.prod(entry[1])
+        routed.append(np.frombuffer(buf, entry[2], size, pos).reshape(entry[1]))
+        pos += size * entry[2].itemsize
     ids, mask = columns["response_ids"], columns["loss_mask"]
     logprobs, versions = columns["rollout_logprobs"], columns["versions"]
     episodes = []
@@ -283,6 +339,11 @@ def decode_group(data: bytes) -> EpisodeGroup:
             prompt = prompts[p_at : p_at + p]
             p_at += p
         end = r_at + r
+        if routing[i] is not None and routing[i][0] + routing[i][1][0] > p + r:
+            raise EpisodeCodecError(
+                f"episodes[{i}].routing: {routing[i][1][0]} rows from {routing[i][0]} run past "
+                f"the episode's {p + r} tokens"
+            )
         episodes.append(
             Episode._from_checked(
                 prompt_ids=prompt,
@@ -294,6 +355,8 @@ def decode_group(data: bytes) -> EpisodeGroup:
                 rewards=heads.rewards[i],
                 finish_reason=heads.finish_reason[i],
                 metadata=heads.metadata[i],
+                routed_experts=routed[i],
+                routing_start=routing[i][0] if routing[i] is not None else 0,
             )
         )
         r_at = end

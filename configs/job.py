@@ -15,16 +15,6 @@ from configs.services import BufferConfig, ClusterConfig, RolloutConfig, Trainer
 Mode = Literal["sft", "rejection_sampling", "rl", "eval"]
 
 
-class WandbConfig(Section):
-    """Weights & Biases logging (`pip install 'physarum-rl[wandb]'`). Every metric the job
-    writes to metrics.jsonl is logged at the same step."""
-
-    project: str = Field(min_length=1)
-    entity: str | None = None
-    mode: Literal["online", "offline", "disabled"] = "online"
-    """offline: write the run under run_dir/wandb for a later `wandb sync`."""
-
-
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_every: int = Field(1, ge=1)
@@ -34,16 +24,13 @@ class LoggingConfig(Section):
     tensorboard: bool = True
     plot: bool = True
     """Write a PNG of the reward and accuracy curves at the end."""
-    dashboard: bool = True
-    """Serve the live dashboard and JSON API while the job runs (`physarum run --no-dashboard`
-    turns it off). Its URL, with the access token, is printed at start and written to
-    run_dir/dashboard.json (mode 0600)."""
+    dashboard: bool = False
+    """Serve the JSON API and dashboard (FastAPI) while the job runs."""
     dashboard_port: int = Field(0, ge=0, le=65535)
     """0 picks a free port."""
-    dashboard_host: str = "127.0.0.1"
-    """The address the dashboard binds; 0.0.0.0 serves every interface (still token-only)."""
-    wandb: WandbConfig | None = None
-    """Also log to W&B, e.g. {project: physarum, mode: offline}; off when absent."""
+    mismatch_top: int = Field(32, ge=0)
+    """RL: after each step, the trainer writes the tokens with the largest |trainer - rollout|
+    logprob to run_dir/mismatch/step_<N>.jsonl (read by `physarum inspect`); 0 = off."""
 
 
 class CheckpointConfig(Section):
@@ -118,6 +105,7 @@ class JobConfig(Section):
             _check_overlong,
             _check_ranks,
             _check_megatron,
+            _check_routing_replay,
             _check_data,
             _check_early_stop,
         ):
@@ -185,6 +173,28 @@ def _check_megatron(job: JobConfig) -> None:
     if job.trainer.num_ranks % mc.ep:
         raise ValueError(
             f"trainer.megatron.ep: {mc.ep} must divide trainer.num_ranks ({job.trainer.num_ranks})"
+        )
+
+
+def _check_routing_replay(job: JobConfig) -> None:
+    """R3 needs an engine that reports its experts and a backend that can force them."""
+    if job.algorithm.moe.routing_replay != "rollout":
+        return
+    if job.rollout.engine == "sglang":
+        raise ValueError(
+            "algorithm.moe.routing_replay: 'rollout' needs the engine's routed experts, and "
+            "rollout.engine 'sglang' cannot give them: SGLang 0.5.23 serves our MoE only with "
+            "--model-impl transformers here, whose MoE path (srt/models/transformers.py, "
+            "_transformers_moe_forward) never reaches its routed-experts capturer "
+            "(srt/layers/moe/topk.py, _capture_routed_experts), so return_routed_experts would "
+            "carry no real experts. Use rollout.engine 'embedded', or routing_replay 'trainer'"
+        )
+    if job.trainer.backend == "megatron":
+        raise ValueError(
+            "algorithm.moe.routing_replay: 'rollout' is not implemented in the megatron backend "
+            "(its router hook, trainer/megatron/routing.py, replays whole passes only and cannot "
+            "mix the engine's experts for response tokens with the router's own for the "
+            "prompt); use trainer.backend 'torch', or routing_replay 'trainer'"
         )
 
 

@@ -34,7 +34,7 @@ class PackedOutput:
     hidden: Tensor  # [T, H] after the final norm, model dtype
     expert_load: Tensor  # float32 [n_moe, E]: choices routed to each expert in this forward
     aux_loss: Tensor  # float32 scalar: switch-style balance loss summed over MoE layers
-    routed_experts: Tensor | None  # int64 [n_moe, T, k] when routing is a RoutingCapture
+    routed_experts: Tensor | None  # int64 [n_moe, T, k] used, under a RoutingCapture or Replay
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TokenLogprobs:
     entropy: Tensor | None  # float32 [T] with the same alignment, when asked
     expert_load: Tensor  # float32 [n_moe, E]
     aux_loss: Tensor  # float32 scalar
-    routed_experts: Tensor | None  # int64 [n_moe, T, k] when routing is a RoutingCapture
+    routed_experts: Tensor | None  # int64 [n_moe, T, k] used, under a RoutingCapture or Replay
 
 
 class DecoderLayer(nn.Module):
@@ -189,9 +189,10 @@ class Glm4MoeForCausalLM(nn.Module):
         else:
             load = torch.zeros(0, self.config.n_routed_experts, device=x.device)
             aux = torch.zeros((), device=x.device)
-        routed = None
+        routed = None  # the experts used, under a replay too (R3 keeps them for training)
+        if routing is not None and moe_out:
+            routed = torch.stack([o.experts for o in moe_out])
         if isinstance(routing, RoutingCapture):
-            routed = torch.stack([o.experts for o in moe_out]) if moe_out else None
             routing.routed_experts = routed
         return PackedOutput(hidden, load, aux, routed)
 

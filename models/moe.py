@@ -41,7 +41,8 @@ class RoutingCapture:
 
 @dataclass
 class RoutingReplay:
-    """Force these experts (R3 routing replay): int64 [n_moe, T, k].
+    """Force these experts (routing replay): int64 [n_moe, T, k]; a token whose row holds -1
+    keeps the router's own choice (R3 replays the engine's experts of response tokens only).
 
     Gate weights are recomputed from the current router's scores at the forced experts
     (normalised and scaled as usual), so the router still gets gradients.
@@ -77,18 +78,20 @@ class TopkRouter(nn.Module):
         forced: int64 [N, k] experts to use instead of the router's choice (replay).
         """
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        if forced is None:
+        if forced is not None and forced.shape != (x.shape[0], self.top_k):
+            raise ValueError(
+                f"RoutingReplay.routed_experts: expected [*, {x.shape[0]}, {self.top_k}] "
+                f"for this layer, got {tuple(forced.shape)}"
+            )
+        free = None if forced is None else (forced < 0).any(dim=-1, keepdim=True)  # [N, 1]
+        if forced is None or bool(free.any()):
             choice = scores.detach() + self.e_score_correction_bias
             if self.n_group > 1:
                 choice = self._mask_groups(choice)
             experts = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        else:
-            if forced.shape != (x.shape[0], self.top_k):
-                raise ValueError(
-                    f"RoutingReplay.routed_experts: expected [*, {x.shape[0]}, {self.top_k}] "
-                    f"for this layer, got {tuple(forced.shape)}"
-                )
-            experts = forced.to(torch.int64)
+        if forced is not None:  # rows holding -1 keep the router's own choice (R3's prompt)
+            forced = forced.to(torch.int64)
+            experts = torch.where(free, experts, forced) if bool(free.any()) else forced
         experts = experts.sort(dim=-1).values
         weights = scores.gather(1, experts)
         if self.norm_topk_prob:

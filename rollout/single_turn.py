@@ -94,6 +94,7 @@ async def generate_group(
     metadata: Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase | None = None,
     rid_prefix: str | None = None,
+    routed_experts_from: int | None = None,
 ) -> list[Episode]:
     """n samples of one prompt as Episodes (loss_mask all 1).
 
@@ -101,6 +102,8 @@ async def generate_group(
     metadata    copied into every episode (e.g. `row_metadata(row)`), plus sample_index,
                 rid, response_text (see module doc), prompt_text (with a tokenizer) and
                 timings.generate_s
+    routed_experts_from  ask the engine for the experts it used from this position on (R3:
+                P = the response, 0 = the prompt too); None = do not ask
     """
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
@@ -111,6 +114,8 @@ async def generate_group(
             input_ids=list(prompt_ids),
             sampling=replace(sampling, n=1, sampling_seed=None if seed is None else seed + i),
             rid=f"{prefix}-{i}",
+            return_routed_experts=routed_experts_from is not None,
+            routed_experts_start_len=routed_experts_from,
         )
         for i in range(n)
     ]
@@ -141,6 +146,8 @@ async def generate_group(
                 versions=output.versions,
                 finish_reason=FinishReason(output.finish_reason),
                 metadata=meta,
+                routed_experts=output.routed_experts,
+                routing_start=output.routed_experts_start,
             )
         )
     return episodes

@@ -170,6 +170,10 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rid: str | None = None
     return_logprob: bool = True
+    return_routed_experts: bool = False
+    """Record the experts each MoE layer used per token (R3; SGLang's name)."""
+    routed_experts_start_len: int | None = None
+    """First position whose experts are returned; None = the first response token."""
 
 
 @dataclass
@@ -181,6 +185,9 @@ class GenerateOutput:
     versions    len == len(output_ids); the weight version that produced each output token
     finish_reason  "stop" | "length" | "abort"
     matched_stop   the stop token id (int) or stop string (str) that ended it, else None
+    routed_experts uint8|uint16 numpy [N, n_moe, k] with return_routed_experts: the experts
+                   of positions routed_experts_start .. +N-1 of prompt + output (the last
+                   token, which no forward consumed, has none), ascending per token
     """
 
     rid: str
@@ -191,6 +198,8 @@ class GenerateOutput:
     finish_reason: str
     matched_stop: int | str | None = None
     text: str | None = None
+    routed_experts: Any = None
+    routed_experts_start: int = 0
 
 
 @runtime_checkable

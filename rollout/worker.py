@@ -114,13 +114,26 @@ class RolloutWorkerCore:
         return resolve_env(self.job.env.name, self.job.env.args)
 
     async def generate_for_row(
-        self, row: dict[str, Any], sampling: SamplingParams, n: int
+        self, row: dict[str, Any], sampling: SamplingParams, n: int, *, routing: bool = False
     ) -> list[Episode]:
-        """n samples of one row as Episodes (not yet scored)."""
+        """n samples of one row as Episodes (not yet scored); `routing`: with R3 on
+        (algorithm.moe.routing_replay rollout), they carry the engine's experts."""
+        if self.agent_runner is not None:
+            return await self._agent_group(row, sampling, n)
         if self.env_factory is None:
             ids = prompt_ids(self.tokenizer, row["messages"], row.get("tools"))
+            moe = self.job.algorithm.moe
+            start = None
+            if routing and moe.routing_replay == "rollout":
+                start = 0 if moe.replay_prompt_routing else len(ids)
             return await generate_group(
-                self.engine, ids, sampling, n, metadata=row_metadata(row), tokenizer=self.tokenizer
+                self.engine,
+                ids,
+                sampling,
+                n,
+                metadata=row_metadata(row),
+                tokenizer=self.tokenizer,
+                routed_experts_from=start,
             )
         from rollout.multiturn import run_episode
 
@@ -152,7 +165,7 @@ class RolloutWorkerCore:
         n = rollout.n_samples_per_prompt
 
         async def generate(row: dict[str, Any]) -> list[Episode]:
-            return await self.generate_for_row(row, self.sampling, n)
+            return await self.generate_for_row(row, self.sampling, n, routing=True)
 
         self.producer = RolloutProducer(
             worker_id=self.worker_id,

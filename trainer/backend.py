@@ -36,6 +36,7 @@ _PER_TOKEN = (
     "values",
     "versions",
     "seq_ids",
+    "routing_replayed",
 )
 
 
@@ -57,7 +58,12 @@ class PackedBatch:
     temperature       float          sampling temperature the logprobs are taken at
     sample_index      int64   [B]    index of each sequence in the step's sequence list
     prompt_lens       int64   [B]    prompt length of each sequence (response starts after)
-    routed_experts    int64   [n_moe, T, k] | None  routing captured in the logprob pass
+    routed_experts    int64   [n_moe, T, k] | None  experts to replay: R3 the engine's (-1 =
+                                     the router's own) from build_step, then the experts the
+                                     logprob pass used (R2 and R3); training replays them
+    routing_replayed  bool    [T] | None  R3: the position before the token ran on the
+                                     engine's experts (its logprob used replayed routing)
+    train_logprobs    float32 [T] | None  set by train_step: its forward's detached logprobs
     finish_codes      int64   [B] | None  each sequence's finish reason (FINISH_REASONS index)
     policy_version    int | None     the trainer's version the step was built at (a token's
                                      staleness is policy_version - versions)
@@ -80,6 +86,8 @@ class PackedBatch:
     routed_experts: Tensor | None = None
     finish_codes: Tensor | None = None
     policy_version: int | None = None
+    routing_replayed: Tensor | None = None
+    train_logprobs: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -23,8 +23,9 @@ from configs import JobConfig
 from models.checkpoint import from_pretrained, save_pretrained
 from models.device import resolve_device
 from models.weight_update import WeightUpdate
-from trainer.batch import build_rl_step, build_step
+from trainer.batch import StepBatch, build_rl_step, build_step
 from trainer.distributed import DataParallel
+from trainer.forensics import mismatch_path, top_mismatch, write_mismatch
 from trainer.lora_export import save_lora_job
 from trainer.torch_backend import TorchBackend
 
@@ -146,8 +147,10 @@ class TrainerService:
             current_version=self.version,
             max_staleness=self.job.buffer.max_staleness if mask_old else None,
             mask_truncated=self.job.algorithm.overlong_filter,
+            rollout_routing=self.job.algorithm.moe.routing_replay == "rollout",
         )
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
+        self._save_mismatch(step)
         if self.rank == 0 and self.store is not None:
             self.store.set_version(self.version)
         metrics.update(_group_metrics(groups, self.version - 1))
@@ -155,6 +158,15 @@ class TrainerService:
         metrics["perf/step_s"] = time.monotonic() - self._last_step_end
         self._last_step_end = time.monotonic()
         return metrics
+
+    def _save_mismatch(self, step: StepBatch) -> None:
+        """This rank's top |Δlogprob| tokens of the step just trained (trainer/forensics.py)."""
+        top = self.job.logging.mismatch_top
+        if top <= 0:
+            return
+        records = top_mismatch(step.micro_batches, top)
+        path = mismatch_path(self.job.resolved_run_dir, self.version, self.rank)
+        write_mismatch(path, records)
 
     def sft_step(self, episodes: list[Episode]) -> dict[str, float]:
         """One optimizer step of cross-entropy under the loss mask."""

@@ -42,7 +42,7 @@ class PassPlan:
     def for_algorithm(cls, algo: AlgorithmConfig, *, ppo_epochs: int = 1) -> PassPlan:
         kl_in_reward = algo.kl.coef > 0 and algo.kl.mode == "reward"
         return cls(
-            old=ppo_epochs > 1 or algo.moe.routing_replay or kl_in_reward,
+            old=ppo_epochs > 1 or algo.moe.routing_replay != "none" or kl_in_reward,
             ref=algo.kl.coef > 0,
             values=algo.advantage in NEEDS_VALUES,
         )

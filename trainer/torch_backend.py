@@ -9,7 +9,9 @@ AdamW, the LR schedule, loss-free MoE balancing from the step's expert load, ver
 PPO: a critic (`ValueModel`, the actor's architecture + a value head, its own AdamW at
 critic_lr) is built when the advantage estimator needs values; a frozen reference copy of the
 initial actor when kl.coef > 0. Routing replay: the actor's logprob pass captures each
-micro-batch's experts (PackedBatch.routed_experts) and training replays them.
+micro-batch's experts (PackedBatch.routed_experts) and training replays them; with routing
+replay `rollout` (R3) that pass first forces the engine's experts the batch brought (rows of -1,
+the prompt by default, keep the router's own choice).
 
 Devices: everything runs on the model's device (`models.device.resolve_device` picks it;
 the caller moves the model there before building the backend). Micro-batches are built on
@@ -163,10 +165,13 @@ class TorchBackend:
     def logprobs(self, batches: list[PackedBatch], *, model: str = "actor") -> list[Tensor]:
         """float32 [T] per batch. The actor's pass records routing when routing replay is on."""
         network = self._network(model)
-        capture = self.algo.moe.routing_replay and network is self.model
+        mode = self.algo.moe.routing_replay if network is self.model else "none"
+        capture = mode != "none"
         outs = []
         for b, real in self._aligned(batches, sharded=network is self.model):
             routing = RoutingCapture() if capture else None
+            if mode == "rollout" and b.routed_experts is not None:
+                routing = RoutingReplay(b.routed_experts.to(self.device))
             on_device = self._on_device(b)
             with self._autocast():
                 out = network.token_logprobs(
@@ -252,9 +257,9 @@ class TorchBackend:
         load = torch.zeros(
             len(self.model.moe_blocks()), self.model.config.n_routed_experts, device=self.device
         )
-        replay = self.algo.moe.routing_replay
-        for b, real in self._aligned(batches):
-            b = self._on_device(b)
+        replay = self.algo.moe.routing_replay != "none"
+        for orig, real in self._aligned(batches):
+            b = self._on_device(orig)
             routing = (
                 RoutingReplay(b.routed_experts) if replay and b.routed_experts is not None else None
             )
@@ -266,6 +271,8 @@ class TorchBackend:
             if self._train_mtp and objective.is_sft:
                 loss = loss + self._mtp_loss(b, out.hidden, totals, part)
             (loss * self._loss_scale).backward()
+            if real:  # what the mismatch forensics read when there was no logprob pass
+                orig.train_logprobs = out.logprobs.detach().float().cpu()
             if real:
                 stats.merge(part)
                 load += out.expert_load.detach().float()

@@ -217,6 +217,7 @@ class EmbeddedEngine:
         self.sched.check_length(len(prompt), params.max_new_tokens)
         stop = StopRule.build(params, self.eos_ids, self._encode if self.tokenizer else None)
         rid = request.rid or uuid.uuid4().hex
+        routing_start = self._routing_start(request, len(prompt))
         base = params.sampling_seed
         if base is None:
             base = self._rng.getrandbits(63)
@@ -233,9 +234,25 @@ class EmbeddedEngine:
                     return_logprob=request.return_logprob,
                     on_update=on_update,
                     done=Future(),
+                    routing_start=routing_start,
                 )
             )
         return seqs
+
+    @staticmethod
+    def _routing_start(request: GenerateRequest, prompt_len: int) -> int | None:
+        """The first position whose experts the request wants (R3), None when it wants none."""
+        if not request.return_routed_experts:
+            return None
+        start = request.routed_experts_start_len
+        if start is None:
+            return prompt_len
+        if not 0 <= start <= prompt_len:
+            raise ValueError(
+                f"routed_experts_start_len: expected 0..{prompt_len} (the prompt length), "
+                f"got {start}"
+            )
+        return start
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (from make_sequences); each `seq.done` resolves when it finishes."""

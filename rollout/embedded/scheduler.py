@@ -9,7 +9,9 @@ Each `step()`:
   4. finished sequences leave at once and their slots are reused.
 Per-step Python work is O(batch); sampling is vectorised (sampler.py) and there is one host
 sync per forward (the sampled ids and logprobs). Every token records `self.version`, the
-weight version in force for the forward that produced it.
+weight version in force for the forward that produced it. When a sequence in a forward asks
+for its experts (R3), the forward captures them (one more host copy, as compact uint8/uint16)
+and each sequence keeps the rows of the positions it asked for.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from buffer.episode import routing_dtype
+from models.moe import RoutingCapture
 from rollout.embedded.kv_slots import SlotPool
 from rollout.embedded.sampler import sample
 from rollout.embedded.sequence import Decode, Sequence
@@ -185,16 +190,21 @@ class Scheduler:
         unique = [s for s, lead in pairs if s is lead]
         unique.sort(key=lambda s: s.num_tokens)
         logits_of: dict[int, Tensor] = {}
+        routes_of: dict[int, np.ndarray] = {}
         for chunk in self._chunks(unique):
             rows = [s.prompt_ids + s.output_ids for s in chunk]
-            logits = self._forward(rows, [s.slot for s in chunk], [0] * len(chunk))
+            logits, routes = self._forward(rows, [s.slot for s in chunk], [0] * len(chunk), chunk)
             for i, seq in enumerate(chunk):
                 seq.cached = len(rows[i])
                 logits_of[id(seq)] = logits[i]
+                if routes is not None:
+                    routes_of[id(seq)] = routes[i, : len(rows[i])]
         for seq, lead in pairs:
             if seq is not lead:
                 self._copy_slot(lead.slot, seq.slot, lead.cached)
                 seq.cached = lead.cached
+            if id(lead) in routes_of:
+                seq.record_routing(routes_of[id(lead)], 0)
         stacked = torch.stack([logits_of[id(lead)] for _, lead in pairs])
         return self._sample_append([s for s, _ in pairs], stacked)
 
@@ -211,13 +221,18 @@ class Scheduler:
 
     def _decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
         rows = [[s.output_ids[-1]] for s in seqs]
-        logits = self._forward(rows, [s.slot for s in seqs], [s.cached for s in seqs])
-        for seq in seqs:
+        logits, routes = self._forward(rows, [s.slot for s in seqs], [s.cached for s in seqs], seqs)
+        for i, seq in enumerate(seqs):
+            if routes is not None:
+                seq.record_routing(routes[i], seq.cached)
             seq.cached += 1
         return self._sample_append(seqs, logits)
 
-    def _forward(self, rows: list[list[int]], slots: list[int], start: list[int]) -> Tensor:
-        """One forward_cached call over right-padded rows; float32 logits [B, V]."""
+    def _forward(
+        self, rows: list[list[int]], slots: list[int], start: list[int], seqs: list[Sequence]
+    ) -> tuple[Tensor, np.ndarray | None]:
+        """One forward_cached call over right-padded rows: float32 logits [B, V] and, when a
+        sequence asks for them, the experts used, uint8/uint16 numpy [B, L, n_moe, k]."""
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.int64)
         if width == 1:
@@ -226,13 +241,20 @@ class Scheduler:
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
         self.num_forwards += 1
-        return self.model.forward_cached(
+        capture = RoutingCapture() if any(s.routing_start is not None for s in seqs) else None
+        logits = self.model.forward_cached(
             ids,
             torch.tensor(slots, dtype=torch.int64),
             torch.tensor(start, dtype=torch.int64),
             torch.tensor([len(r) for r in rows], dtype=torch.int64),
             self.slots.cache,
+            routing=capture,
         )
+        if capture is None or capture.routed_experts is None:
+            return logits, None
+        dtype = routing_dtype(self.model.config.n_routed_experts)
+        routes = capture.routed_experts.permute(1, 2, 0, 3)  # [B, L, n_moe, k]
+        return logits, routes.to(torch.int32).cpu().numpy().astype(dtype)
 
     def _sample_append(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.slots.device)

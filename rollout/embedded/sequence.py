@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from rollout.types import GenerateOutput, SamplingParams
 
 Decode = Callable[[list[int]], str]
@@ -67,6 +69,24 @@ class Sequence:
     num_retractions: int = 0
     created: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
+    routing_start: int | None = None  # record experts from this position (None: do not)
+    routing: list[np.ndarray] = field(default_factory=list)  # chunks of [n, n_moe, k]
+    routed_len: int = 0  # rows recorded: positions routing_start .. routing_start + this - 1
+
+    def record_routing(self, routes: np.ndarray, first: int) -> None:
+        """Keep the experts [L, n_moe, k] of positions first .. first+L-1 that are not yet
+        recorded. A row once recorded stays: a re-prefill after a retraction (or across a
+        weight update) routes the same tokens again, but they were sampled under the first."""
+        if self.routing_start is None:
+            return
+        want = self.routing_start + self.routed_len
+        end = first + len(routes)
+        if end <= want:
+            return
+        if first > want:
+            raise RuntimeError(f"{self.rid}: routing of positions {want}..{first - 1} was lost")
+        self.routing.append(routes[want - first :])
+        self.routed_len += end - want
 
     @property
     def finished(self) -> bool:
@@ -114,4 +134,14 @@ class Sequence:
             finish_reason=self.finish_reason or "abort",
             matched_stop=self.matched if self.finish_reason == "stop" else None,
             text=text,
+            routed_experts=self._routed(),
+            routed_experts_start=self.routing_start or 0,
         )
+
+    def _routed(self) -> np.ndarray | None:
+        """The recorded experts [N, n_moe, k] (uint8/uint16), None when not asked."""
+        if self.routing_start is None:
+            return None
+        if not self.routing:
+            return np.zeros((0, 0, 0), np.uint8)
+        return np.concatenate(self.routing)

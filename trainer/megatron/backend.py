@@ -132,9 +132,11 @@ class MegatronBackend:
         sp = config.sequence_parallel
         self._sp_rank_size = (ps.get_tensor_model_parallel_rank(), par.tp) if sp else (0, 1)
         self._load_mask = router_stats.LoadMask(self.gpt, recompute=par.recompute)
+        if algo.moe.routing_replay == "rollout":  # configs/job.py refuses it at load too
+            raise ValueError("algorithm.moe.routing_replay: 'rollout' (R3) is torch-backend only")
         self._routing = (
             Routing(self.gpt, self.arch.moe_layer_pattern, par.recompute)
-            if algo.moe.routing_replay
+            if algo.moe.routing_replay != "none"
             else None
         )
         self._device = next(self.gpt.parameters()).device

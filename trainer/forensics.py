@@ -1,0 +1,97 @@
+"""Mismatch forensics: the tokens whose trainer logprob differs most from the engine's.
+
+After each RL step the trainer writes the `top` trainable tokens of its share by
+|Δlogprob| = |trainer - rollout| to `run_dir/mismatch/step_<N>.jsonl` (rank r > 0:
+`step_<N>.rank<r>.jsonl`), one JSON object per token, largest first. `physarum inspect`
+reads them back and decodes them with the run's tokenizer. A record is small (ids, not text:
+`context` tokens before the token, `after` tokens after it), so a step's file stays a few KiB.
+
+Trainer logprobs are those of the logprob pass (`old_logprobs`, what the mismatch metrics
+compare) or, without one, those of the training forward, which are the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.backend import FINISH_REASONS, PackedBatch
+
+MISMATCH_DIR = "mismatch"
+
+
+def mismatch_path(run_dir: Path, step: int, rank: int = 0) -> Path:
+    """Where rank `rank` writes step `step`'s records."""
+    name = f"step_{step}.jsonl" if rank == 0 else f"step_{step}.rank{rank}.jsonl"
+    return Path(run_dir) / MISMATCH_DIR / name
+
+
+def top_mismatch(
+    batches: Sequence[PackedBatch], top: int, *, context: int = 24, after: int = 4
+) -> list[dict[str, Any]]:
+    """The `top` trainable tokens of `batches` with the largest |Δlogprob|, largest first.
+
+    Each record: abs_diff, trainer_logprob, rollout_logprob, token_id, position (in the
+    response), context_ids / after_ids (token ids around it), sample_index, prompt_len,
+    response_len, version (the token's policy version), policy_version (the trainer's when the
+    step was built), staleness, finish_reason, replayed (R3: its logprob ran on the engine's
+    experts; None without R3), seq_abs_diff_mean / seq_abs_diff_max over the sequence.
+    """
+    candidates: list[tuple[float, int, int]] = []  # (abs diff, batch, token)
+    diffs: list[torch.Tensor | None] = []
+    for bi, b in enumerate(batches):
+        trainer = b.old_logprobs if b.old_logprobs is not None else b.train_logprobs
+        if trainer is None:
+            diffs.append(None)
+            continue
+        diff = (trainer.float().cpu() - b.rollout_logprobs.float()).abs()
+        diff = torch.where(b.loss_mask > 0, diff, torch.full_like(diff, -1.0))
+        diffs.append(diff)
+        values, index = diff.topk(min(top, diff.numel()))
+        candidates += [(v, bi, i) for v, i in zip(values.tolist(), index.tolist()) if v >= 0]
+    candidates.sort(key=lambda c: -c[0])
+    return [_record(batches[bi], diffs[bi], t, context, after) for _, bi, t in candidates[:top]]
+
+
+def _record(b: PackedBatch, diff: torch.Tensor, t: int, context: int, after: int) -> dict:
+    seq = int(b.seq_ids[t])
+    start, end = int(b.cu_seqlens[seq]), int(b.cu_seqlens[seq + 1])
+    prompt_len = int(b.prompt_lens[seq]) if b.prompt_lens is not None else 0
+    trainer = b.old_logprobs if b.old_logprobs is not None else b.train_logprobs
+    in_seq = (b.loss_mask[start:end] > 0) & (diff[start:end] >= 0)
+    seq_diff = diff[start:end][in_seq]
+    version = int(b.versions[t])
+    ids = b.input_ids
+    return {
+        "abs_diff": float(diff[t]),
+        "trainer_logprob": float(trainer[t]),
+        "rollout_logprob": float(b.rollout_logprobs[t]),
+        "token_id": int(ids[t]),
+        "position": t - start - prompt_len,
+        "context_ids": ids[max(start, t - context) : t].tolist(),
+        "after_ids": ids[t + 1 : min(end, t + 1 + after)].tolist(),
+        "sample_index": int(b.sample_index[seq]) if b.sample_index is not None else seq,
+        "prompt_len": prompt_len,
+        "response_len": end - start - prompt_len,
+        "version": version,
+        "policy_version": b.policy_version,
+        "staleness": None if b.policy_version is None else b.policy_version - version,
+        "finish_reason": (
+            FINISH_REASONS[int(b.finish_codes[seq])].value if b.finish_codes is not None else None
+        ),
+        "replayed": None if b.routing_replayed is None else bool(b.routing_replayed[t]),
+        "seq_abs_diff_mean": float(seq_diff.mean()) if seq_diff.numel() else 0.0,
+        "seq_abs_diff_max": float(seq_diff.max()) if seq_diff.numel() else 0.0,
+    }
+
+
+def write_mismatch(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write the records as JSONL (replacing an older file of the same step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
