@@ -36,6 +36,7 @@ def _cmd_config_validate(args: argparse.Namespace) -> int:
 
     for path in args.files:
         job = load_job(path, args.set)
+        check_model_fits(job)  # parallel sizes against the model, memory on this CPU
         print(f"ok  {path}  (mode={job.mode}, name={job.name})")
     return 0
 
@@ -44,6 +45,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
     from configs import load_job
+    from physarum.model_checks import check_model_fits
 
     job = load_job(args.file, args.set)
     print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")

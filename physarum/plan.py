@@ -24,6 +24,10 @@ def print_plan(config_path: str, overrides: list[str]) -> int:
     else:
         hf = get_preset(job.model.preset, **job.model.overrides).to_hf_dict()
         source = f"preset {job.model.preset}"
+    from physarum.model_checks import ModelFitError, parallel_problems
+
+    if problems := parallel_problems(job, hf):
+        raise ModelFitError(f"the parallel plan does not fit {source}: " + "; ".join(problems))
     arch = GlmArch.from_hf(hf)
     inputs = PlanInputs(
         par=job.trainer.megatron,

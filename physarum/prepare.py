@@ -42,6 +42,9 @@ def prepare(job: JobConfig, run: RunDir) -> Prepared:
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": None,
     }
+    from physarum.model_checks import check_model_fits
+
+    check_model_fits(job, len(tokenizer))  # before the driver allocates the initial model
     model_dir = _initial_model(job, run, len(tokenizer), special)
     return Prepared(tokenizer_dir, train_path, eval_path, model_dir, len(tokenizer))
 
