@@ -15,6 +15,16 @@ from configs.services import BufferConfig, ClusterConfig, RolloutConfig, Trainer
 Mode = Literal["sft", "rejection_sampling", "rl", "eval"]
 
 
+class WandbConfig(Section):
+    """Weights & Biases logging (`pip install 'physarum-rl[wandb]'`). Every metric the job
+    writes to metrics.jsonl is logged at the same step."""
+
+    project: str = Field(min_length=1)
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline: write the run under run_dir/wandb for a later `wandb sync`."""
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_every: int = Field(1, ge=1)
@@ -24,13 +34,19 @@ class LoggingConfig(Section):
     tensorboard: bool = True
     plot: bool = True
     """Write a PNG of the reward and accuracy curves at the end."""
-    dashboard: bool = False
-    """Serve the JSON API and dashboard (FastAPI) while the job runs."""
+    dashboard: bool = True
+    """Serve the live dashboard and JSON API while the job runs (`physarum run --no-dashboard`
+    turns it off). Its URL, with the access token, is printed at start and written to
+    run_dir/dashboard.json (mode 0600)."""
     dashboard_port: int = Field(0, ge=0, le=65535)
     """0 picks a free port."""
     mismatch_top: int = Field(32, ge=0)
     """RL: after each step, the trainer writes the tokens with the largest |trainer - rollout|
     logprob to run_dir/mismatch/step_<N>.jsonl (read by `physarum inspect`); 0 = off."""
+    dashboard_host: str = "127.0.0.1"
+    """The address the dashboard binds; 0.0.0.0 serves every interface (still token-only)."""
+    wandb: WandbConfig | None = None
+    """Also log to W&B, e.g. {project: physarum, mode: offline}; off when absent."""
 
 
 class CheckpointConfig(Section):
