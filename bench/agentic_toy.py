@@ -75,7 +75,7 @@ def run_stages(root: Path, sft_set: list[str], rl_set: list[str]) -> dict:
         walls = {}
         for name, job in (("sft", sft_job), ("rl", rl_job)):
             started = time.monotonic()
-            execute(job, stage=name)
+            execute(job, stage=name, overwrite=True)  # a rerun replaces its stages
             walls[name] = time.monotonic() - started
             print(f"agentic_toy: {name} done in {format_duration(walls[name])}", flush=True)
     finally:

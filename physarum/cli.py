@@ -23,10 +23,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError("give either CONFIG or --resume RUN_DIR, not both")
     if not args.resume and not args.config:
         raise UserError("give a CONFIG file (or --resume RUN_DIR)")
+    if args.resume and args.overwrite:
+        raise UserError("--overwrite clears the run dir, --resume continues it: give one")
     return run_job(
         config_path=args.config,
         overrides=args.set,
         resume_dir=args.resume,
+        overwrite=args.overwrite,
         dashboard=not args.no_dashboard,
     )
 
@@ -130,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job (SFT, rejection sampling, RL, eval)")
     run.add_argument("config", nargs="?", help="job YAML, e.g. configs/toy_grpo.yaml")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a job from its run dir")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run_dir that holds an earlier run (deletes what is in it)",
+    )
     run.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
     _add_set(run)
     run.set_defaults(func=_cmd_run)

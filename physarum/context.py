@@ -23,8 +23,9 @@ from physarum.dashboard import DashboardServer
 from physarum.dashboard.services import live_view, service_rows
 from physarum.metrics import MetricsSink
 from physarum.prepare import Prepared, export_final, prepare
+from physarum.resume import Corrupt, check_buffer, pick_checkpoint, set_aside
 from physarum.rundir import RunDir
-from physarum.services.buffer_service import BufferService
+from physarum.services.buffer_service import BufferService, stop_orphan_redis
 from physarum.services.nodes import check_run_dir, driver_row, write_placement
 from physarum.services.placement import Placement, embedded_cpus, embedded_resources
 from physarum.services.rollout_group import RolloutGroup
@@ -36,15 +37,34 @@ log = logging.getLogger(__name__)
 class JobContext:
     """Services are started on demand by the mode driver and all stopped by `close`."""
 
-    def __init__(self, job: JobConfig, *, resume: bool = False, stage: str | None = None) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        *,
+        resume: bool = False,
+        stage: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """resume: continue the run in job.run_dir; otherwise that dir must be empty or
+        missing, or (overwrite) a run dir, which is cleared first."""
         # Actors run in another cwd (that of `ray start`), maybe on another node: every path
         # they get is absolute, resolved here against the driver's cwd.
         job = job.with_absolute_paths(Path.cwd())
         self.job = job
         self.resume = resume
         self.stage = stage or job.mode
-        self.run = RunDir(job.resolved_run_dir).create()
+        self.run = RunDir(job.resolved_run_dir)
+        if resume:
+            self.run.check_resumable(job)
+        else:
+            if overwrite and self.run.redis.is_dir():
+                stop_orphan_redis(self.run.redis)  # not under a live server's feet
+            self.run.claim(overwrite=overwrite)
+        self.run.create()
+        if not resume:
+            self.run.save_identity(job)
         self.run.save_job(job)
+        self._resume_from: tuple[tuple[int, Path] | None, Corrupt] | None = None
         self.prepared: Prepared = prepare(job, self.run)
         self.eval_rows = read_jsonl(self.prepared.eval_path)[: job.rollout.eval.n_prompts]
         self._stack = contextlib.ExitStack()
@@ -121,6 +141,9 @@ class JobContext:
         buffer = BufferService(self.job, self.run, remote=self._buffer_node())
         self._services["buffer"] = buffer
         self._stack.callback(buffer.stop)
+        if self.resume:  # before the prompts are loaded: a rebuilt buffer is caught as such
+            latest, corrupt = self._resume_from = pick_checkpoint(self.run)
+            check_buffer(self.run, latest, buffer.stats(), corrupt)
         if prompts is not None:
             buffer.load_prompts(prompts)
         self.state.buffer_stats = buffer.stats
@@ -171,10 +194,15 @@ class JobContext:
         return group
 
     def restore_latest(self, trainer: TrainerGroup) -> int:
-        """On resume, load the last complete checkpoint; returns the step to continue from."""
-        latest = self.run.latest_checkpoint() if self.resume else None
+        """On resume, load the newest checkpoint that passes its checksums, once the buffer
+        is found to match it (physarum/resume.py); returns the step to continue from."""
+        if not self.resume:
+            return 0
+        # checked against the buffer by start_buffer (RL); SFT has no buffer
+        latest, corrupt = self._resume_from or pick_checkpoint(self.run)
         if latest is None:
             return 0
+        set_aside(corrupt, latest)
         step, path = latest
         trainer.restore(path)
         log.info("resumed from %s (step %d)", path, step)

@@ -43,7 +43,7 @@ def run_demo(root: Path, extra: dict[str, list[str]] | None = None) -> list[dict
         if stage == STAGES[0][0]:
             handle = connect(job.cluster, min_cpus=2)
         log.info("=== demo stage %s (%s) ===", stage, preset)
-        result = execute(job, stage=stage)
+        result = execute(job, stage=stage, overwrite=True)  # a rerun replaces its stages
         results.append(
             {
                 "stage": stage,

@@ -51,11 +51,14 @@ def resolve(
     return load_job(config_path, overrides), False
 
 
-def execute(job: JobConfig, *, resume: bool = False, stage: str | None = None) -> dict[str, float]:
-    """Run one job to the end and return its final metrics."""
+def execute(
+    job: JobConfig, *, resume: bool = False, stage: str | None = None, overwrite: bool = False
+) -> dict[str, float]:
+    """Run one job to the end and return its final metrics. A new job needs an empty run
+    dir, or overwrite=True to clear the run dir that is there."""
     driver = _drivers()[job.mode]
     started = time.monotonic()
-    with JobContext(job, resume=resume, stage=stage) as ctx:
+    with JobContext(job, resume=resume, stage=stage, overwrite=overwrite) as ctx:
         log.info("%s: %s job, run dir %s", job.name, job.mode, ctx.run.root)
         result = driver(ctx)
     result["wall_s"] = time.monotonic() - started
@@ -63,14 +66,18 @@ def execute(job: JobConfig, *, resume: bool = False, stage: str | None = None) -
 
 
 def run_job(
-    config_path: str | None, overrides: list[str], resume_dir: str | None, dashboard: bool = True
+    config_path: str | None,
+    overrides: list[str],
+    resume_dir: str | None,
+    dashboard: bool = True,
+    overwrite: bool = False,
 ) -> int:
     job, resume = resolve(config_path, overrides, resume_dir)
     if not dashboard:  # --no-dashboard; also for --resume, which takes no --set
         job = job.model_copy(
             update={"logging": job.logging.model_copy(update={"dashboard": False})}
         )
-    result = execute(job, resume=resume)
+    result = execute(job, resume=resume, overwrite=overwrite)
     summary = {k: round(v, 4) for k, v in result.items() if isinstance(v, int | float)}
     print(
         f"physarum: {job.name} finished in {format_duration(result['wall_s'])}: "

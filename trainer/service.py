@@ -24,6 +24,7 @@ from models.checkpoint import from_pretrained, save_pretrained
 from models.device import resolve_device
 from models.weight_update import WeightUpdate
 from trainer.batch import StepBatch, build_rl_step, build_step
+from trainer.checkpoint_record import write_buffer_record, write_manifest
 from trainer.distributed import DataParallel
 from trainer.forensics import mismatch_path, top_mismatch, write_mismatch
 from trainer.lora_export import save_lora_job
@@ -200,6 +201,9 @@ class TrainerService:
         if self.rank == 0:
             ids = [entry for rank in consumed for entry in rank]
             (path / CONSUMED_FILE).write_text(json.dumps(ids))
+            if self.store is not None:  # what a resume checks the buffer against
+                write_buffer_record(path, self.store.stats(), self.version, len(set(ids)))
+            write_manifest(path)  # checksums: a corrupted checkpoint is never loaded
             (path / "COMPLETE").write_text(str(self.version))
         self.dp.barrier()  # no rank acks before the checkpoint is complete
         if self.store is not None and self._pending:
