@@ -11,6 +11,7 @@ top-p / top-k / min-p renormalisation is applied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -72,6 +73,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise SamplingParamsError naming the first field with an invalid value."""
+        for name in ("max_new_tokens", "top_k", "n", "sampling_seed", "temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool):  # an int subclass: `true` is not a count
+                raise SamplingParamsError(f"{name}: expected a number, got the bool {value}")
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SamplingParamsError(f"{name}: expected a finite number, got {value!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise SamplingParamsError(
                 f"max_new_tokens: expected an int >= 0, got {self.max_new_tokens!r}"
@@ -96,7 +105,9 @@ class SamplingParams:
             )
         if not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingParamsError(f"stop: expected non-empty strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
             raise SamplingParamsError(
                 f"stop_token_ids: expected ints >= 0, got {self.stop_token_ids!r}"
             )

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from rollout.server import control_routes, generate, openai_errors, openai_routes, weights
 from rollout.server.auth import EngineAuthError
+from rollout.server.body_limit import BodyLimit
 from rollout.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ def build_app(state: ServerState) -> FastAPI:
     if state.api_key:
         _add_auth(app, state.api_key)
     openai_errors.install(app)
+    app.add_middleware(
+        BodyLimit, limit=state.max_body_bytes, weight_limit=state.max_weight_body_bytes
+    )
     for module in (generate, control_routes, weights, openai_routes):
         app.include_router(module.router)
     return app

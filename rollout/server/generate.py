@@ -70,8 +70,9 @@ async def generate(
     body = req.as_body()
     tok = engine.tokenizer
     tokenize = (lambda text: tok.encode(text)) if tok is not None else None
-    try:
-        parsed = parse_generate(body, tokenize, int(engine.model.config.vocab_size))
+    vocab = int(engine.model.config.vocab_size)
+    try:  # in a thread: tokenizing a big text must not stall the loop (/health, other requests)
+        parsed = await asyncio.to_thread(parse_generate, body, tokenize, vocab, max_n=state.max_n)
         seqs = [s for r in parsed.requests for s in engine.make_sequences(r)]
     except RequestError as e:
         logger.info("/generate refused: %s", e)

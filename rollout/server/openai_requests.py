@@ -139,7 +139,7 @@ def completion_prompts(engine: EmbeddedEngine, req: CompletionRequest) -> list[l
     batch = [list(p) for p in prompt] if isinstance(prompt[0], list) else [list(prompt)]
     vocab = int(engine.model.config.vocab_size)
     for ids in batch:
-        bad = [t for t in ids if not 0 <= t < vocab]
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab]  # bools too
         if bad or not ids:
             raise OpenAIError(
                 f"prompt: token id {bad[0] if bad else None!r} is outside the vocabulary "
@@ -168,6 +168,13 @@ def sampling_params(
     except SamplingParamsError as e:
         field = str(e).split(":", 1)[0]
         raise OpenAIError(str(e), param=_PARAM_NAMES.get(field, field)) from None
+
+
+def check_n(samples: int, limit: int) -> None:
+    """The samples one request asks for (n, times the prompts of a completion) within the
+    server's limit (ServerState.max_n)."""
+    if samples > limit:
+        raise OpenAIError(f"n: {samples} samples is above this server's limit {limit}", param="n")
 
 
 def max_new_tokens(engine: EmbeddedEngine, prompt_len: int, asked: int | None, prompt_param: str):

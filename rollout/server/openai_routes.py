@@ -8,6 +8,7 @@ as /generate's are.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -66,11 +67,12 @@ async def chat_completions(
 ) -> Response:
     engine = state.engine
     rq.check_model(state, body.model)
-    prompt = rq.chat_prompt(engine, body)
+    prompt = await asyncio.to_thread(rq.chat_prompt, engine, body)  # off the loop (/health)
     tools = rq.chat_tools(body) if body.tool_choice != "none" else None
     max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     asked = body.max_completion_tokens or body.max_tokens
     params = rq.sampling_params(body, rq.max_new_tokens(engine, len(prompt), asked, "messages"))
+    rq.check_n(params.n, state.max_n)
     rid, seqs = rq.make_sequences(engine, [prompt], params, "chatcmpl", max_param)
     options = dict(tools=tools, logprobs=body.logprobs, token_ids=body.return_token_ids)
     if body.stream:
@@ -90,9 +92,10 @@ async def completions(
 ) -> Response:
     engine = state.engine
     rq.check_model(state, body.model)
-    prompts = rq.completion_prompts(engine, body)
+    prompts = await asyncio.to_thread(rq.completion_prompts, engine, body)
     longest = max(len(p) for p in prompts)
     params = rq.sampling_params(body, rq.max_new_tokens(engine, longest, body.max_tokens, "prompt"))
+    rq.check_n(params.n * len(prompts), state.max_n)
     rid, seqs = rq.make_sequences(engine, prompts, params, "cmpl", "max_tokens")
     options = dict(logprobs=body.logprobs is not None, token_ids=body.return_token_ids)
     if body.stream:

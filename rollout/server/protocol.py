@@ -77,19 +77,18 @@ def _prompts(body: dict[str, Any], tokenize: Callable[[str], list[int]] | None, 
         if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
             return [tokenize(t) for t in text], True
         raise RequestError("text: expected a string or a non-empty list of strings")
-    if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
+    if isinstance(ids, list) and ids and not any(isinstance(t, list) for t in ids):
         prompts, batch = [ids], False
     elif isinstance(ids, list) and ids and all(isinstance(p, list) and p for p in ids):
         prompts, batch = ids, True
     else:
         raise RequestError("input_ids: expected a non-empty list of ints or of int lists")
     for i, prompt in enumerate(prompts):
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt if type(t) is not int or not 0 <= t < vocab]  # bools too
         if bad:
             where = f"input_ids[{i}]" if batch else "input_ids"
-            raise RequestError(
-                f"{where}: token id {bad[0]!r} is outside the vocabulary [0, {vocab})"
-            )
+            what = "is not an int" if type(bad[0]) is not int else "is outside the vocabulary"
+            raise RequestError(f"{where}: token id {bad[0]!r} {what} [0, {vocab})")
     return prompts, batch
 
 
@@ -104,9 +103,14 @@ def _per_prompt(value: Any, count: int, name: str, default: Any) -> list[Any]:
 
 
 def parse_generate(
-    body: Any, tokenize: Callable[[str], list[int]] | None, vocab_size: int
+    body: Any,
+    tokenize: Callable[[str], list[int]] | None,
+    vocab_size: int,
+    *,
+    max_n: int | None = None,
 ) -> ParsedGenerate:
-    """Validate a /generate body; raises RequestError naming the offending field."""
+    """Validate a /generate body; raises RequestError naming the offending field. `max_n`
+    bounds sampling_params.n (the server's limit)."""
     if not isinstance(body, dict):
         raise RequestError("request body: expected a JSON object")
     for key, is_set in _UNSUPPORTED_IF_SET.items():
@@ -122,6 +126,8 @@ def parse_generate(
         raise RequestError(f"sampling_params: {e}", contract=True) from None
     if len({p.n for p in params}) > 1:
         raise RequestError("The parallel_sample_num should be the same for all samples.")
+    if max_n is not None and params[0].n > max_n:
+        raise RequestError(f"sampling_params.n: {params[0].n} is above this server's limit {max_n}")
     rid = body.get("rid")
     if rid is None:
         rids = [uuid.uuid4().hex for _ in prompts]

@@ -29,6 +29,9 @@ class ServerState:
     startup_time: float = field(default_factory=time.time)
     session_open: bool = False  # between /begin_weight_update and /end_weight_update
     weight_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    max_n: int = 64  # samples per prompt one request may ask for (/generate n, OpenAI n)
+    max_body_bytes: int = 16 * 2**20  # request bodies above this answer 413 (body_limit.py)
+    max_weight_body_bytes: int = 8 * 2**30  # the same for the weight-update routes
 
 
 def get_state(request: Request) -> ServerState:

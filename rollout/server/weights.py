@@ -10,6 +10,7 @@ requests are running or queued; pass `flush_cache=false` for a partial rollout. 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -32,6 +33,7 @@ from rollout.server.tensor_payload import (
     decode_named_tensors,
     decode_weight_update_field,
 )
+from rollout.server.weight_checks import WeightCheckError, check_named_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,16 @@ def _decode_tensor_request(req: UpdateWeightsFromTensorReq) -> tuple[Any, Any, i
     return decode_named_tensors(req.serialized_named_tensors[0]), None, version
 
 
+def _update_tensors(update: Any) -> list[tuple[str, Any]]:
+    """The (name, tensor) pairs of a models.weight_update.WeightUpdate, every bucket."""
+    from models.weight_update import iter_bucket_tensors
+
+    try:
+        return [pair for bucket in update.buckets for pair in iter_bucket_tensors(bucket)]
+    except (RuntimeError, TypeError, ValueError) as e:  # names/shapes/dtypes that do not add up
+        raise WeightCheckError(f"physarum_weight_update: inconsistent bucket ({e})") from None
+
+
 @router.post("/update_weights_from_tensor")
 async def update_weights_from_tensor(
     req: UpdateWeightsFromTensorReq, state: ServerState = Depends(get_state)
@@ -121,6 +133,12 @@ async def update_weights_from_tensor(
     engine = state.engine
     try:
         named, update, version = _decode_tensor_request(req)
+        tensors = named if update is None else _update_tensors(update)
+        # every tensor checked before any is loaded: a bad update leaves the old weights
+        await asyncio.to_thread(check_named_tensors, engine.model, tensors)
+    except WeightCheckError as e:
+        logger.warning("update_weights_from_tensor refused: %s", e)
+        return _result(False, f"Failed to update weights: {e}; the previous weights are kept")
     except ValueError as e:
         return _result(False, str(e))
     async with state.weight_lock:
@@ -140,6 +158,19 @@ async def update_weights_from_tensor(
     return _result(True, "Succeeded to update model weights.")
 
 
+def _check_checkpoint(state: ServerState, path: Path) -> None:
+    """Every tensor of the checkpoint at `path`, checked against the served model (a first
+    pass over the files, so nothing is loaded unless all of it is good)."""
+    from models.checkpoint import iter_checkpoint_tensors
+
+    try:
+        check_named_tensors(state.engine.model, iter_checkpoint_tensors(path), require_all=True)
+    except WeightCheckError as e:
+        raise WeightCheckError(f"{path}: {e}") from None
+    except (OSError, RuntimeError) as e:  # unreadable or corrupt safetensors
+        raise WeightCheckError(f"{path}: cannot read the weights ({e})") from None
+
+
 @router.post("/update_weights_from_disk")
 async def update_weights_from_disk(
     req: UpdateWeightFromDiskReq, state: ServerState = Depends(get_state)
@@ -150,7 +181,12 @@ async def update_weights_from_disk(
         if not (path / "config.json").is_file():
             raise ValueError(f"model_path: {str(path)!r} has no config.json")
         block = _checkpoint_fp8_block(path)
-    except ValueError as e:
+        await asyncio.to_thread(_check_checkpoint, state, path)
+    except WeightCheckError as e:
+        logger.warning("update_weights_from_disk refused: %s", e)
+        message = f"Failed to load weights: {e}; the previous weights are kept"
+        return _result(False, message, num_paused_requests=0)
+    except (OSError, ValueError) as e:
         return _result(False, str(e), num_paused_requests=0)
     async with state.weight_lock:
         if (error := await _prepare(state, req.abort_all_requests, req.flush_cache)) is not None:
