@@ -122,3 +122,22 @@ class EnvConfig(Section):
     max_turns: int = Field(4, ge=1)
     max_total_tokens: int = Field(512, ge=8)
     args: dict[str, Any] = Field(default_factory=dict)
+    agent: str | None = None
+    """An agent written with the OpenAI client, `async def run(client, task) -> float | dict`
+    (import path pkg.module:function, built-in name or entry point of group physarum.agents),
+    instead of `name`. Each episode's client calls this worker's engine; score it with reward
+    plugins (`agent` passes its return value through)."""
+    agent_timeout_s: float = Field(120.0, gt=0)
+    """Per-episode limit of an agent run; a run past it becomes an error episode."""
+    on_prefix_mismatch: Literal["split", "drop"] = "split"
+    """An agent call whose prompt does not extend the previous prompt + answer token for token:
+    split (each token-exact part is an episode) or drop (train on none of that run)."""
+
+    @model_validator(mode="after")
+    def _env_or_agent(self) -> EnvConfig:
+        if self.name and self.agent:
+            raise ValueError(
+                f"env.name ({self.name!r}) and env.agent ({self.agent!r}): give one, an "
+                "environment class or an OpenAI-client agent"
+            )
+        return self

@@ -100,11 +100,13 @@ class RolloutWorkerCore:
         self.stop_ids = list(stop_token_ids(self.tokenizer))
         self.reward_fn = build_reward_fn(job.reward.plugins, job.reward.timeout_s)
         self.env_factory = self._env_factory()
+        agent = self._agent()  # resolved and checked before the engine loads
         self.engine = ENGINES[job.rollout.engine](
             job, model_dir, self.tokenizer, tokenizer_dir, worker_id
         )
         self.sampling = sampling_from_config(job.rollout, self.stop_ids)
         self.producer: RolloutProducer | None = None
+        self.agent_runner = self._agent_runner(agent) if agent is not None else None
 
     def _env_factory(self) -> Callable[[], Any] | None:
         if not self.job.env.name:
@@ -112,6 +114,49 @@ class RolloutWorkerCore:
         from envs.registry import resolve_env
 
         return resolve_env(self.job.env.name, self.job.env.args)
+
+    def _agent(self) -> Any:
+        """env.agent resolved and checked (envs.agent), or None."""
+        env = self.job.env
+        if not env.agent:
+            return None
+        from envs.agent import resolve_agent
+
+        agent = resolve_agent(env.agent)
+        if self.job.rollout.engine != "embedded":
+            raise ValueError(
+                f"env.agent: agent episodes are captured from the embedded engine; "
+                f"rollout.engine is {self.job.rollout.engine!r}"
+            )
+        try:
+            import openai  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                "env.agent: needs the openai package: pip install 'physarum-rl[agents]'"
+            ) from exc
+        return agent
+
+    def _agent_runner(self, agent: Any) -> Any:
+        """Agent episodes on this engine, served to the agents on a loopback port."""
+        from rollout.agent_rollout import AgentRunner
+        from rollout.agent_server import AgentServer
+
+        env = self.job.env
+        return AgentRunner(
+            agent,
+            AgentServer(self.engine).start(),
+            self.tokenizer,
+            timeout_s=env.agent_timeout_s,
+            on_prefix_mismatch=env.on_prefix_mismatch,
+            max_concurrent=self.job.rollout.max_running,
+        )
+
+    def stats(self) -> dict[str, float]:
+        """The producer's counters, and the agent runs' when env.agent is set."""
+        out = self.producer.stats.snapshot() if self.producer else {}
+        if self.agent_runner is not None:
+            out.update(self.agent_runner.stats.snapshot())
+        return out
 
     async def generate_for_row(
         self, row: dict[str, Any], sampling: SamplingParams, n: int, *, routing: bool = False
@@ -152,6 +197,21 @@ class RolloutWorkerCore:
             return episode
 
         return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    async def _agent_group(
+        self, row: dict[str, Any], sampling: SamplingParams, n: int
+    ) -> list[Episode]:
+        """n agent runs on `row` (seeds + index when seeded); a split run adds episodes."""
+
+        async def one(index: int) -> list[Episode]:
+            seed = None if sampling.sampling_seed is None else sampling.sampling_seed + index
+            episodes = await self.agent_runner.run(row, replace(sampling, sampling_seed=seed))
+            for episode in episodes:
+                episode.metadata["sample_index"] = index
+            return episodes
+
+        runs = await asyncio.gather(*(one(i) for i in range(n)))
+        return [episode for run in runs for episode in run]
 
     def make_producer(self, share: int) -> RolloutProducer:
         rollout = self.job.rollout
@@ -225,6 +285,8 @@ class RolloutWorkerCore:
         return int(update.version)
 
     def shutdown(self) -> None:
+        if self.agent_runner is not None:
+            self.agent_runner.server.stop()
         stop = getattr(self.engine, "shutdown", None)
         if callable(stop):
             stop()

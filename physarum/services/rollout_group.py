@@ -112,7 +112,7 @@ class RolloutActor:
         return await self.core.evaluate(rows, k=k, temperature=temperature)
 
     async def stats(self) -> dict[str, float]:
-        return self.core.producer.stats.snapshot() if self.core.producer else {}
+        return self.core.stats()
 
     async def generate_rows(
         self, rows: list[dict], n: int, temperature: float | None = None

@@ -181,13 +181,19 @@ class ServerThread:
     engine is left running: its owner shuts it down).
     """
 
-    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self,
+        state: ServerState,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        app: Any = None,  # an ASGI app serving `state` other than build_app's (agent capture)
+    ):
         check_access(state.api_key, state.no_auth, host)  # whichever app serves it
         self.host = host
         self.port = port or free_port(host)
         state.server_args.update(host=host, port=self.port)
         config = uvicorn.Config(
-            build_app(state), host=host, port=self.port, log_level="warning", lifespan="off"
+            app or build_app(state), host=host, port=self.port, log_level="warning", lifespan="off"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)

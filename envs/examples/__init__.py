@@ -1,0 +1,1 @@
+"""Example agents and environments, written the way a user would write their own."""
