@@ -34,8 +34,9 @@ class TokenizerConfig(Section):
 
 class DataConfig(Section):
     task: str | None = "arithmetic"
-    """Built-in toy task (arithmetic, countdown, calculator) generating the data when no path is
-    given, and naming the task for rewards."""
+    """Task generating the data when no path is given, and naming the task for rewards: a
+    built-in toy task (arithmetic, countdown, calculator), ``reasoning_gym:<dataset>`` (the
+    `envs` extra), an entry point of group physarum.tasks or an import path to a TaskSpec."""
     task_args: dict[str, Any] = Field(default_factory=dict)
     """Parameters of the task generator, e.g. {digits: 2, ops: "+"}."""
     train_path: str | None = None

@@ -13,10 +13,14 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from configs import JobConfig
 from physarum.errors import UserError
 from physarum.rundir import RunDir
+
+if TYPE_CHECKING:
+    from envs.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +80,24 @@ def _tokenizer(job: JobConfig, run: RunDir) -> Path:
             raise UserError(f"tokenizer.path: {path} is not a directory")
         return path
     if not (run.tokenizer / "tokenizer.json").exists():
-        from envs.tasks import tokenizer_corpus
+        from envs.tasks import TASKS, tokenizer_corpus
         from models.tokenizer import build_toy_tokenizer
 
-        build_toy_tokenizer(
-            run.tokenizer, tokenizer_corpus(seed=0), vocab_size=job.tokenizer.vocab_size
-        )
+        corpus = tokenizer_corpus(seed=0)
+        if job.data.task is not None and job.data.task not in TASKS:  # e.g. reasoning_gym:...
+            corpus += _task_spec(job).corpus_lines(n=200, seed=0, **job.data.task_args)
+        build_toy_tokenizer(run.tokenizer, corpus, vocab_size=job.tokenizer.vocab_size)
     return run.tokenizer
+
+
+def _task_spec(job: JobConfig) -> TaskSpec:
+    """The TaskSpec data.task names, resolved like any plugin; UserError naming the field."""
+    from envs.tasks import get_task
+
+    try:
+        return get_task(job.data.task)
+    except ValueError as exc:
+        raise UserError(f"data.task: {exc}") from None
 
 
 def _data(job: JobConfig, run: RunDir) -> tuple[Path, Path]:
@@ -109,11 +124,11 @@ def _generated(job: JobConfig, out: Path, split: str, n: int) -> Path:
         return out
     if job.data.task is None:
         raise UserError(f"data: no file for the {split} split and no data.task to generate it")
-    from envs.tasks import get_task, make_rows, write_jsonl
+    from envs.tasks import write_jsonl
 
-    rows = make_rows(job.data.task, n, seed=job.data.seed, split=split, **job.data.task_args)
+    spec = _task_spec(job)
+    rows = spec.make_rows(n, seed=job.data.seed, split=split, **job.data.task_args)
     if job.data.demonstrations and split == "train":
-        spec = get_task(job.data.task)
         share = job.data.demonstration_fraction  # row i is a demonstration when the count
         rows = [  # floor(i * share) steps up at i: exactly floor(n * share), evenly spread
             {**row, "messages": spec.demonstration(row)}

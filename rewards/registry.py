@@ -45,6 +45,7 @@ BUILTIN_REWARDS: Mapping[str, str] = MappingProxyType(
         "countdown": "rewards.builtins.toy_tasks:countdown_reward",
         "calculator_task": "rewards.builtins.toy_tasks:calculator_task_reward",
         "env": "rewards.builtins.env:env_reward",
+        "reasoning_gym": "rewards.builtins.reasoning_gym:reasoning_gym_reward",
         "agent": "rewards.builtins.agent:agent_reward",
     }
 )

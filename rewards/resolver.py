@@ -9,6 +9,10 @@ A plugin name is resolved ONCE, at job start, in this order:
    name equals the plugin name, as declared by an installed distribution, e.g.
    ``[project.entry-points."physarum.rewards"] my_reward = "my_pkg.rewards:score"``.
 
+A caller may also have *families*: a built-in name that takes an argument, written
+``family:arg`` (``reasoning_gym:leg_counting`` for tasks). The family's import path names a
+factory called with ``arg``; a family name wins over rule 1 for that prefix only.
+
 Anything else raises `PluginError` listing the valid built-in and entry-point names. This
 module only finds the object; `rewards.registry` and `envs.registry` bind arguments to it and
 check it against their protocol.
@@ -51,15 +55,30 @@ def import_object(path: str) -> Any:
     return obj
 
 
-def load_plugin(name: str, *, builtins: Mapping[str, str], group: str, kind: str) -> Any:
-    """Find the object named `name` (import path, built-in name or entry point).
+def load_plugin(
+    name: str,
+    *,
+    builtins: Mapping[str, str],
+    group: str,
+    kind: str,
+    families: Mapping[str, str] | None = None,
+) -> Any:
+    """Find the object named `name` (family, import path, built-in name or entry point).
 
     Args:
       name: the plugin name from the config.
       builtins: short name -> import path of the built-in plugins of this kind.
       group: the entry-point group searched after the built-ins.
-      kind: "reward" or "env"; used in error messages.
+      kind: "reward", "env" or "task"; used in error messages.
+      families: family name -> import path of a factory taking the text after the colon.
     """
+    family, sep, arg = name.partition(":")
+    if sep and families and family in families:
+        factory = import_object(families[family])
+        try:
+            return factory(arg)
+        except ValueError as exc:  # the factory's message names what is valid
+            raise PluginError(str(exc)) from exc
     if ":" in name:
         return import_object(name)
     if name in builtins:
@@ -78,8 +97,14 @@ def load_plugin(name: str, *, builtins: Mapping[str, str], group: str, kind: str
     raise PluginError(
         f"unknown {kind} {name!r}. Valid built-in names: {', '.join(valid)}. "
         f"Entry points in group {group!r}: {', '.join(installed) or '(none installed)'}. "
-        "Or give an import path 'pkg.module:attr'."
+        f"{_family_hint(families)}Or give an import path 'pkg.module:attr'."
     )
+
+
+def _family_hint(families: Mapping[str, str] | None) -> str:
+    if not families:
+        return ""
+    return f"Families: {', '.join(f'{f}:<name>' for f in sorted(families))}. "
 
 
 def accepts_one_positional(fn: Callable[..., Any]) -> bool:

@@ -46,7 +46,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   "${pip[@]}" install -q torch==2.13.0
 fi
 echo "setup: installing physarum and its dependencies"
-"${pip[@]}" install -q -c constraints.txt -e ".[dev,megatron,sglang]"
+"${pip[@]}" install -q -c constraints.txt -e ".[dev,megatron,sglang,envs]"
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 touch "$stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
