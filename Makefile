@@ -9,7 +9,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	$(PY) -m physarum.demo
+	@$(PY) -m physarum.demo
 
 test: setup lint
 	$(PY) -m pytest -q

@@ -34,6 +34,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from physarum.status import print_status
+
+    return print_status(args.run_dir, as_json=args.json)
+
+
 def _cmd_config_validate(args: argparse.Namespace) -> int:
     from configs import load_job
 
@@ -139,8 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="start afresh in a run_dir that holds an earlier run (deletes what is in it)",
     )
     run.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # keeps `physarum -v run` working
+        help="debug logging, and the services' output on the console (else in RUN_DIR/logs/)",
+    )
     _add_set(run)
     run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="step, metrics, services and buffer of a job")
+    status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=_cmd_status)
 
     config = sub.add_parser("config", help="check and show job configs")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -238,12 +256,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from physarum.console import setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(verbose=args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -253,8 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if args.verbose:
             raise
-        print(f"physarum: error: {exc}", file=sys.stderr)
+        from physarum.console import strip_ansi
+
+        print(f"physarum: error: {strip_ansi(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a crash: its traceback, without Ray's colour codes in a pipe
+        if sys.stderr.isatty():
+            raise
+        from physarum.console import print_traceback
+
+        print_traceback(exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import ray
 
 from configs import ClusterConfig
+from physarum.console import is_verbose
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,18 @@ def connect(
     if ray.is_initialized():
         return RayHandle(embedded=False, address=address, owned=False)
     runtime_env = {"env_vars": dict(working_dir_env or {})}
+    # The actors log to run_dir/logs/<service>.log (physarum.logs); their stdout/stderr
+    # reaches this console only with --verbose, and then without colour codes in a pipe.
+    log_to_driver = is_verbose()
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address:
         log.info("joining the Ray cluster at %s (namespace %s)", address, cfg.namespace)
         ray.init(
-            address=address, namespace=cfg.namespace, runtime_env=runtime_env, log_to_driver=True
+            address=address,
+            namespace=cfg.namespace,
+            runtime_env=runtime_env,
+            log_to_driver=log_to_driver,
         )
         return RayHandle(embedded=False, address=address)
     # Logical CPUs: at least what the job's bundles reserve, even on a 2-core laptop.
@@ -61,7 +71,7 @@ def connect(
         namespace=cfg.namespace,
         include_dashboard=False,
         runtime_env=runtime_env,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
         configure_logging=True,
         logging_level=logging.WARNING,
     )

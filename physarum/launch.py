@@ -13,6 +13,7 @@ from pathlib import Path
 from configs import JobConfig, load_job
 from physarum.context import JobContext
 from physarum.errors import UserError
+from physarum.logs import report_service_error
 from physarum.metrics import format_duration
 from physarum.rundir import RunDir
 
@@ -58,9 +59,13 @@ def execute(
     dir, or overwrite=True to clear the run dir that is there."""
     driver = _drivers()[job.mode]
     started = time.monotonic()
-    with JobContext(job, resume=resume, stage=stage, overwrite=overwrite) as ctx:
-        log.info("%s: %s job, run dir %s", job.name, job.mode, ctx.run.root)
-        result = driver(ctx)
+    try:
+        with JobContext(job, resume=resume, stage=stage, overwrite=overwrite) as ctx:
+            log.info("%s: %s job, run dir %s", job.name, job.mode, ctx.run.root)
+            result = driver(ctx)
+    except Exception as exc:  # an actor's error: say which service and where its log is
+        report_service_error(exc, job.resolved_run_dir)
+        raise
     result["wall_s"] = time.monotonic() - started
     return result
 

@@ -1,4 +1,4 @@
-"""Where metrics go: metrics.jsonl, TensorBoard, the live progress line, the final curves PNG.
+"""Where metrics go: metrics.jsonl, TensorBoard, the job's progress display, the curves PNG.
 
 `MetricsSink` is the one object the driver logs to. Every destination can be switched off in
 `logging`; a disabled destination is a no-op, never a branch in the driver.
@@ -14,73 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from configs import LoggingConfig
+from physarum.progress import PlainProgress as ProgressLine  # its old name
+from physarum.progress import format_duration, make_progress
+
+__all__ = ["MetricsSink", "ProgressLine", "format_duration", "plot_curves", "read_metrics"]
 
 log = logging.getLogger("physarum.progress")
 
 
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-            return f"{value:.2e}"
-        return f"{value:.3f}"
-    return str(value)
-
-
-class ProgressLine:
-    """One line per step: step/total, chosen metrics, and an ETA from the recent step rate."""
-
-    FIELDS = (
-        ("reward", "reward"),
-        ("eval/accuracy", "acc"),
-        ("train/kl", "kl"),
-        ("train/loss", "loss"),
-        ("rollout/gen_tokens_per_s", "gen tok/s"),
-        ("train/tokens_per_s", "train tok/s"),
-        ("buffer/staleness_mean", "stale"),
-    )
-
-    def __init__(self, total_steps: int, every: int = 1) -> None:
-        self.total = total_steps
-        self.every = every
-        self.start = time.monotonic()
-        self.first_step: int | None = None
-        self.last: dict[str, Any] = {}
-
-    def update(self, step: int, metrics: dict[str, Any]) -> str | None:
-        self.last.update({k: v for k, v in metrics.items() if v is not None})
-        if self.first_step is None:
-            self.first_step = step - 1
-        if step % self.every and step != self.total:
-            return None
-        done = step - self.first_step
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        parts = [f"step {step}/{self.total}"]
-        for key, label in self.FIELDS:
-            if key in self.last:
-                parts.append(f"{label} {_fmt(self.last[key])}")
-        parts.append(f"elapsed {format_duration(elapsed)}")
-        parts.append(f"ETA {format_duration(eta)}")
-        line = " | ".join(parts)
-        log.info(line)
-        return line
-
-
 class MetricsSink:
-    """Append metrics per step to JSONL and TensorBoard, print progress, plot at the end."""
+    """Append metrics per step to JSONL and TensorBoard, show progress, plot at the end."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, total_steps: int, stage: str) -> None:
         self.cfg = cfg
@@ -88,7 +31,8 @@ class MetricsSink:
         self.path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tb"
         self.png = run_dir / "curves.png"
-        self.progress = ProgressLine(total_steps, cfg.log_every)
+        # a live bar on a terminal, a plain line every ~10 s / 5 % of the steps otherwise
+        self.progress = make_progress(total_steps, stage, every=cfg.log_every)
         self._writer = self._open_tensorboard() if cfg.tensorboard else None
         self.history: list[dict[str, Any]] = []
 
@@ -113,6 +57,7 @@ class MetricsSink:
         self.progress.update(step, metrics)
 
     def close(self) -> None:
+        self.progress.close()
         if self._writer is not None:
             self._writer.close()
         if self.cfg.plot and self.cfg.jsonl and self.path.exists():

@@ -103,6 +103,9 @@ class BufferActor:
         self.redis: EmbeddedRedis | None = None
 
     def start(self, data_dir: str, password: str) -> str:
+        from physarum.logs import setup_service_logging
+
+        setup_service_logging(Path(data_dir).parent, "buffer")  # data_dir: run_dir/redis
         stop_orphan_redis(Path(data_dir))  # a crashed driver's server on this node
         host = ray.util.get_node_ip_address()
         self.redis = EmbeddedRedis(data_dir, host=host, password=password)

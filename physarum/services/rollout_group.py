@@ -36,9 +36,9 @@ class RolloutActor:
         worker_id: str,
         store_url: str | None,
     ) -> None:
-        logging.basicConfig(
-            level=job.logging.level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
-        )
+        from physarum.logs import setup_service_logging
+
+        setup_service_logging(job.resolved_run_dir, worker_id, job.logging.level)
         from buffer.store import EpisodeStore
         from physarum.services.network import pin_interface, serving_ip
         from rollout.worker import RolloutWorkerCore

@@ -37,9 +37,9 @@ class TrainerActor:
     ) -> None:
         """Light on purpose: the driver asks rank 0 for its address first (`address`), then
         every rank joins (`join`) and builds its model (`build`)."""
-        logging.basicConfig(
-            level=job.logging.level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
-        )
+        from physarum.logs import setup_service_logging
+
+        setup_service_logging(job.resolved_run_dir, f"trainer-{rank}", job.logging.level)
         from models.device import resolve_device
         from physarum.services.network import serving_ip
 
