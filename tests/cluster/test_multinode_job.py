@@ -38,7 +38,8 @@ from tests.cluster.conftest import BIN, NODE_IPS, REPO, NetnsCluster
 from tests.physarum.test_job import TINY
 
 HEAD, N2, N3 = NODE_IPS["head"], NODE_IPS["n2"], NODE_IPS["n3"]
-ACTOR_LINE = re.compile(r"\(RolloutActor pid=(\d+), ip=([\d.]+)\)")
+# a rollout worker's line in run_dir/logs/rollout-N.log (physarum.logs)
+ACTOR_LINE = re.compile(r"\[rollout-\d+ pid=(\d+) ip=([\d.]+)\]")
 STEPS = 20
 PROMPTS_PER_STEP = 4  # TINY's trainer.prompts_per_step
 
@@ -248,7 +249,8 @@ def test_rollout_node_dies_and_comes_back(netns_cluster: NetnsCluster, tmp_path:
     assert train[-1]["rollout/restarts"] >= 1
     # New rollout workers ran on n3 after it came back (no other node has rollout_node).
     before = {r["pid"] for r in placement(run_dir)["rollout"]}
-    after = {int(pid) for pid, ip in ACTOR_LINE.findall(output) if ip == N3} - before
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob("rollout-*.log*"))
+    after = {int(pid) for pid, ip in ACTOR_LINE.findall(logs) if ip == N3} - before
     assert after, "no new rollout worker logged from n3"
 
     stats = _buffer_stats(run_dir, "toy_grpo")
