@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from physarum.errors import UserError
+from physarum.inspect import add_inspect_parser
 
 log = logging.getLogger("physarum")
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_parser(sub)
     _add_serve_parser(sub)
+    add_inspect_parser(sub)  # physarum inspect RUN_DIR --step N (mismatch forensics)
 
     plan = sub.add_parser(
         "plan", help="per-GPU memory plan of a megatron job, or (--placement) roles per node"
