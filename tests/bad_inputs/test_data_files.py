@@ -96,7 +96,7 @@ def test_sft_dataset_errors_name_file_and_line(tmp_path, content, needle):
 def test_read_jsonl_reports_encoding_errors_with_the_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(_row() + b"\n" + _row(id="b") + b"\n" + b'{"id": "\xe9"}\n')
-    with pytest.raises(ValueError, match=rf"{path}:3: not UTF-8 \(byte 0xe9 at column 10\)"):
+    with pytest.raises(ValueError, match=rf"{path}:3: not UTF-8 \(byte 0xe9 at column 9\)"):
         read_jsonl(path)
 
 
