@@ -94,11 +94,12 @@ def _response_mask(
 
 
 def _rollout_routing(
-    episodes: Sequence[Episode], indices: list[int]
+    episodes: Sequence[Episode], indices: list[int], prompt: bool
 ) -> tuple[Tensor, Tensor] | None:
     """(routed_experts int64 [n_moe, T, k] with -1 = the router's own choice, replayed bool
     [T]: the token's logprob follows an engine-routed position) of the packed episodes, None
-    when none of them carries routing."""
+    when none of them carries routing. Without `prompt`, prompt rows an episode brought are
+    dropped (the trainer routes the prompt)."""
     shapes = {
         e.routed_experts.shape[1:]
         for i in indices
@@ -116,6 +117,8 @@ def _rollout_routing(
         if e.routed_experts is not None and len(e.routed_experts):
             start = e.routing_start
             rows[start : start + len(e.routed_experts)] = e.routed_experts
+        if not prompt:
+            rows[: len(e.prompt_ids)] = -1
         parts.append(rows)
     routed = torch.from_numpy(np.concatenate(parts)).permute(1, 0, 2).contiguous()
     engine = (routed[0] >= 0).all(dim=-1)  # [T]: this position runs on the engine's experts
@@ -131,6 +134,7 @@ def _pack(
     max_staleness: int | None,
     mask_truncated: bool = False,
     rollout_routing: bool = False,
+    prompt_routing: bool = False,
 ) -> PackedBatch:
     ids, mask, logp, versions, seq = [], [], [], [], []
     for b, i in enumerate(indices):
@@ -145,7 +149,7 @@ def _pack(
     lengths = [episodes[i].num_tokens for i in indices]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     loss_mask = torch.from_numpy(np.concatenate(mask))
-    routing = _rollout_routing(episodes, indices) if rollout_routing else None
+    routing = _rollout_routing(episodes, indices, prompt_routing) if rollout_routing else None
     if routing is not None:  # a sequence's first token has no prefix: never replayed
         routing[1][torch.from_numpy(cu[:-1])] = False
     return PackedBatch(
@@ -178,6 +182,7 @@ def build_step(
     max_staleness: int | None = None,
     mask_truncated: bool = False,
     rollout_routing: bool = False,
+    prompt_routing: bool = False,
 ) -> StepBatch:
     """Pack a step's episodes (group_ids[i] = group of episodes[i]) into micro-batches.
 
@@ -186,7 +191,8 @@ def build_step(
     tokens of versions below current_version - max_staleness get loss mask 0 (current_version
     alone only records the step's version, for the staleness metrics). mask_truncated: loss
     mask 0 on every token of episodes with finish reason "length" (algorithm.overlong_filter).
-    rollout_routing: carry the episodes' engine experts (algorithm.moe.routing_replay rollout).
+    rollout_routing: carry the episodes' engine experts (algorithm.moe.routing_replay rollout),
+    of the prompt too with prompt_routing (algorithm.moe.replay_prompt_routing).
     """
     if len(episodes) != len(group_ids):
         raise ValueError(f"group_ids: {len(group_ids)} entries for {len(episodes)} episodes")
@@ -204,6 +210,7 @@ def build_step(
             max_staleness,
             mask_truncated,
             rollout_routing,
+            prompt_routing,
         )  # fmt: skip
         for b in bins
     ]

@@ -149,6 +149,7 @@ class TrainerService:
             max_staleness=self.job.buffer.max_staleness if mask_old else None,
             mask_truncated=self.job.algorithm.overlong_filter,
             rollout_routing=self.job.algorithm.moe.routing_replay == "rollout",
+            prompt_routing=self.job.algorithm.moe.replay_prompt_routing,
         )
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
         self._save_mismatch(step)

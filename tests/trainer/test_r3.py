@@ -87,7 +87,7 @@ def test_r3_logprobs_equal_the_engines_where_the_router_would_differ(model):
     groups = rollout_groups(model, from_prompt=True)
     trainer_model = perturbed(model)
     algo = {"moe": {"routing_replay": "rollout", "replay_prompt_routing": True}}
-    step = build_rl_step(groups, micro_batch_tokens=256, rollout_routing=True)
+    step = build_rl_step(groups, micro_batch_tokens=256, rollout_routing=True, prompt_routing=True)
     engine_rows = [b.routed_experts.clone() for b in step.micro_batches]
     assert own_choice_differs(trainer_model, step.micro_batches) > 0.2  # a real near-tie
     r3 = backend(trainer_model, {}, algo).logprobs(step.micro_batches)
@@ -107,6 +107,13 @@ def test_r3_response_only_by_default(model):
     the same choice), every later token's logprob runs on the engine's experts."""
     groups = rollout_groups(model, from_prompt=False)
     step = build_rl_step(groups, micro_batch_tokens=256, rollout_routing=True)
+    # prompt rows an episode brought are dropped unless prompt_routing (the config's flag)
+    with_prompt = build_rl_step(
+        rollout_groups(model, from_prompt=True), micro_batch_tokens=256, rollout_routing=True
+    )
+    for b in with_prompt.micro_batches:
+        in_prompt = torch.arange(b.num_tokens) - b.cu_seqlens[b.seq_ids] < b.prompt_lens[b.seq_ids]
+        assert (b.routed_experts[:, in_prompt] == -1).all()
     tb = backend(copy.deepcopy(model), {}, {"moe": {"routing_replay": "rollout"}})
     assert max_trainable_diff(step.micro_batches, tb.logprobs(step.micro_batches)) < TOL
     for b in step.micro_batches:
@@ -130,7 +137,7 @@ def test_r3_training_pass_replays_the_engines_experts(model):
         "advantage": "grpo",
         "moe": {"routing_replay": "rollout", "replay_prompt_routing": True},
     }
-    step = build_rl_step(groups, micro_batch_tokens=256, rollout_routing=True)
+    step = build_rl_step(groups, micro_batch_tokens=256, rollout_routing=True, prompt_routing=True)
     r3 = backend(perturbed(model), {"lr": 1e-4}, algo).train(step)
     assert r3["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert r3["mismatch_abs_diff"] < 1e-5
