@@ -115,23 +115,39 @@ def test_unreadable_dataset_formats(tmp_path, name, content, needle):
         parse_dataset(path)
 
 
-def test_missing_dataset_file_is_refused_at_prepare(tmp_path):
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small toy tokenizer, built once (prepare would build the full one per test)."""
+    from envs.tasks import tokenizer_corpus
+    from models.tokenizer import build_toy_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    build_toy_tokenizer(path, tokenizer_corpus(n_per_task=50), vocab_size=300)
+    return path
+
+
+def test_missing_dataset_file_is_refused_at_prepare(tmp_path, tokenizer_dir):
     job = load_job(
         ROOT / "configs/toy_grpo.yaml",
-        [f"data.train_path={tmp_path / 'nope.jsonl'}", f"run_dir={tmp_path / 'run'}"],
+        [
+            f"data.train_path={tmp_path / 'nope.jsonl'}",
+            f"run_dir={tmp_path / 'run'}",
+            f"tokenizer.path={tokenizer_dir}",
+        ],
     )
     with pytest.raises(UserError, match=r"data.train_path: .*nope.jsonl does not exist"):
         prepare(job, RunDir(tmp_path / "run").create())
 
 
-def test_empty_dataset_fails_in_prepare_before_the_model_is_built(tmp_path):
+def test_empty_dataset_fails_in_prepare_before_the_model_is_built(tmp_path, tokenizer_dir):
     """prepare runs before any actor (JobContext.__init__): the empty file is refused there,
     and no initial model is written."""
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"")
     run = RunDir(tmp_path / "run").create()
     job = load_job(
-        ROOT / "configs/toy_grpo.yaml", [f"data.train_path={path}", f"run_dir={run.root}"]
+        ROOT / "configs/toy_grpo.yaml",
+        [f"data.train_path={path}", f"run_dir={run.root}", f"tokenizer.path={tokenizer_dir}"],
     )
     with pytest.raises(UserError, match="has no usable row"):
         prepare(job, run)
