@@ -205,6 +205,12 @@ def _check_routing_replay(job: JobConfig) -> None:
             "(srt/layers/moe/topk.py, _capture_routed_experts), so return_routed_experts would "
             "carry no real experts. Use rollout.engine 'embedded', or routing_replay 'trainer'"
         )
+    if job.env.name:
+        raise ValueError(
+            "algorithm.moe.routing_replay: 'rollout' covers single-turn rollouts only; the "
+            f"multi-turn env {job.env.name!r} builds episodes without the engine's experts, so "
+            "the trainer would route them itself. Use routing_replay 'trainer' for multi-turn"
+        )
     if job.trainer.backend == "megatron":
         raise ValueError(
             "algorithm.moe.routing_replay: 'rollout' is not implemented in the megatron backend "

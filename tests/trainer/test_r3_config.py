@@ -38,3 +38,8 @@ def test_sglang_with_rollout_routing_fails_at_load_naming_the_reason():
 def test_megatron_with_rollout_routing_fails_at_load():
     with pytest.raises(ConfigError, match="not implemented in the megatron backend"):
         load_job(TOY, ["algorithm.moe.routing_replay=rollout", "trainer.backend=megatron"])
+
+
+def test_multi_turn_with_rollout_routing_fails_at_load():
+    with pytest.raises(ConfigError, match="single-turn rollouts only"):
+        load_job(TOY, ["algorithm.moe.routing_replay=rollout", "env.name=calculator"])
