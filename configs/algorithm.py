@@ -121,6 +121,9 @@ class EnvConfig(Section):
     turn."""
     max_turns: int = Field(4, ge=1)
     max_total_tokens: int = Field(512, ge=8)
+    step_timeout_s: float = Field(60.0, gt=0)
+    """Per-call timeout of env.step; a sync step runs in its own thread and is abandoned when
+    it times out, so a hung environment fails its episode, never the worker."""
     args: dict[str, Any] = Field(default_factory=dict)
     agent: str | None = None
     """An agent written with the OpenAI client, `async def run(client, task) -> float | dict`

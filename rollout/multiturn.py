@@ -28,6 +28,7 @@ turn), prompt_text, truncated, rid, timings {generate_s, env_s, total_s}.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 import uuid
@@ -43,6 +44,7 @@ from envs.base import Env, StepResult
 from envs.tool_calls import parse_tool_calls
 from models import chat
 from models.tokenizer import stop_token_ids
+from rewards.isolation import SyncLane
 from rollout.single_turn import check_output, decode_response, row_metadata
 from rollout.types import Engine, GenerateOutput, GenerateRequest, SamplingParams
 
@@ -108,9 +110,12 @@ async def run_episode(
     max_turns: int,
     max_total_tokens: int,
     rid: str | None = None,
+    step_timeout_s: float | None = None,
 ) -> Episode:
     """Run one multi-turn episode (see module doc). Engine errors propagate; env errors
-    become an error episode. `env` must be fresh (one instance per episode)."""
+    become an error episode. `env` must be fresh (one instance per episode).
+    step_timeout_s: bound on each env.step call (a sync one runs in its own thread and is
+    abandoned on timeout); None = unbounded, sync steps inline."""
     if max_turns < 1 or max_total_tokens < 1:
         raise ValueError(
             f"max_turns and max_total_tokens must be >= 1, got {max_turns}, {max_total_tokens}"
@@ -136,6 +141,7 @@ async def run_episode(
             max_turns=max_turns,
             max_total_tokens=max_total_tokens,
             rid=rid,
+            step_timeout_s=step_timeout_s,
         )
     return _episode(tokenizer, task_row, prompt, trajectory, record, stops, rid, start)
 
@@ -152,6 +158,7 @@ async def _loop(
     max_turns: int,
     max_total_tokens: int,
     rid: str,
+    step_timeout_s: float | None = None,
 ) -> None:
     observation_id = tokenizer.convert_tokens_to_ids(OBSERVATION_TOKEN)
     stops = set(sampling.stop_token_ids)
@@ -175,7 +182,7 @@ async def _loop(
         if output.finish_reason == "length":
             cut = "max_total_tokens" if _fills_budget(budget, output) else "max_new_tokens"
             return record.stop(FinishReason.LENGTH, cut)
-        result = await _step(env, text, record)
+        result = await _step(env, text, record, step_timeout_s)
         if result is None:
             return record.stop(FinishReason.ERROR)
         if result.reward is not None:
@@ -198,13 +205,33 @@ def _fills_budget(budget: int, output: GenerateOutput) -> bool:
     return len(output.output_ids) >= budget
 
 
-async def _step(env: Env, text: str, record: _Record) -> StepResult | None:
-    """env.step(text), awaited if async; None (and record.error) if it raises or misbehaves."""
+async def _call_step(env: Env, text: str, timeout_s: float | None) -> Any:
+    """env.step(text) under `timeout_s`: an async step is cancelled, a sync one runs in its
+    own daemon thread (rewards.isolation) and is abandoned, so a hung env cannot hold the
+    worker's event loop; without a timeout a sync step runs inline."""
+    if timeout_s is None:
+        result = env.step(text)
+        return await result if inspect.isawaitable(result) else result
+    if inspect.iscoroutinefunction(env.step):
+        return await asyncio.wait_for(env.step(text), timeout_s)
+    lane = SyncLane(f"env-{type(env).__name__}", 1)  # one env per episode: steps in turn
+    result = await asyncio.wait_for(lane.call(env.step, text), timeout_s)
+    if inspect.isawaitable(result):
+        result = await asyncio.wait_for(result, timeout_s)
+    return result
+
+
+async def _step(
+    env: Env, text: str, record: _Record, timeout_s: float | None = None
+) -> StepResult | None:
+    """env.step(text), awaited if async; None (and record.error) if it raises, times out or
+    misbehaves."""
     began = time.monotonic()
     try:
-        result = env.step(text)
-        if inspect.isawaitable(result):
-            result = await result
+        result = await _call_step(env, text, timeout_s)
+    except TimeoutError:
+        record.error = f"env {type(env).__name__}.step timed out after {timeout_s:g}s"
+        return None
     except Exception as exc:  # noqa: BLE001 - an env bug fails this episode, not the batch
         record.error = f"env {type(env).__name__}.step raised {type(exc).__name__}: {exc}"
         return None

@@ -192,6 +192,7 @@ class RolloutWorkerCore:
                 replace(sampling, sampling_seed=seed),
                 max_turns=self.job.env.max_turns,
                 max_total_tokens=self.job.env.max_total_tokens,
+                step_timeout_s=self.job.env.step_timeout_s,
             )
             episode.metadata["sample_index"] = index
             return episode

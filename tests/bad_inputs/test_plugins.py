@@ -8,12 +8,18 @@ import asyncio
 
 import pytest
 
+from envs.calculator import CalculatorEnv
 from envs.registry import resolve_env
+from envs.tasks import make_rows, tokenizer_corpus
+from models.tokenizer import build_toy_tokenizer
 from rewards.composite import build_reward_fn
 from rewards.registry import RewardSpec, resolve_reward
 from rewards.resolver import PluginError
+from rollout.multiturn import run_episode
+from rollout.types import SamplingParams
 from tests.rewards import hang_plugins
 from tests.rewards.conftest import episode_with
+from tests.rollout.test_multiturn import ScriptedEngine, model_turn, tool_call_text
 
 SAMPLE = "tests.rewards.sample_plugins"
 
@@ -91,3 +97,44 @@ def test_misbehaving_plugin_marks_the_episode_error(plugin, metadata, needle):
         hang_plugins.RELEASE.set()
     assert bad.is_error and bad.reward == 0.0 and bad.rewards == {}
     assert repr(plugin) in bad.metadata["error"] and needle in bad.metadata["error"]
+
+
+class _HangingCalculator(CalculatorEnv):
+    """A sync env whose step is stuck (30 s cap so a regression fails instead of hanging)."""
+
+    def step(self, assistant_text: str):
+        hang_plugins.RELEASE.wait(timeout=30)
+        return super().step(assistant_text)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    return build_toy_tokenizer(
+        tmp_path_factory.mktemp("tok"), tokenizer_corpus(n_per_task=50, seed=0)
+    )
+
+
+def test_hung_sync_env_step_times_out_as_an_error_episode(small_tokenizer):
+    row = make_rows("calculator", 1, seed=0)[0]
+    call = model_turn(
+        small_tokenizer, tool_call_text(row["metadata"]["expression"]), "<|observation|>", 0, 0
+    )
+    sampling = SamplingParams(max_new_tokens=64, temperature=1.0)
+    hang_plugins.RELEASE.clear()
+    try:
+        episode = asyncio.run(
+            run_episode(
+                ScriptedEngine([call]),
+                small_tokenizer,
+                _HangingCalculator(),
+                row,
+                sampling,
+                max_turns=4,
+                max_total_tokens=2048,
+                step_timeout_s=1.0,
+            )
+        )
+    finally:
+        hang_plugins.RELEASE.set()
+    assert episode.is_error
+    assert episode.metadata["error"] == "env _HangingCalculator.step timed out after 1s"
