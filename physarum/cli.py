@@ -89,6 +89,8 @@ def _cmd_serve_engine(args: argparse.Namespace) -> int:
         context_len=args.context_len,
         device=args.device,
         dtype=args.dtype,
+        max_n=args.max_n,
+        max_body_mb=args.max_body_mb,
     )
     return 0
 
@@ -230,6 +232,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--fp8", action="store_true", help="serve blockwise-FP8 weights")
     serve.add_argument("--max-running", type=int, default=64, help="concurrent sequences")
+    serve.add_argument("--max-n", type=int, default=64, help="samples one request may ask for")
+    serve.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="larger request bodies get 413"
+    )
     serve.add_argument(
         "--context-len",
         type=int,

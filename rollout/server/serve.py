@@ -137,9 +137,13 @@ def serve_engine(
     context_len: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    max_n: int = 64,
+    max_body_mb: float = 16.0,
 ) -> None:
     """Load the checkpoint and serve it until interrupted (blocking).
 
+    max_n: samples one request may ask for; max_body_mb: larger request bodies get 413
+    (weight-update routes excepted: ServerState.max_weight_body_bytes).
     device: auto | cpu | cuda (cluster.device's values). Outside Ray every GPU this process
     sees counts as given, so auto means cuda:0 whenever torch sees a GPU.
     dtype: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16.
@@ -167,6 +171,9 @@ def serve_engine(
         port=port,
         fp8=fp8,
     )
+    if max_n < 1 or not max_body_mb > 0:
+        raise ValueError(f"max_n >= 1 and max_body_mb > 0 expected, got {max_n}, {max_body_mb}")
+    state.max_n, state.max_body_bytes = max_n, int(max_body_mb * 2**20)
     logger.info("serving %s on http://%s:%d (%s)", model_dir, host, port, where)
     try:
         uvicorn.run(build_app(state), host=host, port=port, log_level="info")
