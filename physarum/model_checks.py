@@ -15,6 +15,7 @@ checked here, by `physarum config validate`, `physarum plan` and at job start (p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from configs import JobConfig
 from physarum.errors import UserError
 
 GIB = 1024**3
+log = logging.getLogger(__name__)
 
 
 class ModelFitError(UserError):
@@ -144,7 +146,11 @@ def check_model_fits(
     host's available memory when the job runs on this CPU. `available` overrides the host's
     figure (tests)."""
     hf, source = model_hf_config(job, vocab_size)
-    problems = parallel_problems(job, hf)
+    try:
+        problems = parallel_problems(job, hf)
+    except (KeyError, TypeError, ValueError) as exc:  # not a GLM-style config: nothing to check
+        log.warning("model checks skipped: %s has no usable %s", source, exc)
+        return
     if problems:
         raise ModelFitError(f"the parallel plan does not fit {source}: " + "; ".join(problems))
     if not runs_on_this_host_cpu(job):
@@ -152,7 +158,11 @@ def check_model_fits(
     available = available_host_bytes() if available is None else available
     if available is None:
         return
-    est = memory_estimate(job, hf)
+    try:
+        est = memory_estimate(job, hf)
+    except (KeyError, TypeError, ValueError) as exc:  # ArchError is a ValueError
+        log.warning("memory check skipped: cannot size %s (%s)", source, exc)
+        return
     need = est["trainers"] + est["engines"] + est["driver"]
     if need > available:
         raise ModelFitError(
