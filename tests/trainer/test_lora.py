@@ -154,3 +154,8 @@ def test_lora_grpo_learns_the_rewarded_answers(toy_tokenizer) -> None:
         _step(tb, toy_tokenizer, 5)
     after = gap()
     assert after > before + 2.0, (before, after)  # measured: 1.5 -> 7.0
+
+
+def test_lora_with_sglang_rollout_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="trainer.lora"):
+        load_job("configs/toy_grpo_lora.yaml", ["rollout.engine=sglang"])
