@@ -199,7 +199,7 @@ def _check_megatron(job: JobConfig) -> None:
 
 
 def _check_routing_replay(job: JobConfig) -> None:
-    """R3 needs an engine that reports its experts and a backend that can force them."""
+    """R3 needs an engine that reports its experts (both backends force them)."""
     if job.algorithm.moe.routing_replay != "rollout":
         return
     if job.rollout.engine == "sglang":
@@ -216,13 +216,6 @@ def _check_routing_replay(job: JobConfig) -> None:
             "algorithm.moe.routing_replay: 'rollout' covers single-turn rollouts only; the "
             f"multi-turn env {job.env.name!r} builds episodes without the engine's experts, so "
             "the trainer would route them itself. Use routing_replay 'trainer' for multi-turn"
-        )
-    if job.trainer.backend == "megatron":
-        raise ValueError(
-            "algorithm.moe.routing_replay: 'rollout' is not implemented in the megatron backend "
-            "(its router hook, trainer/megatron/routing.py, replays whole passes only and cannot "
-            "mix the engine's experts for response tokens with the router's own for the "
-            "prompt); use trainer.backend 'torch', or routing_replay 'trainer'"
         )
 
 

@@ -1,5 +1,5 @@
 """algorithm.moe.routing_replay: the three modes, the boolean form read as before, and the
-jobs R3 cannot run refused at load with the reason (without starting SGLang or Megatron)."""
+jobs R3 cannot run refused at load with the reason (without starting SGLang)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def test_sglang_with_rollout_routing_fails_at_load_naming_the_reason():
     assert load_job(TOY, ["algorithm.moe.routing_replay=trainer", "rollout.engine=sglang"])
 
 
-def test_megatron_with_rollout_routing_fails_at_load():
-    with pytest.raises(ConfigError, match="not implemented in the megatron backend"):
-        load_job(TOY, ["algorithm.moe.routing_replay=rollout", "trainer.backend=megatron"])
+def test_megatron_takes_rollout_routing():  # tests/trainer/megatron: its R3 scenario
+    job = load_job(TOY, ["algorithm.moe.routing_replay=rollout", "trainer.backend=megatron"])
+    assert job.algorithm.moe.routing_replay == "rollout"
 
 
 def test_multi_turn_with_rollout_routing_fails_at_load():

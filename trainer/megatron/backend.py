@@ -132,8 +132,6 @@ class MegatronBackend:
         sp = config.sequence_parallel
         self._sp_rank_size = (ps.get_tensor_model_parallel_rank(), par.tp) if sp else (0, 1)
         self._load_mask = router_stats.LoadMask(self.gpt, recompute=par.recompute)
-        if algo.moe.routing_replay == "rollout":  # configs/job.py refuses it at load too
-            raise ValueError("algorithm.moe.routing_replay: 'rollout' (R3) is torch-backend only")
         self._routing = (
             Routing(self.gpt, self.arch.moe_layer_pattern, par.recompute)
             if algo.moe.routing_replay != "none"
@@ -154,6 +152,7 @@ class MegatronBackend:
         inputs = self._inputs(batches)
         results: list[Tensor] = []
         record = self._routing is not None and model == "actor"
+        rollout = record and self.algo.moe.routing_replay == "rollout"  # R3: force, record
         routed: list[Tensor] = []
 
         def loss_func(item: MegatronInputs, output: Tensor):
@@ -170,7 +169,10 @@ class MegatronBackend:
         self.model.eval()
         with weights[model](), torch.no_grad():
             self._routing_mode("record" if record else None)
-            self._run(inputs, loss_func, forward_only=True, after=after_forward if record else None)
+            self._run(
+                inputs, loss_func, forward_only=True, after=after_forward if record else None,
+                replay_record=rollout,
+            )  # fmt: skip
             self._routing_mode(None)
         if record:
             for batch, experts in zip(batches, gather_dp(gather_stages(routed), len(batches))):
@@ -284,15 +286,19 @@ class MegatronBackend:
         if self._routing is not None:
             self._routing.set_mode(mode)
 
-    def _run(self, inputs: list[MegatronInputs], loss_func, *, forward_only: bool, after=None):
-        """Megatron's schedule over `inputs`; `after(item)` runs after each forward."""
-        replay = self._routing is not None and not forward_only
+    def _run(
+        self, inputs: list[MegatronInputs], loss_func, *, forward_only: bool, after=None,
+        replay_record: bool = False,
+    ):  # fmt: skip
+        """Megatron's schedule over `inputs`; `after(item)` runs after each forward;
+        replay_record: force each batch's routed_experts and record (R3's logprob pass)."""
+        replay = self._routing is not None and (not forward_only or replay_record)
 
         def forward_step(data_iterator, model):
             item = next(data_iterator)
             self._load_mask.first_excluded = item.first_padding_row(*self._sp_rank_size)
             if replay:
-                self._routing.replay(item, *self._sp_rank_size)
+                self._routing.replay(item, *self._sp_rank_size, record=replay_record)
             output = model(item.input_ids, None, None, packed_seq_params=item.packed)
             if after is not None:
                 after(item)

@@ -15,6 +15,10 @@ gathers the slices over TP and the stages over PP; replay slices them back. Padd
 Under full activation recompute the forward that counts runs again inside the backward, after
 later micro-batches' forwards (1F1B): the forced experts travel from a forward to its
 recompute through a FIFO, as in router_stats.LoadMask.
+
+R3 (routing_replay rollout): the logprob pass runs in mode "replay_record": it forces the
+engine's experts, keeps the router's own choice on rows of -1 (the prompt by default) and
+records what it used, which training then replays like R2's record.
 """
 
 from __future__ import annotations
@@ -44,8 +48,16 @@ class RouterReplay:
             probs, indices = compute(scores, topk, num_groups=num_groups, group_topk=group_topk)
             self.recorded = indices.detach()
             return probs, indices
-        if self.mode != "replay" or self.target is None:
+        if self.mode not in ("replay", "replay_record") or self.target is None:
             return compute(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        if self.mode == "replay_record":  # R3's no-grad logprob pass: no recompute FIFO
+            indices = self.target.to(scores.device)
+            free = (indices < 0).any(dim=-1, keepdim=True)
+            if bool(free.any()):
+                own = compute(scores, topk, num_groups=num_groups, group_topk=group_topk)[1]
+                indices = torch.where(free, own.to(indices.dtype), indices)
+            self.recorded = indices.detach()
+            return scores.gather(1, indices), indices
         if self._recompute and torch.is_grad_enabled() and self._backward:
             indices = self._backward.popleft()
         else:
@@ -88,11 +100,15 @@ class Routing:
             local = torch.cat(pieces, dim=1)
         return local[:, : item.batch.num_tokens].sort(dim=-1).values.cpu()
 
-    def replay(self, item: MegatronInputs, sp_rank: int, sp_size: int) -> None:
-        """Force the experts of item.batch.routed_experts on this rank's routers."""
+    def replay(
+        self, item: MegatronInputs, sp_rank: int, sp_size: int, record: bool = False
+    ) -> None:
+        """Force the experts of item.batch.routed_experts on this rank's routers; `record`
+        (R3's logprob pass): rows of -1 keep the router's choice, and the experts used are
+        recorded."""
         routed = item.batch.routed_experts
         if routed is None or not self.replays:
-            self.set_mode(None)
+            self.set_mode("record" if record else None)
             return
         padded_rows = item.input_ids.shape[1]
         rows = padded_rows // sp_size
@@ -103,7 +119,7 @@ class Routing:
                 filler = torch.arange(layer.shape[1], device=layer.device).expand(pad, -1)
                 layer = torch.cat([layer, filler])
             replay.target = layer[sp_rank * rows : (sp_rank + 1) * rows]
-            replay.mode = "replay"
+            replay.mode = "replay_record" if record else "replay"
 
 
 def gather_stages(per_stage: list[Tensor]) -> list[Tensor]:

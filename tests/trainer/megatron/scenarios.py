@@ -296,3 +296,39 @@ def run_group_routing_scenario(args: argparse.Namespace) -> dict:
             torch_logprobs(plain, batches), torch_logprobs(model, batches)
         ),
     }
+
+
+def run_r3_scenario(args: argparse.Namespace) -> dict:
+    """R3 (routing_replay rollout): the logprob pass forces the engine's experts on response
+    rows (here the torch model's natural choice shifted, (e + 1) mod E), keeps the router's
+    own on the prompt's rows of -1, and records what it used, as the torch backend does."""
+    model = build_model(untied=args.untied)
+    algo = AlgorithmConfig(advantage="grpo", moe=MoEConfig(routing_replay="rollout"))
+    trainer = TrainerConfig(lr=LR, steps=10, megatron=_layout(args))
+    megatron = MegatronBackend(model.config, dict(model.hf_state_dict()), trainer, algo)
+    torch_backend = TorchBackend(model, TrainerConfig(lr=LR, steps=10), algo)
+    experts = model.config.n_routed_experts
+
+    def probe() -> list[PackedBatch]:
+        groups = episode_groups(model.config.vocab_size, 2, seed=11)
+        return build_rl_step(groups, micro_batch_tokens=64).micro_batches
+
+    natural_batches = probe()
+    natural = torch_backend.logprobs(natural_batches)  # no engine rows: its own, captured
+    mg_batches, torch_batches = probe(), probe()
+    for nat, mg, tb in zip(natural_batches, mg_batches, torch_batches):
+        engine = ((nat.routed_experts + 1) % experts).sort(dim=-1).values
+        pos = torch.arange(nat.num_tokens) - nat.cu_seqlens[nat.seq_ids]
+        engine[:, pos < nat.prompt_lens[nat.seq_ids]] = -1  # the prompt: the trainer's own
+        mg.routed_experts, tb.routed_experts = engine.clone(), engine.clone()
+    mg_logprobs = megatron.logprobs(mg_batches)
+    torch_r3 = torch_backend.logprobs(torch_batches)
+    return {
+        "r3_logprob_max_diff": max_diff(mg_logprobs, torch_r3),
+        "r3_routed_equal": all(
+            torch.equal(a.routed_experts, b.routed_experts)
+            for a, b in zip(mg_batches, torch_batches)
+        ),
+        "r3_no_free_rows": all(bool((b.routed_experts >= 0).all()) for b in mg_batches),
+        "r3_vs_natural": max_diff(torch_r3, natural),
+    }

@@ -100,9 +100,12 @@ def test_tp1_parity_roundtrip_checkpoint_service(tmp_path: Path) -> None:
 
 
 def test_tp2_sequence_parallel_parity_and_bf16(tmp_path: Path) -> None:
-    results = _launch(tmp_path, 2, "--tp", "2", "--untied", "--bf16")
+    results = _launch(tmp_path, 2, "--tp", "2", "--untied", "--bf16", "--r3")
     for result in results:
         _check_parity(result)
+        # R3 under TP + SP: the engine's experts forced, the prompt's own kept, recorded
+        assert result["r3_logprob_max_diff"] < TOL and result["r3_routed_equal"]
+        assert result["r3_no_free_rows"] and result["r3_vs_natural"] > 1e-3
         assert result["bf16_export_exact"]
         assert result["bf16_logprob_max_diff"] < 0.1  # bf16 vs the fp32 torch model
         assert result["bf16_losses"][2] < result["bf16_losses"][1] < result["bf16_losses"][0]

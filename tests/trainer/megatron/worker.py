@@ -16,6 +16,7 @@ requested TP/PP/EP layout, and checks against the torch model on the same packed
               TorchBackend.train(the whole step) -- the trainer service's GRPO step with
               old-logprob and ref passes and 2 PPO epochs -- metrics and logprobs after
   group       (--group-routing) group-limited routing (n_group 2) logprobs vs the torch model
+  r3          (--r3) R3's logprob pass: engine experts forced, the prompt's own, recorded
   bf16        (--bf16) bf16 training: export exact to the bf16-cast weights, logprobs within
               bf16 error of the fp32 torch model, the loss falls over three steps
 
@@ -45,6 +46,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--group-routing", action="store_true")
     parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--r3", action="store_true")
     return parser.parse_args()
 
 
@@ -66,6 +68,7 @@ def main() -> None:
         "service": scenarios.run_service_scenario,
         "bf16": scenarios.run_bf16_scenario,
         "group_routing": scenarios.run_group_routing_scenario,
+        "r3": scenarios.run_r3_scenario,
     }
     for flag, scenario in extra.items():  # more backends in the same processes: megatron's
         if getattr(args, flag):  # parallel state is re-initialised by each
