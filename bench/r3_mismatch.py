@@ -5,7 +5,7 @@ The toy job's inputs are prepared as `physarum run` does (tokenizer, arithmetic 
 glm4moe-toy model, or --model DIR for a trained HF checkpoint). The embedded engine with
 `rollout.fp8` (blockwise e4m3 weights) samples the job's rollouts and records its experts
 from position 0; the torch backend (unquantized weights, as in the job) then computes the
-logprobs of the same tokens three ways:
+logprobs of the same tokens three ways (each seed: its own init, rows and samples):
 
   R2 / none         the trainer routes every token itself (what R2's logprob pass does)
   R3                the engine's experts for the response, the trainer's for the prompt
@@ -121,7 +121,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             run = Path(tmp) / f"seed{seed}"
-            job = load_job(Path("configs/toy_grpo.yaml"), [f"run_dir={run}", f"seed={seed}"])
+            overrides = [f"run_dir={run}", f"seed={seed}", f"model.init_seed={seed}",
+                         f"data.seed={seed}"]  # fmt: skip
+            job = load_job(Path("configs/toy_grpo.yaml"), overrides)
             if args.model is not None:
                 job = job.model_copy(update={"model": job.model.model_copy(
                     update={"path": str(args.model)})})  # fmt: skip
