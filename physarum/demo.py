@@ -100,7 +100,7 @@ def _acc(value: float | None) -> str:
 
 def results_table(results: list[dict[str, Any]], total_s: float) -> Table:
     """Stage | held-out accuracy before -> after | wall time, and a total row."""
-    table = Table(title="make demo: held-out accuracy (200 greedy 2-digit additions)")
+    table = Table(title="make demo: greedy accuracy on the held-out 2-digit additions")
     table.add_column("stage")
     table.add_column("held-out accuracy", justify="center")
     table.add_column("wall time", justify="right")
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.absolute()
     try:
         results = run_demo(root)
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # the failing stage's service and log are named above
         print_traceback(exc)
         return 1

@@ -158,6 +158,26 @@ class PlainProgress:
         pass
 
 
+def _short(value: float) -> str:
+    """1234.5 -> 1.2k: tokens/s on a bar."""
+    return f"{value / 1000:.1f}k" if abs(value) >= 1000 else f"{value:.0f}"
+
+
+def bar_text(state: ProgressState) -> str:
+    """ETA first, then reward, held-out accuracy, KL and tokens/s (generation if the job
+    generates, else training), compact enough for one line of an 80-column terminal."""
+    last = state.last
+    parts = [f"ETA {format_duration(state.eta())}"]
+    for key, label in (("reward", "reward"), ("eval/accuracy", "acc"), ("train/kl", "kl")):
+        if key in last:
+            parts.append(f"{label} {format_value(last[key])}")
+    for key, label in (("rollout/gen_tokens_per_s", "gen"), ("train/tokens_per_s", "train")):
+        if key in last:
+            parts.append(f"{label} {_short(last[key])} tok/s")
+            break
+    return "  ".join(parts)
+
+
 class LiveProgress:
     """One live `rich` bar for the job: stage, bar, step/total, reward, held-out accuracy, KL,
     tokens/s and ETA, redrawn in place; it stays on screen, final, when the job ends."""
@@ -165,13 +185,15 @@ class LiveProgress:
     def __init__(self, total_steps: int, stage: str, console: Any, clock: Clock = time.monotonic):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
         from rich.progress import Progress as RichProgress
+        from rich.table import Column
 
         self.state = ProgressState(total_steps, clock)
         self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=24),
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[text]}"),
+            # one line even on 80 columns: the least important metrics are cut first
+            TextColumn("{task.fields[text]}", table_column=Column(no_wrap=True)),
             console=console,
             refresh_per_second=4,
         )
@@ -184,8 +206,7 @@ class LiveProgress:
 
     def update(self, step: int, metrics: dict[str, Any]) -> str | None:
         self.state.update(step, metrics)
-        text = f"{self.state.metrics_text(sep='  ')}  ETA {format_duration(self.state.eta())}"
-        self._bar.update(self._task, completed=step, text=text)
+        self._bar.update(self._task, completed=step, text=bar_text(self.state))
         return None
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ runs/<name>/          mode 0700 (as every dir in it): it holds the buffer's pass
   tb/                 TensorBoard events
   curves.png          reward and accuracy curves
   accepted/round_K.jsonl  rejection sampling: the accepted samples
-  logs/               service logs (SGLang servers, the router)
+  logs/               service logs: trainer-N.log, rollout-N.log, buffer.log (rotated), SGLang
 
 A new run goes only into an empty (or missing) dir: `claim` refuses one that holds anything
 unless told to overwrite it, and then clears it first, so two runs never mix.

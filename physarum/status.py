@@ -2,9 +2,9 @@
 
 Everything comes from files the job writes (job.yaml, metrics.jsonl, placement.json,
 checkpoints/, logs/, dashboard.json), so it works from any machine that mounts the run dir and
-needs neither Ray nor the job's Redis. Whether the driver still runs is known only on the
-driver's own machine (its pid, started before placement.json was written); elsewhere the
-state says so.
+needs neither Ray nor the job's Redis. A job is finished once its final model is saved;
+before that, whether its driver still runs is known only on the driver's own machine (its
+pid, started before placement.json was written); elsewhere the state says so.
 """
 
 from __future__ import annotations
@@ -157,10 +157,10 @@ def _state(
     total: int,
     run: RunDir,
 ) -> tuple[str, str]:
+    if finished:  # the final model is the job's last act (its driver may live on: the demo)
+        return "finished", f"final model in {run.hf}"
     if alive:
         return "running", f"driver pid {driver['pid']} on {driver['node_ip']}"  # type: ignore[index]
-    if finished:
-        return "finished", f"final model in {run.hf}"
     if alive is None:
         assert driver is not None
         return "unknown", f"the driver ran on {driver['node_ip']}; ask there (pid {driver['pid']})"

@@ -125,7 +125,15 @@ def test_live_bar_shows_step_reward_accuracy_kl() -> None:
         )
     progress.close()
     text = stream.getvalue()
-    for part in ("grpo", "3/3", "reward 0.500", "acc 0.625", "kl 0.010", "train tok/s 99.000"):
+    for part in (
+        "grpo",
+        "3/3",
+        "ETA 0s",
+        "reward 0.500",
+        "acc 0.625",
+        "kl 0.010",
+        "train 99 tok/s",
+    ):
         assert part in text, (part, text[-400:])
 
 
