@@ -39,3 +39,32 @@ def test_a_minority_of_errors_trains_on() -> None:
 def test_zero_episodes_stop_the_job() -> None:
     with pytest.raises(TrainingOnNothingError, match="step 2: trained on zero episodes"):
         check_step(2, {"data/episodes": 0.0, "data/error_episodes": 0.0}, 0.5)
+
+
+@pytest.mark.slow
+def test_job_on_list_valued_labels_exits_non_zero(tmp_path, capsys) -> None:
+    """The whole job (embedded Ray and Redis, tiny model): every episode is an error, so the
+    first step stops it with the message and exit status 2, not 0 after training on nothing."""
+    from envs.tasks import make_rows, write_jsonl
+    from physarum.cli import main
+
+    rows = [{**row, "label": [row["label"]]} for row in make_rows("arithmetic", 16, seed=0)]
+    train = write_jsonl(rows, tmp_path / "train.jsonl")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.train_path={train}",
+        "data.n_eval=4",
+        "model.preset=glm4moe-tiny",
+        "rollout.n_samples_per_prompt=2",
+        "rollout.max_new_tokens=8",
+        "rollout.eval.n_prompts=4",
+        "rollout.eval.k=1",
+        "trainer.prompts_per_step=2",
+        "trainer.steps=2",
+        "cluster.num_cpus=2",
+        "logging.dashboard=false",
+    ]
+    argv = ["run", "configs/toy_grpo.yaml"] + [a for o in overrides for a in ("--set", o)]
+    assert main(argv) == 2  # the CLI's exit status for a user-facing error
+    err = capsys.readouterr().err
+    assert "step 1:" in err and "are errors, above reward.max_error_fraction = 0.5" in err
