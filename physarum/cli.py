@@ -43,6 +43,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
     from configs import load_job
+    from physarum.model_checks import check_model_fits
 
     for path in args.files:
         job = load_job(path, args.set)
@@ -55,7 +56,6 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
     from configs import load_job
-    from physarum.model_checks import check_model_fits
 
     job = load_job(args.file, args.set)
     print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
