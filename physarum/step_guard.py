@@ -15,21 +15,24 @@ class TrainingOnNothingError(UserError):
     """A step had no valid episode, or more errors than reward.max_error_fraction allows."""
 
 
-def check_step(step: int, metrics: Mapping[str, float], max_error_fraction: float) -> None:
+def check_step(
+    step: int, metrics: Mapping[str, float], max_error_fraction: float, *, unit: str = "step"
+) -> None:
     """Raise TrainingOnNothingError when step `step`'s episodes are mostly errors.
 
     metrics: the trainer's step metrics, with "data/episodes" and "data/error_episodes".
+    unit: what `step` counts in the message ("step", or "rejection sampling round").
     """
     episodes = int(metrics.get("data/episodes", 0))
     errors = int(metrics.get("data/error_episodes", 0))
     if episodes == 0:
         raise TrainingOnNothingError(
-            f"step {step}: trained on zero episodes; the buffer gave no valid episode group "
+            f"{unit} {step}: trained on zero episodes; no valid episode group arrived "
             "(check the dataset and the rollout workers' logs)"
         )
     if errors / episodes > max_error_fraction:
         raise TrainingOnNothingError(
-            f"step {step}: {errors} of {episodes} episodes ({errors / episodes:.0%}) are errors, "
+            f"{unit} {step}: {errors} of {episodes} episodes ({errors / episodes:.0%}) are errors, "
             f"above reward.max_error_fraction = {max_error_fraction:g}; the rollout workers' "
             "log names each failure (a reward plugin that raises or times out, a failed "
             "generation or environment). Stopping rather than training on nothing."

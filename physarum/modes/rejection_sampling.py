@@ -15,6 +15,7 @@ from envs.tasks import read_jsonl
 from models.tokenizer import load_tokenizer
 from physarum.context import JobContext
 from physarum.errors import UserError
+from physarum.step_guard import check_step
 
 
 def run_rejection_sampling(ctx: JobContext) -> dict[str, float]:
@@ -33,6 +34,14 @@ def run_rejection_sampling(ctx: JobContext) -> dict[str, float]:
     for round_index in range(1, rs.rounds + 1):
         prompts = _round_rows(rows, round_index, rs.prompts_per_round)
         groups = rollout.generate_rows(prompts, job.rollout.n_samples_per_prompt)
+        samples = [e for g in groups for e in g]
+        counts = {
+            "data/episodes": len(samples),
+            "data/error_episodes": sum(e.is_error for e in samples),
+        }
+        check_step(
+            round_index, counts, job.reward.max_error_fraction, unit="rejection sampling round"
+        )
         accepted = accept(groups, rs.accept_min_reward, rs.max_accepted_per_prompt)
         write_accepted(ctx.run.accepted(round_index), accepted, tokenizer)
         if not accepted:

@@ -68,3 +68,9 @@ def test_job_on_list_valued_labels_exits_non_zero(tmp_path, capsys) -> None:
     assert main(argv) == 2  # the CLI's exit status for a user-facing error
     err = capsys.readouterr().err
     assert "step 1:" in err and "are errors, above reward.max_error_fraction = 0.5" in err
+
+
+def test_rejection_sampling_rounds_are_named_as_rounds() -> None:
+    metrics = _metrics_of([[1], [2]])
+    with pytest.raises(TrainingOnNothingError, match="rejection sampling round 2: 2 of 2"):
+        check_step(2, metrics, 0.5, unit="rejection sampling round")
