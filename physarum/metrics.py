@@ -16,6 +16,7 @@ from typing import Any
 from configs import LoggingConfig
 from physarum.progress import PlainProgress as ProgressLine  # its old name
 from physarum.progress import format_duration, make_progress
+from physarum.wandb_sink import WandbSink
 
 __all__ = ["MetricsSink", "ProgressLine", "format_duration", "plot_curves", "read_metrics"]
 
@@ -34,6 +35,7 @@ class MetricsSink:
         # a live bar on a terminal, a plain line every ~10 s / 5 % of the steps otherwise
         self.progress = make_progress(total_steps, stage, every=cfg.log_every)
         self._writer = self._open_tensorboard() if cfg.tensorboard else None
+        self._wandb = WandbSink(cfg.wandb, run_dir, stage) if cfg.wandb else None
         self.history: list[dict[str, Any]] = []
 
     def _open_tensorboard(self) -> Any:
@@ -54,9 +56,13 @@ class MetricsSink:
             for key, value in metrics.items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
         self.progress.update(step, metrics)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
         self.progress.close()
         if self._writer is not None:
             self._writer.close()
