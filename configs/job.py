@@ -202,14 +202,15 @@ def _check_routing_replay(job: JobConfig) -> None:
     """R3 needs an engine that reports its experts (both backends force them)."""
     if job.algorithm.moe.routing_replay != "rollout":
         return
-    if job.rollout.engine == "sglang":
+    if job.rollout.engine == "sglang" and job.rollout.sglang.cpu:
         raise ValueError(
             "algorithm.moe.routing_replay: 'rollout' needs the engine's routed experts, and "
-            "rollout.engine 'sglang' cannot give them: SGLang 0.5.23 serves our MoE only with "
-            "--model-impl transformers here, whose MoE path (srt/models/transformers.py, "
-            "_transformers_moe_forward) never reaches its routed-experts capturer "
-            "(srt/layers/moe/topk.py, _capture_routed_experts), so return_routed_experts would "
-            "carry no real experts. Use rollout.engine 'embedded', or routing_replay 'trainer'"
+            "SGLang 0.5.23's CPU build cannot give them: it serves our MoE only with "
+            "--model-impl transformers (rollout.sglang.cpu), whose MoE path "
+            "(srt/models/transformers.py, _transformers_moe_forward) never reaches its "
+            "routed-experts capturer (srt/layers/moe/topk.py, _capture_routed_experts), so "
+            "return_routed_experts would carry no real experts. Use rollout.engine 'embedded', "
+            "SGLang on GPUs (rollout.sglang.cpu: false), or routing_replay 'trainer'"
         )
     if job.env.name:
         raise ValueError(

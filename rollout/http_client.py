@@ -30,6 +30,7 @@ from rollout.http_output import (  # noqa: F401  (re-exported)
     parse_generate_item,
     version_to_int,
 )
+from rollout.routing_wire import RoutingLayout
 from rollout.types import GenerateOutput, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ class SGLangClient:
     """Async client for one SGLang-compatible server (or an sglang-router).
 
     `generate` sends one HTTP request per GenerateRequest, concurrently, so a router can spread
-    them. When `return_logprob` is False, `GenerateOutput.logprobs` is empty.
+    them. When `return_logprob` is False, `GenerateOutput.logprobs` is empty. A request with
+    `return_routed_experts` (R3) needs `routing`, the served model's MoE layout, to map
+    SGLang's routed experts to ours (rollout/routing_wire.py).
     """
 
     def __init__(
@@ -75,12 +78,14 @@ class SGLangClient:
         retries: int = 3,
         backoff: float = 0.2,
         max_connections: int = 256,
+        routing: RoutingLayout | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries: expected >= 0, got {retries}")
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
+        self.routing = routing
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -154,6 +159,17 @@ class SGLangClient:
         }
         if req.rid is not None:
             payload["rid"] = req.rid
+        start = None
+        if req.return_routed_experts:
+            if self.routing is None:
+                raise ValueError(
+                    f"{self.base_url}: return_routed_experts needs SGLangClient(routing=...), "
+                    "the served model's MoE layout"
+                )
+            start = req.routed_experts_start_len
+            start = len(req.input_ids) if start is None else start  # SGLang's default is 0
+            payload["return_routed_experts"] = True
+            payload["routed_experts_start_len"] = start
         data = await self.generate_raw(payload)
         items = data if isinstance(data, list) else [data]
         if len(items) != req.sampling.n:
@@ -164,7 +180,10 @@ class SGLangClient:
                 rid=req.rid,
             )
         try:
-            return [parse_generate_item(item, req.input_ids) for item in items]
+            return [
+                parse_generate_item(item, req.input_ids, routing=self.routing, routing_start=start)
+                for item in items
+            ]
         except (KeyError, TypeError, ValueError) as e:
             raise EngineHTTPError(
                 self.base_url, "/generate", f"malformed response: {e}", rid=req.rid

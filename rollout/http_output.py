@@ -3,12 +3,14 @@
 Maps `finish_reason` objects, `[logprob, token_id, text|null]` triples and `weight_versions`
 spans into per-token int versions. SGLang versions are strings; ours are ints: "default" (a
 server that never received an update) is version 0, any other must be an integer string.
+`routed_experts` (R3) is mapped with rollout/routing_wire.py when the request asked for it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from rollout.routing_wire import RoutingLayout
 from rollout.types import GenerateOutput
 
 DEFAULT_VERSION = "default"  # SGLang's weight_version before any update; maps to int 0
@@ -42,8 +44,15 @@ def expand_weight_versions(meta: dict[str, Any], num_tokens: int) -> list[int]:
     return out
 
 
-def parse_generate_item(item: dict[str, Any], prompt_ids: list[int]) -> GenerateOutput:
-    """One SGLang /generate response object -> GenerateOutput."""
+def parse_generate_item(
+    item: dict[str, Any],
+    prompt_ids: list[int],
+    *,
+    routing: RoutingLayout | None = None,
+    routing_start: int | None = None,
+) -> GenerateOutput:
+    """One SGLang /generate response object -> GenerateOutput; with routing_start (the
+    request asked for routed experts from there) its routed_experts, mapped by `routing`."""
     meta = item["meta_info"]
     output_ids = list(item.get("output_ids") or [])
     finish = meta.get("finish_reason") or {}
@@ -55,6 +64,11 @@ def parse_generate_item(item: dict[str, Any], prompt_ids: list[int]) -> Generate
         raise ValueError(
             f"output_token_logprobs: {len(logprobs)} entries for {len(output_ids)} output_ids"
         )
+    routed = None
+    if routing_start is not None and routing is not None:
+        if "routed_experts" not in meta:
+            raise ValueError("meta_info.routed_experts: asked for, but the server sent none")
+        routed = routing.decode(meta["routed_experts"])
     return GenerateOutput(
         rid=str(meta.get("id")),
         prompt_ids=list(prompt_ids),
@@ -64,4 +78,6 @@ def parse_generate_item(item: dict[str, Any], prompt_ids: list[int]) -> Generate
         finish_reason=reason,
         matched_stop=matched,
         text=item.get("text"),
+        routed_experts=routed,
+        routed_experts_start=routing_start or 0,
     )

@@ -134,11 +134,11 @@ class Sequence:
             finish_reason=self.finish_reason or "abort",
             matched_stop=self.matched if self.finish_reason == "stop" else None,
             text=text,
-            routed_experts=self._routed(),
+            routed_experts=self.routed(),
             routed_experts_start=self.routing_start or 0,
         )
 
-    def _routed(self) -> np.ndarray | None:
+    def routed(self) -> np.ndarray | None:
         """The recorded experts [N, n_moe, k] (uint8/uint16), None when not asked."""
         if self.routing_start is None:
             return None

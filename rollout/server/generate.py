@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rollout.embedded.engine import EmbeddedEngine
 from rollout.embedded.sequence import Sequence
+from rollout.routing_wire import RoutingLayout
 from rollout.server.generate_models import GenerateReqInput, GenerateResponse
 from rollout.server.protocol import ParsedGenerate, RequestError, format_item, parse_generate
 from rollout.server.state import ServerState, error_response, get_state
@@ -35,6 +36,8 @@ Render = Callable[[Sequence, ParsedGenerate, "int | None"], dict[str, Any]]
 
 def _renderer(engine: EmbeddedEngine) -> Render:
     tok = engine.tokenizer
+    config = getattr(engine.model, "config", None)
+    routing = RoutingLayout.of(config) if hasattr(config, "n_routed_experts") else None
 
     def decode(ids: list[int]) -> str | None:
         return engine.decode_text(ids)
@@ -50,6 +53,7 @@ def _renderer(engine: EmbeddedEngine) -> Render:
             decode=decode,
             text_in_logprobs=parsed.return_text_in_logprobs,
             token_text=token_text if tok is not None else None,
+            routing=routing,
         )
 
     return render

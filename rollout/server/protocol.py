@@ -9,7 +9,9 @@ instead of being silently ignored.
 Response items: `text`, `output_ids`, `meta_info` with `id`, `finish_reason` as SGLang's
 objects, `prompt_tokens`, `completion_tokens`, `cached_tokens`, `weight_version`,
 `weight_versions` spans, `num_retractions`, `e2e_latency` and, with return_logprob,
-`output_token_logprobs` as [logprob, token_id, text|null] triples.
+`output_token_logprobs` as [logprob, token_id, text|null] triples, and with
+`return_routed_experts` SGLang's `routed_experts` (rollout/routing_wire.py; from
+`routed_experts_start_len`, SGLang's default 0).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rollout.embedded.sequence import Sequence
+from rollout.routing_wire import RoutingLayout
 from rollout.types import GenerateRequest, SamplingParams, SamplingParamsError
 
 # top-level /generate keys that ask for something this engine does not produce
@@ -30,7 +33,6 @@ _UNSUPPORTED_IF_SET: dict[str, Callable[[Any], bool]] = {
     "top_logprobs_num": lambda v: v is not None and _any(v, lambda x: x > 0),
     "token_ids_logprob": lambda v: bool(v),
     "return_hidden_states": lambda v: _any(v, bool),
-    "return_routed_experts": lambda v: bool(v),
     "return_sampling_mask": lambda v: _any(v, bool),
     "lora_path": lambda v: v is not None,
     "custom_logit_processor": lambda v: v is not None,
@@ -142,12 +144,26 @@ def parse_generate(
         GenerateRequest(list(p), sp, rid=r, return_logprob=bool(lp))
         for p, sp, r, lp in zip(prompts, params, rids, logprob)
     ]
+    _routing_options(body, requests)
     return ParsedGenerate(
         requests=requests,
         batch=batch or params[0].n > 1,
         stream=bool(body.get("stream", False)),
         return_text_in_logprobs=bool(body.get("return_text_in_logprobs", False)),
     )
+
+
+def _routing_options(body: dict[str, Any], requests: list[GenerateRequest]) -> None:
+    """return_routed_experts / routed_experts_start_len (per prompt or one for all)."""
+    n = len(requests)
+    wanted = _per_prompt(body.get("return_routed_experts"), n, "return_routed_experts", False)
+    starts = _per_prompt(body.get("routed_experts_start_len"), n, "routed_experts_start_len", 0)
+    for req, want, start in zip(requests, wanted, starts):
+        if not want:
+            continue
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise RequestError(f"routed_experts_start_len: expected an int >= 0, got {start!r}")
+        req.return_routed_experts, req.routed_experts_start_len = True, start
 
 
 def finish_reason_json(seq: Sequence) -> dict[str, Any] | None:
@@ -180,6 +196,7 @@ def format_item(
     decode: Callable[[list[int]], str | None],
     text_in_logprobs: bool = False,
     token_text: Callable[[int], str] | None = None,
+    routing: RoutingLayout | None = None,
 ) -> dict[str, Any]:
     """One response object for `seq` (its first `upto` tokens while streaming)."""
     done = upto is None
@@ -209,6 +226,8 @@ def format_item(
             [lp, t, s] for lp, t, s in zip(seq.logprobs[:n], ids, texts)
         ]
         meta["output_token_logprobs_length"] = n
+    if done and routing is not None and seq.routing_start is not None:
+        meta["routed_experts"] = routing.encode(seq.routed())
     end = seq.finished_at if done and seq.finished_at else time.monotonic()
     meta["e2e_latency"] = end - seq.created
     item: dict[str, Any] = {"output_ids": list(ids), "meta_info": meta}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from models.weight_update import WeightUpdate
 from rollout.http_client import EngineHTTPError, SGLangClient, version_to_int
+from rollout.routing_wire import RoutingLayout
 from rollout.sglang.router import SGLangRouter
 from rollout.sglang.weight_sync import DiskSync, WeightSync, WeightSyncError, push_update
 from rollout.sglang.worker import Worker
@@ -61,6 +62,13 @@ class SGLangEngine:
         self._update_lock = asyncio.Lock()
         self._last_update: WeightUpdate | None = None
         self._paused: str | None = None
+
+    def set_routing(self, layout: RoutingLayout) -> None:
+        """R3: map the servers' routed experts with this MoE layout (rollout/routing_wire.py)."""
+        for w in self.workers:
+            w.client.routing = layout
+        if self._router_client is not None:
+            self._router_client.routing = layout
 
     @property
     def paused_mode(self) -> str | None:

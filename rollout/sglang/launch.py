@@ -8,12 +8,14 @@ rollout worker (rollout/worker.py); `launch_engine(cfg, ...)` is the same from t
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout.routing_wire import RoutingLayout
 from rollout.sglang.engine import SGLangEngine
 from rollout.sglang.environment import probe
 from rollout.sglang.router import SGLangRouter
@@ -174,8 +176,11 @@ def launch_sglang_engine(
         overrides["tokenizer_path"] = str(tokenizer_dir)
     elif not any((Path(model_dir) / f).exists() for f in _TOKENIZER_FILES):
         extra.append("--skip-tokenizer-init")
+    r3 = job.algorithm.moe.routing_replay == "rollout"  # configs/job.py: GPU servers only
+    if r3:
+        extra.append("--enable-return-routed-experts")
     overrides["extra_args"] = extra
-    return launch_engine(
+    engine = launch_engine(
         cfg,
         model_path=model_dir,
         run_dir=job.resolved_run_dir,
@@ -183,3 +188,7 @@ def launch_sglang_engine(
         request_timeout=rollout.request_timeout_s,
         **overrides,
     )
+    if r3:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        engine.set_routing(RoutingLayout.of(config))
+    return engine

@@ -4,6 +4,7 @@ the Episode and the codec, and kept per token across a weight update and a retra
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 
 import numpy as np
@@ -190,6 +191,51 @@ def test_record_routing_keeps_first_rows_and_refuses_gaps():
     seq.routing_start = 2
     seq.record_routing(np.full((3, 1, 2), 1, np.uint8), 0)  # positions 0..2: keeps 2
     seq.record_routing(np.full((4, 1, 2), 9, np.uint8), 0)  # re-prefill: keeps only 3
-    assert seq._routed()[:, 0, 0].tolist() == [1, 9]
+    assert seq.routed()[:, 0, 0].tolist() == [1, 9]
     with pytest.raises(RuntimeError, match="lost"):
         seq.record_routing(np.zeros((1, 1, 2), np.uint8), 6)
+
+
+def test_http_server_answers_in_sglangs_layout_and_the_client_maps_it_back(model):
+    """The embedded engine's HTTP server sends SGLang's routed_experts (base64 int32 over all
+    layers, dense ones 0); SGLangClient maps it to ours: the same rows as in-process."""
+    from rollout.http_client import SGLangClient
+    from rollout.routing_wire import RoutingLayout
+    from rollout.server import ServerThread, make_state
+
+    layout = RoutingLayout.of(model.config)
+    assert layout.moe_layers == tuple(model.config.moe_layer_ids)  # a dense layer 0 here
+    local = EmbeddedEngine(copy.deepcopy(model), eos_token_ids=[], context_len=64)
+    served = EmbeddedEngine(copy.deepcopy(model), eos_token_ids=[], context_len=64)
+    req = GenerateRequest(PROMPT, SamplingParams(max_new_tokens=7, temperature=0.0))
+    req.return_routed_experts = True
+
+    async def over_http(url: str):
+        async with SGLangClient(url, routing=layout) as client:
+            (mapped,) = await client.generate([req])
+            raw = await client.generate_raw(  # SGLang's default start: the whole sequence
+                {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 7, "temperature": 0},
+                 "return_routed_experts": True}
+            )  # fmt: skip
+        async with SGLangClient(url) as bare:
+            with pytest.raises(ValueError, match="routing"):
+                await bare.generate([req])
+        return mapped, raw
+
+    try:
+        (direct,) = run(local.generate([req]))
+        with ServerThread(make_state(served, "tiny", no_auth=True)) as server:
+            mapped, raw = run(over_http(server.url))
+    finally:
+        local.shutdown()
+        served.shutdown()
+    assert mapped.output_ids == direct.output_ids
+    assert mapped.routed_experts.dtype == np.uint8 and mapped.routed_experts_start == len(PROMPT)
+    assert np.array_equal(mapped.routed_experts, direct.routed_experts)
+    whole = layout.decode(raw["meta_info"]["routed_experts"])
+    assert len(whole) == len(PROMPT) + 7 - 1
+    assert np.array_equal(whole[len(PROMPT) :], direct.routed_experts)
+    wire = np.frombuffer(base64.b64decode(raw["meta_info"]["routed_experts"]), np.int32)
+    assert (wire.reshape(len(whole), layout.num_layers, -1)[:, 0] == 0).all()  # dense layer
+    with pytest.raises(ValueError, match="multiple"):
+        layout.decode(base64.b64encode(b"\0" * 12).decode())

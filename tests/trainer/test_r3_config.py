@@ -31,8 +31,14 @@ def test_sglang_with_rollout_routing_fails_at_load_naming_the_reason():
     message = str(info.value)
     assert "algorithm.moe.routing_replay" in message and "return_routed_experts" in message
     assert "--model-impl transformers" in message
-    # R2 needs nothing from the engine: fine with SGLang
+    # R2 needs nothing from the engine: fine with SGLang; GPU servers (native MoE) can answer
     assert load_job(TOY, ["algorithm.moe.routing_replay=trainer", "rollout.engine=sglang"])
+    gpu = [
+        "algorithm.moe.routing_replay=rollout",
+        "rollout.engine=sglang",
+        "rollout.sglang.cpu=false",
+    ]
+    assert load_job(TOY, gpu).algorithm.moe.routing_replay == "rollout"
 
 
 def test_megatron_takes_rollout_routing():  # tests/trainer/megatron: its R3 scenario
