@@ -201,7 +201,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="toy datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     make = data_sub.add_parser("make", help="generate a toy task as JSONL")
-    make.add_argument("task", help="arithmetic, countdown or calculator")
+    make.add_argument("task", help="arithmetic, countdown, calculator or reasoning_gym:<dataset>")
     make.add_argument("--n", type=int, required=True, help="number of rows")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--split", choices=["train", "test"], default="train")
