@@ -13,7 +13,7 @@ weights + grads + AdamW state + the reference, median step time, weight-sync byt
 memory; for LoRA also the embedded engine's choice (merge at each update vs an unmerged
 adapter forward) and the FP8 rollout mismatch (|Δ logprob| engine vs trainer).
 
-    .venv/bin/python bench/lora_vs_full.py [--steps 5] [--threads 2]
+    .venv/bin/python bench/lora_vs_full.py [--steps 5] [--threads 2] [--models toy] [--sides lora]
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--sides", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
@@ -194,7 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_tokenizer(tmp)
         for name in args.models:
-            for lora in (False, True):
+            for lora in (side == "lora" for side in args.sides):
                 queue = ctx.Queue()
                 proc = ctx.Process(
                     target=run_side, args=(name, lora, args.steps, args.threads, tmp, queue)
