@@ -6,8 +6,8 @@ way would leave the model half updated, and a NaN or an int64 tensor it accepts 
 
 * the name is one the model has (or one the loader skips on purpose: layers past the model's,
   a tied lm_head, an MTP layer's copy of the embedding);
-* the dtype is a float the loader reads (float32, bfloat16, float16; float8_e4m3fn weights
-  with their float `weight_scale_inv`);
+* the dtype is a float the loader reads (float32, bfloat16, float16, float64; float8_e4m3fn
+  weights with their float `weight_scale_inv`);
 * a dense tensor has its slot's shape;
 * every value is finite.
 
@@ -25,7 +25,7 @@ from models.fp8 import FP8_DTYPE
 from models.hf_io import _lookup, hf_slots  # _lookup: the loader's own name rules, reused
 
 SCALE_SUFFIX = "_scale_inv"
-DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class WeightCheckError(ValueError):
