@@ -69,6 +69,18 @@ class AgentStats:
         return out
 
 
+def _no_keepalive_client() -> Any:
+    """An HTTP client opening one loopback connection per call: a kept-alive connection can
+    be closed by uvicorn (5 s idle) just as the client reuses it, a failed call that no
+    retry may repeat (seen as APIConnectionError under load)."""
+    import httpx2  # the HTTP library of openai 3.x (the `agents` extra pins it)
+    import openai
+
+    return openai.DefaultAsyncHttpxClient(
+        limits=httpx2.Limits(max_connections=16, max_keepalive_connections=0)
+    )
+
+
 @dataclass
 class _Outcome:
     rewards: tuple[float, Mapping[str, float]] | None = None
@@ -104,8 +116,9 @@ class AgentRunner:
                 client = openai.AsyncOpenAI(
                     base_url=self.server.base_url,
                     api_key=recorder.key,
-                    max_retries=0,
+                    max_retries=0,  # a retried call could be sampled twice
                     timeout=self.timeout_s,
+                    http_client=_no_keepalive_client(),
                 )
                 try:
                     outcome = await self._call_agent(client, task)
