@@ -105,12 +105,10 @@ def results_table(results: list[dict[str, Any]], total_s: float) -> Table:
     table.add_column("held-out accuracy", justify="center")
     table.add_column("wall time", justify="right")
     for r in results:
-        table.add_row(
-            r["stage"], f"{_acc(r['accuracy_before'])} -> {_acc(r['accuracy'])}", _wall(r)
-        )
+        table.add_row(r["stage"], f"{_acc(r['accuracy_before'])} → {_acc(r['accuracy'])}", _wall(r))
     first, last = results[0]["accuracy_before"], results[-1]["accuracy"]
     gain = "" if first is None or last is None else f" ({(last - first) * 100:+.1f} points)"
-    table.add_row("total", f"{_acc(first)} -> {_acc(last)}{gain}", format_duration(total_s))
+    table.add_row("total", f"{_acc(first)} → {_acc(last)}{gain}", format_duration(total_s))
     return table
 
 

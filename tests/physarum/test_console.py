@@ -159,7 +159,7 @@ def test_demo_table_has_before_after_and_wall_time() -> None:
     make_console(stream).print(results_table(RESULTS, 251.0))
     text = stream.getvalue()
     assert ESC not in text
-    rows = {line.split()[1]: line for line in text.splitlines() if line.count("->") == 1}
-    assert "0.370 -> 0.550" in rows["rejection_sampling"] and "40s" in rows["rejection_sampling"]
-    assert "0.550 -> 0.625" in rows["grpo"] and "2m30s" in rows["grpo"]
-    assert "0.000 -> 0.625 (+62.5 points)" in rows["total"] and "4m11s" in rows["total"]
+    rows = {line.split()[1]: line for line in text.splitlines() if line.count("→") == 1}
+    assert "0.370 → 0.550" in rows["rejection_sampling"] and "40s" in rows["rejection_sampling"]
+    assert "0.550 → 0.625" in rows["grpo"] and "2m30s" in rows["grpo"]
+    assert "0.000 → 0.625 (+62.5 points)" in rows["total"] and "4m11s" in rows["total"]
