@@ -13,7 +13,9 @@ so the key says which episode a call belongs to.
 * rewrites the request so the answer carries what training needs (`return_token_ids`,
   `logprobs`) and samples as the job does: `temperature`, `top_p`, `top_k` and `seed` are
   the episode's (training needs the engine's logprobs under the trainer's temperature), the
-  agent's `max_tokens` is capped at the episode's, and any `model` name means the policy;
+  agent's `max_tokens` is capped at the episode's and at the room left in the context (the
+  answer is cut, finish_reason "length", instead of refused), any `model` name means the
+  policy;
 * records the answer (`rollout.agent_capture.CapturedCall`: prompt ids, sampled ids,
   logprobs, weight versions) BEFORE the agent reads it, so a finished agent's calls are all
   recorded.
@@ -30,10 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from rollout.agent_capture import CapturedCall
 from rollout.server import ServerThread, make_state, openai_errors, openai_routes
 from rollout.server.openai_errors import OpenAIError
+from rollout.server.openai_protocol import ChatCompletionRequest
+from rollout.server.openai_requests import chat_prompt
 from rollout.types import SamplingParams
 
 SERVED_MODEL = "policy"
@@ -84,7 +89,7 @@ class CaptureMiddleware:
         if path != CHAT_PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
-            body = _rewrite(await _read_body(receive), recorder)
+            body = _rewrite(await _read_body(receive), recorder, self.server.room)
         except OpenAIError as error:
             return await error.response()(scope, receive, send)
         await self._forward(scope, body, recorder, receive, send)
@@ -138,7 +143,7 @@ async def _read_body(receive: Any) -> bytes:
             return b"".join(chunks)
 
 
-def _rewrite(raw: bytes, recorder: EpisodeRecorder) -> bytes:
+def _rewrite(raw: bytes, recorder: EpisodeRecorder, room: Any) -> bytes:
     """The request as the engine should serve it for this episode (see module doc)."""
     try:
         data = json.loads(raw)
@@ -155,9 +160,11 @@ def _rewrite(raw: bytes, recorder: EpisodeRecorder) -> bytes:
         raise OpenAIError("n: an agent episode samples one choice per call", param="n")
     s = recorder.sampling
     asked = data.pop("max_completion_tokens", None) or data.get("max_tokens")
+    cap = min(int(asked), s.max_new_tokens) if asked else s.max_new_tokens
+    left = room(data)  # near the end of the context the answer is cut ("length"), not refused
     data.update(
         model=SERVED_MODEL,
-        max_tokens=min(int(asked), s.max_new_tokens) if asked else s.max_new_tokens,
+        max_tokens=min(cap, left) if left is not None and left >= 1 else cap,
         temperature=s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,
@@ -179,6 +186,7 @@ class AgentServer:
         app.state.physarum = state
         openai_errors.install(app)
         app.include_router(openai_routes.router)
+        self._engine = engine
         self._recorders: dict[str, EpisodeRecorder] = {}
         self._lock = threading.Lock()
         self._thread = ServerThread(state, host, app=CaptureMiddleware(app, server=self))
@@ -206,6 +214,15 @@ class AgentServer:
             with self._lock:
                 recorder.open = False
                 self._recorders.pop(recorder.key, None)
+
+    def room(self, data: dict[str, Any]) -> int | None:
+        """Context positions left after this request's prompt (rendered by the route's own
+        code), or None when the request is invalid (the route then refuses it)."""
+        try:
+            request = ChatCompletionRequest.model_validate(data)
+            return self._engine.sched.context_len - len(chat_prompt(self._engine, request))
+        except (OpenAIError, ValidationError, ValueError):
+            return None
 
     def recorder(self, key: str) -> EpisodeRecorder | None:
         with self._lock:

@@ -210,6 +210,29 @@ def test_endpoint_refuses_what_it_cannot_capture(served, model_dir):
             c.chat.completions.create(model="m", messages=ASK)
 
 
+def test_an_answer_near_the_context_end_is_cut_not_refused(served, model_dir):
+    import openai
+
+    from models.chat import prompt_ids
+
+    tok = load_tokenizer(model_dir)
+    n = next(n for n in range(1, 400) if len(prompt_ids(tok, _long(n), None)) > 500)
+    room = 512 - len(prompt_ids(tok, _long(n), None))  # the fixture's context_len is 512
+    server = served[1]
+    with server.episode(_sampling(model_dir)) as recorder:  # max_new_tokens 64 > room
+        with openai.OpenAI(base_url=server.base_url, api_key=recorder.key, max_retries=0) as c:
+            answer = c.chat.completions.create(
+                model="m", messages=_long(n), extra_body={"ignore_eos": True}
+            )
+        assert answer.choices[0].finish_reason == "length"
+        (call,) = server.calls(recorder)
+        assert len(call.call.output_ids) == room
+
+
+def _long(n: int) -> list[dict]:
+    return [{"role": "user", "content": "2+3? " * n}]
+
+
 def test_agent_plugins_resolve_like_rewards():
     from envs.examples.openai_calculator_agent import solve
 
