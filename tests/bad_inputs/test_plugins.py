@@ -91,7 +91,7 @@ def test_misbehaving_plugin_marks_the_episode_error(plugin, metadata, needle):
     bad = episode_with(text, **metadata)
     hang_plugins.RELEASE.clear()
     try:
-        with build_reward_fn([RewardSpec(plugin)], timeout_s=2.0) as reward_fn:
+        with build_reward_fn([RewardSpec(plugin)], timeout_s=5.0) as reward_fn:
             asyncio.run(reward_fn.score_group([bad]))
     finally:
         hang_plugins.RELEASE.set()

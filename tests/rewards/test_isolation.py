@@ -18,7 +18,7 @@ def test_hung_sync_plugin_does_not_starve_arithmetic() -> None:
     try:
         # timeout generous for a loaded machine: arithmetic takes microseconds; with the old
         # shared 4-thread pool the 8 hung calls held every thread and arithmetic timed out too
-        with build_reward_fn(specs, timeout_s=3.0, max_workers=2) as reward_fn:
+        with build_reward_fn(specs, timeout_s=5.0, max_workers=2) as reward_fn:
             asyncio.run(reward_fn.score_group(episodes))
             lane = reward_fn._lanes[HANG]
             assert lane.running == 2  # the hung plugin holds only its own lane
