@@ -111,7 +111,7 @@ class PlainProgress:
     """Plain lines for a log file or CI: one when `every_s` seconds or `every_fraction` of the
     steps have passed since the last one (whichever comes first), the first step, and the
     last step once (a driver that logs the last step again, e.g. its final eval, gets no
-    second line)."""
+    second line; one that stops early gets its last step at `close`)."""
 
     def __init__(
         self,
@@ -155,7 +155,10 @@ class PlainProgress:
         )
 
     def close(self) -> None:
-        pass
+        """A job that ended early (SFT's stop_at_accuracy, an error) still shows its last step."""
+        if self.state.first is not None and self.state.step != self._printed_step:
+            self._printed_step = self.state.step
+            self.emit(self.state.line())
 
 
 def _short(value: float) -> str:
@@ -216,7 +219,7 @@ class LiveProgress:
 
 def make_progress(total_steps: int, stage: str, *, every: int = 1) -> Progress:
     """The display for one job: a live bar on a terminal console, plain lines otherwise.
-    `every` (logging.log_every) makes the plain lines at most one per `every` steps."""
+    `every` (logging.log_every) widens the step interval of the plain lines."""
     console = find_console()
     if console is not None and console.is_terminal:
         return LiveProgress(total_steps, stage, console)

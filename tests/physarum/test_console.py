@@ -59,6 +59,17 @@ def test_the_last_step_logged_again_prints_no_second_line() -> None:
     assert steps.count(10) == 1
 
 
+def test_a_job_that_stops_early_shows_its_last_step_at_close() -> None:
+    clock, lines = FakeClock(), []
+    progress = PlainProgress(1500, clock=clock, emit=lines.append)
+    for step in range(0, 118):  # SFT reached stop_at_accuracy at step 117 of 1500
+        progress.update(step, {"eval/accuracy": 0.3})
+        clock.now += 0.1
+    progress.close()
+    progress.close()
+    assert [line.split()[1] for line in lines] == ["0/1500", "75/1500", "117/1500"]
+
+
 def test_plain_line_has_step_metrics_and_eta() -> None:
     clock, lines = FakeClock(), []
     progress = PlainProgress(100, clock=clock, emit=lines.append)
