@@ -212,11 +212,12 @@ def _check_routing_replay(job: JobConfig) -> None:
             "return_routed_experts would carry no real experts. Use rollout.engine 'embedded', "
             "SGLang on GPUs (rollout.sglang.cpu: false), or routing_replay 'trainer'"
         )
-    if job.env.name:
+    if job.env.agent:
         raise ValueError(
-            "algorithm.moe.routing_replay: 'rollout' covers single-turn rollouts only; the "
-            f"multi-turn env {job.env.name!r} builds episodes without the engine's experts, so "
-            "the trainer would route them itself. Use routing_replay 'trainer' for multi-turn"
+            "algorithm.moe.routing_replay: 'rollout' covers single- and multi-turn rollouts; "
+            f"agent episodes (env.agent {job.env.agent!r}) are captured from OpenAI calls "
+            "without the engine's experts, so the trainer would route them itself. Use "
+            "routing_replay 'trainer' with env.agent"
         )
 
 

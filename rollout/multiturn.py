@@ -72,6 +72,17 @@ class _Trajectory:
         self.logprobs += [0.0] * len(ids)
         self.versions += [NO_VERSION] * len(ids)
 
+    routing: list[np.ndarray] = field(default_factory=list)  # R3: chunks of [n, n_moe, k]
+    routed_len: int = 0
+
+    def add_routing(self, output: GenerateOutput) -> None:
+        """Keep the rows of positions no earlier turn consumed: each turn's rows start at the
+        same position; those an earlier turn recorded were re-prefilled, not sampled, here."""
+        rows = output.routed_experts
+        if rows is not None and len(rows) > self.routed_len:
+            self.routing.append(rows[self.routed_len :])
+            self.routed_len = len(rows)
+
 
 @dataclass
 class _Record:
@@ -111,11 +122,16 @@ async def run_episode(
     max_total_tokens: int,
     rid: str | None = None,
     step_timeout_s: float | None = None,
+    routing: str | None = None,
 ) -> Episode:
     """Run one multi-turn episode (see module doc). Engine errors propagate; env errors
     become an error episode. `env` must be fresh (one instance per episode).
     step_timeout_s: bound on each env.step call (a sync one runs in its own thread and is
-    abandoned on timeout); None = unbounded, sync steps inline."""
+    abandoned on timeout); None = unbounded, sync steps inline.
+    routing (R3): "response" or "all" records the engine's experts of the response (every
+    turn's tokens, tool tokens included) or of the prompt too; None records none."""
+    if routing not in (None, "response", "all"):
+        raise ValueError(f"routing: expected None, 'response' or 'all', got {routing!r}")
     if max_turns < 1 or max_total_tokens < 1:
         raise ValueError(
             f"max_turns and max_total_tokens must be >= 1, got {max_turns}, {max_total_tokens}"
@@ -127,6 +143,7 @@ async def run_episode(
     stops = stop_token_ids(tokenizer)
     sampling = replace(sampling, n=1, stop_token_ids=sorted({*sampling.stop_token_ids, *stops}))
     trajectory, record = _Trajectory(), _Record()
+    routing_from = None if routing is None else 0 if routing == "all" else len(prompt)
     if len(prompt) >= max_total_tokens:
         record.stop(FinishReason.LENGTH, "max_total_tokens")
     else:
@@ -142,8 +159,14 @@ async def run_episode(
             max_total_tokens=max_total_tokens,
             rid=rid,
             step_timeout_s=step_timeout_s,
+            routing_start=routing_from,
         )
-    return _episode(tokenizer, task_row, prompt, trajectory, record, stops, rid, start)
+    episode = _episode(tokenizer, task_row, prompt, trajectory, record, stops, rid, start)
+    if routing_from is not None and trajectory.routing:
+        episode.routed_experts = np.concatenate(trajectory.routing)
+        episode.routing_start = routing_from
+        episode.validate()
+    return episode
 
 
 async def _loop(
@@ -159,6 +182,7 @@ async def _loop(
     max_total_tokens: int,
     rid: str,
     step_timeout_s: float | None = None,
+    routing_start: int | None = None,
 ) -> None:
     observation_id = tokenizer.convert_tokens_to_ids(OBSERVATION_TOKEN)
     stops = set(sampling.stop_token_ids)
@@ -168,12 +192,15 @@ async def _loop(
             input_ids=prompt + trajectory.ids,
             sampling=replace(sampling, max_new_tokens=min(sampling.max_new_tokens, budget)),
             rid=f"{rid}-t{turn}",
+            return_routed_experts=routing_start is not None,
+            routed_experts_start_len=routing_start,
         )
         began = time.monotonic()
         (output,) = await engine.generate([request])
         record.generate_s += time.monotonic() - began
         check_output(output)
         trajectory.add_generated(output)
+        trajectory.add_routing(output)
         record.turns += 1
         if output.finish_reason == "abort":
             return record.stop(FinishReason.ABORT)

@@ -182,6 +182,11 @@ class RolloutWorkerCore:
             )
         from rollout.multiturn import run_episode
 
+        r3 = routing and self.job.algorithm.moe.routing_replay == "rollout"
+        mode = (
+            ("all" if self.job.algorithm.moe.replay_prompt_routing else "response") if r3 else None
+        )
+
         async def one(index: int) -> Episode:
             seed = None if sampling.sampling_seed is None else sampling.sampling_seed + index
             episode = await run_episode(
@@ -193,6 +198,7 @@ class RolloutWorkerCore:
                 max_turns=self.job.env.max_turns,
                 max_total_tokens=self.job.env.max_total_tokens,
                 step_timeout_s=self.job.env.step_timeout_s,
+                routing=mode,
             )
             episode.metadata["sample_index"] = index
             return episode

@@ -239,3 +239,74 @@ def test_http_server_answers_in_sglangs_layout_and_the_client_maps_it_back(model
     assert (wire.reshape(len(whole), layout.num_layers, -1)[:, 0] == 0).all()  # dense layer
     with pytest.raises(ValueError, match="multiple"):
         layout.decode(base64.b64encode(b"\0" * 12).decode())
+
+
+class RoutingScript:
+    """A scripted multi-turn policy (tests/rollout/test_multiturn.py's turns) whose outputs
+    carry routed experts as an engine's would: rows from the asked start position to the
+    sequence's second-to-last token, every row holding the turn's index (the engine
+    re-prefills earlier positions in each turn, under what may be newer weights)."""
+
+    def __init__(self, turns) -> None:
+        self.turns, self.asked = list(turns), []
+
+    async def generate(self, requests):
+        from rollout.types import GenerateOutput
+
+        (request,) = requests
+        self.asked.append((request.return_routed_experts, request.routed_experts_start_len))
+        turn, index = self.turns.pop(0), len(self.asked) - 1
+        start = request.routed_experts_start_len or 0
+        n = len(request.input_ids) + len(turn.ids) - 1 - start
+        routed = np.full((n, 2, 2), index, np.uint8) if request.return_routed_experts else None
+        return [
+            GenerateOutput(
+                rid="r",
+                prompt_ids=list(request.input_ids),
+                output_ids=list(turn.ids),
+                logprobs=list(turn.logprobs),
+                versions=list(turn.versions),
+                finish_reason=turn.finish_reason,
+                matched_stop=turn.ids[-1] if turn.finish_reason == "stop" else None,
+                routed_experts=routed,
+                routed_experts_start=start,
+            )
+        ]
+
+
+def test_multi_turn_episode_keeps_each_positions_first_routing(tmp_path):
+    from envs.calculator import CalculatorEnv
+    from envs.tasks import make_rows, tokenizer_corpus
+    from models import chat
+    from models.tokenizer import build_toy_tokenizer
+    from rollout.multiturn import run_episode
+    from tests.rollout.test_multiturn import model_turn, tool_call_text
+
+    tokenizer = build_toy_tokenizer(tmp_path, tokenizer_corpus(n_per_task=200, seed=0))
+    row = make_rows("calculator", 1, seed=0)[0]
+    call = model_turn(tokenizer, tool_call_text(row["metadata"]["expression"]),
+                      "<|observation|>", version=3, seed=0)  # fmt: skip
+    final = model_turn(tokenizer, f"\n{row['label']}", "<|endoftext|>", version=4, seed=1)
+    sampling = SamplingParams(max_new_tokens=64, temperature=1.0)
+    for mode in ("response", "all"):
+        engine = RoutingScript([call, final])
+        episode = asyncio.run(
+            run_episode(engine, tokenizer, CalculatorEnv(), row, sampling, max_turns=4,
+                        max_total_tokens=2048, routing=mode)
+        )  # fmt: skip
+        p = len(episode.prompt_ids)
+        start = p if mode == "response" else 0
+        assert engine.asked == [(True, start), (True, start)]
+        observation = chat.observation_ids(tokenizer, [row["label"]])
+        assert episode.response_ids.tolist() == call.ids + observation + final.ids
+        rows = episode.routed_experts[:, 0, 0].tolist()
+        assert episode.routing_start == start and len(rows) == episode.num_tokens - 1 - start
+        # turn 0 consumed every position up to its second-to-last token; the rest (its last
+        # token, the observation, turn 1) were first consumed by turn 1
+        first = p + len(call.ids) - 1 - start
+        assert rows == [0] * first + [1] * (len(rows) - first)
+    plain = asyncio.run(
+        run_episode(RoutingScript([call, final]), tokenizer, CalculatorEnv(), row, sampling,
+                    max_turns=4, max_total_tokens=2048)
+    )  # fmt: skip
+    assert plain.routed_experts is None

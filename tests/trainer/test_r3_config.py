@@ -46,6 +46,8 @@ def test_megatron_takes_rollout_routing():  # tests/trainer/megatron: its R3 sce
     assert job.algorithm.moe.routing_replay == "rollout"
 
 
-def test_multi_turn_with_rollout_routing_fails_at_load():
-    with pytest.raises(ConfigError, match="single-turn rollouts only"):
-        load_job(TOY, ["algorithm.moe.routing_replay=rollout", "env.name=calculator"])
+def test_multi_turn_takes_rollout_routing_and_agents_are_refused():
+    job = load_job(TOY, ["algorithm.moe.routing_replay=rollout", "env.name=calculator"])
+    assert job.env.name == "calculator"
+    with pytest.raises(ConfigError, match="agent episodes"):
+        load_job(TOY, ["algorithm.moe.routing_replay=rollout", "env.agent=my_agents:run"])
