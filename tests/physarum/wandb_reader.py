@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ def records(path: Path) -> list[Any]:
             pos += left_in_block
             continue
         length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if pos + HEADER + length > len(data):  # a chunk still being written
+            break
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:  # preallocated zeros at the end
@@ -43,13 +46,26 @@ def records(path: Path) -> list[Any]:
     return out
 
 
+def finished_records(path: Path, timeout_s: float = 120.0) -> list[Any]:
+    """The records once the run's `exit` record is in: `run.finish()` can return before
+    wandb's core process has flushed the file (seen on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = records(path) if path.exists() else []
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def history(run_dir: Path) -> list[dict[str, Any]]:
     """Every `run.log` row of the one offline run under run_dir/wandb, in order."""
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     if len(files) != 1:
         raise AssertionError(f"expected one offline run under {run_dir}/wandb, found {files}")
     rows = []
-    for record in records(files[0]):
+    for record in finished_records(files[0]):
         if record.WhichOneof("record_type") != "history":
             continue
         row = {}

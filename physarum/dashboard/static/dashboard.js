@@ -53,6 +53,14 @@ function fmt(v) {
   return String(Number(v.toPrecision(4)));
 }
 
+// An axis label with as many decimals as the axis' span needs (6.148 / 6.150 / 6.152).
+function axisLabel(v, span) {
+  if (v === 0) return "0";
+  if (Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3) return v.toExponential(2);
+  const digits = span > 0 ? Math.max(0, Math.min(6, 1 - Math.floor(Math.log10(span / 2)))) : 2;
+  return v.toFixed(digits);
+}
+
 function duration(s) {
   if (s === null || s === undefined) return "?";
   s = Math.round(s);
@@ -92,18 +100,20 @@ function chartBox(parent, id, title, labels) {
   return svg;
 }
 
-function frame(svg, x0, x1, y0, y1) {
+function frame(svg, x0, x1, y0, y1, stepLabels = true) {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
-  const L = 46, R = 352, T = 8, B = 140;
+  const L = 50, R = 352, T = 10, B = 140;
   const sx = (x) => L + (x1 > x0 ? (x - x0) / (x1 - x0) : 0.5) * (R - L);
   const sy = (y) => B - (y1 > y0 ? (y - y0) / (y1 - y0) : 0.5) * (B - T);
   for (let i = 0; i <= 2; i++) {
     const y = y0 + (i / 2) * (y1 - y0);
     el("line", { x1: L, x2: R, y1: sy(y), y2: sy(y), stroke: "#eceff4" }, svg, true);
-    el("text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end", text: fmt(y) }, svg, true);
+    el("text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end", text: axisLabel(y, y1 - y0) }, svg, true);
   }
-  el("text", { x: L, y: 156, text: "step " + x0 }, svg, true);
-  el("text", { x: R, y: 156, "text-anchor": "end", text: "step " + x1 }, svg, true);
+  if (stepLabels) {
+    el("text", { x: L, y: 156, text: "step " + x0 }, svg, true);
+    el("text", { x: R, y: 156, "text-anchor": "end", text: "step " + x1 }, svg, true);
+  }
   return { sx, sy };
 }
 
@@ -165,9 +175,9 @@ function drawPhases(svg) {
 function drawHistogram(svg, taken, dropped) {
   const keys = [...new Set([...Object.keys(taken || {}), ...Object.keys(dropped || {})])]
     .map(Number).sort((a, b) => a - b);
-  if (!keys.length) { frame(svg, 0, 1, 0, 1); return; }
+  if (!keys.length) { frame(svg, 0, 1, 0, 1, false); return; }
   const top = Math.max(...keys.map((k) => (taken[k] || 0) + (dropped[k] || 0)));
-  const { sy } = frame(svg, keys[0], keys[keys.length - 1], 0, top);
+  const { sy } = frame(svg, keys[0], keys[keys.length - 1], 0, top, false);  // x: staleness
   const w = 300 / keys.length;
   keys.forEach((k, i) => {
     const x = 48 + i * w, a = taken[k] || 0, b = dropped[k] || 0;
@@ -246,10 +256,10 @@ function build() {
   chartBox(charts, "phases", "step time by phase (s)", PHASES.map((p) => p[1]));
   const buf = document.getElementById("buffer-charts");
   for (const [id, title, keys] of BUFFER_CHARTS) chartBox(buf, id, title, keys.map((k) => k[1]));
-  chartBox(buf, "hist", "staleness histogram (groups)", ["trained", "dropped"]);
+  chartBox(buf, "hist", "staleness: groups by versions behind", ["trained", "dropped"]);
 }
 
-async function tick() {
+async function poll() {
   try {
     const fresh = await getJSON("api/metrics?since=" + records.length);
     records.push(...fresh);
@@ -266,8 +276,8 @@ async function tick() {
   } catch (err) {
     document.getElementById("footer").textContent = "job not reachable (finished?): " + err.message;
   }
-  setTimeout(tick, POLL_MS);
+  setTimeout(poll, POLL_MS);
 }
 
 build();
-tick();
+poll();
