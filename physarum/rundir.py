@@ -8,6 +8,7 @@ runs/<name>/          mode 0700 (as every dir in it): it holds the buffer's pass
   data/eval.jsonl     held-out rows
   init/               the initial weights as a Hugging Face directory
   redis/              the private redis-server's data dir (AOF) and password (0600)
+  secrets/            other per-job tokens (0600): the API key of the job's SGLang servers
   placement.json      where every actor runs: role, rank, node, pid, device, GPUs
   checkpoints/step_N/ trainer checkpoints (model, optimizer, scheduler, RNG, step, version,
                       MANIFEST.json checksums, buffer_state.json; trainer/checkpoint_record.py)
@@ -26,7 +27,9 @@ unless told to overwrite it, and then clears it first, so two runs never mix.
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +186,18 @@ class RunDir:
         """The highest complete checkpoint (it has a COMPLETE marker), or None."""
         found = self.complete_checkpoints()
         return found[-1] if found else None
+
+    def secret(self, name: str) -> str:
+        """A random token kept in secrets/<name> (mode 0600): made on first use, reused by a
+        resume."""
+        path = self.root / "secrets" / name
+        if not path.exists():
+            path.parent.mkdir(mode=_PRIVATE, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+        return path.read_text().strip()
 
     def save_job(self, job: JobConfig) -> None:
         self.job_yaml.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))

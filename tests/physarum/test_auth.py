@@ -161,3 +161,13 @@ def test_serve_engine_refuses_before_loading_anything(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not missing.exists()
+
+
+def test_run_dir_secrets_are_0600_made_once_and_reused(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run").create()
+    key = run.secret("sglang_api_key")  # the job's SGLang servers get this key
+    path = run.root / "secrets" / "sglang_api_key"
+    assert len(key) >= 32 and _mode(path) == 0o600 and _mode(path.parent) == 0o700
+    path.chmod(0o644)  # e.g. restored from a backup with looser bits
+    assert RunDir(run.root).secret("sglang_api_key") == key and _mode(path) == 0o600
+    assert run.secret("other") != key
