@@ -71,9 +71,14 @@ async def solve(client: openai.AsyncOpenAI, task: dict) -> float:
     """1.0 when the model's final answer is the task's label (see module doc)."""
     messages: list[dict] = list(task["messages"])
     for _ in range(MAX_TURNS):
-        response = await client.chat.completions.create(
-            model="policy", messages=messages, tools=[CALCULATOR], max_tokens=32
-        )
+        try:
+            response = await client.chat.completions.create(
+                model="policy", messages=messages, tools=[CALCULATOR], max_tokens=32
+            )
+        except openai.BadRequestError as exc:
+            if exc.param == "messages":  # the conversation outgrew the model's context
+                return 0.0
+            raise
         message = response.choices[0].message
         if not message.tool_calls:
             numbers = _NUMBER.findall(message.content or "")
