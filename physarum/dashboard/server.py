@@ -16,16 +16,29 @@ import uvicorn
 from physarum.api import JobState
 from physarum.dashboard.app import create_dashboard_app
 from physarum.dashboard.token import new_token
+from physarum.errors import UserError
 
 log = logging.getLogger("physarum.dashboard")
 
 START_TIMEOUT_S = 30.0
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so the port cannot be taken between picking and
+    serving it (port 0: the OS picks a free one); early requests wait in its backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"logging.dashboard_port: cannot serve the dashboard on {host}:{port} ({exc}); "
+            "pick another port (0 = any free one) or run with --no-dashboard"
+        ) from exc
+    sock.listen(128)
+    return sock
 
 
 class DashboardServer:
@@ -41,13 +54,16 @@ class DashboardServer:
         token: str | None = None,
     ) -> None:
         self.host = host
-        self.port = port or free_port(host)
+        self._sock = bind(host, port)
+        self.port = self._sock.getsockname()[1]
         self.token = token or new_token()
         self.info_path = None if run_dir is None else run_dir / "dashboard.json"
         app = create_dashboard_app(state, self.token)
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning")
+        config = uvicorn.Config(app, log_level="warning")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True, name="dashboard")
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="dashboard"
+        )
 
     @property
     def base_url(self) -> str:
@@ -64,11 +80,13 @@ class DashboardServer:
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"logging.dashboard: the dashboard did not start on {self.host}:{self.port} "
-                    "(port taken? set logging.dashboard_port, or --no-dashboard)"
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the dashboard's server on {self.host}:{self.port} exited")
+            if time.monotonic() > deadline:  # a starved machine: requests queue meanwhile
+                log.warning(
+                    "dashboard: not serving yet after %.0f s; the job goes on", START_TIMEOUT_S
                 )
+                break
             time.sleep(0.02)
         self._write_info()
         log.info("dashboard: %s", self.url)
@@ -87,5 +105,6 @@ class DashboardServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=5)
+        self._sock.close()
         if self.info_path is not None:
             self.info_path.unlink(missing_ok=True)  # present = live (or the driver crashed)

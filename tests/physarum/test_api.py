@@ -9,9 +9,11 @@ import stat
 from pathlib import Path
 
 import httpx
+import pytest
 
 from physarum.api import JobState
 from physarum.dashboard import DashboardServer
+from physarum.errors import UserError
 
 
 def test_dashboard_serves_status_metrics_and_buffer(tmp_path: Path) -> None:
@@ -70,5 +72,14 @@ def test_non_finite_metrics_go_out_as_null() -> None:
         state.publish(step=1, version=1, metrics={"reward": math.nan, "train/kl": math.inf})
         got = httpx.get(f"{server.base_url}api/metrics", params={"token": server.token}).json()
         assert got[0]["reward"] is None and got[0]["train/kl"] is None
+    finally:
+        server.stop()
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    server = DashboardServer(JobState(name="t", mode="rl")).start()
+    try:
+        with pytest.raises(UserError, match="logging.dashboard_port"):
+            DashboardServer(JobState(name="u", mode="rl"), port=server.port)
     finally:
         server.stop()
