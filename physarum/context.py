@@ -96,9 +96,13 @@ class JobContext:
         self.state.services = lambda: service_rows(
             self.run.root / "placement.json", live_view(self._services, self.state.version)
         )
-        server = DashboardServer(
-            self.state, host=cfg.dashboard_host, port=cfg.dashboard_port, run_dir=self.run.root
-        ).start()
+        try:
+            server = DashboardServer(
+                self.state, host=cfg.dashboard_host, port=cfg.dashboard_port, run_dir=self.run.root
+            ).start()
+        except BaseException:  # e.g. its port taken: stop Ray, started before, then say why
+            self.close()
+            raise
         self._stack.callback(server.stop)
         return server
 

@@ -34,8 +34,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise UserError(
-            f"logging.dashboard_port: cannot serve the dashboard on {host}:{port} ({exc}); "
-            "pick another port (0 = any free one) or run with --no-dashboard"
+            f"logging.dashboard_port / dashboard_host: cannot serve the dashboard on "
+            f"{host}:{port} ({exc}); pick another port (0 = any free one), an address of this "
+            "machine, or run with --no-dashboard"
         ) from exc
     sock.listen(128)
     return sock
