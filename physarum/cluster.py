@@ -48,7 +48,7 @@ def connect(
     # The actors log to run_dir/logs/<service>.log (physarum.logs); their stdout/stderr
     # reaches this console only with --verbose, and then without colour codes in a pipe.
     log_to_driver = is_verbose()
-    if not sys.stdout.isatty():
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address:
         log.info("joining the Ray cluster at %s (namespace %s)", address, cfg.namespace)

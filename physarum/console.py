@@ -1,8 +1,9 @@
-"""The driver's console: one `rich` Console on stdout that log lines and progress bars share.
+"""The driver's console: one `rich` Console on stderr that log lines and progress bars share.
 
 `setup_logging` installs a `ConsoleHandler` on the root logger. In a terminal, log lines are
 printed above the live progress bars (physarum.progress) and warnings are coloured; when
-stdout is not a terminal (CI, a log file) nothing carries a colour code. Without --verbose
+stderr is not a terminal (CI, a log file) nothing carries a colour code. Results (the demo's
+table, `physarum status`) go to stdout. Without --verbose
 the console shows INFO only from the loggers named in `show` and WARNING+ from all others
 (the services' own logs go to run_dir/logs/, see physarum.logs).
 """
@@ -25,9 +26,10 @@ STYLES = {logging.WARNING: "yellow", logging.ERROR: "bold red", logging.CRITICAL
 
 
 def make_console(stream: IO[str] | None = None) -> Console:
-    """A console on `stream` (stdout by default) that is a terminal only if the stream is a
-    TTY: no colour codes in a pipe or a file, whatever FORCE_COLOR says."""
-    stream = stream or sys.stdout
+    """A console on `stream` (stderr by default, where logging always went) that is a terminal
+    only if the stream is a TTY: no colour codes in a pipe or a file, whatever FORCE_COLOR
+    says."""
+    stream = stream or sys.stderr
     tty = bool(getattr(stream, "isatty", lambda: False)())
     return Console(
         file=stream,
@@ -70,7 +72,7 @@ def setup_logging(
     show: tuple[str, ...] = ("physarum",),
     stream: IO[str] | None = None,
 ) -> Console:
-    """Route the driver's logging to a console on stdout; returns that console.
+    """Route the driver's logging to a console on stderr; returns that console.
 
     verbose: DEBUG from every logger (and physarum.cluster then forwards the actors' output).
     show: the loggers whose INFO lines reach the console when not verbose.

@@ -24,7 +24,7 @@ from rich.table import Table
 import configs
 from configs import load_job
 from physarum.cluster import connect
-from physarum.console import print_traceback, setup_logging
+from physarum.console import make_console, print_traceback, setup_logging
 from physarum.launch import execute
 from physarum.metrics import format_duration, plot_curves, read_metrics
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "-v", "--verbose", action="store_true", help="every log line, services' output too"
     )
     args = parser.parse_args(argv)
-    console = setup_logging(verbose=args.verbose, show=SHOWN)
+    setup_logging(verbose=args.verbose, show=SHOWN)  # logs and progress: stderr
     root = args.root.absolute()
     try:
         results = run_demo(root)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the failing stage's service and log are named above
         print_traceback(exc)
         return 1
-    print_report(console, root, results)
+    print_report(make_console(sys.stdout), root, results)  # the results: stdout
     return 0
 
 
