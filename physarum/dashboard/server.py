@@ -98,10 +98,13 @@ class DashboardServer:
             return
         info = {"url": self.url, "base_url": self.base_url, "port": self.port}
         info |= {"host": self.host, "pid": os.getpid(), "token": self.token}
-        fd = os.open(self.info_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # complete or absent, never half-written: readers (`physarum status`) may look any time
+        tmp = self.info_path.with_name(f".{self.info_path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # holds the token: readable by the owner only
         with os.fdopen(fd, "w") as f:
             json.dump(info, f, indent=1)
+        os.replace(tmp, self.info_path)
 
     def stop(self) -> None:
         self._server.should_exit = True

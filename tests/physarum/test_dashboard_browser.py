@@ -198,7 +198,7 @@ def test_dashboard_in_chromium_follows_a_live_job(
         page = snapshot(browser)
         text, step = page["tiles"]["reward"]
         assert step == last["step"] == STEPS - 1
-        assert float(text) == pytest.approx(last["reward"], rel=1e-3, abs=1e-9)
+        assert float(text) == pytest.approx(last["reward"], rel=5e-3, abs=1e-9)  # 3-4 digits
         text, step = page["tiles"]["train/tokens_per_s"]
         assert float(text) == pytest.approx(last["train/tokens_per_s"], abs=0.5)
         assert page["points"]["train/entropy"] == STEPS - 1
