@@ -19,7 +19,7 @@ from pathlib import Path
 
 from physarum.console import strip_ansi
 
-MAX_BYTES = 10 * 2**20  # per file; a 300-step toy job writes ~100 KB per service
+MAX_BYTES = 10 * 2**20  # per file; the 300-step toy GRPO writes ~40 KB (rollout-0)
 BACKUPS = 3  # <service>.log.1 … .3 kept after rotation
 
 # How Ray names the actor in an error raised in the driver: a task's error starts its traceback
