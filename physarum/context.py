@@ -82,12 +82,24 @@ class JobContext:
             self.job = job.model_copy(
                 update={"rollout": job.rollout.model_copy(update={"sglang": sglang})}
             )
+        self._key_sglang_servers()
         self._services: dict[str, Any] = {}
         self.state = JobState(name=job.name, mode=job.mode, stage=self.stage)
         self.dashboard = self._start_dashboard()
         self.metrics: MetricsSink | None = None
         self.placement: Placement | None = None
         self.started = time.monotonic()
+
+    def _key_sglang_servers(self) -> None:
+        """SGLang servers the job launches get a per-job API key (0600 in the run dir, never in
+        job.yaml) unless rollout.sglang.api_key names one: on a cluster they bind node IPs."""
+        rollout = self.job.rollout
+        if rollout.engine != "sglang" or rollout.sglang.api_key is not None:
+            return
+        sglang = rollout.sglang.model_copy(update={"api_key": self.run.secret("sglang_api_key")})
+        self.job = self.job.model_copy(
+            update={"rollout": rollout.model_copy(update={"sglang": sglang})}
+        )
 
     def _start_dashboard(self) -> DashboardServer | None:
         if not self.job.logging.dashboard:

@@ -196,7 +196,8 @@ class SGLangEngine:
         async with self._update_lock:
             await self._resync(worker)
         if self.router is not None:
-            await asyncio.to_thread(self.router.add_worker, worker.url, api_key=None)
+            key = server.args.api_key  # the worker's own key, as at launch
+            await asyncio.to_thread(self.router.add_worker, worker.url, api_key=key)
         self._ready[worker.url].set()
         logger.warning("%s: restarted and re-synced", worker.url)
 
