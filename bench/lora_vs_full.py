@@ -41,6 +41,7 @@ from models.weight_update import (  # noqa: E402
     encode_weight_update,
 )
 from tests.trainer.toy import grpo_step, make_tokenizer, set_rollout_logprobs  # noqa: E402
+from trainer.lora_backend import merged_state  # noqa: E402
 from trainer.torch_backend import TorchBackend  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -167,7 +168,14 @@ def run_side(name: str, lora: bool, steps: int, threads: int, tok_dir: str, out:
     fp8 = quantize_model_(_model(name, len(tok)))
     apply_weight_update(fp8, tb.weight_update())
     result["fp8_mismatch"] = _mismatch(tb, fp8, tok)
-    if lora:
+    if lora:  # the same FP8 engine without the second quantization, and the base alone
+        once = quantize_model_(_model(name, len(tok)))
+        once.load_hf_state_dict(merged_state(tb.model, tb.lora))  # quantized once, exact W+sBA
+        result["fp8_mismatch_one_quant"] = _mismatch(tb, once, tok)
+        with tb.lora.disabled():
+            result["fp8_mismatch_base"] = _mismatch(
+                tb, quantize_model_(_model(name, len(tok))), tok
+            )
         result["engine"] = _engine_choice(tb, tok)
     out.put(result)
 
@@ -213,6 +221,11 @@ def main() -> None:
         print(_row(r))
     for r in results:
         if "engine" in r:
+            print(
+                f"{r['model']} FP8 |Δlogp| with LoRA: merged on the FP8 base (what runs) "
+                f"{r['fp8_mismatch']:.4f}, one quantization of the exact merged weights "
+                f"{r['fp8_mismatch_one_quant']:.4f}, the base alone {r['fp8_mismatch_base']:.4f}"
+            )
             e = r["engine"]
             print(
                 f"{r['model']} engine: merge {e['merge_per_update_s'] * 1e3:.1f} ms/update; "
