@@ -180,6 +180,27 @@ def run_side(name: str, lora: bool, steps: int, threads: int, tok_dir: str, out:
     out.put(result)
 
 
+def interleaved_step_times(name: str, steps: int, threads: int, tok_dir: str) -> dict[str, float]:
+    """Median GRPO step time of both sides in one process, steps alternating (same load)."""
+    torch.set_num_threads(threads)
+    tok = make_tokenizer(tok_dir)
+    algo = AlgorithmConfig(advantage="grpo", kl={"coef": 0.01})
+    sides = {
+        side: TorchBackend(_model(name, len(tok)), TrainerConfig(lr=1e-3, lora=cfg), algo)
+        for side, cfg in (("full", None), ("lora", LORA))
+    }
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(steps + 1):
+        for side, tb in sides.items():
+            step = grpo_step(tok, n_prompts=8, n_samples=8, seed=i)
+            set_rollout_logprobs(tb, step)
+            t0 = time.perf_counter()
+            tb.train(step)
+            if i:
+                times[side].append(time.perf_counter() - t0)
+    return {side: statistics.median(t) for side, t in times.items()}
+
+
 def _row(r: dict[str, Any]) -> str:
     held = r["held_mib"]
     return (
@@ -197,11 +218,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--sides", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--interleaved", action="store_true", help="only step times, both sides alternating"
+    )
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         make_tokenizer(tmp)
+        if args.interleaved:
+            for name in args.models:
+                medians = interleaved_step_times(name, args.steps, args.threads, tmp)
+                print(f"{name} interleaved step s: " + json.dumps(medians), flush=True)
+            return
         for name in args.models:
             for lora in (side == "lora" for side in args.sides):
                 queue = ctx.Queue()
