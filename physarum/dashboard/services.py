@@ -36,9 +36,8 @@ def live_view(services: dict[str, Any], version: int) -> dict[str, dict[str, Any
 def service_rows(placement: Path, live: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per service: placement.json's row (if written yet) with health and version."""
     rows: dict[str, dict[str, Any]] = {}
-    if placement.exists():
-        for row in json.loads(placement.read_text()):
-            rows[f"{row['role']}-{row['rank']}"] = dict(row)
+    for row in _read_rows(placement):
+        rows[f"{row['role']}-{row['rank']}"] = dict(row)
     for key, info in live.items():
         role, _, rank = key.rpartition("-")
         rows.setdefault(key, {"role": role, "rank": int(rank)}).update(info)
@@ -46,3 +45,12 @@ def service_rows(placement: Path, live: dict[str, dict[str, Any]]) -> list[dict[
         row.setdefault("health", "up" if row["role"] == "driver" else "stopped")
         row["name"] = key
     return sorted(rows.values(), key=lambda r: (ROLE_ORDER.get(r["role"], 9), r["rank"]))
+
+
+def _read_rows(placement: Path) -> list[dict[str, Any]]:
+    """placement.json's rows; none while it is absent or being rewritten (the next poll
+    gets them)."""
+    try:
+        return json.loads(placement.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
