@@ -77,14 +77,14 @@ def setup_logging(
     verbose: DEBUG from every logger (and physarum.cluster then forwards the actors' output).
     show: the loggers whose INFO lines reach the console when not verbose.
     Like logging.basicConfig, it leaves a root logger that someone else (pytest) already
-    equipped alone, apart from replacing a ConsoleHandler of ours."""
+    equipped alone (handlers and level), apart from replacing a ConsoleHandler of ours."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
         root.removeHandler(handler)
     console = make_console(stream)
+    if root.handlers:  # configured elsewhere (pytest's capture): neither print twice nor
+        return console  # change its level, as basicConfig would not
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if root.handlers:  # configured elsewhere (pytest's capture): do not print twice
-        return console
     root.addHandler(ConsoleHandler(console, None if verbose else show))
     return console
 

@@ -152,8 +152,9 @@ def test_setup_logging_leaves_a_configured_root_alone() -> None:
     before = list(logging.getLogger().handlers)  # pytest's capture handlers
     level = logging.getLogger().level
     try:
-        setup_logging(stream=io.StringIO())
+        setup_logging(verbose=True, stream=io.StringIO())
         assert logging.getLogger().handlers == before
+        assert logging.getLogger().level == level
     finally:
         logging.getLogger().setLevel(level)
 
