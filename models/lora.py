@@ -170,6 +170,18 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> Iterator[tuple[str, nn.Module
             yield f"{prefix}.mlp.experts", mlp.experts
 
 
+def target_weight_names(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """HF on-disk names of the weights cfg's adapters change (experts: per expert)."""
+    names = []
+    for path, module in _targets(model, cfg):
+        if isinstance(module, nn.Linear):
+            names.append(f"{path}.weight")
+            continue
+        for j in range(module.num_experts):
+            names += [f"{path}.{j}.{proj}.weight" for proj in _DENSE_MLP]
+    return names
+
+
 def attach_lora(
     model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None
 ) -> LoraAdapters:

@@ -48,6 +48,10 @@ def _embedded_engine(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = from_pretrained(model_dir, dtype=dtype, device=device)
+    if job.rollout.fp8 and job.trainer.lora is not None:  # before the engine quantizes it
+        from models.lora_merge import keep_exact_base
+
+        keep_exact_base(model, job.trainer.lora)
     return EmbeddedEngine(
         model,
         tokenizer=tokenizer,

@@ -159,3 +159,21 @@ def test_lora_grpo_learns_the_rewarded_answers(toy_tokenizer) -> None:
 def test_lora_with_sglang_rollout_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="trainer.lora"):
         load_job("configs/toy_grpo_lora.yaml", ["rollout.engine=sglang"])
+
+
+def test_fp8_engine_with_the_exact_base_quantizes_the_merged_weights_once(toy_tokenizer) -> None:
+    from models.fp8 import quantize_model_
+    from models.lora_merge import keep_exact_base
+    from trainer.lora_backend import merged_state
+
+    tb = _lora_backend(toy_tokenizer)
+    _step(tb, toy_tokenizer, 0)
+    engine = toy_model(toy_tokenizer.vocab_size)
+    keep_exact_base(engine, tb.cfg.lora)  # what the rollout worker does before quantizing
+    quantize_model_(engine)
+    apply_weight_update(engine, tb.weight_update())
+    once = quantize_model_(toy_model(toy_tokenizer.vocab_size))
+    once.load_hf_state_dict(merged_state(tb.model, tb.lora))
+    ours, theirs = dict(engine.hf_state_dict()), dict(once.hf_state_dict())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
