@@ -6,6 +6,7 @@ time out or return garbage become error episodes, counted, and never raise."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -112,6 +113,55 @@ def test_trained_tokens_are_the_engines_samples(served, model_dir):
         atol=2e-4, rtol=0,
     )  # fmt: skip
     assert runner.stats.snapshot()["agent/calls"] == 2
+
+
+def test_the_rollout_worker_trains_what_its_engine_sampled(model_dir, tmp_path):
+    """The same through RolloutWorkerCore, as a job builds it from env.agent: the agent
+    resolved by import path, the worker's own endpoint, n runs of one row."""
+    from configs import load_job
+    from rollout.producer import sampling_from_config
+    from rollout.worker import RolloutWorkerCore
+
+    job = load_job(Path("configs/toy_openai_agent.yaml"), [
+        f"run_dir={tmp_path}", f"model.path={model_dir}", f"tokenizer.path={model_dir}",
+        "env.agent=tests.rollout.test_agent_rollout:tool_agent", "rollout.max_new_tokens=64",
+        "rollout.max_context=512", "rollout.max_running=4",
+    ])  # fmt: skip
+    core = RolloutWorkerCore(job, model_dir=model_dir, tokenizer_dir=model_dir, worker_id="w")
+    try:
+        sampled, submit = [], core.engine.submit
+        core.engine.submit = lambda seqs: (sampled.extend(seqs), submit(seqs))
+        sampling = sampling_from_config(job.rollout, core.stop_ids, seed=1)
+        row = {"id": "r", "task": "add", "messages": ASK}
+        episodes = asyncio.run(core.generate_for_row(row, sampling, 2))
+        assert core.stats()["agent/runs"] == 2 and core.stats()["agent/calls"] == len(sampled) == 4
+    finally:
+        core.shutdown()
+    pool = list(sampled)
+    for episode in episodes:  # every trained span is one call the engine ran, token for token
+        mask = episode.loss_mask.tolist()
+        context = episode.prompt_ids.tolist() + episode.response_ids.tolist()
+        start, i = len(episode.prompt_ids), 0
+        while i < len(mask):
+            if not mask[i]:
+                i += 1
+                continue
+            at = start + i
+            (seq,) = [
+                s
+                for s in pool
+                if s.prompt_ids == context[:at]
+                and s.output_ids == context[at : at + len(s.output_ids)]
+            ][:1]
+            n = len(seq.output_ids)
+            assert mask[i : i + n] == [1] * n
+            np.testing.assert_array_equal(
+                episode.rollout_logprobs[i : i + n], np.float32(seq.logprobs)
+            )
+            assert episode.versions[i : i + n].tolist() == seq.versions
+            pool.remove(seq)
+            i += n
+    assert pool == []  # and every call the engine ran is trained
 
 
 def test_a_rerendered_history_splits_or_drops(served, model_dir):
