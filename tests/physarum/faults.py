@@ -25,17 +25,20 @@ def flaky(episode) -> float:
 
 class HangingEnv:
     """Answers held-out (eval) episodes at once but never returns from a training episode's
-    first step: training rollout stalls for good while eval still works."""
+    reset: training rollout stalls for good while eval still works.
+
+    env.reset runs on the worker's event loop, so hanging there stops the whole worker, as
+    a bug in worker code would. (A hung env.step no longer does: each step runs in its own
+    thread under env.step_timeout_s, and the worker's other episodes go on.)"""
 
     tools: list = []
 
     def reset(self, row):
-        self.split = (row.get("metadata") or {}).get("split")
+        if (row.get("metadata") or {}).get("split") == "train":
+            time.sleep(3600)
         return list(row["messages"])
 
     def step(self, text):
         from envs.base import StepResult
 
-        if self.split == "train":
-            time.sleep(3600)
         return StepResult(observations=[], reward=None, done=True)
