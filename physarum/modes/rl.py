@@ -30,8 +30,8 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
         result = trainer.rl_step(job.rollout.request_timeout_s, while_waiting=rollout.check)
         check_step(step, result, job.reward.max_error_fraction)
         rollout.push_weights(trainer.weight_update_ref(), step, wait=False)
-        if ctx.due(step, job.rollout.eval.interval):
-            result |= ctx.evaluate(rollout, step)
+        if step < job.trainer.steps and ctx.due(step, job.rollout.eval.interval):
+            result |= ctx.evaluate(rollout, step)  # the last step's eval runs once, after stop
         if ctx.due(step, job.checkpoint.interval):
             ctx.checkpoint(trainer, step)
         ctx.log(step, step, result | rollout.stats() | _buffer_metrics(buffer.stats()))
