@@ -151,12 +151,6 @@ def _check_losses(job: JobConfig) -> None:
             "trainer.lora: algorithm.advantage 'gae' trains a critic (PPO value model) that "
             "has no LoRA adapters; use grpo, dr_grpo, rloo or reinforce_pp with LoRA"
         )
-    if job.trainer.lora is not None and job.rollout.engine == "sglang":
-        raise ValueError(
-            "trainer.lora: adapter-only weight sync reaches the embedded engine only; SGLang "
-            "would need its LoRA endpoints or a merged full-weight sync (not built yet): use "
-            "rollout.engine: embedded"
-        )
     needs_group = algo.advantage in ("grpo", "dr_grpo", "rloo")
     if job.mode == "rl" and needs_group and job.rollout.n_samples_per_prompt < 2:
         raise ValueError(

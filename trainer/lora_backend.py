@@ -4,7 +4,10 @@ adapter-only weight update. `TorchBackend` calls these few hooks; the math is mo
 - Training: the base is frozen (no grad, no optimizer state); only `LoraAdapters` train.
 - Reference policy: the same model with the adapters disabled (no second copy in memory).
 - Weight sync: the adapters (+ scaling, + version) in float32, never the base; the receiver
-  merges them onto the base it keeps (models/lora_merge.py).
+  merges them onto the base it keeps (models/lora_merge.py). An engine that cannot merge
+  (SGLang) gets `merged_weight_update` instead: the targeted weights only, `W + s B A` in
+  the model's dtype. The rest of the base never changes, so the engine's copy of it, loaded
+  from the same checkpoint, stays right without being resent.
 - MoE balance: the router's loss-free bias is part of the frozen base and is not nudged (the
   rollout engines only ever receive adapters, so routing stays the same on both sides).
 """
@@ -56,6 +59,34 @@ def adapter_weight_update(
         bucket_bytes=bucket_bytes,
         fp8_block=None,  # the receiver re-quantizes the merged weight for an FP8 engine
         dtype=torch.float32,
+        device=device,
+    )
+
+
+def merged_weight_update(
+    model: nn.Module,
+    lora: LoraAdapters,
+    version: int,
+    *,
+    bucket_bytes: int,
+    fp8_block: tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> WeightUpdate:
+    """The adapter-targeted weights merged (`W + s B A`), nothing else: a full-weight update
+    for an engine without adapter merging; every other weight is the frozen base."""
+    deltas = lora.deltas()
+    named = (
+        (name, (tensor.detach().float() + deltas[name]).to(tensor.dtype))
+        for name, tensor in model.hf_state_dict()
+        if name in deltas
+    )
+    return build_weight_update(
+        named,
+        version,
+        bucket_bytes=bucket_bytes,
+        fp8_block=fp8_block,
+        dtype=dtype or model.dtype,
         device=device,
     )
 

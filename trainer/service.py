@@ -187,9 +187,11 @@ class TrainerService:
         this rank's device; the payload is host bytes because the update leaves this process
         (a Ray object; a CUDA tensor there would need a GPU wherever Ray deserializes it)."""
         rollout = self.job.rollout
-        return self.backend.weight_update(
-            fp8_block=tuple(rollout.fp8_block) if rollout.fp8 else None
-        )
+        fp8_block = tuple(rollout.fp8_block) if rollout.fp8 else None
+        if self.job.trainer.lora is not None and rollout.engine == "sglang":
+            # SGLang does not merge our adapters: the targeted weights go merged
+            return self.backend.weight_update(fp8_block=fp8_block, lora_merged=True)
+        return self.backend.weight_update(fp8_block=fp8_block)
 
     def checkpoint(self, path: Path) -> None:
         """Save everything and mark it COMPLETE, then acknowledge the groups the saved steps

@@ -45,7 +45,12 @@ from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
 from trainer.forward import mtp_token_loss, trainable_logprobs
 from trainer.fsdp import full_state, load_full_state, shard_actor, to_float, unsharded
-from trainer.lora_backend import AdapterFreeReference, adapter_weight_update, setup_lora
+from trainer.lora_backend import (
+    AdapterFreeReference,
+    adapter_weight_update,
+    merged_weight_update,
+    setup_lora,
+)
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
 from trainer.losses.stats import StatSums
@@ -375,6 +380,7 @@ class TorchBackend:
         fp8_block: tuple[int, int] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        lora_merged: bool = False,
     ) -> WeightUpdate:
         """The actor's weights as a versioned, bucketed update (cfg.weight_bucket_mb buckets);
         fp8_block quantises the linear weights blockwise (on the model's device); dtype
@@ -384,7 +390,15 @@ class TorchBackend:
         leaves this process (a Ray object, an HTTP body: those carry host bytes, and a CUDA
         tensor in a Ray object would need a GPU on the receiving side). An engine in this
         same process on the same GPU takes `device=self.device` and nothing leaves the GPU.
+        lora_merged: under LoRA, send the targeted weights merged instead of the adapters
+        (an engine that cannot merge them, SGLang).
         """
+        if self.lora is not None and lora_merged:
+            return merged_weight_update(
+                self.model, self.lora, self.version if version is None else version,
+                bucket_bytes=self.cfg.weight_bucket_mb * 2**20, fp8_block=fp8_block,
+                dtype=dtype, device=device,
+            )  # fmt: skip
         if self.lora is not None:  # adapters only; FP8 and dtype apply on the receiving side
             return adapter_weight_update(
                 self.lora, self.version if version is None else version,

@@ -110,8 +110,9 @@ class SGLangEngine:
                 self._last_update = update
             await self._flush(live, quiet=True)
         logger.info(
-            "sglang: weights v%d via %s to %d worker(s) in %.3f s",
+            "sglang: weights v%d (%d B) via %s to %d worker(s) in %.3f s",
             update.version,
+            update.nbytes,
             self.sync.name,
             len(live),
             self.last_sync_seconds,

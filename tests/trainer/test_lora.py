@@ -156,9 +156,25 @@ def test_lora_grpo_learns_the_rewarded_answers(toy_tokenizer) -> None:
     assert after > before + 2.0, (before, after)  # measured: 1.5 -> 7.0
 
 
-def test_lora_with_sglang_rollout_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="trainer.lora"):
-        load_job("configs/toy_grpo_lora.yaml", ["rollout.engine=sglang"])
+def test_lora_merged_update_for_sglang_is_the_targeted_weights_merged(toy_tokenizer) -> None:
+    """rollout.engine sglang loads with LoRA; its update is W + s B A for the targeted weights
+    (what hf/ export writes) and nothing else: the untargeted base never changes."""
+    from trainer.lora_backend import merged_state
+
+    load_job("configs/toy_grpo_lora.yaml", ["rollout.engine=sglang"])
+    tb = _lora_backend(toy_tokenizer)
+    _step(tb, toy_tokenizer, 0)
+    update = tb.weight_update(lora_merged=True)
+    sent = {n: t.clone() for b in update.buckets for n, t in iter_bucket_tensors(b)}
+    targeted = set(tb.lora.deltas())
+    assert set(sent) == targeted and update.version == tb.version
+    merged = dict(merged_state(tb.model, tb.lora))
+    base = dict(tb.model.hf_state_dict())
+    assert any(not torch.equal(sent[n], base[n]) for n in sent)  # the step moved the adapters
+    for name, tensor in sent.items():
+        torch.testing.assert_close(tensor, merged[name], atol=0, rtol=0)
+    full_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    assert update.nbytes < full_bytes
 
 
 def test_fp8_engine_with_the_exact_base_quantizes_the_merged_weights_once(toy_tokenizer) -> None:
