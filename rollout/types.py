@@ -185,6 +185,9 @@ class GenerateRequest:
     """Record the experts each MoE layer used per token (R3; SGLang's name)."""
     routed_experts_start_len: int | None = None
     """First position whose experts are returned; None = the first response token."""
+    top_logprobs_num: int = 0
+    """> 0: also return the this-many most likely tokens and their logprobs at each generated
+    position (SGLang's name; OpenAI's top_logprobs). Computed only for requests that ask."""
 
 
 @dataclass
@@ -199,6 +202,8 @@ class GenerateOutput:
     routed_experts uint8|uint16 numpy [N, n_moe, k] with return_routed_experts: the experts
                    of positions routed_experts_start .. +N-1 of prompt + output (the last
                    token, which no forward consumed, has none), ascending per token
+    top_logprobs   with top_logprobs_num > 0: per generated token, the (token id, logprob)
+                   of the most likely tokens, logprob descending, by the `logprobs` definition
     """
 
     rid: str
@@ -211,6 +216,7 @@ class GenerateOutput:
     text: str | None = None
     routed_experts: Any = None
     routed_experts_start: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @runtime_checkable

@@ -218,6 +218,9 @@ class EmbeddedEngine:
         stop = StopRule.build(params, self.eos_ids, self._encode if self.tokenizer else None)
         rid = request.rid or uuid.uuid4().hex
         routing_start = self._routing_start(request, len(prompt))
+        top_n = request.top_logprobs_num
+        if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0:
+            raise ValueError(f"top_logprobs_num: expected an int >= 0, got {top_n!r}")
         base = params.sampling_seed
         if base is None:
             base = self._rng.getrandbits(63)
@@ -232,6 +235,7 @@ class EmbeddedEngine:
                     stop=stop,
                     seed=sample_seed(base, j),
                     return_logprob=request.return_logprob,
+                    top_logprobs_num=top_n,
                     on_update=on_update,
                     done=Future(),
                     routing_start=routing_start,

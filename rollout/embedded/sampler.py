@@ -104,6 +104,28 @@ def sample(logits: Tensor, params: SamplingBatch) -> tuple[Tensor, Tensor]:
     the module docstring. Work: a handful of passes over [B, V]; a sort only for rows with
     top-k or top-p filters.
     """
+    tokens, logprobs, _ = _sample(logits, params)
+    return tokens, logprobs
+
+
+def sample_with_top(
+    logits: Tensor, params: SamplingBatch, rows: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`sample`, plus the k most likely tokens of the given rows and their logprobs (OpenAI's
+    top_logprobs), by the same definition and from the same float32 tensors as the sampled
+    logprobs: a sampled token among the top k has exactly its entry's logprob.
+
+    rows int64 [R] (indices into the batch). Returns (tokens [B], logprobs [B], top ids int64
+    [R, k'], top logprobs float32 [R, k']), k' = min(k, V), each row sorted descending.
+    """
+    tokens, logprobs, (z, zmax, total) = _sample(logits, params)
+    values, ids = z[rows].topk(min(k, z.shape[-1]), dim=-1)
+    top = values - zmax[rows][:, None] - total[rows].log()[:, None]
+    return tokens, logprobs, ids, top
+
+
+def _sample(logits: Tensor, params: SamplingBatch) -> tuple[Tensor, Tensor, tuple]:
+    """(tokens, logprobs, (tempered logits z, their row max, sum of exp(z - max)))."""
     greedy = params.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     z = logits.float() / temp[:, None]
@@ -117,7 +139,7 @@ def sample(logits: Tensor, params: SamplingBatch) -> tuple[Tensor, Tensor]:
         tokens = tokens.clone()
         tokens[sampled] = _sample_rows(weights[sampled], total[sampled], params, sampled)
     logprobs = z.gather(1, tokens[:, None]).squeeze(1) - zmax - total.log()
-    return tokens, logprobs
+    return tokens, logprobs, (z, zmax, total)
 
 
 def _sample_rows(

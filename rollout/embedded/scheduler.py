@@ -28,7 +28,7 @@ from torch import Tensor
 from buffer.episode import routing_dtype
 from models.moe import RoutingCapture
 from rollout.embedded.kv_slots import SlotPool
-from rollout.embedded.sampler import sample
+from rollout.embedded.sampler import sample, sample_with_top
 from rollout.embedded.sequence import Decode, Sequence
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,17 @@ class Scheduler:
 
     def _sample_append(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.slots.device)
-        tokens, logprobs = sample(logits, self.slots.batch(slots))
+        batch = self.slots.batch(slots)
+        top_rows = [i for i, s in enumerate(seqs) if s.top_logprobs_num > 0]
+        if top_rows:  # only requests that asked pay for the top-k (OpenAI's top_logprobs)
+            k = max(seqs[i].top_logprobs_num for i in top_rows)
+            rows = torch.tensor(top_rows, dtype=torch.int64, device=logits.device)
+            tokens, logprobs, top_ids, top_lps = sample_with_top(logits, batch, rows, k)
+            for r, ids, lps in zip(top_rows, top_ids.tolist(), top_lps.tolist()):
+                n = seqs[r].top_logprobs_num
+                seqs[r].top_logprobs.append(list(zip(ids[:n], lps[:n])))
+        else:
+            tokens, logprobs = sample(logits, batch)
         self.slots.advance(slots)
         finished = []
         version = self.version

@@ -57,11 +57,13 @@ class Sequence:
     stop: StopRule
     seed: int
     return_logprob: bool = True
+    top_logprobs_num: int = 0  # > 0: record this many most likely tokens per position
     on_update: Callable[[Sequence], None] | None = None  # engine thread, after each token
     done: Future[Sequence] | None = None  # resolved with the sequence when it finishes
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token
     slot: int | None = None
     cached: int = 0  # tokens of this sequence whose K/V are in its slot
     finish_reason: str | None = None
@@ -136,6 +138,7 @@ class Sequence:
             text=text,
             routed_experts=self.routed(),
             routed_experts_start=self.routing_start or 0,
+            top_logprobs=[list(t) for t in self.top_logprobs] if self.top_logprobs_num else None,
         )
 
     def routed(self) -> np.ndarray | None:

@@ -3,7 +3,7 @@
 Chat messages are rendered by the model's chat template (models.chat), tools included, so
 `assistant` turns with `tool_calls` and `tool` results come back in GLM's own format. Every
 refusal is an OpenAIError naming the request parameter. OpenAI parameters this engine cannot
-honour (penalties, logit_bias, JSON response formats, forced tool choice, top-k logprobs,
+honour (penalties, logit_bias, JSON response formats, forced tool choice,
 echo, suffix) are refused unless left at their neutral value, never silently ignored.
 """
 
@@ -94,12 +94,6 @@ def chat_prompt(engine: EmbeddedEngine, req: ChatCompletionRequest) -> list[int]
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError("top_logprobs: requires logprobs to be true", param="top_logprobs")
-    if req.top_logprobs:
-        raise OpenAIError(
-            "top_logprobs: only 0 is supported (the engine returns the sampled token's "
-            "logprob, not the top alternatives)",
-            param="top_logprobs",
-        )
     if engine.tokenizer is None:
         raise OpenAIError("messages: this server has no tokenizer", param="messages")
     tools = chat_tools(req)
@@ -123,11 +117,6 @@ def completion_prompts(engine: EmbeddedEngine, req: CompletionRequest) -> list[l
         raise OpenAIError("suffix: not supported by this engine", param="suffix")
     if req.best_of not in (None, req.n):
         raise OpenAIError("best_of: only null or equal to n is supported", param="best_of")
-    if req.logprobs:
-        raise OpenAIError(
-            "logprobs: only 0 is supported (the sampled token's logprob, no alternatives)",
-            param="logprobs",
-        )
     prompt = req.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
         if engine.tokenizer is None:
@@ -195,12 +184,16 @@ def make_sequences(
     params: SamplingParams,
     prefix: str,
     max_param: str,
+    top_logprobs: int = 0,
 ) -> tuple[str, list[Sequence]]:
-    """(response id, the n sequences of each prompt in order); errors name `max_param`."""
+    """(response id, the n sequences of each prompt in order); errors name `max_param`.
+    `top_logprobs` > 0 makes the engine record that many most likely tokens per position."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     seqs: list[Sequence] = []
     for i, prompt in enumerate(prompts):
-        request = GenerateRequest(prompt, params, rid=f"{rid}-{i}", return_logprob=True)
+        request = GenerateRequest(
+            prompt, params, rid=f"{rid}-{i}", return_logprob=True, top_logprobs_num=top_logprobs
+        )
         try:
             seqs.extend(engine.make_sequences(request))
         except ValueError as e:  # context length, stop strings without a tokenizer

@@ -29,6 +29,7 @@ from rollout.server.openai_protocol import (
     FunctionCall,
     TokenLogprob,
     ToolCall,
+    TopLogprob,
     Usage,
 )
 
@@ -50,11 +51,28 @@ def output_text(engine: EmbeddedEngine, seq: Sequence) -> str:
     return seq.to_output(decode).text or ""
 
 
-def chat_logprobs(engine: EmbeddedEngine, ids: list[int], lps: list[float]) -> ChoiceLogprobs:
+TopTokens = list[list[tuple[int, float]]]  # per token: (id, logprob) of the most likely ones
+
+
+def _tops(tops: TopTokens | None, n: int) -> TopTokens:
+    return tops if tops else [[] for _ in range(n)]
+
+
+def chat_logprobs(
+    engine: EmbeddedEngine, ids: list[int], lps: list[float], tops: TopTokens | None = None
+) -> ChoiceLogprobs:
     entries = []
-    for t, lp in zip(ids, lps):
+    for t, lp, top in zip(ids, lps, _tops(tops, len(ids))):
         text = token_text(engine, t)
-        entries.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode())))
+        alternatives = []
+        for tid, tlp in top:
+            ttext = token_text(engine, tid)
+            alternatives.append(TopLogprob(token=ttext, logprob=tlp, bytes=list(ttext.encode())))
+        entries.append(
+            TokenLogprob(
+                token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=alternatives
+            )
+        )
     return ChoiceLogprobs(content=entries)
 
 
@@ -111,7 +129,9 @@ def chat_completion(
             ChatChoice(
                 index=index,
                 message=ChatMessageOut(content=content, tool_calls=calls or None),
-                logprobs=chat_logprobs(engine, seq.output_ids, seq.logprobs) if logprobs else None,
+                logprobs=chat_logprobs(engine, seq.output_ids, seq.logprobs, seq.top_logprobs)
+                if logprobs
+                else None,
                 finish_reason=finish_reason(seq, bool(calls)),
                 token_ids=list(seq.output_ids) if token_ids else None,
                 weight_versions=list(seq.versions) if token_ids else None,
@@ -128,15 +148,27 @@ def chat_completion(
 
 
 def completion_logprobs(
-    engine: EmbeddedEngine, ids: list[int], lps: list[float], start: int = 0
+    engine: EmbeddedEngine,
+    ids: list[int],
+    lps: list[float],
+    start: int = 0,
+    tops: TopTokens | None = None,
 ) -> CompletionLogprobs:
     tokens = [token_text(engine, t) for t in ids]
     offsets, pos = [], start
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
+    top_dicts = None
+    if tops:  # {token text: logprob}; ids that decode alike keep the most likely's logprob
+        top_dicts = []
+        for top in tops:
+            d: dict[str, float] = {}
+            for tid, tlp in top:
+                d.setdefault(token_text(engine, tid), tlp)
+            top_dicts.append(d)
     return CompletionLogprobs(
-        tokens=tokens, token_logprobs=list(lps), top_logprobs=None, text_offset=offsets
+        tokens=tokens, token_logprobs=list(lps), top_logprobs=top_dicts, text_offset=offsets
     )
 
 
@@ -155,7 +187,9 @@ def completion(
         CompletionChoice(
             index=index,
             text=output_text(engine, seq),
-            logprobs=completion_logprobs(engine, seq.output_ids, seq.logprobs)
+            logprobs=completion_logprobs(
+                engine, seq.output_ids, seq.logprobs, tops=seq.top_logprobs
+            )
             if logprobs
             else None,
             finish_reason=finish_reason(seq),

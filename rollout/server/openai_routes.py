@@ -73,7 +73,8 @@ async def chat_completions(
     asked = body.max_completion_tokens or body.max_tokens
     params = rq.sampling_params(body, rq.max_new_tokens(engine, len(prompt), asked, "messages"))
     rq.check_n(params.n, state.max_n)
-    rid, seqs = rq.make_sequences(engine, [prompt], params, "chatcmpl", max_param)
+    top = (body.top_logprobs or 0) if body.logprobs else 0
+    rid, seqs = rq.make_sequences(engine, [prompt], params, "chatcmpl", max_param, top)
     options = dict(tools=tools, logprobs=body.logprobs, token_ids=body.return_token_ids)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -96,7 +97,7 @@ async def completions(
     longest = max(len(p) for p in prompts)
     params = rq.sampling_params(body, rq.max_new_tokens(engine, longest, body.max_tokens, "prompt"))
     rq.check_n(params.n * len(prompts), state.max_n)
-    rid, seqs = rq.make_sequences(engine, prompts, params, "cmpl", "max_tokens")
+    rid, seqs = rq.make_sequences(engine, prompts, params, "cmpl", "max_tokens", body.logprobs or 0)
     options = dict(logprobs=body.logprobs is not None, token_ids=body.return_token_ids)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -127,6 +127,7 @@ def stream_chat(
             seq, sent = seqs[index], state[index]
             upto = len(seq.output_ids) if finished else min(len(seq.output_ids), sent.tokens + 1)
             new_ids, new_lps = seq.output_ids[sent.tokens : upto], seq.logprobs[sent.tokens : upto]
+            new_tops = seq.top_logprobs[sent.tokens : upto]
             sent.tokens = upto
             calls = []
             if finished:  # the final text; with tool calls, what precedes the first one
@@ -141,7 +142,7 @@ def stream_chat(
             choice = ChatChunkChoice(
                 index=index,
                 delta=delta,
-                logprobs=chat_logprobs(engine, new_ids, new_lps) if logprobs else None,
+                logprobs=chat_logprobs(engine, new_ids, new_lps, new_tops) if logprobs else None,
                 token_ids=list(new_ids) if token_ids else None,
             )
             ids = {"prompt_token_ids": list(prompt)} if token_ids and first else {}
@@ -185,6 +186,7 @@ def stream_completion(
             seq, sent = seqs[index], state[index]
             upto = len(seq.output_ids) if finished else min(len(seq.output_ids), sent.tokens + 1)
             new_ids, new_lps = seq.output_ids[sent.tokens : upto], seq.logprobs[sent.tokens : upto]
+            new_tops = seq.top_logprobs[sent.tokens : upto]
             sent.tokens = upto
             if finished:
                 text = output_text(engine, seq)
@@ -194,7 +196,7 @@ def stream_completion(
             choice = CompletionChoice(
                 index=index,
                 text=sent.delta(text),
-                logprobs=completion_logprobs(engine, new_ids, new_lps, offset)
+                logprobs=completion_logprobs(engine, new_ids, new_lps, offset, new_tops)
                 if logprobs
                 else None,
                 finish_reason=finish_reason(seq) if finished else None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rollout.embedded.sampler import SamplingBatch, hash_uniform, sample
+from rollout.embedded.sampler import SamplingBatch, hash_uniform, sample, sample_with_top
 
 torch.set_num_threads(1)
 
@@ -97,3 +97,24 @@ def test_row_draw_does_not_depend_on_batch_neighbours():
         alone, lp_alone = sample(logits[i : i + 1], one)
         assert int(alone) == int(together[i])
         assert float(lp_alone) == pytest.approx(float(lp_together[i]), abs=1e-6)
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.7, 1.0])
+def test_sample_with_top_adds_the_top_k_without_changing_the_sample(temp):
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3)) * 3
+    params = _batch(5, temp=temp, top_p=0.9)
+    tokens, logprobs = sample(logits, params)
+    rows = torch.tensor([1, 3])
+    t2, lp2, ids, top = sample_with_top(logits, params, rows, 6)
+    assert torch.equal(t2, tokens) and torch.equal(lp2, logprobs)  # same draw, same numbers
+    want = torch.log_softmax(logits[rows] / (temp or 1.0), dim=-1).topk(6)
+    assert torch.equal(ids, want.indices)
+    torch.testing.assert_close(top, want.values, atol=1e-5, rtol=0)
+    assert bool((top[:, :-1] >= top[:, 1:]).all())
+    for j, r in enumerate(rows.tolist()):  # the sampled token's logprob is its entry, exactly
+        hit = (ids[j] == tokens[r]).nonzero()
+        if hit.numel():
+            assert top[j, hit[0, 0]] == logprobs[r]
+        else:
+            assert logprobs[r] <= top[j, -1]
+    assert sample_with_top(logits, params, rows, 99)[2].shape == (2, 40)  # k capped at V

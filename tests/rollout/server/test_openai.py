@@ -227,7 +227,7 @@ def test_completions_sync_async_streamed(client, served, model_dir, tok, referen
         ({"max_tokens": 100000}, "max_tokens"),
         ({"tool_choice": "required", "tools": [ADD_TOOL]}, "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice"),
-        ({"logprobs": True, "top_logprobs": 3}, "top_logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs=true
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
@@ -307,3 +307,85 @@ def test_openapi_document_describes_every_route(served):
     assert "input_ids" in schemas["GenerateReqInput"]["properties"]
     models = doc["paths"]["/v1/models"]["get"]["responses"]["200"]
     assert "/ModelList" in json.dumps(models)
+
+
+def _reference_logsoftmax(reference, prompt: list[int], ids: list[int]) -> torch.Tensor:
+    """float32 [len(ids), V]: the model's own log_softmax (temperature 1) at each output."""
+    full = torch.tensor(prompt + ids)
+    with torch.no_grad():
+        hidden = reference.forward_packed(full, torch.tensor([0, len(full)])).hidden
+        logits = hidden[len(prompt) - 1 : -1].float() @ reference.lm_head.weight.float().T
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _check_tops(entries, ids, ref, k):
+    for i, (t, e) in enumerate(zip(ids, entries)):
+        values = [a.logprob for a in e.top_logprobs]
+        assert len(values) == k and values == sorted(values, reverse=True)
+        assert values[0] >= e.logprob
+        assert abs(e.logprob - ref[i, t].item()) <= 1e-5
+        torch.testing.assert_close(torch.tensor(values), ref[i].topk(k).values, atol=1e-5, rtol=0)
+        assert all(a.bytes == list(a.token.encode()) for a in e.top_logprobs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_chat_top_logprobs_sync_and_streamed(client, model_dir, tok, reference, temperature):
+    messages = [{"role": "user", "content": "hello"}]
+    kw = dict(
+        model=str(model_dir), messages=messages, max_tokens=8, temperature=temperature, seed=5,
+        logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    r = client.chat.completions.create(**kw)
+    ids = r.choices[0].model_extra["token_ids"]
+    entries = r.choices[0].logprobs.content
+    ref = _reference_logsoftmax(reference, prompt_ids(tok, messages), ids)
+    _check_tops(entries, ids, ref, 5)
+    if temperature == 0:  # greedy: the sampled token is the top-1, with the same logprob
+        assert all(e.top_logprobs[0].token == e.token for e in entries)
+        assert all(e.top_logprobs[0].logprob == e.logprob for e in entries)
+    streamed = [
+        e for chunk in client.chat.completions.create(**kw, stream=True)
+        for ch in chunk.choices if ch.logprobs for e in ch.logprobs.content
+    ]  # fmt: skip
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]
+
+
+def test_completions_top_logprobs_sync_and_streamed(client, model_dir, tok, reference):
+    kw = dict(model=str(model_dir), prompt="1+2=", max_tokens=6, temperature=0, logprobs=3)
+    kw["extra_body"] = {"ignore_eos": True, "return_token_ids": True}
+    r = client.completions.create(**kw)
+    (choice,) = r.choices
+    ids = choice.model_extra["token_ids"]
+    ref = _reference_logsoftmax(reference, tok.encode("1+2="), ids)
+    tops = choice.logprobs.top_logprobs
+    assert len(tops) == len(ids) == 6
+    for i, (t, lp, top) in enumerate(zip(ids, choice.logprobs.token_logprobs, tops)):
+        assert 1 <= len(top) <= 3  # ids that decode to the same text share one key
+        assert max(top.values()) == lp and top[tok.decode([t])] == lp  # greedy: top-1
+        assert abs(lp - ref[i, t].item()) <= 1e-5
+    streamed = [
+        d for chunk in client.completions.create(**kw, stream=True)
+        for ch in chunk.choices if ch.logprobs for d in ch.logprobs.top_logprobs
+    ]  # fmt: skip
+    assert streamed == tops
+
+
+def test_engine_computes_top_logprobs_only_for_requests_that_ask(served):
+    from rollout.types import GenerateRequest, SamplingParams
+
+    engine = served[1]
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, sampling_seed=3)
+    outs = asyncio.run(
+        engine.generate(
+            [
+                GenerateRequest([5, 9, 2], params, top_logprobs_num=4),
+                GenerateRequest([5, 9, 2], params),
+            ]
+        )
+    )
+    asked, plain = outs
+    assert plain.top_logprobs is None
+    assert asked.output_ids == plain.output_ids and asked.logprobs == plain.logprobs
+    assert [len(t) for t in asked.top_logprobs] == [4, 4, 4]
+    for tok_id, lp, top in zip(asked.output_ids, asked.logprobs, asked.top_logprobs):
+        assert top[0][1] >= lp and (tok_id, lp) in top or lp < top[-1][1]
