@@ -1,8 +1,9 @@
 """LoRA with `rollout.engine: sglang`: merged full-weight sync into ONE real SGLang 0.5.23
 server on this CPU (tiny GLM-4-MoE, fp32). The trainer's update is every adapter-targeted
 weight merged (`W + s B A`, trainer/lora_backend.py merged_weight_update) and nothing else;
-SGLang's greedy tokens and logprobs must then be the merged model's. A second LoRA state
-pushed afterwards replaces the first (each update is merged from the base, never stacked)."""
+SGLang's greedy tokens and logprobs must then be the merged model's, through every sync path.
+A second LoRA state pushed afterwards replaces the first (each update is merged from the base,
+never stacked)."""
 
 from __future__ import annotations
 
@@ -29,18 +30,25 @@ def _random_lora(model, seed: int) -> LoraAdapters:
     return lora
 
 
-def test_merged_lora_update_gives_the_merged_models_outputs(server, reference_model):  # noqa: F811
+_versions = iter(range(1, 100))
+
+
+@pytest.mark.parametrize("sync", ["tensor", "distributed", "disk"])
+def test_merged_lora_update_gives_the_merged_models_outputs(server, reference_model, sync):  # noqa: F811
+    """Each SGLang sync path takes a partial (targeted-only) update."""
+
     async def body():
-        engine = engine_for(server)
+        engine = engine_for(server, sync)
         try:
-            for version, seed in ((1, 1), (2, 2)):
+            for seed in (1, 2):
+                version = next(_versions)
                 model = from_pretrained_like(reference_model)
                 lora = _random_lora(model, seed)
                 update = merged_weight_update(
                     model, lora, version, bucket_bytes=64 * 1024, dtype=torch.float32
                 )
                 full = sum(t.numel() * 4 for _, t in reference_model.hf_state_dict())
-                print(f"LoRA merged sync v{version}: {update.nbytes} B of {full} B full")
+                print(f"LoRA merged {sync} sync v{version}: {update.nbytes} B of {full} B full")
                 assert update.nbytes < full and len(update.buckets) > 1
                 await engine.update_weights(update)
                 assert await engine.weight_version() == version
