@@ -15,6 +15,7 @@ HANG = "tests.rewards.hang_plugins:hangs_until_released"
 def test_hung_sync_plugin_does_not_starve_arithmetic() -> None:
     episodes = [episode_with("The answer is 4", label="4") for _ in range(8)]
     specs = [RewardSpec(HANG), RewardSpec("arithmetic")]
+    hang_plugins.RELEASE.clear()  # an earlier test (tests/bad_inputs) may have left it set
     try:
         # timeout generous for a loaded machine: arithmetic takes microseconds; with the old
         # shared 4-thread pool the 8 hung calls held every thread and arithmetic timed out too

@@ -209,7 +209,8 @@ def test_failing_agents_become_error_episodes(served, model_dir):
                                (wrong_result_agent, 60.0), (tool_agent, 60.0)):  # fmt: skip
             runner = _runner(served, model_dir, agent, timeout_s=timeout)
             task = {"id": agent.__name__, "task": "add", "messages": ASK}
-            out[agent.__name__] = (await runner.run(task, _sampling(model_dir, None)), runner)
+            # seed 1: the tool agent's run is the one of the test above (a call, no split)
+            out[agent.__name__] = (await runner.run(task, _sampling(model_dir, 1)), runner)
         return out
 
     results = asyncio.run(run_all())
