@@ -53,7 +53,9 @@ class SGLangEngine:
         self.retain_last_update = retain_last_update
         self.last_sync_seconds: float | None = None
         self._router_client = (
-            SGLangClient(router.url, timeout=request_timeout) if router is not None else None
+            SGLangClient(router.url, timeout=request_timeout, api_key=router.api_key)
+            if router is not None
+            else None
         )
         self._ready = {w.url: asyncio.Event() for w in self.workers}
         for event in self._ready.values():

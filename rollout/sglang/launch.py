@@ -96,6 +96,7 @@ def start_router(
         policy=cfg.router_policy,
         log_path=run_dir / "logs" / f"sglang-router-{port}.log",
         request_timeout_s=timeout,
+        api_key=cfg.api_key,  # without it the router would serve anyone with the workers' key
     )
     router.start()
     try:
@@ -176,6 +177,9 @@ def launch_sglang_engine(
         overrides["tokenizer_path"] = str(tokenizer_dir)
     elif not any((Path(model_dir) / f).exists() for f in _TOKENIZER_FILES):
         extra.append("--skip-tokenizer-init")
+    if "--skip-tokenizer-init" not in extra and "--tool-call-parser" not in extra:
+        # its /v1/chat/completions turns GLM-4.5/4.6 tool-call text into OpenAI tool_calls
+        extra += ["--tool-call-parser", "glm45"]
     r3 = job.algorithm.moe.routing_replay == "rollout"  # configs/job.py: GPU servers only
     if r3:
         extra.append("--enable-return-routed-experts")

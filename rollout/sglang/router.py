@@ -43,6 +43,7 @@ class SGLangRouter:
         request_timeout_s: float = 600.0,
         startup_timeout: float = 60.0,
         extra_args: list[str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"router policy: expected one of {POLICIES}, got {policy!r}")
@@ -54,6 +55,9 @@ class SGLangRouter:
         self.request_timeout_s = request_timeout_s
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
+        # set: clients (and our own /workers calls) must send it, as the workers require
+        self.api_key = api_key
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.worker_ids: dict[str, str] = {}  # worker url -> router worker id
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -76,6 +80,7 @@ class SGLangRouter:
             str(int(self.request_timeout_s)),
             "--log-level",
             "warn",
+            *(["--api-key", self.api_key] if self.api_key else []),
             *self.extra_args,
         ]
 
@@ -112,13 +117,16 @@ class SGLangRouter:
     def answers(self) -> bool:
         """GET /workers answers 200."""
         try:
-            return httpx.get(f"{self.url}/workers", timeout=2.0).status_code == 200
+            return (
+                httpx.get(f"{self.url}/workers", headers=self._headers, timeout=2.0).status_code
+                == 200
+            )
         except httpx.HTTPError:
             return False
 
     def list_workers(self) -> list[dict[str, Any]]:
         """GET /workers -> the router's worker records (id, url, is_healthy, load, ...)."""
-        resp = httpx.get(f"{self.url}/workers", timeout=10.0)
+        resp = httpx.get(f"{self.url}/workers", headers=self._headers, timeout=10.0)
         if resp.status_code != 200:
             raise SGLangRouterError(f"{self.url}/workers: HTTP {resp.status_code}: {resp.text}")
         return list(resp.json().get("workers", []))
@@ -130,7 +138,7 @@ class SGLangRouter:
         body: dict[str, Any] = {"url": worker_url}
         if api_key:
             body["api_key"] = api_key
-        resp = httpx.post(f"{self.url}/workers", json=body, timeout=10.0)
+        resp = httpx.post(f"{self.url}/workers", json=body, headers=self._headers, timeout=10.0)
         if resp.status_code not in (200, 201, 202):
             raise SGLangRouterError(
                 f"{self.url}/workers: adding {worker_url}: HTTP {resp.status_code}: {resp.text}"
@@ -155,7 +163,7 @@ class SGLangRouter:
             if not ids:
                 return
             worker_id = str(ids[0])
-        resp = httpx.delete(f"{self.url}/workers/{worker_id}", timeout=10.0)
+        resp = httpx.delete(f"{self.url}/workers/{worker_id}", headers=self._headers, timeout=10.0)
         if resp.status_code not in (200, 202, 204, 404):
             raise SGLangRouterError(
                 f"{self.url}/workers/{worker_id}: removing {worker_url}: "
