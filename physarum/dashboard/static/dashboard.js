@@ -17,6 +17,7 @@ const CHARTS = [
   ["kl", "KL", [["train/kl", "to reference"], ["train/ppo_kl", "policy step"]]],
   ["mismatch", "rollout–trainer mismatch",
     [["train/mismatch_k3", "k3 KL"], ["train/mismatch_abs_diff", "|Δ logprob|"]]],
+  ["truncation", "importance weights truncated (TIS)", [["train/tis_clip_frac", "fraction"]]],
   ["entropy", "entropy", [["train/entropy", "entropy"]]],
   ["length", "response length (tokens)", [["data/response_len", "mean"]]],
   ["throughput", "tokens/s",
