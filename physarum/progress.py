@@ -48,7 +48,9 @@ def format_duration(seconds: float) -> str:
 
 def format_value(value: Any) -> str:
     if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        if abs(value) >= 100:  # rates and counts: decimals there are noise to a reader
+            return f"{value:.0f}"
+        if value != 0 and abs(value) < 1e-3:
             return f"{value:.2e}"
         return f"{value:.3f}"
     return str(value)

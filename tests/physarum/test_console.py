@@ -77,7 +77,7 @@ def test_plain_line_has_step_metrics_and_eta() -> None:
     clock.now += 10.0
     progress.update(10, {"reward": 0.5, "train/kl": 1e-4, "rollout/gen_tokens_per_s": 1234.5})
     assert lines[-1] == (
-        "step 10/100 | reward 0.500 | acc 0.250 | kl 1.00e-04 | gen tok/s 1234.500"
+        "step 10/100 | reward 0.500 | acc 0.250 | kl 1.00e-04 | gen tok/s 1234"
         " | elapsed 10s | ETA 1m30s"
     )
     assert progress.last["eval/accuracy"] == 0.25
