@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 
 from rewards import bwrap
 from rewards.bwrap import (
@@ -66,102 +66,18 @@ from rewards.bwrap import (
     bwrap_problem,
     pids_cgroup,
 )
+from rewards.sandbox_io import Capture, SandboxResult, feed, kill_group
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "install it with `apt-get install -y bubblewrap` (scripts/setup.sh does)"
 
-# Runs in the child, before the user code: copy the inputs, limits, audit hook, then main.py.
-_BOOTSTRAP = r"""
-import os, resource, shutil, sys
-cpu, mem, fsize, nofile, nproc, audit, drop = (int(a) for a in sys.argv[1:8])
-inputs, script = sys.argv[8:10]
-if drop:  # host root: become nobody (no capabilities left; bwrap set no_new_privs)
-    os.setgroups([])
-    os.setgid(drop)
-    os.setuid(drop)
-if inputs != "-":
-    for name in os.listdir(inputs):
-        shutil.copyfile(os.path.join(inputs, name), name)
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-if nproc:
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-if audit:
-    root = os.getcwd() + os.sep
-    denied = frozenset((
-        "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-        "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
-        "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-        "os.forkpty", "pty.spawn", "os.kill", "os.killpg", "os.symlink", "os.link",
-    ))
-    paths = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.mkdir": (0,),
-             "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
-             "shutil.rmtree": (0,)}
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    def inside(path):
-        if isinstance(path, int):
-            return True
-        path = os.path.normpath(os.path.join(root, os.fsdecode(path)))
-        return (path + os.sep).startswith(root)
-    def hook(event, args):
-        if event in denied:
-            raise PermissionError(f"sandbox: {event} is not allowed (no network, no processes)")
-        if event == "open":
-            path, mode, flags = args
-            writes = (mode is not None and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags)
-            if path is not None and writes and not inside(path):
-                raise PermissionError(f"sandbox: writing {path!r} outside the sandbox dir")
-        elif event in paths:
-            for i in paths[event]:
-                if i < len(args) and args[i] is not None and not inside(args[i]):
-                    raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the dir")
-    sys.addaudithook(hook)
-sys.argv = [script]
-sys.path.insert(0, os.getcwd())  # like `python main.py`: the script's dir is importable
-import runpy
-runpy.run_path(script, run_name="__main__")
-"""
+# Runs in the child, before the user code: drop privileges, inputs, limits, audit hook, main.py.
+_BOOTSTRAP = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
 
 
 class SandboxError(RuntimeError):
     """The sandbox itself cannot run as configured (not a failure of the user code)."""
-
-
-@dataclass(frozen=True)
-class SandboxResult:
-    """What a sandboxed run produced.
-
-    returncode  exit status; negative = killed by that signal (e.g. -24 SIGXCPU, -9 SIGKILL)
-    timed_out   killed on the wall-clock timeout
-    """
-
-    returncode: int
-    stdout: str
-    stderr: str
-    timed_out: bool
-    duration_s: float
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
-
-    @property
-    def status(self) -> str:
-        """ "ok", "timeout" (wall clock), "cpu_limit", "memory_limit", "killed" or "error"."""
-        if self.timed_out:
-            return "timeout"
-        if self.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-            return "cpu_limit" if self.returncode == -signal.SIGXCPU else "killed"
-        if self.returncode != 0 and "MemoryError" in self.stderr[-2000:]:
-            return "memory_limit"
-        return "ok" if self.returncode == 0 else "error"
 
 
 def unshare_available() -> bool:
@@ -201,16 +117,14 @@ class Sandbox:
         audit_hook: bool = True,
         python: str = sys.executable,
     ) -> None:
-        for name, value in (
-            ("cpu_s", cpu_s),
-            ("memory_mb", memory_mb),
-            ("file_size_mb", file_size_mb),
-            ("open_files", open_files),
-            ("processes", processes),
-            ("tmpfs_mb", tmpfs_mb),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        _check_limits(
+            cpu_s=cpu_s,
+            memory_mb=memory_mb,
+            file_size_mb=file_size_mb,
+            open_files=open_files,
+            processes=processes,
+            tmpfs_mb=tmpfs_mb,
+        )
         if not wall_s > 0:
             raise ValueError(f"wall_s: expected > 0, got {wall_s!r}")
         if not isinstance(allow_weak, bool):
@@ -224,15 +138,8 @@ class Sandbox:
         self.processes, self.tmpfs_mb, self.hide = processes, tmpfs_mb, tuple(hide)
         self._bwrap = shutil.which("bwrap")
         self._cgroup: str | None = None
-        problem = bwrap_problem(self._bwrap)
-        if problem is None and os.geteuid() == 0:
-            self._cgroup = pids_cgroup()
-            if self._cgroup is None:
-                problem = (
-                    "this process runs as root, where the kernel ignores RLIMIT_NPROC, "
-                    "and no writable pids cgroup was found to bound processes"
-                )
         self.uses_unshare = False
+        problem = self._isolation_problem()
         if problem is None:
             self.isolation = "bwrap"
         elif not allow_weak:
@@ -242,18 +149,34 @@ class Sandbox:
                 "allow_weak: true in this reward's or environment's args"
             )
         else:
-            self.isolation = "weak"
-            self.uses_unshare = unshare_available()
-            if not (self.uses_unshare or self.audit_hook):
-                raise SandboxError("allow_weak: no network barrier: enable audit_hook")
-            logger.warning(
-                "UNSAFE SANDBOX (allow_weak: true): %s, so untrusted code runs with rlimits and "
-                "an audit hook only; native code can write files, fork and%s reach the network. "
-                "Fix: %s",
-                problem,
-                "" if self.uses_unshare else " (no `unshare -n` here)",
-                INSTALL_HINT,
-            )
+            self._go_weak(problem)
+
+    def _isolation_problem(self) -> str | None:
+        """Why bwrap isolation cannot run here (None: it can); finds the pids cgroup as root."""
+        problem = bwrap_problem(self._bwrap)
+        if problem is None and os.geteuid() == 0:
+            self._cgroup = pids_cgroup()
+            if self._cgroup is None:
+                problem = (
+                    "this process runs as root, where the kernel ignores RLIMIT_NPROC, "
+                    "and no writable pids cgroup was found to bound processes"
+                )
+        return problem
+
+    def _go_weak(self, problem: str) -> None:
+        """allow_weak: rlimits, `unshare -n` where it works and the audit hook, said loudly."""
+        self.isolation = "weak"
+        self.uses_unshare = unshare_available()
+        if not (self.uses_unshare or self.audit_hook):
+            raise SandboxError("allow_weak: no network barrier: enable audit_hook")
+        logger.warning(
+            "UNSAFE SANDBOX (allow_weak: true): %s, so untrusted code runs with rlimits and "
+            "an audit hook only; native code can write files, fork and%s reach the network. "
+            "Fix: %s",
+            problem,
+            "" if self.uses_unshare else " (no `unshare -n` here)",
+            INSTALL_HINT,
+        )
 
     def _make_cgroup(self) -> str | None:
         if self._cgroup is None:
@@ -307,7 +230,7 @@ class Sandbox:
                     yield proc
                 finally:
                     if proc.returncode is None:  # cancelled or done early: nothing left behind
-                        _kill_group(proc)
+                        kill_group(proc)
             finally:
                 if cgroup is not None:
                     try:
@@ -321,7 +244,7 @@ class Sandbox:
         """Run `code` as main.py in a fresh work dir (plus `files`, name -> text); never raises
         for anything the code does. Raises SandboxError only if the sandbox cannot start."""
         start = time.monotonic()
-        out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
+        out, err = Capture(self.max_output_bytes), Capture(self.max_output_bytes)
         timed_out = False
         async with self.open(code, files=files) as proc:
             try:
@@ -329,14 +252,14 @@ class Sandbox:
                     asyncio.gather(
                         out.drain(proc.stdout),
                         err.drain(proc.stderr),
-                        _feed(proc, stdin),
+                        feed(proc, stdin),
                         proc.wait(),
                     ),
                     self.wall_s,
                 )
             except TimeoutError:
                 timed_out = True
-                _kill_group(proc)
+                kill_group(proc)
                 await proc.wait()
         return SandboxResult(
             returncode=self.returncode(proc.returncode),
@@ -383,37 +306,7 @@ class Sandbox:
             raise SandboxError(f"cannot start the sandbox ({self.isolation}): {exc}") from exc
 
 
-class _Capture:
-    """Keeps the first `cap` bytes of a stream and drops the rest (still reading to EOF)."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.kept = bytearray()
-        self.truncated = False
-
-    async def drain(self, stream: asyncio.StreamReader | None) -> None:
-        if stream is None:
-            return
-        while chunk := await stream.read(65536):
-            room = self.cap - len(self.kept)
-            if len(chunk) > room:
-                self.truncated = True
-            self.kept += chunk[: max(room, 0)]
-
-    def text(self) -> str:
-        return self.kept.decode("utf-8", "replace")
-
-
-async def _feed(proc: asyncio.subprocess.Process, data: str) -> None:
-    if proc.stdin is None:
-        return
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        if data:
-            proc.stdin.write(data.encode("utf-8"))
-            await proc.stdin.drain()
-        proc.stdin.close()
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+def _check_limits(**limits: int) -> None:
+    for name, value in limits.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
