@@ -90,6 +90,11 @@ class RolloutConfig(Section):
     """An engine that does not answer within this fails the job loudly."""
     mask_offpolicy_tokens: bool = False
     """Mask tokens whose version is older than the staleness bound (partial rollouts)."""
+    partial_rollout: bool = True
+    """Embedded engine: a weight update lands between two decode steps and generations in
+    flight continue under the new weights (AReaL's interruptible generation; tokens keep
+    their versions). False: the update waits until the running generations finish, admitting
+    no new ones meanwhile (one version per sequence)."""
     threads: int = Field(1, ge=1)
     """torch threads per rollout worker."""
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)

@@ -60,6 +60,7 @@ def _embedded_engine(
         fp8=job.rollout.fp8,
         seed=job.seed,
         name=name,
+        partial_rollout=job.rollout.partial_rollout,
     )
 
 
@@ -68,6 +69,11 @@ def _sglang_engine(
 ) -> Engine:
     from rollout.sglang.engine import launch_sglang_engine
 
+    if not job.rollout.partial_rollout:
+        raise ValueError(
+            "rollout.partial_rollout: false (updates wait for running generations) is "
+            "implemented by the embedded engine only; rollout.engine is 'sglang'"
+        )
     return launch_sglang_engine(job, model_dir, name=name, tokenizer_dir=tokenizer_dir)
 
 
@@ -75,6 +81,13 @@ ENGINES: dict[str, Callable[[JobConfig, Path, Any, Path, str], Engine]] = {
     "embedded": _embedded_engine,
     "sglang": _sglang_engine,
 }
+
+
+def spans_versions(episode: Episode) -> bool:
+    """Whether the policy generated the episode's tokens under two or more weight versions
+    (a partial rollout continued across an update)."""
+    generated = episode.versions[episode.loss_mask.astype(bool)]
+    return bool(generated.size) and bool(generated.min() != generated.max())
 
 
 def row_seed(seed: int, row: dict[str, Any]) -> int:
@@ -110,6 +123,7 @@ class RolloutWorkerCore:
         )
         self.sampling = sampling_from_config(job.rollout, self.stop_ids)
         self.producer: RolloutProducer | None = None
+        self.multi_version_episodes = 0  # training episodes generated across a weight update
         self.agent_runner = self._agent_runner(agent) if agent is not None else None
 
     def _env_factory(self) -> Callable[[], Any] | None:
@@ -158,6 +172,8 @@ class RolloutWorkerCore:
     def stats(self) -> dict[str, float]:
         """The producer's counters, and the agent runs' when env.agent is set."""
         out = self.producer.stats.snapshot() if self.producer else {}
+        if self.producer is not None:
+            out["rollout/multi_version_episodes"] = float(self.multi_version_episodes)
         if self.agent_runner is not None:
             out.update(self.agent_runner.stats.snapshot())
         return out
@@ -236,7 +252,9 @@ class RolloutWorkerCore:
         n = rollout.n_samples_per_prompt
 
         async def generate(row: dict[str, Any]) -> list[Episode]:
-            return await self.generate_for_row(row, self.sampling, n, routing=True)
+            episodes = await self.generate_for_row(row, self.sampling, n, routing=True)
+            self.multi_version_episodes += sum(spans_versions(e) for e in episodes)
+            return episodes
 
         self.producer = RolloutProducer(
             worker_id=self.worker_id,

@@ -60,4 +60,8 @@ def _buffer_metrics(stats: dict) -> dict[str, float]:
         "prompts_queued",
         "epoch",
     )
-    return {f"buffer/{k}": float(stats[k]) for k in keys if k in stats}
+    out = {f"buffer/{k}": float(stats[k]) for k in keys if k in stats}
+    # groups handed to the trainer so far, per staleness (cumulative histogram)
+    for staleness, count in (stats.get("staleness_hist") or {}).items():
+        out[f"buffer/staleness_hist/{staleness}"] = float(count)
+    return out
