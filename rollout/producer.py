@@ -178,6 +178,7 @@ class RolloutProducer:
             metadata={
                 "worker": self.worker_id,
                 "lease_id": lease.lease_id,
+                "epoch": lease.epoch,  # the trainer's record of what it trained names it
                 "seconds": round(time.monotonic() - started, 4),
             },
         )

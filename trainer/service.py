@@ -29,6 +29,7 @@ from trainer.distributed import DataParallel
 from trainer.forensics import mismatch_path, top_mismatch, write_mismatch
 from trainer.lora_export import save_lora_job
 from trainer.torch_backend import TorchBackend
+from trainer.trained_log import TrainedGroup, read_trained, write_trained
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class TrainerService:
             job, model_dir, self.dp, total_steps, policy_loss, self.device
         )
         self._pending: list[str] = []
+        self._taken: list[tuple[str, str, int | None]] = []  # (entry, prompt, epoch) this step
+        self._trained: list[TrainedGroup] = []  # since the last checkpoint (this rank)
+        self._lineage: list[TrainedGroup] = []  # rank 0: what the checkpoints hold
         self._last_step_end = time.monotonic()
 
     @property
@@ -125,6 +129,9 @@ class TrainerService:
             if taken:
                 last_arrival = time.monotonic()
                 self._pending.extend(t.entry_id for t in taken)
+                self._taken.extend(
+                    (t.entry_id, t.group.prompt_id, t.group.metadata.get("epoch")) for t in taken
+                )
                 groups.extend(t.group for t in taken)
             elif time.monotonic() - last_arrival > timeout_s:
                 stats = self.store.stats()
@@ -152,6 +159,8 @@ class TrainerService:
             prompt_routing=self.job.algorithm.moe.replay_prompt_routing,
         )
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
+        self._trained += [TrainedGroup(self.version, *taken) for taken in self._taken]
+        self._taken = []
         self._save_mismatch(step)
         if self.rank == 0 and self.store is not None:
             self.store.set_version(self.version)
@@ -201,10 +210,14 @@ class TrainerService:
         path.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path))
         consumed = self.dp.all_gather_object(list(self._pending))
+        trained = self.dp.all_gather_object(list(self._trained))
+        self._trained = []
         if self.rank == 0:
             ids = [entry for rank in consumed for entry in rank]
             (path / CONSUMED_FILE).write_text(json.dumps(ids))
+            self._lineage += sorted((g for rank in trained for g in rank), key=lambda g: g.step)
             if self.store is not None:  # what a resume checks the buffer against
+                write_trained(path, self._lineage)  # which groups the saved model has seen
                 write_buffer_record(path, self.store.stats(), self.version, len(set(ids)))
             write_manifest(path)  # checksums: a corrupted checkpoint is never loaded
             (path / "COMPLETE").write_text(str(self.version))
@@ -219,6 +232,7 @@ class TrainerService:
         if self.rank == 0 and self.store is not None:
             # replayed (unacknowledged) groups are judged against the restored version
             self.store.set_version(self.version)
+            self._lineage = read_trained(path) or []
             consumed = path / CONSUMED_FILE
             if consumed.exists():  # acks are idempotent: only a crash left any of these
                 self.store.ack(json.loads(consumed.read_text()))
