@@ -59,6 +59,7 @@ _RESPONSE_FIELDS: tuple[tuple[str, np.dtype], ...] = (
 )
 _PROMPT_DTYPE = np.dtype(TOKEN_DTYPE).newbyteorder("<")
 _DTYPES = {"prompt_ids": _PROMPT_DTYPE.str, **{name: dt.str for name, dt in _RESPONSE_FIELDS}}
+_RESPONSE_BYTES = sum(dt.itemsize for _, dt in _RESPONSE_FIELDS)  # per response token
 _ROUTING_DTYPES = {
     np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<") for d in ROUTING_DTYPES
 }
@@ -102,37 +103,59 @@ def encode_group(group: EpisodeGroup) -> bytes:
 
 def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     """The record, and the group's oldest version (as group.oldest_version, computed once
-    over the concatenated columns rather than per episode)."""
+    over the concatenated columns rather than per episode).
+
+    The arrays are concatenated straight into one preallocated body (no per-field bytes
+    objects); the record is then the prefix, the header and that body joined once."""
     episodes = group.episodes
     shared = _shares_prompt(episodes)
+    prompts, ids, logprobs, versions, masks = zip(
+        *[(e.prompt_ids, e.response_ids, e.rollout_logprobs, e.versions, e.loss_mask)
+          for e in episodes]
+    )  # fmt: skip
+    lengths = [len(a) for a in ids]
     header = {
         "prompt_id": str(group.prompt_id),
         "metadata": group.metadata,
         "dtypes": _DTYPES,
         "shared_prompt": shared,
-        "P": [len(e.prompt_ids) for e in episodes],
-        "R": [len(e.response_ids) for e in episodes],
+        "P": [len(a) for a in prompts],
+        "R": lengths,
         "reward": [e.reward for e in episodes],
-        "rewards": [{str(k): float(v) for k, v in e.rewards.items()} for e in episodes],
+        "rewards": [
+            {str(k): float(v) for k, v in e.rewards.items()} if e.rewards else {} for e in episodes
+        ],  # fmt: skip
         "finish_reason": [e.finish_reason.value for e in episodes],
         "episode_metadata": [e.metadata for e in episodes],
     }
-    routed = [e.routed_experts for e in episodes]
-    if any(r is not None for r in routed):
+    routed = [e.routed_experts for e in episodes if e.routed_experts is not None]
+    if routed:
         header["routing"] = [_routing_entry(e) for e in episodes]
     head = _pack(header, f"group {group.prompt_id!r} metadata")
-    prompts = [episodes[0].prompt_ids] if shared else [e.prompt_ids for e in episodes]
-    parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head]
-    parts.append(np.concatenate(prompts).astype(_PROMPT_DTYPE, copy=False).tobytes())
-    columns = {}
-    for name, dtype in _RESPONSE_FIELDS:
-        columns[name] = np.concatenate([getattr(e, name) for e in episodes])
-        parts.append(columns[name].astype(dtype, copy=False).tobytes())
-    for r in routed:
-        if r is not None:
-            parts.append(r.astype(r.dtype.newbyteorder("<"), copy=False).tobytes())
-    generated = columns["versions"][columns["loss_mask"].astype(bool)]
+    if shared:
+        prompts = prompts[:1]
+    body, columns = _body(prompts, (ids, logprobs, versions, masks), sum(lengths))
+    parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head, body]
+    parts += [r.astype(r.dtype.newbyteorder("<"), copy=False) for r in routed]
+    generated = columns[2][columns[3] != 0]
     return b"".join(parts), int(generated.min()) if generated.size else None
+
+
+def _body(
+    prompts: tuple[np.ndarray, ...], fields: tuple[tuple[np.ndarray, ...], ...], r_total: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The body without routing, as uint8 [bytes], and views of its response columns."""
+    p_total = sum(len(a) for a in prompts)
+    at = p_total * _PROMPT_DTYPE.itemsize
+    body = np.empty(at + r_total * _RESPONSE_BYTES, np.uint8)
+    np.concatenate(prompts, out=body[:at].view(_PROMPT_DTYPE), casting="unsafe")
+    columns = []
+    for arrays, (_, dtype) in zip(fields, _RESPONSE_FIELDS):
+        end = at + r_total * dtype.itemsize
+        columns.append(body[at:end].view(dtype))
+        np.concatenate(arrays, out=columns[-1], casting="unsafe")
+        at = end
+    return body, columns
 
 
 def _routing_entry(e: Episode) -> list | None:
@@ -304,15 +327,14 @@ def decode_group(data: bytes) -> EpisodeGroup:
     shared = header["shared_prompt"]
     p_total = heads.p[0] if shared else sum(heads.p)
     r_total = sum(heads.r)
-    expected = p_total * _PROMPT_DTYPE.itemsize
-    expected += sum(r_total * dt.itemsize for _, dt in _RESPONSE_FIELDS)
+    expected = p_total * _PROMPT_DTYPE.itemsize + r_total * _RESPONSE_BYTES
     routing = _check_routing(header, len(heads.p))
     expected += sum(math.prod(r[1]) * r[2].itemsize for r in routing if r is not None)
     body = len(data) - offset
     if body != expected:
         state = "truncated" if body < expected else "has trailing bytes"
         raise EpisodeCodecError(f"body: {state}: {body} bytes, header promises {expected}")
-    buf = bytearray(data[offset:])  # one copy, so the arrays are writable
+    buf = bytearray(memoryview(data)[offset:])  # one copy, so the arrays are writable
     prompts = np.frombuffer(buf, _PROMPT_DTYPE, p_total, 0)
     pos = p_total * _PROMPT_DTYPE.itemsize
     columns = {}
@@ -320,16 +342,10 @@ def decode_group(data: bytes) -> EpisodeGroup:
         columns[name] = np.frombuffer(buf, dtype, r_total, pos)
         pos += r_total * dtype.itemsize
     _check_columns(columns, heads)
-    routed: list[np.ndarray | None] = []
-    for entry in routing:
-        if entry is None:
-            routed.append(None)
-            continue
-        size = math.prod(entry[1])
-        routed.append(np.frombuffer(buf, entry[2], size, pos).reshape(entry[1]))
-        pos += size * entry[2].itemsize
+    routed = _routed(buf, pos, routing, heads)
     ids, mask = columns["response_ids"], columns["loss_mask"]
     logprobs, versions = columns["rollout_logprobs"], columns["versions"]
+    from_checked = Episode._from_checked
     episodes = []
     p_at = r_at = 0
     for i, (p, r) in enumerate(zip(heads.p, heads.r)):
@@ -339,25 +355,42 @@ def decode_group(data: bytes) -> EpisodeGroup:
             prompt = prompts[p_at : p_at + p]
             p_at += p
         end = r_at + r
-        if routing[i] is not None and routing[i][0] + routing[i][1][0] > p + r:
-            raise EpisodeCodecError(
-                f"episodes[{i}].routing: {routing[i][1][0]} rows from {routing[i][0]} run past "
-                f"the episode's {p + r} tokens"
-            )
+        route = routing[i]
         episodes.append(
-            Episode._from_checked(
-                prompt_ids=prompt,
-                response_ids=ids[r_at:end],
-                loss_mask=mask[r_at:end],
-                rollout_logprobs=logprobs[r_at:end],
-                versions=versions[r_at:end],
-                reward=heads.reward[i],
-                rewards=heads.rewards[i],
-                finish_reason=heads.finish_reason[i],
-                metadata=heads.metadata[i],
-                routed_experts=routed[i],
-                routing_start=routing[i][0] if routing[i] is not None else 0,
+            from_checked(
+                prompt,
+                ids[r_at:end],
+                mask[r_at:end],
+                logprobs[r_at:end],
+                versions[r_at:end],
+                heads.reward[i],
+                heads.rewards[i],
+                heads.finish_reason[i],
+                heads.metadata[i],
+                routed[i],
+                0 if route is None else route[0],
             )
         )
         r_at = end
     return EpisodeGroup(header["prompt_id"], episodes, header["metadata"])
+
+
+def _routed(
+    buf: bytearray, pos: int, routing: list[tuple[int, tuple, np.dtype] | None], heads: _Heads
+) -> list[np.ndarray | None]:
+    """Each episode's routed_experts (views of `buf` from `pos`), checked against its length."""
+    routed: list[np.ndarray | None] = []
+    for i, entry in enumerate(routing):
+        if entry is None:
+            routed.append(None)
+            continue
+        start, shape, dtype = entry
+        if start + shape[0] > heads.p[i] + heads.r[i]:
+            raise EpisodeCodecError(
+                f"episodes[{i}].routing: {shape[0]} rows from {start} run past "
+                f"the episode's {heads.p[i] + heads.r[i]} tokens"
+            )
+        size = math.prod(shape)
+        routed.append(np.frombuffer(buf, dtype, size, pos).reshape(shape))
+        pos += size * dtype.itemsize
+    return routed

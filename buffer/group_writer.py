@@ -1,10 +1,12 @@
 """The producing side of the episode stream: push groups, completing their leases atomically.
 
-One push is one pipelined round trip: SET the encoded record under a fresh payload key (with
-a TTL, so a producer that dies right there leaves nothing behind), then the PUSH script,
-which in one atomic step checks the lease (refusing a late push), checks capacity, XADDs an
-entry that references the payload, and completes the lease. While the buffer is full the
-script is retried (the payload is not re-sent) and the producer's leases are renewed.
+One push, or a batch of them, is one pipelined round trip: SET each encoded record under a
+fresh payload key (with a TTL, so a producer that dies right there leaves nothing behind),
+then ONE call of the PUSH script for the whole batch, which for each group in turn, as one
+atomic step, checks the lease (refusing a late push), checks capacity, XADDs an entry that
+references the payload, and completes the lease. While the buffer is full the script is
+retried for the groups still waiting (their payloads are not re-sent) and the producer's
+leases are renewed.
 """
 
 from __future__ import annotations
@@ -35,15 +37,13 @@ def _text(value: bytes | str) -> str:
 class _Push:
     """One pending push: its script keys/args and its record (kept to re-SET if needed)."""
 
-    def __init__(self, keys: Keys, group: EpisodeGroup, lease_id: str | None, capacity: int):
+    def __init__(self, keys: Keys, group: EpisodeGroup, lease_id: str | None):
         self.group, self.lease_id = group, lease_id
         self.record, oldest = encode_group_versioned(group)
         token = uuid.uuid4().hex
         self.payload_key = keys.payload(token)
-        self.keys = [keys.leases, keys.deadlines, keys.stream, keys.stats,
-                     keys.done(lease_id or ""), self.payload_key]  # fmt: skip
-        self.args = [lease_id or "", group.prompt_id, capacity, token,
-                     -1 if oldest is None else oldest, CONSUMER_GROUP]  # fmt: skip
+        self.keys = [keys.done(lease_id or ""), self.payload_key]
+        self.args = [lease_id or "", group.prompt_id, token, -1 if oldest is None else oldest]
         self.status = "NOPAYLOAD"  # the payload has not been SET yet
         self.reply: list = []
 
@@ -84,7 +84,7 @@ class GroupWriter:
         room, a set `cancel` ends the wait within one retry pause (<= 50 ms): the items not
         yet pushed are given up and PutCancelledError says which were.
         """
-        pushes = [_Push(self._k, group, lease_id, self.capacity) for group, lease_id in items]
+        pushes = [_Push(self._k, group, lease_id) for group, lease_id in items]
         results: list[str | None] = [None] * len(pushes)
         waiting = list(range(len(pushes)))
         start = last_renew = time.monotonic()
@@ -116,27 +116,29 @@ class GroupWriter:
             pause = min(pause * 2, 0.05)
 
     def _attempt(self, pushes: list[_Push]) -> None:
-        """One pipelined round trip: (re-)SET missing payloads, run the push script (by sha:
-        redis-py's Script objects add a SCRIPT EXISTS round trip to every pipeline)."""
+        """One pipelined round trip: (re-)SET missing payloads, then one call of the push
+        script for all of them (by sha: redis-py's Script objects add a SCRIPT EXISTS round
+        trip to every pipeline)."""
         pipe = self._r.pipeline(transaction=False)
         for push in pushes:
             if push.status == "NOPAYLOAD":
                 pipe.set(push.payload_key, push.record, ex=self._payload_ttl_s)
-            pipe.evalsha(self._push_sha, len(push.keys), *push.keys, *push.args)
-        replies = iter(pipe.execute(raise_on_error=False))
-        unloaded = False
+        keys = [self._k.leases, self._k.deadlines, self._k.stream, self._k.stats]
+        args: list = [self.capacity, CONSUMER_GROUP]
         for push in pushes:
-            if push.status == "NOPAYLOAD":
-                next(replies)  # the SET's OK
-            reply = next(replies)
-            if isinstance(reply, redis.exceptions.NoScriptError):  # the server restarted
-                unloaded, push.status = True, "FULL"  # not run: safe to run again
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            push.reply, push.status = reply, _text(reply[0])
-        if unloaded:
+            keys += push.keys
+            args += push.args
+        pipe.evalsha(self._push_sha, len(keys), *keys, *args)
+        reply = pipe.execute(raise_on_error=False)[-1]
+        if isinstance(reply, redis.exceptions.NoScriptError):  # the server restarted
+            for push in pushes:  # not run: safe to run again, without re-sending payloads
+                push.status = "FULL" if push.status == "NOPAYLOAD" else push.status
             self._push_sha = self._r.script_load(scripts.PUSH)
+            return
+        if isinstance(reply, Exception):
+            raise reply
+        for push, one in zip(pushes, reply, strict=True):
+            push.reply, push.status = one, _text(one[0])
 
     @staticmethod
     def _settle(push: _Push, i: int, results: list[str | None]) -> bool:

@@ -126,57 +126,77 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: leases, deadlines, stream, stats, done_key, payload_key
-# ARGV: lease_id ('' for none), prompt_id, capacity, payload token, oldest_version, group
-# The record itself was SET into payload_key (with a TTL) just before, in the same pipeline:
-# passing ~30 KB through Lua costs the single-threaded server ~1 us per KB, a plain SET does
-# not. The stream entry carries the token; PERSIST keeps the payload until it is acked.
-# returns {'OK', id} | {'DONE', id} (this lease was already pushed: its entry id) | {'LATE'} |
-#         {'MISMATCH', leased prompt id} | {'FULL'} | {'NOPAYLOAD'} (SET it again)
+# KEYS: leases, deadlines, stream, stats, then per push: done_key, payload_key
+# ARGV: capacity, group, then per push: lease_id ('' for none), prompt_id, payload token,
+#       oldest_version
+# Several pushes in one call (one per group of a put_groups batch), each decided as if it ran
+# alone, in order: the capacity check counts the entries the earlier pushes of this call
+# added. The records themselves were SET into the payload keys (with a TTL) just before, in
+# the same pipeline: passing ~30 KB through Lua costs the single-threaded server ~2 us per KB
+# (measured: 108 against 52 us of server CPU per 27 KB group), a plain SET does not. The
+# stream entry carries the token; PERSIST keeps the payload until it is acked.
+# returns one reply per push, in order:
+#   {'OK', id} | {'DONE', id} (this lease was already pushed: its entry id) | {'LATE'} |
+#   {'MISMATCH', leased prompt id} | {'FULL'} | {'NOPAYLOAD'} (SET it again)
 PUSH = r"""
-local lid = ARGV[1]
-local epoch = nil
-if lid ~= '' then
-  local prev = redis.call('GET', KEYS[5])
-  if prev then
-    redis.call('DEL', KEYS[6])
-    local sep = string.find(prev, '|', 1, true)
-    local done_pid = string.sub(prev, sep + 1)
-    if done_pid ~= ARGV[2] then return {'MISMATCH', done_pid} end
-    return {'DONE', string.sub(prev, 1, sep - 1)}
+local leases, deadlines, stream, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local capacity = tonumber(ARGV[1])
+local unconsumed = redis.call('XLEN', stream) - redis.call('XPENDING', stream, ARGV[2])[1]
+local put, done = 0, 0
+
+local function push(lid, pid, token, oldest, done_key, payload_key)
+  local epoch = nil
+  if lid ~= '' then
+    local prev = redis.call('GET', done_key)
+    if prev then
+      redis.call('DEL', payload_key)
+      local sep = string.find(prev, '|', 1, true)
+      local done_pid = string.sub(prev, sep + 1)
+      if done_pid ~= pid then return {'MISMATCH', done_pid} end
+      return {'DONE', string.sub(prev, 1, sep - 1)}
+    end
+    local raw = redis.call('HGET', leases, lid)
+    if not raw then
+      redis.call('DEL', payload_key)
+      redis.call('HINCRBY', stats, 'late_pushes', 1)
+      return {'LATE'}
+    end
+    local l = cjson.decode(raw)
+    if l.p ~= pid then
+      redis.call('DEL', payload_key)
+      return {'MISMATCH', l.p}
+    end
+    epoch = tostring(l.e)
   end
-  local raw = redis.call('HGET', KEYS[1], lid)
-  if not raw then
-    redis.call('DEL', KEYS[6])
-    redis.call('HINCRBY', KEYS[4], 'late_pushes', 1)
-    return {'LATE'}
+  if unconsumed >= capacity then return {'FULL'} end
+  if redis.call('PERSIST', payload_key) == 0 and redis.call('EXISTS', payload_key) == 0 then
+    return {'NOPAYLOAD'}
   end
-  local l = cjson.decode(raw)
-  if l.p ~= ARGV[2] then
-    redis.call('DEL', KEYS[6])
-    return {'MISMATCH', l.p}
+  local id
+  if epoch then  -- the epoch lets a consumer requeue the prompt if the group is too stale
+    id = redis.call('XADD', stream, '*', 'r', token, 'v', oldest, 'p', pid, 'e', epoch)
+  else
+    id = redis.call('XADD', stream, '*', 'r', token, 'v', oldest, 'p', pid)
   end
-  epoch = tostring(l.e)
+  if lid ~= '' then
+    redis.call('HDEL', leases, lid)
+    redis.call('ZREM', deadlines, lid)
+    redis.call('SET', done_key, id .. '|' .. pid, 'EX', 3600)
+    done = done + 1
+  end
+  unconsumed = unconsumed + 1
+  put = put + 1
+  return {'OK', id}
 end
-local unconsumed = redis.call('XLEN', KEYS[3]) - redis.call('XPENDING', KEYS[3], ARGV[6])[1]
-if unconsumed >= tonumber(ARGV[3]) then return {'FULL'} end
-if redis.call('PERSIST', KEYS[6]) == 0 and redis.call('EXISTS', KEYS[6]) == 0 then
-  return {'NOPAYLOAD'}
+
+local out = {}
+for i = 1, (#ARGV - 2) / 4 do
+  local a, k = 2 + (i - 1) * 4, 4 + (i - 1) * 2
+  out[i] = push(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], KEYS[k + 1], KEYS[k + 2])
 end
-local id
-if epoch then  -- the epoch lets a consumer requeue the prompt if the group is too stale
-  id = redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 'v', ARGV[5], 'p', ARGV[2], 'e', epoch)
-else
-  id = redis.call('XADD', KEYS[3], '*', 'r', ARGV[4], 'v', ARGV[5], 'p', ARGV[2])
-end
-if lid ~= '' then
-  redis.call('HDEL', KEYS[1], lid)
-  redis.call('ZREM', KEYS[2], lid)
-  redis.call('SET', KEYS[5], id .. '|' .. ARGV[2], 'EX', 3600)
-  redis.call('HINCRBY', KEYS[4], 'prompts_done', 1)
-end
-redis.call('HINCRBY', KEYS[4], 'groups_put', 1)
-return {'OK', id}
+if put > 0 then redis.call('HINCRBY', stats, 'groups_put', put) end
+if done > 0 then redis.call('HINCRBY', stats, 'prompts_done', done) end
+return out
 """
 
 # KEYS: stream, stats   ARGV: group, payload key prefix, entry id, ...
