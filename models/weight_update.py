@@ -13,6 +13,12 @@ process (a Ray object, an HTTP body, a file) carries host bytes; `device=` keeps
 GPU for an engine in the same process on the same GPU, and `apply_weight_update` then copies
 GPU to GPU. `encode_weight_update` always produces host bytes.
 
+Pickling (Ray's object store): a host payload pickles as a numpy array, so with protocol 5
+its bytes travel out of band: written once into the store and read back as a zero-copy view
+of the store's shared memory (torch's own tensor pickling goes through torch.save, a full
+copy more on each side; measured in bench/weight_sync.py). Such a payload is read-only
+memory shared by every reader of the object: receivers copy out of it and never write into it.
+
 Wire format of `encode_weight_update`: b"PHWU", u32 format version, u64 header length, a
 JSON header (version, fp8_block, per bucket: names, shapes, dtypes, offsets, nbytes), zero
 padding to 16 bytes, then each bucket's payload (each padded to 16 bytes).
@@ -22,10 +28,12 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -72,6 +80,27 @@ class WeightBucket:
     def nbytes(self) -> int:
         return self.payload.numel()
 
+    def __reduce__(self) -> tuple:
+        """A host payload pickles as a numpy array (out of band with protocol 5: see the
+        module docstring); a GPU payload as torch pickles it."""
+        fields = (self.names, self.shapes, self.dtypes)
+        if self.payload.device.type != "cpu":
+            return (WeightBucket, (*fields, self.payload, self.offsets))
+        return (_bucket_from_host, (*fields, self.payload.numpy(), self.offsets))
+
+
+def _bucket_from_host(
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    dtypes: list[str],
+    payload: np.ndarray,
+    offsets: list[int],
+) -> WeightBucket:
+    with warnings.catch_warnings():  # a read-only store buffer: receivers only read it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(payload)
+    return WeightBucket(names, shapes, dtypes, tensor, offsets)
+
 
 @dataclass
 class WeightUpdate:
@@ -89,11 +118,13 @@ def _pack(items: list[tuple[str, Tensor]], device: torch.device) -> WeightBucket
     for _, t in items:
         offsets.append(pos)
         pos = _aligned(pos + t.numel() * t.element_size())
-    payload = torch.zeros(pos, dtype=torch.uint8, device=device)
-    for (_, t), off in zip(items, offsets):
+    payload = torch.empty(pos, dtype=torch.uint8, device=device)  # written once, below
+    ends = offsets[1:] + [pos]
+    for (_, t), off, end in zip(items, offsets, ends):
         # the one device -> host copy of a cross-process update (none when device is the GPU)
-        raw = t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
         payload[off : off + raw.numel()].copy_(raw)
+        payload[off + raw.numel() : end].zero_()  # alignment padding
     return WeightBucket(
         names=[n for n, _ in items],
         shapes=[tuple(t.shape) for _, t in items],

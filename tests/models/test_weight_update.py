@@ -120,3 +120,62 @@ def test_dense_update_into_fp8_model_is_quantized_and_block_mismatch_requantizes
         target.load_hf_state_dict(
             [x for x in lonely if not x[0].endswith("_scale_inv")], strict=False
         )
+
+
+def test_pickled_bucket_payload_travels_out_of_band_and_loads_as_a_view() -> None:
+    """Protocol 5 (what Ray's object store uses): the payload is one out-of-band buffer, not
+    pickled bytes, and unpickling from that buffer gives a tensor over the same memory."""
+    import pickle
+
+    source = make_model(seed=41, tie_word_embeddings=False)
+    update = build_weight_update(source.hf_state_dict(), version=3, fp8_block=(128, 128))
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(update, protocol=5, buffer_callback=buffers.append)
+    assert [memoryview(b).nbytes for b in buffers] == [b.nbytes for b in update.buckets]
+    assert len(data) < 64 * 1024 < update.nbytes  # the header only: names, shapes, offsets
+    got = pickle.loads(data, buffers=buffers)
+    assert got.version == 3 and got.fp8_block == (128, 128)
+    for sent, back in zip(update.buckets, got.buckets):
+        # a view of the received buffer (here: the sender's own memory), not a copy
+        assert back.payload.data_ptr() == sent.payload.data_ptr()
+        assert (back.names, back.shapes, back.dtypes) == (sent.names, sent.shapes, sent.dtypes)
+    in_band = pickle.loads(pickle.dumps(update, protocol=4))  # older protocols: a copy
+    for (n, t), (_, u) in zip(iter_bucket_tensors(in_band.buckets[0]), named(update)):
+        assert t.dtype == u.dtype and torch.equal(t.view(torch.uint8), u.view(torch.uint8)), n
+    target = quantize_model_(make_model(seed=42, tie_word_embeddings=False))
+    apply_weight_update(target, got)  # an FP8 update loads from the received views
+    ids = torch.tensor([3, 9, 27, 1, 5])
+    assert torch.equal(full_logits(target, ids), full_logits(_fp8_loaded(update), ids))
+
+
+def named(update):
+    return [kv for b in update.buckets for kv in iter_bucket_tensors(b)]
+
+
+def _fp8_loaded(update):
+    model = quantize_model_(make_model(seed=43, tie_word_embeddings=False))
+    apply_weight_update(model, update)
+    return model
+
+
+def test_update_through_ray_object_store_is_read_zero_copy() -> None:
+    """ray.put / ray.get of a WeightUpdate: every get of the object is a view of the same
+    shared-memory store object (torch's own pickling would copy it on every get), and its
+    tensors are the sender's."""
+    import ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(num_cpus=1, include_dashboard=False, namespace="test_weight_update")
+    try:
+        source = make_model(seed=44, tie_word_embeddings=False)
+        update = build_weight_update(source.hf_state_dict(), version=5, dtype=torch.bfloat16)
+        ref = ray.put(update)
+        first, second = ray.get(ref), ray.get(ref)
+        for a, b, sent in zip(first.buckets, second.buckets, update.buckets):
+            assert a.payload.data_ptr() == b.payload.data_ptr() != sent.payload.data_ptr()
+            assert torch.equal(a.payload, sent.payload)
+        assert first.version == 5
+    finally:
+        if owned:
+            ray.shutdown()
