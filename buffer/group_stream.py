@@ -1,9 +1,11 @@
 """The consuming side of the episode stream: the trainer's consumer group.
 
-`take` reads entries (XREADGROUP), fetches their payloads (one MGET) and hands back only
-groups fresh enough for the current policy version; stale ones are acknowledged and dropped
-(their leased prompts requeued), undecodable ones are moved to a capped quarantine stream;
-all counted, so neither can wedge the trainer. `ack` (one Lua step: XACK + XDEL + payload
+`take` reads the policy version and entries in one round trip (GET + XREADGROUP), then in a
+second one (MULTI: drops, MGET of the payloads, staleness counts, EXEC) fetches the payloads
+and hands back only groups fresh enough for the current policy version; stale ones are
+acknowledged and dropped (their leased prompts requeued), undecodable ones are moved to a
+capped quarantine stream (a third trip, only when there are any); all counted, so neither
+can wedge the trainer. `ack` (one Lua step: XACK + XDEL + payload
 delete) is called once the step that used the groups has been checkpointed. Entries taken
 but never acknowledged stay pending: a consumer restarted under the same name gets them
 again on its next `take`, and `reclaim` moves a dead consumer's pending entries to a live
@@ -78,12 +80,18 @@ class GroupStream:
         with self._lock:
             return self._consumers.setdefault(name, _Consumer())
 
-    def _read(self, consumer: str, state: _Consumer, count: int, block_ms: int | None) -> list:
-        """Entries not yet handed out: first our own pending list, then new ones."""
+    def _read(
+        self, consumer: str, state: _Consumer, count: int, block_ms: int | None
+    ) -> tuple[int, list]:
+        """The current version and entries not yet handed out: first our own pending list,
+        then new ones (the version comes in the same round trip as the read)."""
         while state.scan_from is not None:
-            reply = self._r.xreadgroup(
+            pipe = self._r.pipeline(transaction=False)
+            pipe.get(self._k.version)
+            pipe.xreadgroup(
                 CONSUMER_GROUP, consumer, {self._k.stream: state.scan_from}, count=count
             )
+            version, reply = pipe.execute()
             entries = [e for e in (reply[0][1] if reply else [])]
             if not entries:
                 state.scan_from = None
@@ -91,60 +99,81 @@ class GroupStream:
             state.scan_from = _text(entries[-1][0])
             fresh = [e for e in entries if _text(e[0]) not in state.handed]
             if fresh:
-                return fresh
-        reply = self._r.xreadgroup(
+                return int(version or 0), fresh
+        pipe = self._r.pipeline(transaction=False)
+        pipe.get(self._k.version)
+        pipe.xreadgroup(
             CONSUMER_GROUP, consumer, {self._k.stream: ">"}, count=count, block=block_ms
         )
-        return reply[0][1] if reply else []
+        version, reply = pipe.execute()
+        return int(version or 0), reply[0][1] if reply else []
 
     def take(self, consumer: str, n: int, block_ms: int) -> list[TakenGroup]:
-        """Up to n fresh groups, waiting at most block_ms (0 = do not wait) to fill the batch."""
+        """Up to n fresh groups, waiting at most block_ms (0 = do not wait) to fill the batch.
+
+        Staleness is judged against the version read with the first batch of entries."""
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
         state = self._consumer(consumer)
-        version = int(self._r.get(self._k.version) or 0)
-        floor = version - self.max_staleness
         deadline = time.monotonic() + max(block_ms, 0) / 1000
         taken: list[TakenGroup] = []
+        version: int | None = None
         while len(taken) < n:
             wait_ms = int((deadline - time.monotonic()) * 1000)
-            entries = self._read(consumer, state, n - len(taken), wait_ms if wait_ms > 0 else None)
+            read_version, entries = self._read(
+                consumer, state, n - len(taken), wait_ms if wait_ms > 0 else None
+            )
+            version = read_version if version is None else version
             if not entries:
                 break
-            taken += self._sort(entries, version, floor, state)
+            taken += self._sort(entries, version, version - self.max_staleness, state)
         return taken
 
     def _sort(self, entries: list, version: int, floor: int, state: _Consumer) -> list:
-        """Decode fresh entries; drop stale and quarantine corrupt ones, all in one atomic
-        trip. The prompt of a stale group that came from a lease is requeued, so a fresher
-        policy generates it again instead of it being lost for its epoch."""
+        """Decode fresh entries; drop stale and quarantine corrupt ones. One atomic trip
+        (MULTI) drops the stale and malformed entries, fetches the payloads and counts the
+        staleness of the groups to hand out; a second one, only if some payload does not
+        decode, quarantines those and takes them out of the count. The prompt of a stale
+        group that came from a lease is requeued, so a fresher policy generates it again
+        instead of it being lost for its epoch."""
         pipe = self._r.pipeline(transaction=True)
         dropped: list[str] = []
         wanted = self._triage(entries, version, floor, pipe, dropped)
         keys = [self._k.payload(_text(fields[b"r"])) for _, fields, _ in wanted]
-        records = self._r.mget(keys) if keys else []
+        at = len(pipe)  # the MGET's place among the transaction's replies
+        if keys:
+            pipe.mget(keys)
+        ages = Counter(version - oldest for _, _, oldest in wanted if oldest >= 0)
+        for age, count in ages.items():
+            pipe.hincrby(self._k.hist_taken, age, count)
+        self._drop(pipe, dropped)
+        replies = pipe.execute() if len(pipe) else []
+        records = replies[at] if keys else []
         fresh: list[TakenGroup] = []
-        ages: Counter[int] = Counter()
-        for (entry_id, fields, oldest), record in zip(wanted, records):
+        pipe = self._r.pipeline(transaction=True)
+        dropped = []
+        for (entry_id, fields, oldest), record in zip(wanted, records, strict=True):
             try:
                 if record is None:
                     raise EpisodeCodecError("payload: missing (expired or deleted)")
                 group = decode_group(record)
             except EpisodeCodecError as exc:
                 self._quarantine(pipe, entry_id, fields, record, exc)
+                if oldest >= 0:  # counted above as handed out; it is not
+                    pipe.hincrby(self._k.hist_taken, version - oldest, -1)
                 dropped.append(entry_id)
                 continue
-            if oldest >= 0:
-                ages[version - oldest] += 1
             state.handed.add(entry_id)
             fresh.append(TakenGroup(entry_id, group))
-        for age, count in ages.items():
-            pipe.hincrby(self._k.hist_taken, age, count)
+        self._drop(pipe, dropped)
+        if len(pipe):
+            pipe.execute()
+        return fresh
+
+    def _drop(self, pipe: Any, dropped: list[str]) -> None:
         if dropped:
             pipe.xack(self._k.stream, CONSUMER_GROUP, *dropped)
             pipe.xdel(self._k.stream, *dropped)
-        pipe.execute()
-        return fresh
 
     def _triage(
         self, entries: list, version: int, floor: int, pipe: Any, dropped: list[str]

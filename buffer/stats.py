@@ -64,7 +64,8 @@ _COUNTERS = (
 
 
 def _int_map(raw: dict) -> dict[int, int]:
-    return dict(sorted((int(k), int(v)) for k, v in raw.items()))
+    """Counts by staleness; a 0 (a take counted and then quarantined) is left out."""
+    return dict(sorted((int(k), int(v)) for k, v in raw.items() if int(v)))
 
 
 def _head_version(client: redis.Redis, keys: Keys, group_info: list[dict]) -> int | None:

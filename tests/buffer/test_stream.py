@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from buffer.errors import BufferFullError
 from tests.buffer.helpers import make_group, write_prompts
@@ -136,6 +137,7 @@ def test_a_corrupt_payload_is_quarantined_not_fatal(make_store) -> None:
     assert not client.exists(keys.payload("bad"))
     errors = b" ".join(q[b"error"] for q in quarantined.values())
     assert b"payload: missing" in errors and b"KeyError" in errors
+    assert stats.staleness_hist == {0: 2}  # only the groups handed out are counted
 
 
 def test_payloads_live_exactly_as_long_as_their_entries(make_store) -> None:
@@ -223,3 +225,48 @@ def test_the_prompt_of_a_stale_leased_group_is_generated_again(make_store, tmp_p
     assert (stats.drops_stale, stats.stale_requeued) == (2, 1)
     store.put_group(make_group("p0", version=1), lease_id=again[0].lease_id)
     assert [t.group.prompt_id for t in store.take_groups("c", 2, block_ms=0)] == ["p0"]
+
+
+def test_one_push_call_decides_each_group_in_order_against_capacity(make_store) -> None:
+    """put_groups runs one script call for the batch: the groups that fit go in, in order;
+    the rest wait for room and follow in order once the trainer takes."""
+    store = make_store(capacity=2, put_timeout_s=30)
+    result: list[list[str | None]] = []
+    thread = threading.Thread(
+        target=lambda: result.append(store.put_groups([make_group(f"b{i}") for i in range(4)]))
+    )
+    thread.start()
+    first = store.take_groups("c", 2, block_ms=10_000)  # the two that fit, pushed at once
+    rest = store.take_groups("c", 2, block_ms=10_000)
+    thread.join(30)
+    assert [t.group.prompt_id for t in first + rest] == ["b0", "b1", "b2", "b3"]
+    assert result[0] == [t.entry_id for t in first + rest]
+    assert store.stats().groups_put == 4
+
+
+def test_round_trips_per_call(make_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch put is one round trip, a take two (version + entries, then payloads), an ack
+    one; a take that meets a corrupt payload adds one to quarantine it (and reads again to
+    fill its batch)."""
+    store = make_store()
+    store.take_groups("c", 1, block_ms=0)  # scans (empty) pending list once per consumer
+    trips: list[bytes] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self, command, check_health=True):
+        packed = b"".join(command) if isinstance(command, list) else command
+        if b"PING" not in packed[:32]:  # the pool's idle health check is not ours
+            trips.append(packed)
+        return send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    ids = store.put_groups([make_group(f"p{i}") for i in range(8)])
+    assert len(trips) == 1
+    taken = store.take_groups("c", 8, block_ms=0)
+    assert len(trips) == 3 and [t.entry_id for t in taken] == ids
+    store.ack(ids)
+    assert len(trips) == 4
+    store.client.xadd(store.keys.stream, {"r": "gone", "v": 0, "p": "x"})
+    trips.clear()
+    assert store.take_groups("c", 8, block_ms=0) == []
+    assert len(trips) == 4 and store.stats().corrupt == 1
