@@ -1,0 +1,345 @@
+"""Benchmark: GRPO on a long-tail task, synchronous against asynchronous and partial rollouts.
+
+The task (envs/examples/long_tail.py) is "count from a to b" with b - a + 1 drawn lognormal
+(median 2 items, sigma 1.1, clipped at 40): most answers are a few tokens, about one in a
+hundred is 10-30x the median. The script builds the toy tokenizer and a fresh glm4moe-toy
+model, warm-starts it with a short SFT (plain cross-entropy, bench/common.py's helpers), prints
+the measured length distribution of the reference answers, then runs the same GRPO job
+(configs/toy_grpo.yaml with the same seed, data and warm start) in each mode, one after the
+other on one embedded Ray:
+
+  sync      buffer.max_staleness 0 (on-policy; a weight update never meets a generation)
+  async1/2  max_staleness 1 / 2, rollout.partial_rollout false: a weight update waits until
+            the engine's running generations finish (AReaL's non-interruptible mode)
+  partial2  max_staleness 2, partial_rollout true: the update lands between two decode
+            steps and long generations continue under the new weights (both versions tagged)
+
+Per mode, over the steps after --skip: trained tokens/s (response tokens the trainer took /
+wall time), median step time, that over max(generation, training) where generation = the sync
+run's median trainer wait and training = its median busy time (step - wait), the trainer's
+idle fraction (sum of waits / sum of steps), the staleness histogram of the groups trained
+(buffer/staleness_hist), the episodes generated across an update, and the held-out greedy
+accuracy (eval at the end, same prompts for every mode). Other engineers share this machine:
+the load average is printed beside every run.
+
+    .venv/bin/python bench/long_tail.py [--steps 16] [--skip 3] [--modes sync,async1,...]
+        [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import _sft_batch, _sft_examples, load_hf_model  # bench/ is on sys.path
+
+import configs
+from configs import load_job
+from envs.examples.long_tail import LONG_TAIL
+from envs.tasks import tokenizer_corpus, write_jsonl
+from models import Glm4MoeForCausalLM, get_preset, save_pretrained
+from models.tokenizer import build_toy_tokenizer, stop_token_ids
+from physarum.cluster import connect
+from physarum.launch import execute
+
+PRESET = Path(configs.__file__).parent / "toy_grpo.yaml"
+MODES: dict[str, tuple[int, bool]] = {  # name -> (max_staleness, partial_rollout)
+    "sync": (0, False),
+    "async1": (1, False),
+    "async2": (2, False),
+    "partial1": (1, True),
+    "partial2": (2, True),
+}
+MAX_NEW, MAX_CONTEXT = 128, 160  # the longest reference answer is ~110 tokens
+
+
+@dataclass(frozen=True)
+class Fixture:
+    tokenizer_dir: Path
+    train_path: Path
+    eval_path: Path
+    warm_dir: Path
+
+
+def build_fixture(root: Path, args: argparse.Namespace) -> Fixture:
+    """Tokenizer, rows, a fresh toy model and its SFT warm start (same seed, same files)."""
+    corpus = tokenizer_corpus(seed=0) + LONG_TAIL.corpus_lines(2000, seed=0)
+    tok = build_toy_tokenizer(root / "tokenizer", corpus)
+    train = LONG_TAIL.make_rows(args.train_rows, seed=args.seed, split="train")
+    held_out = LONG_TAIL.make_rows(args.eval_prompts, seed=args.seed, split="test")
+    write_jsonl(train, root / "train.jsonl")
+    write_jsonl(held_out, root / "eval.jsonl")
+    print_lengths(tok, train)
+    config = get_preset(
+        "glm4moe-toy",
+        vocab_size=len(tok),
+        eos_token_id=list(stop_token_ids(tok)),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    if args.warm is not None:  # an earlier run's warm start (same seed and rows)
+        print(f"SFT warm start: reused {args.warm}", flush=True)
+        return Fixture(root / "tokenizer", root / "train.jsonl", root / "eval.jsonl", args.warm)
+    torch.manual_seed(args.seed)
+    save_pretrained(Glm4MoeForCausalLM(config), root / "init")
+    sft(root / "init", root / "warm", tok, train, args)
+    return Fixture(root / "tokenizer", root / "train.jsonl", root / "eval.jsonl", root / "warm")
+
+
+def print_lengths(tok: Any, rows: list[dict]) -> None:
+    """The reference answers' token counts (+1 for the stop token): the tail the policy meets."""
+    lengths = np.array([len(tok.encode(r["label"], add_special_tokens=False)) + 1 for r in rows])
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+    print(
+        f"reference answer tokens over {len(rows)} train rows (lognormal items, median 2, "
+        f"sigma 1.1): p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {lengths.max()}, "
+        f"mean {lengths.mean():.1f}; max/p50 = {lengths.max() / p50:.1f}x",
+        flush=True,
+    )
+
+
+def sft(init: Path, out: Path, tok: Any, rows: list[dict], args: argparse.Namespace) -> None:
+    """Plain token cross-entropy on the reference answers for --sft-steps steps."""
+    started = time.monotonic()
+    examples = _sft_examples(tok, rows)
+    model = load_hf_model(init)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    losses = []
+    for _ in range(args.sft_steps):
+        ids, attention, labels = _sft_batch(rng.sample(examples, 32), tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    print(
+        f"SFT warm start: {args.sft_steps} steps, last-50 loss "
+        f"{statistics.fmean(losses[-50:]):.4f}, {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+
+
+def job_overrides(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> list[str]:
+    staleness, partial = MODES[mode]
+    return [
+        f"name=long_tail_{mode}",
+        f"run_dir={root / mode}",
+        f"seed={args.seed}",
+        f"model.path={fx.warm_dir}",
+        f"tokenizer.path={fx.tokenizer_dir}",
+        "data.task=envs.examples.long_tail:LONG_TAIL",
+        "data.task_args={}",
+        f"data.train_path={fx.train_path}",
+        f"data.eval_path={fx.eval_path}",
+        "reward.plugins=[{name: 'envs.examples.long_tail:count_reward'}]",
+        f"buffer.max_staleness={staleness}",
+        f"rollout.partial_rollout={str(partial).lower()}",
+        f"rollout.max_new_tokens={MAX_NEW}",
+        f"rollout.max_context={MAX_CONTEXT}",
+        f"trainer.steps={args.steps}",
+        f"trainer.prompts_per_step={args.prompts}",
+        f"rollout.prompts_per_lease={args.prompts}",
+        f"rollout.n_samples_per_prompt={args.samples}",
+        "rollout.eval.interval=0",
+        f"rollout.eval.n_prompts={args.eval_prompts}",
+        "checkpoint.interval=0",
+        "checkpoint.save_hf=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        f"logging.level={'INFO' if args.verbose else 'WARNING'}",
+        *args.set,
+    ]
+
+
+@dataclass
+class Run:
+    mode: str
+    records: list[dict[str, Any]]  # per-step trainer records after --skip
+    evals: list[dict[str, Any]]  # records holding eval/accuracy, in step order
+    load: tuple[float, float]
+    wall_s: float
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.records)
+
+    @property
+    def step_s(self) -> float:
+        return self.median("perf/step_s")
+
+    @property
+    def wait_s(self) -> float:
+        return self.median("perf/wait_s")
+
+    @property
+    def busy_s(self) -> float:
+        return statistics.median(r["perf/step_s"] - r["perf/wait_s"] for r in self.records)
+
+    @property
+    def tokens(self) -> float:
+        return sum(r["data/episodes"] * r["data/response_len"] for r in self.records)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / sum(r["perf/step_s"] for r in self.records)
+
+    @property
+    def idle(self) -> float:
+        return sum(r["perf/wait_s"] for r in self.records) / sum(
+            r["perf/step_s"] for r in self.records
+        )
+
+    @property
+    def staleness_hist(self) -> dict[int, int]:
+        """Groups trained per staleness over the measured steps (cumulative counters' diff)."""
+
+        def hist(record: dict[str, Any]) -> dict[int, float]:
+            prefix = "buffer/staleness_hist/"
+            return {int(k[len(prefix) :]): v for k, v in record.items() if k.startswith(prefix)}
+
+        first, last = hist(self.before), hist(self.records[-1])
+        return {k: int(v - first.get(k, 0)) for k, v in sorted(last.items())}
+
+    before: dict[str, Any] | None = None  # the last skipped record (histogram baseline)
+
+    @property
+    def accuracy(self) -> tuple[float, float]:
+        return self.evals[0]["eval/accuracy"], self.evals[-1]["eval/accuracy"]
+
+
+def read_run(mode: str, path: Path, skip: int, load: tuple, wall: float) -> Run:
+    steps, evals = [], []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "perf/step_s" in record:
+            steps.append(record)
+        if "eval/accuracy" in record:
+            evals.append(record)
+    measured = [r for r in steps if r["step"] > skip]
+    if len(measured) < 2 or len(evals) < 2:
+        raise RuntimeError(f"{path}: {len(measured)} measured steps, {len(evals)} evals")
+    before = [r for r in steps if r["step"] <= skip]
+    return Run(mode, measured, evals, load, wall, before[-1] if before else {})
+
+
+def run_mode(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> Run:
+    job = load_job(PRESET, job_overrides(fx, args, mode, root))
+    load0, started = os.getloadavg()[0], time.monotonic()
+    execute(job)
+    wall = time.monotonic() - started
+    run = read_run(
+        mode, job.resolved_run_dir / "metrics.jsonl", args.skip, (load0, os.getloadavg()[0]), wall
+    )
+    print(
+        f"  {mode}: median step {run.step_s:.3f} s, {run.tokens_per_s:.0f} trained tok/s "
+        f"(job wall {wall:.0f} s, load {run.load[0]:.1f} -> {run.load[1]:.1f})",
+        flush=True,
+    )
+    return run
+
+
+def print_table(runs: list[Run]) -> None:
+    sync = next((r for r in runs if r.mode == "sync"), None)
+    gen, train = (sync.wait_s, sync.busy_s) if sync else (float("nan"), float("nan"))
+    bound = max(gen, train)
+    print(
+        f"\ngeneration/step = sync median trainer wait {gen:.3f} s; training/step = sync median "
+        f"busy {train:.3f} s; max = {bound:.3f} s"
+    )
+    print(
+        f"{'mode':<9}{'tok/s':>7}{'x sync':>7}{'step s':>8}{'/max(g,t)':>10}{'idle':>6}"
+        f"{'tokens':>8}{'multi-v':>8}  {'staleness hist':<18}{'held-out acc':>14}  load"
+    )
+    for r in runs:
+        speed = r.tokens_per_s / sync.tokens_per_s if sync else float("nan")
+        hist = " ".join(f"{k}:{v}" for k, v in r.staleness_hist.items())
+        acc0, acc1 = r.accuracy
+        multi = r.records[-1].get("rollout/multi_version_episodes", float("nan"))
+        print(
+            f"{r.mode:<9}{r.tokens_per_s:>7.0f}{speed:>7.2f}{r.step_s:>8.3f}"
+            f"{r.step_s / bound:>10.2f}{r.idle:>6.2f}{r.tokens:>8.0f}{multi:>8.0f}  "
+            f"{hist:<18}{acc0:>6.3f}->{acc1:.3f}  {r.load[0]:.1f}->{r.load[1]:.1f}"
+        )
+    asyncs = [r for r in runs if r.mode != "sync"]
+    if sync and asyncs:
+        best = max(asyncs, key=lambda r: r.tokens_per_s)
+        gap = 100 * (best.accuracy[1] - sync.accuracy[1])
+        print(
+            f"\nbest async mode {best.mode}: {best.tokens_per_s / sync.tokens_per_s:.2f}x sync "
+            f"trained tok/s (target >= 2), step {best.step_s / bound:.2f} x max(gen, train) "
+            f"(target <= 1.15), held-out accuracy {gap:+.1f} points vs sync (target within 3)"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=16, help="trainer steps per mode")
+    parser.add_argument("--skip", type=int, default=3, help="first steps left out")
+    parser.add_argument("--modes", default="sync,async1,async2,partial2")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
+    parser.add_argument("--warm", type=Path, default=None, help="reuse this SFT'd model dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="extra override key=value")
+    parser.add_argument("--root", type=Path, default=None, help="keep run dirs here")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    args.modes = args.modes.split(",")
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    if args.skip >= args.steps - 1:
+        parser.error(f"--skip {args.skip} leaves fewer than 2 of --steps {args.steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    print(
+        f"long_tail: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load "
+        f"{os.getloadavg()}, torch threads {torch.get_num_threads()}, modes {args.modes}, "
+        f"{args.steps} steps (first {args.skip} skipped), {args.prompts} prompts x "
+        f"{args.samples} samples, overrides {args.set}",
+        flush=True,
+    )
+    with contextlib.ExitStack() as stack:
+        if args.root is None:
+            args.root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lt_")))
+        fx = build_fixture(args.root, args)
+        os.environ["RAY_worker_niceness"] = "0"  # as bench/async_vs_sync.py
+        first = load_job(PRESET, job_overrides(fx, args, args.modes[0], args.root))
+        handle = connect(first.cluster, min_cpus=2)
+        try:
+            runs = [run_mode(fx, args, mode, args.root) for mode in args.modes]
+        finally:
+            handle.shutdown()
+    print_table(runs)
+    print(f"\nwhole script {time.monotonic() - started:.0f} s, load now {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
