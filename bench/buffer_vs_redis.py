@@ -1,21 +1,27 @@
 """Benchmark: episode groups through EpisodeStore vs raw pipelined Redis stream commands.
 
-Both paths move the same records (8 episodes x 256 response tokens per group by default)
-through the same redis-server in the same run:
+All paths move the same records (the codec's bytes of 8 episodes x 256 response tokens +
+a 128-token prompt per group by default, ~27.6 KB) through the same redis-server, in rounds
+of --batch groups (put a batch, take it, ack it, so the stream stays short as in training):
 
-  store          put_group (encode + one Lua call: lease/capacity check + XADD) per group,
-                 then take_groups (XREADGROUP + staleness check + decode/validate), ack
-                 (XACK + XDEL)
-  store-batched  the same with put_groups: the batch's Lua calls in one pipelined trip
-  raw            the already-encoded bytes: pipelined XADD, XREADGROUP, XACK + XDEL
+  raw            the already-encoded records: one pipeline of XADD (the record inline, plus
+                 small v and p fields); one XREADGROUP; one MULTI of XACK + XDEL. 3 trips.
   raw+codec      raw, plus encode_group before XADD and decode_group after XREADGROUP: the
                  same work as the store minus its guarantees (leases, atomic push, capacity,
-                 staleness, acks that delete payloads), so store vs raw+codec isolates those
+                 staleness, quarantine, payloads that outlive a crash), so store vs
+                 raw+codec isolates the cost of those
+  store          EpisodeStore.put_group per group (encode, then one trip: SET payload with a
+                 TTL + the PUSH script), take_groups (GET version + XREADGROUP; then MULTI:
+                 MGET payloads + staleness counts; decode + validate), ack (ACK script:
+                 XACK + XDEL + payload DEL)
+  store-batched  the same with put_groups: the batch's SETs and ONE PUSH script call for the
+                 whole batch in one trip (4 trips per batch in all)
 
-Rounds of --batch groups alternate put and take, so the stream stays short, as in training.
-Prints groups/s, MB/s (record bytes) and the ratio store/raw by wall clock, and the CPU
-seconds each path costs (this process + redis-server), which stays meaningful when other
-jobs share the machine. Usage:
+Prints the date, load average and torch thread count; groups/s, MB/s (record bytes) and the
+ratio to raw by wall clock (best of --repeats runs, the paths interleaved), the CPU seconds
+each path costs (this process + redis-server, which stays meaningful when other jobs share
+the machine), round trips and Redis commands per batch (an untimed pass), and the codec's
+us per group over distinct groups. Usage:
 
     .venv/bin/python bench/buffer_vs_redis.py [--groups 2000] [--batch 32] [--url redis://...]
 """
@@ -23,6 +29,8 @@ jobs share the machine. Usage:
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import torch
 
 from buffer.codec import decode_group, encode_group
 from buffer.episode import Episode, EpisodeGroup
@@ -139,11 +148,78 @@ def _raw_loop(client: redis.Redis, stream: str, items: list, batch: int, codec: 
         pipe.execute()
 
 
-def per_item(fn: Callable[[], object], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
+def per_item(fn: Callable[[object], object], items: list, repeats: int = 3) -> float:
+    """Best-of-repeats CPU seconds per item of fn over distinct items (not one cached one)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for item in items:
+            fn(item)
+        best = min(best, (time.process_time() - start) / len(items))
+    return best
+
+
+class Trips:
+    """Counts round trips (socket sends of this process) while active, for the profile pass."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._send = redis.connection.AbstractConnection.send_packed_command
+
+    def __enter__(self) -> Trips:
+        send, trips = self._send, self
+
+        def counting(conn: object, command: object, check_health: bool = True) -> None:
+            trips.count += 1
+            return send(conn, command, check_health)
+
+        redis.connection.AbstractConnection.send_packed_command = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        redis.connection.AbstractConnection.send_packed_command = self._send
+
+
+def _commands(client: redis.Redis) -> int:
+    return sum(v["calls"] for v in client.info("commandstats").values())
+
+
+def profile_trips(
+    url: str, groups: list[EpisodeGroup], records: list[bytes], batch: int
+) -> list[str]:
+    """Round trips and Redis commands (scripts count their inner commands) per batch."""
+    client = redis.Redis.from_url(url)
+    chunk, encoded = groups[:batch], records[:batch]
+    store = EpisodeStore(url, f"bench-trips-{time.time_ns()}", capacity=4 * batch)
+    store.take_groups("bench", 1, block_ms=0)  # the once-per-consumer pending scan
+    stream = f"bench-raw-trips-{time.time_ns()}"
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    steps: dict[str, list[tuple[str, Callable[[], object]]]] = {
+        "raw": [("put+take+ack", lambda: _raw_loop(client, stream, encoded, batch, False))],
+        "store-batched": [
+            ("put", lambda: store.put_groups(chunk)),
+            ("take", lambda: taken.extend(store.take_groups("bench", batch, block_ms=1000))),
+            ("ack", lambda: store.ack([t.entry_id for t in taken])),
+        ],
+        "store": [("put", lambda: [store.put_group(g) for g in chunk])],
+    }
+    out = [f"  round trips and Redis commands per batch of {batch} (untimed pass):"]
+    for name, parts in steps.items():
+        taken: list = []
+        line = []
+        for label, step in parts:
+            before = _commands(client)
+            with Trips() as trips:
+                step()
+            line.append(f"{label} {trips.count} trips {_commands(client) - before - 1} cmds")
+        if name == "store":
+            store.ack([t.entry_id for t in store.take_groups("bench", batch, block_ms=1000)])
+        out.append(f"    {name:13s} " + ", ".join(line))
+    out[-1] += " (take and ack as store-batched)"
+    client.delete(stream, *client.keys(f"{store.keys.prefix}*"))
+    store.close()
+    client.close()
+    return out
 
 
 def report(costs: dict[str, list[Cost]], n: int, mb: float) -> None:
@@ -179,6 +255,10 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="an existing server (default: embedded)")
     args = parser.parse_args()
 
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
+    print(f"{stamp}  load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}  "
+          f"torch threads {torch.get_num_threads()} (unused here)")  # fmt: skip
     groups = make_groups(args.groups, args.episodes, args.tokens, args.prompt)
     records = [encode_group(g) for g in groups]
     mb = sum(len(r) for r in records) / 1e6
@@ -196,6 +276,7 @@ def main() -> None:
             for _ in range(args.repeats):  # interleave, keep the best of each
                 for name, run in runs.items():
                     costs[name].append(run())
+            trips = profile_trips(url, groups, records, args.batch)
         finally:
             if server is not None:
                 server.stop()
@@ -203,9 +284,14 @@ def main() -> None:
           f"(+{args.prompt} prompt), {len(records[0])} B/record, batch {args.batch}, "
           f"best of {args.repeats}")  # fmt: skip
     report(costs, args.groups, mb)
-    enc = per_item(lambda: encode_group(groups[0]), 500)
-    dec = per_item(lambda: decode_group(records[0]), 500)
-    print(f"  codec: encode {enc * 1e6:.0f} us/group, decode+validate {dec * 1e6:.0f} us/group")
+    print("\n".join(trips))
+    n = min(len(groups), 500)
+    enc = per_item(encode_group, groups[:n])
+    dec = per_item(decode_group, records[:n])
+    print(f"  codec (CPU, {n} distinct groups): encode {enc * 1e6:.0f} us/group, "
+          f"decode+validate {dec * 1e6:.0f} us/group")  # fmt: skip
+    load = os.getloadavg()
+    print(f"  load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":

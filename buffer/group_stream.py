@@ -47,6 +47,7 @@ class _Consumer:
     """What this process has handed out under one consumer name (not yet acknowledged)."""
 
     handed: set[str] = field(default_factory=set)
+    tokens: dict[str, str] = field(default_factory=dict)  # handed entry id -> payload token
     scan_from: str | None = "0"  # where to resume scanning our pending list; None = done
 
 
@@ -164,6 +165,7 @@ class GroupStream:
                 dropped.append(entry_id)
                 continue
             state.handed.add(entry_id)
+            state.tokens[entry_id] = _text(fields[b"r"])
             fresh.append(TakenGroup(entry_id, group))
         self._drop(pipe, dropped)
         if len(pipe):
@@ -228,11 +230,19 @@ class GroupStream:
         """Acknowledge and delete entries (after the step that used them is checkpointed)."""
         if not entry_ids:
             return
+        with self._lock:
+            known: dict[str, str] = {}
+            for state in self._consumers.values():
+                known.update(state.tokens)
+        tokens = [known.get(entry_id, "") for entry_id in entry_ids]
         self._ack(keys=[self._k.stream, self._k.stats],
-                  args=[CONSUMER_GROUP, self._k.payload_prefix, *entry_ids])  # fmt: skip
+                  args=[CONSUMER_GROUP, self._k.payload_prefix, len(entry_ids), *entry_ids,
+                        *tokens])  # fmt: skip
         with self._lock:
             for state in self._consumers.values():
                 state.handed.difference_update(entry_ids)
+                for entry_id in entry_ids:
+                    state.tokens.pop(entry_id, None)
 
     def reclaim(self, consumer: str, min_idle_ms: int) -> int:
         """Move pending entries idle >= min_idle_ms (any consumer's) to `consumer`.

@@ -270,3 +270,20 @@ def test_round_trips_per_call(make_store, monkeypatch: pytest.MonkeyPatch) -> No
     trips.clear()
     assert store.take_groups("c", 8, block_ms=0) == []
     assert len(trips) == 4 and store.stats().corrupt == 1
+
+
+def test_an_ack_from_another_process_finds_the_payloads_itself(make_store) -> None:
+    """The taking store knows its entries' payload tokens; a store that did not take them
+    (a restarted trainer acking a checkpoint's ids) has the script read them from the
+    entries. Acks of more than one script chunk (1000 ids) work, unknown ids are ignored."""
+    taker, other = make_store(), make_store()
+    ids = [taker.put_group(make_group(f"p{i}")) for i in range(3)]
+    taken = taker.take_groups("c", 3, block_ms=0)
+    assert [t.entry_id for t in taken] == ids
+    pattern = f"{taker.keys.payload_prefix}*"
+    other.ack([ids[0]] + [f"1-{i}" for i in range(1200)] + [ids[1]])
+    taker.ack([ids[2]])
+    client = taker.client
+    assert client.keys(pattern) == [] and client.xlen(taker.keys.stream) == 0
+    stats = taker.stats()
+    assert (stats.groups_acked, stats.groups_pending) == (3, 0)
