@@ -61,6 +61,8 @@ class SamplingBatch:
 
     temperature float32 (0 => greedy), top_p float32 in (0, 1], top_k int64 (<= 0 or >= V
     => all), min_p float32 in [0, 1], seeds int64, counters int64 (tokens generated so far).
+    `uniforms`, when given, equals hash_uniform(seeds, counters) (kv_slots.SlotPool precomputes
+    them at admission so a step does not hash again).
     """
 
     temperature: Tensor
@@ -69,6 +71,7 @@ class SamplingBatch:
     min_p: Tensor
     seeds: Tensor
     counters: Tensor
+    uniforms: Tensor | None = None  # float32 [B]: hash_uniform(seeds, counters), precomputed
 
 
 def _filter_sorted(
@@ -153,7 +156,10 @@ def _sample_rows(
 
     vocab = weights.shape[-1]
     top_k, top_p, min_p = pick(params.top_k), pick(params.top_p), pick(params.min_p)
-    u = hash_uniform(pick(params.seeds), pick(params.counters))
+    if params.uniforms is not None:
+        u = pick(params.uniforms).to(torch.float64)
+    else:
+        u = hash_uniform(pick(params.seeds), pick(params.counters))
     if bool((min_p > 0).any()):  # the max weight is 1, so the threshold is min_p itself
         weights = weights.masked_fill(weights < min_p[:, None], 0.0)
     needs_sort = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)

@@ -1,0 +1,31 @@
+"""SlotPool: the uniforms precomputed at admission are exactly the hash of (seed, counter)."""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.embedded.kv_slots import SlotPool
+from rollout.embedded.sampler import hash_uniform
+from rollout.types import SamplingParams
+
+
+def _expected(pool: SlotPool, slots: torch.Tensor) -> torch.Tensor:
+    return hash_uniform(pool.seeds[slots], pool.counters[slots])
+
+
+def test_uniforms_match_the_hash_through_steps_and_readmission():
+    pool = SlotPool(object(), num_slots=4, max_len=16)
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.8)
+    a = pool.acquire(sampled, seed=2**63 + 5, counter=0)  # a seed above int64 wraps
+    b = pool.acquire(sampled, seed=12345, counter=3)  # re-admitted after 3 tokens
+    g = pool.acquire(SamplingParams(max_new_tokens=6, temperature=0.0), seed=7, counter=0)
+    slots = torch.tensor([a, b])
+    for _ in range(3):  # b reaches its last counter (5)
+        batch = pool.batch(torch.tensor([a, b, g]))
+        assert torch.equal(batch.uniforms[:2].double(), _expected(pool, slots))
+        pool.advance(torch.tensor([a, b, g]))
+    pool.release(b)
+    c = pool.acquire(sampled, seed=99, counter=2)  # the freed slot, another sequence
+    assert c == b
+    batch = pool.batch(torch.tensor([a, c]))
+    assert torch.equal(batch.uniforms.double(), _expected(pool, torch.tensor([a, c])))
