@@ -2,8 +2,9 @@
 let it recover (by itself, or by `physarum run --resume DIR` after it exits non-zero), then
 check the invariants from the buffer's and the checkpoint's own records (physarum/audit.py).
 
-Targets: a rollout worker, the trainer actor, the job's redis-server, the driver; `twice`
-kills the same target again once the recovering job has logged a new step. Every process of
+Targets: a rollout worker, the trainer actor, the job's redis-server, the driver. A plan
+kills a sequence of targets (e.g. the same one twice in a row): each kill after the first
+waits until the recovering job (the same job, or its resume) has logged a new step. Every process of
 a trial carries a unique token in its environment (`PHYSARUM_CHAOS_TRIAL`, inherited by Ray's
 processes and the redis-server): targets are found in placement.json / the redis pid file and
 checked against the token, and at the end whatever still carries it is killed by pid. No
@@ -28,10 +29,12 @@ from pathlib import Path
 
 import psutil
 
-from physarum.audit import AuditReport, BufferSnapshot, audit_run, read_buffer
+from physarum.audit import AuditReport, BufferSnapshot, audit_run, read_buffer, read_lineage
+from trainer.trained_log import TrainedGroup
 
 TOKEN_VAR = "PHYSARUM_CHAOS_TRIAL"
 TARGETS = ("rollout", "trainer", "redis", "driver")
+NONE = "none"  # a plan without kills: the reference, the same job uninterrupted
 STEPS = 10
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = [
@@ -57,28 +60,32 @@ OVERRIDES = [
 
 @dataclass(frozen=True)
 class TrialPlan:
-    """Kill `target` once step `after_step` is logged and `delay_s` more passed."""
+    """Kill `targets` in turn: the first once step `after_step` is logged and `delay_s` more
+    passed, each next one `delay_s` after the recovering job logged a new step. () = none."""
 
     index: int
-    target: str
-    twice: bool
+    targets: tuple[str, ...]
     after_step: int
     delay_s: float
 
     @property
     def name(self) -> str:
-        return f"{self.target}{' x2' if self.twice else ''}"
+        if not self.targets:
+            return NONE
+        if len(set(self.targets)) == 1 and len(self.targets) > 1:
+            return f"{self.targets[0]} x{len(self.targets)}"
+        return "+".join(self.targets)
 
 
-def plan_trials(n: int, seed: int, kinds: list[tuple[str, bool]] | None = None) -> list[TrialPlan]:
-    """n trials; the seeded RNG picks each target (or cycles `kinds`), step and delay."""
+def plan_trials(n: int, seed: int) -> list[TrialPlan]:
+    """n trials; the seeded RNG picks each one's target (each of the four once, or one of
+    them twice in a row: 8 kinds, equally likely), step and delay."""
     rng = random.Random(seed)
-    choices = [(t, False) for t in TARGETS] + [(t, True) for t in TARGETS]
-    plans = []
-    for i in range(n):
-        target, twice = kinds[i % len(kinds)] if kinds else rng.choice(choices)
-        plans.append(TrialPlan(i, target, twice, rng.randint(1, STEPS - 4), rng.uniform(0, 1.5)))
-    return plans
+    kinds = [(t,) for t in TARGETS] + [(t, t) for t in TARGETS]
+    return [
+        TrialPlan(i, rng.choice(kinds), rng.randint(1, STEPS - 4), round(rng.uniform(0, 1.5), 2))
+        for i in range(n)
+    ]
 
 
 @dataclass
@@ -93,6 +100,7 @@ class TrialResult:
     error: str = ""
     seconds: float = 0.0
     buffer: BufferSnapshot | None = None
+    lineage: list[TrainedGroup] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -108,14 +116,19 @@ class TrialResult:
 # ---- processes of one trial ------------------------------------------------------------
 
 
-def _token_of(proc: psutil.Process) -> str | None:
+def _belongs(proc: psutil.Process, token: str, run_dir: Path) -> bool:
+    """A process of this trial: it carries the token, or it is the redis-server serving the
+    trial's run dir (redis-server overwrites its environment with its process title, so its
+    working directory, the data dir, identifies it)."""
     with contextlib.suppress(psutil.Error, OSError):
-        return proc.environ().get(TOKEN_VAR)
-    return None
+        if proc.name() == "redis-server":
+            return Path(proc.cwd()).resolve() == (run_dir / "redis").resolve()
+        return proc.environ().get(TOKEN_VAR) == token
+    return False
 
 
-def trial_processes(token: str) -> list[psutil.Process]:
-    """Every live process of this user that carries the trial's token."""
+def trial_processes(token: str, run_dir: Path) -> list[psutil.Process]:
+    """Every live process of this user that belongs to the trial."""
     me = os.getuid()
     found = []
     for proc in psutil.process_iter(["uids", "status"]):
@@ -124,15 +137,15 @@ def trial_processes(token: str) -> list[psutil.Process]:
                 continue
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if _token_of(proc) == token:
+            if _belongs(proc, token, run_dir):
                 found.append(proc)
     return found
 
 
-def _kill_verified(pid: int, token: str) -> bool:
+def _kill_verified(pid: int, token: str, run_dir: Path) -> bool:
     """SIGKILL pid only if it is a process of this trial."""
     with contextlib.suppress(psutil.Error):
-        if _token_of(psutil.Process(pid)) == token:
+        if _belongs(psutil.Process(pid), token, run_dir):
             os.kill(pid, signal.SIGKILL)
             return True
     return False
@@ -145,9 +158,9 @@ def _placement_pid(run_dir: Path, role: str) -> int | None:
     return None
 
 
-def _actor_pid(token: str, actor_class: str) -> int | None:
+def _actor_pid(token: str, run_dir: Path, actor_class: str) -> int | None:
     """The live process whose Ray title names `actor_class` (a restarted worker's new pid)."""
-    for proc in trial_processes(token):
+    for proc in trial_processes(token, run_dir):
         with contextlib.suppress(psutil.Error):
             if any(actor_class in part for part in proc.cmdline()):
                 return proc.pid
@@ -165,8 +178,10 @@ def find_target(target: str, run_dir: Path, token: str, driver: subprocess.Popen
         target
     ]
     pid = _placement_pid(run_dir, role)
-    alive = pid is not None and psutil.pid_exists(pid) and _token_of(psutil.Process(pid)) == token
-    return pid if alive else _actor_pid(token, actor)
+    alive = (
+        pid is not None and psutil.pid_exists(pid) and _belongs(psutil.Process(pid), token, run_dir)
+    )
+    return pid if alive else _actor_pid(token, run_dir, actor)
 
 
 def _train_lines(run_dir: Path) -> list[int]:
@@ -176,14 +191,14 @@ def _train_lines(run_dir: Path) -> list[int]:
     return []
 
 
-def _cleanup(token: str, grace_s: float) -> int:
+def _cleanup(token: str, run_dir: Path, grace_s: float) -> int:
     """Wait up to grace_s for the trial's processes to end, then SIGKILL the rest by pid.
     Returns how many had to be killed."""
     deadline = time.monotonic() + grace_s
-    left = trial_processes(token)
+    left = trial_processes(token, run_dir)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = trial_processes(token)
+        left = trial_processes(token, run_dir)
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -223,16 +238,23 @@ def _wait_for(cond, proc: subprocess.Popen, deadline: float) -> bool:
 
 
 def run_trial(
-    plan: TrialPlan, root: Path, *, job_timeout_s: float = 300, max_resumes: int = 3
+    plan: TrialPlan,
+    root: Path,
+    *,
+    reference: BufferSnapshot | None = None,
+    job_timeout_s: float = 300,
+    max_resumes: int = 3,
 ) -> TrialResult:
-    """Run one trial in root/trial_N; never raises for a failure of the job under test."""
+    """Run one trial in root/trial_N; never raises for a failure of the job under test.
+    reference: the buffer of an uninterrupted run with the same seed, whose epoch orders the
+    trial's data order must follow (None: the seeded order of the trial's own dataset)."""
     started = time.monotonic()
     result = TrialResult(plan)
     run_dir = root / f"trial_{plan.index}"
     token = uuid.uuid4().hex
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", TOKEN_VAR: token}
     log = root / f"trial_{plan.index}.log"
-    kills_left = 2 if plan.twice else 1
+    kills_left = len(plan.targets)
     try:
         for attempt in range(max_resumes + 1):
             proc = _start(run_dir, env, log, resume=attempt > 0)
@@ -248,14 +270,15 @@ def run_trial(
                 if not _wait_for(ready, proc, deadline):
                     break
                 time.sleep(plan.delay_s)
-                pid = find_target(plan.target, run_dir, token, proc)
+                target = plan.targets[len(result.kills)]
+                pid = find_target(target, run_dir, token, proc)
                 step = max(_train_lines(run_dir), default=0)
-                if pid is None or not _kill_verified(pid, token):
-                    result.error = f"{plan.target}: no live process to kill at step {step}"
+                if pid is None or not _kill_verified(pid, token, run_dir):
+                    result.error = f"{target}: no live process to kill at step {step}"
                     break
-                result.kills.append(f"{plan.target} pid {pid} at step {step}")
+                result.kills.append(f"{target} pid {pid} at step {step}")
                 kills_left -= 1
-                if plan.target in ("driver", "trainer", "redis"):
+                if target in ("driver", "trainer", "redis"):
                     break  # this job run is over (or fails); the next kill is in the resume
             try:
                 result.exits.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
@@ -267,34 +290,35 @@ def run_trial(
             if result.exits[-1] == 0:
                 break
             # a killed driver leaves its redis-server (own session): the resume stops it
-            result.leftovers += _settle(token, grace_s=30)
-        result.leftovers += _cleanup(token, grace_s=15)
+            result.leftovers += _settle(token, run_dir, grace_s=30)
+        result.leftovers += _cleanup(token, run_dir, grace_s=15)
         complete = run_dir / "checkpoints" / f"step_{STEPS}" / "COMPLETE"
         result.completed = complete.exists() and result.exits[-1] == 0
         if result.completed and not result.error:
             result.outcome = "recovered" if len(result.exits) == 1 else "resumed"
-        if result.completed and len(result.kills) < (2 if plan.twice else 1):
+        if result.completed and kills_left:
             result.error = result.error or "the job ended before every kill was made"
         if complete.exists():
-            result.report = audit_run(run_dir)
+            result.report = audit_run(run_dir, reference and reference.reference_order)
             result.buffer = read_buffer(run_dir)
+            result.lineage = read_lineage(run_dir)
     except Exception as exc:  # noqa: BLE001 - a trial reports, the caller decides
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
-        _cleanup(token, grace_s=0)
+        _cleanup(token, run_dir, grace_s=0)
         result.seconds = time.monotonic() - started
     return result
 
 
-def _settle(token: str, grace_s: float) -> int:
+def _settle(token: str, run_dir: Path, grace_s: float) -> int:
     """After a job run failed: its Ray processes must go (they die with the driver); wait for
     them, then kill stragglers by pid and count them. redis-server may stay for the resume
     (a driver killed with SIGKILL cannot stop it; the resumed job does)."""
     deadline = time.monotonic() + grace_s
-    left = [p for p in trial_processes(token) if not _is_redis(p)]
+    left = [p for p in trial_processes(token, run_dir) if not _is_redis(p)]
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = [p for p in trial_processes(token) if not _is_redis(p)]
+        left = [p for p in trial_processes(token, run_dir) if not _is_redis(p)]
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()
