@@ -20,6 +20,7 @@ warm start and of each final model, all judged by one evaluator (transformers' g
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -178,11 +179,19 @@ def run_trl(fixture: Fixture, warm: Path, out: Path, *, steps: int, seed: int) -
 
 
 def ours_overrides(
-    fixture: Fixture, warm: Path, run_dir: Path, *, steps: int, staleness: int, seed: int
+    fixture: Fixture,
+    warm: Path,
+    run_dir: Path,
+    *,
+    steps: int,
+    staleness: int,
+    seed: int,
+    dtype: str = "float32",
 ) -> list[str]:
     """`--set` overrides turning configs/toy_grpo.yaml into the benchmark's job."""
     n_eval = len(read_jsonl(fixture.eval_path))
     return [
+        f"trainer.dtype={dtype}",
         f"run_dir={run_dir}",
         f"name=bench_e2e_s{staleness}",
         f"seed={seed}",
@@ -215,7 +224,14 @@ def ours_overrides(
 
 
 def run_ours(
-    fixture: Fixture, warm: Path, run_dir: Path, *, steps: int, staleness: int, seed: int
+    fixture: Fixture,
+    warm: Path,
+    run_dir: Path,
+    *,
+    steps: int,
+    staleness: int,
+    seed: int,
+    dtype: str = "float32",
 ) -> RunResult:
     try:
         from physarum.launch import execute
@@ -225,7 +241,9 @@ def run_ours(
     from physarum.metrics import read_metrics
 
     preset = Path(configs.__file__).parent / "toy_grpo.yaml"
-    overrides = ours_overrides(fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed)
+    overrides = ours_overrides(
+        fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed, dtype=dtype
+    )
     job = load_job(preset, overrides)
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start from scratch
     load_before = os.getloadavg()[0]
@@ -241,7 +259,7 @@ def run_ours(
         "train": [r["train/time/train_step_s"] for r in steps_done],
     }
     return RunResult(
-        name=f"physarum s{staleness}",
+        name=f"physarum s{staleness}" + ("" if dtype == "float32" else " bf16"),
         step_s=[b - a for a, b in zip(times, times[1:])],  # driver wall clock, step to step
         rewards=[float(r["reward"]) for r in steps_done],
         wall_s=wall,
@@ -314,6 +332,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reps", type=int, default=1, help="alternate the runs this many times (busy machine)"
     )
+    parser.add_argument(
+        "--dtype",
+        nargs="*",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="trainer.dtype of our runs (bfloat16: bf16 compute, fp32 master weights)",
+    )
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-ours", action="store_true")
     return parser.parse_args(argv)
@@ -324,11 +349,20 @@ def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) ->
     runs: list[RunResult] = []
     if not args.no_trl:
         runs.append(run_trl(fixture, warm, args.root / "trl", steps=args.steps, seed=args.seed))
-    for k in [] if args.no_ours else args.staleness:
+    ours = [] if args.no_ours else [(k, d) for d in args.dtype for k in args.staleness]
+    for k, dtype in ours:
         try:
-            run_dir = args.root / f"physarum_s{k}"
+            run_dir = args.root / f"physarum_s{k}_{dtype}"
             runs.append(
-                run_ours(fixture, warm, run_dir, steps=args.steps, staleness=k, seed=args.seed)
+                run_ours(
+                    fixture,
+                    warm,
+                    run_dir,
+                    steps=args.steps,
+                    staleness=k,
+                    seed=args.seed,
+                    dtype=dtype,
+                )  # fmt: skip
             )
         except JobLoopUnavailable as err:
             print(f"physarum s{k}: job loop not available, our side skipped ({err})")
@@ -345,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
     )
     torch.set_num_threads(args.threads)
+    print(
+        f"e2e_vs_trl: {datetime.datetime.now():%Y-%m-%d %H:%M}, load average "
+        f"{os.getloadavg()}, torch threads {torch.get_num_threads()} (each of our actors: 1)"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.monotonic()
     fixture, warm, sft_stats = prepare_inputs(args)

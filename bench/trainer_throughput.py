@@ -14,6 +14,7 @@ TRL's own figures on this machine (reference/trl_baseline.md, not re-measured he
 0.130 s (generation 0.045 s, training 0.080 s), 8,328 trained tokens/s.
 
     .venv/bin/python bench/trainer_throughput.py [--threads 2] [--repeats 20]
+    .venv/bin/python bench/trainer_throughput.py --profile   # + where one step's time goes
 """
 
 from __future__ import annotations
@@ -96,7 +97,30 @@ def model_forward_backward(model: Glm4MoeForCausalLM, step: StepBatch) -> float:
     return time.perf_counter() - t0
 
 
-def grpo_bench(tok, ours: Glm4MoeForCausalLM, repeats: int) -> None:
+def profile_steps(backend: TorchBackend, hf: torch.nn.Module, opt, groups, cfg) -> None:
+    """torch.profiler over one GRPO step of each side: the top ops by self CPU time and the
+    share of the step spent in Python outside any op (dispatch and framework overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, run in (
+        ("ours", lambda step: backend.train(step)),
+        ("peer", lambda step: hf_grpo_step(hf, opt, padded_inputs(step))),
+    ):
+        step = build_rl_step(groups, micro_batch_tokens=cfg.micro_batch_tokens)
+        if name == "peer":
+            backend.prepare(step)  # the peer reads our advantages
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(step)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        ops = sum(e.self_cpu_time_total for e in events) / 1e6
+        print(f"\nprofile, {name}: one step {wall * 1e3:.1f} ms under the profiler, "
+              f"{ops * 1e3:.1f} ms in ops ({ops / wall:.0%}), the rest Python")  # fmt: skip
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=44))
+
+
+def grpo_bench(tok, ours: Glm4MoeForCausalLM, repeats: int, profile: bool = False) -> None:
     groups = arithmetic_groups(tok, n_prompts=8, n_samples=8, seed=0)
     cfg = TrainerConfig(lr=1e-4, micro_batch_tokens=4096, steps=10**6)
     backend = TorchBackend(ours, cfg, AlgorithmConfig(advantage="grpo", loss_agg="token_mean"))
@@ -119,6 +143,8 @@ def grpo_bench(tok, ours: Glm4MoeForCausalLM, repeats: int) -> None:
             model_s.append(model_time)
             ours_cpu.append(ours_c)
             peer_cpu.append(peer_c)
+    if profile:
+        profile_steps(backend, hf, opt, groups, cfg)
     tokens = sum(b.num_tokens for b in step.micro_batches)
     completion = sum(int(b.loss_mask.sum()) for b in step.micro_batches) / step.num_seqs
     ours_med, peer_med = statistics.median(ours_s), statistics.median(peer_s)
@@ -171,13 +197,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--budgets", type=int, nargs=2, default=[256, 4096])
     ap.add_argument("--sft-seqs", type=int, default=256)
+    ap.add_argument("--profile", action="store_true", help="profile one GRPO step per side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_toy_tokenizer(tempfile.mkdtemp(prefix="tok-"), tokenizer_corpus(500))
     torch.manual_seed(0)
     ours = Glm4MoeForCausalLM(get_preset("glm4moe-toy", vocab_size=len(tok)))
     print(f"torch {torch.__version__}, {args.threads} threads, toy model vocab {len(tok)}")
-    grpo_bench(tok, ours, args.repeats)
+    grpo_bench(tok, ours, args.repeats, args.profile)
     sft_bench(tok, len(tok), args.budgets, args.sft_seqs, max(3, args.repeats // 4))
 
 

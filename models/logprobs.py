@@ -22,6 +22,22 @@ def _chunk_logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
     return logits / temperature if temperature != 1.0 else logits
 
 
+def _compute_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """hidden and weight in the dtype lm_head computes in: autocast's (the trainer's bf16
+    mixed precision) when it is on, so that the backward, which runs outside autocast,
+    recomputes exactly the forward's logits in the same dtype; else as they are."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in their (autocast) dtype, fp32 accumulation inside the kernel, as float32."""
+    return (a @ b).float()
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -33,6 +49,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         with_entropy: bool,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
+        ctx.grad_dtypes = hidden.dtype, weight.dtype
+        hidden, weight = _compute_operands(hidden, weight)
+        ctx.autocast = ctx.grad_dtypes != (hidden.dtype, weight.dtype)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -56,7 +75,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         tau, chunk = ctx.temperature, ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
+        hidden_dtype, weight_dtype = ctx.grad_dtypes
+        grad_h = torch.empty_like(hidden, dtype=hidden_dtype) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         has_entropy = grad_entropy is not None and entropy.numel() > 0
         for s in range(0, hidden.shape[0], chunk):
@@ -78,8 +98,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[s : s + chunk] = grad_z @ weight
             if need_w:
-                grad_w += grad_z.t().float() @ h.float()
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+                grad_w += _mm_f32(grad_z.t(), h) if ctx.autocast else grad_z.t().float() @ h.float()
+        return grad_h, (grad_w.to(weight_dtype) if need_w else None), None, None, None, None
 
 
 def chunked_token_logprobs(

@@ -144,6 +144,18 @@ def _cuda_grouped_mm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     return (_grouped_mm if usable else _grouped_mm_loop)(x, weight, offs=offs)
 
 
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in autocast's compute dtype when autocast is on (the trainer's bf16 mixed
+    precision): autocast does not cover torch._grouped_mm, so the experts, most of an MoE
+    layer's FLOPs, would otherwise run in fp32. The casts are differentiable: gradients
+    reach the fp32 master weights in fp32. Unchanged outside autocast (the engine's path)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def expert_swiglu(
     xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor, lora: Any = None
 ) -> Tensor:
@@ -155,6 +167,7 @@ def expert_swiglu(
     GEMMs (lora(proj, rows, offs, grouped) -> [M, out] or None when disabled).
     """
     offs = counts.cumsum(0).to(torch.int32)
+    xs, gate_up, down = _autocast_operands(xs, gate_up, down)
     grouped = _cuda_grouped_mm if xs.is_cuda else _grouped_mm
     gu = grouped(xs, gate_up.transpose(1, 2), offs=offs)
     if lora is not None and (delta := lora("gate_up_proj", xs, offs, grouped)) is not None:

@@ -1,0 +1,111 @@
+"""trainer.dtype bfloat16: mixed precision (bf16 matmuls, fp32 master weights, optimizer state,
+gradients and loss logprobs), checked against the same step in fp32.
+
+Tolerances: the fp32 parity tests hold logprobs to ~1e-5; bf16 keeps 8 mantissa bits, so a
+toy model's logprobs move by up to ~0.05 nats and a step's loss metrics by a few percent. The
+bounds below are those, stated per check; "bf16 really ran" is checked as well (not equal).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from models.logprobs import chunked_token_logprobs
+from tests.trainer.toy import backend, grpo_step, set_rollout_logprobs, toy_model
+
+MATMULS = {"mm", "bmm", "addmm", "_grouped_mm", "_scaled_dot_product_flash_attention_for_cpu"}
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of every matmul-like op's first two tensor operands (forward and
+    backward; attention's backward also reads its fp32 log-sum-exp, which is not an operand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        if name in MATMULS or name.startswith("_scaled_dot_product"):
+            dtypes = tuple(
+                a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()
+            )[:2]
+            self.seen.append((name, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def _step(tokenizer, dtype: str, seed: int = 8):
+    model = toy_model(len(tokenizer), seed=seed)
+    tb = backend(model, {"dtype": dtype}, {"advantage": "grpo", "entropy_coef": 0.01})
+    step = grpo_step(tokenizer, n_prompts=2, n_samples=4, seed=seed)
+    set_rollout_logprobs(tb, step)
+    return model, tb, step
+
+
+def test_bf16_step_computes_in_bf16_and_keeps_fp32_state(toy_tokenizer):
+    model, tb, step = _step(toy_tokenizer, "bfloat16")
+    recorder = _MatmulDtypes()
+    with recorder:
+        tb.train(step)
+    names = {name for name, _ in recorder.seen}
+    assert {"mm", "_grouped_mm"} <= names  # dense layers, lm_head and the routed experts
+    fp32 = [(n, d) for n, d in recorder.seen if d != (torch.bfloat16, torch.bfloat16)]
+    assert not fp32, f"matmuls left in fp32 under trainer.dtype bfloat16: {fp32[:5]}"
+    # master weights, their gradients and AdamW's moments stay fp32
+    for p in model.parameters():
+        assert p.dtype == torch.float32
+        if p.grad is not None:
+            assert p.grad.dtype == torch.float32
+    states = [s for s in tb.optimizer.state.values() if s]
+    assert states and all(
+        s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states
+    )
+    # the loss reads fp32 logprobs (what the mismatch forensics keep, too)
+    assert step.micro_batches[0].train_logprobs.dtype == torch.float32
+
+
+def test_bf16_step_tracks_the_fp32_step(toy_tokenizer):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tb, step = _step(toy_tokenizer, dtype)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        metrics = tb.train(step)
+        delta = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])
+        after = tb.logprobs(step.micro_batches)[0]
+        assert after.dtype == torch.float32
+        runs[dtype] = (metrics, delta, after, step.micro_batches[0].loss_mask > 0)
+    (m32, d32, lp32, mask), (m16, d16, lp16, _) = runs["float32"], runs["bfloat16"]
+    # logprobs after the step: within 0.1 nats per token (fp32 parity: 1e-5), and not equal
+    gap = float((lp16 - lp32)[mask].abs().max())
+    assert 0 < gap < 0.1
+    # the same update: AdamW's first step is ~lr * sign(grad), so directions must agree
+    cos = torch.nn.functional.cosine_similarity(d32, d16, dim=0)
+    assert float(cos) > 0.9, f"bf16 update direction vs fp32: cosine {float(cos):.3f}"
+    assert m16["entropy"] == pytest.approx(m32["entropy"], rel=2e-2)
+    assert m16["grad_norm"] == pytest.approx(m32["grad_norm"], rel=0.1)
+
+
+def test_chunked_logprobs_under_autocast_match_fp32_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(96, 32, requires_grad=True)
+    targets = torch.randint(0, 96, (40,))
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        hidden.grad = weight.grad = None
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logp, entropy = chunked_token_logprobs(
+                hidden, weight, targets, with_entropy=True, chunk_size=16
+            )
+        assert logp.dtype == entropy.dtype == torch.float32
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+        grads[dtype] = (logp.detach(), hidden.grad.clone(), weight.grad.clone())
+    (lp32, gh32, gw32), (lp16, gh16, gw16) = grads[None], grads[torch.bfloat16]
+    assert 0 < float((lp16 - lp32).abs().max()) < 0.5  # |logits| ~ 6: bf16 rounding ~0.03 each
+    for g16, g32 in ((gh16, gh32), (gw16, gw32)):
+        rel = float((g16 - g32).norm() / g32.norm())
+        assert rel < 0.02, f"relative gradient error {rel:.4f} under bf16 autocast"
