@@ -11,15 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollout.routing_wire import RoutingLayout
 from rollout.sglang.engine import SGLangEngine
 from rollout.sglang.environment import probe
+from rollout.sglang.ports import (
+    PortReservation,
+    listener_owned_by,
+    reserve_free_port,
+    reserve_port,
+)
 from rollout.sglang.router import SGLangRouter
-from rollout.sglang.server import ServerArgs, SGLangServer, free_port, serving_host
+from rollout.sglang.server import (
+    ServerArgs,
+    SGLangServer,
+    SGLangServerError,
+    free_port,
+    serving_host,
+)
 from rollout.sglang.weight_sync import WeightSync, make_weight_sync
 from rollout.sglang.worker import Worker
 
@@ -32,23 +43,35 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_port(cfg: SGLangConfig, index: int) -> int:
-    """cfg.base_port + index when free; a free port when base_port is 0 or that one is taken."""
+def _pick_port(cfg: SGLangConfig, index: int) -> PortReservation:
+    """cfg.base_port + index when free and not held by another launch; else (or when
+    base_port is 0) a free port. Held until the caller releases it (rollout/sglang/ports.py)."""
     host = serving_host(cfg)
-    if cfg.base_port and _port_free(host, cfg.base_port + index):
-        return cfg.base_port + index
     if cfg.base_port:
-        logger.warning("port %d is taken; using a free port", cfg.base_port + index)
-    return free_port(host)
+        reservation = reserve_port(host, cfg.base_port + index)
+        if reservation is not None:
+            return reservation
+        logger.warning(
+            "port %d is taken or being launched on; using a free port", cfg.base_port + index
+        )
+    return reserve_free_port(host)
+
+
+def _make_server(
+    cfg: SGLangConfig, python: Path, port: int, index: int, model_path: str, run_dir: Path,
+    overrides: dict,
+) -> SGLangServer:  # fmt: skip
+    args = ServerArgs.from_config(cfg, model_path=model_path, port=port, **overrides)
+    log = run_dir / "logs" / f"sglang-worker{index}-{port}.log"
+    return SGLangServer(args, python=python, log_path=log, startup_timeout=cfg.startup_timeout_s)
+
+
+def _ours(server: SGLangServer) -> bool:
+    """The server answering on its port is this launch's process (False: another one's)."""
+    owned = listener_owned_by(server.pid or -1, server.args.port)
+    if owned is None:  # cannot tell here (no /proc, or another network namespace)
+        logger.debug("%s: cannot check which process listens; trusting /health", server.url)
+    return owned is not False
 
 
 def start_servers(
@@ -58,30 +81,49 @@ def start_servers(
     run_dir: Path,
     count: int = 1,
     first_index: int = 0,
+    retries: int = 2,
     **overrides: Any,
 ) -> list[SGLangServer]:
-    """Start `count` servers at once, then wait until all are healthy (all stopped on error)."""
+    """Start `count` servers at once, then wait until all are healthy (all stopped on error).
+
+    Each port stays reserved until its server answers and is checked to be ours; a server
+    whose port another process answers on is stopped and started again on a fresh port
+    (`retries` times)."""
     env = probe(cfg.python)
     logger.info("sglang environment: %s", env.describe())
-    servers = []
-    for index in range(first_index, first_index + count):
-        port = _pick_port(cfg, index)
-        args = ServerArgs.from_config(cfg, model_path=str(model_path), port=port, **overrides)
-        log = run_dir / "logs" / f"sglang-worker{index}-{port}.log"
-        servers.append(
-            SGLangServer(
-                args, python=env.python, log_path=log, startup_timeout=cfg.startup_timeout_s
-            )
-        )
+    indices = range(first_index, first_index + count)
+    held = [_pick_port(cfg, index) for index in indices]
+    servers = [
+        _make_server(cfg, env.python, r.port, i, str(model_path), run_dir, overrides)
+        for r, i in zip(held, indices)
+    ]
     try:
         for server in servers:
             server.start()
-        for server in servers:
-            server.startup_seconds = server.wait_healthy()
+        for slot, index in enumerate(indices):
+            servers[slot].startup_seconds = servers[slot].wait_healthy()
+            for attempt in range(retries + 1):
+                if _ours(servers[slot]):
+                    break
+                other = servers[slot].url
+                servers[slot].stop()
+                if attempt == retries:
+                    raise SGLangServerError(f"{other}: another process answers on this port")
+                logger.warning("%s: another process answers on this port; new port", other)
+                held[slot].release()
+                held[slot] = reserve_free_port(serving_host(cfg))
+                port = held[slot].port
+                servers[slot] = _make_server(
+                    cfg, env.python, port, index, str(model_path), run_dir, overrides
+                )
+                servers[slot].startup_seconds = servers[slot].launch()
     except BaseException:
         for server in servers:
             server.stop()
         raise
+    finally:
+        for reservation in held:
+            reservation.release()
     return servers
 
 
