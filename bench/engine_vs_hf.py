@@ -2,21 +2,24 @@
 
 Both run in this process on the same CPU threads. The model is the `glm4moe-toy` preset
 (random init, std 0.2 so outputs are not degenerate), written with our `save_pretrained`
-and loaded into transformers' own `Glm4MoeForCausalLM`. Workload (issue 5): 64 prompts x 8
-samples, 32 new tokens each, temperature 1, no top-k/top-p, EOS ignored so every sequence
-generates exactly 32 tokens. transformers gets all 512 sequences in one left-padded
+and loaded into transformers' own `Glm4MoeForCausalLM`. Default workload (issue 5): 64 prompts
+x 8 samples (--prompts, --samples; `--samples 1` is issue 19's batch 64), 32 new tokens each, temperature 1, no top-k/top-p, EOS ignored so every sequence
+generates exactly 32 tokens. transformers gets all sequences in one left-padded
 `generate` call (its fastest setting here; see --hf-chunks). Then the engine's absolute
 tokens/s at batch 1, 16, 64 and 512 (n=1 requests, 32 new tokens, T=1).
 
     .venv/bin/python bench/engine_vs_hf.py [--threads 2] [--repeats 3] [--dtype float32]
     .venv/bin/python bench/engine_vs_hf.py --threads 1 --clock cpu   # on a shared, busy CPU
+    .venv/bin/python bench/engine_vs_hf.py --threads 1 --clock cpu --samples 1  # batch 64
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
+import os
 import tempfile
 import time
 
@@ -126,6 +129,8 @@ def main() -> None:
     parser.add_argument("--preset", default="glm4moe-toy")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per run")
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt (n)")
     parser.add_argument("--hf-chunks", type=int, default=1, help="split HF's batch in chunks")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="both sides")
     parser.add_argument(
@@ -145,7 +150,7 @@ def main() -> None:
         save_pretrained(model, tmp)
         hf_model = HFGlm4Moe.from_pretrained(tmp, dtype=DTYPES[args.dtype]).eval()
     model.to_dtype(DTYPES[args.dtype])
-    prompts = make_prompts(64, model.config.vocab_size)
+    prompts = make_prompts(args.prompts, model.config.vocab_size)
     context = max(len(p) for p in prompts) + NEW_TOKENS
     engine = EmbeddedEngine(model, max_running=512, context_len=context, eos_token_ids=[])
     try:
@@ -153,17 +158,25 @@ def main() -> None:
         hf_generate(hf_model, prompts[:4], 2, 1)
         pairs = []  # interleaved runs: the CPU is shared, so compare runs made side by side
         for _ in range(args.repeats):
-            t_eng, n_eng = timed(lambda: engine_generate(engine, prompts, 8), 1, args.clock)
+            t_eng, n_eng = timed(
+                lambda: engine_generate(engine, prompts, args.samples), 1, args.clock
+            )
             t_hf, n_hf = timed(
-                lambda: hf_generate(hf_model, prompts, 8, args.hf_chunks), 1, args.clock
+                lambda: hf_generate(hf_model, prompts, args.samples, args.hf_chunks), 1, args.clock
             )
             pairs.append((n_eng / t_eng, n_hf / t_hf))
         best_eng, best_hf = max(p[0] for p in pairs), max(p[1] for p in pairs)
+        print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
+        print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(
-            f"model {args.preset} ({args.dtype}), torch threads {args.threads}, "
+            f"model {args.preset} ({args.dtype}), torch threads {torch.get_num_threads()}, "
             f"{args.repeats} paired runs, {args.clock} clock"
         )
-        print("workload: 64 prompts x 8 samples, 32 new tokens, T=1")
+        batch = args.prompts * args.samples
+        print(
+            f"workload: {args.prompts} prompts x {args.samples} samples (batch {batch}), "
+            f"{NEW_TOKENS} new tokens, T=1"
+        )
         print(f"  embedded engine : {best_eng:9.1f} tok/s (best; {n_eng} tokens per run)")
         print(f"  transformers    : {best_hf:9.1f} tok/s (best; {n_hf} tokens per run)")
         print(f"  ratio of bests  : {best_eng / best_hf:9.2f}x")

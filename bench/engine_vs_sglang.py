@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -153,7 +155,10 @@ def run_both(args, server: SGLangServer, model, vocab: int, work: Path) -> dict:
 
 
 def report(args, res: dict) -> dict:
-    print(f"\nSGLang: {res['env']}; server start-up {res['startup_s']:.1f} s")
+    print(f"\ndate {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
+    print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"torch threads (embedded engine) {torch.get_num_threads()}")
+    print(f"SGLang: {res['env']}; server start-up {res['startup_s']:.1f} s")
     print(f"decode, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}")
     head = ("batch", "embedded tok/s", "sglang tok/s", "ratio", "same tokens")
     print(f"{head[0]:>6} {head[1]:>15} {head[2]:>13} {head[3]:>7} {head[4]:>12}")

@@ -1,0 +1,153 @@
+"""Batch-1 decode of the embedded engine against the memory-bandwidth bound, in one run.
+
+At batch 1 a decode step reads every weight it multiplies once (all attention and dense
+weights, the shared experts, the router, the top-k routed experts of each MoE layer, the
+LM head; one row of the embedding) and does little arithmetic per byte, so its floor is
+
+    bound (s/token) = weight bytes read per token / memory bandwidth
+
+with the bandwidth measured here, now, by a large torch tensor copy (bytes read + bytes
+written per second: STREAM's "copy" convention; a read-only sum is printed too). The model is
+the `small-36M` shape of bench/lora_vs_full.py (>= 30M parameters). The engine's decode time
+per token is the difference between two greedy requests of different lengths (same prompt,
+EOS ignored), so the prefill cancels out; the two are alternated --reps times and the best
+of each is used. `--clock cpu` (the default) times both the engine and the copy with this
+process's CPU clock, so a machine shared with other jobs slows neither side's figure by
+descheduling it (the engine thread is the only busy thread; the caller waits in epoll).
+
+    .venv/bin/python bench/decode_bound.py [--threads 1] [--dtype float32|bfloat16] [--reps 5]
+        [--clock cpu|wall]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+from models.config import get_preset  # noqa: E402
+from models.glm4moe import Glm4MoeForCausalLM  # noqa: E402
+from rollout.embedded import EmbeddedEngine  # noqa: E402
+from rollout.types import GenerateRequest, SamplingParams  # noqa: E402
+
+# bench/lora_vs_full.py's "small-36M" (kept in step by hand, as bench/weight_sync.py does)
+SMALL_36M: dict[str, Any] = dict(
+    hidden_size=512, intermediate_size=1536, moe_intermediate_size=384,
+    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+    n_routed_experts=16,
+)  # fmt: skip
+VOCAB = 512
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.process_time
+
+
+def weight_bytes_per_token(model: Glm4MoeForCausalLM) -> tuple[int, int]:
+    """(bytes read by one batch-1 decode step, bytes of all weights). Routed experts count
+    k of E per MoE layer; the embedding counts one row unless tied to the LM head, which
+    reads it whole."""
+    c = model.config
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    read = total
+    for layer in model.model.layers:
+        if layer.is_moe:
+            bank = sum(p.numel() * p.element_size() for p in layer.mlp.experts.parameters())
+            read -= bank * (c.n_routed_experts - c.num_experts_per_tok) // c.n_routed_experts
+    embed = model.model.embed_tokens.weight
+    if embed.data_ptr() != model.lm_head.weight.data_ptr():  # untied: one row of it is read
+        read -= embed.numel() * embed.element_size() * (embed.shape[0] - 1) // embed.shape[0]
+    return read, total
+
+
+def copy_bandwidth(nbytes: int, reps: int) -> tuple[float, float]:
+    """(copy GB/s counting read + write bytes, read-only GB/s of a sum), best of `reps`."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.zeros_like(src)  # both touched before timing: no page faults in the loop
+    best_copy = best_sum = float("inf")
+    for _ in range(reps):
+        start = clock()
+        dst.copy_(src)
+        best_copy = min(best_copy, clock() - start)
+        start = clock()
+        src.sum()
+        best_sum = min(best_sum, clock() - start)
+    return 2 * nbytes / best_copy / 1e9, nbytes / best_sum / 1e9
+
+
+def generate_s(engine: EmbeddedEngine, prompt: list[int], new: int) -> float:
+    params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+    start = clock()
+    out = asyncio.run(engine.generate([GenerateRequest(prompt, params)]))
+    elapsed = clock() - start
+    if len(out[0].output_ids) != new:
+        raise RuntimeError(f"expected {new} tokens, got {len(out[0].output_ids)}")
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--short", type=int, default=8, help="new tokens of the short request")
+    ap.add_argument("--long", type=int, default=72, help="new tokens of the long request")
+    ap.add_argument("--copy-mib", type=int, default=512, help="size of the copied tensor")
+    ap.add_argument("--clock", default="cpu", choices=sorted(CLOCKS))
+    args = ap.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
+    if not 1 <= args.short < args.long:
+        raise SystemExit(
+            f"--short/--long: expected 1 <= short < long, got {args.short}, {args.long}"
+        )
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    model = Glm4MoeForCausalLM(get_preset("glm4moe-toy", vocab_size=VOCAB, **SMALL_36M))
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.eval().to_dtype(dtype)
+    read, total = weight_bytes_per_token(model)
+    params = sum(p.numel() for p in model.parameters())
+    prompt = torch.randint(1, VOCAB, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = EmbeddedEngine(model, max_running=1, context_len=16 + args.long, eos_token_ids=[])
+    try:
+        generate_s(engine, prompt, args.short)  # warm-up: builds the fused decode weights
+        shorts, longs, copies, sums = [], [], [], []
+        for _ in range(args.reps):  # alternated, so both requests and the copy see one load
+            shorts.append(generate_s(engine, prompt, args.short))
+            longs.append(generate_s(engine, prompt, args.long))
+            copy_gbs, sum_gbs = copy_bandwidth(args.copy_mib << 20, 3)
+            copies.append(copy_gbs)
+            sums.append(sum_gbs)
+    finally:
+        engine.shutdown()
+    per_token = (min(longs) - min(shorts)) / (args.long - args.short)
+    bw = max(copies)
+    bound = read / (bw * 1e9)
+    print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average {load}, torch threads {torch.get_num_threads()}, {args.clock} clock")
+    print(f"model small-36M: {params / 1e6:.1f}M parameters, {args.dtype}, {total / 1e6:.1f} MB")
+    print(f"weight bytes read per token (batch 1): {read / 1e6:.1f} MB")
+    print(
+        f"bandwidth: tensor copy {bw:.1f} GB/s (read + write, {args.copy_mib} MiB), "
+        f"read-only sum {max(sums):.1f} GB/s"
+    )
+    print(f"bound at copy bandwidth  : {bound * 1e3:7.2f} ms/token")
+    print(f"bound at read bandwidth  : {read / (max(sums) * 1e9) * 1e3:7.2f} ms/token")
+    print(
+        f"engine decode (batch 1)  : {per_token * 1e3:7.2f} ms/token "
+        f"({1 / per_token:.1f} tok/s; {args.long} - {args.short} new tokens, best of {args.reps})"
+    )
+    print(f"engine / copy bound      : {per_token / bound:7.2f}x   (target <= 2x)")
+
+
+if __name__ == "__main__":
+    main()
