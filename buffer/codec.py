@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,10 +104,12 @@ def encode_group(group: EpisodeGroup) -> bytes:
 
 def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     """The record, and the group's oldest version (as group.oldest_version, computed once
-    over the concatenated columns rather than per episode).
+    over the record's columns rather than per episode).
 
-    The arrays are concatenated straight into one preallocated body (no per-field bytes
-    objects); the record is then the prefix, the header and that body joined once."""
+    The record is one bytes.join of the prefix, the header and the episodes' arrays
+    themselves (their buffers, no per-field copies), when every array already has its wire
+    dtype and is contiguous, as Episode's constructor leaves them; otherwise the columns
+    are cast and concatenated first."""
     episodes = group.episodes
     shared = _shares_prompt(episodes)
     prompts, ids, logprobs, versions, masks = zip(
@@ -134,28 +137,61 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     head = _pack(header, f"group {group.prompt_id!r} metadata")
     if shared:
         prompts = prompts[:1]
-    body, columns = _body(prompts, (ids, logprobs, versions, masks), sum(lengths))
-    parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head, body]
-    parts += [r.astype(r.dtype.newbyteorder("<"), copy=False) for r in routed]
-    generated = columns[2][columns[3] != 0]
-    return b"".join(parts), int(generated.min()) if generated.size else None
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head))
+    routing = [np.ascontiguousarray(r, r.dtype.newbyteorder("<")) for r in routed]
+    columns = (prompts, ids, logprobs, versions, masks)
+    record = _join_native(columns, [prefix, head], routing)
+    if record is None:
+        body = _body(prompts, columns[1:], sum(lengths))
+        record = b"".join([prefix, head, body, *routing])
+    # the oldest version, from views of the record's versions and loss_mask columns
+    r_total = sum(lengths)
+    at = len(prefix) + len(head) + sum(len(a) for a in prompts) * _PROMPT_DTYPE.itemsize
+    at += r_total * (_RESPONSE_FIELDS[0][1].itemsize + _RESPONSE_FIELDS[1][1].itemsize)
+    version_column = np.frombuffer(record, _RESPONSE_FIELDS[2][1], r_total, at)
+    mask_column = np.frombuffer(record, MASK_DTYPE, r_total, at + version_column.nbytes)
+    generated = version_column[mask_column != 0]
+    return record, int(generated.min()) if generated.size else None
+
+
+# the wire dtypes as the native dtype objects Episode's arrays carry (None on a big-endian
+# host: there every array goes through the cast)
+_NATIVE = (
+    tuple(np.dtype(dt.str[1:]) for dt in (_PROMPT_DTYPE, *(d for _, d in _RESPONSE_FIELDS)))
+    if sys.byteorder == "little"
+    else None
+)
+
+
+def _join_native(
+    columns: tuple[tuple[Any, ...], ...], head: list[bytes], routing: list[np.ndarray]
+) -> bytes | None:
+    """head + every column's arrays + routing in one join, or None if an array is not of
+    its wire dtype or not contiguous (then the caller casts)."""
+    if _NATIVE is None:
+        return None
+    for arrays, dtype in zip(columns, _NATIVE):
+        if not all(getattr(a, "dtype", None) is dtype for a in arrays):
+            return None
+    try:
+        return b"".join([*head, *[a for arrays in columns for a in arrays], *routing])
+    except TypeError:  # a non-contiguous array exports no simple buffer
+        return None
 
 
 def _body(
-    prompts: tuple[np.ndarray, ...], fields: tuple[tuple[np.ndarray, ...], ...], r_total: int
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The body without routing, as uint8 [bytes], and views of its response columns."""
+    prompts: tuple[Any, ...], fields: tuple[tuple[Any, ...], ...], r_total: int
+) -> np.ndarray:
+    """The body without routing, as uint8 [bytes], each field cast to its wire dtype."""
     p_total = sum(len(a) for a in prompts)
     at = p_total * _PROMPT_DTYPE.itemsize
     body = np.empty(at + r_total * _RESPONSE_BYTES, np.uint8)
     np.concatenate(prompts, out=body[:at].view(_PROMPT_DTYPE), casting="unsafe")
-    columns = []
     for arrays, (_, dtype) in zip(fields, _RESPONSE_FIELDS):
         end = at + r_total * dtype.itemsize
-        columns.append(body[at:end].view(dtype))
-        np.concatenate(arrays, out=columns[-1], casting="unsafe")
+        np.concatenate(arrays, out=body[at:end].view(dtype), casting="unsafe")
         at = end
-    return body, columns
+    return body
 
 
 def _routing_entry(e: Episode) -> list | None:
@@ -308,16 +344,21 @@ def _check_header(header: dict[str, Any]) -> _Heads:
 
 
 def _check_columns(columns: dict[str, np.ndarray], heads: _Heads) -> None:
-    """Episode.validate's value rules, over the whole group's columns at once."""
-    bad = {
-        "rollout_logprobs": ("contains NaN or inf", ~np.isfinite(columns["rollout_logprobs"])),
-        "loss_mask": ("values must be 0 or 1", columns["loss_mask"] > 1),
-    }
-    for name, (message, mask) in bad.items():
-        if mask.any():
-            ends = np.cumsum(heads.r)
-            episode = int(np.searchsorted(ends, int(np.argmax(mask)), side="right"))
-            raise EpisodeCodecError(f"episodes[{episode}]: {name}: {message}")
+    """Episode.validate's value rules, over the whole group's columns at once.
+
+    One reduction per column on the good path: a float64 sum of float32 values is finite
+    exactly when every value is (no finite float32 sum of < 2**31 terms overflows float64,
+    and NaN or inf propagate), and a uint8 mask is 0/1 exactly when its max is <= 1."""
+    logprobs, mask = columns["rollout_logprobs"], columns["loss_mask"]
+    bad = {}
+    if not math.isfinite(logprobs.sum(dtype=np.float64)):
+        bad["rollout_logprobs"] = ("contains NaN or inf", ~np.isfinite(logprobs))
+    if mask.size and mask.max() > 1:
+        bad["loss_mask"] = ("values must be 0 or 1", mask > 1)
+    for name, (message, where) in bad.items():
+        ends = np.cumsum(heads.r)
+        episode = int(np.searchsorted(ends, int(np.argmax(where)), side="right"))
+        raise EpisodeCodecError(f"episodes[{episode}]: {name}: {message}")
 
 
 def decode_group(data: bytes) -> EpisodeGroup:

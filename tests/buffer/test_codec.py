@@ -224,9 +224,14 @@ def test_the_body_is_the_documented_layout_and_round_trips_with_routing() -> Non
             routed_experts=rng.integers(0, 200, (r, 2, 3)).astype(np.uint8) if i == 2 else None,
         )
         episodes.append(episode)
-    episodes[0].response_ids = episodes[0].response_ids.astype(np.int64)  # cast on encode
     group = EpisodeGroup("layout", episodes, {"k": [1, 2]})
-    record, oldest = encode_group_versioned(group)
+    record, oldest = encode_group_versioned(group)  # the arrays' own buffers, joined
+    native = episodes[0].response_ids
+    episodes[0].response_ids = native.astype(np.int64)  # cast on encode
+    assert encode_group_versioned(group) == (record, oldest)
+    episodes[0].response_ids = np.repeat(native, 2)[::2]  # not contiguous: copied on encode
+    episodes[2].routed_experts = np.asfortranarray(episodes[2].routed_experts)
+    assert encode_group_versioned(group) == (record, oldest)
     _, fmt, hlen = _PREFIX.unpack_from(record, 0)
     assert fmt == 1 and oldest == 5
     fields = ("response_ids", "rollout_logprobs", "versions", "loss_mask")
@@ -238,7 +243,6 @@ def test_the_body_is_the_documented_layout_and_round_trips_with_routing() -> Non
     parts.append(episodes[2].routed_experts.tobytes())
     assert record[_PREFIX.size + hlen :] == b"".join(parts)
     back = decode_group(record)
-    episodes[0].response_ids = episodes[0].response_ids.astype(np.int32)
     _assert_same(group, back)
     assert back.episodes[1].response_ids.size == 0
     assert [e.routed_experts is None for e in back.episodes] == [True, True, False]
