@@ -21,6 +21,7 @@ from physarum.api import JobState
 from physarum.cluster import RayHandle, connect
 from physarum.dashboard import DashboardServer
 from physarum.dashboard.services import live_view, service_rows
+from physarum.errors import ClusterError
 from physarum.metrics import MetricsSink
 from physarum.prepare import Prepared, export_final, prepare
 from physarum.resume import Corrupt, check_buffer, pick_checkpoint, set_aside
@@ -276,7 +277,15 @@ class JobContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        buffer = self._services.get("buffer")
+        lost = buffer.lost() if exc[0] is not None and buffer is not None else None
         self.close()
+        if lost:  # the actors' errors are only its consequence: say what to run next
+            raise ClusterError(
+                f"{lost} while the job ran. The job stops here; what redis-server wrote to "
+                "its AOF survives, continue from the last checkpoint with: physarum run "
+                f"--resume {self.run.root}"
+            ) from exc[1]  # type: ignore[misc]
 
 
 @contextlib.contextmanager

@@ -84,6 +84,14 @@ class BufferService:
             row["pid"] = self._redis.pid
         return row
 
+    def lost(self) -> str | None:
+        """What happened to the embedded redis-server if it died under the running job
+        (killed, crashed); None while it runs, after a stop, or with another server."""
+        server = self._redis
+        if server is None or server.pid is None or server.running:
+            return None
+        return f"the buffer's redis-server (pid {server.pid}, AOF in {server.data_dir}) died"
+
     def stop(self) -> None:
         self.store.close()
         if self._redis is not None:

@@ -199,6 +199,7 @@ class TrainerGroup:
                 f"trainer: rank(s) {silent} did not finish {method} within {timeout:.0f} s "
                 "(checkpoint.timeout_s)"
             )
+        check_lost(self.actors, refs, ready, self.job, self.nodes)  # a dead rank: --resume
         return ray.get(refs)[0]
 
     def rl_step(self, timeout_s: float, *, while_waiting: Any = None) -> dict[str, float]:

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -255,28 +256,35 @@ def run_trial(
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", TOKEN_VAR: token}
     log = root / f"trial_{plan.index}.log"
     kills_left = len(plan.targets)
+    killed: set[int] = set()
     try:
         for attempt in range(max_resumes + 1):
             proc = _start(run_dir, env, log, resume=attempt > 0)
             deadline = time.monotonic() + job_timeout_s
             while kills_left and proc.poll() is None:
                 seen = len(_train_lines(run_dir))
-                first = not result.kills
-                ready = (  # the first kill after a step; a repeat once the recovery trained
-                    (lambda: max(_train_lines(run_dir), default=0) >= plan.after_step)
-                    if first
-                    else (lambda s=seen: len(_train_lines(run_dir)) > s)
-                )
+                target = plan.targets[len(result.kills)]
+
+                def ready(seen: int = seen, target: str = target, job: Any = proc) -> bool:
+                    """The first kill after its step; a repeat once the recovering job
+                    trained a step and the target is up again (a replaced worker)."""
+                    if not result.kills:
+                        return max(_train_lines(run_dir), default=0) >= plan.after_step
+                    if len(_train_lines(run_dir)) <= seen:
+                        return False
+                    pid = find_target(target, run_dir, token, job)
+                    return pid is not None and pid not in killed
+
                 if not _wait_for(ready, proc, deadline):
                     break
                 time.sleep(plan.delay_s)
-                target = plan.targets[len(result.kills)]
                 pid = find_target(target, run_dir, token, proc)
                 step = max(_train_lines(run_dir), default=0)
                 if pid is None or not _kill_verified(pid, token, run_dir):
                     result.error = f"{target}: no live process to kill at step {step}"
                     break
                 result.kills.append(f"{target} pid {pid} at step {step}")
+                killed.add(pid)
                 kills_left -= 1
                 if target in ("driver", "trainer", "redis"):
                     break  # this job run is over (or fails); the next kill is in the resume
