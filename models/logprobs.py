@@ -68,6 +68,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(targets)
+        ctx.set_materialize_grads(False)  # an unused entropy (coef 0) costs no backward work
         return logp, entropy
 
     @staticmethod
@@ -81,17 +82,20 @@ class _ChunkedLogprobs(torch.autograd.Function):
         has_entropy = grad_entropy is not None and entropy.numel() > 0
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            z = _chunk_logits(h, weight, tau)
-            logp_all = z - lse[s : s + chunk, None]
+            logp_all = _chunk_logits(h, weight, tau).sub_(lse[s : s + chunk, None])
             p = logp_all.exp()
-            grad_z = torch.zeros_like(z)
+            # the same values as 0 - g p (+ onehot g) - g' p (log p + H), fewer [chunk, V] passes
+            grad_z = None
             if grad_logp is not None:
                 g = grad_logp[s : s + chunk, None]
-                grad_z -= g * p
+                grad_z = p * -g
                 grad_z.scatter_add_(1, targets[s : s + chunk, None], g)
             if has_entropy:
                 g = grad_entropy[s : s + chunk, None]
-                grad_z -= g * p * (logp_all + entropy[s : s + chunk, None])
+                term = g * p * (logp_all + entropy[s : s + chunk, None])
+                grad_z = -term if grad_z is None else grad_z.sub_(term)
+            if grad_z is None:
+                grad_z = torch.zeros_like(p)
             if tau != 1.0:
                 grad_z /= tau
             grad_z = grad_z.to(weight.dtype)
