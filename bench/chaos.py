@@ -10,6 +10,7 @@ reference run's epoch orders. The table lists trials x outcomes.
 
     .venv/bin/python bench/chaos.py                          # 4 trials (~6 min)
     .venv/bin/python bench/chaos.py --trials 50 --seed 0     # the campaign (about an hour)
+    .venv/bin/python bench/chaos.py --summarize a.json b.json  # tables of saved --json rows
 """
 
 from __future__ import annotations
@@ -111,7 +112,21 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="trials run side by side")
     parser.add_argument("--keep", action="store_true", help="keep the trials' run dirs")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the table of the rows saved by earlier runs' --json (a campaign cut short)",
+    )
     args = parser.parse_args()
+    if args.summarize:
+        rows = [row for path in args.summarize for row in json.loads(path.read_text())]
+        print(f"chaos: {len(rows)} trials from {', '.join(map(str, args.summarize))}")
+        print(f"now: {_header()}\n")
+        _print_table(rows)
+        _print_summary(rows)
+        return
     if args.trials < 1:
         parser.error(f"--trials: must be >= 1, got {args.trials}")
     if args.parallel < 1:
