@@ -19,6 +19,11 @@ the CPU and moved to the device right before each forward; the per-token results
 no-grad passes (old/ref logprobs, values) come back to the CPU, where the step's advantages
 are computed. On CUDA the forwards run under bf16 autocast whatever trainer.dtype says
 (fp32 master weights and optimizer state stay in the model's dtype).
+
+trainer.dtype bfloat16 on the CPU is the same mixed precision: autocast, plus the two places
+it does not reach computing in bf16 by hand (the routed experts' grouped GEMMs, models/moe.py;
+lm_head's chunked logprob backward, models/logprobs.py); logprobs for the loss are fp32.
+Weight updates and checkpoints: trainer/torch_state.py.
 """
 
 from __future__ import annotations
@@ -37,20 +42,16 @@ from configs.algorithm import AlgorithmConfig
 from configs.services import TrainerConfig
 from models.glm4moe import Glm4MoeForCausalLM
 from models.moe import RoutingCapture, RoutingReplay
-from models.weight_update import WeightUpdate, build_weight_update
+from models.weight_update import WeightUpdate
+from trainer import torch_state
 from trainer.backend import PackedBatch
 from trainer.batch import StepBatch
-from trainer.checkpoint import load_state, save_state, seed_everything
+from trainer.checkpoint import seed_everything
 from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
 from trainer.forward import mtp_token_loss, trainable_logprobs
-from trainer.fsdp import full_state, load_full_state, shard_actor, to_float, unsharded
-from trainer.lora_backend import (
-    AdapterFreeReference,
-    adapter_weight_update,
-    merged_weight_update,
-    setup_lora,
-)
+from trainer.fsdp import shard_actor, to_float
+from trainer.lora_backend import AdapterFreeReference, setup_lora
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
 from trainer.losses.stats import StatSums
@@ -360,18 +361,10 @@ class TorchBackend:
             stats.include({k: sorted(v - set(mine[k])) for k, v in names.items()})
         stats.all_reduce(self.dp.all_reduce)
 
-    # --- weights -----------------------------------------------------------------------------
+    # --- weights and checkpoints (trainer/torch_state.py) -------------------------------------
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """The actor's full tensors with Hugging Face on-disk names (detached, on the model's
-        device: nothing is copied to the CPU here). Under FSDP every rank must call this (the
-        parameters are all-gathered)."""
-        if self._fsdp_units:
-            with unsharded(self._fsdp_units):
-                tensors = [(n, t.detach().clone()) for n, t in self.model.hf_state_dict()]
-            yield from tensors
-            return
-        for name, tensor in self.model.hf_state_dict():
-            yield name, tensor.detach()
+        """The actor's full tensors with Hugging Face names (see torch_state.export_weights)."""
+        return torch_state.export_weights(self.model, self._fsdp_units)
 
     def weight_update(
         self,
@@ -382,75 +375,17 @@ class TorchBackend:
         device: torch.device | str = "cpu",
         lora_merged: bool = False,
     ) -> WeightUpdate:
-        """The actor's weights as a versioned, bucketed update (cfg.weight_bucket_mb buckets);
-        fp8_block quantises the linear weights blockwise (on the model's device); dtype
-        defaults to the model's.
-
-        device is where the bucket payloads live. The default, the CPU, is for an update that
-        leaves this process (a Ray object, an HTTP body: those carry host bytes, and a CUDA
-        tensor in a Ray object would need a GPU on the receiving side). An engine in this
-        same process on the same GPU takes `device=self.device` and nothing leaves the GPU.
-        lora_merged: under LoRA, send the targeted weights merged instead of the adapters
-        (an engine that cannot merge them, SGLang).
-        """
-        if self.lora is not None and lora_merged:
-            return merged_weight_update(
-                self.model, self.lora, self.version if version is None else version,
-                bucket_bytes=self.cfg.weight_bucket_mb * 2**20, fp8_block=fp8_block,
-                dtype=dtype, device=device,
-            )  # fmt: skip
-        if self.lora is not None:  # adapters only; FP8 and dtype apply on the receiving side
-            return adapter_weight_update(
-                self.lora, self.version if version is None else version,
-                bucket_bytes=self.cfg.weight_bucket_mb * 2**20, device=device,
-            )  # fmt: skip
-        return build_weight_update(
-            self.export_weights(),
-            self.version if version is None else version,
-            bucket_bytes=self.cfg.weight_bucket_mb * 2**20,
-            fp8_block=fp8_block,
-            dtype=dtype or self.model.dtype,
-            device=device,
-        )
-
-    # --- checkpoints -------------------------------------------------------------------------
-    def _stateful(self) -> dict[str, Any]:
-        items: dict[str, Any] = {
-            "model": self._trainable,  # LoRA: the adapters only, the base is never re-saved
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-        }
-        if self.ref is not None:
-            items["ref"] = self.ref
-        if self.critic is not None:
-            items |= {
-                "critic": self.critic,
-                "critic_optimizer": self.critic_optimizer,
-                "critic_scheduler": self.critic_scheduler,
-            }
-        return items
+        """The actor's weights as a versioned, bucketed update (torch_state.weight_update)."""
+        return torch_state.weight_update(
+            self, self.version if version is None else version, fp8_block=fp8_block,
+            dtype=dtype, device=device, lora_merged=lora_merged,
+        )  # fmt: skip
 
     def save(self, path: str) -> None:
         """Model, optimizer, scheduler (+ critic, reference), RNG, version into directory path.
         Every rank must call it (rank 0 writes the state, each rank its RNG state)."""
-        items = self._stateful()
-        state = full_state(self.model, self.optimizer) if self._fsdp_units else {}
-        state |= {name: obj.state_dict() for name, obj in items.items() if name not in state}
-        state["version"] = self.version
-        save_state(path, state, rank=self.dp.rank)
-        if self.dp.enabled:
-            torch.distributed.barrier()
+        torch_state.save(self, path)
 
     def load(self, path: str) -> None:
         """Restore everything `save` wrote; the components must match (same algorithm)."""
-        state = load_state(path, rank=self.dp.rank)
-        items = self._stateful()
-        missing = sorted(set(items) - set(state))
-        if missing:
-            raise ValueError(f"checkpoint {path}: lacks {missing} that this trainer needs")
-        if self._fsdp_units:
-            load_full_state(self.model, self.optimizer, state)
-        for name, obj in items.items():
-            if not (self._fsdp_units and name in ("model", "optimizer")):
-                obj.load_state_dict(state[name])
-        self.version = int(state["version"])
+        torch_state.load(self, path)
