@@ -44,14 +44,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import _sft_batch, _sft_examples, load_hf_model  # bench/ is on sys.path
+from async_vs_sync import CpuSampler  # bench/ is on sys.path
+from common import _sft_batch, _sft_examples, load_hf_model
 
 import configs
 from configs import load_job
 from envs.examples.long_tail import LONG_TAIL
 from envs.tasks import tokenizer_corpus, write_jsonl
 from models import Glm4MoeForCausalLM, get_preset, save_pretrained
-from models.tokenizer import build_toy_tokenizer, stop_token_ids
+from models.tokenizer import build_toy_tokenizer, load_tokenizer, stop_token_ids
 from physarum.cluster import connect
 from physarum.launch import execute
 
@@ -63,7 +64,7 @@ MODES: dict[str, tuple[int, bool]] = {  # name -> (max_staleness, partial_rollou
     "partial1": (1, True),
     "partial2": (2, True),
 }
-MAX_NEW, MAX_CONTEXT = 128, 160  # the longest reference answer is ~110 tokens
+MAX_NEW, MAX_CONTEXT = 176, 208  # the longest reference answers are ~155 tokens
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ class Run:
         return {k: int(v - first.get(k, 0)) for k, v in sorted(last.items())}
 
     before: dict[str, Any] | None = None  # the last skipped record (histogram baseline)
+    lengths: np.ndarray | None = None  # generated tokens of the final held-out eval
+    cpu: dict[str, float] | None = None  # idle cores and each service's busy cores (CpuSampler)
 
     @property
     def accuracy(self) -> tuple[float, float]:
@@ -238,14 +241,31 @@ def read_run(mode: str, path: Path, skip: int, load: tuple, wall: float) -> Run:
     return Run(mode, measured, evals, load, wall, before[-1] if before else {})
 
 
+def generated_lengths(run_dir: Path, tok: Any) -> np.ndarray:
+    """Response tokens (+1 for the stop token) of the final held-out eval's samples."""
+    last = max((run_dir / "eval").glob("step_*.jsonl"), key=lambda p: int(p.stem[5:]))
+    records = [json.loads(line) for line in last.read_text().splitlines()]
+    return np.array(
+        [
+            len(tok.encode(r["response"], add_special_tokens=False))
+            + (r["finish_reason"] == "stop")
+            for r in records
+        ]
+    )
+
+
 def run_mode(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> Run:
     job = load_job(PRESET, job_overrides(fx, args, mode, root))
     load0, started = os.getloadavg()[0], time.monotonic()
-    execute(job)
+    with CpuSampler() as cpu:
+        execute(job)
     wall = time.monotonic() - started
     run = read_run(
         mode, job.resolved_run_dir / "metrics.jsonl", args.skip, (load0, os.getloadavg()[0]), wall
     )
+    first, last = run.records[0], run.records[-1]
+    run.cpu = cpu.rates(first["time"] - first["perf/step_s"], last["time"])
+    run.lengths = generated_lengths(job.resolved_run_dir, load_tokenizer(fx.tokenizer_dir))
     print(
         f"  {mode}: median step {run.step_s:.3f} s, {run.tokens_per_s:.0f} trained tok/s "
         f"(job wall {wall:.0f} s, load {run.load[0]:.1f} -> {run.load[1]:.1f})",
@@ -275,6 +295,18 @@ def print_table(runs: list[Run]) -> None:
             f"{r.mode:<9}{r.tokens_per_s:>7.0f}{speed:>7.2f}{r.step_s:>8.3f}"
             f"{r.step_s / bound:>10.2f}{r.idle:>6.2f}{r.tokens:>8.0f}{multi:>8.0f}  "
             f"{hist:<18}{acc0:>6.3f}->{acc1:.3f}  {r.load[0]:.1f}->{r.load[1]:.1f}"
+        )
+    print(
+        "\nper mode: generated tokens of the final held-out greedy eval (p50 / p90 / p99 / max);"
+        " while the measured steps ran: the machine's idle cores and the cores the trainer and"
+        " rollout actors kept busy (no idle core = the two services cannot overlap)"
+    )
+    for r in runs:
+        p50, p90, p99 = np.percentile(r.lengths, [50, 90, 99])
+        cpu = r.cpu
+        print(
+            f"{r.mode:<9}{p50:>5.0f}{p90:>5.0f}{p99:>5.0f}{r.lengths.max():>5}   idle "
+            f"{cpu['idle']:.2f}  trainer {cpu['trainer']:.2f}  rollout {cpu['rollout']:.2f}"
         )
     asyncs = [r for r in runs if r.mode != "sync"]
     if sync and asyncs:
