@@ -7,7 +7,9 @@ blockwise FP8, two real paths:
             Ray's object store (`put`); a rollout actor holding an EmbeddedEngine gets it
             (`get`: deserialization from the store) and loads it between decode steps
             (`load`: apply_weight_update). This is what `weight_update_ref` + the rollout
-            group's `update_weights.remote(ref)` do in a job.
+            group's `update_weights.remote(ref)` do in a job. Peer for the transfer, in the
+            same reps: the same payloads put and got as plain torch tensors
+            (`torch_pickle_put` / `_get`, not in `total`), as they travelled before.
   sglang    the update built here (`export`), then SGLang's tensor path (TensorSync,
             flattened bucket): `serialize` (shared-memory bucket + pickle), `request` (the
             POST: SGLang unpickles and loads the weights), `session` (begin/end weight update
@@ -108,6 +110,14 @@ def embedded_runs(args: argparse.Namespace, fp8: bool) -> tuple[dict[str, float]
             phases = {"export": built - began, "put": time.perf_counter() - built}
             return [ref], phases, update.nbytes
 
+        def export_torch_pickled(self, version: int) -> tuple[list[Any], float]:
+            """The same payloads as plain torch tensors: how they travelled before buckets
+            pickled as numpy (torch's reduction, through torch.save)."""
+            payloads = [b.payload for b in build(self.model, version, fp8).buckets]
+            began = time.perf_counter()
+            ref = ray.put(payloads)
+            return [ref], time.perf_counter() - began
+
         def checksum(self) -> float:
             return float(sum(t.float().sum() for _, t in self.model.hf_state_dict()))
 
@@ -125,6 +135,11 @@ def embedded_runs(args: argparse.Namespace, fp8: bool) -> tuple[dict[str, float]
             await self.engine.update_weights(update)
             return {"get": got - began, "load": time.perf_counter() - got}
 
+        async def get_only(self, refs: list[Any]) -> float:
+            began = time.perf_counter()
+            await refs[0]
+            return time.perf_counter() - began
+
         def checksum(self) -> float:
             return float(sum(t.float().sum() for _, t in self.engine.model.hf_state_dict()))
 
@@ -135,6 +150,9 @@ def embedded_runs(args: argparse.Namespace, fp8: bool) -> tuple[dict[str, float]
         refs, phases, nbytes = ray.get(trainer.export.remote(rep + 1))
         phases.update(ray.get(rollout.receive.remote(refs)))
         phases["total"] = time.perf_counter() - began
+        del refs
+        refs, phases["torch_pickle_put"] = ray.get(trainer.export_torch_pickled.remote(rep + 1))
+        phases["torch_pickle_get"] = ray.get(rollout.get_only.remote(refs))
         del refs
         if rep:
             runs.append(phases)
