@@ -28,6 +28,7 @@ PLANS = [
 ]
 
 
+@pytest.mark.timeout(1500)  # up to three job starts on a loaded machine
 @pytest.mark.parametrize("plan", PLANS, ids=[p.name for p in PLANS])
 def test_kill_then_recover_loses_nothing_and_trains_nothing_twice(
     plan: TrialPlan, tmp_path: Path
