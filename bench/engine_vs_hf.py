@@ -2,10 +2,11 @@
 
 Both run in this process on the same CPU threads. The model is the `glm4moe-toy` preset
 (random init, std 0.2 so outputs are not degenerate), written with our `save_pretrained`
-and loaded into transformers' own `Glm4MoeForCausalLM`. Default workload (issue 5): 64 prompts
-x 8 samples (--prompts, --samples; `--samples 1` is issue 19's batch 64), 32 new tokens each, temperature 1, no top-k/top-p, EOS ignored so every sequence
-generates exactly 32 tokens. transformers gets all sequences in one left-padded
-`generate` call (its fastest setting here; see --hf-chunks). Then the engine's absolute
+and loaded into transformers' own `Glm4MoeForCausalLM`. Default workload (issue 5): 64
+prompts x 8 samples (--prompts, --samples; `--samples 1` is issue 19's batch 64), 32 new
+tokens each, temperature 1, no top-k/top-p, EOS ignored so every sequence generates exactly
+32 tokens. transformers gets all sequences in one left-padded `generate` call (its fastest
+setting here; see --hf-chunks). Then the engine's absolute
 tokens/s at batch 1, 16, 64 and 512 (n=1 requests, 32 new tokens, T=1).
 
     .venv/bin/python bench/engine_vs_hf.py [--threads 2] [--repeats 3] [--dtype float32]
