@@ -26,6 +26,7 @@ from rollout.embedded.sampler import SamplingBatch, hash_uniform
 from rollout.types import SamplingParams
 
 _INT64_MASK = (1 << 64) - 1
+_FILL_CHUNK = 1 << 20  # counters hashed per call when filling the uniform table
 
 
 def _to_int64(seed: int) -> int:
@@ -110,13 +111,24 @@ class SlotPool:
         )
 
     def _fill_uniforms(self) -> None:
-        """Hash the uniforms of every slot admitted since the last batch, in one call."""
-        if not self._pending:
-            return
+        """Hash the uniforms of every slot admitted since the last batch, a few calls at most
+        (each over <= _FILL_CHUNK counters, so long max_new_tokens bound the temporaries)."""
+        pending, self._pending = self._pending, []
+        chunk: list[tuple[int, int, int, int]] = []
+        size = 0
+        for entry in pending:
+            if chunk and size + entry[3] - entry[2] > _FILL_CHUNK:
+                self._hash_into_table(chunk)
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += entry[3] - entry[2]
+        if chunk:
+            self._hash_into_table(chunk)
+
+    def _hash_into_table(self, entries: list[tuple[int, int, int, int]]) -> None:
         slots, seeds, first, end = (
-            torch.tensor(col, dtype=torch.int64, device=self.device) for col in zip(*self._pending)
+            torch.tensor(col, dtype=torch.int64, device=self.device) for col in zip(*entries)
         )
-        self._pending = []
         lengths = end - first
         total = int(lengths.sum())
         starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)

@@ -29,3 +29,13 @@ def test_uniforms_match_the_hash_through_steps_and_readmission():
     assert c == b
     batch = pool.batch(torch.tensor([a, c]))
     assert torch.equal(batch.uniforms.double(), _expected(pool, torch.tensor([a, c])))
+
+
+def test_uniforms_filled_in_chunks_match_the_hash(monkeypatch):
+    monkeypatch.setattr("rollout.embedded.kv_slots._FILL_CHUNK", 5)  # several fill calls
+    pool = SlotPool(object(), num_slots=3, max_len=8)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    slots = torch.tensor([pool.acquire(params, seed=s, counter=0) for s in (1, 2, 3)])
+    for _ in range(4):
+        assert torch.equal(pool.batch(slots).uniforms.double(), _expected(pool, slots))
+        pool.advance(slots)
