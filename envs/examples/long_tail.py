@@ -7,7 +7,8 @@ answers hold 1-3 items and about one in a hundred holds 25 or more, so the longe
 run 10-30 times the median. Each item is about one token of the toy tokenizer, so response
 lengths follow the same law. The rule is local (add one, stop at the end number), which a
 1.8M-parameter model learns from a short SFT, yet a sample can fail anywhere along a long
-answer at temperature 1, so the reward has room to rise under RL.
+answer at temperature 1, so the reward (the share of items right from the start) has room to
+rise under RL.
 
 Use it as ``data.task: envs.examples.long_tail:LONG_TAIL`` with the reward
 ``envs.examples.long_tail:count_reward`` (bench/long_tail.py does).
@@ -70,10 +71,19 @@ LONG_TAIL = TaskSpec(
 
 
 def count_score(text: str, expected: str) -> float:
-    """1.0 when the whitespace-separated items of `text` are exactly those of `expected`."""
-    return float(text.split() == expected.split())
+    """The share of items right from the start: leading items of `text` equal to those of
+    `expected`, over the longer of the two lists. 1.0 exactly when the lists are equal;
+    stopping early or running on both cost, so a short answer to a long count earns little
+    (an exact-match reward taught the policy to answer every prompt with one number)."""
+    got, want = text.split(), expected.split()
+    right = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        right += 1
+    return right / max(len(got), len(want), 1)
 
 
 def count_reward(episode: Episode) -> float:
-    """The task's reward plugin (exact item list)."""
+    """The task's reward plugin (see count_score)."""
     return count_score(final_text(episode), label(episode))

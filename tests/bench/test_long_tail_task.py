@@ -1,5 +1,6 @@
 """The long-tail task of bench/long_tail.py (envs/examples/long_tail.py): rows are what the
-prompt asks, item counts are lognormal with a heavy tail, the reward is the exact item list."""
+prompt asks, item counts are lognormal with a heavy tail, the reward is the share of leading
+items right."""
 
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ def test_item_counts_are_heavy_tailed():
     assert (items <= 3).mean() > 0.6  # most answers are short
 
 
-def test_reward_is_the_exact_item_list():
+def test_reward_is_the_share_of_leading_items_right():
     assert count_score("37 38 39", "37 38 39") == 1.0
     assert count_score(" 37  38 39\n", "37 38 39") == 1.0
-    assert count_score("37 38", "37 38 39") == 0.0
-    assert count_score("37 38 39 40", "37 38 39") == 0.0
+    assert count_score("37 38", "37 38 39") == pytest.approx(2 / 3)  # stopped early
+    assert count_score("37 38 39 40", "37 38 39") == pytest.approx(3 / 4)  # ran on
+    assert count_score("37 39 40", "37 38 39") == pytest.approx(1 / 3)  # wrong from item 2
+    assert count_score("", "37") == 0.0
 
 
 def test_bad_params_name_the_field():
