@@ -19,8 +19,8 @@ wall time), median step time, that over max(generation, training) where generati
 run's median trainer wait and training = its median busy time (step - wait), the trainer's
 idle fraction (sum of waits / sum of steps), the staleness histogram of the groups trained
 (buffer/staleness_hist), the episodes generated across an update, and the held-out greedy
-reward and exact-answer rate (eval at the start and the end, same prompts for every mode). Other engineers share this machine:
-the load average is printed beside every run.
+reward and exact-answer rate (eval at the start and the end, same prompts for every mode).
+Other engineers share this machine: the load average is printed beside every run.
 
     .venv/bin/python bench/long_tail.py [--steps 16] [--skip 3] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
