@@ -6,9 +6,10 @@ free when one launch picks it is still free when a second launch checks it: both
 saw the first job's server answer /health and talked to it.
 
 Two guards:
-- `reserve_port`: a launch holds an exclusive `flock` on `<tmp>/physarum-ports/<host>-<port>`
-  from the pick until its server answers (`PortReservation.release`); any other launch on this
-  machine skips a held port. The lock dies with its process, so a crash leaks nothing.
+- `reserve_port`: a launch holds an exclusive `flock` on
+  `<tmp>/physarum-ports-<uid>/<host>-<port>` from the pick until its server answers
+  (`PortReservation.release`); any other launch of this user on this machine skips a held
+  port. The lock dies with its process, so a crash leaks nothing.
 - `listener_owned_by`: after /health answers, the listening socket on the port must belong to
   the server's own process group (Linux /proc: the socket inode in /proc/net/tcp{,6} among the
   group's file descriptors). A server that is not ours (a process outside physarum took the
@@ -28,7 +29,9 @@ from typing import IO
 
 logger = logging.getLogger(__name__)
 
-LOCK_DIR = Path(tempfile.gettempdir()) / "physarum-ports"
+# per user: another user's lock files would not open here (launches of other users are
+# caught by the listener check)
+LOCK_DIR = Path(tempfile.gettempdir()) / f"physarum-ports-{os.getuid()}"
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
 
 
