@@ -22,7 +22,7 @@ idle fraction (sum of waits / sum of steps), the staleness histogram of the grou
 reward and exact-answer rate (eval at the start and the end, same prompts for every mode).
 Other engineers share this machine: the load average is printed beside every run.
 
-    .venv/bin/python bench/long_tail.py [--steps 16] [--skip 3] [--modes sync,async1,...]
+    .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
 """
 
@@ -330,8 +330,8 @@ def print_table(runs: list[Run]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16, help="trainer steps per mode")
-    parser.add_argument("--skip", type=int, default=3, help="first steps left out")
+    parser.add_argument("--steps", type=int, default=20, help="trainer steps per mode")
+    parser.add_argument("--skip", type=int, default=4, help="first steps left out")
     parser.add_argument("--modes", default="sync,async1,async2,partial2")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
