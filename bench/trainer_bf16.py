@@ -16,6 +16,7 @@ gradients, AdamW state and the loss's logprobs stay fp32. This script measures, 
 
     .venv/bin/python bench/trainer_bf16.py                 # ~2 min on a quiet machine
     .venv/bin/python bench/trainer_bf16.py --threads 2 --profile
+    .venv/bin/python bench/trainer_bf16.py --shape toy --seqs 64 --seq-len 17  # e2e's model
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from models.config import ModelConfig, count_params
 from trainer.batch import StepBatch, build_step
 from trainer.torch_backend import TorchBackend
 
-SHAPE = dict(
+SHAPE_40M = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=384,
     num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
     n_routed_experts=16, num_experts_per_tok=2, max_position_embeddings=4096,
 )  # fmt: skip
+SHAPES = {"40m": SHAPE_40M, "toy": {}}  # toy: glm4moe-toy itself (1.8M, the e2e model)
 
 
 def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
@@ -101,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="alternations of fp32 / bf16 steps")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="40m")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--peak-n", type=int, default=2048)
@@ -112,7 +115,7 @@ def main() -> None:
     now = f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
     print(f"trainer_bf16: {now}, load average {os.getloadavg()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    config = get_preset("glm4moe-toy", **SHAPE)
+    config = get_preset("glm4moe-toy", **SHAPES[args.shape])
     total, active = count_params(config)
     step = sft_step(config, args.seqs, args.seq_len)
     flops = step_flops(config, step, args.seq_len)
