@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="keep checkpoint and logs here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"start {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}", end=", ")
+    print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory(prefix="bench_sglang_") as tmp:
         work = args.work or Path(tmp)
