@@ -113,7 +113,10 @@ class SlotPool:
     def _fill_uniforms(self) -> None:
         """Hash the uniforms of every slot admitted since the last batch, a few calls at most
         (each over <= _FILL_CHUNK counters, so long max_new_tokens bound the temporaries)."""
-        pending, self._pending = self._pending, []
+        # a slot released and taken again before any batch: only its last sequence counts
+        # (one index_put with duplicate indices would keep either value)
+        pending = list({entry[0]: entry for entry in self._pending}.values())
+        self._pending = []
         chunk: list[tuple[int, int, int, int]] = []
         size = 0
         for entry in pending:

@@ -39,3 +39,15 @@ def test_uniforms_filled_in_chunks_match_the_hash(monkeypatch):
     for _ in range(4):
         assert torch.equal(pool.batch(slots).uniforms.double(), _expected(pool, slots))
         pool.advance(slots)
+
+
+def test_a_slot_taken_again_before_any_batch_gets_its_new_sequence_uniforms():
+    pool = SlotPool(object(), num_slots=1, max_len=8)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    slot = pool.acquire(params, seed=10, counter=0)
+    pool.release(slot)  # aborted before its first step
+    assert pool.acquire(params, seed=20, counter=0) == slot
+    slots = torch.tensor([slot])
+    for _ in range(6):
+        assert torch.equal(pool.batch(slots).uniforms.double(), _expected(pool, slots))
+        pool.advance(slots)
