@@ -166,6 +166,7 @@ class RolloutGroup:
         self.runs: dict[str, ray.ObjectRef] = {}
         self.starting: dict[str, tuple[Any, ray.ObjectRef]] = {}  # restarts not yet ready
         self.restarts = 0
+        self.producing = False  # between start() and stop(): a replacement joins production
         log.info("rollout: starting %d %s worker(s)", len(self.ids), job.rollout.engine)
 
     def _spawn(self, worker_id: str) -> Any:
@@ -189,6 +190,7 @@ class RolloutGroup:
             ray.get(refs)
 
     def start(self) -> None:
+        self.producing = True
         for wid, actor in self.actors.items():
             ray.get(actor.start.remote(self.share, self.latest_version))
             self.runs[wid] = actor.run_until_stopped.remote()
@@ -239,6 +241,11 @@ class RolloutGroup:
                 if self.latest_update is not None:
                     ray.get(actor.update_weights.remote(self.latest_update))
                 self.actors[worker_id] = actor
+                if not self.producing:  # an eval before start or after stop: weights only
+                    log.info(
+                        "rollout: %s is back at weight version %d", worker_id, self.latest_version
+                    )
+                    continue
                 ray.get(actor.start.remote(self.share, self.latest_version))
             except RayActorError:  # lost again while coming back (its node died again)
                 self._restart(worker_id)
@@ -275,24 +282,53 @@ class RolloutGroup:
         return ray.get([a.where.remote() for a in self.actors.values()])
 
     def evaluate(self, rows: list[dict], **kwargs: Any) -> tuple[dict[str, float], list[dict]]:
-        """(merged metrics, every sample) of the rows split across workers."""
+        """(merged metrics, every sample) of the rows split across workers. A worker that dies
+        during the eval is replaced and its shard runs again on the replacement, once."""
         self.wait_for_a_worker(self.job.rollout.request_timeout_s)
-        actors = list(self.actors.values())
-        shards = [rows[i :: len(actors)] for i in range(len(actors))]
-        refs = [a.evaluate.remote(s, **kwargs) for a, s in zip(actors, shards, strict=True) if s]
+        ids = list(self.actors)
+        shards = {wid: rows[i :: len(ids)] for i, wid in enumerate(ids)}
+        shards = {wid: shard for wid, shard in shards.items() if shard}
+        refs = {wid: self.actors[wid].evaluate.remote(s, **kwargs) for wid, s in shards.items()}
         # one request timeout per wave of max_running prompts, plus one: never a silent hang
-        waves = -(-max(len(s) for s in shards) // self.job.rollout.max_running) + 1
+        waves = -(-max(len(s) for s in shards.values()) // self.job.rollout.max_running) + 1
         timeout = self.job.rollout.request_timeout_s * waves
+        deadline = time.monotonic() + timeout
+        results = {}
         try:
-            results = ray.get(refs, timeout=timeout)
+            for wid, ref in refs.items():
+                try:
+                    results[wid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                except RayActorError:
+                    results[wid] = self._evaluate_on_replacement(wid, shards[wid], kwargs, timeout)
         except ray.exceptions.GetTimeoutError:
             raise EngineStalledError(
                 f"eval of {len(rows)} prompts did not finish within {timeout:.0f} s "
                 f"(rollout.request_timeout_s={self.job.rollout.request_timeout_s}): a rollout "
                 "worker or its environment stopped answering"
             ) from None
-        metrics = _merge_eval([r.metrics for r in results], [len(s) for s in shards if s])
-        return metrics, [sample for r in results for sample in r.samples]
+        ordered = [results[wid] for wid in shards]
+        metrics = _merge_eval([r.metrics for r in ordered], [len(s) for s in shards.values()])
+        return metrics, [sample for r in ordered for sample in r.samples]
+
+    def _evaluate_on_replacement(
+        self, worker_id: str, shard: list[dict], kwargs: dict[str, Any], timeout: float
+    ) -> Any:
+        """`worker_id` died during an eval: restart it (current weights; production only while
+        producing) and run its shard there. A second death in the same eval is raised."""
+        log.warning(
+            "rollout: %s died during an eval; its %d prompts run again", worker_id, len(shard)
+        )
+        self._restart(worker_id)
+        deadline = time.monotonic() + self.job.rollout.request_timeout_s
+        while worker_id not in self.actors:
+            if time.monotonic() > deadline:
+                raise EngineStalledError(
+                    f"rollout: {worker_id} died during an eval and its replacement was not up "
+                    f"within {self.job.rollout.request_timeout_s:.0f} s"
+                )
+            time.sleep(0.2)
+            self._finish_restarts()
+        return ray.get(self.actors[worker_id].evaluate.remote(shard, **kwargs), timeout=timeout)
 
     def generate_rows(self, rows: list[dict], n: int) -> list[list]:
         """Scored samples of every row, the rows split across workers; row order kept."""
@@ -331,6 +367,7 @@ class RolloutGroup:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop every worker's production; a worker that does not answer within `timeout_s`
         is killed and named (the eval that follows would otherwise hang on it)."""
+        self.producing = False
         for wid, (actor, _) in self.starting.items():  # replacements that never ran
             log.info("rollout: %s was still waiting for a node; not started", wid)
             ray.kill(actor)

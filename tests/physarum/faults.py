@@ -16,6 +16,15 @@ def die_once(episode, flag: str) -> float:
     return 0.0
 
 
+def die_once_in_eval(episode, flag: str) -> float:
+    """Kill the rollout worker process the first time it scores a held-out (eval) episode."""
+    path = Path(flag)
+    if episode.metadata.get("split") != "train" and not path.exists():
+        path.write_text("killed")
+        os._exit(1)
+    return 0.0
+
+
 def flaky(episode) -> float:
     """Raise on every third sample: those episodes become errors, the job goes on."""
     if episode.metadata.get("sample_index", 0) % 3 == 2:

@@ -54,6 +54,31 @@ def test_dead_worker_is_restarted_with_current_weights_and_reward_errors_are_cou
     assert "eval/accuracy" in result
 
 
+def test_a_worker_dying_during_an_eval_is_replaced_and_its_prompts_run_again(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    flag = tmp_path / "killed.flag"
+    die = (
+        f"{{name: 'tests.physarum.faults:die_once_in_eval', weight: 0.0, args: {{flag: '{flag}'}}}}"
+    )
+    plugins = f"reward.plugins=[{{name: arithmetic}}, {die}]"
+    job = load_job(
+        Path("configs/toy_grpo.yaml"),
+        [f"run_dir={run_dir}", *TINY, "trainer.steps=2", "rollout.eval.interval=0", plugins],
+    )
+    result = execute(job)  # the eval before step 1 loses its worker: the job still ends well
+    assert flag.exists(), "the fault was never injected"
+    records = _records(run_dir)
+    first_eval = next(r for r in records if "eval/accuracy" in r)
+    assert first_eval["step"] == 0
+    # every held-out prompt answered, as many as in the final eval (no worker died there)
+    assert first_eval["eval/prompts"] == result["eval/prompts"] > 0
+    train = [r for r in records if "reward" in r]
+    assert sorted({r["step"] for r in train}) == [1, 2]  # the replacement produced
+    assert train[-1]["rollout/restarts"] == 1
+
+
 def test_stalled_rollout_fails_loudly_after_the_timeout(tmp_path: Path) -> None:
     job = load_job(
         Path("configs/toy_grpo.yaml"),
