@@ -210,11 +210,17 @@ def _cleanup(token: str, run_dir: Path, grace_s: float) -> int:
 # ---- the trial -------------------------------------------------------------------------
 
 
-def _start(run_dir: Path, env: dict[str, str], log: Path, resume: bool) -> subprocess.Popen:
+def _start(
+    run_dir: Path, env: dict[str, str], log: Path, resume: bool, pace_s: float
+) -> subprocess.Popen:
     if resume:
         args = ["run", "--resume", str(run_dir)]
     else:
-        sets = [x for o in [f"run_dir={run_dir}", *OVERRIDES] for x in ("--set", o)]
+        overrides = [f"run_dir={run_dir}", *OVERRIDES]
+        if pace_s > 0:  # tests/chaos/pace.py: each episode's reward takes pace_s
+            paced = f"{{name: 'tests.chaos.pace:pace', weight: 0.0, args: {{seconds: {pace_s}}}}}"
+            overrides.append(f"reward.plugins=[{{name: arithmetic}}, {paced}]")
+        sets = [x for o in overrides for x in ("--set", o)]
         args = ["run", "configs/toy_grpo.yaml", *sets]
     with log.open("a") as out:
         out.write(f"\n=== physarum {' '.join(args)}\n")
@@ -245,10 +251,13 @@ def run_trial(
     reference: BufferSnapshot | None = None,
     job_timeout_s: float = 300,
     max_resumes: int = 3,
+    pace_s: float = 0.0,
 ) -> TrialResult:
     """Run one trial in root/trial_N; never raises for a failure of the job under test.
     reference: the buffer of an uninterrupted run with the same seed, whose epoch orders the
-    trial's data order must follow (None: the seeded order of the trial's own dataset)."""
+    trial's data order must follow (None: the seeded order of the trial's own dataset).
+    pace_s: seconds each episode's reward takes (tests/chaos/pace.py), so that a fast
+    machine cannot finish the job before a kill planned in it."""
     started = time.monotonic()
     result = TrialResult(plan)
     run_dir = root / f"trial_{plan.index}"
@@ -259,7 +268,7 @@ def run_trial(
     killed: set[int] = set()
     try:
         for attempt in range(max_resumes + 1):
-            proc = _start(run_dir, env, log, resume=attempt > 0)
+            proc = _start(run_dir, env, log, resume=attempt > 0, pace_s=pace_s)
             deadline = time.monotonic() + job_timeout_s
             while kills_left and proc.poll() is None:
                 seen = len(_train_lines(run_dir))
