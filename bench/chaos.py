@@ -113,6 +113,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the trials' run dirs")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument(
+        "--pace",
+        type=float,
+        default=0.1,
+        help="seconds each episode's reward takes (tests/chaos/pace.py); 0 = unpaced. On an "
+        "idle machine an unpaced step takes ~0.05 s and most jobs end before their kill",
+    )
+    parser.add_argument(
         "--summarize",
         type=Path,
         nargs="+",
@@ -133,17 +140,21 @@ def main() -> None:
         parser.error(f"--parallel: must be >= 1, got {args.parallel}")
     root = args.root or Path(tempfile.mkdtemp(prefix="physarum-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"chaos: {args.trials} trials, seed {args.seed}, {args.parallel} at a time, in {root}")
+    print(
+        f"chaos: {args.trials} trials, seed {args.seed}, {args.parallel} at a time, "
+        f"pace {args.pace} s per episode, in {root}"
+    )
     print(f"start: {_header()}")
     started = time.monotonic()
-    reference = run_trial(TrialPlan(-1, (), 0, 0.0), root, job_timeout_s=args.job_timeout)
+    timing = {"job_timeout_s": args.job_timeout, "pace_s": args.pace}
+    reference = run_trial(TrialPlan(-1, (), 0, 0.0), root, **timing)
     if not reference.ok or reference.buffer is None:
         raise SystemExit(f"the reference run failed: {reference.error or reference.report}")
     print(f"reference (uninterrupted): {reference.report.summary()}, {reference.seconds:.0f} s")
     rows: list[dict] = []
 
     def one(plan: TrialPlan) -> dict:
-        result = run_trial(plan, root, reference=reference.buffer, job_timeout_s=args.job_timeout)
+        result = run_trial(plan, root, reference=reference.buffer, **timing)
         row = _row(result, reference)
         print(
             f"trial {plan.index:3d} {plan.name:16s} step {plan.after_step} +{plan.delay_s:.2f}s: "
