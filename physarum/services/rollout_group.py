@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,13 +268,24 @@ class RolloutGroup:
 
     def wait_for_a_worker(self, timeout_s: float) -> None:
         """Block until at least one worker is live (all may be restarting after a node died)."""
+        self._wait_for_restarts(
+            lambda: bool(self.actors),
+            timeout_s,
+            lambda: (
+                f"rollout: no worker is live after {timeout_s:.0f} s "
+                f"({', '.join(self.starting)} waiting for a node to place them on)"
+            ),
+        )
+
+    def _wait_for_restarts(
+        self, done: Callable[[], bool], timeout_s: float, stalled: Callable[[], str]
+    ) -> None:
+        """Bring restarted workers back until `done()`; EngineStalledError(stalled()) after
+        `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while not self.actors:
+        while not done():
             if time.monotonic() > deadline:
-                raise EngineStalledError(
-                    f"rollout: no worker is live after {timeout_s:.0f} s "
-                    f"({', '.join(self.starting)} waiting for a node to place them on)"
-                )
+                raise EngineStalledError(stalled())
             time.sleep(0.5)
             self._finish_restarts()
 
@@ -319,15 +331,15 @@ class RolloutGroup:
             "rollout: %s died during an eval; its %d prompts run again", worker_id, len(shard)
         )
         self._restart(worker_id)
-        deadline = time.monotonic() + self.job.rollout.request_timeout_s
-        while worker_id not in self.actors:
-            if time.monotonic() > deadline:
-                raise EngineStalledError(
-                    f"rollout: {worker_id} died during an eval and its replacement was not up "
-                    f"within {self.job.rollout.request_timeout_s:.0f} s"
-                )
-            time.sleep(0.2)
-            self._finish_restarts()
+        wait_s = self.job.rollout.request_timeout_s
+        self._wait_for_restarts(
+            lambda: worker_id in self.actors,
+            wait_s,
+            lambda: (
+                f"rollout: {worker_id} died during an eval and its replacement was not up "
+                f"within {wait_s:.0f} s"
+            ),
+        )
         return ray.get(self.actors[worker_id].evaluate.remote(shard, **kwargs), timeout=timeout)
 
     def generate_rows(self, rows: list[dict], n: int) -> list[list]:
