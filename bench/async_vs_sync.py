@@ -122,19 +122,10 @@ class CpuSampler:
         return {key: (last[key] - first[key]) / (t1 - t0) for key in first}
 
 
-@dataclass
-class Run:
-    """The measured steps of one job (records of metrics.jsonl after the skipped ones)."""
+class StepStats:
+    """Medians over a job's measured trainer records (`records`, set by the subclass)."""
 
-    staleness: int
-    rep: int
     records: list[dict[str, Any]]
-    wall_s: float
-    load: tuple[float, float]
-    """1-minute load average before and after the run."""
-    cpu: dict[str, float]
-    """While the measured steps ran: mean idle cores of the machine ("idle") and the cores
-    each service kept busy ("trainer", "rollout"), from CpuSampler.rates."""
 
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.records)
@@ -150,6 +141,21 @@ class Run:
     @property
     def busy_s(self) -> float:
         return statistics.median(r["perf/step_s"] - r["perf/wait_s"] for r in self.records)
+
+
+@dataclass
+class Run(StepStats):
+    """The measured steps of one job (records of metrics.jsonl after the skipped ones)."""
+
+    staleness: int
+    rep: int
+    records: list[dict[str, Any]]
+    wall_s: float
+    load: tuple[float, float]
+    """1-minute load average before and after the run."""
+    cpu: dict[str, float]
+    """While the measured steps ran: mean idle cores of the machine ("idle") and the cores
+    each service kept busy ("trainer", "rollout"), from CpuSampler.rates."""
 
     @property
     def backend_s(self) -> float:

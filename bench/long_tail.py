@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from async_vs_sync import CpuSampler  # bench/ is on sys.path
+from async_vs_sync import CpuSampler, StepStats  # bench/ is on sys.path
 from common import _sft_batch, _sft_examples, load_hf_model
 
 import configs
@@ -170,27 +170,12 @@ def job_overrides(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) 
 
 
 @dataclass
-class Run:
+class Run(StepStats):
     mode: str
     records: list[dict[str, Any]]  # per-step trainer records after --skip
     evals: list[dict[str, Any]]  # records holding eval/accuracy, in step order
     load: tuple[float, float]
     wall_s: float
-
-    def median(self, key: str) -> float:
-        return statistics.median(r[key] for r in self.records)
-
-    @property
-    def step_s(self) -> float:
-        return self.median("perf/step_s")
-
-    @property
-    def wait_s(self) -> float:
-        return self.median("perf/wait_s")
-
-    @property
-    def busy_s(self) -> float:
-        return statistics.median(r["perf/step_s"] - r["perf/wait_s"] for r in self.records)
 
     @property
     def tokens(self) -> float:
