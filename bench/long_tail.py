@@ -79,8 +79,8 @@ def build_fixture(root: Path, args: argparse.Namespace) -> Fixture:
     """Tokenizer, rows, a fresh toy model and its SFT warm start (same seed, same files)."""
     corpus = tokenizer_corpus(seed=0) + LONG_TAIL.corpus_lines(2000, seed=0)
     tok = build_toy_tokenizer(root / "tokenizer", corpus)
-    train = LONG_TAIL.make_rows(args.train_rows, seed=args.seed, split="train")
-    held_out = LONG_TAIL.make_rows(args.eval_prompts, seed=args.seed, split="test")
+    train = LONG_TAIL.make_rows(args.train_rows, seed=args.data_seed, split="train")
+    held_out = LONG_TAIL.make_rows(args.eval_prompts, seed=args.data_seed, split="test")
     write_jsonl(train, root / "train.jsonl")
     write_jsonl(held_out, root / "eval.jsonl")
     print_lengths(tok, train)
@@ -91,10 +91,10 @@ def build_fixture(root: Path, args: argparse.Namespace) -> Fixture:
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    if args.warm is not None:  # an earlier run's warm start (same seed and rows)
+    if args.warm is not None:  # an earlier run's warm start (same --data-seed and rows)
         print(f"SFT warm start: reused {args.warm}", flush=True)
         return Fixture(root / "tokenizer", root / "train.jsonl", root / "eval.jsonl", args.warm)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.data_seed)
     save_pretrained(Glm4MoeForCausalLM(config), root / "init")
     sft(root / "init", root / "warm", tok, train, args)
     return Fixture(root / "tokenizer", root / "train.jsonl", root / "eval.jsonl", root / "warm")
@@ -118,7 +118,7 @@ def sft(init: Path, out: Path, tok: Any, rows: list[dict], args: argparse.Namesp
     examples = _sft_examples(tok, rows)
     model = load_hf_model(init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.data_seed)
     losses = []
     for _ in range(args.sft_steps):
         ids, attention, labels = _sft_batch(rng.sample(examples, 32), tok.pad_token_id)
@@ -143,6 +143,7 @@ def job_overrides(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) 
         f"name=long_tail_{mode}",
         f"run_dir={root / mode}",
         f"seed={args.seed}",
+        f"data.seed={args.seed}",  # the order prompts are handed out in
         f"model.path={fx.warm_dir}",
         f"tokenizer.path={fx.tokenizer_dir}",
         "data.task=envs.examples.long_tail:LONG_TAIL",
@@ -325,7 +326,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--warm", type=Path, default=None, help="reuse this SFT'd model dir")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the GRPO job's seed (sampling, prompt order)"
+    )
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="rows, init and SFT: the warm start's seed"
+    )
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
     parser.add_argument("--root", type=Path, default=None, help="keep run dirs here")
     parser.add_argument("--verbose", action="store_true")
@@ -348,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         f"long_tail: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load "
         f"{os.getloadavg()}, torch threads {torch.get_num_threads()}, modes {args.modes}, "
         f"{args.steps} steps (first {args.skip} skipped), {args.prompts} prompts x "
-        f"{args.samples} samples, overrides {args.set}",
+        f"{args.samples} samples, seed {args.seed} (data/SFT {args.data_seed}), "
+        f"overrides {args.set}",
         flush=True,
     )
     with contextlib.ExitStack() as stack:

@@ -24,6 +24,12 @@ class TISConfig(Section):
     """truncate: w = clamp(exp(old - rollout), low, high); icepop: w = 0 outside [low, high]."""
     low: float = Field(0.0, ge=0)
     high: float = Field(2.0, gt=0)
+    max_token_lag: int | None = Field(None, ge=0)
+    """Drop from the policy loss (weight 0, the loss's denominator unchanged) every generated
+    token more than this many versions behind the trainer's: a per-token bound tighter than
+    buffer.max_staleness, which judges a group by its oldest token. It reaches the older head
+    of a partial rollout (rollout.partial_rollout) that the buffer still accepts. None: off.
+    Applies whether or not `enabled`."""
 
     @model_validator(mode="after")
     def _bounds(self) -> TISConfig:

@@ -6,6 +6,8 @@ sampling multiplies each token's policy loss by a detached weight:
   truncate  w = clamp(exp(old - rollout), low, high)
   icepop    w = exp(old - rollout) inside [low, high], 0 outside (the token is dropped)
 `clipped` marks the tokens whose weight was truncated or zeroed (the TIS clip fraction).
+`version_lag_keep` (algorithm.tis.max_token_lag) drops tokens generated more than k versions
+behind the trainer, whatever their weight.
 
 Mismatch metrics (per token, to be averaged over trainable tokens):
   abs_diff  |old - rollout|
@@ -59,6 +61,18 @@ def icepop_is(old_logprobs: Tensor, rollout_logprobs: Tensor, low: float, high: 
 
 
 IS_MODES: dict[str, ISMode] = {"truncate": truncated_is, "icepop": icepop_is}
+
+
+def version_lag_keep(
+    versions: Tensor, policy_version: int | None, max_lag: int | None
+) -> Tensor | None:
+    """float [T] of 0/1: 0 on generated tokens (versions >= 0) whose lag policy_version -
+    versions exceeds max_lag, 1 elsewhere; None when off (max_lag or policy_version None).
+    versions int64 [T] as PackedBatch.versions (-1 on prompt tokens)."""
+    if max_lag is None or policy_version is None:
+        return None
+    too_old = (versions >= 0) & (policy_version - versions > max_lag)
+    return (~too_old).float()
 
 
 def mismatch_abs_diff(old_logprobs: Tensor, rollout_logprobs: Tensor) -> Tensor:

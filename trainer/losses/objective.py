@@ -6,7 +6,8 @@ step-wide denominators, so the shares of all micro-batches and ranks *sum* to th
 and its metrics. Resolved once from the AlgorithmConfig (`from_config`).
 
 Actor loss per micro-batch:
-    agg(w_t * policy_loss_t)            w = TIS weight (1 when TIS is off)
+    agg(w_t * policy_loss_t)            w = TIS weight (1 when TIS is off), 0 on tokens more
+                                        than tis.max_token_lag versions old when that is set
   + kl.coef * agg(k(logp, ref))         when kl.coef > 0 and kl.mode == "loss"
   + agg(-entropy_coef * H_t)            when entropy_coef != 0
   + aux_coef * aux_loss * T_mb / T_step when the MoE aux loss is on
@@ -21,7 +22,12 @@ from torch import Tensor
 from configs.algorithm import AlgorithmConfig
 from trainer.backend import PackedBatch
 from trainer.losses.aggregation import Aggregator
-from trainer.losses.importance import ISMode, mismatch_abs_diff, mismatch_k3
+from trainer.losses.importance import (
+    ISMode,
+    mismatch_abs_diff,
+    mismatch_k3,
+    version_lag_keep,
+)
 from trainer.losses.kl import KLEstimator
 from trainer.losses.mismatch import add_mismatch_splits
 from trainer.losses.policy import ClipParams, PolicyInputs, PolicyLoss
@@ -58,6 +64,7 @@ class ActorObjective:
     entropy_coef: float
     aux_coef: float
     is_sft: bool
+    max_token_lag: int | None = None
 
     @classmethod
     def from_config(cls, algo: AlgorithmConfig, policy_loss: str | None = None) -> ActorObjective:
@@ -78,6 +85,7 @@ class ActorObjective:
             entropy_coef=algo.entropy_coef,
             aux_coef=algo.moe.aux_loss_coef,
             is_sft=lookup("policy_loss", "sft") is lookup("policy_loss", name),
+            max_token_lag=algo.tis.max_token_lag,
         )
 
     @property
@@ -142,13 +150,22 @@ class ActorObjective:
         split["mismatch_k3"] = mismatch_k3(old, rollout)
         if self.importance is None:
             add_mismatch_splits(stats, batch, split, mask)
-            return per_token
+            return self._lag_mask(per_token, batch, stats)
         weights = self.importance(old, rollout, self.tis_low, self.tis_high)
         add_mismatch_splits(stats, batch, split | {"tis_clip_frac": weights.clipped}, mask)
         stats.add_masked_mean("tis_weight", weights.weights, mask)
         stats.add_masked_mean("tis_clip_frac", weights.clipped, mask)
         stats.add_masked_extremes("tis_weight", weights.weights, mask)
-        return per_token * weights.weights
+        return self._lag_mask(per_token * weights.weights, batch, stats)
+
+    def _lag_mask(self, per_token: Tensor, batch: PackedBatch, stats: StatSums) -> Tensor:
+        """Zero the tokens older than max_token_lag versions (tis.max_token_lag)."""
+        keep = version_lag_keep(batch.versions, batch.policy_version, self.max_token_lag)
+        if keep is None:
+            return per_token
+        keep = keep.to(per_token.device)
+        stats.add_masked_mean("token_lag_masked_frac", 1.0 - keep, batch.loss_mask)
+        return per_token * keep
 
     def _policy_stats(
         self,
