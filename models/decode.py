@@ -1,14 +1,19 @@
 """The inference path (forward_cached) as lean functional code over fused weight views.
 
-On a CPU a decode step of a small model is bound by the number of tensor ops, not FLOPs, so
-this path runs on `DecodeWeights`: per layer q/k/v fused into one matrix, q_norm/k_norm into
-one [Hq + Hkv, D] weight, gate/up fused, FP8 weights dequantized once. They are rebuilt
-automatically whenever a source tensor changed (in-place update, weight load, swap), which
-`DecodeWeights.key` detects from each tensor's identity, storage and version counter.
+On a CPU a decode step of a small model is bound by the number of tensor ops and, at batch 1,
+by how fast its GEMVs stream the weights. So this path runs on `DecodeWeights`: per layer
+q/k/v fused into one matrix, q_norm/k_norm into one [Hq + Hkv, D] weight, gate/up fused, FP8
+weights dequantized once, and every matrix stored as [in, out] (`x @ w`). On the CPU that
+layout is a contiguous copy: a one-thread GEMV over a [out, in] weight (F.linear) streams
+~9 GB/s here, over the same weight stored [in, out] ~20 GB/s (bench/decode_bound.py's
+machine, weights out of cache); elsewhere it is a transposed view (no copy). They are
+rebuilt automatically whenever a source tensor changed (in-place update, weight load, swap),
+which `DecodeWeights.key` detects from each tensor's identity, storage and version counter.
 
 Per layer: 1 norm, 1 qkv matmul, 1 qk-norm, 3 RoPE ops, 1 cache write, 1 cache read,
 SDPA on [B, Hkv, G*L, D] (no K/V repeat), o_proj; the MoE sorts (token, expert) pairs by
-expert and runs one grouped GEMM pair (as the training path does).
+expert and runs one grouped GEMM pair (as the training path does), except for a single token
+on the CPU, which loops over its k experts (no sort, no bincount, no empty groups).
 """
 
 from __future__ import annotations
@@ -22,23 +27,32 @@ from torch import Tensor, nn
 from models.batching import CacheBatch
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope
-from models.moe import ExpertBank, TopkRouter, expert_swiglu
+from models.moe import ExpertBank, TopkRouter, grouped_swiglu_in_out
 
 
 @dataclass
 class DecodeLayer:
+    """Every matrix is [in, out] (see the module docstring): y = x @ w."""
+
     in_norm: Tensor  # [H]
     post_norm: Tensor  # [H]
-    qkv: Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv: Tensor  # [H, (Hq + 2 Hkv) D]
     qkv_bias: Tensor | None
     qk_norm: Tensor | None  # [Hq + Hkv, D]
-    o: Tensor  # [H, Hq D]
-    gate_up: Tensor | None  # dense MLP or shared experts [2 I, H]
-    down: Tensor | None  # [H, I]
+    o: Tensor  # [Hq D, H]
+    gate_up: Tensor | None  # dense MLP or shared experts [H, 2 I]
+    down: Tensor | None  # [I, H]
     router: TopkRouter | None = None  # MoE layers: selection semantics and fp32 bias
     router_w: Tensor | None = None  # fp32 [E, H]
-    experts_gate_up: Tensor | None = None  # [E, 2 I, H]
-    experts_down: Tensor | None = None  # [E, H, I]
+    experts_gate_up: Tensor | None = None  # [E, H, 2 I]
+    experts_down: Tensor | None = None  # [E, I, H]
+
+
+def _in_out(w: Tensor) -> Tensor:
+    """[..., out, in] -> [..., in, out]: a contiguous copy on the CPU (2x the GEMV bandwidth
+    there), a view elsewhere (GPU GEMMs take either layout at full speed)."""
+    t = w.transpose(-1, -2)
+    return t.contiguous() if t.device.type == "cpu" else t
 
 
 def _dense(module: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -48,18 +62,25 @@ def _dense(module: nn.Module, dtype: torch.dtype) -> Tensor:
 
 
 def _bank(bank: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The expert bank as ([E, H, 2 I], [E, I, H])."""
     if isinstance(bank, Fp8ExpertBank):
         gate = bank.dense_expert("gate_proj", slice(None), dtype)
         up = bank.dense_expert("up_proj", slice(None), dtype)
-        return torch.cat([gate, up], dim=1), bank.dense_expert("down_proj", slice(None), dtype)
-    if not isinstance(bank, ExpertBank):
+        gate_up, down = (
+            torch.cat([gate, up], dim=1),
+            bank.dense_expert("down_proj", slice(None), dtype),
+        )
+    elif isinstance(bank, ExpertBank):
+        gate_up, down = bank.gate_up_proj.detach(), bank.down_proj.detach()
+    else:
         raise TypeError(f"unexpected expert bank {type(bank).__name__}")
-    return bank.gate_up_proj.detach(), bank.down_proj.detach()
+    return _in_out(gate_up), _in_out(down)
 
 
 def _gate_up(mlp: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """SwiGLU weights as ([H, 2 I] gate columns first, [I, H])."""
     gate_up = torch.cat([_dense(mlp.gate_proj, dtype), _dense(mlp.up_proj, dtype)])
-    return gate_up, _dense(mlp.down_proj, dtype)
+    return _in_out(gate_up), _in_out(_dense(mlp.down_proj, dtype))
 
 
 def _build_layer(layer: nn.Module, dtype: torch.dtype) -> DecodeLayer:
@@ -77,10 +98,10 @@ def _build_layer(layer: nn.Module, dtype: torch.dtype) -> DecodeLayer:
     out = DecodeLayer(
         in_norm=layer.input_layernorm.weight.detach(),
         post_norm=layer.post_attention_layernorm.weight.detach(),
-        qkv=qkv,
+        qkv=_in_out(qkv),
         qkv_bias=bias,
         qk_norm=qk_norm,
-        o=_dense(attn.o_proj, dtype),
+        o=_in_out(_dense(attn.o_proj, dtype)),
         gate_up=None,
         down=None,
     )
@@ -144,8 +165,9 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    """x [..., H], gate_up [H, 2 I], down [I, H] -> [..., H]."""
+    gate, up = (x @ gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down
 
 
 def _attention(
@@ -160,7 +182,10 @@ def _attention(
     """x [B, L, H] (normed) -> attention output [B, L, H]; cache [slots, 2 Hkv, max_len, D]."""
     hq, hkv, d = shape
     b, length, _ = x.shape
-    qkv = F.linear(x, w.qkv, w.qkv_bias).view(b, length, hq + 2 * hkv, d)
+    qkv = (
+        x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x.view(-1, x.shape[-1]), w.qkv)
+    )
+    qkv = qkv.view(b, length, hq + 2 * hkv, d)
     qk = qkv[:, :, : hq + hkv]
     if w.qk_norm is not None:
         qk = _rms(qk, w.qk_norm, eps)
@@ -182,7 +207,7 @@ def _attention(
     q = q.reshape(b, hkv, groups * length, d)  # q head h = kv * G + g
     out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=batch.mask)
     out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b, length, hq * d)
-    return F.linear(out, w.o)
+    return out @ w.o
 
 
 def _route(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
@@ -202,19 +227,39 @@ def _route(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
     return experts, (weights * r.scaling if r.scaling != 1.0 else weights)
 
 
-def _moe(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
-    """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k]).
-
-    Pairs sorted by expert, one grouped GEMM pair, weighted rows added back per token."""
-    experts, weights = _route(x, w, ordered)
+def _routed_grouped(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Tensor:
+    """Pairs sorted by expert, one grouped GEMM pair, weighted rows added back per token."""
     k = experts.shape[1]
     flat = experts.view(-1)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=w.experts_gate_up.shape[0])
     token = order // k if k > 1 else order
-    ys = expert_swiglu(x.index_select(0, token), w.experts_gate_up, w.experts_down, counts)
+    ys = grouped_swiglu_in_out(x.index_select(0, token), w.experts_gate_up, w.experts_down, counts)
     ys = (ys * weights.view(-1)[order].unsqueeze(1)).to(x.dtype)
-    out = torch.zeros_like(x).index_add_(0, token, ys)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+def _routed_one_token(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Tensor:
+    """x [1, H]: one GEMV pair per chosen expert, summed in ascending expert order (the
+    order in which the grouped path's index_add adds them)."""
+    ids = experts[0].tolist()
+    out = None
+    for j in sorted(range(len(ids)), key=ids.__getitem__):
+        e = ids[j]
+        y = (_swiglu(x, w.experts_gate_up[e], w.experts_down[e]) * weights[:, j : j + 1]).to(
+            x.dtype
+        )
+        out = y if out is None else out + y
+    return out
+
+
+def _moe(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
+    """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k])."""
+    experts, weights = _route(x, w, ordered)
+    if x.shape[0] == 1 and x.device.type == "cpu":  # a host sync is free on the CPU
+        out = _routed_one_token(x, w, experts, weights)
+    else:
+        out = _routed_grouped(x, w, experts, weights)
     if w.gate_up is not None:
         out = out + _swiglu(x, w.gate_up, w.down)
     return out, experts

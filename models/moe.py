@@ -180,6 +180,19 @@ def expert_swiglu(
     return out
 
 
+def grouped_swiglu_in_out(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
+    """The inference path's routed experts (no LoRA, no autocast), weights stored [in, out].
+
+    xs [M, H] (counts[e] consecutive rows for expert e), gate_up [E, H, 2I] (gate columns
+    first), down [E, I, H], counts int64 [E] -> [M, H]. Same per-group products as
+    `expert_swiglu` on the transposed weights; the CPU kernel reads the [in, out] layout
+    faster (models/decode.py stores it contiguous there)."""
+    offs = counts.cumsum(0).to(torch.int32)
+    grouped = _cuda_grouped_mm if xs.is_cuda else _grouped_mm
+    gate, up = grouped(xs, gate_up, offs=offs).chunk(2, dim=-1)
+    return grouped(F.silu(gate) * up, down, offs=offs)
+
+
 class ExpertBank(nn.Module):
     """HF name `mlp.experts`: all routed experts' SwiGLU weights, fused per layer."""
 

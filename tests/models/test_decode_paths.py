@@ -1,0 +1,78 @@
+"""The decode path's fast variants against the general ones: the [in, out] weight layout, and
+the one-token MoE (a GEMV pair per chosen expert) against the sorted grouped-GEMM MoE."""
+
+from __future__ import annotations
+
+import torch
+
+import models.decode as decode
+from models import RoutingCapture
+from tests.models.glm_helpers import full_logits, make_model
+
+torch.set_num_threads(1)
+
+
+def test_decode_weights_are_in_out_and_contiguous_on_the_cpu() -> None:
+    model = make_model(seed=20, attention_bias=True)
+    w = model.decode_weights()
+    attn = model.model.layers[0].self_attn
+    layer = w.layers[0]
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert torch.equal(layer.qkv, qkv.t()) and layer.qkv.is_contiguous()
+    assert torch.equal(layer.o, attn.o_proj.weight.t()) and layer.o.is_contiguous()
+    moe = model.model.layers[-1]
+    bank = moe.mlp.experts
+    last = w.layers[-1]
+    assert torch.equal(last.experts_gate_up, bank.gate_up_proj.transpose(1, 2))
+    assert torch.equal(last.experts_down, bank.down_proj.transpose(1, 2))
+    assert last.experts_gate_up.is_contiguous() and last.experts_down.is_contiguous()
+    shared = moe.mlp.shared_experts
+    gate_up = torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+    assert torch.equal(last.gate_up, gate_up.t()) and torch.equal(
+        last.down, shared.down_proj.weight.t()
+    )
+
+
+def test_one_token_moe_equals_the_grouped_moe() -> None:
+    """Every token of a batch through the one-token path gives the grouped path's row."""
+    model = make_model(seed=21)
+    w = model.decode_weights()
+    layer = next(lw for lw in w.layers if lw.router is not None)
+    x = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    experts, weights = decode._route(x, layer, ordered=False)
+    assert len({tuple(sorted(e)) for e in experts.tolist()}) > 2  # the routing varies
+    grouped = decode._routed_grouped(x, layer, experts, weights)
+    for i in range(x.shape[0]):
+        row = slice(i, i + 1)
+        one = decode._routed_one_token(x[row], layer, experts[row], weights[row])
+        torch.testing.assert_close(one, grouped[row], rtol=1e-6, atol=1e-6)
+
+
+def test_batch_one_decode_equals_uncached_and_routes_like_it() -> None:
+    """A batch-1 decode (the one-token MoE) token by token: logits and captured experts."""
+    model = make_model(seed=22)
+    seq = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(1))
+    ref = full_logits(model, seq)
+    cache = model.new_kv_cache(1, 16)
+    one = torch.ones(1, dtype=torch.long)
+    model.forward_cached(
+        seq[None, :4],
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
+        torch.tensor([4]),
+        cache,
+    )
+    for pos in range(4, seq.numel()):
+        capture = RoutingCapture()
+        logits = model.forward_cached(
+            seq[None, pos : pos + 1],
+            torch.zeros(1, dtype=torch.long),
+            torch.tensor([pos]),
+            one,
+            cache,
+            routing=capture,
+        )
+        assert (logits[0] - ref[pos]).abs().max().item() < 1e-5, pos
+        packed = RoutingCapture()
+        model.forward_packed(seq[: pos + 1], torch.tensor([0, pos + 1]), routing=packed)
+        assert torch.equal(capture.routed_experts[:, 0, 0], packed.routed_experts[:, -1])
