@@ -220,6 +220,14 @@ class TrainerConfig(Section):
     mtp_loss_weight: float = Field(0.0, ge=0)
     """SFT only: weight of the MTP layers' next-next-token loss (GLM's recipe; Megatron's
     mtp-loss-scaling-factor); 0 keeps them frozen. RL never trains them. Torch backend, no FSDP."""
+    share_prompt_prefix: bool = False
+    """RL, torch backend: compute each group's shared prompt once per micro-batch (the group's
+    samples packed as one prompt tree: [prompt, completion 1, ..., completion k] with a tree
+    attention mask; same loss, logprobs and gradients as unshared rows, fewer tokens through
+    the model). Falls back to unshared rows automatically, with one log line, where it would
+    not be exact: the megatron backend, a critic (advantage gae), algorithm.moe.aux_loss_coef
+    > 0 (the balance loss is a mean over computed tokens), and routing_replay rollout with
+    replay_prompt_routing. Groups whose prompts differ (some agent episodes) stay unshared."""
     megatron: MegatronConfig = Field(default_factory=MegatronConfig)
     lora: LoraConfig | None = None
     """LoRA adapters on a frozen base; null = full fine-tuning."""

@@ -42,14 +42,18 @@ class Attention(nn.Module):
         return rope.apply(q), rope.apply(k), v
 
     def forward_packed(self, x: Tensor, rope: Rope, pack: PackInfo) -> Tensor:
-        """x [T, hidden] of a pack -> [T, hidden]; causal within each sequence only."""
+        """x [T, hidden] of a pack -> [T, hidden]; causal within each sequence only (tree
+        rows: the visibility of pack.attn_mask)."""
         q, k, v = self._qkv(x, rope)
         b, length = pack.num_seqs, pack.max_len
         if pack.padded_index is not None:
             q, k, v = (_scatter_rows(t, pack.padded_index, b * length) for t in (q, k, v))
         # [B, L, H, D] -> [B, H, L, D]; right padding keeps every real query's keys real.
         q, k, v = (t.view(b, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if pack.attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # prompt trees: each completion sees the shared prompt and itself
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.attn_mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads * self.head_dim)
         if pack.padded_index is not None:
             out = out.index_select(0, pack.padded_index)

@@ -13,24 +13,60 @@ from torch import Tensor
 
 
 @dataclass
+class TreeLayout:
+    """A pack whose rows may be prompt trees: [prompt, completion 1, ..., completion k].
+
+    Each of a tree's k completions continues the shared prompt (positions P, P+1, ...) and
+    sees only the prompt and itself: key j is visible to query i iff positions[j] <=
+    positions[i] and (branch[j] == 0 or branch[j] == branch[i]). An ordinary row is all
+    branch 0 with positions 0..n-1, i.e. plain causal attention. Built by the trainer
+    (trainer/prefix_tree.py); every tensor is int64 [T] except cu_rows.
+
+    cu_rows       int64 [R + 1]  row boundaries (a row: one tree or one ordinary sequence)
+    positions     int64 [T]      RoPE position of each token within its row's sequence
+    branch        int64 [T]      0 = shared prompt / ordinary row, i = completion i of a tree
+    predictor     int64 [T]      index of the token whose hidden state predicts token t (the
+                                 prompt's last token for a completion's first), -1 = none
+    multiplicity  int64 [T]      how many sequences contain token t (k at a tree's prompt)
+    """
+
+    cu_rows: Tensor
+    positions: Tensor
+    branch: Tensor
+    predictor: Tensor
+    multiplicity: Tensor
+
+    def to(self, device: torch.device | str) -> TreeLayout:
+        return TreeLayout(*(t.to(device) for t in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.cu_rows, self.positions, self.branch, self.predictor, self.multiplicity)
+
+
+@dataclass
 class PackInfo:
     """T tokens of B sequences concatenated (the training layout).
 
     Attention runs on a right-padded [B, Lmax] view of the pack (packed -> padded by
     `padded_index`), so a causal mask alone keeps every sequence to itself and no [T, T]
-    mask is ever built.
+    mask is ever built. With a TreeLayout the B rows are its rows and `attn_mask` holds the
+    tree visibility on the padded view (one boolean SDPA mask, [B, 1, Lmax, Lmax]).
     """
 
     cu_seqlens: Tensor  # int64 [B + 1], cu_seqlens[0] == 0, cu_seqlens[-1] == T
-    positions: Tensor  # int64 [T], restarting at 0 for every sequence
+    positions: Tensor  # int64 [T], restarting at 0 for every sequence (a tree's own positions)
     padded_index: Tensor | None  # int64 [T]: row of token t in the [B * Lmax] padded layout;
     # None when the pack already is the padded layout (all sequences of length Lmax)
     num_seqs: int  # B
     max_len: int  # Lmax
+    attn_mask: Tensor | None = None  # bool [B, 1, Lmax, Lmax] (tree layouts only)
 
     @classmethod
-    def build(cls, cu_seqlens: Tensor, total: int) -> PackInfo:
-        """Validate cu_seqlens against the number of tokens and derive the index tensors."""
+    def build(cls, cu_seqlens: Tensor, total: int, layout: TreeLayout | None = None) -> PackInfo:
+        """Validate cu_seqlens against the number of tokens and derive the index tensors.
+        With a layout, its rows (cu_rows) replace cu_seqlens and its positions are used."""
+        if layout is not None:
+            return cls._build_tree(layout, total)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens: expected int64 [B+1] with B>=1, got {cu_seqlens.shape}")
         cu = cu_seqlens.to(torch.int64)
@@ -45,6 +81,27 @@ class PackInfo:
         positions = torch.arange(total, device=cu.device) - cu[:-1][seq_of]
         padded = None if num_seqs * max_len == total else seq_of * max_len + positions
         return cls(cu, positions, padded, num_seqs, max_len)
+
+    @classmethod
+    def _build_tree(cls, layout: TreeLayout, total: int) -> PackInfo:
+        rows = cls.build(layout.cu_rows, total)
+        if layout.positions.shape != (total,) or layout.branch.shape != (total,):
+            raise ValueError(f"TreeLayout: positions and branch must be int64 [T={total}]")
+        b, length = rows.num_seqs, rows.max_len
+        # padding: a position past every real one (invisible to real queries) and branch -1;
+        # a padding query still sees itself, so no row of the mask is empty (no NaN)
+        pos = layout.positions.new_full((b * length,), length + int(total))
+        branch = layout.branch.new_full((b * length,), -1)
+        index = rows.padded_index
+        if index is None:
+            pos, branch = layout.positions.clone(), layout.branch.clone()
+        else:
+            pos[index], branch[index] = layout.positions, layout.branch
+        pos, branch = pos.view(b, length), branch.view(b, length)
+        visible = (pos[:, None, :] <= pos[:, :, None]) & (
+            (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+        )
+        return cls(rows.cu_seqlens, layout.positions, index, b, length, visible.unsqueeze(1))
 
 
 @dataclass

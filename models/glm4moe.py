@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Attention
-from models.batching import CacheBatch, PackInfo
+from models.batching import CacheBatch, PackInfo, TreeLayout
 from models.config import ModelConfig
 from models.decode import DecodeWeights, decode_forward
 from models.hf_io import iter_hf_tensors, load_hf_tensors
@@ -160,15 +160,19 @@ class Glm4MoeForCausalLM(nn.Module):
         cu_seqlens: Tensor,
         *,
         routing: RoutingCapture | RoutingReplay | None = None,
+        layout: TreeLayout | None = None,
     ) -> PackedOutput:
         """input_ids int64 [T] holding B sequences at cu_seqlens int64 [B + 1] -> PackedOutput.
 
         Positions restart at 0 per sequence; attention never crosses a sequence boundary.
-        The aux loss is always computed (a few [T, E] ops per MoE layer); use it or not.
+        With a `layout` (shared prompt trees) its rows, positions and tree mask are used
+        instead of cu_seqlens, and expert_load counts each token as often as the sequences
+        holding it (the numbers of the unshared pack). The aux loss is always computed over
+        the computed tokens (a few [T, E] ops per MoE layer); use it or not.
         """
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids: expected int64 [T], got shape {tuple(input_ids.shape)}")
-        pack = PackInfo.build(cu_seqlens.to(input_ids.device), input_ids.numel())
+        pack = PackInfo.build(cu_seqlens.to(input_ids.device), input_ids.numel(), layout)
         replay = routing.routed_experts if isinstance(routing, RoutingReplay) else None
         n_moe = len(self.config.moe_layer_ids)
         if replay is not None and tuple(replay.shape[:2]) != (n_moe, input_ids.numel()):
@@ -183,7 +187,12 @@ class Glm4MoeForCausalLM(nn.Module):
             forced = replay[len(moe_out)] if replay is not None and layer.is_moe else None
             x = layer.forward_packed(x, rope, pack, forced, moe_out)
         hidden = self.model.norm(x)
-        if moe_out:
+        if moe_out and layout is not None:
+            load = torch.stack(
+                [_weighted_load(o.experts, layout.multiplicity, o.load) for o in moe_out]
+            )
+            aux = torch.stack([o.aux_loss for o in moe_out]).sum()
+        elif moe_out:
             load = torch.stack([o.load for o in moe_out])
             aux = torch.stack([o.aux_loss for o in moe_out]).sum()
         else:
@@ -205,10 +214,16 @@ class Glm4MoeForCausalLM(nn.Module):
         with_entropy: bool = False,
         chunk_size: int = 1024,
         routing: RoutingCapture | RoutingReplay | None = None,
+        layout: TreeLayout | None = None,
     ) -> TokenLogprobs:
         """logprobs[t] = log_softmax(logits[t-1] / temperature)[input_ids[t]], 0.0 at each
-        sequence's first token; lm_head runs in chunks of chunk_size positions."""
-        out = self.forward_packed(input_ids, cu_seqlens, routing=routing)
+        sequence's first token; lm_head runs in chunks of chunk_size positions. With a
+        `layout` the logits of token t are those at layout.predictor[t] (0.0 where -1)."""
+        out = self.forward_packed(input_ids, cu_seqlens, routing=routing, layout=layout)
+        if layout is not None:
+            return self._predicted_logprobs(
+                out, input_ids, layout, temperature, with_entropy, chunk_size
+            )
         total = input_ids.numel()
         logp = torch.zeros(total, dtype=torch.float32, device=input_ids.device)
         entropy = torch.zeros_like(logp) if with_entropy else None
@@ -228,6 +243,31 @@ class Glm4MoeForCausalLM(nn.Module):
             logp = torch.cat([logp.new_zeros(1), logp])
             if with_entropy:
                 entropy = torch.cat([zero[None], torch.where(starts[1:], zero, ent)])
+        return TokenLogprobs(logp, entropy, out.expert_load, out.aux_loss, out.routed_experts)
+
+    def _predicted_logprobs(
+        self,
+        out: PackedOutput,
+        input_ids: Tensor,
+        layout: TreeLayout,
+        temperature: float,
+        with_entropy: bool,
+        chunk_size: int,
+    ) -> TokenLogprobs:
+        """token_logprobs of a tree layout: each token's logits at its predictor row."""
+        predictor = layout.predictor.to(input_ids.device)
+        targets = (predictor >= 0).nonzero().squeeze(1)
+        lp, ent = chunked_token_logprobs(
+            out.hidden[predictor[targets]],
+            self.lm_head.weight,
+            input_ids[targets],
+            temperature=temperature,
+            with_entropy=with_entropy,
+            chunk_size=chunk_size,
+        )
+        zeros = torch.zeros(input_ids.numel(), dtype=torch.float32, device=input_ids.device)
+        logp = zeros.index_put((targets,), lp.float())
+        entropy = zeros.index_put((targets,), ent.float()) if with_entropy else None
         return TokenLogprobs(logp, entropy, out.expert_load, out.aux_loss, out.routed_experts)
 
     def forward_mtp(self, input_ids: Tensor, cu_seqlens: Tensor, hidden: Tensor) -> list[Tensor]:
@@ -351,3 +391,10 @@ class Glm4MoeForCausalLM(nn.Module):
             tied_lm_head=self.config.tie_word_embeddings,
             fp8_block=fp8_block,
         )
+
+
+def _weighted_load(experts: Tensor, multiplicity: Tensor, load: Tensor) -> Tensor:
+    """float32 [E]: choices per expert, token t counted multiplicity[t] times (a shared
+    prompt token stands for every sequence that holds it). experts int64 [T, k]."""
+    weights = multiplicity.to(load.device, load.dtype)[:, None].expand_as(experts)
+    return torch.zeros_like(load).index_add(0, experts.reshape(-1), weights.reshape(-1))

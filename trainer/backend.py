@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from buffer.episode import FinishReason
+from models.batching import TreeLayout
 
 FINISH_REASONS: tuple[FinishReason, ...] = tuple(FinishReason)
 """PackedBatch.finish_codes index -> finish reason."""
@@ -67,6 +68,11 @@ class PackedBatch:
     finish_codes      int64   [B] | None  each sequence's finish reason (FINISH_REASONS index)
     policy_version    int | None     the trainer's version the step was built at (a token's
                                      staleness is policy_version - versions)
+    layout            TreeLayout | None  shared prompt prefixes (trainer.share_prompt_prefix):
+                                     the model's rows, positions, tree mask and predictors.
+                                     Sequence b then owns [cu[b], cu[b+1]) with a tree's
+                                     prompt owned by its first sequence (seq_ids likewise);
+                                     every other sequence of the tree sees it through the mask
     """
 
     input_ids: Tensor
@@ -88,9 +94,48 @@ class PackedBatch:
     policy_version: int | None = None
     routing_replayed: Tensor | None = None
     train_logprobs: Tensor | None = None
+    layout: TreeLayout | None = None
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def positions(self) -> Tensor:
+        """int64 [T]: each token's position in its own sequence (prompt 0.., response P..)."""
+        if self.layout is not None:
+            return self.layout.positions
+        cu = self.cu_seqlens
+        return torch.arange(self.num_tokens, device=cu.device) - cu[self.seq_ids.to(cu.device)]
+
+    @property
+    def predictor(self) -> Tensor:
+        """int64 [T]: index of the token whose hidden state predicts token t, -1 at the first
+        token of a sequence (t - 1 elsewhere, unless the layout shares prompts)."""
+        if self.layout is not None:
+            return self.layout.predictor
+        pred = torch.arange(-1, self.num_tokens - 1, device=self.input_ids.device)
+        pred[self.cu_seqlens[:-1].to(pred.device)] = -1
+        return pred
+
+    @property
+    def episode_tokens(self) -> int:
+        """Tokens of the B sequences as episodes (a shared prompt counted once per sequence);
+        num_tokens is what the model computes."""
+        if self.layout is None:
+            return self.num_tokens
+        return int(self.layout.multiplicity.sum())
+
+    def episode_index(self, seq: int) -> Tensor:
+        """int64: the pack positions of sequence `seq`'s tokens in order (prompt, response),
+        a shared prompt included."""
+        start, end = int(self.cu_seqlens[seq]), int(self.cu_seqlens[seq + 1])
+        own = torch.arange(start, end)
+        if self.layout is None or int(self.layout.branch[start]) == 0:
+            return own
+        row = int(torch.searchsorted(self.layout.cu_rows, torch.tensor(start), right=True)) - 1
+        row_start = int(self.layout.cu_rows[row])
+        prompt = torch.arange(row_start, row_start + int(self.layout.positions[start]))
+        return torch.cat([prompt, own])
 
     @property
     def num_tokens(self) -> int:
@@ -115,11 +160,20 @@ class PackedBatch:
             value = getattr(self, name)
             if value is not None and value.numel() != self.num_seqs:
                 raise ValueError(f"{name}: expected {self.num_seqs} entries, got {value.numel()}")
+        if self.layout is not None:
+            for name in ("positions", "branch", "predictor", "multiplicity"):
+                value = getattr(self.layout, name)
+                if tuple(value.shape) != (t,):
+                    raise ValueError(
+                        f"layout.{name}: expected shape ({t},), got {tuple(value.shape)}"
+                    )
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """A copy with every tensor moved to `device`."""
         moved = {
-            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
+            f.name: (
+                v.to(device) if isinstance(v := getattr(self, f.name), Tensor | TreeLayout) else v
+            )
             for f in fields(self)
         }
         return replace(self, **moved)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from buffer.episode import Episode, EpisodeGroup, FinishReason
 from trainer.backend import FINISH_REASONS, PackedBatch
+from trainer.prefix_tree import Row, SharedLayout, plan_rows, shared_layout
 
 
 @dataclass
@@ -128,6 +129,60 @@ def _rollout_routing(
 
 def _pack(
     episodes: Sequence[Episode],
+    rows: list[Row],
+    temperature: float,
+    current_version: int | None,
+    max_staleness: int | None,
+    mask_truncated: bool = False,
+    rollout_routing: bool = False,
+    prompt_routing: bool = False,
+) -> PackedBatch:
+    indices = [i for row in rows for i in row.episodes]
+    batch = _pack_unshared(
+        episodes,
+        indices,
+        temperature,
+        current_version,
+        max_staleness,
+        mask_truncated,
+        rollout_routing,
+        prompt_routing,
+    )  # fmt: skip
+    if not any(row.shared for row in rows):
+        return batch
+    return _gather_layout(batch, shared_layout(episodes, rows))
+
+
+def _gather_layout(batch: PackedBatch, shared: SharedLayout) -> PackedBatch:
+    """The unshared pack `batch` re-laid as prompt trees: every per-token tensor gathered."""
+    src = shared.gather_index
+    routed, replayed = batch.routed_experts, None
+    if routed is not None:  # the logprob at t follows the position that predicts it
+        routed = routed[:, src].contiguous()
+        pred = shared.layout.predictor
+        engine = (routed[0] >= 0).all(dim=-1)
+        replayed = (pred >= 0) & engine[pred.clamp_min(0)]
+    return PackedBatch(
+        input_ids=batch.input_ids[src],
+        cu_seqlens=shared.cu_seqlens,
+        loss_mask=batch.loss_mask[src],
+        rollout_logprobs=batch.rollout_logprobs[src],
+        advantages=batch.advantages[src],
+        versions=batch.versions[src],
+        seq_ids=batch.seq_ids[src],
+        temperature=batch.temperature,
+        sample_index=batch.sample_index,
+        prompt_lens=batch.prompt_lens,
+        finish_codes=batch.finish_codes,
+        policy_version=batch.policy_version,
+        routed_experts=routed,
+        routing_replayed=replayed,
+        layout=shared.layout,
+    )
+
+
+def _pack_unshared(
+    episodes: Sequence[Episode],
     indices: list[int],
     temperature: float,
     current_version: int | None,
@@ -183,6 +238,7 @@ def build_step(
     mask_truncated: bool = False,
     rollout_routing: bool = False,
     prompt_routing: bool = False,
+    share_prompt_prefix: bool = False,
 ) -> StepBatch:
     """Pack a step's episodes (group_ids[i] = group of episodes[i]) into micro-batches.
 
@@ -193,18 +249,27 @@ def build_step(
     mask 0 on every token of episodes with finish reason "length" (algorithm.overlong_filter).
     rollout_routing: carry the episodes' engine experts (algorithm.moe.routing_replay rollout),
     of the prompt too with prompt_routing (algorithm.moe.replay_prompt_routing).
+    share_prompt_prefix: pack each shareable group (consecutive equal group ids, one prompt)
+    as prompt trees (trainer/prefix_tree.py); not with prompt_routing (the prompt's forced
+    experts would differ per sequence).
     """
+    if share_prompt_prefix and prompt_routing:
+        raise ValueError(
+            "share_prompt_prefix: not with prompt_routing (replay_prompt_routing); the caller "
+            "must fall back to unshared rows"
+        )
     if len(episodes) != len(group_ids):
         raise ValueError(f"group_ids: {len(group_ids)} entries for {len(episodes)} episodes")
     if not episodes:
         raise ValueError("episodes: a step needs at least one episode")
     if temperature <= 0:
         raise ValueError(f"temperature: expected > 0 (1.0 for greedy rollouts), got {temperature}")
-    bins = pack_by_tokens([e.num_tokens for e in episodes], micro_batch_tokens)
+    rows = plan_rows(episodes, group_ids, micro_batch_tokens, share_prompt_prefix)
+    bins = pack_by_tokens([r.tokens for r in rows], micro_batch_tokens)
     batches = [
         _pack(
             episodes,
-            b,
+            [rows[r] for r in b],
             temperature,
             current_version,
             max_staleness,
@@ -233,8 +298,7 @@ def _response_index(batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
     """(is_response bool [T], row int64 [T], col int64 [T]) of each token in the [N, L] view."""
     if batch.sample_index is None or batch.prompt_lens is None:
         raise ValueError("sample_index/prompt_lens: this PackedBatch was not built by build_step")
-    pos = torch.arange(batch.num_tokens) - batch.cu_seqlens[batch.seq_ids]
-    col = pos - batch.prompt_lens[batch.seq_ids]
+    col = batch.positions - batch.prompt_lens[batch.seq_ids]  # a shared prompt: < 0
     return col >= 0, batch.sample_index[batch.seq_ids], col
 
 

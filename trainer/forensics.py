@@ -59,24 +59,25 @@ def top_mismatch(
 
 def _record(b: PackedBatch, diff: torch.Tensor, t: int, context: int, after: int) -> dict:
     seq = int(b.seq_ids[t])
-    start, end = int(b.cu_seqlens[seq]), int(b.cu_seqlens[seq + 1])
+    index = b.episode_index(seq)  # the sequence's tokens in order (a shared prompt included)
+    at = int((index == t).nonzero()[0, 0])
     prompt_len = int(b.prompt_lens[seq]) if b.prompt_lens is not None else 0
     trainer = b.old_logprobs if b.old_logprobs is not None else b.train_logprobs
-    in_seq = (b.loss_mask[start:end] > 0) & (diff[start:end] >= 0)
-    seq_diff = diff[start:end][in_seq]
+    in_seq = (b.loss_mask[index] > 0) & (diff[index] >= 0)
+    seq_diff = diff[index][in_seq]
     version = int(b.versions[t])
-    ids = b.input_ids
+    ids = b.input_ids[index]
     return {
         "abs_diff": float(diff[t]),
         "trainer_logprob": float(trainer[t]),
         "rollout_logprob": float(b.rollout_logprobs[t]),
-        "token_id": int(ids[t]),
-        "position": t - start - prompt_len,
-        "context_ids": ids[max(start, t - context) : t].tolist(),
-        "after_ids": ids[t + 1 : min(end, t + 1 + after)].tolist(),
+        "token_id": int(ids[at]),
+        "position": at - prompt_len,
+        "context_ids": ids[max(0, at - context) : at].tolist(),
+        "after_ids": ids[at + 1 : at + 1 + after].tolist(),
         "sample_index": int(b.sample_index[seq]) if b.sample_index is not None else seq,
         "prompt_len": prompt_len,
-        "response_len": end - start - prompt_len,
+        "response_len": len(index) - prompt_len,
         "version": version,
         "policy_version": b.policy_version,
         "staleness": None if b.policy_version is None else b.policy_version - version,

@@ -4,8 +4,10 @@
 ever reads positions with loss mask 1 (response tokens the policy generated), typically a third
 of a short-answer RL pack. This runs the trunk once (`forward_packed`) and the chunked
 lm_head log-softmax (`models.logprobs.chunked_token_logprobs`) on the hidden states that
-predict trainable tokens, scattering the results into [T] tensors that are 0 elsewhere. At the
-trainable positions the numbers are the same as token_logprobs' (the first-step gate checks it).
+predict trainable tokens (PackedBatch.predictor: t - 1, or under shared prompt trees the
+prompt's last token for a completion's first), scattering the results into [T] tensors
+that are 0 elsewhere. At the trainable positions the numbers are the same as
+token_logprobs' (the first-step gate checks it).
 
 `mtp_token_loss` is the MTP layers' next-next-token cross-entropy over the same trunk pass
 (SFT with trainer.mtp_loss_weight > 0, as in GLM's recipe).
@@ -44,13 +46,14 @@ def trainable_logprobs(
     routing: RoutingReplay | None = None,
 ) -> TrainForward:
     """Differentiable logprobs and entropies of `batch`'s trainable tokens."""
-    out = model.forward_packed(batch.input_ids, batch.cu_seqlens, routing=routing)
+    out = model.forward_packed(
+        batch.input_ids, batch.cu_seqlens, routing=routing, layout=batch.layout
+    )
     device = batch.input_ids.device
-    starts = torch.zeros(batch.num_tokens, dtype=torch.bool, device=device)
-    starts[batch.cu_seqlens[:-1]] = True
-    positions = ((batch.loss_mask > 0) & ~starts).nonzero().squeeze(1)
+    predictor = batch.predictor  # t - 1, or a shared prompt's last token
+    positions = ((batch.loss_mask > 0) & (predictor >= 0)).nonzero().squeeze(1)
     logp, entropy = chunked_token_logprobs(
-        out.hidden[positions - 1],
+        out.hidden[predictor[positions]],
         model.lm_head.weight,
         batch.input_ids[positions],
         temperature=batch.temperature,

@@ -78,6 +78,14 @@ def _inert_batch() -> PackedBatch:
     )
 
 
+def _no_layout(b: PackedBatch) -> None:
+    """The critic runs unshared rows (the service never shares prompts with a critic)."""
+    if b.layout is not None:
+        raise ValueError(
+            "trainer.share_prompt_prefix: the critic (advantage gae) needs unshared rows"
+        )
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
@@ -186,6 +194,7 @@ class TorchBackend:
                     temperature=b.temperature,
                     chunk_size=self.cfg.logprob_chunk,
                     routing=routing,
+                    layout=on_device.layout,
                 )
             if capture:
                 b.routed_experts = out.routed_experts
@@ -210,6 +219,7 @@ class TorchBackend:
             raise ValueError("values: this backend has no critic (advantage is not 'gae')")
         outs = []
         for b in batches:
+            _no_layout(b)
             on_device = self._on_device(b)
             with self._autocast():
                 values = self.critic.values(on_device.input_ids, on_device.cu_seqlens)
@@ -251,7 +261,7 @@ class TorchBackend:
         if self._fsdp_units:  # FSDP gathers the weights around its registered token_logprobs
             return self.model.token_logprobs(
                 b.input_ids, b.cu_seqlens, temperature=b.temperature, with_entropy=True,
-                chunk_size=self.cfg.logprob_chunk, routing=routing,
+                chunk_size=self.cfg.logprob_chunk, routing=routing, layout=b.layout,
             )  # fmt: skip
         return trainable_logprobs(self.model, b, chunk_size=self.cfg.logprob_chunk, routing=routing)
 
@@ -299,6 +309,7 @@ class TorchBackend:
         totals = self._totals(batches, self.critic_objective.count)
         stats = StatSums()
         for b in batches:
+            _no_layout(b)
             b = self._on_device(b)
             with self._autocast():
                 values = self.critic.values(b.input_ids, b.cu_seqlens)
@@ -343,11 +354,14 @@ class TorchBackend:
         if self.lora is None:  # under LoRA the router's bias is frozen base (lora_backend.py)
             update_expert_bias(self.model.moe_blocks(), load, self.algo.moe.bias_update_rate)
         self.version += 1
-        tokens = torch.tensor([float(sum(b.num_tokens for b in batches))])
+        # episode tokens (a shared prompt once per sequence), and what the model computed
+        tokens = torch.tensor([[float(b.episode_tokens), float(b.num_tokens)] for b in batches])
+        tokens = tokens.sum(0) if batches else torch.zeros(2)
         self.dp.all_reduce(tokens)
         elapsed = time.perf_counter() - t0
         metrics |= stats.finalize() | expert_load_metrics(load)
-        metrics |= {"tokens": float(tokens), "tokens_per_s": float(tokens) / elapsed}
+        metrics |= {"tokens": float(tokens[0]), "tokens_per_s": float(tokens[0]) / elapsed}
+        metrics["computed_tokens"] = float(tokens[1])
         metrics |= {"version": float(self.version), "time/train_step_s": elapsed}
         return metrics
 
