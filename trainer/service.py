@@ -28,6 +28,7 @@ from trainer.checkpoint_record import write_buffer_record, write_manifest
 from trainer.distributed import DataParallel
 from trainer.forensics import mismatch_path, top_mismatch, write_mismatch
 from trainer.lora_export import save_lora_job
+from trainer.prefix_tree import resolve_sharing
 from trainer.torch_backend import TorchBackend
 from trainer.trained_log import TrainedGroup, read_trained, write_trained
 
@@ -96,6 +97,7 @@ class TrainerService:
         the first GPU this process was given, e.g. by Ray through CUDA_VISIBLE_DEVICES)."""
         torch.set_num_threads(job.trainer.threads)
         self.job = job
+        self._share_prefix = resolve_sharing(job)  # trainer.share_prompt_prefix, where exact
         self.device = device if device is not None else resolve_device(job.cluster.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
@@ -157,6 +159,7 @@ class TrainerService:
             mask_truncated=self.job.algorithm.overlong_filter,
             rollout_routing=self.job.algorithm.moe.routing_replay == "rollout",
             prompt_routing=self.job.algorithm.moe.replay_prompt_routing,
+            share_prompt_prefix=self._share_prefix,
         )
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
         self._trained += [TrainedGroup(self.version, *taken) for taken in self._taken]
