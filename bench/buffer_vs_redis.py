@@ -6,6 +6,9 @@ of --batch groups (put a batch, take it, ack it, so the stream stays short as in
 
   raw            the already-encoded records: one pipeline of XADD (the record inline, plus
                  small v and p fields); one XREADGROUP; one MULTI of XACK + XDEL. 3 trips.
+  raw+copies     raw, plus only the memory traffic a codec cannot avoid (a join of each
+                 group's arrays before the put, a copy of each record taken, for writable
+                 arrays), with no per-episode Python work: a floor for any codec of this kind
   raw+codec      raw, plus encode_group before XADD and decode_group after XREADGROUP: the
                  same work as the store minus its guarantees (leases, atomic push, capacity,
                  staleness, quarantine, payloads that outlive a crash), so store vs
@@ -115,30 +118,49 @@ def _store_loop(store: EpisodeStore, groups: list[EpisodeGroup], batch: int, bat
         store.ack([t.entry_id for t in taken])
 
 
-def run_raw(url: str, items: list, batch: int, codec: bool) -> Cost:
-    """items: encoded records (codec=False) or groups to encode and decode (codec=True)."""
+def run_raw(url: str, groups: list, records: list[bytes], batch: int, mode: str) -> Cost:
+    """mode: "raw" (the encoded records), "codec" (encode and decode the groups) or "copies"
+    (the records, plus the copies any codec with writable arrays makes: see _raw_loop)."""
     client = redis.Redis.from_url(url)
     stream = f"bench-raw-{time.time_ns()}"
     client.xgroup_create(stream, "g", id="0", mkstream=True)
     cost: list[Cost] = []
     with meter(client, cost):
-        _raw_loop(client, stream, items, batch, codec)
+        _raw_loop(client, stream, groups, records, batch, mode)
     client.delete(stream)
     client.close()
     return cost[0]
 
 
-def _raw_loop(client: redis.Redis, stream: str, items: list, batch: int, codec: bool) -> None:
-    for i in range(0, len(items), batch):
-        chunk = items[i : i + batch]
+def _arrays(group: EpisodeGroup) -> list[np.ndarray]:
+    fields = ("prompt_ids", "response_ids", "rollout_logprobs", "versions", "loss_mask")
+    return [getattr(e, name) for name in fields for e in group.episodes]
+
+
+def _raw_loop(
+    client: redis.Redis, stream: str, groups: list, records: list, batch: int, mode: str
+) -> None:
+    """One put + take + ack round per batch. "copies" adds, without any per-episode Python
+    work, the memory traffic a codec cannot avoid: one join of each group's arrays before
+    the put (discarded; the record sent is the pre-encoded one) and one copy of each record
+    taken (the writable body)."""
+    for i in range(0, len(records), batch):
+        chunk = range(i, min(i + batch, len(records)))
         pipe = client.pipeline(transaction=False)
-        for j, item in enumerate(chunk):
-            record = encode_group(item) if codec else item
-            pipe.xadd(stream, {"g": record, "v": 0, "p": f"p{i + j}"})
+        for j in chunk:
+            if mode == "codec":
+                record = encode_group(groups[j])
+            else:
+                record = records[j]
+                if mode == "copies":
+                    b"".join(_arrays(groups[j]))
+            pipe.xadd(stream, {"g": record, "v": 0, "p": f"p{j}"})
         pipe.execute()
         reply = client.xreadgroup("g", "bench", {stream: ">"}, count=len(chunk), block=1000)
-        if codec:
+        if mode == "codec":
             [decode_group(fields[b"g"]) for _, fields in reply[0][1]]
+        elif mode == "copies":
+            [bytearray(fields[b"g"]) for _, fields in reply[0][1]]
         ids = [entry_id for entry_id, _ in reply[0][1]]
         if len(ids) != len(chunk):
             raise RuntimeError(f"raw: took {len(ids)} of {len(chunk)}")
@@ -195,7 +217,7 @@ def profile_trips(
     stream = f"bench-raw-trips-{time.time_ns()}"
     client.xgroup_create(stream, "g", id="0", mkstream=True)
     steps: dict[str, list[tuple[str, Callable[[], object]]]] = {
-        "raw": [("put+take+ack", lambda: _raw_loop(client, stream, encoded, batch, False))],
+        "raw": [("put+take+ack", lambda: _raw_loop(client, stream, chunk, encoded, batch, "raw"))],
         "store-batched": [
             ("put", lambda: store.put_groups(chunk)),
             ("take", lambda: taken.extend(store.take_groups("bench", batch, block_ms=1000))),
@@ -251,7 +273,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256, help="response tokens per episode")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N alternating runs")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N alternating runs")
     parser.add_argument("--url", default=None, help="an existing server (default: embedded)")
     args = parser.parse_args()
 
@@ -267,8 +289,9 @@ def main() -> None:
         url = args.url or server.start()
         try:
             runs = {
-                "raw": lambda: run_raw(url, records, args.batch, codec=False),
-                "raw+codec": lambda: run_raw(url, groups, args.batch, codec=True),
+                "raw": lambda: run_raw(url, groups, records, args.batch, "raw"),
+                "raw+copies": lambda: run_raw(url, groups, records, args.batch, "copies"),
+                "raw+codec": lambda: run_raw(url, groups, records, args.batch, "codec"),
                 "store": lambda: run_store(url, groups, args.batch, batched_put=False),
                 "store-batched": lambda: run_store(url, groups, args.batch, batched_put=True),
             }

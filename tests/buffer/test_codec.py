@@ -14,6 +14,8 @@ from buffer.codec import (
     _COLUMNS,
     _PREFIX,
     EpisodeCodecError,
+    _check_header,
+    _fast_heads,
     decode_group,
     encode_group,
     encode_group_versioned,
@@ -248,3 +250,52 @@ def test_the_body_is_the_documented_layout_and_round_trips_with_routing() -> Non
     assert [e.routed_experts is None for e in back.episodes] == [True, True, False]
     np.testing.assert_array_equal(back.episodes[2].routed_experts, episodes[2].routed_experts)
     assert back.episodes[2].routing_start == 5
+
+
+def _header(record: bytes) -> dict:
+    _, _, hlen = _PREFIX.unpack_from(record, 0)
+    return msgpack.unpackb(record[_PREFIX.size : _PREFIX.size + hlen])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: None,
+        _set(["reward", 0], 3),  # an int reward: strict accepts it, the fast path defers
+        _set(["reward", 0], 1e308),
+        _set(["reward", 1], 1e308),  # finite terms, an overflowing sum: strict decides
+        _set(["rewards", 1], {"m": 2}),
+        _set(["rewards", 0], {"m": float("nan")}),
+        _set(["finish_reason", 1], "length"),
+        _set(["finish_reason", 1], 5),
+        _set(["finish_reason", 1], "exploded"),
+        _set(["P", 0], True),
+        _set(["R", 1], -1),
+        _set(["episode_metadata", 0], [1]),
+        _set(["shared_prompt"], 1),
+        _set(["prompt_id"], b"p1"),
+        lambda h: h.pop("dtypes"),
+        lambda h: h["R"].append(3),
+        lambda h: [h[k].clear() for k in _COLUMNS],
+    ],
+)
+def test_the_fast_header_check_accepts_only_what_the_strict_one_accepts(edit) -> None:
+    """decode_group tries _fast_heads (whole-column checks) and falls back to _check_header,
+    which names the bad field: the fast path must return the same columns, defer (None), or
+    raise only where the strict check raises too."""
+    group = _multi_turn_group()
+    group.episodes[0].metadata["t"] = 0.5
+    header = _header(encode_group(group))
+    edit(header)
+    try:
+        strict = _check_header(header)
+    except EpisodeCodecError:
+        strict = None
+    try:
+        fast = _fast_heads(header)
+    except EpisodeCodecError:  # only for a header the strict check refuses as well
+        assert strict is None
+        return
+    assert fast is None or fast == strict
+    if strict is not None and all(type(v) is float for v in header["reward"]):
+        assert abs(sum(header["reward"])) == float("inf") or fast == strict
