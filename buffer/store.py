@@ -199,18 +199,23 @@ class EpisodeStore:
         return self._writer.put_many(items, self._prompts.lease_seconds, cancel)[0]
 
     def put_groups(
-        self, groups: Sequence[EpisodeGroup], lease_ids: Sequence[str | None] | None = None
+        self,
+        groups: Sequence[EpisodeGroup],
+        lease_ids: Sequence[str | None] | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[str | None]:
         """put_group for several groups in one round trip (each push still atomic on its own).
 
         Returns one entry id (or None for a late push) per group, in order. If the buffer has
-        room for only some, those are pushed and the rest wait as in put_group.
+        room for only some, those are pushed and the rest wait as in put_group; `cancel` ends
+        that wait as in put_group (PutCancelledError carries the results so far).
         """
         lease_ids = [None] * len(groups) if lease_ids is None else list(lease_ids)
         if len(lease_ids) != len(groups):
             raise ValueError(f"lease_ids: {len(lease_ids)} given for {len(groups)} groups")
         items = list(zip(groups, lease_ids))
-        return self._writer.put_many(items, self._prompts.lease_seconds)
+        return self._writer.put_many(items, self._prompts.lease_seconds, cancel)
 
     def take_groups(self, consumer: str, n: int, *, block_ms: int = 1000) -> list[TakenGroup]:
         """Up to n groups fresh enough for the current version, waiting up to block_ms.

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from buffer.errors import BufferFullError
+from buffer.errors import BufferFullError, PutCancelledError
 from tests.buffer.helpers import make_group, write_prompts
 
 
@@ -287,3 +287,18 @@ def test_an_ack_from_another_process_finds_the_payloads_itself(make_store) -> No
     assert client.keys(pattern) == [] and client.xlen(taker.keys.stream) == 0
     stats = taker.stats()
     assert (stats.groups_acked, stats.groups_pending) == (3, 0)
+
+
+def test_put_groups_can_be_cancelled_while_waiting_for_room(make_store) -> None:
+    """A batch whose tail finds the buffer full: the head is pushed, a set `cancel` ends the
+    wait at once, and the error says which groups went in; the rest leave no payload."""
+    store = make_store(capacity=1, put_timeout_s=30)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(PutCancelledError) as caught:
+        store.put_groups([make_group("a"), make_group("b")], cancel=cancel)
+    pushed, refused = caught.value.results
+    assert pushed is not None and refused is None
+    assert len(store.client.keys(f"{store.keys.payload_prefix}*")) == 1  # a's only
+    (taken,) = store.take_groups("c", 2, block_ms=0)
+    assert (taken.entry_id, taken.group.prompt_id) == (pushed, "a")
