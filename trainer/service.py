@@ -146,6 +146,7 @@ class TrainerService:
     def rl_step(self, timeout_s: float) -> dict[str, float]:
         """Take this rank's share of a step's groups, train on them, publish the version."""
         started = time.monotonic()
+        between = started - self._last_step_end  # weight export, and any wait on the driver
         share = step_share(self.job.trainer.prompts_per_step, self.dp.rank, self.dp.world_size)
         groups = self.take_groups(share, timeout_s)
         waited = time.monotonic() - started
@@ -169,6 +170,7 @@ class TrainerService:
             self.store.set_version(self.version)
         metrics.update(_group_metrics(groups, self.version - 1))
         metrics["perf/wait_s"] = waited
+        metrics["perf/between_steps_s"] = between
         metrics["perf/step_s"] = time.monotonic() - self._last_step_end
         self._last_step_end = time.monotonic()
         return metrics

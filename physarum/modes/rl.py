@@ -26,14 +26,25 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
     ctx.log(start, start, ctx.evaluate(rollout, start))
     rollout.start()
 
+    timeout = job.rollout.request_timeout_s
+    queued = trainer.submit_rl_step(timeout) if start < job.trainer.steps else None
     for step in range(start + 1, job.trainer.steps + 1):
-        result = trainer.rl_step(job.rollout.request_timeout_s, while_waiting=rollout.check)
+        assert queued is not None
+        result = trainer.rl_step_result(queued, while_waiting=rollout.check)
         check_step(step, result, job.reward.max_error_fraction)
-        rollout.push_weights(trainer.weight_update_ref(), step, wait=False)
+        update = trainer.weight_update_ref()
+        # The next step is queued behind the export at once, so the trainer never idles while
+        # the driver pushes weights, evaluates and logs; a checkpoint must see this step's
+        # state, so across one the next step is queued only after it.
+        checkpoint_due = ctx.due(step, job.checkpoint.interval)
+        more = step < job.trainer.steps
+        queued = trainer.submit_rl_step(timeout) if more and not checkpoint_due else None
+        rollout.push_weights(update, step, wait=False)
         if step < job.trainer.steps and ctx.due(step, job.rollout.eval.interval):
             result |= ctx.evaluate(rollout, step)  # the last step's eval runs once, after stop
-        if ctx.due(step, job.checkpoint.interval):
+        if checkpoint_due:
             ctx.checkpoint(trainer, step)
+            queued = trainer.submit_rl_step(timeout) if more else None
         ctx.log(step, step, result | rollout.stats() | _buffer_metrics(buffer.stats()))
 
     ctx.checkpoint(trainer, job.trainer.steps)  # first: a stuck worker cannot cost the model

@@ -205,7 +205,18 @@ class TrainerGroup:
     def rl_step(self, timeout_s: float, *, while_waiting: Any = None) -> dict[str, float]:
         """One RL step on every rank; `while_waiting()` runs every half second until it is
         done (the driver restarts dead rollout workers meanwhile, or the step would starve)."""
-        refs = [a.rl_step.remote(timeout_s) for a in self.actors]
+        return self.rl_step_result(self.submit_rl_step(timeout_s), while_waiting=while_waiting)
+
+    def submit_rl_step(self, timeout_s: float) -> list[ray.ObjectRef]:
+        """Queue one RL step on every rank and return at once. A rank runs its calls in the
+        order they were submitted, so a step queued right behind `weight_update_ref()` starts
+        as soon as the export is done, while the driver logs, evaluates or pushes weights."""
+        return [a.rl_step.remote(timeout_s) for a in self.actors]
+
+    def rl_step_result(
+        self, refs: list[ray.ObjectRef], *, while_waiting: Any = None
+    ) -> dict[str, float]:
+        """Wait for a submitted step (see `rl_step`); rank 0's metrics."""
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
             check_lost(self.actors, refs, ready, self.job, self.nodes)  # others would hang
