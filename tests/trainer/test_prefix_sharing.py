@@ -24,16 +24,18 @@ ATOL = 2e-5
 
 
 def _noisy(group: EpisodeGroup, rng: np.random.Generator) -> EpisodeGroup:
-    """The group with ragged responses (cut at random), random engine logprobs and a
-    masked-out token here and there."""
+    """The group with ragged responses (cut at random), random engine logprobs, a masked-out
+    token here and there, and random engine experts (R3) on the responses."""
     episodes = []
     for e in group.episodes:
         n = int(rng.integers(1, len(e.response_ids) + 1))
         mask = (rng.random(n) > 0.15).astype(np.float32)
         logp = -rng.random(n).astype(np.float32)
-        episodes.append(
-            Episode(e.prompt_ids, e.response_ids[:n], mask, logp, np.zeros(n), reward=e.reward)
-        )
+        experts = np.sort(np.argsort(rng.random((n, 3, 8)), axis=-1)[..., :2], axis=-1)
+        episode = Episode(e.prompt_ids, e.response_ids[:n], mask, logp, np.zeros(n), e.reward)
+        episode.routed_experts = experts.astype(np.uint8)  # toy: 3 MoE layers, top-2 of 8
+        episode.routing_start = len(e.prompt_ids)
+        episodes.append(episode)
     return EpisodeGroup(group.prompt_id, episodes)
 
 
@@ -56,20 +58,28 @@ def groups(toy_tokenizer):
     return [_noisy(g, rng) for g in base]
 
 
-def _step(groups, share: bool, budget: int):
-    return build_rl_step(groups, micro_batch_tokens=budget, share_prompt_prefix=share)
+def _step(groups, share: bool, budget: int, r3: bool = False):
+    return build_rl_step(
+        groups, micro_batch_tokens=budget, share_prompt_prefix=share, rollout_routing=r3
+    )
 
 
-def _run(tok, groups, share: bool, algo: dict, budget: int = 4096):
-    """(step, padded logprobs [N, L], loss metrics, {param: grad}) of one actor pass."""
+def _run(tok, groups, share: bool, algo: dict, budget: int = 4096, trainer: dict | None = None):
+    """(step, padded logprobs [N, L], loss metrics, {param: grad}, expert load) of one actor
+    pass after the step's logprob passes and advantages."""
     torch.manual_seed(0)
-    tb = backend(toy_model(len(tok), seed=1), {"lr": 1e-4}, algo)
+    tb = backend(toy_model(len(tok), seed=1), {"lr": 1e-4} | (trainer or {}), algo)
+    if tb.lora is not None:  # adapters that are not the identity: B = 0 at init
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in tb.lora.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     if tb.ref is not None:  # a reference that differs from the actor: the KL term matters
         gen = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for p in tb.ref.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    step = _step(groups, share, budget)
+    step = _step(groups, share, budget, r3=algo.get("moe", {}).get("routing_replay") == "rollout")
     batches = tb.prepare(step)
     logp = to_padded(batches, tb.logprobs(batches), step.num_seqs, step.max_response_len)
     mask = to_padded(batches, [b.loss_mask for b in batches], step.num_seqs, step.max_response_len)
@@ -86,13 +96,18 @@ def _run(tok, groups, share: bool, algo: dict, budget: int = 4096):
         {"loss_agg": "token_mean"},
         {"loss_agg": "seq_mean_token_sum", "kl": {"coef": 0.1}},
         {"loss_agg": "seq_mean_token_mean", "kl": {"coef": 0.1, "mode": "reward"}},
+        {"moe": {"routing_replay": "trainer"}},
+        {"moe": {"routing_replay": "rollout"}, "loss_agg": "seq_mean_token_mean"},
+        {"kl": {"coef": 0.1}, "lora": True},
     ],
-    ids=["token_mean", "seq_sum_kl_loss", "seq_mean_kl_reward"],
+    ids=["token_mean", "seq_sum_kl_loss", "seq_mean_kl_reward", "r2", "r3", "lora_kl"],
 )
 def test_shared_step_matches_unshared(toy_tokenizer, groups, algo):
     budget = 20  # splits every 5-sample tree (prompts of 10-11, responses of 1-5 tokens)
-    plain = _run(toy_tokenizer, groups, False, algo, budget)
-    shared = _run(toy_tokenizer, groups, True, algo, budget)
+    algo = dict(algo)
+    trainer = {"lora": {"rank": 4}} if algo.pop("lora", False) else None
+    plain = _run(toy_tokenizer, groups, False, algo, budget, trainer)
+    shared = _run(toy_tokenizer, groups, True, algo, budget, trainer)
     step = shared[0]
     trees = [b for b in step.micro_batches if b.layout is not None]
     assert trees, "no micro-batch was laid out as prompt trees"
