@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import struct
 import sys
-from itertools import accumulate
 from typing import Any, NamedTuple
 
 import msgpack
@@ -439,30 +438,33 @@ def decode_group(data: bytes) -> EpisodeGroup:
     routed = _routed(buf, pos, routing, heads)
     ids, mask = columns["response_ids"], columns["loss_mask"]
     logprobs, versions = columns["rollout_logprobs"], columns["versions"]
-    n = len(heads.r)
-    ends = list(accumulate(heads.r))
-    starts = [0, *ends[:-1]]
-    if shared:  # episodes must not alias one another's arrays
-        prompt_list = [prompts, *[prompts.copy() for _ in range(n - 1)]]
-    else:
-        p_ends = list(accumulate(heads.p))
-        prompt_list = [prompts[a:b] for a, b in zip([0, *p_ends[:-1]], p_ends)]
-    routing_starts = [0 if route is None else route[0] for route in routing]
     from_checked = Episode._from_checked
-    episodes = [
-        from_checked(prompt, ids[a:b], mask[a:b], logprobs[a:b], versions[a:b], *rest)
-        for prompt, a, b, *rest in zip(
-            prompt_list,
-            starts,
-            ends,
-            heads.reward,
-            heads.rewards,
-            heads.finish_reason,
-            heads.metadata,
-            routed,
-            routing_starts,
+    episodes = []
+    p_at = r_at = 0
+    for i, (p, r) in enumerate(zip(heads.p, heads.r)):
+        if shared:  # episodes must not alias one another's arrays
+            prompt = prompts if i == 0 else prompts.copy()
+        else:
+            prompt = prompts[p_at : p_at + p]
+            p_at += p
+        end = r_at + r
+        route = routing[i]
+        episodes.append(
+            from_checked(
+                prompt,
+                ids[r_at:end],
+                mask[r_at:end],
+                logprobs[r_at:end],
+                versions[r_at:end],
+                heads.reward[i],
+                heads.rewards[i],
+                heads.finish_reason[i],
+                heads.metadata[i],
+                routed[i],
+                0 if route is None else route[0],
+            )
         )
-    ]
+        r_at = end
     return EpisodeGroup(header["prompt_id"], episodes, header["metadata"])
 
 
