@@ -53,7 +53,8 @@ class Attention(nn.Module):
         if pack.attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # prompt trees: each completion sees the shared prompt and itself
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.attn_mask, enable_gqa=True)
+            mask = pack.attn_mask.to(q.dtype)  # a no-op in fp32
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads * self.head_dim)
         if pack.padded_index is not None:
             out = out.index_select(0, pack.padded_index)
