@@ -187,11 +187,13 @@ def ours_overrides(
     staleness: int,
     seed: int,
     dtype: str = "float32",
+    share: bool = True,
 ) -> list[str]:
     """`--set` overrides turning configs/toy_grpo.yaml into the benchmark's job."""
     n_eval = len(read_jsonl(fixture.eval_path))
     return [
         f"trainer.dtype={dtype}",
+        f"trainer.share_prompt_prefix={str(share).lower()}",
         f"run_dir={run_dir}",
         f"name=bench_e2e_s{staleness}",
         f"seed={seed}",
@@ -232,6 +234,7 @@ def run_ours(
     staleness: int,
     seed: int,
     dtype: str = "float32",
+    share: bool = True,
 ) -> RunResult:
     try:
         from physarum.launch import execute
@@ -242,8 +245,9 @@ def run_ours(
 
     preset = Path(configs.__file__).parent / "toy_grpo.yaml"
     overrides = ours_overrides(
-        fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed, dtype=dtype
-    )
+        fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed, dtype=dtype,
+        share=share,
+    )  # fmt: skip
     job = load_job(preset, overrides)
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start from scratch
     load_before = os.getloadavg()[0]
@@ -259,7 +263,9 @@ def run_ours(
         "train": [r["train/time/train_step_s"] for r in steps_done],
     }
     return RunResult(
-        name=f"physarum s{staleness}" + ("" if dtype == "float32" else " bf16"),
+        name=f"physarum s{staleness}"
+        + ("" if dtype == "float32" else " bf16")
+        + ("" if share else " unshared"),
         step_s=[b - a for a, b in zip(times, times[1:])],  # driver wall clock, step to step
         rewards=[float(r["reward"]) for r in steps_done],
         wall_s=wall,
@@ -339,6 +345,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["float32", "bfloat16"],
         help="trainer.dtype of our runs (bfloat16: bf16 compute, fp32 master weights)",
     )
+    parser.add_argument(
+        "--share-prompt-prefix",
+        nargs="*",
+        default=["on"],
+        choices=["on", "off"],
+        help="trainer.share_prompt_prefix of our runs (on: each group's prompt computed once)",
+    )
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-ours", action="store_true")
     return parser.parse_args(argv)
@@ -349,10 +362,11 @@ def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) ->
     runs: list[RunResult] = []
     if not args.no_trl:
         runs.append(run_trl(fixture, warm, args.root / "trl", steps=args.steps, seed=args.seed))
-    ours = [] if args.no_ours else [(k, d) for d in args.dtype for k in args.staleness]
-    for k, dtype in ours:
+    shares = [v == "on" for v in args.share_prompt_prefix]
+    ours = [(k, d, sh) for sh in shares for d in args.dtype for k in args.staleness]
+    for k, dtype, share in [] if args.no_ours else ours:
         try:
-            run_dir = args.root / f"physarum_s{k}_{dtype}"
+            run_dir = args.root / (f"physarum_s{k}_{dtype}" + ("" if share else "_unshared"))
             runs.append(
                 run_ours(
                     fixture,
@@ -362,6 +376,7 @@ def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) ->
                     staleness=k,
                     seed=args.seed,
                     dtype=dtype,
+                    share=share,
                 )  # fmt: skip
             )
         except JobLoopUnavailable as err:
