@@ -434,6 +434,7 @@ class EmbeddedEngine:
             "num_waiting": len(self.sched.waiting),
             "num_free_slots": self.sched.slots.num_free,
             "num_forwards": self.sched.num_forwards,
+            "num_prefill_rows": self.sched.num_prefill_rows,
             "weight_version": self.sched.version,
             "pending_weight_updates": len(self._pending_updates),
         }

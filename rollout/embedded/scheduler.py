@@ -2,8 +2,10 @@
 
 Each `step()`:
   1. admits waiting sequences into free KV slots (up to `max_prefill_tokens` new tokens);
-  2. prefills the newcomers in padded chunks (samples of one request that share a prompt are
-     prefilled once and their K/V copied to the sibling slots) and samples their first token;
+  2. prefills the newcomers in padded chunks (fresh sequences admitted together with the same
+     prompt, e.g. the n samples of a request or the n single-sample requests a rollout sends
+     per prompt, are prefilled once and their K/V copied to the other slots) and samples
+     their first token;
   3. runs one decode forward over every other running sequence (one new token each) and
      samples the next token of each;
   4. finished sequences leave at once and their slots are reused.
@@ -32,6 +34,14 @@ from rollout.embedded.sampler import sample, sample_with_top
 from rollout.embedded.sequence import Decode, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+def _share_key(seq: Sequence) -> tuple | None:
+    """Fresh sequences with equal keys can share one prefill row: same tokens, and the same
+    need for routing capture (a row captured for one serves every sequence that asks)."""
+    if seq.output_ids:
+        return None  # a re-prefill after retraction carries its own tokens
+    return (seq.routing_start is not None, tuple(seq.prompt_ids))
 
 
 def _slot_of(seq: Sequence) -> int:
@@ -73,6 +83,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_forwards = 0
+        self.num_prefill_rows = 0  # rows prefilled (a shared prompt counts once)
 
     # ---- queue management ------------------------------------------------------------------
 
@@ -157,40 +168,38 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences into free slots while their prefill fits the token budget;
-        fresh siblings of an admitted sequence (same request, same prompt) cost nothing."""
+        a fresh sequence whose prompt an admitted one prefills already costs nothing."""
         admitted: list[Sequence] = []
-        charged: set[str] = set()
+        charged: set[tuple] = set()
         budget = self.max_prefill_tokens
         while self.waiting and self.slots.num_free:
             seq = self.waiting[0]
-            shared = not seq.output_ids and seq.group in charged
-            cost = 0 if shared else seq.num_tokens
+            key = _share_key(seq)
+            cost = 0 if key is not None and key in charged else seq.num_tokens
             if admitted and cost > budget:
                 break
             self.waiting.popleft()
             seq.slot = self.slots.acquire(seq.params, seq.seed, len(seq.output_ids))
             seq.cached = 0
             budget -= cost
-            if not seq.output_ids:
-                charged.add(seq.group)
+            if key is not None:
+                charged.add(key)
             admitted.append(seq)
         return admitted
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Prefill in chunks of similar length; siblings with the same tokens share one row."""
-        leaders: dict[str, Sequence] = {}
+        """Prefill in chunks of similar length; fresh sequences with the same prompt share
+        one row (`_share_key`)."""
+        leaders: dict[tuple, Sequence] = {}
         pairs: list[tuple[Sequence, Sequence]] = []  # (sequence, the one whose row it uses)
         for seq in seqs:
-            lead = seq
-            if not seq.output_ids:
-                lead = leaders.setdefault(seq.group, seq)
-                if lead.prompt_ids != seq.prompt_ids:
-                    lead = seq
-            pairs.append((seq, lead))
+            key = _share_key(seq)
+            pairs.append((seq, seq if key is None else leaders.setdefault(key, seq)))
         unique = [s for s, lead in pairs if s is lead]
         unique.sort(key=lambda s: s.num_tokens)
         logits_of: dict[int, Tensor] = {}
         routes_of: dict[int, np.ndarray] = {}
+        self.num_prefill_rows += len(unique)
         for chunk in self._chunks(unique):
             rows = [s.prompt_ids + s.output_ids for s in chunk]
             logits, routes = self._forward(rows, [s.slot for s in chunk], [0] * len(chunk), chunk)

@@ -115,6 +115,42 @@ def test_siblings_share_one_prefill_and_decode_together(engine, model):
     assert all(o.output_ids == greedy_reference(model, [2, 7, 1, 8], 5) for o in outs)
 
 
+def test_requests_with_one_prompt_share_one_prefill_row(engine, model):
+    """A rollout sends n single-sample requests per prompt: each distinct prompt is
+    prefilled once (its K/V copied to the other slots), with the tokens, logprobs and
+    experts of separate prefills (each request alone)."""
+    prompts = [[2, 7, 1, 8, 2, 8], [3, 1, 4, 1, 5]]
+
+    def requests():
+        return [
+            GenerateRequest(
+                prompt,
+                SamplingParams(max_new_tokens=4, temperature=1.0, sampling_seed=10 * i + j),
+                rid=f"p{i}-{j}",
+                return_routed_experts=j != 1,  # one sample per prompt without capture
+            )
+            for i, prompt in enumerate(prompts)
+            for j in range(3)
+        ]
+
+    before = engine.stats()["num_prefill_rows"]
+    shared = run(engine.generate(requests()))
+    # one row per (prompt, capture or not): the samples that capture share, the other alone
+    assert engine.stats()["num_prefill_rows"] - before == 4
+    for req, out in zip(requests(), shared, strict=True):
+        before = engine.stats()["num_prefill_rows"]
+        alone = run(engine.generate([req]))[0]
+        assert engine.stats()["num_prefill_rows"] - before == 1
+        assert out.output_ids == alone.output_ids
+        torch.testing.assert_close(out.logprobs, alone.logprobs, rtol=0, atol=1e-5)
+        if req.return_routed_experts:
+            assert (out.routed_experts == alone.routed_experts).all()
+        else:
+            assert out.routed_experts is None and alone.routed_experts is None
+        want = model_logprobs(model, req.input_ids, out.output_ids)
+        assert (torch.tensor(out.logprobs) - want).abs().max().item() < 1e-4
+
+
 def _slow(seq):
     """on_update hook: 5 ms per token on the engine thread, so a control call made after a
     few tokens always lands long before the sequence could finish (no race on a busy CPU)."""
