@@ -10,6 +10,10 @@ filter) every token of an episode cut by the length limit (finish reason "length
 With `rollout_routing` (R3) the episodes' engine experts go into `routed_experts`, -1 where
 the engine sent none (the prompt by default, the last token, episodes without routing).
 
+With `share_prompt_prefix` each group's samples are packed as prompt trees that compute the
+shared prompt once (trainer/prefix_tree.py); the per-token tensors are then gathered from the
+unshared pack, so everything below reads the same numbers.
+
 Advantages are computed for the whole step at once (a group may straddle micro-batches) on a
 padded [N, L] view of the responses (`to_padded` / `from_padded`), see `assign_advantages`.
 """
