@@ -24,6 +24,11 @@ Other engineers share this machine: the load average is printed beside every run
 
     .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
+        [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128]
+
+--seed changes the GRPO job only (sampling, prompt order); --data-seed the rows, the init and
+the SFT, so runs with several --seed values can share one warm start (--warm DIR: the `warm`
+folder of an earlier run's --root with the same --data-seed).
 """
 
 from __future__ import annotations
