@@ -286,10 +286,13 @@ def decode_forward(
     shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
     x = F.embedding(input_ids, weights.embed)
     b, length, hidden = x.shape
-    # SDPA turns a bool mask into an additive one on every call: do it once per forward
-    # (0 / -inf in the compute dtype, exactly what SDPA would build)
-    mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
-    batch = replace(batch, mask=mask.masked_fill_(batch.mask.logical_not(), float("-inf")))
+    if b == 1 and length == 1:  # one new token: it attends to every cached position
+        batch = replace(batch, mask=None)
+    else:
+        # SDPA turns a bool mask into an additive one on every call: do it once per forward
+        # (0 / -inf in the compute dtype, exactly what SDPA would build)
+        mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
+        batch = replace(batch, mask=mask.masked_fill_(batch.mask.logical_not(), float("-inf")))
     routes = []
     for w, cache in zip(weights.layers, caches, strict=True):
         x = x + _attention(_rms(x, w.in_norm, eps), w, rope, batch, cache, shape, eps)
