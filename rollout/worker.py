@@ -176,6 +176,12 @@ class RolloutWorkerCore:
             out["rollout/multi_version_episodes"] = float(self.multi_version_episodes)
         if self.agent_runner is not None:
             out.update(self.agent_runner.stats.snapshot())
+        engine_stats = getattr(self.engine, "stats", None)
+        if callable(engine_stats):  # the embedded engine's forwards: prefill vs decode calls
+            counters = engine_stats()
+            for key in ("num_forwards", "num_prefill_rows"):
+                if key in counters:
+                    out[f"rollout/engine_{key}"] = float(counters[key])
         return out
 
     async def generate_for_row(
