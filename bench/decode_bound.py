@@ -82,6 +82,28 @@ def copy_bandwidth(nbytes: int, reps: int) -> tuple[float, float]:
     return 2 * nbytes / best_copy / 1e9, nbytes / best_sum / 1e9
 
 
+def gemv_bandwidth(reps: int) -> tuple[float, float]:
+    """GB/s of one-row GEMVs over 48 MiB of [3072, 512] fp32 weights (out of cache), with
+    the weights stored [out, in] (F.linear, the nn.Linear layout) and stored [in, out]
+    (`x @ w`, the layout models/decode.py keeps on the CPU); best of `reps`."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3072, 512, generator=gen) for _ in range(8)]
+    in_out = [w.t().contiguous() for w in weights]
+    x = torch.randn(1, 512, generator=gen)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    best_linear = best_in_out = float("inf")
+    for _ in range(reps):
+        start = clock()
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+        best_linear = min(best_linear, clock() - start)
+        start = clock()
+        for w in in_out:
+            x @ w
+        best_in_out = min(best_in_out, clock() - start)
+    return nbytes / best_linear / 1e9, nbytes / best_in_out / 1e9
+
+
 def generate_s(engine: EmbeddedEngine, prompt: list[int], new: int) -> float:
     params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
     start = clock()
@@ -126,6 +148,7 @@ def main() -> None:
             copy_gbs, sum_gbs = copy_bandwidth(args.copy_mib << 20, 3)
             copies.append(copy_gbs)
             sums.append(sum_gbs)
+        gemv_linear, gemv_in_out = gemv_bandwidth(args.reps)
     finally:
         engine.shutdown()
     per_token = (min(longs) - min(shorts)) / (args.long - args.short)
@@ -139,6 +162,10 @@ def main() -> None:
     print(
         f"bandwidth: tensor copy {bw:.1f} GB/s (read + write, {args.copy_mib} MiB), "
         f"read-only sum {max(sums):.1f} GB/s"
+    )
+    print(
+        f"GEMV (1 row, 48 MiB fp32): weights [out, in] via F.linear {gemv_linear:.1f} GB/s, "
+        f"[in, out] via x @ w {gemv_in_out:.1f} GB/s (the engine's layout on the CPU)"
     )
     print(f"bound at copy bandwidth  : {bound * 1e3:7.2f} ms/token")
     print(f"bound at read bandwidth  : {read / (max(sums) * 1e9) * 1e3:7.2f} ms/token")
