@@ -108,8 +108,34 @@ async def generate_group(
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
     prefix = rid_prefix or f"{metadata.get('prompt_id', 'prompt')}-{uuid.uuid4().hex[:8]}"
+    requests = _requests(prompt_ids, sampling, n, prefix, routed_experts_from)
+    start = time.monotonic()
+    outputs = await engine.generate(requests)
+    elapsed = time.monotonic() - start
+    if len(outputs) != n:
+        raise ValueError(f"engine returned {len(outputs)} outputs for {n} requests")
+    stop_ids = _stop_ids(sampling, tokenizer)
+    prompt_text = tokenizer.decode(list(prompt_ids)) if tokenizer is not None else None
+    episodes = []
+    for index, output in enumerate(outputs):
+        check_output(output)
+        meta = {**metadata, "sample_index": index, "rid": output.rid}
+        text = output_text(output, tokenizer, stop_ids)
+        episodes.append(_episode(output, prompt_ids, meta, elapsed, text, prompt_text))
+    return episodes
+
+
+def _requests(
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    n: int,
+    prefix: str,
+    routed_experts_from: int | None,
+) -> list[GenerateRequest]:
+    """n one-sample requests `{prefix}-{i}`; seed + i per sample when a seed is set, so the
+    samples differ yet reproduce."""
     seed = sampling.sampling_seed
-    requests = [
+    return [
         GenerateRequest(
             input_ids=list(prompt_ids),
             sampling=replace(sampling, n=1, sampling_seed=None if seed is None else seed + i),
@@ -119,35 +145,37 @@ async def generate_group(
         )
         for i in range(n)
     ]
-    start = time.monotonic()
-    outputs = await engine.generate(requests)
-    elapsed = time.monotonic() - start
-    if len(outputs) != n:
-        raise ValueError(f"engine returned {len(outputs)} outputs for {n} requests")
+
+
+def _stop_ids(sampling: SamplingParams, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    """Stop tokens a response may end with (not kept in its text): the sampling's and EOS."""
     stop_ids = list(sampling.stop_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         stop_ids.append(int(tokenizer.eos_token_id))
-    prompt_text = tokenizer.decode(list(prompt_ids)) if tokenizer is not None else None
-    episodes = []
-    for index, output in enumerate(outputs):
-        check_output(output)
-        meta = {**metadata, "sample_index": index, "rid": output.rid}
-        meta["timings"] = {**dict(metadata.get("timings") or {}), "generate_s": elapsed}
-        text = output_text(output, tokenizer, stop_ids)
-        if text is not None:
-            meta["response_text"] = text
-        if prompt_text is not None:
-            meta["prompt_text"] = prompt_text
-        episodes.append(
-            Episode.from_generation(
-                prompt_ids=list(prompt_ids),
-                response_ids=output.output_ids,
-                logprobs=output.logprobs,
-                versions=output.versions,
-                finish_reason=FinishReason(output.finish_reason),
-                metadata=meta,
-                routed_experts=output.routed_experts,
-                routing_start=output.routed_experts_start,
-            )
-        )
-    return episodes
+    return stop_ids
+
+
+def _episode(
+    output: GenerateOutput,
+    prompt_ids: Sequence[int],
+    meta: dict[str, Any],
+    generate_s: float,
+    response_text: str | None,
+    prompt_text: str | None,
+) -> Episode:
+    """One checked output as an Episode; `meta` gains timings.generate_s and the texts."""
+    meta["timings"] = {**dict(meta.get("timings") or {}), "generate_s": generate_s}
+    if response_text is not None:
+        meta["response_text"] = response_text
+    if prompt_text is not None:
+        meta["prompt_text"] = prompt_text
+    return Episode.from_generation(
+        prompt_ids=list(prompt_ids),
+        response_ids=output.output_ids,
+        logprobs=output.logprobs,
+        versions=output.versions,
+        finish_reason=FinishReason(output.finish_reason),
+        metadata=meta,
+        routed_experts=output.routed_experts,
+        routing_start=output.routed_experts_start,
+    )
