@@ -138,7 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(sub)
+    _add_status_parser(sub)
+    _add_config_parser(sub)
+    _add_data_parser(sub)
+    _add_serve_parser(sub)
+    add_inspect_parser(sub)  # physarum inspect RUN_DIR --step N (mismatch forensics)
+    _add_plan_parser(sub)
+    _add_tokenizer_parser(sub)
+    return parser
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a job (SFT, rejection sampling, RL, eval)")
     run.add_argument("config", nargs="?", help="job YAML, e.g. configs/toy_grpo.yaml")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a job from its run dir")
@@ -158,11 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(run)
     run.set_defaults(func=_cmd_run)
 
+
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="step, metrics, services and buffer of a job")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=_cmd_status)
 
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser("config", help="check and show job configs")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     validate = config_sub.add_parser("validate", help="validate one or more job YAML files")
@@ -174,10 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(show)
     show.set_defaults(func=_cmd_config_show)
 
-    _add_data_parser(sub)
-    _add_serve_parser(sub)
-    add_inspect_parser(sub)  # physarum inspect RUN_DIR --step N (mismatch forensics)
 
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser(
         "plan", help="per-GPU memory plan of a megatron job, or (--placement) roles per node"
     )
@@ -188,13 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(plan)
     plan.set_defaults(func=_cmd_plan)
 
+
+def _add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     tokenizer = sub.add_parser("tokenizer", help="tokenizers")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     build = tok_sub.add_parser("build", help="build the toy GLM-style tokenizer")
     build.add_argument("out", type=Path)
     build.add_argument("--vocab-size", type=int, default=512)
     build.set_defaults(func=_cmd_tokenizer_build)
-    return parser
 
 
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
