@@ -125,17 +125,8 @@ def stream_chat(
         first = True
         async for index, finished in _progress(engine, seqs):
             seq, sent = seqs[index], state[index]
-            upto = len(seq.output_ids) if finished else min(len(seq.output_ids), sent.tokens + 1)
-            new_ids, new_lps = seq.output_ids[sent.tokens : upto], seq.logprobs[sent.tokens : upto]
-            new_tops = seq.top_logprobs[sent.tokens : upto]
-            sent.tokens = upto
-            calls = []
-            if finished:  # the final text; with tool calls, what precedes the first one
-                text = output_text(engine, seq)
-                _, calls = split_tool_calls(text, tools)
-                text = text[: text.find(TOOL_CALL_TAG)] if calls else text
-            else:
-                text = safe_prefix(engine.decode_text(seq.output_ids[:upto]) or "", holds)
+            new_ids, new_lps, new_tops = _advance(seq, sent, finished)
+            text, calls = _chat_text(engine, seq, sent.tokens, finished, holds, tools)
             delta = ChatDelta(content=sent.delta(text))
             if not sent.started:
                 delta.role, sent.started = "assistant", True
@@ -149,20 +140,57 @@ def stream_chat(
             first = False
             yield chunk(choice, **ids)
             if finished:
-                if calls:
-                    deltas = [
-                        ToolCallDelta(index=j, id=c.id, type="function", function=c.function)
-                        for j, c in enumerate(calls)
-                    ]
-                    yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas)))
-                reason = finish_reason(seq, bool(calls))
-                yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason))
+                for final in _chat_endings(index, seq, calls):
+                    yield chunk(final)
         if include_usage:
             yield ChatCompletionChunk(
                 id=rid, created=created, model=model, choices=[], usage=usage(seqs, [prompt])
             )
 
     return _sse(chunks())
+
+
+def _advance(seq: Sequence, sent: _Choice, finished: bool) -> tuple[list, list, list]:
+    """(token ids, logprobs, top logprobs) not sent yet: one token per update while running
+    (so each chunk carries one token's delta), all of them once finished; marks them sent."""
+    upto = len(seq.output_ids) if finished else min(len(seq.output_ids), sent.tokens + 1)
+    new_ids, new_lps = seq.output_ids[sent.tokens : upto], seq.logprobs[sent.tokens : upto]
+    new_tops = seq.top_logprobs[sent.tokens : upto]
+    sent.tokens = upto
+    return new_ids, new_lps, new_tops
+
+
+def _chat_text(
+    engine: EmbeddedEngine,
+    seq: Sequence,
+    upto: int,
+    finished: bool,
+    holds: list[str],
+    tools: list[dict[str, Any]] | None,
+) -> tuple[str, list]:
+    """(text so far, tool calls): once finished, the final text (with tool calls, what
+    precedes the first one) and its calls; before, the decided prefix of the first `upto`
+    tokens and no calls."""
+    if not finished:
+        return safe_prefix(engine.decode_text(seq.output_ids[:upto]) or "", holds), []
+    text = output_text(engine, seq)
+    _, calls = split_tool_calls(text, tools)
+    return (text[: text.find(TOOL_CALL_TAG)] if calls else text), calls
+
+
+def _chat_endings(index: int, seq: Sequence, calls: list) -> list[ChatChunkChoice]:
+    """A finished choice's last chunks: its tool calls as one delta (if any), then its
+    finish_reason."""
+    out = []
+    if calls:
+        deltas = [
+            ToolCallDelta(index=j, id=c.id, type="function", function=c.function)
+            for j, c in enumerate(calls)
+        ]
+        out.append(ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas)))
+    reason = finish_reason(seq, bool(calls))
+    out.append(ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason))
+    return out
 
 
 def stream_completion(
@@ -184,14 +212,11 @@ def stream_completion(
     async def chunks() -> AsyncIterator[Completion]:
         async for index, finished in _progress(engine, seqs):
             seq, sent = seqs[index], state[index]
-            upto = len(seq.output_ids) if finished else min(len(seq.output_ids), sent.tokens + 1)
-            new_ids, new_lps = seq.output_ids[sent.tokens : upto], seq.logprobs[sent.tokens : upto]
-            new_tops = seq.top_logprobs[sent.tokens : upto]
-            sent.tokens = upto
+            new_ids, new_lps, new_tops = _advance(seq, sent, finished)
             if finished:
                 text = output_text(engine, seq)
             else:
-                text = safe_prefix(decode(seq.output_ids[:upto]), holds)
+                text = safe_prefix(decode(seq.output_ids[: sent.tokens]), holds)
             offset = len(sent.text)
             choice = CompletionChoice(
                 index=index,
