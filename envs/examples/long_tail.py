@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
-from typing import Any
 
 from pydantic import Field
 
 from buffer.episode import Episode
-from envs.tasks.base import Problem, TaskParams, TaskSpec
+from envs.tasks.base import Problem, TaskParams, TaskSpec, label_as_answer
 from rewards.protocol import final_text, label
 
 
@@ -57,16 +55,12 @@ def sample(rng: random.Random, params: LongTailParams) -> Problem:
     )
 
 
-def demonstrate(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": str(row["label"])}]
-
-
 LONG_TAIL = TaskSpec(
     name="long_tail_count",
     description="count from a to b ('37>41' -> '37 38 39 40 41'), b - a + 1 lognormal",
     params=LongTailParams,
     sample=sample,
-    demonstrate=demonstrate,
+    demonstrate=label_as_answer,
 )
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from envs.tasks.base import Problem, TaskParams, TaskSpec
+from envs.tasks.base import Problem, TaskParams, TaskSpec, label_as_answer
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -52,14 +51,10 @@ def sample(rng: random.Random, params: ArithmeticParams) -> Problem:
     )
 
 
-def demonstrate(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": str(row["label"])}]
-
-
 ARITHMETIC = TaskSpec(
     name="arithmetic",
     description="a op b with short prompts like '37+58=' (params: digits, ops)",
     params=ArithmeticParams,
     sample=sample,
-    demonstrate=demonstrate,
+    demonstrate=label_as_answer,
 )

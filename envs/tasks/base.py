@@ -57,6 +57,11 @@ Sampler = Callable[[random.Random, Any], Problem]
 Demonstrator = Callable[[Mapping[str, Any]], list[dict[str, Any]]]
 
 
+def label_as_answer(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The Demonstrator of a task whose reference answer is its label: one assistant turn."""
+    return [{"role": "assistant", "content": str(row["label"])}]
+
+
 def split_of(task: str, key: str) -> str:
     """'test' for the held-out share of the problem space, else 'train' (seed-independent)."""
     digest = hashlib.sha256(f"{task}:{key}".encode()).digest()

@@ -19,12 +19,11 @@ import dataclasses
 import functools
 import json
 import random
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ConfigDict
 
-from envs.tasks.base import Problem, TaskParams, TaskSpec
+from envs.tasks.base import Problem, TaskParams, TaskSpec, label_as_answer
 
 FAMILY = "reasoning_gym"
 _INDEX_RANGE = 2**31  # entries are drawn by index; reasoning-gym seeds each index on its own
@@ -103,10 +102,6 @@ def _sampler(name: str):
     return sample
 
 
-def _demonstrate(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": str(row["label"])}]
-
-
 def reasoning_gym_task(dataset: str) -> TaskSpec:
     """The TaskSpec of reasoning-gym's `dataset`; ValueError listing the valid ones if unknown."""
     names = _registry()
@@ -120,5 +115,5 @@ def reasoning_gym_task(dataset: str) -> TaskSpec:
         description=f"reasoning-gym's {dataset} (params: its config fields, system_prompt)",
         params=ReasoningGymParams,
         sample=_sampler(dataset),
-        demonstrate=_demonstrate,
+        demonstrate=label_as_answer,
     )
