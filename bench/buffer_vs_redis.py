@@ -17,6 +17,9 @@ of --batch groups (put a batch, take it, ack it, so the stream stays short as in
                  TTL + the PUSH script), take_groups (GET version + XREADGROUP; then MULTI:
                  MGET payloads + staleness counts; decode + validate), ack (ACK script:
                  XACK + XDEL + payload DEL)
+  store-threads  the same, put_group called from a pool of threads (asyncio.to_thread's
+                 default size), as the rollout producer calls it: concurrent calls share
+                 round trips (group_writer.py's group commit)
   store-batched  the same with put_groups: the batch's SETs and ONE PUSH script call for the
                  whole batch in one trip (4 trips per batch in all)
 
@@ -35,8 +38,10 @@ import argparse
 import datetime
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,21 +100,29 @@ def meter(client: redis.Redis, out: list[Cost]) -> Iterator[None]:
     out.append(Cost(wall, cpu, _server_cpu(client) - server))
 
 
-def run_store(url: str, groups: list[EpisodeGroup], batch: int, batched_put: bool) -> Cost:
+def run_store(url: str, groups: list[EpisodeGroup], batch: int, put: str) -> Cost:
+    """put: "one" (put_group per group), "threads" (put_group per group from a thread pool,
+    as the rollout producer calls it) or "batch" (put_groups)."""
     store = EpisodeStore(url, f"bench-store-{time.time_ns()}", capacity=4 * batch)
     cost: list[Cost] = []
-    with meter(store.client, cost):
-        _store_loop(store, groups, batch, batched_put)
+    # asyncio.to_thread's default pool size, which the producer's puts run on
+    with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4)) as pool:
+        with meter(store.client, cost):
+            _store_loop(store, groups, batch, put, pool)
     store.client.delete(*store.client.keys(f"{store.keys.prefix}*"))
     store.close()
     return cost[0]
 
 
-def _store_loop(store: EpisodeStore, groups: list[EpisodeGroup], batch: int, batched: bool) -> None:
+def _store_loop(
+    store: EpisodeStore, groups: list[EpisodeGroup], batch: int, put: str, pool: ThreadPoolExecutor
+) -> None:
     for i in range(0, len(groups), batch):
         chunk = groups[i : i + batch]
-        if batched:
+        if put == "batch":
             store.put_groups(chunk)
+        elif put == "threads":
+            list(pool.map(store.put_group, chunk))
         else:
             for group in chunk:
                 store.put_group(group)
@@ -198,10 +211,11 @@ class Trips:
         self._send = redis.connection.AbstractConnection.send_packed_command
 
     def __enter__(self) -> Trips:
-        send, trips = self._send, self
+        send, trips, lock = self._send, self, threading.Lock()
 
         def counting(conn: object, command: object, check_health: bool = True) -> None:
-            trips.count += 1
+            with lock:  # puts may come from several threads
+                trips.count += 1
             return send(conn, command, check_health)
 
         redis.connection.AbstractConnection.send_packed_command = counting
@@ -233,7 +247,9 @@ def profile_trips(
             ("ack", lambda: store.ack([t.entry_id for t in taken])),
         ],
         "store": [("put", lambda: [store.put_group(g) for g in chunk])],
+        "store-threads": [("put", lambda: list(pool.map(store.put_group, chunk)))],
     }
+    pool = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4))
     out = [f"  round trips and Redis commands per batch of {batch} (untimed pass):"]
     for name, parts in steps.items():
         taken: list = []
@@ -243,10 +259,11 @@ def profile_trips(
             with Trips() as trips:
                 step()
             line.append(f"{label} {trips.count} trips {_commands(client) - before - 1} cmds")
-        if name == "store":
+        if name in ("store", "store-threads"):
             store.ack([t.entry_id for t in store.take_groups("bench", batch, block_ms=1000)])
+            line.append("take and ack as store-batched")
         out.append(f"    {name:13s} " + ", ".join(line))
-    out[-1] += " (take and ack as store-batched)"
+    pool.shutdown()
     client.delete(stream, *client.keys(f"{store.keys.prefix}*"))
     store.close()
     client.close()
@@ -301,8 +318,9 @@ def main() -> None:
                 "raw": lambda: run_raw(url, groups, records, args.batch, "raw"),
                 "raw+copies": lambda: run_raw(url, groups, records, args.batch, "copies"),
                 "raw+codec": lambda: run_raw(url, groups, records, args.batch, "codec"),
-                "store": lambda: run_store(url, groups, args.batch, batched_put=False),
-                "store-batched": lambda: run_store(url, groups, args.batch, batched_put=True),
+                "store": lambda: run_store(url, groups, args.batch, "one"),
+                "store-threads": lambda: run_store(url, groups, args.batch, "threads"),
+                "store-batched": lambda: run_store(url, groups, args.batch, "batch"),
             }
             costs: dict[str, list[Cost]] = {name: [] for name in runs}
             for _ in range(args.repeats):  # interleave, keep the best of each

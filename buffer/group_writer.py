@@ -7,6 +7,10 @@ atomic step, checks the lease (refusing a late push), checks capacity, XADDs an 
 references the payload, and completes the lease. While the buffer is full the script is
 retried for the groups still waiting (their payloads are not re-sent) and the producer's
 leases are renewed.
+
+put_group calls from several threads of one process (the rollout producer pushes each group
+from its own thread as it completes) share round trips: a group commit sends, in one trip,
+every group that was put while the previous trip was in flight.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ class _Push:
         self.reply: list = []
 
 
+_PENDING = object()  # a waiter's outcome before its first attempt
+_AGAIN = object()  # ... after it, when the buffer was full: the caller waits for room itself
+
+
+class _Waiter:
+    """One put_one call in the group commit: its push and, once decided, its outcome."""
+
+    __slots__ = ("push", "outcome")
+
+    def __init__(self, push: _Push) -> None:
+        self.push = push
+        self.outcome: object = _PENDING
+
+
 class GroupWriter:
     """Pushes episode groups of one namespace, waiting while the buffer is at capacity."""
 
@@ -75,6 +93,10 @@ class GroupWriter:
         # and processes like a uuid4 per push, at a fraction of its cost)
         self._token_prefix = os.urandom(8).hex()
         self._token_seq = itertools.count()
+        # the group commit of put_one: calls queued while a push is in flight
+        self._cond = threading.Condition()
+        self._queue: list[_Waiter] = []
+        self._flushing = False
 
     def put_many(
         self,
@@ -86,34 +108,116 @@ class GroupWriter:
 
         Returns the entry id per item (None for a late push), in order. While waiting for
         room, a set `cancel` ends the wait within one retry pause (<= 50 ms): the items not
-        yet pushed are given up and PutCancelledError says which were.
+        yet pushed are given up and PutCancelledError says which were. A lease for another
+        prompt raises LeaseMismatchError once the other items are decided.
         """
-        prefix, seq = self._token_prefix, self._token_seq
-        pushes = [
-            _Push(self._k, group, lease_id, f"{prefix}{next(seq):x}") for group, lease_id in items
-        ]
-        results: list[str | None] = [None] * len(pushes)
+        outcomes = self._run(
+            [self._push(g, lease_id) for g, lease_id in items], lease_seconds, cancel
+        )
+        results = [None if isinstance(o, Exception) else o for o in outcomes]
+        cancelled = [o for o in outcomes if isinstance(o, PutCancelledError)]
+        if cancelled:
+            raise PutCancelledError(str(cancelled[0]), results)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return results
+
+    def put_one(
+        self,
+        group: EpisodeGroup,
+        lease_id: str | None,
+        lease_seconds: float,
+        cancel: threading.Event | None = None,
+    ) -> str | None:
+        """put_many of one group, its first attempt shared with the groups other threads put
+        meanwhile (a group commit): a call that finds no push in flight sends its group and
+        every queued one in one round trip; calls arriving meanwhile queue for the next.
+        A lone caller is sent at once, as before. A group that finds the buffer full then
+        waits for room on its own, as in put_many (its own lease renewal, timeout, cancel)."""
+        waiter = _Waiter(self._push(group, lease_id))  # encoded in the caller's thread
+        with self._cond:
+            self._queue.append(waiter)
+            while waiter.outcome is _PENDING:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                self._flushing = True
+                self._cond.release()
+                try:
+                    self._first_attempt(batch)
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                    self._cond.notify_all()
+        outcome = waiter.outcome
+        if outcome is _AGAIN:
+            outcome = self._run([waiter.push], lease_seconds, cancel, attempted=True)[0]
+            if isinstance(outcome, PutCancelledError):
+                raise PutCancelledError(str(outcome), [None])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _first_attempt(self, batch: list[_Waiter]) -> None:
+        """One round trip for a batch of waiters; each gets its outcome, or _AGAIN to wait
+        for room itself (every waiter is decided even if this raises)."""
+        try:
+            self._attempt([w.push for w in batch])
+            for waiter in batch:
+                outcome: list[str | None | Exception] = [None]
+                retry = self._settle(waiter.push, 0, outcome)
+                waiter.outcome = _AGAIN if retry else outcome[0]
+        except Exception as exc:  # e.g. Redis unreachable: every group of the batch gets it
+            for waiter in batch:
+                waiter.outcome = exc
+        finally:
+            for waiter in batch:
+                if waiter.outcome is _PENDING:
+                    waiter.outcome = RuntimeError("put_group: the push was interrupted")
+
+    def _push(self, group: EpisodeGroup, lease_id: str | None) -> _Push:
+        return _Push(self._k, group, lease_id, f"{self._token_prefix}{next(self._token_seq):x}")
+
+    def _run(
+        self,
+        pushes: list[_Push],
+        lease_seconds: float,
+        cancel: threading.Event | None,
+        attempted: bool = False,
+    ) -> list[str | None | Exception]:
+        """The outcome of each push: its entry id, None (a late push), or the error for it
+        (LeaseMismatchError; PutCancelledError or BufferFullError for those still waiting
+        for room when the wait ended). attempted: the pushes were just tried once and all
+        wait for room (put_one's shared first attempt)."""
+        outcomes: list[str | None | Exception] = [None] * len(pushes)
         waiting = list(range(len(pushes)))
         start = last_renew = time.monotonic()
         pause = 0.002
         while True:
-            self._attempt([pushes[i] for i in waiting])
-            waiting = [i for i in waiting if self._settle(pushes[i], i, results)]
-            if not waiting:
-                return results
-            if cancel is not None and cancel.is_set():
-                self._r.delete(*[pushes[i].payload_key for i in waiting])
-                raise PutCancelledError(
-                    f"put_group: cancelled while {len(waiting)} group(s) waited for room",
-                    results,
-                )
+            if not attempted:
+                self._attempt([pushes[i] for i in waiting])
+                waiting = [i for i in waiting if self._settle(pushes[i], i, outcomes)]
+                if not waiting:
+                    return outcomes
+            attempted = False
+            error: Exception | None = None
             now = time.monotonic()
-            if now - start >= self.put_timeout_s:
-                self._r.delete(*[pushes[i].payload_key for i in waiting])
-                raise BufferFullError(
+            if cancel is not None and cancel.is_set():
+                error = PutCancelledError(
+                    f"put_group: cancelled while {len(waiting)} group(s) waited for room", []
+                )
+            elif now - start >= self.put_timeout_s:
+                error = BufferFullError(
                     f"put_group: the buffer stayed full ({self.capacity} unconsumed groups) "
                     f"for put_timeout_s={self.put_timeout_s:g}s; is the trainer taking groups?"
                 )
+            if error is not None:
+                self._r.delete(*[pushes[i].payload_key for i in waiting])
+                for i in waiting:
+                    outcomes[i] = error
+                return outcomes
             if now - last_renew >= lease_seconds / 3:
                 for i in waiting:  # waiting on the trainer must not cost a worker its lease
                     if pushes[i].lease_id:
@@ -148,15 +252,15 @@ class GroupWriter:
             push.reply, push.status = one, _text(one[0])
 
     @staticmethod
-    def _settle(push: _Push, i: int, results: list[str | None]) -> bool:
+    def _settle(push: _Push, i: int, outcomes: list[str | None | Exception]) -> bool:
         """Record the outcome of one push; True if it must be tried again."""
         if push.status in ("OK", "DONE"):
-            results[i] = _text(push.reply[1])
+            outcomes[i] = _text(push.reply[1])
         elif push.status == "LATE":
             logger.warning("late push refused: lease %s of prompt %s expired and was requeued",
                            push.lease_id, push.group.prompt_id)  # fmt: skip
         elif push.status == "MISMATCH":
-            raise LeaseMismatchError(
+            outcomes[i] = LeaseMismatchError(
                 f"lease_id: {push.lease_id} leases prompt {_text(push.reply[1])!r}, "
                 f"not {push.group.prompt_id!r}"
             )

@@ -193,10 +193,10 @@ class EpisodeStore:
         Waits while the buffer is at capacity, renewing the lease meanwhile; raises
         BufferFullError after put_timeout_s and LeaseMismatchError if the lease is for a
         different prompt. Setting `cancel` (from any thread) ends a wait for room at once
-        with PutCancelledError; the lease is then still held.
+        with PutCancelledError; the lease is then still held. Calls from several threads
+        share round trips (each push still its own atomic step; see group_writer.py).
         """
-        items = [(group, lease_id)]
-        return self._writer.put_many(items, self._prompts.lease_seconds, cancel)[0]
+        return self._writer.put_one(group, lease_id, self._prompts.lease_seconds, cancel)
 
     def put_groups(
         self,

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from buffer.errors import BufferFullError, PutCancelledError
+from buffer.errors import BufferFullError, LeaseMismatchError, PutCancelledError
 from tests.buffer.helpers import make_group, write_prompts
 
 
@@ -302,3 +302,59 @@ def test_put_groups_can_be_cancelled_while_waiting_for_room(make_store) -> None:
     assert len(store.client.keys(f"{store.keys.payload_prefix}*")) == 1  # a's only
     (taken,) = store.take_groups("c", 2, block_ms=0)
     assert (taken.entry_id, taken.group.prompt_id) == (pushed, "a")
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_concurrent_put_group_calls_share_a_round_trip(make_store, monkeypatch) -> None:
+    """Groups put by other threads while a push is in flight go together in the next one
+    (a group commit); each caller still gets its own entry id."""
+    store = make_store()
+    writer = store._writer
+    sizes: list[int] = []
+    gate = threading.Event()
+    attempt = writer._attempt
+
+    def gated(pushes):  # the first trip waits until three more callers have queued
+        sizes.append(len(pushes))
+        if len(sizes) == 1:
+            gate.wait(30)
+        return attempt(pushes)
+
+    monkeypatch.setattr(writer, "_attempt", gated)
+    ids: dict[str, str | None] = {}
+
+    def put(name: str) -> None:
+        ids[name] = store.put_group(make_group(name))
+
+    threads = [threading.Thread(target=put, args=(name,)) for name in "abcd"]
+    threads[0].start()
+    _wait_for(lambda: sizes == [1], "the first push")
+    for thread in threads[1:]:
+        thread.start()
+    _wait_for(lambda: len(writer._queue) == 3, "three queued puts")
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert sizes == [1, 3]
+    taken = store.take_groups("c", 4, block_ms=0)
+    assert taken[0].group.prompt_id == "a"
+    assert {t.group.prompt_id: t.entry_id for t in taken} == ids
+    assert store.stats().groups_put == 4
+
+
+def test_a_mismatched_lease_in_a_batch_does_not_hold_back_the_others(make_store, tmp_path) -> None:
+    store = make_store()
+    store.load_prompts(write_prompts(tmp_path / "d.jsonl", 2), shuffle=False)
+    p0, p1 = store.lease_prompts("w", 2)
+    with pytest.raises(LeaseMismatchError, match="leases prompt 'p1', not 'x'"):
+        store.put_groups([make_group("x"), make_group("p0")], [p1.lease_id, p0.lease_id])
+    (taken,) = store.take_groups("c", 2, block_ms=0)
+    assert taken.group.prompt_id == "p0"
+    assert len(store.client.keys(f"{store.keys.payload_prefix}*")) == 1  # p0's only
