@@ -32,6 +32,7 @@ import transformers
 from envs.tasks import make_rows, read_jsonl, tokenizer_corpus, write_jsonl
 from models import Glm4MoeForCausalLM, get_preset, save_pretrained
 from models.chat import prompt_ids, render_sft
+from models.config import ModelConfig
 from models.tokenizer import build_toy_tokenizer, load_tokenizer, stop_token_ids
 from rewards.builtins.toy_tasks import arithmetic_score
 
@@ -58,16 +59,21 @@ def build_fixture(root: Path, *, n_train: int, n_eval: int, seed: int = 0) -> Fi
     train_path, eval_path = root / "train.jsonl", root / "eval.jsonl"
     write_jsonl(make_rows("arithmetic", n_train, seed=seed, split="train", **TASK_ARGS), train_path)
     write_jsonl(make_rows("arithmetic", n_eval, seed=seed, split="test", **TASK_ARGS), eval_path)
-    config = get_preset(
+    config = toy_model_config(tok)
+    torch.manual_seed(seed)
+    save_pretrained(Glm4MoeForCausalLM(config), root / "init")
+    return Fixture(root / "tokenizer", train_path, eval_path, root / "init")
+
+
+def toy_model_config(tok: Any) -> ModelConfig:
+    """The `glm4moe-toy` config sized to `tok`: its vocabulary, stop tokens as EOS, its pad."""
+    return get_preset(
         "glm4moe-toy",
         vocab_size=len(tok),
         eos_token_id=list(stop_token_ids(tok)),
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    save_pretrained(Glm4MoeForCausalLM(config), root / "init")
-    return Fixture(root / "tokenizer", train_path, eval_path, root / "init")
 
 
 def load_hf_model(model_dir: Path) -> transformers.PreTrainedModel:

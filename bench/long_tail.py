@@ -50,14 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 from async_vs_sync import CpuSampler, StepStats  # bench/ is on sys.path
-from common import _sft_batch, _sft_examples, load_hf_model
+from common import _sft_batch, _sft_examples, load_hf_model, toy_model_config
 
 import configs
 from configs import load_job
 from envs.examples.long_tail import LONG_TAIL
 from envs.tasks import tokenizer_corpus, write_jsonl
-from models import Glm4MoeForCausalLM, get_preset, save_pretrained
-from models.tokenizer import build_toy_tokenizer, load_tokenizer, stop_token_ids
+from models import Glm4MoeForCausalLM, save_pretrained
+from models.tokenizer import build_toy_tokenizer, load_tokenizer
 from physarum.cluster import connect
 from physarum.launch import execute
 
@@ -89,13 +89,7 @@ def build_fixture(root: Path, args: argparse.Namespace) -> Fixture:
     write_jsonl(train, root / "train.jsonl")
     write_jsonl(held_out, root / "eval.jsonl")
     print_lengths(tok, train)
-    config = get_preset(
-        "glm4moe-toy",
-        vocab_size=len(tok),
-        eos_token_id=list(stop_token_ids(tok)),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
+    config = toy_model_config(tok)
     if args.warm is not None:  # an earlier run's warm start (same --data-seed and rows)
         print(f"SFT warm start: reused {args.warm}", flush=True)
         return Fixture(root / "tokenizer", root / "train.jsonl", root / "eval.jsonl", args.warm)
