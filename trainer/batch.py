@@ -269,6 +269,13 @@ def build_step(
     if temperature <= 0:
         raise ValueError(f"temperature: expected > 0 (1.0 for greedy rollouts), got {temperature}")
     rows = plan_rows(episodes, group_ids, micro_batch_tokens, share_prompt_prefix)
+    for row in rows:  # only a one-sequence row can exceed the budget: name its sequence
+        if row.tokens > micro_batch_tokens:
+            raise ValueError(
+                f"micro_batch_tokens: sequence {row.episodes[0]} has {row.tokens} tokens, more "
+                f"than the budget of {micro_batch_tokens}; raise trainer.micro_batch_tokens or "
+                "lower max_context"
+            )
     bins = pack_by_tokens([r.tokens for r in rows], micro_batch_tokens)
     batches = [
         _pack(
