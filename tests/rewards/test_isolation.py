@@ -29,3 +29,36 @@ def test_hung_sync_plugin_does_not_starve_arithmetic() -> None:
         message = episode.metadata.get("error", "")
         assert f"reward {HANG!r} timed out" in message
         assert "'arithmetic'" not in message  # arithmetic answered every call
+
+
+def test_lane_reuses_its_thread_and_lets_it_go_when_idle(monkeypatch) -> None:
+    """Calls in turn run on one thread of the lane (no thread start per call); concurrent
+    calls get threads of their own up to the limit; an idle thread exits after IDLE_S."""
+    import threading
+    import time
+
+    from rewards import isolation
+
+    monkeypatch.setattr(isolation, "IDLE_S", 0.3)
+    lane = isolation.SyncLane("reuse", limit=2)
+    gate = threading.Barrier(2, timeout=10)
+
+    def both_inside(_: object) -> int:
+        gate.wait()  # only returns once two calls run at the same time
+        return threading.get_ident()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        in_turn = [await lane.call(lambda _: threading.get_ident(), None) for _ in range(5)]
+        together = await asyncio.gather(lane.call(both_inside, None), lane.call(both_inside, None))
+        return in_turn, list(together)
+
+    in_turn, together = asyncio.run(scenario())
+    assert len(set(in_turn)) == 1
+    assert len(set(together)) == 2
+    assert lane.running == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        t.name == "reward-reuse" for t in threading.enumerate()
+    ):
+        time.sleep(0.05)
+    assert not any(t.name == "reward-reuse" for t in threading.enumerate())
