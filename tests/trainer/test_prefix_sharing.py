@@ -210,6 +210,10 @@ def test_fallbacks_name_the_reason(groups):
     assert fallback_reason(job()) is None
     assert "advantage" in fallback_reason(job("algorithm.advantage=gae"))
     assert "aux_loss_coef" in fallback_reason(job("algorithm.moe.aux_loss_coef=0.01"))
+    assert "megatron" in fallback_reason(job("trainer.backend=megatron"))
+    replay = ("algorithm.moe.routing_replay=rollout", "algorithm.moe.replay_prompt_routing=true")
+    assert "replay_prompt_routing" in fallback_reason(job(*replay))
+    assert fallback_reason(job("algorithm.moe.routing_replay=rollout")) is None
     with pytest.raises(ValueError, match="share_prompt_prefix"):
         build_rl_step(
             groups[:1], micro_batch_tokens=64, share_prompt_prefix=True, prompt_routing=True
