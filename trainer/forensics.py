@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainer.backend import FINISH_REASONS, PackedBatch
@@ -42,52 +43,74 @@ def top_mismatch(
     experts; None without R3), seq_abs_diff_mean / seq_abs_diff_max over the sequence.
     """
     candidates: list[tuple[float, int, int]] = []  # (abs diff, batch, token)
-    diffs: list[torch.Tensor | None] = []
+    views: list[_BatchView | None] = []
     for bi, b in enumerate(batches):
         trainer = b.old_logprobs if b.old_logprobs is not None else b.train_logprobs
         if trainer is None:
-            diffs.append(None)
+            views.append(None)
             continue
         diff = (trainer.float().cpu() - b.rollout_logprobs.float()).abs()
         diff = torch.where(b.loss_mask > 0, diff, torch.full_like(diff, -1.0))
-        diffs.append(diff)
+        views.append(_BatchView(b, trainer, diff))
         values, index = diff.topk(min(top, diff.numel()))
         candidates += [(v, bi, i) for v, i in zip(values.tolist(), index.tolist()) if v >= 0]
     candidates.sort(key=lambda c: -c[0])
-    return [_record(batches[bi], diffs[bi], t, context, after) for _, bi, t in candidates[:top]]
+    records = []
+    for _, bi, t in candidates[:top]:
+        view = views[bi]
+        assert view is not None  # only batches with logprobs have candidates
+        records.append(view.record(t, context, after))
+    return records
 
 
-def _record(b: PackedBatch, diff: torch.Tensor, t: int, context: int, after: int) -> dict:
-    seq = int(b.seq_ids[t])
-    index = b.episode_index(seq)  # the sequence's tokens in order (a shared prompt included)
-    at = int((index == t).nonzero()[0, 0])
-    prompt_len = int(b.prompt_lens[seq]) if b.prompt_lens is not None else 0
-    trainer = b.old_logprobs if b.old_logprobs is not None else b.train_logprobs
-    in_seq = (b.loss_mask[index] > 0) & (diff[index] >= 0)
-    seq_diff = diff[index][in_seq]
-    version = int(b.versions[t])
-    ids = b.input_ids[index]
-    return {
-        "abs_diff": float(diff[t]),
-        "trainer_logprob": float(trainer[t]),
-        "rollout_logprob": float(b.rollout_logprobs[t]),
-        "token_id": int(ids[at]),
-        "position": at - prompt_len,
-        "context_ids": ids[max(0, at - context) : at].tolist(),
-        "after_ids": ids[at + 1 : at + 1 + after].tolist(),
-        "sample_index": int(b.sample_index[seq]) if b.sample_index is not None else seq,
-        "prompt_len": prompt_len,
-        "response_len": len(index) - prompt_len,
-        "version": version,
-        "policy_version": b.policy_version,
-        "staleness": None if b.policy_version is None else b.policy_version - version,
-        "finish_reason": (
-            FINISH_REASONS[int(b.finish_codes[seq])].value if b.finish_codes is not None else None
-        ),
-        "replayed": None if b.routing_replayed is None else bool(b.routing_replayed[t]),
-        "seq_abs_diff_mean": float(seq_diff.mean()) if seq_diff.numel() else 0.0,
-        "seq_abs_diff_max": float(seq_diff.max()) if seq_diff.numel() else 0.0,
-    }
+class _BatchView:
+    """One batch's per-token tensors as numpy arrays, converted once: a record is then a few
+    array lookups instead of ~20 tensor ops (32 records a step cost the trainer ~4 % of it)."""
+
+    def __init__(self, b: PackedBatch, trainer: torch.Tensor, diff: torch.Tensor) -> None:
+        self.batch = b
+        self.diff = diff.numpy()
+        self.trainer = trainer.detach().float().cpu().numpy()
+        self.rollout = b.rollout_logprobs.float().cpu().numpy()
+        self.mask = b.loss_mask.cpu().numpy()
+        self.ids = b.input_ids.cpu().numpy()
+        self.versions = b.versions.cpu().numpy()
+        self.seq_ids = b.seq_ids.cpu().numpy()
+        self.replayed = None if b.routing_replayed is None else b.routing_replayed.cpu().numpy()
+
+    def record(self, t: int, context: int, after: int) -> dict[str, Any]:
+        b = self.batch
+        seq = int(self.seq_ids[t])
+        index = b.episode_index(seq).numpy()  # the sequence's tokens in order (a shared prompt too)
+        at = int(np.flatnonzero(index == t)[0])
+        prompt_len = int(b.prompt_lens[seq]) if b.prompt_lens is not None else 0
+        seq_diff = self.diff[index]
+        seq_diff = seq_diff[(self.mask[index] > 0) & (seq_diff >= 0)]
+        version = int(self.versions[t])
+        ids = self.ids[index]
+        return {
+            "abs_diff": float(self.diff[t]),
+            "trainer_logprob": float(self.trainer[t]),
+            "rollout_logprob": float(self.rollout[t]),
+            "token_id": int(ids[at]),
+            "position": at - prompt_len,
+            "context_ids": ids[max(0, at - context) : at].tolist(),
+            "after_ids": ids[at + 1 : at + 1 + after].tolist(),
+            "sample_index": int(b.sample_index[seq]) if b.sample_index is not None else seq,
+            "prompt_len": prompt_len,
+            "response_len": len(index) - prompt_len,
+            "version": version,
+            "policy_version": b.policy_version,
+            "staleness": None if b.policy_version is None else b.policy_version - version,
+            "finish_reason": (
+                FINISH_REASONS[int(b.finish_codes[seq])].value
+                if b.finish_codes is not None
+                else None
+            ),
+            "replayed": None if self.replayed is None else bool(self.replayed[t]),
+            "seq_abs_diff_mean": float(seq_diff.mean()) if seq_diff.size else 0.0,
+            "seq_abs_diff_max": float(seq_diff.max()) if seq_diff.size else 0.0,
+        }
 
 
 def write_mismatch(path: Path, records: list[dict[str, Any]]) -> None:
