@@ -11,15 +11,12 @@ import numpy as np
 import pytest
 
 from buffer.codec import (
-    _COLUMNS,
-    _PREFIX,
     EpisodeCodecError,
-    _check_header,
-    _fast_heads,
     decode_group,
     encode_group,
     encode_group_versioned,
 )
+from buffer.codec_header import _COLUMNS, _PREFIX, _check_header, _fast_heads
 from buffer.episode import Episode, EpisodeGroup, FinishReason
 from tests.buffer.helpers import make_group
 
