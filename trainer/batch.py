@@ -257,25 +257,9 @@ def build_step(
     as prompt trees (trainer/prefix_tree.py); not with prompt_routing (the prompt's forced
     experts would differ per sequence).
     """
-    if share_prompt_prefix and prompt_routing:
-        raise ValueError(
-            "share_prompt_prefix: not with prompt_routing (replay_prompt_routing); the caller "
-            "must fall back to unshared rows"
-        )
-    if len(episodes) != len(group_ids):
-        raise ValueError(f"group_ids: {len(group_ids)} entries for {len(episodes)} episodes")
-    if not episodes:
-        raise ValueError("episodes: a step needs at least one episode")
-    if temperature <= 0:
-        raise ValueError(f"temperature: expected > 0 (1.0 for greedy rollouts), got {temperature}")
+    _check_step_inputs(episodes, group_ids, temperature, share_prompt_prefix, prompt_routing)
     rows = plan_rows(episodes, group_ids, micro_batch_tokens, share_prompt_prefix)
-    for row in rows:  # only a one-sequence row can exceed the budget: name its sequence
-        if row.tokens > micro_batch_tokens:
-            raise ValueError(
-                f"micro_batch_tokens: sequence {row.episodes[0]} has {row.tokens} tokens, more "
-                f"than the budget of {micro_batch_tokens}; raise trainer.micro_batch_tokens or "
-                "lower max_context"
-            )
+    _check_row_budget(rows, micro_batch_tokens)
     bins = pack_by_tokens([r.tokens for r in rows], micro_batch_tokens)
     batches = [
         _pack(
@@ -296,6 +280,38 @@ def build_step(
         group_ids=torch.tensor(list(group_ids), dtype=torch.int64),
         response_lens=torch.tensor([len(e.response_ids) for e in episodes], dtype=torch.int64),
     )
+
+
+def _check_step_inputs(
+    episodes: Sequence[Episode],
+    group_ids: Sequence[int],
+    temperature: float,
+    share_prompt_prefix: bool,
+    prompt_routing: bool,
+) -> None:
+    """ValueError naming the argument when build_step's inputs cannot make a step."""
+    if share_prompt_prefix and prompt_routing:
+        raise ValueError(
+            "share_prompt_prefix: not with prompt_routing (replay_prompt_routing); the caller "
+            "must fall back to unshared rows"
+        )
+    if len(episodes) != len(group_ids):
+        raise ValueError(f"group_ids: {len(group_ids)} entries for {len(episodes)} episodes")
+    if not episodes:
+        raise ValueError("episodes: a step needs at least one episode")
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected > 0 (1.0 for greedy rollouts), got {temperature}")
+
+
+def _check_row_budget(rows: Sequence[Row], budget: int) -> None:
+    """Only a one-sequence row can exceed the budget (trees split): name its sequence."""
+    for row in rows:
+        if row.tokens > budget:
+            raise ValueError(
+                f"micro_batch_tokens: sequence {row.episodes[0]} has {row.tokens} tokens, more "
+                f"than the budget of {budget}; raise trainer.micro_batch_tokens or lower "
+                "max_context"
+            )
 
 
 def build_rl_step(groups: Sequence[EpisodeGroup], **kwargs) -> StepBatch:
