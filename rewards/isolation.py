@@ -34,7 +34,7 @@ class SyncLane:
         self._running = 0  # calls started and not yet returned (abandoned ones included)
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
         self._idle = 0  # threads waiting on _jobs for their next call
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]]] = queue.SimpleQueue()
 
     @property
     def running(self) -> int:
@@ -50,20 +50,21 @@ class SyncLane:
         loop = asyncio.get_running_loop()
         result: asyncio.Future[Any] = loop.create_future()
 
-        def run() -> None:
+        def run() -> Callable[[], None]:
+            """The call; returns how to hand its outcome to the caller (after the thread is
+            idle again, so a caller that calls once more finds it)."""
             try:
-                value = fn(arg)
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                _deliver(loop, result, None, exc)
-            else:
-                _deliver(loop, result, value, None)
+                value, exc = fn(arg), None
+            except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+                value, exc = None, error
             finally:
                 self._release()
+            return lambda: _deliver(loop, result, value, exc)
 
         self._dispatch(run)
         return await result
 
-    def _dispatch(self, job: Callable[[], None]) -> None:
+    def _dispatch(self, job: Callable[[], Callable[[], None]]) -> None:
         """Hand `job` to an idle thread of the lane, or start one."""
         with self._lock:
             if self._idle:
@@ -73,13 +74,14 @@ class SyncLane:
         threading.Thread(target=self._serve, args=(job,), name=f"reward-{self.name}",
                          daemon=True).start()  # fmt: skip
 
-    def _serve(self, job: Callable[[], None]) -> None:
+    def _serve(self, job: Callable[[], Callable[[], None]]) -> None:
         """Run jobs until none came for IDLE_S. The idle count and the queue change under the
         lock, so a job handed over as the wait times out is still run, never stranded."""
         while True:
-            job()
+            deliver = job()
             with self._lock:
                 self._idle += 1
+            deliver()
             while True:
                 try:
                     job = self._jobs.get(timeout=IDLE_S)

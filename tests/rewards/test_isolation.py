@@ -39,7 +39,7 @@ def test_lane_reuses_its_thread_and_lets_it_go_when_idle(monkeypatch) -> None:
 
     from rewards import isolation
 
-    monkeypatch.setattr(isolation, "IDLE_S", 0.3)
+    monkeypatch.setattr(isolation, "IDLE_S", 60.0)  # no idle exit however slow the machine
     lane = isolation.SyncLane("reuse", limit=2)
     gate = threading.Barrier(2, timeout=10)
 
@@ -56,9 +56,13 @@ def test_lane_reuses_its_thread_and_lets_it_go_when_idle(monkeypatch) -> None:
     assert len(set(in_turn)) == 1
     assert len(set(together)) == 2
     assert lane.running == 0
-    deadline = time.monotonic() + 10
+
+    monkeypatch.setattr(isolation, "IDLE_S", 0.2)
+    brief = isolation.SyncLane("brief", limit=1)
+    assert asyncio.run(brief.call(lambda x: x + 1, 1)) == 2
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(
-        t.name == "reward-reuse" for t in threading.enumerate()
+        t.name == "reward-brief" for t in threading.enumerate()
     ):
         time.sleep(0.05)
-    assert not any(t.name == "reward-reuse" for t in threading.enumerate())
+    assert not any(t.name == "reward-brief" for t in threading.enumerate())
