@@ -58,3 +58,9 @@ def row_messages(task_row: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"task row {task_row.get('id')!r}: 'messages' must be a non-empty list")
     return [dict(m) for m in messages]
+
+
+def row_label(task_row: Mapping[str, Any]) -> str | None:
+    """A task row's "label" as text (the reference answer a reward compares to), or None."""
+    label = task_row.get("label")
+    return None if label is None else str(label)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from envs.base import StepResult, row_messages
+from envs.base import StepResult, row_label, row_messages
 from envs.tasks.calculator import CALCULATOR_TOOL
 from envs.toolbox import Tool, ToolBox, ToolError
 from rewards.builtins.toy_tasks import calculator_answer_score
@@ -29,13 +29,7 @@ class CalculatorEnv:
         self.label: str | None = None
 
     def reset(self, task_row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        messages = task_row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(
-                f"task row {task_row.get('id')!r}: 'messages' must be a non-empty list"
-            )
-        label = task_row.get("label")
-        self.label = None if label is None else str(label)
+        self.label = row_label(task_row)
         return row_messages(task_row)
 
     async def step(self, assistant_text: str) -> StepResult:

@@ -83,11 +83,6 @@ class PythonSandboxEnv:
         return make
 
     def reset(self, task_row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        messages = task_row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(
-                f"task row {task_row.get('id')!r}: 'messages' must be a non-empty list"
-            )
         return row_messages(task_row)
 
     async def step(self, assistant_text: str) -> StepResult:

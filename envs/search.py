@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from envs.base import StepResult, row_messages
+from envs.base import StepResult, row_label, row_messages
 from envs.bm25 import Bm25Index
 from envs.toolbox import Tool, ToolBox, ToolError
 
@@ -109,13 +109,7 @@ class SearchEnv:
         return make
 
     def reset(self, task_row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        messages = task_row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(
-                f"task row {task_row.get('id')!r}: 'messages' must be a non-empty list"
-            )
-        label = task_row.get("label")
-        self.label = None if label is None else str(label)
+        self.label = row_label(task_row)
         return row_messages(task_row)
 
     async def step(self, assistant_text: str) -> StepResult:
