@@ -29,7 +29,6 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from common import (  # bench/common.py: the script's own directory is on sys.path
@@ -40,138 +39,16 @@ from common import (  # bench/common.py: the script's own directory is on sys.pa
     print_report,
     sft_warm_start,
 )
+from e2e_trl_side import CLIP_HIGH, CLIP_LOW, LR, MAX_NEW, PROMPTS, SAMPLES, TEMPERATURE, run_trl
 
 import configs
 from envs.tasks import read_jsonl
-from models.chat import prompt_ids
-from models.tokenizer import load_tokenizer
-from rewards.builtins.toy_tasks import arithmetic_score
 
 log = logging.getLogger("bench.e2e_vs_trl")
-
-PROMPTS, SAMPLES, MAX_NEW, TEMPERATURE, LR, CLIP_LOW, CLIP_HIGH = 8, 8, 8, 1.0, 1e-4, 0.2, 0.28
 
 
 class JobLoopUnavailable(RuntimeError):
     """physarum.launch cannot be imported: only the TRL half of the benchmark can run."""
-
-
-# --------------------------------------------------------------------------------------------
-# TRL
-
-
-def _trl_reward(completions: list[Any], label: list[str], **_: Any) -> list[float]:
-    """The `arithmetic` reward in TRL's signature: completions (conversational) -> floats."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [arithmetic_score(text, str(lab)) for text, lab in zip(texts, label, strict=True)]
-
-
-_trl_reward.__name__ = "arithmetic"
-
-
-def _check_same_prompts(tok: Any, rows: list[dict]) -> None:
-    """TRL tokenises prompts with apply_chat_template; ours with models.chat.prompt_ids."""
-    for row in rows[:16]:
-        trl_ids = tok.apply_chat_template(
-            [row["messages"]], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"][0]
-        if list(trl_ids) != prompt_ids(tok, row["messages"]):
-            raise RuntimeError(f"row {row['id']}: TRL and Physarum tokenise the prompt differently")
-
-
-def run_trl(fixture: Fixture, warm: Path, out: Path, *, steps: int, seed: int) -> RunResult:
-    from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    class TimedGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer with wall-clock timers around generation and generation+scoring."""
-
-        phase_times: dict[str, list[float]]
-
-        def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            result = super()._generate_single_turn(*args, **kwargs)
-            self.phase_times["generate"].append(time.perf_counter() - started)
-            return result
-
-        def _generate_and_score_completions(self, inputs: Any) -> Any:
-            started = time.perf_counter()
-            result = super()._generate_and_score_completions(inputs)
-            self.phase_times["generate_and_score"].append(time.perf_counter() - started)
-            return result
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.ends = [time.perf_counter()]
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.ends.append(time.perf_counter())
-
-    shutil.rmtree(out, ignore_errors=True)
-    tok = load_tokenizer(fixture.tokenizer_dir)
-    tok.padding_side = "left"
-    rows = read_jsonl(fixture.train_path)
-    _check_same_prompts(tok, rows)
-    dataset = Dataset.from_list([{"prompt": r["messages"], "label": str(r["label"])} for r in rows])
-    args = GRPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=PROMPTS * SAMPLES,
-        gradient_accumulation_steps=1,
-        num_generations=SAMPLES,
-        max_completion_length=MAX_NEW,
-        temperature=TEMPERATURE,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        beta=0.0,
-        loss_type="dapo",
-        epsilon=CLIP_LOW,
-        epsilon_high=CLIP_HIGH,
-        max_grad_norm=1.0,
-        max_steps=steps,
-        use_cpu=True,
-        bf16=False,
-        use_vllm=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
-        model_init_kwargs={"dtype": torch.float32},
-    )
-    clock = StepClock()
-    trainer = TimedGRPOTrainer(
-        model=str(warm),
-        reward_funcs=_trl_reward,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tok,
-        callbacks=[clock],
-    )
-    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; we print tables
-    trainer.phase_times = {"generate": [], "generate_and_score": []}
-    load_before = os.getloadavg()[0]
-    started = time.monotonic()
-    trainer.train()
-    wall = time.monotonic() - started
-    final = out / "final"
-    trainer.save_model(str(final))
-    step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
-    gen, gen_score = trainer.phase_times["generate"], trainer.phase_times["generate_and_score"]
-    phases = {
-        "generate": gen,
-        "score": [gs - g for g, gs in zip(gen, gen_score, strict=True)],
-        "train": [s - gs for s, gs in zip(step_s, gen_score, strict=True)],
-    }
-    rewards = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
-    return RunResult(
-        "trl", step_s, rewards, wall, str(final), phases, (load_before, os.getloadavg()[0])
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +65,10 @@ def ours_overrides(
     seed: int,
     dtype: str = "float32",
     share: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
-    """`--set` overrides turning configs/toy_grpo.yaml into the benchmark's job."""
+    """`--set` overrides turning configs/toy_grpo.yaml into the benchmark's job; `extra`
+    (the script's own --set) comes last, so it wins."""
     n_eval = len(read_jsonl(fixture.eval_path))
     return [
         f"trainer.dtype={dtype}",
@@ -222,6 +101,7 @@ def ours_overrides(
         "checkpoint.interval=0",
         "logging.tensorboard=false",
         "logging.plot=false",
+        *extra,
     ]
 
 
@@ -235,6 +115,7 @@ def run_ours(
     seed: int,
     dtype: str = "float32",
     share: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> RunResult:
     try:
         from physarum.launch import execute
@@ -246,7 +127,7 @@ def run_ours(
     preset = Path(configs.__file__).parent / "toy_grpo.yaml"
     overrides = ours_overrides(
         fixture, warm, run_dir, steps=steps, staleness=staleness, seed=seed, dtype=dtype,
-        share=share,
+        share=share, extra=extra,
     )  # fmt: skip
     job = load_job(preset, overrides)
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start from scratch
@@ -352,8 +233,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["on", "off"],
         help="trainer.share_prompt_prefix of our runs (on: each group's prompt computed once)",
     )
-    parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--no-ours", action="store_true")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra override of our job (configs/toy_grpo.yaml), after the script's own",
+    )
+    parser.add_argument("--no-trl", "--skip-trl", action="store_true", help="our runs only")
+    parser.add_argument("--no-ours", "--trl-only", action="store_true", help="TRL only")
     return parser.parse_args(argv)
 
 
@@ -377,6 +266,7 @@ def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) ->
                     seed=args.seed,
                     dtype=dtype,
                     share=share,
+                    extra=tuple(args.sets),
                 )  # fmt: skip
             )
         except JobLoopUnavailable as err:
