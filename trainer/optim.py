@@ -81,3 +81,24 @@ def build_scheduler(
         )
 
     return LambdaLR(optimizer, multiplier)
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """The parameters `optimizer` updates, in order (build_optimizer took the module's
+    trainable parameters once: no module walk per step)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` so that their global L2 norm is at most max_norm
+    (inf: never); returns the norm before clipping. The same numbers as
+    torch.nn.utils.clip_grad_norm_(foreach=True), which always multiplies by the clamped
+    coefficient; on the CPU, where reading the norm costs no device sync, the pass over every
+    gradient is skipped when that coefficient is 1 (x * 1.0 == x)."""
+    with_grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], foreach=True)
+    local = type(norm) is torch.Tensor and norm.device.type == "cpu"  # not a DTensor
+    if local and bool(max_norm / (norm + 1e-6) >= 1.0):  # NaN norms still go through
+        return norm
+    torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, norm, foreach=True)  # p.grad
+    return norm

@@ -55,8 +55,9 @@ from trainer.lora_backend import AdapterFreeReference, setup_lora
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
 from trainer.losses.stats import StatSums
-from trainer.moe_balance import expert_load_metrics, update_expert_bias
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.moe_balance import update_expert_bias
+from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, trained_params
+from trainer.step_metrics import reduce_stats, step_metrics
 from trainer.step_prep import prepare_step
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class TorchBackend:
         )
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.version = 0
+        self._hf_views = torch_state.HfViews()  # the export's name -> view list, kept
         self.device = model.device
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
         if self.device.type == "cuda":
@@ -269,7 +271,7 @@ class TorchBackend:
         self, batches: list[PackedBatch], objective: ActorObjective
     ) -> tuple[StatSums, Tensor]:
         totals = self._totals(batches, objective.count)
-        stats = StatSums()
+        stats: StatSums | None = None
         load = torch.zeros(
             len(self.model.moe_blocks()), self.model.config.n_routed_experts, device=self.device
         )
@@ -287,12 +289,14 @@ class TorchBackend:
             if self._train_mtp and objective.is_sft:
                 loss = loss + self._mtp_loss(b, out.hidden, totals, part)
             (loss * self._loss_scale).backward()
-            if real:  # what the mismatch forensics read when there was no logprob pass
+            if real:  # train_logprobs: what the mismatch forensics read (no logprob pass)
                 orig.train_logprobs = out.logprobs.detach().float().cpu()
-            if real:
-                stats.merge(part)
                 load += out.expert_load.detach().float()
-        return stats, load
+                if stats is None:  # the first part is the running sums: no copy to merge
+                    stats = part
+                else:
+                    stats.merge(part)
+        return (stats if stats is not None else StatSums()), load
 
     def _mtp_loss(
         self, b: PackedBatch, hidden: Tensor, totals: StepTotals, stats: StatSums
@@ -321,12 +325,11 @@ class TorchBackend:
     def _optimizer_step(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> float:
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = trained_params(optimizer)  # module's trainable parameters, in order
         if not (self._fsdp_units and module is self.model):  # FSDP reduced them already
             self.dp.all_reduce_grads(params)
-        grads = [p for p in params if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+        norm = clip_grad_norm(params, max_norm)
         optimizer.step()
         scheduler.step()
         return to_float(norm)
@@ -338,7 +341,8 @@ class TorchBackend:
         t0 = time.perf_counter()
         objective = self.objective if loss is None else ActorObjective.from_config(self.algo, loss)
         lr = self.scheduler.get_last_lr()[0]
-        self.model.train()
+        if not self.model.training:  # train() walks every module: only when it changes
+            self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats, load = self._actor_pass(batches, objective)
         grad_norm = self._optimizer_step(self._trainable, self.optimizer, self.scheduler)
@@ -349,36 +353,20 @@ class TorchBackend:
             metrics["critic/grad_norm"] = self._optimizer_step(
                 self.critic, self.critic_optimizer, self.critic_scheduler
             )
-        self._reduce_stats(stats)
+        reduce_stats(stats, self.dp)
         self.dp.all_reduce(load)
         if self.lora is None:  # under LoRA the router's bias is frozen base (lora_backend.py)
             update_expert_bias(self.model.moe_blocks(), load, self.algo.moe.bias_update_rate)
         self.version += 1
-        # episode tokens (a shared prompt once per sequence), and what the model computed
-        tokens = torch.tensor([[float(b.episode_tokens), float(b.num_tokens)] for b in batches])
-        tokens = tokens.sum(0) if batches else torch.zeros(2)
-        self.dp.all_reduce(tokens)
         elapsed = time.perf_counter() - t0
-        metrics |= stats.finalize() | expert_load_metrics(load)
-        metrics |= {"tokens": float(tokens[0]), "tokens_per_s": float(tokens[0]) / elapsed}
-        metrics["computed_tokens"] = float(tokens[1])
+        metrics |= step_metrics(batches, stats, load, self.dp, elapsed)
         metrics |= {"version": float(self.version), "time/train_step_s": elapsed}
         return metrics
-
-    def _reduce_stats(self, stats: StatSums) -> None:
-        if self.dp.enabled:
-            names: dict[str, set[str]] = {}
-            for rank_names in self.dp.all_gather_object(stats.names()):
-                for kind, values in rank_names.items():
-                    names.setdefault(kind, set()).update(values)
-            mine = stats.names()
-            stats.include({k: sorted(v - set(mine[k])) for k, v in names.items()})
-        stats.all_reduce(self.dp.all_reduce)
 
     # --- weights and checkpoints (trainer/torch_state.py) -------------------------------------
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
         """The actor's full tensors with Hugging Face names (see torch_state.export_weights)."""
-        return torch_state.export_weights(self.model, self._fsdp_units)
+        return torch_state.export_weights(self.model, self._fsdp_units, self._hf_views)
 
     def weight_update(
         self,

@@ -9,6 +9,7 @@ for an engine that cannot merge them) and checkpoints save the adapters only.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,14 +24,38 @@ if TYPE_CHECKING:
     from trainer.torch_backend import TorchBackend
 
 
-def export_weights(model: nn.Module, fsdp_units: Any) -> Iterator[tuple[str, Tensor]]:
+class HfViews:
+    """The model's (HF name, tensor view) list, built once and reused while the model's
+    parameters and buffers are the same tensors at the same addresses (the optimizer and
+    `load` write into them in place). Rebuilding it walks every module and slices ~100
+    per-expert views: about half the export's CPU time for the toy model, every step."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._views: list[tuple[str, Tensor]] = []
+
+    def get(self, model: nn.Module) -> list[tuple[str, Tensor]]:
+        tensors = chain(model.parameters(), model.buffers())
+        key = tuple((id(t), t.data_ptr(), t.shape) for t in tensors)
+        if key != self._key:
+            self._views = [(name, t.detach()) for name, t in model.hf_state_dict()]
+            self._key = key
+        return self._views
+
+
+def export_weights(
+    model: nn.Module, fsdp_units: Any, views: HfViews | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """The actor's full tensors with Hugging Face on-disk names (detached, on the model's
     device: nothing is copied to the CPU here). Under FSDP every rank must call this (the
-    parameters are all-gathered)."""
+    parameters are all-gathered). views: a cache of the unsharded model's views."""
     if fsdp_units:
         with unsharded(fsdp_units):
             tensors = [(n, t.detach().clone()) for n, t in model.hf_state_dict()]
         yield from tensors
+        return
+    if views is not None:
+        yield from views.get(model)
         return
     for name, tensor in model.hf_state_dict():
         yield name, tensor.detach()

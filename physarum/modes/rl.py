@@ -30,16 +30,19 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
     queued = trainer.submit_rl_step(timeout) if start < job.trainer.steps else None
     for step in range(start + 1, job.trainer.steps + 1):
         assert queued is not None
-        result = trainer.rl_step_result(queued, while_waiting=rollout.check)
-        check_step(step, result, job.reward.max_error_fraction)
-        update = trainer.weight_update_ref()
-        # The next step is queued behind the export at once, so the trainer never idles while
-        # the driver pushes weights, evaluates and logs; a checkpoint must see this step's
+        # Queued behind this step before its result is back (a rank runs its calls in order):
+        # the export of its weights, then the next step, which so starts the moment the export
+        # ends, with no round trip through the driver. The workers get the update as soon as
+        # it exists (Ray holds their call until then). A checkpoint must see this step's
         # state, so across one the next step is queued only after it.
+        update = trainer.weight_update_ref()
         checkpoint_due = ctx.due(step, job.checkpoint.interval)
         more = step < job.trainer.steps
-        queued = trainer.submit_rl_step(timeout) if more and not checkpoint_due else None
+        following = trainer.submit_rl_step(timeout) if more and not checkpoint_due else None
         rollout.push_weights(update, step, wait=False)
+        result = trainer.rl_step_result(queued, while_waiting=rollout.check)
+        check_step(step, result, job.reward.max_error_fraction)
+        queued = following
         if step < job.trainer.steps and ctx.due(step, job.rollout.eval.interval):
             result |= ctx.evaluate(rollout, step)  # the last step's eval runs once, after stop
         if checkpoint_due:
