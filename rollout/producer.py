@@ -35,6 +35,8 @@ class ProducerStats:
     groups_filtered: int = 0  # dynamic sampling: all rewards equal
     groups_refused: int = 0  # the lease had expired; the buffer refused the push
     groups_dropped: int = 0  # finished or waiting for room when stopped; prompt requeued
+    groups_stale_credit: int = 0  # pushed, then dropped by the trainer as stale: owed again
+    groups_stale_aborted: int = 0  # cancelled in flight: too stale to be trained when done
     episodes: int = 0
     episode_errors: int = 0
     generated_tokens: int = 0
@@ -42,6 +44,24 @@ class ProducerStats:
     started: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0  # wall time with at least one group in flight
     busy_since: float | None = None
+    quota_wait_s: float = 0.0  # wall time with no room under the staleness quota
+    quota_since: float | None = None
+    in_flight_area: float = 0.0  # integral of the groups in flight over time
+    in_flight: int = 0
+    in_flight_at: float = field(default_factory=time.monotonic)
+
+    def set_in_flight(self, n: int) -> None:
+        now = time.monotonic()
+        self.in_flight_area += self.in_flight * (now - self.in_flight_at)
+        self.in_flight, self.in_flight_at = n, now
+
+    def set_quota_bound(self, bound: bool) -> None:
+        now = time.monotonic()
+        if bound and self.quota_since is None:
+            self.quota_since = now
+        elif not bound and self.quota_since is not None:
+            self.quota_wait_s += now - self.quota_since
+            self.quota_since = None
 
     def set_busy(self, busy: bool) -> None:
         now = time.monotonic()
@@ -59,12 +79,19 @@ class ProducerStats:
             "rollout/groups_filtered": self.groups_filtered,
             "rollout/groups_refused": self.groups_refused,
             "rollout/groups_dropped": self.groups_dropped,
+            "rollout/groups_stale_credit": self.groups_stale_credit,
+            "rollout/groups_stale_aborted": self.groups_stale_aborted,
             "rollout/episode_errors": self.episode_errors,
             "rollout/generated_tokens": self.generated_tokens,
             "rollout/gen_tokens_per_s": self.generated_tokens / max(busy, 1e-9),
             "rollout/produced_tokens_per_s": self.generated_tokens / elapsed,
             "rollout/busy_fraction": busy / elapsed,
             "rollout/reward_mean": self.reward_sum / max(self.episodes, 1),
+            # cumulative seconds: differences over a window give shares of it
+            "rollout/quota_wait_s": self.quota_wait_s
+            + (time.monotonic() - self.quota_since if self.quota_since else 0.0),
+            "rollout/in_flight_group_s": self.in_flight_area
+            + self.in_flight * (time.monotonic() - self.in_flight_at),
         }
 
 
@@ -77,6 +104,7 @@ class ProducerPlan:
     prompts_per_lease: int
     over_sampling: float = 1.0
     dynamic_sampling: bool = False
+    groups_per_step: int = 0  # the trainer's groups per step, all workers (0: = share)
 
     def quota(self, weight_version: int) -> int:
         return (weight_version + self.max_staleness + 1) * self.share
@@ -108,7 +136,10 @@ class RolloutProducer:
         self.plan = plan
         self.weight_version = 0
         self.stats = ProducerStats()
-        self._in_flight: set[asyncio.Task] = set()
+        # group tasks in flight -> the weight version when their prompt was leased
+        self._in_flight: dict[asyncio.Task, int] = {}
+        self._doomed: set[str] = set()  # lease ids of groups cancelled as too stale
+        self._generating: set[str] = set()  # lease ids of groups not yet generated
         self._wake = asyncio.Event()
         self._stopping = False
         self._cancel_puts = threading.Event()  # read by the put threads
@@ -119,7 +150,8 @@ class RolloutProducer:
         self._wake.set()
 
     def _room(self) -> int:
-        remaining = self.plan.quota(self.weight_version) - self.stats.groups_pushed
+        owed = self.stats.groups_pushed - self.stats.groups_stale_credit
+        remaining = self.plan.quota(self.weight_version) - owed
         limit = math.ceil(max(remaining, 0) * self.plan.over_sampling)
         return limit - len(self._in_flight)
 
@@ -131,12 +163,20 @@ class RolloutProducer:
             self.plan.share,
             self.plan.max_staleness,
         )
+        drops_base = await asyncio.to_thread(self._stale_drops)
+        checked = self.weight_version
         while not self._stopping:
+            if self.weight_version != checked:  # once per update: the trainer took a batch
+                checked = self.weight_version
+                self._abort_doomed()
+                self._credit_stale(await asyncio.to_thread(self._stale_drops) - drops_base)
             room = min(self._room(), self.plan.prompts_per_lease)
+            self.stats.set_quota_bound(room <= 0)
             leases = await asyncio.to_thread(self._lease, room) if room > 0 else []
             for lease in leases:
-                task = asyncio.create_task(self._produce(lease))
-                self._in_flight.add(task)
+                task = asyncio.create_task(self._produce(lease), name=lease.lease_id)
+                self._in_flight[task] = self.weight_version
+                self.stats.set_in_flight(len(self._in_flight))
                 self.stats.set_busy(True)
                 task.add_done_callback(self._finished)
             if not leases:
@@ -147,12 +187,42 @@ class RolloutProducer:
                     pass
         await self._drain()
 
+    def _stale_drops(self) -> int:
+        """Groups the trainer has dropped as stale so far (the buffer's counter)."""
+        return int(self.store.stats().drops_stale)
+
+    def _credit_stale(self, drops: int) -> None:
+        """Owe again this worker's part of the groups the trainer dropped as stale. They
+        were counted as pushed, yet nobody trained them: without this each drop would shrink
+        for good the window this worker may run ahead (partial rollouts on a long tail drop
+        a few groups a step, and the window shrank to under half its size in 30 steps)."""
+        per_step = self.plan.groups_per_step or self.plan.share
+        self.stats.groups_stale_credit = max(
+            self.stats.groups_stale_credit, drops * self.plan.share // per_step
+        )
+
+    def _abort_doomed(self) -> None:
+        """Cancel the groups the trainer could only drop: leased under version v, every
+        token is at least v, and the trainer (at or ahead of this worker's version w) drops a
+        group whose oldest token is more than max_staleness behind. Their slots and their
+        place in the quota go to fresh prompts now instead of after the tail finished; the
+        prompt returns to the queue (`_produce`). A group admitted only after a later update
+        may be cut one version early: it was leased under v but started under v + 1."""
+        limit = self.weight_version - self.plan.max_staleness
+        for task, version in list(self._in_flight.items()):
+            name = task.get_name()
+            if version < limit and name in self._generating and name not in self._doomed:
+                self._doomed.add(name)
+                self.stats.groups_stale_aborted += 1
+                task.cancel()
+
     def _lease(self, k: int) -> list[Any]:
         self.store.requeue_expired()
         return self.store.lease_prompts(self.worker_id, k)
 
     def _finished(self, task: asyncio.Task) -> None:
-        self._in_flight.discard(task)
+        self._in_flight.pop(task, None)
+        self.stats.set_in_flight(len(self._in_flight))
         if not self._in_flight:
             self.stats.set_busy(False)
         self._wake.set()
@@ -163,7 +233,18 @@ class RolloutProducer:
 
     async def _produce(self, lease: Any) -> None:
         started = time.monotonic()
-        episodes = await self.generate_group(lease.row)
+        name = asyncio.current_task().get_name()
+        self._generating.add(name)
+        try:
+            episodes = await self.generate_group(lease.row)
+        except asyncio.CancelledError:
+            if name not in self._doomed:
+                raise  # stop() or a caller: not ours to swallow
+            await asyncio.to_thread(self.store.release_lease, lease.lease_id, False)
+            return
+        finally:
+            self._generating.discard(name)
+            self._doomed.discard(name)
         await self.score_group(episodes)
         self._count(episodes)
         if self.plan.dynamic_sampling and all_rewards_equal(episodes):

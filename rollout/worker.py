@@ -83,6 +83,10 @@ ENGINES: dict[str, Callable[[JobConfig, Path, Any, Path, str], Engine]] = {
 }
 
 
+# engine stats that are current sizes, not counters (left out of the metrics)
+_GAUGES = frozenset({"num_running", "num_waiting", "num_free_slots"})
+
+
 def spans_versions(episode: Episode) -> bool:
     """Whether the policy generated the episode's tokens under two or more weight versions
     (a partial rollout continued across an update)."""
@@ -179,9 +183,9 @@ class RolloutWorkerCore:
         engine_stats = getattr(self.engine, "stats", None)
         if callable(engine_stats):  # the embedded engine's forwards: prefill vs decode calls
             counters = engine_stats()
-            for key in ("num_forwards", "num_prefill_rows"):
-                if key in counters:
-                    out[f"rollout/engine_{key}"] = float(counters[key])
+            for key, value in counters.items():
+                if key.startswith(("num_", "decode_batch_le_", "time_")) and key not in _GAUGES:
+                    out[f"rollout/engine_{key}"] = float(value)
         return out
 
     async def generate_for_row(
@@ -254,6 +258,7 @@ class RolloutWorkerCore:
             prompts_per_lease=rollout.prompts_per_lease,
             over_sampling=rollout.over_sampling,
             dynamic_sampling=rollout.dynamic_sampling,
+            groups_per_step=self.job.trainer.prompts_per_step,
         )
         n = rollout.n_samples_per_prompt
 

@@ -14,10 +14,8 @@ it arrived have finished under the old weights; meanwhile no waiting sequence is
 Logprobs are `log_softmax(logits / T)[token]`, T = 1 for greedy, without top-k/top-p
 renormalisation: see rollout/embedded/sampler.py and buffer/episode.py.
 
-Samples of one request with n > 1 get rids `f"{rid}_{j}"` (SGLang's naming); aborting the
-request's rid aborts all of them. Sample j of a request with `sampling_seed = s` uses seed
-`s` for j = 0 and a seed derived from (s, j) otherwise, so the n samples differ but are
-reproducible.
+Samples of one request with n > 1 get rids `f"{rid}_{j}"` (SGLang's naming; built in
+requests.py); aborting the request's rid aborts all of them.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import logging
 import queue
 import random
 import threading
-import uuid
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -36,15 +34,14 @@ from typing import Any
 import torch
 
 from models.fp8 import quantize_model_
-from models.weight_update import WeightUpdate, apply_weight_update
+from models.weight_update import WeightUpdate
+from rollout.embedded.requests import build_sequences
 from rollout.embedded.scheduler import Scheduler
-from rollout.embedded.sequence import Decode, Sequence, StopRule
-from rollout.embedded.weights import mark_weights_changed
+from rollout.embedded.sequence import Decode, Sequence
+from rollout.embedded.updates import WeightUpdates
 from rollout.types import PAUSE_MODES, GenerateOutput, GenerateRequest
 
 logger = logging.getLogger(__name__)
-
-_SEED_MIX = 0x9E3779B97F4A7C15
 
 
 class EngineBusyError(RuntimeError):
@@ -53,11 +50,6 @@ class EngineBusyError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine thread is not running (shut down, or it failed: see the message)."""
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample `index` of a request whose sampling_seed is `seed`."""
-    return seed if index == 0 else (seed * 6364136223846793005 + index * _SEED_MIX) % (1 << 63)
 
 
 class EmbeddedEngine:
@@ -115,12 +107,14 @@ class EmbeddedEngine:
         )
         self._rng = random.Random(seed)
         self.partial_rollout = partial_rollout
-        # non-partial mode: updates waiting for the running sequences to finish, in order
-        self._pending_updates: deque[tuple[WeightUpdate, Future[None]]] = deque()
+        # applies updates; without partial rollouts they wait for the running sequences
+        self.updates = WeightUpdates(model, self.sched, name)
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.SimpleQueue()
         )
         self._stopped = False
+        # engine-thread seconds: commands (idle waits included) and scheduler steps
+        self.seconds = {"commands": 0.0, "step": 0.0}
         self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
         self._thread.start()
         logger.info(
@@ -160,25 +154,31 @@ class EmbeddedEngine:
 
     def _run(self) -> None:
         while True:
+            t0 = time.perf_counter()
             if not self._drain(block=not self.sched.has_work):
                 break
-            self._apply_pending_if_drained()
+            self.seconds["commands"] += time.perf_counter() - t0  # idle waits included
+            self.updates.apply_if_drained()
             if not self.sched.has_work:
                 continue
+            t0 = time.perf_counter()
             try:
                 finished = self._step()
             except Exception as e:  # a failing forward must not hang every caller
                 logger.exception("%s: scheduler step failed", self.name)
                 self._fail_all(e)
                 continue
+            self.seconds["step"] += time.perf_counter() - t0
             self._deliver(finished)
-            self._apply_pending_if_drained()
+            self.updates.apply_if_drained()
         self._deliver(self.sched.abort(lambda s: True))
-        self._fail_pending(EngineStoppedError(f"{self.name}: engine stopped before the update"))
+        self.updates.fail_pending(
+            EngineStoppedError(f"{self.name}: engine stopped before the update")
+        )
 
     def _step(self) -> list[Sequence]:
         """One scheduler step; while an update waits, only the running sequences advance."""
-        if not self._pending_updates:
+        if not self.updates.pending:
             return self.sched.step()
         held, self.sched.waiting = self.sched.waiting, deque()
         try:
@@ -215,7 +215,7 @@ class EmbeddedEngine:
         for seq in seqs:
             if seq.done is not None and not seq.done.done():
                 seq.done.set_exception(error)
-        self._apply_pending_if_drained()
+        self.updates.apply_if_drained()
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run `fn()` on the engine thread between two steps; a Future of its result."""
@@ -236,52 +236,14 @@ class EmbeddedEngine:
         on_update: Callable[[Sequence], None] | None = None,
     ) -> list[Sequence]:
         """The n Sequences of a request, validated (raises ValueError naming the field)."""
-        params = request.sampling
-        params.validate()
-        prompt = [int(t) for t in request.input_ids]
-        self.sched.check_length(len(prompt), params.max_new_tokens)
-        stop = StopRule.build(params, self.eos_ids, self._encode if self.tokenizer else None)
-        rid = request.rid or uuid.uuid4().hex
-        routing_start = self._routing_start(request, len(prompt))
-        top_n = request.top_logprobs_num
-        if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0:
-            raise ValueError(f"top_logprobs_num: expected an int >= 0, got {top_n!r}")
-        base = params.sampling_seed
-        if base is None:
-            base = self._rng.getrandbits(63)
-        seqs = []
-        for j in range(params.n):
-            seqs.append(
-                Sequence(
-                    rid=rid if params.n == 1 else f"{rid}_{j}",
-                    group=rid,
-                    prompt_ids=prompt,
-                    params=params,
-                    stop=stop,
-                    seed=sample_seed(base, j),
-                    return_logprob=request.return_logprob,
-                    top_logprobs_num=top_n,
-                    on_update=on_update,
-                    done=Future(),
-                    routing_start=routing_start,
-                )
-            )
-        return seqs
-
-    @staticmethod
-    def _routing_start(request: GenerateRequest, prompt_len: int) -> int | None:
-        """The first position whose experts the request wants (R3), None when it wants none."""
-        if not request.return_routed_experts:
-            return None
-        start = request.routed_experts_start_len
-        if start is None:
-            return prompt_len
-        if not 0 <= start <= prompt_len:
-            raise ValueError(
-                f"routed_experts_start_len: expected 0..{prompt_len} (the prompt length), "
-                f"got {start}"
-            )
-        return start
+        return build_sequences(
+            request,
+            check_length=self.sched.check_length,
+            eos_ids=self.eos_ids,
+            encode=self._encode if self.tokenizer else None,
+            draw_seed=lambda: self._rng.getrandbits(63),
+            on_update=on_update,
+        )
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (from make_sequences); each `seq.done` resolves when it finishes."""
@@ -317,40 +279,10 @@ class EmbeddedEngine:
         next scheduler step, or with partial_rollout False once the sequences running then
         have finished. The Future resolves once the new weights are in place."""
         if self.partial_rollout:
-            return self.call(lambda: self._apply_update(update))
+            return self.call(lambda: self.updates.apply(update))
         done: Future[None] = Future()
-
-        def enqueue() -> None:
-            self._pending_updates.append((update, done))
-            self._apply_pending_if_drained()
-
-        self.call(enqueue)
+        self.call(lambda: self.updates.enqueue(update, done))
         return done
-
-    def _apply_update(self, update: WeightUpdate) -> None:
-        apply_weight_update(self.model, update)
-        mark_weights_changed(self.model)
-        self.sched.version = int(update.version)
-        logger.info("%s: weights updated to version %d", self.name, self.sched.version)
-
-    def _apply_pending_if_drained(self) -> None:
-        """Non-partial mode: apply the waiting updates once no sequence is running."""
-        while self._pending_updates and not self.sched.running:
-            update, done = self._pending_updates.popleft()
-            if not done.set_running_or_notify_cancel():
-                continue
-            try:
-                self._apply_update(update)
-            except Exception as e:
-                done.set_exception(e)
-            else:
-                done.set_result(None)
-
-    def _fail_pending(self, error: Exception) -> None:
-        while self._pending_updates:
-            _, done = self._pending_updates.popleft()
-            if done.set_running_or_notify_cancel():
-                done.set_exception(error)
 
     async def update_weights(self, update: WeightUpdate) -> None:
         """Apply a models.weight_update.WeightUpdate between two decode steps."""
@@ -435,8 +367,19 @@ class EmbeddedEngine:
             "num_free_slots": self.sched.slots.num_free,
             "num_forwards": self.sched.num_forwards,
             "num_prefill_rows": self.sched.num_prefill_rows,
+            "num_prefill_forwards": self.sched.num_prefill_forwards,
+            "num_decode_forwards": self.sched.num_decode_forwards,
+            "num_decode_rows": self.sched.num_decode_rows,
+            **{
+                f"decode_batch_le_{1 << i}": n
+                for i, n in enumerate(self.sched.decode_batch_hist)
+                if n
+            },
+            "num_updates": self.updates.count,
+            "time_update_s": self.updates.seconds,
+            **{f"time_{k}_s": v for k, v in (self.seconds | self.sched.seconds).items()},
             "weight_version": self.sched.version,
-            "pending_weight_updates": len(self._pending_updates),
+            "pending_weight_updates": len(self.updates.pending),
         }
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -84,6 +85,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_forwards = 0
         self.num_prefill_rows = 0  # rows prefilled (a shared prompt counts once)
+        self.num_prefill_forwards = 0
+        self.num_decode_forwards = 0
+        self.num_decode_rows = 0  # / num_decode_forwards = the mean decode batch
+        # decode forwards by batch size: bucket i holds batches of 2**(i-1) < size <= 2**i
+        self.decode_batch_hist = [0] * 12
+        # seconds on the engine thread by phase (perf_counter; cheap next to a forward)
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "sample": 0.0}
 
     # ---- queue management ------------------------------------------------------------------
 
@@ -201,8 +209,11 @@ class Scheduler:
         routes_of: dict[int, np.ndarray] = {}
         self.num_prefill_rows += len(unique)
         for chunk in self._chunks(unique):
+            self.num_prefill_forwards += 1
             rows = [s.prompt_ids + s.output_ids for s in chunk]
+            t0 = time.perf_counter()
             logits, routes = self._forward(rows, [s.slot for s in chunk], [0] * len(chunk), chunk)
+            self.seconds["prefill"] += time.perf_counter() - t0
             for i, seq in enumerate(chunk):
                 seq.cached = len(rows[i])
                 logits_of[id(seq)] = logits[i]
@@ -229,8 +240,13 @@ class Scheduler:
             yield chunk
 
     def _decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
+        self.num_decode_forwards += 1
+        self.num_decode_rows += len(seqs)
+        self.decode_batch_hist[min((len(seqs) - 1).bit_length(), 11)] += 1
         rows = [[s.output_ids[-1]] for s in seqs]
+        t0 = time.perf_counter()
         logits, routes = self._forward(rows, [s.slot for s in seqs], [s.cached for s in seqs], seqs)
+        self.seconds["decode"] += time.perf_counter() - t0
         for i, seq in enumerate(seqs):
             if routes is not None:
                 seq.record_routing(routes[i], seq.cached)
@@ -266,6 +282,13 @@ class Scheduler:
         return logits, routes.to(torch.int32).cpu().numpy().astype(dtype)
 
     def _sample_append(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
+        t0 = time.perf_counter()
+        try:
+            return self._sample_append_timed(seqs, logits)
+        finally:
+            self.seconds["sample"] += time.perf_counter() - t0
+
+    def _sample_append_timed(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.slots.device)
         batch = self.slots.batch(slots)
         top_rows = [i for i, s in enumerate(seqs) if s.top_logprobs_num > 0]

@@ -146,3 +146,73 @@ def test_stop_ends_a_wait_for_a_full_buffer_at_once_and_returns_the_leases(
     assert producer.stats.groups_dropped >= 1
     assert stats.prompts_leased == 0  # every dropped group's prompt is back in the queue
     assert stats.prompts_queued == 20 - 2
+
+
+async def _until(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Poll `condition` (no timing assumption: only a generous deadline against hangs)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_groups_the_trainer_drops_as_stale_are_owed_again(redis_url, tmp_path) -> None:
+    """A pushed group the trainer drops as stale was never trained: the worker owes it again,
+    so drops do not shrink its window for good (the quota counted them as delivered)."""
+    store = _store(redis_url, tmp_path, "credit")
+    producer = _producer(store, staleness=0, rewards=[0.0, 1.0])
+
+    async def scenario() -> None:
+        task = asyncio.create_task(producer.run())
+        await _until(lambda: producer.stats.groups_pushed == 4, "the first batch")
+        store.set_version(10)  # far past max_staleness 5: the trainer drops all four
+        assert store.take_groups("trainer", 4, block_ms=100) == []
+        assert store.stats().drops_stale == 4
+        producer.set_weight_version(1)  # quota 8: the 4 dropped are owed again, and 4 more
+        await _until(lambda: producer.stats.groups_pushed == 12, "the owed groups")
+        producer.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert producer.stats.groups_stale_credit == 4
+    assert producer.stats.groups_pushed == 12  # room is 0 from there on: no more leases
+
+
+def test_groups_too_stale_to_train_are_cancelled_and_their_prompts_requeued(
+    redis_url, tmp_path
+) -> None:
+    """Groups leased under version 0 that are still generating when version 1 arrives (with
+    max_staleness 0) could only be dropped by the trainer: they are cancelled at once, their
+    leases released (prompts back in the queue), and fresh groups take their place."""
+    store = _store(redis_url, tmp_path, "doomed")
+    queued = store.stats().prompts_queued
+    hold = asyncio.Event()  # generation of version-0 groups never ends on its own
+    producer = _producer(store, staleness=0, rewards=[0.0, 1.0])
+    inner = producer.generate_group
+    started: list[int] = []
+
+    async def generate(row):
+        started.append(producer.weight_version)
+        if producer.weight_version == 0:
+            await hold.wait()
+        return await inner(row)
+
+    producer.generate_group = generate
+
+    async def scenario() -> None:
+        task = asyncio.create_task(producer.run())
+        await _until(lambda: len(started) == 4, "four version-0 groups generating")
+        assert store.stats().prompts_leased == 4
+        producer.set_weight_version(1)
+        await _until(lambda: producer.stats.groups_pushed == 8, "eight version-1 groups")
+        producer.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert producer.stats.groups_stale_aborted == 4
+    assert started == [0] * 4 + [1] * 8
+    stats = store.stats()
+    assert stats.prompts_leased == 0  # the cancelled leases were released, not left to expire
+    assert stats.groups_put == 8
+    # 12 prompts were leased, 8 pushed: the 4 cancelled ones are queued again
+    assert stats.prompts_queued == queued - 8

@@ -301,3 +301,24 @@ def test_fp8_engine_runs_and_logprob_gap_is_bounded(model):
     # e4m3 keeps 3 mantissa bits (~3% weight error); measured here: mean 0.11, max 0.36 nats
     assert float(gap.mean()) < 0.25 and float(gap.max()) < 1.0
     assert float(gap.max()) > 1e-3  # FP8 really changed the numerics
+
+
+def test_forward_counters_and_decode_batch_histogram(engine):
+    """stats(): prefill + decode forwards = forwards; the decode rows are every token after
+    each sequence's first (sampled from its prefill); the batch-size histogram counts each
+    decode forward once, in the bucket of its size (2**(i-1) < size <= 2**i)."""
+    before = engine.stats()
+    lengths = [1, 3, 9, 17]  # sequences leave at different steps: batches 4, 3, 2, 1
+    outs = run(
+        engine.generate([GenerateRequest(PROMPTS[i], greedy(n)) for i, n in enumerate(lengths)])
+    )
+    after = engine.stats()
+    diff = {k: after[k] - before.get(k, 0) for k in after if k.startswith(("num_", "decode_"))}
+    assert diff["num_prefill_forwards"] + diff["num_decode_forwards"] == diff["num_forwards"]
+    assert diff["num_decode_rows"] == sum(len(o.output_ids) - 1 for o in outs) == 26
+    assert diff["num_decode_forwards"] == 16  # the longest sequence's tokens after its first
+    # batch 3 for 2 steps (tokens 2-3), 2 for 6 (4-9), 1 for 8 (10-17)
+    assert diff.get("decode_batch_le_4", 0) == 2
+    assert diff.get("decode_batch_le_2", 0) == 6
+    assert diff.get("decode_batch_le_1", 0) == 8
+    assert after["time_decode_s"] > before["time_decode_s"]
