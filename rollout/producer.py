@@ -163,13 +163,14 @@ class RolloutProducer:
             self.plan.share,
             self.plan.max_staleness,
         )
-        drops_base = await asyncio.to_thread(self._stale_drops)
+        drops_base, _ = await asyncio.to_thread(self._trainer_view)
         checked = self.weight_version
         while not self._stopping:
             if self.weight_version != checked:  # once per update: the trainer took a batch
                 checked = self.weight_version
-                self._abort_doomed()
-                self._credit_stale(await asyncio.to_thread(self._stale_drops) - drops_base)
+                drops, trainer_version = await asyncio.to_thread(self._trainer_view)
+                self._abort_doomed(max(trainer_version, self.weight_version))
+                self._credit_stale(drops - drops_base)
             room = min(self._room(), self.plan.prompts_per_lease)
             self.stats.set_quota_bound(room <= 0)
             leases = await asyncio.to_thread(self._lease, room) if room > 0 else []
@@ -187,9 +188,11 @@ class RolloutProducer:
                     pass
         await self._drain()
 
-    def _stale_drops(self) -> int:
-        """Groups the trainer has dropped as stale so far (the buffer's counter)."""
-        return int(self.store.stats().drops_stale)
+    def _trainer_view(self) -> tuple[int, int]:
+        """The groups the trainer has dropped as stale so far, and its policy version (the
+        buffer's counters; the trainer is ahead of this worker while an update travels)."""
+        stats = self.store.stats()
+        return int(stats.drops_stale), int(stats.version)
 
     def _credit_stale(self, drops: int) -> None:
         """Owe again this worker's part of the groups the trainer dropped as stale. They
@@ -201,14 +204,14 @@ class RolloutProducer:
             self.stats.groups_stale_credit, drops * self.plan.share // per_step
         )
 
-    def _abort_doomed(self) -> None:
+    def _abort_doomed(self, trainer_version: int) -> None:
         """Cancel the groups the trainer could only drop: leased under version v, every
-        token is at least v, and the trainer (at or ahead of this worker's version w) drops a
-        group whose oldest token is more than max_staleness behind. Their slots and their
-        place in the quota go to fresh prompts now instead of after the tail finished; the
-        prompt returns to the queue (`_produce`). A group admitted only after a later update
-        may be cut one version early: it was leased under v but started under v + 1."""
-        limit = self.weight_version - self.plan.max_staleness
+        token is at least v, and the trainer (now at `trainer_version`, never going back)
+        drops a group whose oldest token is more than max_staleness behind. Their slots and
+        their place in the quota go to fresh prompts now instead of after the tail finished;
+        the prompt returns to the queue (`_produce`). A group admitted only after a later
+        update may be cut one version early: it was leased under v but started under v + 1."""
+        limit = trainer_version - self.plan.max_staleness
         for task, version in list(self._in_flight.items()):
             name = task.get_name()
             if version < limit and name in self._generating and name not in self._doomed:

@@ -216,3 +216,32 @@ def test_groups_too_stale_to_train_are_cancelled_and_their_prompts_requeued(
     assert stats.groups_put == 8
     # 12 prompts were leased, 8 pushed: the 4 cancelled ones are queued again
     assert stats.prompts_queued == queued - 8
+
+
+def test_the_trainer_version_ahead_of_the_worker_dooms_groups_too(redis_url, tmp_path) -> None:
+    """The trainer's version (the buffer's) runs ahead of the worker's while an update
+    travels: at worker version 1 with max_staleness 1 a version-0 group is still trainable by
+    the worker's count, but not once the trainer is at version 2."""
+    store = _store(redis_url, tmp_path, "ahead-doomed")
+    hold = asyncio.Event()
+    producer = _producer(store, staleness=1, rewards=[0.0, 1.0])
+    inner = producer.generate_group
+
+    async def generate(row):
+        if producer.weight_version == 0:
+            await hold.wait()
+        return await inner(row)
+
+    producer.generate_group = generate
+
+    async def scenario() -> None:
+        task = asyncio.create_task(producer.run())
+        await _until(lambda: len(producer._in_flight) == 8, "eight version-0 groups")
+        store.set_version(2)
+        producer.set_weight_version(1)
+        await _until(lambda: producer.stats.groups_stale_aborted == 8, "the cancels")
+        producer.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert store.stats().prompts_leased == 0
