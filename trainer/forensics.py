@@ -77,11 +77,28 @@ class _BatchView:
         self.versions = b.versions.cpu().numpy()
         self.seq_ids = b.seq_ids.cpu().numpy()
         self.replayed = None if b.routing_replayed is None else b.routing_replayed.cpu().numpy()
+        self.cu = b.cu_seqlens.cpu().numpy()
+        layout = b.layout
+        self.tree = (
+            None
+            if layout is None
+            else tuple(t.cpu().numpy() for t in (layout.cu_rows, layout.branch, layout.positions))
+        )
+
+    def episode_index(self, seq: int) -> np.ndarray:
+        """PackedBatch.episode_index in numpy (a few array lookups, not tensor ops)."""
+        start, end = int(self.cu[seq]), int(self.cu[seq + 1])
+        own = np.arange(start, end)
+        if self.tree is None or self.tree[1][start] == 0:
+            return own
+        cu_rows, _, positions = self.tree
+        row_start = int(cu_rows[np.searchsorted(cu_rows, start, side="right") - 1])
+        return np.concatenate([np.arange(row_start, row_start + int(positions[start])), own])
 
     def record(self, t: int, context: int, after: int) -> dict[str, Any]:
         b = self.batch
         seq = int(self.seq_ids[t])
-        index = b.episode_index(seq).numpy()  # the sequence's tokens in order (a shared prompt too)
+        index = self.episode_index(seq)  # the sequence's tokens in order (a shared prompt too)
         at = int(np.flatnonzero(index == t)[0])
         prompt_len = int(b.prompt_lens[seq]) if b.prompt_lens is not None else 0
         seq_diff = self.diff[index]

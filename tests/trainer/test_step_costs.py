@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.trainer.toy import backend, grpo_step, toy_model
+from trainer.forensics import _BatchView
 from trainer.optim import clip_grad_norm
 
 
@@ -68,3 +69,13 @@ def test_one_micro_batch_step_matches_the_same_step_split_in_two(toy_tokenizer) 
     got, want = whole.train(one), split.train(two)
     for name in ("loss", "pg_loss", "entropy", "mismatch_k3", "ratio_max", "tokens", "grad_norm"):
         assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_forensics_numpy_episode_index_matches_the_batch(toy_tokenizer, share: bool) -> None:
+    step = grpo_step(toy_tokenizer, n_prompts=3, n_samples=4, seed=4, share_prompt_prefix=share)
+    for b in step.micro_batches:
+        b.train_logprobs = torch.zeros(b.num_tokens)
+        view = _BatchView(b, b.train_logprobs, torch.zeros(b.num_tokens))
+        for seq in range(b.num_seqs):
+            assert view.episode_index(seq).tolist() == b.episode_index(seq).tolist()
