@@ -50,7 +50,7 @@ import numpy as np
 import redis
 import torch
 
-from buffer import codec
+from buffer import codec_header
 from buffer.codec import decode_group, encode_group
 from buffer.episode import Episode, EpisodeGroup
 from buffer.redis_server import EmbeddedRedis
@@ -185,11 +185,14 @@ def _raw_loop(
 
 
 def _decode_header(record: bytes) -> object:
-    """The part of decode_group that parses and checks the msgpack header (the fast check
-    where the codec has one, as decode_group does, else the strict one)."""
-    header = codec._read_header(record)[0]
-    fast = getattr(codec, "_fast_heads", None)
-    return (fast and fast(header)) or codec._check_header(header)
+    """The part of decode_group that parses and checks the header: read_header (the typed
+    decode) where the codec has it, else msgpack and the column checks (older codecs, for
+    before/after runs against an older buffer/)."""
+    read = getattr(codec_header, "read_header", None)
+    if read is not None:
+        return read(record)
+    header = codec_header._read_header(record)[0]
+    return codec_header._fast_heads(header) or codec_header._check_header(header)
 
 
 def per_item(fn: Callable[[object], object], items: list, repeats: int = 3) -> float:

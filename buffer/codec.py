@@ -31,6 +31,7 @@ import sys
 from typing import Any
 
 import msgpack
+import msgspec
 import numpy as np
 
 from buffer.codec_header import (
@@ -43,13 +44,10 @@ from buffer.codec_header import (
     FORMAT_VERSION,
     MAGIC,
     EpisodeCodecError,
-    _check_header,
-    _fast_heads,
-    _field,
     _Heads,
-    _read_header,
+    read_header,
 )
-from buffer.episode import MASK_DTYPE, Episode, EpisodeGroup
+from buffer.episode import Episode, EpisodeGroup
 
 
 def _msgpack_default(obj: Any) -> Any:
@@ -62,7 +60,22 @@ def _msgpack_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not serialisable")
 
 
+def _msgspec_hook(obj: Any) -> Any:
+    if isinstance(obj, np.generic | np.ndarray):
+        return _msgpack_default(obj)
+    raise NotImplementedError(f"{type(obj).__name__} is not serialisable")
+
+
+# msgspec writes the same msgpack bytes as msgpack.packb(use_bin_type=True) at a fraction of
+# its cost (tests/buffer/test_codec.py checks the two agree)
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_msgspec_hook)
+
+
 def _pack(obj: Any, what: str) -> bytes:
+    try:
+        return _ENCODER.encode(obj)
+    except (TypeError, ValueError, OverflowError, NotImplementedError, msgspec.EncodeError):
+        pass  # anything msgspec refuses: msgpack decides, and names the problem
     try:
         return msgpack.packb(obj, default=_msgpack_default, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -133,9 +146,15 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     at = len(prefix) + len(head) + sum(len(a) for a in prompts) * _PROMPT_DTYPE.itemsize
     at += r_total * (_RESPONSE_FIELDS[0][1].itemsize + _RESPONSE_FIELDS[1][1].itemsize)
     version_column = np.frombuffer(record, _RESPONSE_FIELDS[2][1], r_total, at)
-    mask_column = np.frombuffer(record, MASK_DTYPE, r_total, at + version_column.nbytes)
-    generated = version_column[mask_column != 0]
-    return record, int(generated.min()) if generated.size else None
+    generated = np.frombuffer(record, np.bool_, r_total, at + version_column.nbytes)
+    # the minimum over generated tokens (mask != 0: a uint8 seen as bool), no gather
+    oldest = int(np.minimum.reduce(version_column, where=generated, initial=_NO_OLDEST))
+    if oldest == _NO_OLDEST and not generated.any():
+        return record, None
+    return record, oldest
+
+
+_NO_OLDEST = np.iinfo(_RESPONSE_FIELDS[2][1]).max  # the reduction's start: no token seen
 
 
 # the wire dtypes as the native dtype objects Episode's arrays carry (None on a big-endian
@@ -189,11 +208,8 @@ def _routing_entry(e: Episode) -> list | None:
     return [e.routing_start, *r.shape, np.dtype(r.dtype).newbyteorder("<").str]
 
 
-def _check_routing(header: dict[str, Any], n: int) -> list[tuple[int, tuple, np.dtype] | None]:
+def _check_routing(column: list, n: int) -> list[tuple[int, tuple, np.dtype] | None]:
     """The checked `routing` column: (start, shape, dtype) or None per episode."""
-    if "routing" not in header:
-        return [None] * n
-    column = _field(header, "routing", list, "header")
     if len(column) != n:
         raise EpisodeCodecError(f"header.routing: {len(column)} entries for {n} episodes")
     out: list[tuple[int, tuple, np.dtype] | None] = []
@@ -212,13 +228,12 @@ def _check_routing(header: dict[str, Any], n: int) -> list[tuple[int, tuple, np.
     return out
 
 
-def _check_columns(columns: dict[str, np.ndarray], heads: _Heads) -> None:
+def _check_columns(logprobs: np.ndarray, mask: np.ndarray, heads: _Heads) -> None:
     """Episode.validate's value rules, over the whole group's columns at once.
 
     One reduction per column on the good path: a float64 sum of float32 values is finite
     exactly when every value is (no finite float32 sum of < 2**31 terms overflows float64,
     and NaN or inf propagate), and a uint8 mask is 0/1 exactly when its max is <= 1."""
-    logprobs, mask = columns["rollout_logprobs"], columns["loss_mask"]
     bad = {}
     if not math.isfinite(logprobs.sum(dtype=np.float64)):
         bad["rollout_logprobs"] = ("contains NaN or inf", ~np.isfinite(logprobs))
@@ -232,14 +247,15 @@ def _check_columns(columns: dict[str, np.ndarray], heads: _Heads) -> None:
 
 def decode_group(data: bytes) -> EpisodeGroup:
     """Parse and validate a record; raise EpisodeCodecError on anything malformed."""
-    header, offset = _read_header(data)
-    heads = _fast_heads(header) or _check_header(header)
-    shared = header["shared_prompt"]
+    header = read_header(data)
+    heads, shared, offset = header.heads, header.shared_prompt, header.offset
+    n = len(heads.p)
     p_total = heads.p[0] if shared else sum(heads.p)
     r_total = sum(heads.r)
     expected = p_total * _PROMPT_DTYPE.itemsize + r_total * _RESPONSE_BYTES
-    routing = _check_routing(header, len(heads.p))
-    expected += sum(math.prod(r[1]) * r[2].itemsize for r in routing if r is not None)
+    routing = None if header.routing is None else _check_routing(header.routing, n)
+    if routing is not None:
+        expected += sum(math.prod(r[1]) * r[2].itemsize for r in routing if r is not None)
     body = len(data) - offset
     if body != expected:
         state = "truncated" if body < expected else "has trailing bytes"
@@ -247,25 +263,34 @@ def decode_group(data: bytes) -> EpisodeGroup:
     buf = bytearray(memoryview(data)[offset:])  # one copy, so the arrays are writable
     prompts = np.frombuffer(buf, _PROMPT_DTYPE, p_total, 0)
     pos = p_total * _PROMPT_DTYPE.itemsize
-    columns = {}
-    for name, dtype in _RESPONSE_FIELDS:
-        columns[name] = np.frombuffer(buf, dtype, r_total, pos)
-        pos += r_total * dtype.itemsize
-    _check_columns(columns, heads)
-    routed = _routed(buf, pos, routing, heads)
-    ids, mask = columns["response_ids"], columns["loss_mask"]
-    logprobs, versions = columns["rollout_logprobs"], columns["versions"]
+    (_, ids_dt), (_, logprob_dt), (_, version_dt), (_, mask_dt) = _RESPONSE_FIELDS
+    ids = np.frombuffer(buf, ids_dt, r_total, pos)
+    pos += r_total * ids_dt.itemsize
+    logprobs = np.frombuffer(buf, logprob_dt, r_total, pos)
+    pos += r_total * logprob_dt.itemsize
+    versions = np.frombuffer(buf, version_dt, r_total, pos)
+    pos += r_total * version_dt.itemsize
+    mask = np.frombuffer(buf, mask_dt, r_total, pos)
+    pos += r_total * mask_dt.itemsize
+    _check_columns(logprobs, mask, heads)
+    if routing is None:  # no episode carries experts (the common case): no per-episode work
+        routed, starts = [None] * n, [0] * n
+    else:
+        routed = _routed(buf, pos, routing, heads)
+        starts = [0 if r is None else r[0] for r in routing]
+    if shared:  # episodes must not alias one another's arrays
+        episode_prompts = [prompts, *(prompts.copy() for _ in range(n - 1))]
+    else:
+        bounds = np.cumsum(heads.p).tolist()
+        episode_prompts = [prompts[b - p : b] for p, b in zip(heads.p, bounds)]
     from_checked = Episode._from_checked
     episodes = []
-    p_at = r_at = 0
-    for i, (p, r) in enumerate(zip(heads.p, heads.r)):
-        if shared:  # episodes must not alias one another's arrays
-            prompt = prompts if i == 0 else prompts.copy()
-        else:
-            prompt = prompts[p_at : p_at + p]
-            p_at += p
+    r_at = 0
+    for prompt, r, reward, rewards, finish, meta, route, start in zip(
+        episode_prompts, heads.r, heads.reward, heads.rewards, heads.finish_reason,
+        heads.metadata, routed, starts,
+    ):  # fmt: skip
         end = r_at + r
-        route = routing[i]
         episodes.append(
             from_checked(
                 prompt,
@@ -273,16 +298,16 @@ def decode_group(data: bytes) -> EpisodeGroup:
                 mask[r_at:end],
                 logprobs[r_at:end],
                 versions[r_at:end],
-                heads.reward[i],
-                heads.rewards[i],
-                heads.finish_reason[i],
-                heads.metadata[i],
-                routed[i],
-                0 if route is None else route[0],
+                reward,
+                rewards,
+                finish,
+                meta,
+                route,
+                start,
             )
         )
         r_at = end
-    return EpisodeGroup(header["prompt_id"], episodes, header["metadata"])
+    return EpisodeGroup(header.prompt_id, episodes, header.metadata)
 
 
 def _routed(

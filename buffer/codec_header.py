@@ -1,18 +1,20 @@
 """The record's prefix and header: wire constants, reading the msgpack header, and checking
 its fields (buffer/codec.py holds the layout's description, encoding and the body).
 
-`_fast_heads` checks a well-formed header column by column (what the encoder writes);
-`_check_header` is the strict path, which names the first bad field. Every failure is an
-EpisodeCodecError.
+`read_header` parses a well-formed header (what the encoder writes) in one typed msgspec
+decode, which checks the types in C; anything it refuses goes to the strict path
+(msgpack, `_check_header`), which accepts what it can and otherwise names the first bad
+field. Every failure is an EpisodeCodecError.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgpack
+import msgspec
 import numpy as np
 
 from buffer.episode import (
@@ -48,7 +50,8 @@ class EpisodeCodecError(EpisodeError):
     """A record that cannot be encoded or decoded; the message says which field and why."""
 
 
-def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+def _header_end(data: bytes) -> int:
+    """Check the prefix; the offset where the header ends and the body starts."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EpisodeCodecError(f"record: expected bytes, got {type(data).__name__}")
     if len(data) < _PREFIX.size:
@@ -61,8 +64,18 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
     end = _PREFIX.size + hlen
     if end > len(data):
         raise EpisodeCodecError(f"header: truncated, needs {hlen} bytes, record has {len(data)}")
+    return end
+
+
+def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The header as a dict (msgpack), and the body's offset: the strict path."""
+    end = _header_end(data)
     try:
-        header = msgpack.unpackb(memoryview(data)[_PREFIX.size : end], raw=False)
+        # integer map keys (metadata such as {turn: ...}) are allowed, as msgspec's typed
+        # path allows them: the encoder writes them, so a decoder must read them back
+        header = msgpack.unpackb(
+            memoryview(data)[_PREFIX.size : end], raw=False, strict_map_key=False
+        )
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise EpisodeCodecError(f"header: not valid msgpack ({exc})") from exc
     if not isinstance(header, dict):
@@ -211,4 +224,78 @@ def _check_header(header: dict[str, Any]) -> _Heads:
         rewards=[_check_rewards(i, d) if d else {} for i, d in enumerate(columns["rewards"])],
         finish_reason=reasons,
         metadata=columns["episode_metadata"],
+    )
+
+
+class Header(NamedTuple):
+    """A checked header: the group's fields, the per-episode columns, the raw `routing`
+    column (None when absent; codec._check_routing checks it) and the body's offset."""
+
+    prompt_id: str
+    metadata: dict[str, Any]
+    shared_prompt: bool
+    heads: _Heads
+    routing: list | None
+    offset: int
+
+
+_Length = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Wire(msgspec.Struct):
+    """The header as the encoder writes it. msgspec checks these types in C (no bool for an
+    int, lengths >= 0, known finish reasons, str -> float rewards; ints become floats as in
+    _check_header); a header it refuses may still be valid (e.g. int keys in a metadata
+    dict), so read_header then asks the strict path."""
+
+    prompt_id: str
+    metadata: dict[str, Any]
+    dtypes: dict[str, str]
+    shared_prompt: bool
+    P: Annotated[list[_Length], msgspec.Meta(min_length=1)]
+    R: list[_Length]
+    reward: list[float]
+    rewards: list[dict[str, float]]
+    finish_reason: list[FinishReason]
+    episode_metadata: list[dict[str, Any]]
+    routing: list | msgspec.UnsetType = msgspec.UNSET  # present only when experts are carried
+
+
+_WIRE = msgspec.msgpack.Decoder(_Wire)
+
+
+def _typed_header(raw: bytes | memoryview, offset: int) -> Header | None:
+    """The checked header by one typed decode, or None when msgspec refuses it or a rule
+    it does not know fails (column lengths, the dtypes, finiteness): the strict path then
+    decides. Accepts only what _check_header accepts."""
+    try:
+        wire = _WIRE.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    p, reward, rewards = wire.P, wire.reward, wire.rewards
+    n = len(p)
+    columns = (wire.R, reward, rewards, wire.finish_reason, wire.episode_metadata)
+    if any(len(column) != n for column in columns) or wire.dtypes != _DTYPES:
+        return None
+    if not math.isfinite(sum(reward)):  # a sum of floats is finite only if every term is
+        return None
+    if any(rewards):
+        rewards = [_check_rewards(i, d) if d else d for i, d in enumerate(rewards)]
+    heads = _Heads(p, wire.R, reward, rewards, wire.finish_reason, wire.episode_metadata)
+    routing = None if wire.routing is msgspec.UNSET else wire.routing
+    return Header(wire.prompt_id, wire.metadata, wire.shared_prompt, heads, routing, offset)
+
+
+def read_header(data: bytes) -> Header:
+    """The record's checked header: the typed decode, else the strict path (which raises
+    EpisodeCodecError naming the first bad field)."""
+    end = _header_end(data)
+    typed = _typed_header(memoryview(data)[_PREFIX.size : end], end)
+    if typed is not None:
+        return typed
+    header, end = _read_header(data)
+    heads = _fast_heads(header) or _check_header(header)
+    routing = _field(header, "routing", list, "header") if "routing" in header else None
+    return Header(
+        header["prompt_id"], header["metadata"], header["shared_prompt"], heads, routing, end
     )

@@ -140,11 +140,12 @@ class GroupStream:
         pipe = self._r.pipeline(transaction=True)
         dropped: list[str] = []
         wanted = self._triage(entries, version, floor, pipe, dropped)
-        keys = [self._k.payload(_text(fields[b"r"])) for _, fields, _ in wanted]
+        prefix = self._k.payload_prefix
+        keys = [prefix + token for _, _, _, token in wanted]
         at = len(pipe)  # the MGET's place among the transaction's replies
         if keys:
             pipe.mget(keys)
-        ages = Counter(version - oldest for _, _, oldest in wanted if oldest >= 0)
+        ages = Counter(version - oldest for _, _, oldest, _ in wanted if oldest >= 0)
         for age, count in ages.items():
             pipe.hincrby(self._k.hist_taken, age, count)
         self._drop(pipe, dropped)
@@ -153,7 +154,8 @@ class GroupStream:
         fresh: list[TakenGroup] = []
         pipe = self._r.pipeline(transaction=True)
         dropped = []
-        for (entry_id, fields, oldest), record in zip(wanted, records, strict=True):
+        handed, tokens = state.handed, state.tokens
+        for (entry_id, fields, oldest, token), record in zip(wanted, records, strict=True):
             try:
                 if record is None:
                     raise EpisodeCodecError("payload: missing (expired or deleted)")
@@ -164,8 +166,8 @@ class GroupStream:
                     pipe.hincrby(self._k.hist_taken, version - oldest, -1)
                 dropped.append(entry_id)
                 continue
-            state.handed.add(entry_id)
-            state.tokens[entry_id] = _text(fields[b"r"])
+            handed.add(entry_id)
+            tokens[entry_id] = token
             fresh.append(TakenGroup(entry_id, group))
         self._drop(pipe, dropped)
         if len(pipe):
@@ -179,9 +181,10 @@ class GroupStream:
 
     def _triage(
         self, entries: list, version: int, floor: int, pipe: Any, dropped: list[str]
-    ) -> list[tuple[str, dict, int]]:
+    ) -> list[tuple[str, dict, int, str]]:
         """Queue drops of deleted, malformed and stale entries on `pipe` (their ids go to
-        `dropped`); return (entry id, fields, oldest version) of those to decode."""
+        `dropped`); return (entry id, fields, oldest version, payload token) of those to
+        decode."""
         wanted = []
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
@@ -190,7 +193,7 @@ class GroupStream:
                 continue
             try:
                 oldest = int(fields[b"v"])
-                _text(fields[b"r"])
+                token = _text(fields[b"r"])
             except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
                 self._quarantine(pipe, entry_id, fields, None, exc)
                 dropped.append(entry_id)
@@ -199,7 +202,7 @@ class GroupStream:
                 self._drop_stale(pipe, fields, version - oldest)
                 dropped.append(entry_id)
             else:
-                wanted.append((entry_id, fields, oldest))
+                wanted.append((entry_id, fields, oldest, token))
         return wanted
 
     def _drop_stale(self, pipe: Any, fields: dict, staleness: int) -> None:

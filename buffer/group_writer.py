@@ -231,9 +231,10 @@ class GroupWriter:
         script for all of them (by sha: redis-py's Script objects add a SCRIPT EXISTS round
         trip to every pipeline)."""
         pipe = self._r.pipeline(transaction=False)
+        ttl = self._payload_ttl_s
         for push in pushes:
             if push.status == "NOPAYLOAD":
-                pipe.set(push.payload_key, push.record, ex=self._payload_ttl_s)
+                pipe.execute_command("SET", push.payload_key, push.record, "EX", ttl)
         keys = [self._k.leases, self._k.deadlines, self._k.stream, self._k.stats]
         args: list = [self.capacity, CONSUMER_GROUP]
         for push in pushes:

@@ -10,13 +10,14 @@ import msgpack
 import numpy as np
 import pytest
 
+from buffer import codec
 from buffer.codec import (
     EpisodeCodecError,
     decode_group,
     encode_group,
     encode_group_versioned,
 )
-from buffer.codec_header import _COLUMNS, _PREFIX, _check_header, _fast_heads
+from buffer.codec_header import _COLUMNS, _PREFIX, _check_header, _fast_heads, _typed_header
 from buffer.episode import Episode, EpisodeGroup, FinishReason
 from tests.buffer.helpers import make_group
 
@@ -254,32 +255,33 @@ def _header(record: bytes) -> dict:
     return msgpack.unpackb(record[_PREFIX.size : _PREFIX.size + hlen])
 
 
-@pytest.mark.parametrize(
-    "edit",
-    [
-        lambda h: None,
-        _set(["reward", 0], 3),  # an int reward: strict accepts it, the fast path defers
-        _set(["reward", 0], 1e308),
-        _set(["reward", 1], 1e308),  # finite terms, an overflowing sum: strict decides
-        _set(["rewards", 1], {"m": 2}),
-        _set(["rewards", 0], {"m": float("nan")}),
-        _set(["finish_reason", 1], "length"),
-        _set(["finish_reason", 1], 5),
-        _set(["finish_reason", 1], "exploded"),
-        _set(["P", 0], True),
-        _set(["R", 1], -1),
-        _set(["episode_metadata", 0], [1]),
-        _set(["shared_prompt"], 1),
-        _set(["prompt_id"], b"p1"),
-        lambda h: h.pop("dtypes"),
-        lambda h: h["R"].append(3),
-        lambda h: [h[k].clear() for k in _COLUMNS],
-    ],
-)
+# header edits on which the fast and the typed paths must agree with the strict one
+_HEADER_EDITS = [
+    lambda h: None,
+    _set(["reward", 0], 3),  # an int reward: strict accepts it, the fast path defers
+    _set(["reward", 0], 1e308),
+    _set(["reward", 1], 1e308),  # finite terms, an overflowing sum: strict decides
+    _set(["rewards", 1], {"m": 2}),
+    _set(["rewards", 0], {"m": float("nan")}),
+    _set(["finish_reason", 1], "length"),
+    _set(["finish_reason", 1], 5),
+    _set(["finish_reason", 1], "exploded"),
+    _set(["P", 0], True),
+    _set(["R", 1], -1),
+    _set(["episode_metadata", 0], [1]),
+    _set(["shared_prompt"], 1),
+    _set(["prompt_id"], b"p1"),
+    lambda h: h.pop("dtypes"),
+    lambda h: h["R"].append(3),
+    lambda h: [h[k].clear() for k in _COLUMNS],
+]
+
+
+@pytest.mark.parametrize("edit", _HEADER_EDITS)
 def test_the_fast_header_check_accepts_only_what_the_strict_one_accepts(edit) -> None:
-    """decode_group tries _fast_heads (whole-column checks) and falls back to _check_header,
-    which names the bad field: the fast path must return the same columns, defer (None), or
-    raise only where the strict check raises too."""
+    """read_header's msgpack path tries _fast_heads (whole-column checks) and falls back to
+    _check_header, which names the bad field: the fast path must return the same columns,
+    defer (None), or raise only where the strict check raises too."""
     group = _multi_turn_group()
     group.episodes[0].metadata["t"] = 0.5
     header = _header(encode_group(group))
@@ -296,3 +298,71 @@ def test_the_fast_header_check_accepts_only_what_the_strict_one_accepts(edit) ->
     assert fast is None or fast == strict
     if strict is not None and all(type(v) is float for v in header["reward"]):
         assert abs(sum(header["reward"])) == float("inf") or fast == strict
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        *_HEADER_EDITS,
+        _set(["P", 1], -3),
+        _set(["metadata"], {1: "a"}),  # an int key: the typed path defers, strict accepts
+        _set(["episode_metadata", 0], {"turns": {0: "calc"}}),  # int keys inside metadata
+        _set(["routing"], None),
+        _set(["routing"], [None, [3, 1, 2, 2, "|u1"]]),
+        _set(["dtypes", "versions"], 4),
+        lambda h: h.pop("reward"),
+        lambda h: h.update(unknown=1),  # unknown keys are ignored by both
+    ],
+)
+def test_the_typed_header_accepts_only_what_the_strict_one_accepts(edit) -> None:
+    """read_header tries one typed msgspec decode and falls back to msgpack + _check_header:
+    the typed path must give the same columns and group fields, or defer (None), or raise
+    only where the strict check raises too."""
+    group = _multi_turn_group()
+    group.episodes[0].metadata["t"] = 0.5
+    header = _header(encode_group(group))
+    edit(header)
+    try:
+        strict = _check_header(header)
+    except EpisodeCodecError:
+        strict = None
+    try:
+        typed = _typed_header(msgpack.packb(header, use_bin_type=True), 0)
+    except EpisodeCodecError:
+        assert strict is None
+        return
+    if typed is None:
+        return
+    assert typed.heads == strict
+    assert typed.prompt_id == header["prompt_id"] and typed.metadata == header["metadata"]
+    assert typed.shared_prompt is header["shared_prompt"]
+    assert typed.routing == header.get("routing")
+
+
+def test_int_keys_in_metadata_round_trip() -> None:
+    """msgpack writes int map keys; both header paths read them back (the strict one used
+    to refuse them as invalid msgpack, so such a group was quarantined)."""
+    group = make_group("p1", n=2, response_len=4)
+    group.episodes[1].metadata["turns"] = {0: "calc", 1: "answer"}
+    group.metadata[3] = "three"  # a top-level int key: the strict path reads it
+    back = decode_group(encode_group(group))
+    assert back.episodes[1].metadata["turns"] == {0: "calc", 1: "answer"}
+    assert back.metadata == group.metadata
+
+
+def test_the_header_is_written_as_msgpack_writes_it() -> None:
+    """The header is packed by msgspec (faster) where it can: the bytes must equal
+    msgpack.packb's, so records stay identical to the format's reference writer; what
+    msgspec refuses goes to msgpack."""
+    group = _multi_turn_group()
+    header = _header(encode_group(group))
+    group.metadata.update(
+        {"ids": (1, 2), "big": 2**63, "tag": b"\x00\x01", 7: np.int64(3), "u": "ü" * 40}
+    )
+    header["metadata"] = group.metadata
+    assert codec._pack(header, "h") == msgpack.packb(
+        header, default=codec._msgpack_default, use_bin_type=True
+    )
+    group.metadata["huge"] = 2**70  # msgspec and msgpack both refuse it: a named error
+    with pytest.raises(EpisodeCodecError, match="not serialisable"):
+        encode_group(group)
