@@ -7,6 +7,7 @@ sides alternate step by step (--reps steps each, after --warmup). Reported per s
 time (this process, 1 torch thread by default: what an idle core's wall time would be) and
 wall time of `TorchBackend.train(step)` and of building the step, tokens through the model,
 and the largest loss difference between the sides (the same numbers, up to fp32 rounding).
+Last, the step's fixed cost: CPU time of a 1-prompt x 2-sample step (~20 model tokens).
 
     .venv/bin/python bench/prefix_sharing.py                 # 30 steps per side, ~1 min
     .venv/bin/python bench/prefix_sharing.py --dtype bfloat16 --reps 50
@@ -60,6 +61,20 @@ def _one_step(backend: TorchBackend, groups, share: bool) -> tuple[float, float,
     return time.process_time() - c1, time.perf_counter() - t1, c1 - c0, metrics
 
 
+def _fixed_cost(sides: dict[str, TorchBackend], tok, reps: int) -> None:
+    """The step's cost that does not scale with tokens: backend.train on one prompt x 2
+    samples (~20 model tokens), sides alternating as above."""
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(3 + reps):
+        groups = arithmetic_groups(tok, n_prompts=1, n_samples=2, seed=10_000 + i)
+        for name in sides if i % 2 == 0 else reversed(sides):
+            seconds = _one_step(sides[name], groups, name == "shared")[0]
+            if i >= 3:
+                cpu[name].append(seconds)
+    cells = [f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in cpu.items()]
+    print(f"  fixed cost (backend.train on 1 prompt x 2 samples, cpu): {', '.join(cells)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -103,6 +118,7 @@ def main() -> None:
           f"{med['unshared'][1] / med['shared'][1]:.2f}x by wall time; "
           f"{tokens['unshared'][1] / tokens['shared'][1]:.2f}x fewer model tokens")  # fmt: skip
     print(f"  max |loss(shared) - loss(unshared)| over the steps: {max_diff:.2e}")
+    _fixed_cost(sides, tok, args.reps)
     print(f"load at the end {os.getloadavg()}")
 
 

@@ -151,6 +151,7 @@ class TrainerService:
         groups = self.take_groups(share, timeout_s)
         waited = time.monotonic() - started
         mask_old = self.job.rollout.mask_offpolicy_tokens
+        built = time.monotonic()
         step = build_rl_step(
             groups,
             micro_batch_tokens=self.job.trainer.micro_batch_tokens,
@@ -162,7 +163,9 @@ class TrainerService:
             prompt_routing=self.job.algorithm.moe.replay_prompt_routing,
             share_prompt_prefix=self._share_prefix,
         )
+        build_s = time.monotonic() - built
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
+        trained = time.monotonic()
         self._trained += [TrainedGroup(self.version, *taken) for taken in self._taken]
         self._taken = []
         self._save_mismatch(step)
@@ -170,6 +173,8 @@ class TrainerService:
             self.store.set_version(self.version)
         metrics.update(_group_metrics(groups, self.version - 1))
         metrics["perf/wait_s"] = waited
+        metrics["perf/build_s"] = build_s  # the step's micro-batches from the groups
+        metrics["perf/after_train_s"] = time.monotonic() - trained  # forensics, version
         metrics["perf/between_steps_s"] = between
         metrics["perf/step_s"] = time.monotonic() - self._last_step_end
         self._last_step_end = time.monotonic()
