@@ -27,15 +27,18 @@ Prints the date, load average and torch thread count; groups/s, MB/s (record byt
 ratio to raw by wall clock (best of --repeats runs, the paths interleaved), the CPU seconds
 each path costs (this process + redis-server, which stays meaningful when other jobs share
 the machine), round trips and Redis commands per batch (an untimed pass), and the codec's
-us per group over distinct groups. Usage:
+us per group over distinct groups. --phases adds a pass that times each phase of
+store-batched (encode, each round trip, decode, ack; client CPU per group). Usage:
 
     .venv/bin/python bench/buffer_vs_redis.py [--groups 2000] [--batch 32] [--url redis://...]
+        [--phases] [--paths store-batched ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import tempfile
 import threading
@@ -273,6 +276,63 @@ def profile_trips(
     return out
 
 
+@contextmanager
+def _timed(spent: dict[str, float], owner: object, name: str, label: str) -> Iterator[None]:
+    """While active, owner.name adds its CPU seconds (this process) to spent[label]."""
+    fn = getattr(owner, name)
+
+    def timed(*args: object, **kwargs: object) -> object:
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.process_time() - start
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, fn)
+
+
+def profile_phases(url: str, groups: list[EpisodeGroup], batch: int) -> list[str]:
+    """Client CPU per group of each phase of the store-batched loop (a separate pass with
+    timers around the store's functions), and the server's CPU per group in that pass."""
+    from contextlib import ExitStack
+
+    from buffer import group_stream, group_writer
+
+    spent: dict[str, float] = {}
+    wraps = [
+        (group_writer, "encode_group_versioned", "encode"),
+        (group_writer.GroupWriter, "_attempt", "put trip"),
+        (group_stream.GroupStream, "_read", "take: GET+XREADGROUP trip"),
+        (group_stream, "decode_group", "take: decode"),
+        (group_stream.GroupStream, "_sort", "take: MULTI+MGET trip"),
+        (group_stream.GroupStream, "ack", "ack trip"),
+    ]
+    store = EpisodeStore(url, f"bench-phases-{time.time_ns()}", capacity=4 * batch)
+    cost: list[Cost] = []
+    with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
+        for owner, name, label in wraps:
+            stack.enter_context(_timed(spent, owner, name, label))
+        with meter(store.client, cost):
+            _store_loop(store, groups, batch, "batch", pool)
+    store.client.delete(*store.client.keys(f"{store.keys.prefix}*"))
+    store.close()
+    spent["take: MULTI+MGET trip"] -= spent["take: decode"]  # _sort calls decode_group
+    n = len(groups)
+    out = [f"  store-batched phases, client CPU per group (a pass with timers; load "
+           f"{os.getloadavg()[0]:.2f}):"]  # fmt: skip
+    for label, seconds in spent.items():
+        out.append(f"    {label:27s} {seconds / n * 1e6:6.1f} us")
+    rest = cost[0].client_cpu - sum(spent.values())
+    out.append(f"    {'rest of the loop':27s} {rest / n * 1e6:6.1f} us")
+    out.append(f"    {'client total':27s} {cost[0].client_cpu / n * 1e6:6.1f} us, "
+               f"server {cost[0].server_cpu / n * 1e6:.1f} us")  # fmt: skip
+    return out
+
+
 def report(costs: dict[str, list[Cost]], n: int, mb: float) -> None:
     """Best wall time and best total CPU (client + server) of each path, with ratios to raw."""
     wall = {name: min(c.wall for c in runs) for name, runs in costs.items()}
@@ -291,7 +351,7 @@ def report(costs: dict[str, list[Cost]], n: int, mb: float) -> None:
 
 
 def _ratios(table: dict[str, float], name: str, seconds: float) -> str:
-    peers = [p for p in ("raw", "raw+codec") if p != name and (p == "raw" or name != "raw")]
+    peers = [p for p in ("raw", "raw+codec") if p in table and p != name and name != "raw"]
     return "".join(f"  {table[p] / seconds:.2f} of {p}" for p in peers)
 
 
@@ -304,6 +364,23 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--repeats", type=int, default=5, help="best of N alternating runs")
     parser.add_argument("--url", default=None, help="an existing server (default: embedded)")
+    parser.add_argument(
+        "--phases", action="store_true", help="also time each phase of store-batched (a pass)"
+    )
+    parser.add_argument(
+        "--freeze",
+        action="store_true",
+        help="gc.freeze() the fixture (the groups and records, ~20 tracked objects per group) "
+        "before timing, so the cyclic collector's full passes do not traverse it: they are "
+        "triggered by the objects each decode creates, so without this the fixture's size "
+        "weighs on the decoding paths",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=None,
+        help="run only these paths (default all; raw is always run, the ratios need it)",
+    )
     args = parser.parse_args()
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -313,6 +390,9 @@ def main() -> None:
     groups = make_groups(args.groups, args.episodes, args.tokens, args.prompt)
     records = [encode_group(g) for g in groups]
     mb = sum(len(r) for r in records) / 1e6
+    if args.freeze:  # the fixture out of the collector's way (see --freeze's help)
+        gc.collect()
+        gc.freeze()
     with tempfile.TemporaryDirectory() as tmp:
         server = None if args.url else EmbeddedRedis(Path(tmp) / "redis")
         url = args.url or server.start()
@@ -325,19 +405,26 @@ def main() -> None:
                 "store-threads": lambda: run_store(url, groups, args.batch, "threads"),
                 "store-batched": lambda: run_store(url, groups, args.batch, "batch"),
             }
+            if args.paths:
+                unknown = set(args.paths) - set(runs)
+                if unknown:
+                    parser.error(f"--paths: unknown {sorted(unknown)}; choose from {list(runs)}")
+                runs = {k: v for k, v in runs.items() if k == "raw" or k in args.paths}
             costs: dict[str, list[Cost]] = {name: [] for name in runs}
             for _ in range(args.repeats):  # interleave, keep the best of each
                 for name, run in runs.items():
                     costs[name].append(run())
             trips = profile_trips(url, groups, records, args.batch)
+            phases = profile_phases(url, groups, args.batch) if args.phases else []
         finally:
             if server is not None:
                 server.stop()
     print(f"{args.groups} groups of {args.episodes} x {args.tokens} tokens "
           f"(+{args.prompt} prompt), {len(records[0])} B/record, batch {args.batch}, "
-          f"best of {args.repeats}")  # fmt: skip
+          f"best of {args.repeats}, fixture {'frozen' if args.freeze else 'not frozen'} "
+          "for the GC")  # fmt: skip
     report(costs, args.groups, mb)
-    print("\n".join(trips))
+    print("\n".join(trips + phases))
     n = min(len(groups), 500)
     enc = per_item(encode_group, groups[:n])
     dec = per_item(decode_group, records[:n])
