@@ -206,6 +206,28 @@ class Run(StepStats):
     lengths: np.ndarray | None = None  # generated tokens of the final held-out eval
     cpu: dict[str, float] | None = None  # idle cores and each service's busy cores (CpuSampler)
 
+    def delta(self, key: str) -> float:
+        """A cumulative counter's growth over the measured steps (0 when not reported)."""
+        return self.records[-1].get(key, 0.0) - (self.before or {}).get(key, 0.0)
+
+    @property
+    def rollout_line(self) -> str:
+        """The rollout side over the measured steps: generated tokens per second of wall
+        time and per CPU-second of the rollout actor, forwards, mean decode batch, stale
+        groups cancelled in flight / dropped by the trainer."""
+        wall = sum(r["perf/step_s"] for r in self.records)
+        gen = self.delta("rollout/generated_tokens")
+        cpu_s = self.cpu["rollout"] * wall if self.cpu else float("nan")
+        decode = self.delta("rollout/engine_num_decode_forwards")
+        batch = self.delta("rollout/engine_num_decode_rows") / decode if decode else float("nan")
+        return (
+            f"{self.mode:<9}gen {gen:>6.0f} tok, {gen / wall:>5.0f}/s, "
+            f"{gen / cpu_s:>5.0f}/rollout CPU-s; forwards "
+            f"{self.delta('rollout/engine_num_forwards'):>5.0f}, mean decode batch {batch:>5.1f};"
+            f" stale groups cancelled {self.delta('rollout/groups_stale_aborted'):.0f}, "
+            f"dropped {self.delta('buffer/drops_stale'):.0f}"
+        )
+
     @property
     def accuracy(self) -> tuple[float, float]:
         """Held-out exact answers (reward 1) at the start and the end."""
@@ -302,6 +324,12 @@ def print_table(runs: list[Run]) -> None:
             f"{r.mode:<9}{p50:>5.0f}{p90:>5.0f}{p99:>5.0f}{r.lengths.max():>5}   idle "
             f"{cpu['idle']:.2f}  trainer {cpu['trainer']:.2f}  rollout {cpu['rollout']:.2f}"
         )
+    print(
+        "\nper mode, rollout side over the measured steps (its throughput bounds the async"
+        " modes): tokens of the groups generated to the end (trained, dropped or left over)"
+    )
+    for r in runs:
+        print(r.rollout_line)
     asyncs = [r for r in runs if r.mode != "sync"]
     if sync and asyncs:
         best = max(asyncs, key=lambda r: r.tokens_per_s)
