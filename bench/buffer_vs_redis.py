@@ -103,10 +103,13 @@ def meter(client: redis.Redis, out: list[Cost]) -> Iterator[None]:
     out.append(Cost(wall, cpu, _server_cpu(client) - server))
 
 
-def run_store(url: str, groups: list[EpisodeGroup], batch: int, put: str) -> Cost:
+def run_store(
+    url: str, groups: list[EpisodeGroup], batch: int, put: str, store_cls: type = EpisodeStore
+) -> Cost:
     """put: "one" (put_group per group), "threads" (put_group per group from a thread pool,
-    as the rollout producer calls it) or "batch" (put_groups)."""
-    store = EpisodeStore(url, f"bench-store-{time.time_ns()}", capacity=4 * batch)
+    as the rollout producer calls it) or "batch" (put_groups). store_cls: EpisodeStore, or
+    an older tree's (bench/buffer_before_after.py)."""
+    store = store_cls(url, f"bench-store-{time.time_ns()}", capacity=4 * batch)
     cost: list[Cost] = []
     # asyncio.to_thread's default pool size, which the producer's puts run on
     with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4)) as pool:
@@ -295,13 +298,18 @@ def _timed(spent: dict[str, float], owner: object, name: str, label: str) -> Ite
         setattr(owner, name, fn)
 
 
-def profile_phases(url: str, groups: list[EpisodeGroup], batch: int) -> list[str]:
+def profile_phases(
+    url: str, groups: list[EpisodeGroup], batch: int, package: str = "buffer"
+) -> list[str]:
     """Client CPU per group of each phase of the store-batched loop (a separate pass with
-    timers around the store's functions), and the server's CPU per group in that pass."""
+    timers around the store's functions), and the server's CPU per group in that pass.
+    package: the buffer package to profile ("buffer", or an older tree's under its name)."""
+    import importlib
     from contextlib import ExitStack
 
-    from buffer import group_stream, group_writer
-
+    group_stream = importlib.import_module(f"{package}.group_stream")
+    group_writer = importlib.import_module(f"{package}.group_writer")
+    store_cls = importlib.import_module(f"{package}.store").EpisodeStore
     spent: dict[str, float] = {}
     wraps = [
         (group_writer, "encode_group_versioned", "encode"),
@@ -311,25 +319,41 @@ def profile_phases(url: str, groups: list[EpisodeGroup], batch: int) -> list[str
         (group_stream.GroupStream, "_sort", "take: MULTI+MGET trip"),
         (group_stream.GroupStream, "ack", "ack trip"),
     ]
-    store = EpisodeStore(url, f"bench-phases-{time.time_ns()}", capacity=4 * batch)
+    store = store_cls(url, f"bench-phases-{time.time_ns()}", capacity=4 * batch)
     cost: list[Cost] = []
+    collections: dict[int, list[float]] = {0: [], 1: [], 2: []}  # CPU s per pass, by gen
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.process_time())
+        elif started:
+            collections[info["generation"]].append(time.process_time() - started.pop())
+
     with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
         for owner, name, label in wraps:
             stack.enter_context(_timed(spent, owner, name, label))
-        with meter(store.client, cost):
-            _store_loop(store, groups, batch, "batch", pool)
+        gc.callbacks.append(on_gc)
+        try:
+            with meter(store.client, cost):
+                _store_loop(store, groups, batch, "batch", pool)
+        finally:
+            gc.callbacks.remove(on_gc)
     store.client.delete(*store.client.keys(f"{store.keys.prefix}*"))
     store.close()
     spent["take: MULTI+MGET trip"] -= spent["take: decode"]  # _sort calls decode_group
     n = len(groups)
-    out = [f"  store-batched phases, client CPU per group (a pass with timers; load "
-           f"{os.getloadavg()[0]:.2f}):"]  # fmt: skip
+    out = [f"  store-batched phases ({package}), client CPU per group (a pass with timers; "
+           f"load {os.getloadavg()[0]:.2f}):"]  # fmt: skip
     for label, seconds in spent.items():
         out.append(f"    {label:27s} {seconds / n * 1e6:6.1f} us")
     rest = cost[0].client_cpu - sum(spent.values())
     out.append(f"    {'rest of the loop':27s} {rest / n * 1e6:6.1f} us")
     out.append(f"    {'client total':27s} {cost[0].client_cpu / n * 1e6:6.1f} us, "
                f"server {cost[0].server_cpu / n * 1e6:.1f} us")  # fmt: skip
+    gc_line = ", ".join(f"gen{g} {len(t)} passes {sum(t) / n * 1e6:.1f} us"
+                        for g, t in collections.items())  # fmt: skip
+    out.append(f"    of which the cyclic GC (inside the phases above): {gc_line}")
     return out
 
 
