@@ -5,6 +5,9 @@ its own weight version `w`: it may have pushed at most `(w + max_staleness + 1) 
 accepted groups, where `share` is its part of the trainer's `prompts_per_step`. So with
 `max_staleness: 0` it produces exactly one batch per weight version (synchronous on-policy),
 and with 1 it generates batch N+1 while the trainer trains on batch N (slime's train_async).
+Groups the trainer drops as stale do not count as pushed (they are owed again), and groups
+still generating once they could only be dropped are cancelled, their prompts requeued: on a
+long tail these are the groups held up by one long sample, and they held the window shut.
 
 Nothing here knows about Ray; `physarum` wraps it in an actor.
 """
