@@ -4,9 +4,11 @@ spawned processes start fast)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from buffer.episode import Episode, EpisodeGroup
 
@@ -40,3 +42,14 @@ def write_prompts(path: Path, n: int, *, start: int = 0) -> Path:
             row = {"id": f"p{i}", "messages": [{"role": "user", "content": f"q{i}"}]}
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+def wait_aof_written(url: str) -> None:
+    """Wait until the server has handed its AOF buffer to the kernel (survives a SIGKILL)."""
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while client.info("persistence").get("aof_buffer_length", 0) != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("redis never flushed its AOF buffer")
+        time.sleep(0.01)
+    client.close()

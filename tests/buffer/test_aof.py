@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from buffer.redis_server import AOFTruncatedError, EmbeddedRedis, find_redis_server
+from tests.buffer.helpers import wait_aof_written
 
 
 def _aof_files(data_dir: Path) -> dict[str, str]:
@@ -22,10 +23,14 @@ def _aof_files(data_dir: Path) -> dict[str, str]:
 
 def _write_and_crash(data_dir: Path, n: int) -> str:
     server = EmbeddedRedis(data_dir)
-    client = redis.Redis.from_url(server.start())
+    url = server.start()
+    client = redis.Redis.from_url(url)
     for i in range(n):
         client.set(f"k{i}", "x" * 50)
     client.close()
+    # everysec may postpone the AOF write while a background fsync runs (a loaded disk):
+    # a kill before the write would lose the keys this test expects back
+    wait_aof_written(url)
     server.kill()  # as a crash: the AOF is what was written
     return server.password
 

@@ -3,27 +3,14 @@ groups stay acknowledged, pending ones stay pending, and leases, cursor and vers
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from buffer.errors import LeaseMismatchError
 from buffer.redis_server import EmbeddedRedis
 from buffer.store import EpisodeStore
-from tests.buffer.helpers import make_group, write_prompts
-
-
-def _wait_aof_written(url: str) -> None:
-    """Wait until the server has handed its AOF buffer to the kernel (survives a SIGKILL)."""
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while client.info("persistence").get("aof_buffer_length", 0) != 0:
-        if time.monotonic() > deadline:
-            raise AssertionError("redis never flushed its AOF buffer")
-        time.sleep(0.01)
-    client.close()
+from tests.buffer.helpers import make_group, wait_aof_written, write_prompts
 
 
 def test_state_survives_a_redis_crash_and_restart(tmp_path: Path) -> None:
@@ -44,7 +31,7 @@ def test_state_survives_a_redis_crash_and_restart(tmp_path: Path) -> None:
             store.ack(acked)  # the step using these was checkpointed
             pending = [t.entry_id for t in taken[2:]]
             before = store.stats()
-        _wait_aof_written(url)
+        wait_aof_written(url)
         server.kill()
         url = server.start()  # same data dir, new port
 
