@@ -52,6 +52,7 @@ class RolloutGroup:
         self.actors = {wid: self._spawn(wid) for wid in self.ids}
         self.latest_update: ray.ObjectRef | None = None
         self.latest_version = 0
+        self.earlier: tuple[ray.ObjectRef | None, int] = (None, 0)  # the update before it
         self.runs: dict[str, ray.ObjectRef] = {}
         self.starting: dict[str, tuple[Any, ray.ObjectRef]] = {}  # restarts not yet ready
         self.restarts = 0
@@ -73,6 +74,7 @@ class RolloutGroup:
 
     def push_weights(self, update_ref: ray.ObjectRef, version: int, *, wait: bool) -> None:
         """Send the update to every worker; they apply it between two decode steps."""
+        self.earlier = (self.latest_update, self.latest_version)
         self.latest_update, self.latest_version = update_ref, version
         refs = [a.update_weights.remote(update_ref) for a in self.actors.values()]
         if wait:
@@ -126,22 +128,33 @@ class RolloutGroup:
                 # placed on a node that died before it ran (the GCS had not noticed yet)
                 self._restart(worker_id)
                 continue
+            update, version = self._ready_update()
             try:
-                if self.latest_update is not None:
-                    ray.get(actor.update_weights.remote(self.latest_update))
+                if update is not None:
+                    ray.get(actor.update_weights.remote(update))
                 self.actors[worker_id] = actor
+                if update is not self.latest_update:  # applied once the export exists
+                    actor.update_weights.remote(self.latest_update)
                 if not self.producing:  # an eval before start or after stop: weights only
-                    log.info(
-                        "rollout: %s is back at weight version %d", worker_id, self.latest_version
-                    )
+                    log.info("rollout: %s is back at weight version %d", worker_id, version)
                     continue
-                ray.get(actor.start.remote(self.share, self.latest_version))
+                ray.get(actor.start.remote(self.share, version))
             except RayActorError:  # lost again while coming back (its node died again)
                 self._restart(worker_id)
                 continue
             self.runs[worker_id] = actor.run_until_stopped.remote()
             self._reshare()
-            log.info("rollout: %s is back at weight version %d", worker_id, self.latest_version)
+            log.info("rollout: %s is back at weight version %d", worker_id, version)
+
+    def _ready_update(self) -> tuple[ray.ObjectRef | None, int]:
+        """The newest pushed update that a replacement can load now. The latest may still be
+        an export queued behind the trainer's step in progress, which waits for episodes: a
+        lone replacement waiting for it would wait for itself. The one before it is done (a
+        rank runs its calls in order, and that export came before the step in progress)."""
+        latest = self.latest_update
+        if latest is None or ray.wait([latest], timeout=0)[0]:
+            return latest, self.latest_version
+        return self.earlier
 
     def _reshare(self, timeout_s: float = 30.0) -> None:
         """Tell the live workers their share; one that is dead too (or unreachable) is left
