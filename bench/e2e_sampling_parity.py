@@ -95,11 +95,18 @@ def report(name: str, tok: Any, rows: list[dict], samples: list[list[int]], n: i
     ]
     per_prompt = [statistics.fmean(rewards[k * n : (k + 1) * n]) for k in range(len(rows))]
     se = statistics.stdev(per_prompt) / math.sqrt(len(per_prompt))
+    # GRPO's signal: groups of 8 whose rewards are all equal teach nothing; distinct answers
+    groups = [rewards[k : k + 8] for k in range(0, len(rewards) - 7, 8)]
+    flat = statistics.fmean(len(set(g)) == 1 for g in groups)
+    distinct = statistics.fmean(
+        len({tuple(s) for s in samples[k * n : (k + 1) * n]}) for k in range(len(rows))
+    )
     print(
         f"{name:8s} reward {statistics.fmean(rewards):.4f} (s.e. over prompts {se:.4f}), "
         f"length {statistics.fmean(len(s) for s in samples):.3f}, "
         f"stopped {statistics.fmean(s[-1] in stops for s in samples):.3f}, "
-        f"mean token logprob {lp:.4f}"
+        f"mean token logprob {lp:.4f}, groups of 8 with equal rewards {flat:.3f}, "
+        f"distinct completions per prompt {distinct:.2f} of {n}"
     )
     return per_prompt
 
