@@ -263,15 +263,11 @@ def decode_group(data: bytes) -> EpisodeGroup:
     buf = bytearray(memoryview(data)[offset:])  # one copy, so the arrays are writable
     prompts = np.frombuffer(buf, _PROMPT_DTYPE, p_total, 0)
     pos = p_total * _PROMPT_DTYPE.itemsize
-    (_, ids_dt), (_, logprob_dt), (_, version_dt), (_, mask_dt) = _RESPONSE_FIELDS
-    ids = np.frombuffer(buf, ids_dt, r_total, pos)
-    pos += r_total * ids_dt.itemsize
-    logprobs = np.frombuffer(buf, logprob_dt, r_total, pos)
-    pos += r_total * logprob_dt.itemsize
-    versions = np.frombuffer(buf, version_dt, r_total, pos)
-    pos += r_total * version_dt.itemsize
-    mask = np.frombuffer(buf, mask_dt, r_total, pos)
-    pos += r_total * mask_dt.itemsize
+    columns = []  # ids, logprobs, versions, loss_mask, in _RESPONSE_FIELDS' order
+    for _, dtype in _RESPONSE_FIELDS:
+        columns.append(np.frombuffer(buf, dtype, r_total, pos))
+        pos += r_total * dtype.itemsize
+    ids, logprobs, versions, mask = columns
     _check_columns(logprobs, mask, heads)
     if routing is None:  # no episode carries experts (the common case): no per-episode work
         routed, starts = [None] * n, [0] * n

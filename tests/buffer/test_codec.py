@@ -277,19 +277,25 @@ _HEADER_EDITS = [
 ]
 
 
-@pytest.mark.parametrize("edit", _HEADER_EDITS)
-def test_the_fast_header_check_accepts_only_what_the_strict_one_accepts(edit) -> None:
-    """read_header's msgpack path tries _fast_heads (whole-column checks) and falls back to
-    _check_header, which names the bad field: the fast path must return the same columns,
-    defer (None), or raise only where the strict check raises too."""
+def _edited_header(edit) -> tuple[dict, object]:
+    """A multi-turn group's header after `edit`, and what the strict check makes of it (None:
+    refused)."""
     group = _multi_turn_group()
     group.episodes[0].metadata["t"] = 0.5
     header = _header(encode_group(group))
     edit(header)
     try:
-        strict = _check_header(header)
+        return header, _check_header(header)
     except EpisodeCodecError:
-        strict = None
+        return header, None
+
+
+@pytest.mark.parametrize("edit", _HEADER_EDITS)
+def test_the_fast_header_check_accepts_only_what_the_strict_one_accepts(edit) -> None:
+    """read_header's msgpack path tries _fast_heads (whole-column checks) and falls back to
+    _check_header, which names the bad field: the fast path must return the same columns,
+    defer (None), or raise only where the strict check raises too."""
+    header, strict = _edited_header(edit)
     try:
         fast = _fast_heads(header)
     except EpisodeCodecError:  # only for a header the strict check refuses as well
@@ -318,14 +324,7 @@ def test_the_typed_header_accepts_only_what_the_strict_one_accepts(edit) -> None
     """read_header tries one typed msgspec decode and falls back to msgpack + _check_header:
     the typed path must give the same columns and group fields, or defer (None), or raise
     only where the strict check raises too."""
-    group = _multi_turn_group()
-    group.episodes[0].metadata["t"] = 0.5
-    header = _header(encode_group(group))
-    edit(header)
-    try:
-        strict = _check_header(header)
-    except EpisodeCodecError:
-        strict = None
+    header, strict = _edited_header(edit)
     try:
         typed = _typed_header(msgpack.packb(header, use_bin_type=True), 0)
     except EpisodeCodecError:

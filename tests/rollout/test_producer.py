@@ -73,6 +73,23 @@ async def _run_until_idle(producer: RolloutProducer, seconds: float = 1.0) -> No
     await task
 
 
+def _hold_version_zero(producer) -> list[int]:
+    """Make the producer's version-0 groups generate forever (until cancelled); returns the
+    list of weight versions each group started at."""
+    hold = asyncio.Event()  # never set
+    inner = producer.generate_group
+    started: list[int] = []
+
+    async def generate(row):
+        started.append(producer.weight_version)
+        if producer.weight_version == 0:
+            await hold.wait()
+        return await inner(row)
+
+    producer.generate_group = generate
+    return started
+
+
 def test_synchronous_quota_is_one_batch_per_weight_version(redis_url, tmp_path) -> None:
     store = _store(redis_url, tmp_path, "sync")
     producer = _producer(store, staleness=0, rewards=[0.0, 1.0])
@@ -186,18 +203,8 @@ def test_groups_too_stale_to_train_are_cancelled_and_their_prompts_requeued(
     leases released (prompts back in the queue), and fresh groups take their place."""
     store = _store(redis_url, tmp_path, "doomed")
     queued = store.stats().prompts_queued
-    hold = asyncio.Event()  # generation of version-0 groups never ends on its own
     producer = _producer(store, staleness=0, rewards=[0.0, 1.0])
-    inner = producer.generate_group
-    started: list[int] = []
-
-    async def generate(row):
-        started.append(producer.weight_version)
-        if producer.weight_version == 0:
-            await hold.wait()
-        return await inner(row)
-
-    producer.generate_group = generate
+    started = _hold_version_zero(producer)
 
     async def scenario() -> None:
         task = asyncio.create_task(producer.run())
@@ -223,16 +230,8 @@ def test_the_trainer_version_ahead_of_the_worker_dooms_groups_too(redis_url, tmp
     travels: at worker version 1 with max_staleness 1 a version-0 group is still trainable by
     the worker's count, but not once the trainer is at version 2."""
     store = _store(redis_url, tmp_path, "ahead-doomed")
-    hold = asyncio.Event()
     producer = _producer(store, staleness=1, rewards=[0.0, 1.0])
-    inner = producer.generate_group
-
-    async def generate(row):
-        if producer.weight_version == 0:
-            await hold.wait()
-        return await inner(row)
-
-    producer.generate_group = generate
+    _hold_version_zero(producer)
 
     async def scenario() -> None:
         task = asyncio.create_task(producer.run())
