@@ -80,7 +80,7 @@ class SGLangRouter:
             str(int(self.request_timeout_s)),
             "--log-level",
             "warn",
-            *(["--api-key", self.api_key] if self.api_key else []),
+            *([f"--api-key={self.api_key}"] if self.api_key else []),  # a key may start with "-"
             *self.extra_args,
         ]
 

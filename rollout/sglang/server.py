@@ -146,7 +146,8 @@ class ServerArgs:
         for name, flag in _FLAGS.items():
             value = getattr(self, name)
             if value is not None:
-                argv += [flag, str(value)]
+                text = str(value)  # a random API key may start with "-": argparse would
+                argv += [f"{flag}={text}"] if text.startswith("-") else [flag, text]  # misread it
         if self.cpu:
             argv += list(CPU_FLAGS)
         return argv + list(self.extra_args)

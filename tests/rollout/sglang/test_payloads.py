@@ -70,6 +70,9 @@ def test_server_args_map_config_to_flags():
     assert "--device" not in gpu.to_argv() and "--quantization" in gpu.to_argv()
     with pytest.raises(TypeError, match="unknown field"):
         ServerArgs.from_config(cfg, model_path="/m", port=1, max_tokens=5)
+    # a key that starts with "-" (secrets.token_urlsafe makes one in 64) stays one argument
+    keyed = ServerArgs.from_config(cfg, model_path="/m", port=1, api_key="-Xk_9")
+    assert "--api-key=-Xk_9" in keyed.to_argv() and "-Xk_9" not in keyed.to_argv()
 
 
 def test_fp8_update_has_the_pairs_a_block_fp8_server_loads(reference_model):
