@@ -27,16 +27,12 @@ n/a with the reason, never estimated.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,125 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a plain checkout (nothing installed)
     sys.path.insert(0, str(REPO))
 
-# module -> pip requirement: our library's small dependencies (what models/, configs/,
-# buffer.episode, trainer/ and rollout/embedded import besides torch)
-REQUIRED = {
-    "pydantic": "pydantic>=2.6",
-    "yaml": "pyyaml>=6",
-    "safetensors": "safetensors>=0.4",
-    "numpy": "numpy>=1.26",
-}
-OPTIONAL = {"accelerate": "accelerate"}  # transformers loads FP8 checkpoints only with it
-
-
-class CheckError(RuntimeError):
-    """The machine lacks something the check needs (the message says what and how to fix)."""
-
-
-@dataclass(frozen=True)
-class Size:
-    """Model and workload sizes of one run."""
-
-    model: dict[str, Any]
-    decode_batch: int
-    new_tokens: int
-    train_prompts: int
-    train_samples: int
-    prompt_len: int
-    response_len: int
-    train_steps: int
-    repeats: int
-
-
-_SMALL_MODEL = dict(
-    vocab_size=16384, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
-    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-    partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=4096,
-    use_qk_norm=True, first_k_dense_replace=1, n_routed_experts=32, n_shared_experts=1,
-    num_experts_per_tok=4, routed_scaling_factor=1.0, norm_topk_prob=True,
-    tie_word_embeddings=False,
-)  # fmt: skip
-
-SIZES: dict[str, Size] = {
-    "small": Size(_SMALL_MODEL, 64, 128, 8, 8, 256, 256, 5, 3),
-    "tiny": Size({}, 4, 8, 2, 4, 12, 8, 2, 1),  # the glm4moe-toy preset as it is
-}
-
-
-@dataclass
-class Row:
-    """One line of the table. ours/hf: the figure (None = not measured: see `note`)."""
-
-    name: str
-    unit: str
-    ours: float | None
-    hf: float | None = None
-    detail: str = ""
-    note: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float | None:
-        if self.ours is None or self.hf is None or self.hf == 0:
-            return None
-        return self.ours / self.hf if self.unit.endswith("/s") else self.hf / self.ours
-
-
-# ---- preflight (stdlib only until torch is known to be there) --------------------------------
-
-
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def _pip_install(requirements: list[str]) -> None:
-    print(f"gpu_check: pip-installing missing small dependencies: {' '.join(requirements)}")
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*cmd, *requirements], check=True)
-    importlib.invalidate_caches()
-
-
-def preflight(device: str, *, install: bool, want_fp8_hf: bool = True) -> dict[str, str]:
-    """Check Python, torch (+ CUDA unless device is cpu), transformers and our small deps;
-    install the missing small ones when `install`. Returns versions for the report."""
-    if sys.version_info < (3, 10):  # noqa: UP036  (a GPU machine's python may be older)
-        raise CheckError(f"Python >= 3.10 needed, this is {sys.version.split()[0]}")
-    if not _have("torch"):
-        raise CheckError("torch is not installed: install a CUDA build of torch first")
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CheckError(
-            f"--device cuda: torch {torch.__version__} sees no GPU (torch.version.cuda="
-            f"{torch.version.cuda}); run with --device cpu to check the CPU path"
-        )
-    if not _have("transformers"):
-        raise CheckError("transformers is not installed (pip install 'transformers>=4.57')")
-    import transformers
-
-    if not hasattr(transformers, "Glm4MoeForCausalLM"):
-        raise CheckError(
-            f"transformers {transformers.__version__} has no Glm4MoeForCausalLM (need >= 4.57)"
-        )
-    missing = [req for mod, req in REQUIRED.items() if not _have(mod)]
-    if missing:
-        if not install:
-            raise CheckError(f"missing dependencies {missing} (run without --no-install)")
-        _pip_install(missing)
-    if want_fp8_hf and device == "cuda":
-        optional = [req for mod, req in OPTIONAL.items() if not _have(mod)]
-        if optional and install:
-            try:
-                _pip_install(optional)
-            except subprocess.CalledProcessError as err:
-                print(f"gpu_check: could not install {optional} ({err}); HF's FP8 row is n/a")
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "transformers": transformers.__version__,
-    }
-
+from bench.gpu_check_report import Row, describe, table  # noqa: E402
+from bench.gpu_check_setup import CheckError, preflight  # noqa: E402
+from bench.gpu_check_workload import SIZES, Size, synthetic_groups  # noqa: E402
 
 # ---- the measurements ------------------------------------------------------------------------
 
@@ -267,37 +147,6 @@ def decode_row(
     return Row(label, "tok/s", n_ours / t_ours, hf_rate, detail, note=why), engine
 
 
-def synthetic_groups(
-    n_prompts: int, n_samples: int, prompt_len: int, response_len: int, vocab: int, seed: int
-) -> list[Any]:
-    """GRPO-shaped episode groups of random tokens: one prompt per group, n responses of
-    random length in [response_len/2, response_len], rewards 0/1 (never all equal)."""
-    import numpy as np
-    import torch
-
-    from buffer.episode import Episode, EpisodeGroup
-
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for i in range(n_prompts):
-        prompt = torch.randint(1, vocab, (prompt_len,), generator=g).tolist()
-        episodes = []
-        for k in range(n_samples):
-            n = int(torch.randint(max(response_len // 2, 1), response_len + 1, (1,), generator=g))
-            episodes.append(
-                Episode(
-                    prompt_ids=prompt,
-                    response_ids=torch.randint(1, vocab, (n,), generator=g).tolist(),
-                    loss_mask=np.ones(n),
-                    rollout_logprobs=np.zeros(n),
-                    versions=np.zeros(n),
-                    reward=float(k % 2),
-                )
-            )
-        groups.append(EpisodeGroup(f"p{i}", episodes))
-    return groups
-
-
 def train_rows(bf16_dir: Path, size: Size, device: Any) -> tuple[list[Row], Any]:
     """Median GRPO step of the torch backend (fp32 master weights, bf16 autocast). Returns
     the rows and the backend (the trainer side of the weight sync)."""
@@ -394,33 +243,6 @@ def sync_rows(backend: Any, engine: Any, fp8_dir: Path, size: Size, device: Any)
     return rows
 
 
-# ---- report ----------------------------------------------------------------------------------
-
-
-def _fmt(x: float | None, unit: str) -> str:
-    if x is None:
-        return "n/a"
-    if unit == "s" or unit == "s/step":
-        return f"{x:.4f}" if x < 1 else f"{x:.2f}"
-    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-
-
-def table(rows: list[Row]) -> str:
-    """The rows as one Markdown table (ratio: ours/HF for rates, HF/ours for times)."""
-    lines = [
-        "| measurement | unit | Physarum | HF transformers | Physarum vs HF | detail |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        hf = _fmt(r.hf, r.unit) if r.hf is not None else ("n/a" if r.note else "-")
-        detail = r.detail + (f" (HF: {r.note})" if r.note else "")
-        lines.append(
-            f"| {r.name} | {r.unit} | {_fmt(r.ours, r.unit)} | {hf} | {ratio} | {detail} |"
-        )
-    return "\n".join(lines)
-
-
 SECTIONS = (
     ("decode bf16", "tok/s"),
     ("decode fp8 (e4m3, 128x128 blocks)", "tok/s"),
@@ -493,27 +315,6 @@ def run(device_setting: str, size_name: str, *, time_budget_s: float = 420.0) ->
     return rows
 
 
-def describe(device_setting: str, size_name: str, versions: dict[str, str]) -> str:
-    import torch
-
-    from models import count_params, get_preset
-
-    size = SIZES[size_name]
-    total, active = count_params(get_preset("glm4moe-toy", **size.model))
-    if device_setting == "cuda":
-        card = torch.cuda.get_device_name(0)
-        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
-        where = f"{card} ({mem:.0f} GiB)"
-    else:
-        where = f"CPU ({torch.get_num_threads()} torch threads)"
-    vs = ", ".join(f"{k} {v}" for k, v in versions.items())
-    return (
-        f"device: {where}\n{vs}\n"
-        f"model: GLM-4 MoE '{size_name}', {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M "
-        "active), random init, same weights on both sides"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -534,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    header = describe(args.device, size, versions)
+    header = describe(args.device, size, SIZES[size].model, versions)
     rows = run(args.device, size, time_budget_s=args.time_budget)
     print()
     print(header)
