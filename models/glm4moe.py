@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from models.attention import Attention
 from models.batching import CacheBatch, PackInfo, TreeLayout
 from models.config import ModelConfig
-from models.decode import DecodeWeights, decode_forward
+from models.decode import DecodeWeights, decode_forward, final_norm
 from models.hf_io import iter_hf_tensors, load_hf_tensors
 from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
@@ -336,10 +336,13 @@ class Glm4MoeForCausalLM(nn.Module):
         *,
         all_logits: bool = False,
         routing: RoutingCapture | None = None,
+        weights: DecodeWeights | None = None,
     ) -> Tensor:
         """Row i: lengths[i] new tokens (right-padded to L) continuing cache slot slots[i] at
         positions start_pos[i]..; returns float32 logits [B, V] at each row's last new token
-        ([B, L, V] if all_logits). A RoutingCapture gets int64 [n_moe, B, L, k]."""
+        ([B, L, V] if all_logits). A RoutingCapture gets int64 [n_moe, B, L, k]. `weights`:
+        run on these decode weights (the engine's, already checked or frozen) instead of
+        decode_weights()."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
         b, length = input_ids.shape
@@ -349,7 +352,7 @@ class Glm4MoeForCausalLM(nn.Module):
         )
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         batch = CacheBatch.build(slots, start_pos, lengths, length, cache.max_len, groups)
-        weights = self.decode_weights()
+        weights = self.decode_weights() if weights is None else weights
         rope = self.model.rotary_emb(batch.positions, weights.embed.dtype)
         x, routes = decode_forward(
             self, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
@@ -359,7 +362,7 @@ class Glm4MoeForCausalLM(nn.Module):
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
         if not all_logits:
             x = x[:, 0] if length == 1 else x[torch.arange(b, device=x.device), lengths - 1]
-        return F.linear(self.model.norm(x), weights.lm_head).float()
+        return F.linear(final_norm(x, weights, self.config.rms_norm_eps), weights.lm_head).float()
 
     def decode_weights(self) -> DecodeWeights:
         """The fused inference views of the weights, rebuilt when any weight changed."""
