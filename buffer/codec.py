@@ -47,6 +47,7 @@ from buffer.codec_header import (
     _Heads,
     read_header,
 )
+from buffer.decoded_group import DecodedGroup, _Body, routed_views, views
 from buffer.episode import Episode, EpisodeGroup
 
 
@@ -245,8 +246,11 @@ def _check_columns(logprobs: np.ndarray, mask: np.ndarray, heads: _Heads) -> Non
         raise EpisodeCodecError(f"episodes[{episode}]: {name}: {message}")
 
 
-def decode_group(data: bytes) -> EpisodeGroup:
-    """Parse and validate a record; raise EpisodeCodecError on anything malformed."""
+def decode_group(data: bytes) -> DecodedGroup:
+    """Parse and validate a record; raise EpisodeCodecError on anything malformed.
+
+    Every field is checked here; the Episode objects are built when `episodes` is first
+    read (buffer/decoded_group.py)."""
     header = read_header(data)
     heads, shared, offset = header.heads, header.shared_prompt, header.offset
     n = len(heads.p)
@@ -256,72 +260,16 @@ def decode_group(data: bytes) -> EpisodeGroup:
     routing = None if header.routing is None else _check_routing(header.routing, n)
     if routing is not None:
         expected += sum(math.prod(r[1]) * r[2].itemsize for r in routing if r is not None)
-    body = len(data) - offset
-    if body != expected:
-        state = "truncated" if body < expected else "has trailing bytes"
-        raise EpisodeCodecError(f"body: {state}: {body} bytes, header promises {expected}")
-    buf = bytearray(memoryview(data)[offset:])  # one copy, so the arrays are writable
-    prompts = np.frombuffer(buf, _PROMPT_DTYPE, p_total, 0)
-    pos = p_total * _PROMPT_DTYPE.itemsize
-    columns = []  # ids, logprobs, versions, loss_mask, in _RESPONSE_FIELDS' order
-    for _, dtype in _RESPONSE_FIELDS:
-        columns.append(np.frombuffer(buf, dtype, r_total, pos))
-        pos += r_total * dtype.itemsize
-    ids, logprobs, versions, mask = columns
-    _check_columns(logprobs, mask, heads)
-    if routing is None:  # no episode carries experts (the common case): no per-episode work
-        routed, starts = [None] * n, [0] * n
-    else:
-        routed = _routed(buf, pos, routing, heads)
-        starts = [0 if r is None else r[0] for r in routing]
-    if shared:  # episodes must not alias one another's arrays
-        episode_prompts = [prompts, *(prompts.copy() for _ in range(n - 1))]
-    else:
-        bounds = np.cumsum(heads.p).tolist()
-        episode_prompts = [prompts[b - p : b] for p, b in zip(heads.p, bounds)]
-    from_checked = Episode._from_checked
-    episodes = []
-    r_at = 0
-    for prompt, r, reward, rewards, finish, meta, route, start in zip(
-        episode_prompts, heads.r, heads.reward, heads.rewards, heads.finish_reason,
-        heads.metadata, routed, starts,
-    ):  # fmt: skip
-        end = r_at + r
-        episodes.append(
-            from_checked(
-                prompt,
-                ids[r_at:end],
-                mask[r_at:end],
-                logprobs[r_at:end],
-                versions[r_at:end],
-                reward,
-                rewards,
-                finish,
-                meta,
-                route,
-                start,
-            )
-        )
-        r_at = end
-    return EpisodeGroup(header.prompt_id, episodes, header.metadata)
-
-
-def _routed(
-    buf: bytearray, pos: int, routing: list[tuple[int, tuple, np.dtype] | None], heads: _Heads
-) -> list[np.ndarray | None]:
-    """Each episode's routed_experts (views of `buf` from `pos`), checked against its length."""
-    routed: list[np.ndarray | None] = []
-    for i, entry in enumerate(routing):
-        if entry is None:
-            routed.append(None)
-            continue
-        start, shape, dtype = entry
-        if start + shape[0] > heads.p[i] + heads.r[i]:
-            raise EpisodeCodecError(
-                f"episodes[{i}].routing: {shape[0]} rows from {start} run past "
-                f"the episode's {heads.p[i] + heads.r[i]} tokens"
-            )
-        size = math.prod(shape)
-        routed.append(np.frombuffer(buf, dtype, size, pos).reshape(shape))
-        pos += size * dtype.itemsize
-    return routed
+    size = len(data) - offset
+    if size != expected:
+        state = "truncated" if size < expected else "has trailing bytes"
+        raise EpisodeCodecError(f"body: {state}: {size} bytes, header promises {expected}")
+    # checked on read-only views of the record: the copy that makes the arrays writable
+    # waits until they are read (buffer/decoded_group.py); a mutable record is copied now
+    record = data if type(data) is bytes else bytes(data)
+    body = _Body(record, offset, heads, shared, routing)
+    checked, pos = views(memoryview(record)[offset:], body)
+    _check_columns(checked.rollout_logprobs, checked.loss_mask, heads)
+    if routing is not None:
+        routed_views(memoryview(record)[offset:], pos, routing, heads)
+    return DecodedGroup.of(header.prompt_id, header.metadata, body, checked)
