@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import logging
 import os
 import random
@@ -49,8 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from async_vs_sync import CpuSampler, StepStats  # bench/ is on sys.path
+from async_vs_sync import CpuSampler  # bench/ is on sys.path
 from common import _sft_batch, _sft_examples, load_hf_model, toy_model_config
+from long_tail_report import Run, generated_lengths, print_table, read_run
 
 import configs
 from configs import load_job
@@ -169,104 +169,6 @@ def job_overrides(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) 
     ]
 
 
-@dataclass
-class Run(StepStats):
-    mode: str
-    records: list[dict[str, Any]]  # per-step trainer records after --skip
-    evals: list[dict[str, Any]]  # records holding eval/accuracy, in step order
-    load: tuple[float, float]
-    wall_s: float
-
-    @property
-    def tokens(self) -> float:
-        return sum(r["data/episodes"] * r["data/response_len"] for r in self.records)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / sum(r["perf/step_s"] for r in self.records)
-
-    @property
-    def idle(self) -> float:
-        return sum(r["perf/wait_s"] for r in self.records) / sum(
-            r["perf/step_s"] for r in self.records
-        )
-
-    @property
-    def staleness_hist(self) -> dict[int, int]:
-        """Groups trained per staleness over the measured steps (cumulative counters' diff)."""
-
-        def hist(record: dict[str, Any]) -> dict[int, float]:
-            prefix = "buffer/staleness_hist/"
-            return {int(k[len(prefix) :]): v for k, v in record.items() if k.startswith(prefix)}
-
-        first, last = hist(self.before), hist(self.records[-1])
-        return {k: int(v - first.get(k, 0)) for k, v in sorted(last.items())}
-
-    before: dict[str, Any] | None = None  # the last skipped record (histogram baseline)
-    lengths: np.ndarray | None = None  # generated tokens of the final held-out eval
-    cpu: dict[str, float] | None = None  # idle cores and each service's busy cores (CpuSampler)
-
-    def delta(self, key: str) -> float:
-        """A cumulative counter's growth over the measured steps (0 when not reported)."""
-        return self.records[-1].get(key, 0.0) - (self.before or {}).get(key, 0.0)
-
-    @property
-    def rollout_line(self) -> str:
-        """The rollout side over the measured steps: generated tokens per second of wall
-        time and per CPU-second of the rollout actor, forwards, mean decode batch, stale
-        groups cancelled in flight / dropped by the trainer."""
-        wall = sum(r["perf/step_s"] for r in self.records)
-        gen = self.delta("rollout/generated_tokens")
-        cpu_s = self.cpu["rollout"] * wall if self.cpu else float("nan")
-        decode = self.delta("rollout/engine_num_decode_forwards")
-        batch = self.delta("rollout/engine_num_decode_rows") / decode if decode else float("nan")
-        return (
-            f"{self.mode:<9}gen {gen:>6.0f} tok, {gen / wall:>5.0f}/s, "
-            f"{gen / cpu_s:>5.0f}/rollout CPU-s; forwards "
-            f"{self.delta('rollout/engine_num_forwards'):>5.0f}, mean decode batch {batch:>5.1f};"
-            f" stale groups cancelled {self.delta('rollout/groups_stale_aborted'):.0f}, "
-            f"dropped {self.delta('buffer/drops_stale'):.0f}"
-        )
-
-    @property
-    def accuracy(self) -> tuple[float, float]:
-        """Held-out exact answers (reward 1) at the start and the end."""
-        return self.evals[0]["eval/accuracy"], self.evals[-1]["eval/accuracy"]
-
-    @property
-    def reward(self) -> tuple[float, float]:
-        """Held-out mean reward (share of leading items right) at the start and the end."""
-        return self.evals[0]["eval/reward_mean"], self.evals[-1]["eval/reward_mean"]
-
-
-def read_run(mode: str, path: Path, skip: int, load: tuple, wall: float) -> Run:
-    steps, evals = [], []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if "perf/step_s" in record:
-            steps.append(record)
-        if "eval/accuracy" in record:
-            evals.append(record)
-    measured = [r for r in steps if r["step"] > skip]
-    if len(measured) < 2 or len(evals) < 2:
-        raise RuntimeError(f"{path}: {len(measured)} measured steps, {len(evals)} evals")
-    before = [r for r in steps if r["step"] <= skip]
-    return Run(mode, measured, evals, load, wall, before[-1] if before else {})
-
-
-def generated_lengths(run_dir: Path, tok: Any) -> np.ndarray:
-    """Response tokens (+1 for the stop token) of the final held-out eval's samples."""
-    last = max((run_dir / "eval").glob("step_*.jsonl"), key=lambda p: int(p.stem[5:]))
-    records = [json.loads(line) for line in last.read_text().splitlines()]
-    return np.array(
-        [
-            len(tok.encode(r["response"], add_special_tokens=False))
-            + (r["finish_reason"] == "stop")
-            for r in records
-        ]
-    )
-
-
 def run_mode(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> Run:
     job = load_job(PRESET, job_overrides(fx, args, mode, root))
     load0, started = os.getloadavg()[0], time.monotonic()
@@ -285,60 +187,6 @@ def run_mode(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> Ru
         flush=True,
     )
     return run
-
-
-def print_table(runs: list[Run]) -> None:
-    sync = next((r for r in runs if r.mode == "sync"), None)
-    gen, train = (sync.wait_s, sync.busy_s) if sync else (float("nan"), float("nan"))
-    bound = max(gen, train)
-    print(
-        f"\ngeneration/step = sync median trainer wait {gen:.3f} s; training/step = sync median "
-        f"busy {train:.3f} s; max = {bound:.3f} s"
-    )
-    print(
-        f"{'mode':<9}{'tok/s':>7}{'x sync':>7}{'step s':>8}{'/max(g,t)':>10}{'idle':>6}"
-        f"{'tokens':>8}{'multi-v':>8}  {'staleness hist':<18}{'held-out reward':>15}"
-        f"{'exact':>14}  load"
-    )
-    for r in runs:
-        speed = r.tokens_per_s / sync.tokens_per_s if sync else float("nan")
-        hist = " ".join(f"{k}:{v}" for k, v in r.staleness_hist.items())
-        acc0, acc1 = r.accuracy
-        rew0, rew1 = r.reward
-        multi = r.records[-1].get("rollout/multi_version_episodes", float("nan"))
-        print(
-            f"{r.mode:<9}{r.tokens_per_s:>7.0f}{speed:>7.2f}{r.step_s:>8.3f}"
-            f"{r.step_s / bound:>10.2f}{r.idle:>6.2f}{r.tokens:>8.0f}{multi:>8.0f}  "
-            f"{hist:<18}{rew0:>7.3f}->{rew1:.3f}{acc0:>7.3f}->{acc1:.3f}  "
-            f"{r.load[0]:.1f}->{r.load[1]:.1f}"
-        )
-    print(
-        "\nper mode: generated tokens of the final held-out greedy eval (p50 / p90 / p99 / max);"
-        " while the measured steps ran: the machine's idle cores and the cores the trainer and"
-        " rollout actors kept busy (no idle core = the two services cannot overlap)"
-    )
-    for r in runs:
-        p50, p90, p99 = np.percentile(r.lengths, [50, 90, 99])
-        cpu = r.cpu
-        print(
-            f"{r.mode:<9}{p50:>5.0f}{p90:>5.0f}{p99:>5.0f}{r.lengths.max():>5}   idle "
-            f"{cpu['idle']:.2f}  trainer {cpu['trainer']:.2f}  rollout {cpu['rollout']:.2f}"
-        )
-    print(
-        "\nper mode, rollout side over the measured steps (its throughput bounds the async"
-        " modes): tokens of the groups generated to the end (trained, dropped or left over)"
-    )
-    for r in runs:
-        print(r.rollout_line)
-    asyncs = [r for r in runs if r.mode != "sync"]
-    if sync and asyncs:
-        best = max(asyncs, key=lambda r: r.tokens_per_s)
-        gap = 100 * (best.reward[1] - sync.reward[1])
-        print(
-            f"\nbest async mode {best.mode}: {best.tokens_per_s / sync.tokens_per_s:.2f}x sync "
-            f"trained tok/s (target >= 2), step {best.step_s / bound:.2f} x max(gen, train) "
-            f"(target <= 1.15), held-out reward {gap:+.1f} points vs sync (target within 3)"
-        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
