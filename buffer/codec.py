@@ -26,7 +26,9 @@ field; no other exception escapes `decode_group` for any input bytes.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import sys
 from typing import Any
 
@@ -83,19 +85,26 @@ def _pack(obj: Any, what: str) -> bytes:
         raise EpisodeCodecError(f"{what}: not serialisable ({exc})") from exc
 
 
-def _shares_prompt(episodes: list[Episode]) -> bool:
-    first = episodes[0].prompt_ids
+def _shares_prompt(prompts: tuple[Any, ...]) -> bool:
+    first = prompts[0]
     first_bytes = first.tobytes()
-    return all(
-        e.prompt_ids is first
-        or (len(e.prompt_ids) == len(first) and e.prompt_ids.tobytes() == first_bytes)
-        for e in episodes[1:]
-    )
+    for prompt in prompts[1:]:
+        if prompt is not first and (len(prompt) != len(first) or prompt.tobytes() != first_bytes):
+            return False
+    return True
 
 
 def encode_group(group: EpisodeGroup) -> bytes:
     """Serialise a group into one record (see the module docstring for the layout)."""
     return encode_group_versioned(group)[0]
+
+
+# an episode's fields in the order encode reads them: one C-level call per episode, and
+# zip(*) turns the rows into columns
+_ROW = operator.attrgetter(
+    "prompt_ids", "response_ids", "rollout_logprobs", "versions", "loss_mask",
+    "reward", "rewards", "finish_reason", "metadata", "routed_experts",
+)  # fmt: skip
 
 
 def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
@@ -107,26 +116,28 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     dtype and is contiguous, as Episode's constructor leaves them; otherwise the columns
     are cast and concatenated first."""
     episodes = group.episodes
-    shared = _shares_prompt(episodes)
-    prompts = [e.prompt_ids for e in episodes]
-    ids = [e.response_ids for e in episodes]
-    lengths = [len(a) for a in ids]
+    n = len(episodes)
+    prompts, ids, logprobs, versions, masks, reward, rewards, finish, meta, experts = zip(
+        *map(_ROW, episodes)
+    )
+    shared = _shares_prompt(prompts)
+    lengths = list(map(len, ids))
     header = {
         "prompt_id": str(group.prompt_id),
         "metadata": group.metadata,
         "dtypes": _DTYPES,
         "shared_prompt": shared,
-        "P": [len(a) for a in prompts],
+        "P": list(map(len, prompts)),
         "R": lengths,
-        "reward": [e.reward for e in episodes],
-        "rewards": [
-            {str(k): float(v) for k, v in e.rewards.items()} if e.rewards else {} for e in episodes
-        ],  # fmt: skip
+        "reward": list(reward),
+        "rewards": [{str(k): float(v) for k, v in r.items()} if r else {} for r in rewards]
+        if any(rewards)
+        else [{}] * n,
         # a FinishReason is a str (StrEnum): msgpack writes its value
-        "finish_reason": [e.finish_reason for e in episodes],
-        "episode_metadata": [e.metadata for e in episodes],
+        "finish_reason": list(finish),
+        "episode_metadata": list(meta),
     }
-    routed = [e.routed_experts for e in episodes if e.routed_experts is not None]
+    routed = [r for r in experts if r is not None]
     if routed:
         header["routing"] = [_routing_entry(e) for e in episodes]
     head = _pack(header, f"group {group.prompt_id!r} metadata")
@@ -134,9 +145,6 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
         prompts = prompts[:1]
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head))
     routing = [np.ascontiguousarray(r, r.dtype.newbyteorder("<")) for r in routed]
-    logprobs = [e.rollout_logprobs for e in episodes]
-    versions = [e.versions for e in episodes]
-    masks = [e.loss_mask for e in episodes]
     columns = (prompts, ids, logprobs, versions, masks)
     record = _join_native(columns, [prefix, head], routing)
     if record is None:
@@ -144,7 +152,7 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
         record = b"".join([prefix, head, body, *routing])
     # the oldest version, from views of the record's versions and loss_mask columns
     r_total = sum(lengths)
-    at = len(prefix) + len(head) + sum(len(a) for a in prompts) * _PROMPT_DTYPE.itemsize
+    at = len(prefix) + len(head) + sum(map(len, prompts)) * _PROMPT_DTYPE.itemsize
     at += r_total * (_RESPONSE_FIELDS[0][1].itemsize + _RESPONSE_FIELDS[1][1].itemsize)
     version_column = np.frombuffer(record, _RESPONSE_FIELDS[2][1], r_total, at)
     generated = np.frombuffer(record, np.bool_, r_total, at + version_column.nbytes)
@@ -168,23 +176,31 @@ _NATIVE = (
 
 
 def _join_native(
-    columns: tuple[list[Any], ...], head: list[bytes], routing: list[np.ndarray]
+    columns: tuple[tuple[Any, ...], ...], head: list[bytes], routing: list[np.ndarray]
 ) -> bytes | None:
     """head + every column's arrays + routing in one join, or None if an array is not of
     its wire dtype or not contiguous (then the caller casts). The dtypes are compared as
-    one list (identity first, at C speed) rather than array by array."""
+    one tuple (identity first, at C speed) rather than array by array."""
     if _NATIVE is None:
         return None
-    arrays = [a for column in columns for a in column]
-    expected: list[np.dtype] = []
-    for column, dtype in zip(columns, _NATIVE):
-        expected += [dtype] * len(column)
+    prompts, ids, logprobs, versions, masks = columns
+    arrays = [*prompts, *ids, *logprobs, *versions, *masks]
     try:
-        if [a.dtype for a in arrays] != expected:
+        if tuple(map(_DTYPE, arrays)) != _expected_dtypes(len(prompts), len(ids)):
             return None
         return b"".join([*head, *arrays, *routing])
     except (AttributeError, TypeError):  # not an array, or a non-contiguous one
         return None
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+@functools.cache
+def _expected_dtypes(prompts: int, episodes: int) -> tuple[np.dtype, ...]:
+    """The native wire dtype of each array _join_native joins, in order."""
+    counts = (prompts, episodes, episodes, episodes, episodes)
+    return tuple(dtype for dtype, k in zip(_NATIVE or (), counts) for _ in range(k))
 
 
 def _body(
