@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import logprobs_bf16
+
 
 def _chunk_logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
     logits = F.linear(h, weight).float()
@@ -57,6 +59,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)
         entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_size):
+            if ctx.autocast:  # bf16: the softmax work in L2-sized tiles (models/logprobs_bf16.py)
+                rows = slice(s, s + chunk_size)
+                ent = entropy[rows] if with_entropy else None
+                logprobs_bf16.forward_chunk(
+                    hidden[rows], weight, targets[rows], temperature, logp[rows], lse[rows], ent
+                )
+                continue
             z = _chunk_logits(hidden[s : s + chunk_size], weight, temperature)
             chunk_lse = torch.logsumexp(z, dim=-1)
             lse[s : s + chunk_size] = chunk_lse
@@ -75,6 +84,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx: Any, grad_logp: Tensor | None, grad_entropy: Tensor | None) -> tuple:
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         tau, chunk = ctx.temperature, ctx.chunk_size
+        if ctx.autocast:  # bf16 mixed precision: models/logprobs_bf16.py
+            return (*logprobs_bf16.backward(hidden, weight, targets, lse, entropy, grad_logp,
+                grad_entropy, temperature=tau, chunk_size=chunk, needs=ctx.needs_input_grad[:2],
+                grad_dtypes=ctx.grad_dtypes), None, None, None, None)  # fmt: skip
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         hidden_dtype, weight_dtype = ctx.grad_dtypes
         grad_h = torch.empty_like(hidden, dtype=hidden_dtype) if need_h else None
