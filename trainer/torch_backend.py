@@ -55,6 +55,7 @@ from trainer.lora_backend import AdapterFreeReference, setup_lora
 from trainer.losses.advantages import NEEDS_VALUES
 from trainer.losses.objective import ActorObjective, CriticObjective, StepTotals
 from trainer.losses.stats import StatSums
+from trainer.mixed_precision import Bf16Weights
 from trainer.moe_balance import update_expert_bias
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, trained_params
 from trainer.step_metrics import reduce_stats, step_metrics
@@ -139,6 +140,11 @@ class TorchBackend:
         self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
         if self.device.type == "cuda":
             self._autocast_dtype = torch.bfloat16
+        # CPU bf16: one bf16 copy of the matmul weights per optimizer step (mixed_precision.py)
+        plain = self.device.type == "cpu" and self.lora is None and self._fsdp_units is None
+        self._bf16_weights = (
+            Bf16Weights(model, self.optimizer) if plain and self._autocast_dtype else None
+        )
 
     @property
     def _trainable(self) -> nn.Module:
@@ -163,6 +169,8 @@ class TorchBackend:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
+        if self._bf16_weights is not None:
+            return self._bf16_weights.autocast()
         return torch.autocast(self.model.device.type, dtype=self._autocast_dtype)
 
     def _on_device(self, b: PackedBatch) -> PackedBatch:

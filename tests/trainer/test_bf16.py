@@ -111,3 +111,56 @@ def test_chunked_logprobs_under_autocast_match_fp32_gradients():
     for g16, g32 in ((gh16, gh32), (gw16, gw32)):
         rel = float((g16 - g32).norm() / g32.norm())
         assert rel < 0.02, f"relative gradient error {rel:.4f} under bf16 autocast"
+
+
+def _two_steps(tokenizer, cached: bool):
+    model = toy_model(len(tokenizer), seed=8)
+    tb = backend(model, {"dtype": "bfloat16"}, {"advantage": "grpo", "entropy_coef": 0.01})
+    if not cached:
+        tb._bf16_weights = None  # plain autocast: a cast of each weight in every forward
+    step = grpo_step(tokenizer, n_prompts=2, n_samples=4, seed=8, micro_batch_tokens=64)
+    assert len(step.micro_batches) == 2  # the cached copies serve several forwards per step
+    set_rollout_logprobs(tb, step)
+    metrics = [tb.train(step) for _ in range(2)]
+    return model, tb, metrics
+
+
+def test_bf16_weight_cache_is_autocast_cast_once_per_step(toy_tokenizer):
+    plain_model, _, plain_metrics = _two_steps(toy_tokenizer, cached=False)
+    model, tb, metrics = _two_steps(toy_tokenizer, cached=True)
+    weights = tb._bf16_weights
+    slots = len(weights._slots)
+    # every nn.Linear weight (lm_head included) and both fused expert weights of each MoE layer
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert slots == linears + 2 * len(model.moe_blocks())
+    # one cast per weight per optimizer step, although each step ran 2 micro-batches, the
+    # logprob passes and a backward: the first step's copies also served set_rollout_logprobs
+    assert weights.casts == 2 * slots
+    # the same numbers as autocast's own casts, bit for bit, after two steps
+    for (name, p), q in zip(model.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: the cached bf16 weights changed the update"
+        assert type(p) is torch.nn.Parameter and p.dtype == torch.float32  # masters restored
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in plain_metrics]
+
+
+def test_bf16_weight_cache_is_refreshed_after_every_optimizer_step(toy_tokenizer):
+    model, tb, _ = _two_steps(toy_tokenizer, cached=True)
+    weights = tb._bf16_weights
+    head, experts = model.lm_head, model.moe_blocks()[0].experts
+    # the fused AdamW updates the masters in place without bumping their version counter:
+    # the optimizer's post-step hook is what stales the copies (without it they would be
+    # the previous step's weights, silently)
+    assert weights.refresh() == len(weights._slots)
+    for module, name in ((head, "weight"), (experts, "gate_up_proj"), (experts, "down_proj")):
+        master = getattr(module, name)
+        assert torch.equal(weights.cached(module, name), master.detach().to(torch.bfloat16))
+    assert weights.refresh() == 0  # nothing changed since
+    with torch.no_grad():  # a change outside the optimizer (e.g. a checkpoint load's copy_)
+        head.weight.mul_(2.0)
+    assert torch.equal(weights.cached(head, "weight"), head.weight.detach().to(torch.bfloat16))
+    assert weights.refresh() == 0  # only that weight was re-cast, by cached()
+
+
+def test_float32_backend_has_no_weight_cache(toy_tokenizer):
+    model = toy_model(len(toy_tokenizer), seed=8)
+    assert backend(model, {"dtype": "float32"})._bf16_weights is None
