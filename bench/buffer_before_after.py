@@ -11,10 +11,12 @@ Each rep is buffer_vs_redis.py's store-batched loop (put_groups, take_groups, ac
 of --batch groups) on each side and its raw loop (pipelined XADD, XREADGROUP, XACK + XDEL of
 the same records). Printed: the date, load average and torch threads; per rep the CPU per
 group (this process + redis-server) of each; the medians, and per-rep ratios after/before
-and store/raw; with --phases, buffer_vs_redis.py's phase profile of each side. Usage:
+and store/raw; with --phases, buffer_vs_redis.py's phase profile of each side. With
+--touch-episodes both sides read every taken group's episodes before the ack, as the trainer
+does (a store whose decode builds them lazily pays for them there). Usage:
 
     .venv/bin/python bench/buffer_before_after.py --before dafb804 [--reps 7] [--groups 2000]
-        [--phases] [--freeze]
+        [--phases] [--freeze] [--touch-episodes]
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from buffer_vs_redis import Cost, make_groups, profile_phases, run_raw, run_store
+from buffer_loops import Cost, make_groups, run_raw, run_store
+from buffer_profile import profile_phases
 
 from buffer.codec import encode_group
 from buffer.redis_server import EmbeddedRedis
@@ -76,6 +79,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--phases", action="store_true", help="a phase profile of each side")
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() the fixture")
+    parser.add_argument(
+        "--touch-episodes", action="store_true", help="read each taken group's episodes"
+    )
     args = parser.parse_args()
 
     load = os.getloadavg()
@@ -92,10 +98,11 @@ def main() -> None:
             gc.freeze()
         server = EmbeddedRedis(Path(tmp) / "redis")
         url = server.start()
+        touch = args.touch_episodes
         try:
             sides = {
-                "before": lambda: run_store(url, groups, args.batch, "batch", before_cls),
-                "after": lambda: run_store(url, groups, args.batch, "batch", EpisodeStore),
+                "before": lambda: run_store(url, groups, args.batch, "batch", before_cls, touch),
+                "after": lambda: run_store(url, groups, args.batch, "batch", EpisodeStore, touch),
                 "raw": lambda: run_raw(url, groups, records, args.batch, "raw"),
             }
             costs: dict[str, list[Cost]] = {name: [] for name in sides}
@@ -122,7 +129,8 @@ def report(costs: dict[str, list[Cost]], n: int, args: argparse.Namespace) -> No
     us = {name: [per_group(c, n) for c in runs] for name, runs in costs.items()}
     client = {name: [c.client_cpu / n * 1e6 for c in runs] for name, runs in costs.items()}
     print(f"{n} groups of 8 x 256 tokens (+128 prompt), batch {args.batch}, {args.reps} reps, "
-          f"before = {args.before}, fixture {'frozen' if args.freeze else 'not frozen'}; "
+          f"before = {args.before}, fixture {'frozen' if args.freeze else 'not frozen'}, "
+          f"episodes {'read' if args.touch_episodes else 'not read'} after each take; "
           "CPU per group, client + redis-server, median (min-max):")  # fmt: skip
     for name, values in us.items():
         print(f"    {name:7s} {statistics.median(values):5.0f} us ({min(values):.0f}-"
