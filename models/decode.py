@@ -18,7 +18,6 @@ on the CPU, which loops over its k experts (no sort, no bincount, no empty group
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -147,12 +146,6 @@ class DecodeWeights:
                     stack.append(m)
         return tuple(key)
 
-    def frozen(self) -> DecodeWeights:
-        """A copy that shares no storage with the model (norms, embeddings, the router and,
-        off the CPU, the [in, out] views alias its parameters): it keeps serving the
-        sequences started under these weights after a load writes new ones in place."""
-        return copy.deepcopy(self)
-
     @classmethod
     def build(cls, model: nn.Module, key: tuple) -> DecodeWeights:
         dtype = model.dtype
@@ -165,11 +158,6 @@ class DecodeWeights:
             model.model.norm.weight.detach(),
             model.lm_head.weight.detach(),
         )
-
-
-def final_norm(x: Tensor, weights: DecodeWeights, eps: float) -> Tensor:
-    """The model's final RMSNorm (models.layers.RMSNorm, same ops) on these weights' copy."""
-    return _rms(x, weights.norm, eps)
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from models.attention import Attention
 from models.batching import CacheBatch, PackInfo, TreeLayout
 from models.config import ModelConfig
-from models.decode import DecodeWeights, decode_forward, final_norm
+from models.decode import DecodeWeights, decode_forward
 from models.hf_io import iter_hf_tensors, load_hf_tensors
 from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
@@ -341,8 +341,8 @@ class Glm4MoeForCausalLM(nn.Module):
         """Row i: lengths[i] new tokens (right-padded to L) continuing cache slot slots[i] at
         positions start_pos[i]..; returns float32 logits [B, V] at each row's last new token
         ([B, L, V] if all_logits). A RoutingCapture gets int64 [n_moe, B, L, k]. `weights`:
-        run on these decode weights (the engine's, already checked or frozen) instead of
-        decode_weights()."""
+        run on these decode weights (the engine's, checked when something may have changed
+        them) instead of decode_weights()."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
         b, length = input_ids.shape
@@ -362,7 +362,7 @@ class Glm4MoeForCausalLM(nn.Module):
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
         if not all_logits:
             x = x[:, 0] if length == 1 else x[torch.arange(b, device=x.device), lengths - 1]
-        return F.linear(final_norm(x, weights, self.config.rms_norm_eps), weights.lm_head).float()
+        return F.linear(self.model.norm(x), weights.lm_head).float()
 
     def decode_weights(self) -> DecodeWeights:
         """The fused inference views of the weights, rebuilt when any weight changed."""

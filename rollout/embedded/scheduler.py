@@ -32,7 +32,7 @@ from buffer.episode import routing_dtype
 from models.moe import RoutingCapture
 from rollout.embedded.kv_slots import SlotPool
 from rollout.embedded.sampler import sample, sample_with_top
-from rollout.embedded.sequence import Decode, PinnedWeights, Sequence
+from rollout.embedded.sequence import Decode, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,6 @@ def _share_key(seq: Sequence) -> tuple | None:
 
 def _slot_of(seq: Sequence) -> int:
     return seq.slot if seq.slot is not None else -1
-
-
-def _by_weights(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Split into runs on the same weights (the live ones, or one pinned older version),
-    order kept: a forward runs on one set of weights."""
-    if all(s.pinned is None for s in seqs):
-        return [seqs] if seqs else []
-    parts: dict[int, list[Sequence]] = {}
-    for seq in seqs:
-        parts.setdefault(id(seq.pinned), []).append(seq)
-    return list(parts.values())
 
 
 class ContextLengthError(ValueError):
@@ -107,7 +96,6 @@ class Scheduler:
         # only after something may have changed them: the engine sets weights_stale
         self._live: object | None = None
         self.weights_stale = True
-        self.num_pins = 0  # weight snapshots taken for sequences finishing under old weights
 
     # ---- queue management ------------------------------------------------------------------
 
@@ -148,7 +136,6 @@ class Scheduler:
         hit = [s for s in (*self.waiting, *self.running) if match(s)]
         for seq in hit:
             seq.finish("abort")
-            seq.pinned = None
         self.waiting = deque(s for s in self.waiting if not s.finished)
         self._drop_finished()
         return hit
@@ -175,25 +162,6 @@ class Scheduler:
             self.weights_stale = False
         return self._live
 
-    def pin_running(self) -> int:
-        """Freeze the current weights for the sequences that run on them (and retracted
-        ones with tokens), so that a weight load leaves them finishing under this version:
-        the engine's non-partial mode without holding admissions. Returns how many."""
-        seqs = [s for s in self.running if s.pinned is None]
-        seqs += [s for s in self.waiting if s.pinned is None and s.output_ids]
-        live = self.live_weights() if seqs else None
-        if live is None:
-            return 0
-        pin = PinnedWeights(self.version, live.frozen())
-        for seq in seqs:
-            seq.pinned = pin
-        self.num_pins += 1
-        return len(seqs)
-
-    @property
-    def running_on_live_weights(self) -> bool:
-        return any(s.pinned is None for s in self.running)
-
     def flush(self) -> bool:
         """Forget every slot assignment when idle; False (nothing done) otherwise."""
         if not self.idle:
@@ -214,8 +182,8 @@ class Scheduler:
         finished: list[Sequence] = []
         if newcomers:
             finished += self._prefill(newcomers)
-        for part in _by_weights(decoding):
-            finished += self._decode_step(part)
+        if decoding:
+            finished += self._decode_step(decoding)
         self._drop_finished()
         return finished
 
@@ -253,8 +221,7 @@ class Scheduler:
         logits_of: dict[int, Tensor] = {}
         routes_of: dict[int, np.ndarray] = {}
         self.num_prefill_rows += len(unique)
-        chunks = (c for part in _by_weights(unique) for c in self._chunks(part))
-        for chunk in chunks:
+        for chunk in self._chunks(unique):
             self.num_prefill_forwards += 1
             rows = [s.prompt_ids + s.output_ids for s in chunk]
             t0 = time.perf_counter()
@@ -313,8 +280,7 @@ class Scheduler:
                 ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
         self.num_forwards += 1
         capture = RoutingCapture() if any(s.routing_start is not None for s in seqs) else None
-        pin = seqs[0].pinned  # one forward never mixes weights (_by_weights)
-        weights = pin.weights if pin is not None else self.live_weights()
+        weights = self.live_weights()
         logits = self.model.forward_cached(
             ids,
             torch.tensor(slots, dtype=torch.int64),
@@ -354,7 +320,7 @@ class Scheduler:
         finished = []
         version = self.version
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            seq.append(tok, lp, version if seq.pinned is None else seq.pinned.version, self.decode)
+            seq.append(tok, lp, version, self.decode)
             if seq.finished:
                 finished.append(seq)
             elif seq.on_update is not None:
@@ -386,5 +352,4 @@ class Scheduler:
             for seq in self.running:
                 if seq.finished:
                     self._release(seq)
-                    seq.pinned = None  # the last one lets its frozen weights go
             self.running = [s for s in self.running if not s.finished]

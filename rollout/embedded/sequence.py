@@ -14,23 +14,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from rollout.types import GenerateOutput, SamplingParams
 
 Decode = Callable[[list[int]], str]
-
-
-@dataclass(frozen=True, eq=False)
-class PinnedWeights:
-    """Weights of an older version, frozen (models.decode.DecodeWeights.frozen), that the
-    sequences running when a non-partial update arrived keep decoding on; a sequence tags
-    its tokens with this version. Dropped with its last sequence."""
-
-    version: int
-    weights: Any  # models.decode.DecodeWeights
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,6 @@ class Sequence:
     routing_start: int | None = None  # record experts from this position (None: do not)
     routing: list[np.ndarray] = field(default_factory=list)  # chunks of [n, n_moe, k]
     routed_len: int = 0  # rows recorded: positions routing_start .. routing_start + this - 1
-    pinned: PinnedWeights | None = None  # the older weights it finishes under (non-partial)
 
     def record_routing(self, routes: np.ndarray, first: int) -> None:
         """Keep the experts [L, n_moe, k] of positions first .. first+L-1 that are not yet

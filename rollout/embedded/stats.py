@@ -21,7 +21,6 @@ def engine_stats(
         "num_decode_rows": sched.num_decode_rows,
         **{f"decode_batch_le_{1 << i}": n for i, n in enumerate(sched.decode_batch_hist) if n},
         "num_updates": updates.count,
-        "num_weight_pins": sched.num_pins,  # old weights frozen for running sequences
         "time_update_s": updates.seconds,
         **{f"time_{k}_s": v for k, v in (seconds | sched.seconds).items()},
         "weight_version": sched.version,

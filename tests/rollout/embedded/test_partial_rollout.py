@@ -29,9 +29,7 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
-def run_update_mid_generation(
-    partial: bool, overlap: bool = True
-) -> tuple[object, object, list[bool], object]:
+def run_update_mid_generation(partial: bool) -> tuple[object, object, list[bool], object]:
     """A 24-token greedy generation; after its token 8 the engine thread queues an update to
     version 7 and, right behind it, a second request. Returns (first sequence, second one,
     whether the update was applied as seen after tokens 9..24 of the first, the new model)."""
@@ -43,7 +41,6 @@ def run_update_mid_generation(
         context_len=64,
         eos_token_ids=[],
         partial_rollout=partial,
-        overlap_updates=overlap,
     )
     (late,) = eng.make_sequences(GenerateRequest(LATE_PROMPT, greedy(6), "late"))
     queued, applied_seen = [], []
@@ -66,10 +63,8 @@ def run_update_mid_generation(
     try:
         first, done_late = asyncio.run(scenario())
         queued[0].result(timeout=60)
-        pins = eng.sched.num_pins
     finally:
         eng.shutdown()
-    assert pins == (1 if overlap and not partial else 0)
     return first, done_late, applied_seen, (old_model, new_model)
 
 
@@ -83,9 +78,7 @@ def test_partial_rollout_continues_under_the_new_version_with_both_tags_in_order
 
 
 def test_non_partial_update_waits_for_the_running_sequence_and_holds_new_ones():
-    first, late, applied_seen, (old_model, new_model) = run_update_mid_generation(
-        partial=False, overlap=False
-    )
+    first, late, applied_seen, (old_model, new_model) = run_update_mid_generation(partial=False)
     # the whole first sequence is the old model's; the update waited for it to finish
     assert first.versions == [0] * 24
     assert first.output_ids == greedy_reference(old_model, PROMPT, 24)
@@ -93,19 +86,6 @@ def test_non_partial_update_waits_for_the_running_sequence_and_holds_new_ones():
     # the request queued behind the update was not admitted before it: all new weights
     assert late.versions == [7] * 6
     assert late.output_ids == greedy_reference(new_model, LATE_PROMPT, 6)
-
-
-def test_non_partial_overlap_finishes_the_running_sequence_on_frozen_old_weights():
-    """With overlap_updates the update lands at once; the running sequence finishes on a
-    frozen copy of the old weights (all its tokens version 0, the old model's greedy ones)
-    while the request behind the update runs on the new weights beside it (version 7)."""
-    first, late, applied_seen, (old_model, new_model) = run_update_mid_generation(partial=False)
-    assert first.versions == [0] * 24
-    assert first.output_ids == greedy_reference(old_model, PROMPT, 24)
-    assert applied_seen and all(applied_seen)  # applied before the very next decode step
-    assert late.versions == [7] * 6
-    assert late.output_ids == greedy_reference(new_model, LATE_PROMPT, 6)
-    assert late.finished_at < first.finished_at  # admitted at once, not after the first
 
 
 def test_non_partial_update_applies_at_once_when_nothing_runs():
