@@ -49,7 +49,7 @@ from buffer.codec_header import (
     _Heads,
     read_header,
 )
-from buffer.decoded_group import DecodedGroup, _Body, routed_views, views
+from buffer.decoded_group import DecodedGroup, routed_views, views
 from buffer.episode import Episode, EpisodeGroup
 
 
@@ -280,12 +280,12 @@ def decode_group(data: bytes) -> DecodedGroup:
     if size != expected:
         state = "truncated" if size < expected else "has trailing bytes"
         raise EpisodeCodecError(f"body: {state}: {size} bytes, header promises {expected}")
-    # checked on read-only views of the record: the copy that makes the arrays writable
-    # waits until they are read (buffer/decoded_group.py); a mutable record is copied now
-    record = data if type(data) is bytes else bytes(data)
-    body = _Body(record, offset, heads, shared, routing)
-    checked, pos = views(memoryview(record)[offset:], body)
-    _check_columns(checked.rollout_logprobs, checked.loss_mask, heads)
+    buf = bytearray(memoryview(data)[offset:])  # one copy, so the arrays are writable
+    columns, pos = views(buf, heads, shared)
+    _check_columns(columns.rollout_logprobs, columns.loss_mask, heads)
+    experts = None
     if routing is not None:
-        routed_views(memoryview(record)[offset:], pos, routing, heads)
-    return DecodedGroup.of(header.prompt_id, header.metadata, body, checked)
+        starts = [0 if r is None else r[0] for r in routing]
+        experts = (routed_views(buf, pos, routing, heads), starts)
+    # the Episode objects are built when first read (buffer/decoded_group.py)
+    return DecodedGroup.of(header.prompt_id, header.metadata, columns, heads, experts)

@@ -7,10 +7,12 @@ that needs only the group's fields (the store's take, staleness, metrics) never 
 `DecodedGroup.episodes` builds the list the first time it is read and keeps it, so the
 trainer, which reads every episode, pays it once, in its own step.
 
-The body is validated on read-only views of the record itself; the one copy that makes
-the arrays writable is made when `columns` or `episodes` is first read (the episodes are
-views of the columns). A DecodedGroup is an EpisodeGroup: same fields, same values, equal
-to the eagerly built group (tests/buffer/test_decoded_group.py).
+The body is copied once at decode (so the arrays are writable and a record changed later
+changes nothing) and `columns` are views of that copy; the episodes' arrays are views of the
+columns. (Deferring that copy too was measured: it saves the take ~3-5 us per group but
+costs the trainer, which reads every episode, more than it saves: the arrays' views are then
+made twice.) A DecodedGroup is an EpisodeGroup: same fields, same values, equal to the
+eagerly built group (tests/buffer/test_decoded_group.py).
 """
 
 from __future__ import annotations
@@ -52,21 +54,9 @@ class GroupColumns(NamedTuple):
 Routing = list[tuple[int, tuple, np.dtype] | None]  # per episode: (start, shape, dtype)
 
 
-class _Body(NamedTuple):
-    """Where a checked record's arrays are: the record, the body's offset, the checked
-    header columns and routing entries (None when no episode carries experts)."""
-
-    record: bytes
-    offset: int
-    heads: _Heads
-    shared_prompt: bool
-    routing: Routing | None
-
-
-def views(buf: Any, body: _Body) -> tuple[GroupColumns, int]:
+def views(buf: Any, heads: _Heads, shared_prompt: bool) -> tuple[GroupColumns, int]:
     """The columns as views of `buf` (the body's bytes), and where the routing starts."""
-    heads = body.heads
-    p_total = heads.p[0] if body.shared_prompt else sum(heads.p)
+    p_total = heads.p[0] if shared_prompt else sum(heads.p)
     r_total = sum(heads.r)
     prompts = np.frombuffer(buf, _PROMPT_DTYPE, p_total, 0)
     pos = prompts.nbytes
@@ -76,7 +66,7 @@ def views(buf: Any, body: _Body) -> tuple[GroupColumns, int]:
         pos += arrays[-1].nbytes
     ids, logprobs, versions, mask = arrays
     columns = GroupColumns(prompts, ids, logprobs, versions, mask, heads.p, heads.r,
-                           body.shared_prompt)  # fmt: skip
+                           shared_prompt)  # fmt: skip
     return columns, pos
 
 
@@ -100,68 +90,57 @@ def routed_views(buf: Any, pos: int, routing: Routing, heads: _Heads) -> list[np
 
 
 class _BuiltOnFirstRead:
-    """`columns` and `episodes` of a DecodedGroup: built when first read, then ordinary
-    attributes (a non-data descriptor, so the instance's value wins once it is set)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+    """`episodes` of a DecodedGroup: built when first read, then an ordinary attribute (a
+    non-data descriptor, so the instance's value wins once it is set)."""
 
     def __get__(self, group: DecodedGroup | None, owner: type | None = None) -> Any:
         if group is None:
             return self
-        value = group._build(self.name)
-        group.__dict__[self.name] = value
-        return value
+        episodes = group._build_episodes()
+        group.__dict__["episodes"] = episodes
+        return episodes
 
 
 class DecodedGroup(EpisodeGroup):
     """An EpisodeGroup decoded from a record, whose episodes are built on first access.
 
-    Built only by `DecodedGroup.of` (the codec, after validating every field on `checked`,
-    read-only views of the record). Assigning `episodes` works as on any EpisodeGroup.
-    `columns`: the group's arrays (writable; the episodes' arrays are views of them)."""
+    Built only by `DecodedGroup.of` (the codec, after validating every field). Assigning
+    `episodes` works as on any EpisodeGroup. `columns`: the group's arrays, concatenated
+    over its episodes (writable; the episodes' arrays are views of them)."""
 
     episodes = _BuiltOnFirstRead()  # type: ignore[assignment]
-    columns = _BuiltOnFirstRead()
-    _body: _Body
-    _checked: GroupColumns
-    _routed: list[np.ndarray | None]  # set with the columns, when the record has routing
+    columns: GroupColumns
+    _heads: _Heads
+    _routed: list[np.ndarray | None] | None  # None: no episode carries experts
+    _starts: list[int] | None
 
     @classmethod
     def of(
-        cls, prompt_id: str, metadata: dict[str, Any], body: _Body, checked: GroupColumns
+        cls,
+        prompt_id: str,
+        metadata: dict[str, Any],
+        columns: GroupColumns,
+        heads: _Heads,
+        routing: tuple[list[np.ndarray | None], list[int]] | None = None,
     ) -> DecodedGroup:
         group = object.__new__(cls)
         group.prompt_id, group.metadata = prompt_id, metadata
         group.routed_experts, group.routing_start = None, 0
-        group._body, group._checked = body, checked
+        group.columns, group._heads = columns, heads
+        group._routed, group._starts = routing if routing is not None else (None, None)
         return group
 
-    def _build(self, name: str) -> Any:
-        if name == "columns":  # the one copy of the body, so the arrays are writable
-            body = self._body
-            buf = bytearray(memoryview(body.record)[body.offset :])
-            columns, pos = views(buf, body)
-            if body.routing is not None:  # the experts' views, after the columns
-                self._routed = routed_views(buf, pos, body.routing, body.heads)
-            return columns
-        return self._build_episodes()
-
     def _build_episodes(self) -> list[Episode]:
-        c, body = self.columns, self._body
+        c, h = self.columns, self._heads
         n = len(c.response_lens)
         if c.shared_prompt:  # episodes must not alias one another's arrays
             prompts = [c.prompt_ids, *(c.prompt_ids.copy() for _ in range(n - 1))]
         else:
             bounds = np.cumsum(c.prompt_lens).tolist()
             prompts = [c.prompt_ids[b - p : b] for p, b in zip(c.prompt_lens, bounds)]
-        routed: list[np.ndarray | None] = [None] * n
-        starts = [0] * n
-        if body.routing is not None:
-            routed = self._routed
-            starts = [0 if r is None else r[0] for r in body.routing]
+        routed = [None] * n if self._routed is None else self._routed
+        starts = [0] * n if self._starts is None else self._starts
         ids, logprobs, versions, mask = c.response_ids, c.rollout_logprobs, c.versions, c.loss_mask
-        h = body.heads
         from_checked = Episode._from_checked
         episodes = []
         at = 0
@@ -186,7 +165,7 @@ class DecodedGroup(EpisodeGroup):
     def oldest_version(self) -> int | None:
         if self.built:  # the episodes may have been changed since: ask them
             return super().oldest_version
-        c = self.__dict__.get("columns", self._checked)
+        c = self.columns
         oldest = int(np.minimum.reduce(c.versions, where=c.loss_mask.view(np.bool_),
                                        initial=_NO_OLDEST))  # fmt: skip
         if oldest == _NO_OLDEST and not c.loss_mask.any():
@@ -197,13 +176,13 @@ class DecodedGroup(EpisodeGroup):
     def rewards(self) -> np.ndarray:
         if self.built:
             return super().rewards
-        return np.array(self._body.heads.reward, dtype=np.float32)
+        return np.array(self._heads.reward, dtype=np.float32)
 
     @property
     def num_tokens(self) -> int:
         if self.built:
             return super().num_tokens
-        return sum(self._body.heads.p) + sum(self._body.heads.r)
+        return sum(self._heads.p) + sum(self._heads.r)
 
     def __eq__(self, other: object) -> bool:
         # the dataclass __eq__ compares only objects of the very same class
