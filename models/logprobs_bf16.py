@@ -114,10 +114,11 @@ def backward(
     dtypes of the original inputs (grad_dtypes), the weight's summed over chunks in fp32."""
     need_h, need_w = needs
     grad_h = hidden.new_empty(hidden.shape, dtype=grad_dtypes[0]) if need_h else None
-    grad_w = weight.new_zeros(weight.shape, dtype=torch.float32) if need_w else None
+    grad_w = None  # fp32 [V, H]: the first chunk's product, then the sum over chunks
     with_entropy = grad_entropy is not None and entropy.numel() > 0
     if grad_logp is None and not with_entropy:
-        return (grad_h.zero_() if need_h else None), (grad_w.to(grad_dtypes[1]) if need_w else None)
+        zero_w = weight.new_zeros(weight.shape, dtype=grad_dtypes[1]) if need_w else None
+        return (grad_h.zero_() if need_h else None), zero_w
     for s in range(0, hidden.shape[0], chunk_size):
         rows = slice(s, s + chunk_size)
         h = hidden[rows]
@@ -133,6 +134,7 @@ def backward(
         )
         if need_h:
             grad_h[rows] = grad_z @ weight
-        if need_w:
-            grad_w += (grad_z.t() @ h).float()  # bf16 product, fp32 sum over chunks
+        if need_w:  # bf16 product, fp32 sum over chunks
+            part = (grad_z.t() @ h).float()
+            grad_w = part if grad_w is None else grad_w.add_(part)
     return grad_h, (grad_w.to(grad_dtypes[1]) if need_w else None)

@@ -11,9 +11,10 @@ every forward of that step (the logprob passes, each micro-batch, the backward).
 `autocast()` the modules see the bf16 copies; a copy's gradient reaches its fp32 master as
 an fp32 gradient, as autocast's own cast does.
 
-Cached: every nn.Linear weight (attention, dense and shared-expert MLPs, lm_head, MTP's
-eh_proj) and the routed experts' fused weights. Not cached: the router (it computes in fp32),
-norms, embeddings and biases, which stay as autocast or the model treats them.
+Cached: every nn.Linear weight (attention, dense and shared-expert MLPs, MTP's eh_proj) and
+the routed experts' fused weights. Not cached: the router (it computes in fp32), norms,
+embeddings, biases, and lm_head: its chunked logprob pass (models/logprobs.py) casts it once
+per call and sums its gradient over chunks in fp32, which a bf16 copy would round to bf16.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ class _CachedCast(torch.autograd.Function):
 
 
 def _matmul_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of every weight that a matmul reads, each parameter once."""
-    out, seen = [], set()
+    """(module, parameter name) of every weight that a matmul reads, each parameter once,
+    lm_head's (tied or not) aside."""
+    head = getattr(model, "lm_head", None)
+    out, seen = [], {id(head.weight)} if head is not None else set()
     for module in model.modules():
+        if module is head:
+            continue
         if isinstance(module, nn.Linear):
             names: tuple[str, ...] = ("weight",)
         elif isinstance(module, ExpertBank):
