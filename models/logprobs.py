@@ -52,6 +52,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
         ctx.grad_dtypes = hidden.dtype, weight.dtype
+        ctx.kept = logprobs_bf16.logits_store(hidden, weight)  # bf16 logits for the backward
         hidden, weight = _compute_operands(hidden, weight)
         ctx.autocast = ctx.grad_dtypes != (hidden.dtype, weight.dtype)
         n = hidden.shape[0]
@@ -62,9 +63,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if ctx.autocast:  # bf16: the softmax work in L2-sized tiles (models/logprobs_bf16.py)
                 rows = slice(s, s + chunk_size)
                 ent = entropy[rows] if with_entropy else None
-                logprobs_bf16.forward_chunk(
-                    hidden[rows], weight, targets[rows], temperature, logp[rows], lse[rows], ent
-                )
+                logprobs_bf16.forward_chunk(hidden[rows], weight, targets[rows], temperature,
+                                            logp[rows], lse[rows], ent, ctx.kept)  # fmt: skip
                 continue
             z = _chunk_logits(hidden[s : s + chunk_size], weight, temperature)
             chunk_lse = torch.logsumexp(z, dim=-1)
@@ -87,7 +87,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if ctx.autocast:  # bf16 mixed precision: models/logprobs_bf16.py
             return (*logprobs_bf16.backward(hidden, weight, targets, lse, entropy, grad_logp,
                 grad_entropy, temperature=tau, chunk_size=chunk, needs=ctx.needs_input_grad[:2],
-                grad_dtypes=ctx.grad_dtypes), None, None, None, None)  # fmt: skip
+                grad_dtypes=ctx.grad_dtypes, kept=ctx.kept), None, None, None, None)  # fmt: skip
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         hidden_dtype, weight_dtype = ctx.grad_dtypes
         grad_h = torch.empty_like(hidden, dtype=hidden_dtype) if need_h else None

@@ -12,6 +12,11 @@ Same math as the fp32 path, with z = logits / temperature and logp_all = z - lse
     forward    lse = m + log s,  s = sum exp(z - m),  H = log s - sum(p (z - m)) / s
     backward   d/dz = g (onehot - p) - g' p (logp_all + H) = p (-g - g' (logp_all + H)) + onehot g
 All reductions and the exponentials are fp32; only the matmul operands are bf16.
+
+A training forward (hidden requires grad) whose bf16 logits [N, V] fit in KEEP_LOGITS_BYTES
+keeps them for the backward, which then skips the recompute matmul (2 N V H FLOPs, a ninth of
+a 40M MoE step's work on the bench shape); larger ones are recomputed chunk by chunk, as in
+fp32, so the memory stays bounded at any vocabulary.
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 TILE_BYTES = 1 << 20  # fp32 bytes of one tile: two such tiles (logp_all, p) stay in L2
+KEEP_LOGITS_BYTES = 64 << 20  # a training forward keeps its bf16 logits up to this size
+
+
+def logits_store(hidden: Tensor, weight: Tensor) -> list[Tensor] | None:
+    """An empty list that forward_chunk fills with each chunk's bf16 logits for the backward,
+    for a training forward under autocast whose [N, V] logits fit in KEEP_LOGITS_BYTES; else
+    None (the backward recomputes them). hidden [N, H], weight [V, H] as the caller gave them."""
+    device = hidden.device.type
+    if not (hidden.requires_grad and torch.is_autocast_enabled(device)):
+        return None
+    size = hidden.shape[0] * weight.shape[0] * torch.get_autocast_dtype(device).itemsize
+    return [] if size <= KEEP_LOGITS_BYTES else None
 
 
 def _tile_rows(vocab: int) -> int:
@@ -41,10 +58,14 @@ def forward_chunk(
     target_logit: Tensor,
     lse: Tensor,
     entropy: Tensor | None,
+    kept: list[Tensor] | None = None,
 ) -> None:
     """One chunk's forward, written into the fp32 [c] views target_logit (z at the target),
-    lse and entropy (None: not asked). hidden [c, H] and weight [V, H] are bf16."""
+    lse and entropy (None: not asked). hidden [c, H] and weight [V, H] are bf16. kept: the
+    logits_store list, which gets this chunk's bf16 logits."""
     z = F.linear(hidden, weight)  # bf16 [c, V]
+    if kept is not None:
+        kept.append(z)
     step = _tile_rows(z.shape[1])
     for r in range(0, z.shape[0], step):
         rows = slice(r, r + step)
@@ -62,8 +83,7 @@ def forward_chunk(
 
 
 def logit_grad(
-    hidden: Tensor,
-    weight: Tensor,
+    z: Tensor,
     targets: Tensor,
     lse: Tensor,
     entropy: Tensor | None,
@@ -71,9 +91,8 @@ def logit_grad(
     grad_entropy: Tensor | None,
     temperature: float,
 ) -> Tensor:
-    """bf16 [c, V]: d loss / d logits of one chunk (before the temperature's 1/tau, applied
-    here too), recomputing the chunk's bf16 logits. lse, entropy, grad_* are fp32 [c]."""
-    z = F.linear(hidden, weight)  # bf16 [c, V], the forward's logits bit for bit
+    """bf16 [c, V]: d loss / d (logits before the temperature) of one chunk, from its bf16
+    logits z [c, V] (the forward's, bit for bit). lse, entropy, grad_* are fp32 [c]."""
     grad = torch.empty_like(z)
     step = _tile_rows(z.shape[1])
     for r in range(0, z.shape[0], step):
@@ -108,10 +127,12 @@ def backward(
     chunk_size: int,
     needs: tuple[bool, bool],
     grad_dtypes: tuple[torch.dtype, torch.dtype],
+    kept: list[Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(grad hidden, grad weight) of `_ChunkedLogprobs` under autocast. hidden [N, H] and
-    weight [V, H] are the bf16 operands the forward saved; the gradients come back in the
-    dtypes of the original inputs (grad_dtypes), the weight's summed over chunks in fp32."""
+    weight [V, H] are the bf16 operands the forward saved, kept its logits_store (None:
+    recompute the logits); the gradients come back in the dtypes of the original inputs
+    (grad_dtypes), the weight's summed over chunks in fp32."""
     need_h, need_w = needs
     grad_h = hidden.new_empty(hidden.shape, dtype=grad_dtypes[0]) if need_h else None
     grad_w = None  # fp32 [V, H]: the first chunk's product, then the sum over chunks
@@ -122,9 +143,9 @@ def backward(
     for s in range(0, hidden.shape[0], chunk_size):
         rows = slice(s, s + chunk_size)
         h = hidden[rows]
+        z = kept[s // chunk_size] if kept is not None else F.linear(h, weight)
         grad_z = logit_grad(
-            h,
-            weight,
+            z,
             targets[rows],
             lse[rows],
             entropy[rows] if with_entropy else None,

@@ -171,7 +171,8 @@ def test_float32_backend_has_no_weight_cache(toy_tokenizer):
 @pytest.mark.parametrize("terms", ["logp", "entropy", "both"])
 def test_bf16_lm_head_tiles_give_the_one_tile_numbers(monkeypatch, terms):
     """models/logprobs_bf16.py works on row tiles of each chunk; tiles of 3 rows (uneven over
-    chunks of 16) must give what whole-chunk tiles give, and track fp32."""
+    chunks of 16) must give what whole-chunk tiles give, the backward's recomputed logits what
+    the kept ones give, and both track fp32."""
     torch.manual_seed(1)
     hidden = torch.randn(40, 32, requires_grad=True)
     weight = torch.randn(96, 32, requires_grad=True)
@@ -188,9 +189,12 @@ def test_bf16_lm_head_tiles_give_the_one_tile_numbers(monkeypatch, terms):
         loss[terms].backward()
         return logp.detach(), ent.detach(), hidden.grad.clone(), weight.grad.clone()
 
-    whole = run(torch.bfloat16)
+    whole = run(torch.bfloat16)  # 40 x 96 bf16 logits: kept for the backward
     monkeypatch.setattr(logprobs_bf16, "TILE_BYTES", 3 * 4 * 96)
     tiled = run(torch.bfloat16)
+    monkeypatch.setattr(logprobs_bf16, "KEEP_LOGITS_BYTES", 0)
+    recomputed = run(torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, tiled)), "recomputed logits differ"
     fp32 = run(None)
     # the entropy's gradient alone is a difference of near-equal terms: 0.033 of fp32 here at
     # bf16 logits (the untiled bf16 code measured the same), else under 0.01
