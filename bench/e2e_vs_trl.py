@@ -39,7 +39,9 @@ from common import (  # bench/common.py: the script's own directory is on sys.pa
     print_report,
     sft_warm_start,
 )
+from e2e_timeline import format_timeline, step_timeline
 from e2e_trl_side import CLIP_HIGH, CLIP_LOW, LR, MAX_NEW, PROMPTS, SAMPLES, TEMPERATURE, run_trl
+from job_cpu import CpuSampler
 
 import configs
 from envs.tasks import read_jsonl
@@ -116,7 +118,9 @@ def run_ours(
     dtype: str = "float32",
     share: bool = True,
     extra: tuple[str, ...] = (),
-) -> RunResult:
+    skip: int = 2,
+) -> tuple[RunResult, dict[str, float]]:
+    """One run of ours; the result and its step timeline (bench/e2e_timeline.py)."""
     try:
         from physarum.launch import execute
     except ImportError as err:
@@ -133,7 +137,8 @@ def run_ours(
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start from scratch
     load_before = os.getloadavg()[0]
     started = time.monotonic()
-    execute(job)
+    with CpuSampler() as cpu:  # CPU per process per step: the step's timeline
+        execute(job)
     wall = time.monotonic() - started
     records = read_metrics(run_dir / "metrics.jsonl")
     steps_done = sorted((r for r in records if "reward" in r), key=lambda r: r["step"])
@@ -143,7 +148,7 @@ def run_ours(
         "wait": [r["perf/wait_s"] for r in steps_done],
         "train": [r["train/time/train_step_s"] for r in steps_done],
     }
-    return RunResult(
+    result = RunResult(
         name=f"physarum s{staleness}"
         + ("" if dtype == "float32" else " bf16")
         + ("" if share else " unshared"),
@@ -154,6 +159,7 @@ def run_ours(
         phases=phases,
         load_avg=(load_before, os.getloadavg()[0]),
     )
+    return result, step_timeline(records, cpu, skip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +252,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) -> list[RunResult]:
-    """TRL, then ours at each staleness, all from the same warm start."""
+def run_rep(
+    args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int, timelines: list[str]
+) -> list[RunResult]:
+    """TRL, then ours at each staleness, all from the same warm start; each of our runs adds
+    its step timeline to `timelines`."""
     runs: list[RunResult] = []
     if not args.no_trl:
         runs.append(run_trl(fixture, warm, args.root / "trl", steps=args.steps, seed=args.seed))
@@ -256,19 +265,12 @@ def run_rep(args: argparse.Namespace, fixture: Fixture, warm: Path, rep: int) ->
     for k, dtype, share in [] if args.no_ours else ours:
         try:
             run_dir = args.root / (f"physarum_s{k}_{dtype}" + ("" if share else "_unshared"))
-            runs.append(
-                run_ours(
-                    fixture,
-                    warm,
-                    run_dir,
-                    steps=args.steps,
-                    staleness=k,
-                    seed=args.seed,
-                    dtype=dtype,
-                    share=share,
-                    extra=tuple(args.sets),
-                )  # fmt: skip
-            )
+            run, timeline = run_ours(
+                fixture, warm, run_dir, steps=args.steps, staleness=k, seed=args.seed,
+                dtype=dtype, share=share, extra=tuple(args.sets), skip=args.skip,
+            )  # fmt: skip
+            runs.append(run)
+            timelines.append(format_timeline(f"{run.name} #{rep}", timeline))
         except JobLoopUnavailable as err:
             print(f"physarum s{k}: job loop not available, our side skipped ({err})")
     eval_rows = read_jsonl(fixture.eval_path)
@@ -295,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     warm_acc = greedy_accuracy(warm, fixture.tokenizer_dir, eval_rows)
     log.info("warm start held-out greedy accuracy %.3f", warm_acc)
     results: list[RunResult] = []
+    timelines: list[str] = []
     for rep in range(args.reps):  # alternate the systems so machine load hits them alike
-        results += run_rep(args, fixture, warm, rep)
+        results += run_rep(args, fixture, warm, rep, timelines)
     print_report(results, skip=args.skip, start_accuracy=warm_acc, steps=args.steps, peer="trl")
+    if timelines:
+        print("\n== where our step goes (bench/e2e_timeline.py; medians per step) ==")
+        print("\n".join(timelines))
     total = time.monotonic() - started
     print(f"\nwhole script {total:.0f} s (SFT {sft_stats.get('sft/seconds', 0.0):.0f} s)")
     summary = {
