@@ -48,6 +48,7 @@ class SlotPool:
         self.max_len = max_len
         self._free = list(range(num_slots))  # a min-heap: the lowest free slot goes first
         self._used: set[int] = set()
+        self._filtered: set[int] = set()  # used slots with a top-k, top-p or min-p filter
         self.device = torch.device(device)
         self.temperature = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
@@ -79,6 +80,8 @@ class SlotPool:
         self.min_p[slot] = float(params.min_p)
         self.seeds[slot] = _to_int64(seed)
         self.counters[slot] = counter
+        if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0:
+            self._filtered.add(slot)
         if params.temperature > 0:  # greedy rows never draw
             end = min(max(params.max_new_tokens, counter + 1), self.max_len)
             self._pending.append((slot, _to_int64(seed), counter, end))
@@ -88,12 +91,14 @@ class SlotPool:
         if slot not in self._used:
             raise RuntimeError(f"SlotPool.release: slot {slot} is not in use")
         self._used.discard(slot)
+        self._filtered.discard(slot)
         heapq.heappush(self._free, slot)
 
     def reset(self) -> None:
         """Forget every slot assignment (flush_cache on an idle engine)."""
         self._free = list(range(self.num_slots))
         self._used.clear()
+        self._filtered.clear()
         self._pending = []
 
     def batch(self, slots: Tensor) -> SamplingBatch:
@@ -108,6 +113,7 @@ class SlotPool:
             seeds=self.seeds[slots],
             counters=counters,
             uniforms=self.uniforms[slots, counters.clamp(max=self.max_len - 1)],
+            plain=not self._filtered,  # RL rollouts sample plainly: the sampler skips checks
         )
 
     def _fill_uniforms(self) -> None:

@@ -72,6 +72,7 @@ class SamplingBatch:
     seeds: Tensor
     counters: Tensor
     uniforms: Tensor | None = None  # float32 [B]: hash_uniform(seeds, counters), precomputed
+    plain: bool = False  # promised: no row has a top-k, top-p or min-p filter (checks skipped)
 
 
 def _filter_sorted(
@@ -155,11 +156,13 @@ def _sample_rows(
         return t if rows is None else t[rows]
 
     vocab = weights.shape[-1]
-    top_k, top_p, min_p = pick(params.top_k), pick(params.top_p), pick(params.min_p)
     if params.uniforms is not None:
         u = pick(params.uniforms).to(torch.float64)
     else:
         u = hash_uniform(pick(params.seeds), pick(params.counters))
+    if params.plain:  # what the checks below would conclude, without their host syncs
+        return _inverse_cdf(weights, u)
+    top_k, top_p, min_p = pick(params.top_k), pick(params.top_p), pick(params.min_p)
     if bool((min_p > 0).any()):  # the max weight is 1, so the threshold is min_p itself
         weights = weights.masked_fill(weights < min_p[:, None], 0.0)
     needs_sort = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)

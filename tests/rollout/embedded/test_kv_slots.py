@@ -51,3 +51,14 @@ def test_a_slot_taken_again_before_any_batch_gets_its_new_sequence_uniforms():
     for _ in range(6):
         assert torch.equal(pool.batch(slots).uniforms.double(), _expected(pool, slots))
         pool.advance(slots)
+
+
+def test_batches_are_plain_only_while_no_used_slot_has_a_filter():
+    pool = SlotPool(object(), num_slots=4, max_len=16)
+    a = pool.acquire(SamplingParams(max_new_tokens=4, temperature=1.0), seed=1, counter=0)
+    assert pool.batch(torch.tensor([a])).plain
+    for filtered in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)):
+        f = pool.acquire(SamplingParams(max_new_tokens=4, **filtered), seed=2, counter=0)
+        assert not pool.batch(torch.tensor([a, f])).plain
+        pool.release(f)
+        assert pool.batch(torch.tensor([a])).plain

@@ -93,7 +93,7 @@ def test_row_draw_does_not_depend_on_batch_neighbours():
     params.temperature[::4] = 0.0
     together, lp_together = sample(logits, params)
     for i in range(16):
-        rows = {f: v[i : i + 1] for f, v in vars(params).items() if v is not None}
+        rows = {f: v[i : i + 1] for f, v in vars(params).items() if torch.is_tensor(v)}
         one = SamplingBatch(**rows)
         alone, lp_alone = sample(logits[i : i + 1], one)
         assert int(alone) == int(together[i])
@@ -119,3 +119,15 @@ def test_sample_with_top_adds_the_top_k_without_changing_the_sample(temp):
         else:
             assert logprobs[r] <= top[j, -1]
     assert sample_with_top(logits, params, rows, 99)[2].shape == (2, 40)  # k capped at V
+
+
+@pytest.mark.parametrize("greedy_rows", [0, 3])
+def test_plain_batches_draw_exactly_what_the_checked_path_draws(greedy_rows):
+    """`plain` (no filters, promised by SlotPool) skips the filter checks and their host
+    syncs; the tokens and logprobs are the same bits as the checked path's."""
+    logits = torch.randn(12, 50, generator=torch.Generator().manual_seed(3)) * 3
+    checked = _batch(12, temp=0.7, counters=torch.arange(12, dtype=torch.int64))
+    checked.temperature[:greedy_rows] = 0.0
+    plain = SamplingBatch(**{**checked.__dict__, "plain": True})
+    for a, b in zip(sample(logits, checked), sample(logits, plain), strict=True):
+        assert torch.equal(a, b)
