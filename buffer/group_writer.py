@@ -40,14 +40,19 @@ def _text(value: bytes | str) -> str:
 
 
 class _Push:
-    """One pending push: its script keys/args and its record (kept to re-SET if needed)."""
+    """One pending push: its script keys/args and its record (kept to re-SET if needed).
+
+    Keys and args are bytes: redis-py passes bytes through with one type check, where a str
+    or an int costs it several checks and an encode per argument (~3 us per group here)."""
 
     def __init__(self, keys: Keys, group: EpisodeGroup, lease_id: str | None, token: str):
         self.group, self.lease_id = group, lease_id
         self.record, oldest = encode_group_versioned(group)
-        self.payload_key = keys.payload(token)
-        self.keys = [keys.done(lease_id or ""), self.payload_key]
-        self.args = [lease_id or "", group.prompt_id, token, -1 if oldest is None else oldest]
+        self.payload_key = keys.payload(token).encode()
+        lease = (lease_id or "").encode()
+        self.keys = [keys.done(lease_id or "").encode(), self.payload_key]
+        self.args = [lease, str(group.prompt_id).encode(), token.encode(),
+                     b"-1" if oldest is None else b"%d" % oldest]  # fmt: skip
         self.status = "NOPAYLOAD"  # the payload has not been SET yet
         self.reply: list = []
 
@@ -87,6 +92,7 @@ class GroupWriter:
         self.capacity = capacity
         self.put_timeout_s = put_timeout_s
         self._payload_ttl_s = int(put_timeout_s) + 3600  # outlives any wait for room
+        self._set_tail = (b"EX", b"%d" % self._payload_ttl_s)
         self._renew = renew  # lease_id -> new deadline | None
         self._push_sha = client.script_load(scripts.PUSH)
         # payload tokens: a random prefix per writer and a counter (unique across writers
@@ -231,10 +237,10 @@ class GroupWriter:
         script for all of them (by sha: redis-py's Script objects add a SCRIPT EXISTS round
         trip to every pipeline)."""
         pipe = self._r.pipeline(transaction=False)
-        ttl = self._payload_ttl_s
+        tail = self._set_tail
         for push in pushes:
             if push.status == "NOPAYLOAD":
-                pipe.execute_command("SET", push.payload_key, push.record, "EX", ttl)
+                pipe.execute_command(b"SET", push.payload_key, push.record, *tail)
         keys = [self._k.leases, self._k.deadlines, self._k.stream, self._k.stats]
         args: list = [self.capacity, CONSUMER_GROUP]
         for push in pushes:
