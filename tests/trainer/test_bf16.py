@@ -203,3 +203,20 @@ def test_bf16_lm_head_tiles_give_the_one_tile_numbers(monkeypatch, terms):
         assert torch.equal(a, b), f"{name}: 3-row tiles differ from whole-chunk tiles"
         rel = float((a - ref).norm() / ref.norm())
         assert rel < limit, f"{name}: {rel:.4f} relative to fp32"
+
+
+def test_bf16_gradients_reuse_the_last_steps_tensors(toy_tokenizer):
+    """The cached weights' fp32 gradients land in the previous step's gradient tensors (kept
+    past zero_grad's set_to_none), not in fresh memory; the numbers are checked bit for bit
+    against plain autocast in test_bf16_weight_cache_is_autocast_cast_once_per_step."""
+    model = toy_model(len(toy_tokenizer), seed=8)
+    tb = backend(model, {"dtype": "bfloat16"}, {"advantage": "grpo", "entropy_coef": 0.01})
+    step = grpo_step(toy_tokenizer, n_prompts=2, n_samples=4, seed=8, micro_batch_tokens=64)
+    set_rollout_logprobs(tb, step)
+    weights = tb._bf16_weights
+    masters = [weights._master(i) for i in range(len(weights._slots))]
+    tb.train(step)
+    first = [p.grad.data_ptr() for p in masters]
+    tb.train(step)
+    assert [p.grad.data_ptr() for p in masters] == first
+    assert all(p.grad.dtype == torch.float32 for p in masters)
