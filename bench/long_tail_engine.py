@@ -1,0 +1,155 @@
+"""Benchmark: the embedded engine alone on long_tail.py's rollout workload, tokens per CPU-second.
+
+The async modes of bench/long_tail.py are bound by the rollout worker's core, so what the
+engine makes per CPU-second on that workload is the lever. This runs that workload without
+Ray, the trainer or the buffer: the SFT warm start of a long_tail.py run (--warm), its
+training prompts ("count from a to b", lognormal lengths), groups of 8 single-sample
+requests per prompt at T=1 and max_new_tokens 176 (as the rollout sends them: one
+`generate` call per group), --window groups in flight. It prints generated tokens per
+process CPU-second (every thread of the process: engine, asyncio loop), forwards, tokens per
+forward and the mean decode batch.
+
+With --against DIR (a `git worktree` or `git archive` copy of another commit) it alternates
+runs of this tree and of DIR, each in a fresh process with PYTHONPATH set to its tree, so both
+see the same load; the ratio per pair is printed. Same prompts, seeds and tokens on both
+sides when the engine's numerics are unchanged (the token counts show it).
+
+    .venv/bin/python bench/long_tail_engine.py --warm <long_tail --root>/warm [--against DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW, CONTEXT, SAMPLES = 176, 208, 8  # as bench/long_tail.py's jobs
+
+
+def workload(args: argparse.Namespace) -> dict[str, float]:
+    """One timed pass after a warm-up pass; the engine of the tree on sys.path."""
+    import torch
+
+    from envs.examples.long_tail import LONG_TAIL
+    from models.chat import prompt_ids
+    from models.checkpoint import from_pretrained
+    from models.tokenizer import load_tokenizer
+    from rollout.embedded.engine import EmbeddedEngine
+    from rollout.types import GenerateRequest, SamplingParams
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer(args.warm)
+    rows = LONG_TAIL.make_rows(args.groups, seed=0, split="train")
+    prompts = [prompt_ids(tok, r["messages"], None) for r in rows]
+    engine = EmbeddedEngine(
+        from_pretrained(args.warm), tokenizer=tok, max_running=64, context_len=CONTEXT, seed=0
+    )
+
+    async def group(i: int, window: asyncio.Semaphore) -> int:
+        requests = [
+            GenerateRequest(
+                list(prompts[i]),
+                SamplingParams(max_new_tokens=MAX_NEW, sampling_seed=1000 * i + j),
+                f"g{i}_{j}",
+            )
+            for j in range(SAMPLES)
+        ]
+        async with window:
+            return sum(len(o.output_ids) for o in await engine.generate(requests))
+
+    async def everything() -> int:
+        window = asyncio.Semaphore(args.window)
+        return sum(await asyncio.gather(*(group(i, window) for i in range(len(prompts)))))
+
+    try:
+        asyncio.run(everything())  # warm-up: allocations, first decode-weight build
+        before, cpu0 = engine.stats(), time.process_time()
+        tokens = asyncio.run(everything())
+        cpu, after = time.process_time() - cpu0, engine.stats()
+    finally:
+        engine.shutdown()
+    forwards = after["num_forwards"] - before["num_forwards"]
+    decodes = after["num_decode_forwards"] - before["num_decode_forwards"]
+    rows_ = after["num_decode_rows"] - before["num_decode_rows"]
+    return {
+        "tokens": tokens,
+        "cpu_s": cpu,
+        "tok_per_cpu_s": tokens / cpu,
+        "forwards": forwards,
+        "tok_per_forward": tokens / forwards,
+        "decode_batch": rows_ / decodes,
+        "load": os.getloadavg()[0],
+        "code": str(Path(sys.modules[EmbeddedEngine.__module__].__file__).parents[2]),
+    }
+
+
+def run_tree(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+    """This script's --one pass in a fresh process on `tree`'s code."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--warm", str(args.warm)]
+    cmd += ["--groups", str(args.groups), "--window", str(args.window)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{tree}: the workload failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def line(name: str, r: dict[str, float]) -> str:
+    return (
+        f"  {name:<7} {r['tok_per_cpu_s']:>6.0f} tok/CPU-s ({r['tokens']:.0f} tokens in "
+        f"{r['cpu_s']:.2f} CPU-s; {r['forwards']:.0f} forwards, {r['tok_per_forward']:.1f} "
+        f"tok/forward, decode batch {r['decode_batch']:.1f}; load {r['load']:.1f}; code "
+        f"{r['code']})"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warm", type=Path, required=True, help="a long_tail.py SFT dir")
+    parser.add_argument("--groups", type=int, default=64, help="prompts (8 samples each)")
+    parser.add_argument("--window", type=int, default=16, help="groups in flight")
+    parser.add_argument("--against", type=Path, default=None, help="another commit's tree")
+    parser.add_argument("--reps", type=int, default=3, help="alternated pairs")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not (args.warm / "config.json").is_file():
+        parser.error(f"--warm: {args.warm} has no config.json (a long_tail.py --root's warm)")
+    if args.one:
+        print(json.dumps(workload(args)))
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    print(
+        f"long_tail_engine: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load "
+        f"{os.getloadavg()}, torch threads {torch.get_num_threads()} (each pass: 1), "
+        f"{args.groups} groups x {SAMPLES} samples, {args.window} in flight, T=1, "
+        f"max_new_tokens {MAX_NEW}; this tree {ROOT}, against {args.against}",
+        flush=True,
+    )
+    ratios = []
+    for rep in range(args.reps):
+        this = run_tree(ROOT, args)
+        print(f"pair {rep + 1}:\n" + line("this", this), flush=True)
+        if args.against is not None:
+            other = run_tree(args.against, args)
+            ratios.append(this["tok_per_cpu_s"] / other["tok_per_cpu_s"])
+            print(line("against", other) + f"\n  this / against: {ratios[-1]:.2f}", flush=True)
+    if ratios:
+        print(
+            f"this / against per pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"median {statistics.median(ratios):.2f}; load now {os.getloadavg()}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
