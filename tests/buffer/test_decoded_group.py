@@ -3,6 +3,8 @@ the eagerly built group; the record is validated before anything is built."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,12 @@ def test_assigned_episodes_replace_the_built_ones() -> None:
     # alone compares only objects of one class)
     assert decoded == other and other == decoded
     assert decoded != make_group("q", n=1, response_len=2, version=9)
+
+
+def test_a_decoded_group_pickles_built_or_not() -> None:
+    decoded = decode_group(encode_group(make_group("p", n=3, response_len=4, version=2)))
+    for _ in range(2):  # not built, then built
+        back = pickle.loads(pickle.dumps(decoded))
+        assert isinstance(back, DecodedGroup) and back.built == decoded.built
+        assert back.oldest_version == 2
+        _assert_equal_episodes(back.episodes, decoded.episodes)
