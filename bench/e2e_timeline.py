@@ -1,14 +1,17 @@
 """Where a Physarum step of bench/e2e_vs_trl.py goes: the trainer's phases, the rollout
 engine's phases and the CPU each process spent, per step, over the measured steps of one run.
 
-The trainer's phases are the medians of its `perf/*` records (wall ms: between = the weight
-export and Ray's hand-over since the previous step, wait = for episode groups, build, train =
-`backend.train`, after = forensics and the version publish). The engine's are the medians of
-the per-step increments of its cumulative `rollout/engine_time_*` counters (wall ms of its
-thread). CPU: `job_cpu.CpuSampler` (ms of CPU per step of each process, and the machine's idle
-cores). On two cores, the sum of the processes' CPU per step over 2 is a floor for the step:
-when it is close to the step time, the step is bound by the CPU of the whole job, and a
-millisecond saved in any process saves about half a millisecond of step.
+- Trainer, wall ms: medians of its `perf/*` records (between = the weight export and Ray's
+  hand-over since the previous step, wait = for episode groups, build, train =
+  `backend.train`, after = forensics and the version publish).
+- Trainer thread, CPU ms (`perf/cpu_*`): export, take (buffer reads, decoding), build, train,
+  after.
+- Rollout engine thread, wall ms: medians of the per-step increments of its cumulative
+  `rollout/engine_time_*` counters.
+- CPU ms per step of each process (`job_cpu.CpuSampler`) and the machine's idle cores. On two
+  cores their sum over 2 is a floor for the step: when it is close to the step time, the step
+  is bound by the CPU of the whole job, and a millisecond saved in any process saves about
+  half a millisecond of step.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from job_cpu import ROLES, CpuSampler  # bench/ is on sys.path
 
 TRAINER_PHASES = ("between_steps", "wait", "build", "train", "after_train")
+TRAINER_CPU = ("export", "take", "build", "train", "after_train")  # perf/cpu_<phase>_s
 ENGINE_PHASES = ("step", "prefill", "decode", "sample", "update", "commands")
 
 
@@ -38,6 +42,9 @@ def step_timeline(
     for phase in TRAINER_PHASES:
         key = "train/time/train_step_s" if phase == "train" else f"perf/{phase}_s"
         out[f"trainer/{phase}"] = _median([r[key] for r in steps if key in r]) * 1e3
+    for phase in TRAINER_CPU:  # the trainer thread's CPU (records of this code on)
+        key = f"perf/cpu_{phase}_s"
+        out[f"trainer_cpu/{phase}"] = _median([r[key] for r in steps if key in r]) * 1e3
     for phase in ENGINE_PHASES:
         key = f"rollout/engine_time_{phase}_s"
         deltas = [b[key] - a[key] for a, b in zip(steps, steps[1:]) if key in a and key in b]
@@ -61,9 +68,11 @@ def format_timeline(name: str, t: dict[str, float]) -> str:
     """Three lines: the trainer's phases, the engine's, the CPU per process (ms per step)."""
     trainer = " ".join(f"{p} {t[f'trainer/{p}']:.1f}" for p in TRAINER_PHASES)
     engine = " ".join(f"{p} {t[f'engine/{p}']:.1f}" for p in ENGINE_PHASES)
+    trainer_cpu = " ".join(f"{p} {t[f'trainer_cpu/{p}']:.1f}" for p in TRAINER_CPU)
     lines = [
         f"{name}: step {t['step']:.1f} ms (median)",
         f"  trainer (wall ms): {trainer}",
+        f"  trainer thread (CPU ms): {trainer_cpu}",
         f"  rollout engine thread (wall ms): {engine}",
     ]
     if "cpu/sum" in t:

@@ -112,6 +112,7 @@ class TrainerService:
         self._trained: list[TrainedGroup] = []  # since the last checkpoint (this rank)
         self._lineage: list[TrainedGroup] = []  # rank 0: what the checkpoints hold
         self._last_step_end = time.monotonic()
+        self._export_cpu_s = 0.0  # this thread's CPU in the last weight_update (export)
 
     @property
     def version(self) -> int:
@@ -145,11 +146,12 @@ class TrainerService:
 
     def rl_step(self, timeout_s: float) -> dict[str, float]:
         """Take this rank's share of a step's groups, train on them, publish the version."""
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
         between = started - self._last_step_end  # weight export, and any wait on the driver
         share = step_share(self.job.trainer.prompts_per_step, self.dp.rank, self.dp.world_size)
         groups = self.take_groups(share, timeout_s)
         waited = time.monotonic() - started
+        cpu_taken = time.thread_time()
         mask_old = self.job.rollout.mask_offpolicy_tokens
         built = time.monotonic()
         step = build_rl_step(
@@ -164,8 +166,9 @@ class TrainerService:
             share_prompt_prefix=self._share_prefix,
         )
         build_s = time.monotonic() - built
+        cpu_built = time.thread_time()
         metrics = {f"train/{k}": v for k, v in self.backend.train(step).items()}
-        trained = time.monotonic()
+        trained, cpu_trained = time.monotonic(), time.thread_time()
         self._trained += [TrainedGroup(self.version, *taken) for taken in self._taken]
         self._taken = []
         self._save_mismatch(step)
@@ -177,6 +180,14 @@ class TrainerService:
         metrics["perf/after_train_s"] = time.monotonic() - trained  # forensics, version
         metrics["perf/between_steps_s"] = between
         metrics["perf/step_s"] = time.monotonic() - self._last_step_end
+        # CPU of this thread (the one torch computes on with trainer.threads 1) by phase: on a
+        # shared or saturated machine wall times include preemption, these do not
+        cpu_end = time.thread_time()
+        metrics["perf/cpu_take_s"] = cpu_taken - cpu_started  # buffer reads, decoding
+        metrics["perf/cpu_build_s"] = cpu_built - cpu_taken
+        metrics["perf/cpu_train_s"] = cpu_trained - cpu_built
+        metrics["perf/cpu_after_train_s"] = cpu_end - cpu_trained
+        metrics["perf/cpu_export_s"] = self._export_cpu_s  # the export before this step
         self._last_step_end = time.monotonic()
         return metrics
 
@@ -207,10 +218,14 @@ class TrainerService:
         (a Ray object; a CUDA tensor there would need a GPU wherever Ray deserializes it)."""
         rollout = self.job.rollout
         fp8_block = tuple(rollout.fp8_block) if rollout.fp8 else None
+        cpu_started = time.thread_time()
         if self.job.trainer.lora is not None and rollout.engine == "sglang":
             # SGLang does not merge our adapters: the targeted weights go merged
-            return self.backend.weight_update(fp8_block=fp8_block, lora_merged=True)
-        return self.backend.weight_update(fp8_block=fp8_block)
+            update = self.backend.weight_update(fp8_block=fp8_block, lora_merged=True)
+        else:
+            update = self.backend.weight_update(fp8_block=fp8_block)
+        self._export_cpu_s = time.thread_time() - cpu_started
+        return update
 
     def checkpoint(self, path: Path) -> None:
         """Save everything and mark it COMPLETE, then acknowledge the groups the saved steps
