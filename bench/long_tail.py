@@ -24,7 +24,7 @@ Other engineers share this machine: the load average is printed beside every run
 
     .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
-        [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128]
+        [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128] [--reps 3]
 
 --seed changes the GRPO job only (sampling, prompt order); --data-seed the rows, the init and
 the SFT, so runs with several --seed values can share one warm start (--warm DIR: the `warm`
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from async_vs_sync import CpuSampler  # bench/ is on sys.path
 from common import _sft_batch, _sft_examples, load_hf_model, toy_model_config
-from long_tail_report import Run, generated_lengths, print_table, read_run
+from long_tail_report import Run, generated_lengths, print_reps, print_table, read_run
 
 import configs
 from configs import load_job
@@ -136,11 +136,14 @@ def sft(init: Path, out: Path, tok: Any, rows: list[dict], args: argparse.Namesp
     )
 
 
-def job_overrides(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> list[str]:
+def job_overrides(
+    fx: Fixture, args: argparse.Namespace, mode: str, root: Path, rep: int = 0
+) -> list[str]:
     staleness, partial = MODES[mode]
+    name = mode if rep == 0 else f"{mode}_r{rep}"
     return [
-        f"name=long_tail_{mode}",
-        f"run_dir={root / mode}",
+        f"name=long_tail_{name}",
+        f"run_dir={root / name}",
         f"seed={args.seed}",
         f"data.seed={args.seed}",  # the order prompts are handed out in
         f"model.path={fx.warm_dir}",
@@ -169,8 +172,8 @@ def job_overrides(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) 
     ]
 
 
-def run_mode(fx: Fixture, args: argparse.Namespace, mode: str, root: Path) -> Run:
-    job = load_job(PRESET, job_overrides(fx, args, mode, root))
+def run_mode(fx: Fixture, args: argparse.Namespace, mode: str, root: Path, rep: int = 0) -> Run:
+    job = load_job(PRESET, job_overrides(fx, args, mode, root, rep))
     load0, started = os.getloadavg()[0], time.monotonic()
     with CpuSampler() as cpu:
         execute(job)
@@ -207,6 +210,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data-seed", type=int, default=0, help="rows, init and SFT: the warm start's seed"
     )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="run the modes this many times, the order reversed "
+        "every other time; each async mode's ratio to the sync run of its own rep, and the median",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
     parser.add_argument("--root", type=Path, default=None, help="keep run dirs here")
     parser.add_argument("--verbose", action="store_true")
@@ -215,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: at least 1")
     if args.skip >= args.steps - 1:
         parser.error(f"--skip {args.skip} leaves fewer than 2 of --steps {args.steps}")
     return args
@@ -241,10 +253,19 @@ def main(argv: list[str] | None = None) -> int:
         first = load_job(PRESET, job_overrides(fx, args, args.modes[0], args.root))
         handle = connect(first.cluster, min_cpus=2)
         try:
-            runs = [run_mode(fx, args, mode, args.root) for mode in args.modes]
+            reps = []
+            for rep in range(args.reps):  # ABBA: each mode meets early and late load alike
+                order = args.modes if rep % 2 == 0 else args.modes[::-1]
+                runs = {mode: run_mode(fx, args, mode, args.root, rep) for mode in order}
+                reps.append([runs[mode] for mode in args.modes])
         finally:
             handle.shutdown()
-    print_table(runs)
+    for i, runs in enumerate(reps):
+        if args.reps > 1:
+            print(f"\n== rep {i + 1} of {args.reps} ==")
+        print_table(runs)
+    if args.reps > 1:
+        print_reps(reps)
     print(f"\nwhole script {time.monotonic() - started:.0f} s, load now {os.getloadavg()}")
     return 0
 

@@ -8,6 +8,7 @@ tokens/s, idle fraction, staleness histogram, the rollout-side line, held-out re
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,4 +166,28 @@ def print_table(runs: list[Run]) -> None:
             f"\nbest async mode {best.mode}: {best.tokens_per_s / sync.tokens_per_s:.2f}x sync "
             f"trained tok/s (target >= 2), step {best.step_s / bound:.2f} x max(gen, train) "
             f"(target <= 1.15), held-out reward {gap:+.1f} points vs sync (target within 3)"
+        )
+
+
+def print_reps(reps: list[list[Run]]) -> None:
+    """Each async mode against the sync run of the same rep (trained tok/s, held-out reward),
+    per rep and the median: the figure to quote when single runs scatter."""
+    print(f"\n== over {len(reps)} reps: x sync trained tok/s per rep (median); held-out reward")
+    by_mode: dict[str, list[Run]] = {}
+    for runs in reps:
+        for r in runs:
+            by_mode.setdefault(r.mode, []).append(r)
+    syncs = by_mode.get("sync")
+    if syncs is None:
+        print("  no sync mode: nothing to compare against")
+        return
+    for mode, runs in by_mode.items():
+        if mode == "sync":
+            continue
+        ratios = [r.tokens_per_s / s.tokens_per_s for r, s in zip(runs, syncs, strict=True)]
+        gaps = [100 * (r.reward[1] - s.reward[1]) for r, s in zip(runs, syncs, strict=True)]
+        per_rep = ", ".join(f"{x:.2f}" for x in ratios)
+        print(
+            f"  {mode:<9} {per_rep}  (median {statistics.median(ratios):.2f}x; target >= 2); "
+            f"reward vs sync {statistics.median(gaps):+.1f} points (median)"
         )
