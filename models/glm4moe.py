@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import moe
 from models.attention import Attention
 from models.batching import CacheBatch, PackInfo, TreeLayout
 from models.config import ModelConfig
@@ -189,7 +190,7 @@ class Glm4MoeForCausalLM(nn.Module):
         hidden = self.model.norm(x)
         if moe_out and layout is not None:
             load = torch.stack(
-                [_weighted_load(o.experts, layout.multiplicity, o.load) for o in moe_out]
+                [moe.weighted_expert_load(o.experts, layout.multiplicity, o.load) for o in moe_out]
             )
             aux = torch.stack([o.aux_loss for o in moe_out]).sum()
         elif moe_out:
@@ -394,10 +395,3 @@ class Glm4MoeForCausalLM(nn.Module):
             tied_lm_head=self.config.tie_word_embeddings,
             fp8_block=fp8_block,
         )
-
-
-def _weighted_load(experts: Tensor, multiplicity: Tensor, load: Tensor) -> Tensor:
-    """float32 [E]: choices per expert, token t counted multiplicity[t] times (a shared
-    prompt token stands for every sequence that holds it). experts int64 [T, k]."""
-    weights = multiplicity.to(load.device, load.dtype)[:, None].expand_as(experts)
-    return torch.zeros_like(load).index_add(0, experts.reshape(-1), weights.reshape(-1))

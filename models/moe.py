@@ -245,3 +245,10 @@ def _switch_aux_loss(scores: Tensor, load: Tensor, top_k: int) -> Tensor:
     fraction = load / max(n * top_k, 1)
     prob = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)
     return num_experts * (fraction * prob).sum()
+
+
+def weighted_expert_load(experts: Tensor, multiplicity: Tensor, load: Tensor) -> Tensor:
+    """float32 [E]: choices per expert, token t counted multiplicity[t] times (a shared
+    prompt token stands for every sequence that holds it). experts int64 [T, k]."""
+    weights = multiplicity.to(load.device, load.dtype)[:, None].expand_as(experts)
+    return torch.zeros_like(load).index_add(0, experts.reshape(-1), weights.reshape(-1))

@@ -29,6 +29,23 @@ from torch import Tensor, nn
 from models.moe import ExpertBank
 
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+_COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """trainer.dtype's autocast dtype (None: plain fp32); a CUDA device always computes in bf16."""
+    return torch.bfloat16 if device.type == "cuda" else _COMPUTE_DTYPES[setting]
+
+
+def autocast(
+    dtype: torch.dtype | None, device_type: str, weights: Bf16Weights | None
+) -> contextlib.AbstractContextManager:
+    """The region a forward runs in: nothing (fp32), the cached bf16 weights, or autocast."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if weights is not None:
+        return weights.autocast()
+    return torch.autocast(device_type, dtype=dtype)
 
 
 class _GradBuffer:

@@ -43,7 +43,7 @@ from configs.services import TrainerConfig
 from models.glm4moe import Glm4MoeForCausalLM
 from models.moe import RoutingCapture, RoutingReplay
 from models.weight_update import WeightUpdate
-from trainer import torch_state
+from trainer import mixed_precision, torch_state
 from trainer.backend import PackedBatch
 from trainer.batch import StepBatch
 from trainer.checkpoint import seed_everything
@@ -62,8 +62,6 @@ from trainer.step_metrics import reduce_stats, step_metrics
 from trainer.step_prep import prepare_step
 
 log = logging.getLogger(__name__)
-
-_AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _inert_batch() -> PackedBatch:
@@ -137,9 +135,7 @@ class TorchBackend:
         self.version = 0
         self._hf_views = torch_state.HfViews()  # the export's name -> view list, kept
         self.device = model.device
-        self._autocast_dtype = _AUTOCAST_DTYPES[cfg.dtype]
-        if self.device.type == "cuda":
-            self._autocast_dtype = torch.bfloat16
+        self._autocast_dtype = mixed_precision.compute_dtype(cfg.dtype, self.device)
         # CPU bf16: one bf16 copy of the matmul weights per optimizer step (mixed_precision.py)
         plain = self.device.type == "cpu" and self.lora is None and self._fsdp_units is None
         self._bf16_weights = (
@@ -167,11 +163,8 @@ class TorchBackend:
 
     # --- model passes ------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        if self._bf16_weights is not None:
-            return self._bf16_weights.autocast()
-        return torch.autocast(self.model.device.type, dtype=self._autocast_dtype)
+        device_type = self.model.device.type
+        return mixed_precision.autocast(self._autocast_dtype, device_type, self._bf16_weights)
 
     def _on_device(self, b: PackedBatch) -> PackedBatch:
         """b with its tensors on the model's device (b itself on the CPU)."""
