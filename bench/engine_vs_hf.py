@@ -21,6 +21,7 @@ import asyncio
 import datetime
 import logging
 import os
+import sys
 import tempfile
 import time
 
@@ -125,6 +126,40 @@ def timed(fn, repeats: int, clock: str = "wall") -> tuple[float, int]:
     return best, tokens
 
 
+def print_floor(config, prompts: list[list[int]], args, t_eng: float, t_hf: float) -> None:
+    """The workload's matmul FLOPs, this CPU's matmul rate on the model's shapes (measured
+    now), and each side's best time as a multiple of FLOPs / peak (bench/matmul_floor.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also as bench.engine_vs_hf
+    from matmul_floor import matmul_rates, workload_flops
+
+    lens = [len(p) for p in prompts]
+    flops = workload_flops(config, lens, NEW_TOKENS, args.samples)
+    rows = sorted({args.prompts * args.samples, sum(lens)})
+    print(
+        f"matmul floor: {flops.total / 1e9:.3f} GFLOP of matmuls for the real tokens "
+        f"(prefill {flops.prefill / 1e9:.3f} over {sum(lens) * args.samples} prompt tokens, "
+        f"decode {flops.decode / 1e9:.3f} over {len(lens) * args.samples * (NEW_TOKENS - 1)} "
+        "fed-back tokens; no padding)"
+    )
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        rates = matmul_rates(config, rows, dtype, args.peak_reps)
+        (r, k, n), peak = max(rates.items(), key=lambda kv: kv[1])
+        low = min(rates.values())
+        floor = flops.total / (peak * 1e9)
+        print(
+            f"  {name} matmul rate on the model's shapes (rows {rows}, {len(rates)} shapes, "
+            f"CPU clock): peak {peak:.1f} GFLOP/s at [{r}, {k}] @ [{k}, {n}], lowest {low:.1f}; "
+            f"floor {floor * 1e3:.1f} ms"
+        )
+        if name == args.dtype:
+            print(
+                f"  engine {t_eng * 1e3:.1f} ms = {t_eng / floor:.2f}x the {name} floor; "
+                f"transformers {t_hf * 1e3:.1f} ms = {t_hf / floor:.2f}x; 4x transformers "
+                f"would be {t_hf / 4 * 1e3:.1f} ms = {t_hf / 4 / floor:.2f}x the floor "
+                f"({args.clock} clock, best runs)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="glm4moe-toy")
@@ -132,6 +167,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=64, help="prompts per run")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (n)")
+    parser.add_argument(
+        "--peak-reps", type=int, default=3, help="timings per matmul shape for the peak"
+    )
     parser.add_argument("--hf-chunks", type=int, default=1, help="split HF's batch in chunks")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="both sides")
     parser.add_argument(
@@ -157,6 +195,7 @@ def main() -> None:
     try:
         engine_generate(engine, prompts[:4], 2)  # warm-up
         hf_generate(hf_model, prompts[:4], 2, 1)
+        times: list[tuple[float, float]] = []
         pairs = []  # interleaved runs: the CPU is shared, so compare runs made side by side
         for _ in range(args.repeats):
             t_eng, n_eng = timed(
@@ -166,6 +205,7 @@ def main() -> None:
                 lambda: hf_generate(hf_model, prompts, args.samples, args.hf_chunks), 1, args.clock
             )
             pairs.append((n_eng / t_eng, n_hf / t_hf))
+            times.append((t_eng, t_hf))
         best_eng, best_hf = max(p[0] for p in pairs), max(p[1] for p in pairs)
         print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
         print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -183,6 +223,7 @@ def main() -> None:
         print(f"  ratio of bests  : {best_eng / best_hf:9.2f}x")
         ratios = sorted(e / h for e, h in pairs)
         print(f"  per-pair ratios : {', '.join(f'{r:.2f}x' for r in ratios)}")
+        print_floor(model.config, prompts, args, min(t[0] for t in times), min(t[1] for t in times))
         print("embedded engine, absolute (n=1 requests, 32 new tokens, T=1):")
         for batch in (1, 16, 64, 512):
             batch_prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
