@@ -183,35 +183,43 @@ def _attention(
     cache: Tensor,
     shape: tuple,
     eps: float,
+    packed: Tensor | None,
 ) -> Tensor:
-    """x [B, L, H] (normed) -> attention output [B, L, H]; cache [slots, 2 Hkv, max_len, D]."""
+    """x [T, H] (normed) -> attention output [T, H]; cache [slots, 2 Hkv, max_len, D].
+
+    T = B * L, or with `packed` (int64 [T], see decode_forward) only the real tokens: their
+    queries are scattered into the padded [B, L] layout for SDPA and gathered back after."""
     hq, hkv, d = shape
-    b, length, _ = x.shape
-    qkv = (
-        x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x.view(-1, x.shape[-1]), w.qkv)
-    )
-    qkv = qkv.view(b, length, hq + 2 * hkv, d)
-    qk = qkv[:, :, : hq + hkv]
+    b, length = batch.positions.shape
+    tokens = x.shape[0]
+    qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
+    qkv = qkv.view(tokens, hq + 2 * hkv, d)
+    qk = qkv[:, : hq + hkv]
     if w.qk_norm is not None:
         qk = _rms(qk, w.qk_norm, eps)
     qk = rope.apply(qk)
-    kv = torch.cat([qk[:, :, hq:], qkv[:, :, hq + hkv :]], dim=2).view(b * length, 2 * hkv, d)
+    kv = torch.cat([qk[:, hq:], qkv[:, hq + hkv :]], dim=1)  # [T, 2 Hkv, D]
     kv = kv.to(cache.dtype)  # the cache may be stored in another dtype than the compute
     if batch.write_rows is None:
         slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
         cache[slots, :, batch.positions.view(-1)] = kv
-    else:
-        cache[batch.write_slots, :, batch.write_positions] = kv[batch.write_rows]
+    else:  # padded rows: packed holds exactly the real tokens (the write rows)
+        cache[batch.write_slots, :, batch.write_positions] = kv
     if batch.first_slot is not None:  # a view: no copy of the batch's K and V
         ctx = cache[batch.first_slot : batch.first_slot + b, :, : batch.context]
     else:
         ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
     ctx = ctx.to(x.dtype)
     groups = hq // hkv
-    q = qk[:, :, :hq].reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
+    q = qk[:, :hq]
+    if packed is not None:  # padding queries are zeros; their rows are dropped below
+        q = q.new_zeros(b * length, hq, d).index_copy_(0, packed, q)
+    q = q.reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
     q = q.reshape(b, hkv, groups * length, d)  # q head h = kv * G + g
     out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=batch.mask)
-    out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b, length, hq * d)
+    out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b * length, hq * d)
+    if packed is not None:
+        out = out.index_select(0, packed)
     return out @ w.o
 
 
@@ -270,6 +278,13 @@ def _moe(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
     return out, experts
 
 
+def _unpack(x: Tensor, packed: Tensor | None, rows: int) -> Tensor:
+    """[T, ...] of the real tokens -> [rows, ...] with zeros at the padding rows."""
+    if packed is None:
+        return x
+    return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, packed, x)
+
+
 def decode_forward(
     model: nn.Module,
     weights: DecodeWeights,
@@ -280,12 +295,20 @@ def decode_forward(
     capture: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
     """input_ids [B, L] -> (hidden before the final norm [B, L, H], per-MoE-layer experts
-    [B L, k], ascending per token when `capture`)."""
+    [B L, k], ascending per token when `capture`). Right padding (rows shorter than L) is not
+    computed: every layer runs on the real tokens only, and the padding rows of both outputs
+    are zeros (a prefill chunk of prompts 16-48 tokens long is a third padding)."""
     c = model.config
     eps = c.rms_norm_eps
     shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-    x = F.embedding(input_ids, weights.embed)
-    b, length, hidden = x.shape
+    b, length = input_ids.shape
+    rows = b * length
+    packed = batch.write_rows  # int64 [N] real tokens of the flat [B L]; None: all are real
+    ids = input_ids.view(rows) if packed is None else input_ids.view(rows).index_select(0, packed)
+    x = F.embedding(ids, weights.embed)  # [T, H]
+    rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
+    if packed is not None:
+        rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
     if b == 1 and length == 1:  # one new token: it attends to every cached position
         batch = replace(batch, mask=None)
     else:
@@ -295,12 +318,12 @@ def decode_forward(
         batch = replace(batch, mask=mask.masked_fill_(batch.mask.logical_not(), float("-inf")))
     routes = []
     for w, cache in zip(weights.layers, caches, strict=True):
-        x = x + _attention(_rms(x, w.in_norm, eps), w, rope, batch, cache, shape, eps)
+        x = x + _attention(_rms(x, w.in_norm, eps), w, rope, batch, cache, shape, eps, packed)
         h = _rms(x, w.post_norm, eps)
         if w.router is None:
             x = x + _swiglu(h, w.gate_up, w.down)
             continue
-        out, experts = _moe(h.view(b * length, hidden), w, capture)
-        routes.append(experts)
-        x = x + out.view(b, length, hidden)
-    return x, routes
+        out, experts = _moe(h, w, capture)
+        routes.append(_unpack(experts, packed, rows))
+        x = x + out
+    return _unpack(x, packed, rows).view(b, length, -1), routes

@@ -76,3 +76,36 @@ def test_batch_one_decode_equals_uncached_and_routes_like_it() -> None:
         packed = RoutingCapture()
         model.forward_packed(seq[: pos + 1], torch.tensor([0, pos + 1]), routing=packed)
         assert torch.equal(capture.routed_experts[:, 0, 0], packed.routed_experts[:, -1])
+
+
+def test_padded_prefill_computes_real_tokens_only() -> None:
+    """Rows of 3..9 tokens right-padded to 9 in one forward: each row's logits, experts and
+    cached K/V equal the same row prefilled alone (no padding); padding rows are zeros."""
+    model = make_model(seed=23)
+    g = torch.Generator().manual_seed(2)
+    lengths = [3, 9, 5, 7]
+    rows = [torch.randint(1, 128, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : r.numel()] = r
+    slots = torch.tensor([0, 1, 2, 3])
+    zeros = torch.zeros(len(rows), dtype=torch.long)
+    cache = model.new_kv_cache(4, 12)
+    capture = RoutingCapture()
+    logits = model.forward_cached(
+        ids, slots, zeros, torch.tensor(lengths), cache, all_logits=True, routing=capture
+    )
+    for i, r in enumerate(rows):
+        alone_cache = model.new_kv_cache(1, 12)
+        alone = RoutingCapture()
+        want = model.forward_cached(
+            r[None], slots[:1], zeros[:1], torch.tensor([r.numel()]), alone_cache,
+            all_logits=True, routing=alone,
+        )  # fmt: skip
+        n = r.numel()
+        torch.testing.assert_close(logits[i, :n], want[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(capture.routed_experts[:, i, :n], alone.routed_experts[:, 0])
+        assert (capture.routed_experts[:, i, n:] == 0).all()  # padding: not computed
+        for layer, alone_layer in zip(cache.layers, alone_cache.layers, strict=True):
+            torch.testing.assert_close(layer[i, :, :n], alone_layer[0, :, :n], rtol=1e-5, atol=1e-5)
+            assert (layer[i, :, n:] == 0).all()  # nothing written past the row's tokens
