@@ -30,6 +30,7 @@ from torch import Tensor
 from buffer.episode import Episode, EpisodeGroup, FinishReason
 from trainer.backend import FINISH_REASONS, PackedBatch
 from trainer.prefix_tree import Row, SharedLayout, plan_rows, shared_layout
+from trainer.step_arrays import StepArrays, step_arrays
 
 
 @dataclass
@@ -133,28 +134,19 @@ def _rollout_routing(
 
 def _pack(
     episodes: Sequence[Episode],
+    arrays: StepArrays,
     rows: list[Row],
     temperature: float,
     current_version: int | None,
-    max_staleness: int | None,
-    mask_truncated: bool = False,
     rollout_routing: bool = False,
     prompt_routing: bool = False,
 ) -> PackedBatch:
     indices = [i for row in rows for i in row.episodes]
-    batch = _pack_unshared(
-        episodes,
-        indices,
-        temperature,
-        current_version,
-        max_staleness,
-        mask_truncated,
-        rollout_routing,
-        prompt_routing,
-    )  # fmt: skip
+    batch = _pack_unshared(episodes, arrays, indices, temperature, current_version,
+                           rollout_routing, prompt_routing)  # fmt: skip
     if not any(row.shared for row in rows):
         return batch
-    return _gather_layout(batch, shared_layout(episodes, rows))
+    return _gather_layout(batch, shared_layout(arrays.prompt_lens, arrays.lengths, rows))
 
 
 def _gather_layout(batch: PackedBatch, shared: SharedLayout) -> PackedBatch:
@@ -187,44 +179,36 @@ def _gather_layout(batch: PackedBatch, shared: SharedLayout) -> PackedBatch:
 
 def _pack_unshared(
     episodes: Sequence[Episode],
+    arrays: StepArrays,
     indices: list[int],
     temperature: float,
     current_version: int | None,
-    max_staleness: int | None,
-    mask_truncated: bool = False,
     rollout_routing: bool = False,
     prompt_routing: bool = False,
 ) -> PackedBatch:
-    ids, mask, logp, versions, seq = [], [], [], [], []
-    for b, i in enumerate(indices):
-        e = episodes[i]
-        p, r = len(e.prompt_ids), len(e.response_ids)
-        ids += [e.prompt_ids, e.response_ids]
-        response_mask = _response_mask(e, current_version, max_staleness, mask_truncated)
-        mask += [np.zeros(p, np.float32), response_mask]
-        logp += [np.zeros(p, np.float32), e.rollout_logprobs]
-        versions += [np.full(p, -1, np.int64), e.versions.astype(np.int64)]
-        seq.append(np.full(p + r, b, np.int64))
-    lengths = [episodes[i].num_tokens for i in indices]
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    loss_mask = torch.from_numpy(np.concatenate(mask))
+    """Episodes `indices` concatenated (gathers of the step's arrays, no per-episode work)."""
+    src = arrays.gather_index(indices)
+    index = np.asarray(indices, np.int64)
+    lengths = arrays.lengths[index]
+    cu = np.zeros(len(indices) + 1, np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    loss_mask = torch.from_numpy(arrays.loss_mask[src])
     routing = _rollout_routing(episodes, indices, prompt_routing) if rollout_routing else None
     if routing is not None:  # a sequence's first token has no prefix: never replayed
         routing[1][torch.from_numpy(cu[:-1])] = False
+    finish = [FINISH_REASONS.index(episodes[i].finish_reason) for i in indices]
     return PackedBatch(
-        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+        input_ids=torch.from_numpy(arrays.ids[src]),
         cu_seqlens=torch.from_numpy(cu),
         loss_mask=loss_mask,
-        rollout_logprobs=torch.from_numpy(np.concatenate(logp).astype(np.float32)),
+        rollout_logprobs=torch.from_numpy(arrays.logprobs[src]),
         advantages=torch.zeros_like(loss_mask),
-        versions=torch.from_numpy(np.concatenate(versions)),
-        seq_ids=torch.from_numpy(np.concatenate(seq)),
+        versions=torch.from_numpy(arrays.versions[src]),
+        seq_ids=torch.from_numpy(np.repeat(np.arange(len(indices), dtype=np.int64), lengths)),
         temperature=temperature,
-        sample_index=torch.tensor(indices, dtype=torch.int64),
-        prompt_lens=torch.tensor([len(episodes[i].prompt_ids) for i in indices]),
-        finish_codes=torch.tensor(
-            [FINISH_REASONS.index(episodes[i].finish_reason) for i in indices], dtype=torch.int64
-        ),
+        sample_index=torch.from_numpy(index),
+        prompt_lens=torch.from_numpy(arrays.prompt_lens[index]),
+        finish_codes=torch.tensor(finish, dtype=torch.int64),
         policy_version=current_version,
         routed_experts=routing[0] if routing is not None else None,
         routing_replayed=routing[1] if routing is not None else None,
@@ -261,14 +245,14 @@ def build_step(
     rows = plan_rows(episodes, group_ids, micro_batch_tokens, share_prompt_prefix)
     _check_row_budget(rows, micro_batch_tokens)
     bins = pack_by_tokens([r.tokens for r in rows], micro_batch_tokens)
+    arrays = step_arrays(episodes, current_version, max_staleness, mask_truncated)
     batches = [
         _pack(
             episodes,
+            arrays,
             [rows[r] for r in b],
             temperature,
             current_version,
-            max_staleness,
-            mask_truncated,
             rollout_routing,
             prompt_routing,
         )  # fmt: skip

@@ -26,6 +26,7 @@ from buffer.episode import Episode
 from configs import JobConfig
 from models.batching import TreeLayout
 from trainer.losses.advantages import NEEDS_VALUES
+from trainer.step_arrays import cumsum0, ranges
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,12 @@ class Row:
 
 def _shareable(group: Sequence[Episode]) -> bool:
     first = group[0].prompt_ids
-    return (
-        len(group) > 1
-        and len(first) > 0
-        and all(len(e.response_ids) > 0 for e in group)
-        and all(np.array_equal(e.prompt_ids, first) for e in group)
-    )
+    if len(group) < 2 or len(first) == 0 or any(len(e.response_ids) == 0 for e in group):
+        return False
+    if any(len(e.prompt_ids) != len(first) for e in group):
+        return False
+    prompts = np.concatenate([e.prompt_ids for e in group]).reshape(len(group), len(first))
+    return bool((prompts == first).all())  # one comparison for the group
 
 
 def plan_rows(
@@ -127,47 +128,61 @@ class SharedLayout:
     layout: TreeLayout
 
 
-def shared_layout(episodes: Sequence[Episode], rows: Sequence[Row]) -> SharedLayout:
-    """The layout of these rows, whose episodes are, in order, the micro-batch's sequences."""
-    offsets = np.cumsum([0] + [episodes[i].num_tokens for r in rows for i in r.episodes])
-    src, pos, branch, pred, mult, owned, row_lens = [], [], [], [], [], [], []
+def shared_layout(
+    prompt_lens: np.ndarray, lengths: np.ndarray, rows: Sequence[Row]
+) -> SharedLayout:
+    """The layout of these rows, whose episodes are, in order, the micro-batch's sequences.
+    prompt_lens, lengths: int64 [n] of the step's episodes (Row.episodes index them).
+
+    Built from segments: a row's prompt (or a whole ordinary sequence) and each completion of
+    a tree are runs of consecutive source tokens, positions and predictor t - 1, except at a
+    segment's first token (-1 for a prompt, the prompt's last token for a completion)."""
+    order = [i for row in rows for i in row.episodes]
+    offsets = cumsum0(lengths[order])  # where each sequence starts in the unshared pack
+    seg = _Segments()
+    owned, row_lens = [], []
     seq, start = 0, 0
     for row in rows:
-        first = episodes[row.episodes[0]]
-        p = len(first.prompt_ids) if row.shared else first.num_tokens
+        first = row.episodes[0]
         k = len(row.episodes)
-        # the prompt (or the whole ordinary sequence): causal, predictor t - 1
-        src.append(np.arange(offsets[seq], offsets[seq] + p))
-        pos.append(np.arange(p))
-        branch.append(np.zeros(p, np.int64))
-        pred.append(np.arange(start - 1, start + p - 1))
-        pred[-1][0] = -1
-        mult.append(np.full(p, k if row.shared else 1))
+        p = int(prompt_lens[first]) if row.shared else int(lengths[first])
+        seg.add(int(offsets[seq]), p, 0, 0, k if row.shared else 1, -1)
         cursor = start + p
-        for b, i in enumerate(row.episodes if row.shared else ()):
-            r = len(episodes[i].response_ids)
-            src.append(np.arange(offsets[seq + b] + p, offsets[seq + b] + p + r))
-            pos.append(np.arange(p, p + r))
-            branch.append(np.full(r, b + 1, np.int64))
-            pred.append(np.concatenate([[start + p - 1], np.arange(cursor, cursor + r - 1)]))
-            mult.append(np.ones(r, np.int64))
-            owned.append(r + (p if b == 0 else 0))
-            cursor += r
         if not row.shared:
             owned.append(p)
+        for b, i in enumerate(row.episodes if row.shared else ()):
+            r = int(lengths[i] - prompt_lens[i])
+            seg.add(int(offsets[seq + b]) + p, r, p, b + 1, 1, start + p - 1)
+            owned.append(r + (p if b == 0 else 0))
+            cursor += r
         row_lens.append(cursor - start)
         seq += k
         start = cursor
+    src, layout = seg.tensors(row_lens)
+    return SharedLayout(src, torch.from_numpy(cumsum0(np.array(owned, np.int64))), layout)
 
-    def cat(parts: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
-    layout = TreeLayout(
-        cu_rows=torch.from_numpy(np.cumsum([0] + row_lens).astype(np.int64)),
-        positions=cat(pos),
-        branch=cat(branch),
-        predictor=cat(pred),
-        multiplicity=cat(mult),
-    )
-    cu = torch.from_numpy(np.cumsum([0] + owned).astype(np.int64))
-    return SharedLayout(cat(src), cu, layout)
+class _Segments:
+    """Runs of a layout: source start, length, first position, branch, multiplicity and the
+    predictor of the run's first token (the others are predicted by the token before)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, int, int, int, int]] = []
+
+    def add(self, src: int, length: int, pos: int, branch: int, mult: int, pred: int) -> None:
+        self.rows.append((src, length, pos, branch, mult, pred))
+
+    def tensors(self, row_lens: list[int]) -> tuple[torch.Tensor, TreeLayout]:
+        src, length, pos, branch, mult, pred = np.array(self.rows, np.int64).reshape(-1, 6).T
+        starts = cumsum0(length)[:-1]
+        predictor = np.arange(-1, int(length.sum()) - 1, dtype=np.int64)
+        real = length > 0
+        predictor[starts[real]] = pred[real]
+        layout = TreeLayout(
+            cu_rows=torch.from_numpy(cumsum0(np.array(row_lens, np.int64))),
+            positions=torch.from_numpy(ranges(pos, length)),
+            branch=torch.from_numpy(np.repeat(branch, length)),
+            predictor=torch.from_numpy(predictor),
+            multiplicity=torch.from_numpy(np.repeat(mult, length)),
+        )
+        return torch.from_numpy(ranges(src, length)), layout
