@@ -57,16 +57,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward_packed(
-        self, x: Tensor, rope: Rope, pack: PackInfo, forced: Tensor | None, moe_out: list
+        self,
+        x: Tensor,
+        rope: Rope,
+        pack: PackInfo,
+        forced: Tensor | None,
+        moe_out: list,
+        keep: Tensor | None = None,
     ) -> Tensor:
-        """x [T, H] -> [T, H]; appends the MoE layer's MoEOutput to moe_out."""
+        """x [T, H] -> [T, H] ([M, H]: the rows `keep` int64 [M], whose MLP alone runs; the
+        router still sees every row); appends the MoE layer's MoEOutput to moe_out."""
         x = x + self.self_attn.forward_packed(self.input_layernorm(x), rope, pack)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
+            if keep is not None:
+                x, h = x.index_select(0, keep), h.index_select(0, keep)
             return x + self.mlp(h)
-        out = self.mlp(h, forced, aux=True)
+        out = self.mlp(h, forced, aux=True, rows=keep)
         moe_out.append(out)
-        return x + out.hidden
+        return (x if keep is None else x.index_select(0, keep)) + out.hidden
 
 
 class Glm4MoeModel(nn.Module):
@@ -162,6 +171,7 @@ class Glm4MoeForCausalLM(nn.Module):
         *,
         routing: RoutingCapture | RoutingReplay | None = None,
         layout: TreeLayout | None = None,
+        keep: Tensor | None = None,
     ) -> PackedOutput:
         """input_ids int64 [T] holding B sequences at cu_seqlens int64 [B + 1] -> PackedOutput.
 
@@ -170,6 +180,10 @@ class Glm4MoeForCausalLM(nn.Module):
         instead of cu_seqlens, and expert_load counts each token as often as the sequences
         holding it (the numbers of the unshared pack). The aux loss is always computed over
         the computed tokens (a few [T, E] ops per MoE layer); use it or not.
+        keep: int64 [M], the only rows of the output the caller reads (the training forward:
+        the positions that predict trainable tokens). `hidden` is then [M, H], and the last
+        layer's MLP runs on those rows only (nothing else reads the others); its router still
+        sees every row, so expert_load, aux_loss and routing are those of the full pass.
         """
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids: expected int64 [T], got shape {tuple(input_ids.shape)}")
@@ -184,9 +198,10 @@ class Glm4MoeForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(pack.positions, x.dtype)
         moe_out: list = []
-        for layer in self.model.layers:
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
             forced = replay[len(moe_out)] if replay is not None and layer.is_moe else None
-            x = layer.forward_packed(x, rope, pack, forced, moe_out)
+            x = layer.forward_packed(x, rope, pack, forced, moe_out, keep if i == last else None)
         hidden = self.model.norm(x)
         if moe_out and layout is not None:
             load = torch.stack(

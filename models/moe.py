@@ -221,20 +221,31 @@ class MoE(nn.Module):
         shared = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 
-    def forward(self, x: Tensor, forced: Tensor | None = None, aux: bool = False) -> MoEOutput:
-        """x [N, H] -> MoEOutput; forced [N, k] replays routing; aux computes the aux loss."""
+    def forward(
+        self, x: Tensor, forced: Tensor | None = None, aux: bool = False, rows: Tensor | None = None
+    ) -> MoEOutput:
+        """x [N, H] -> MoEOutput; forced [N, k] replays routing; aux computes the aux loss.
+
+        rows: int64 [M], the only rows whose output the caller reads (the training forward's
+        last layer: the positions that predict trainable tokens). The router still runs on
+        all N rows (experts, load and aux loss are the full pass's), but the experts and the
+        shared experts run on these rows only, and `hidden` is their [M, H] output."""
         experts, weights, scores = self.gate(x, forced)
-        flat = experts.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        load = counts.float()
+        aux_loss = _switch_aux_loss(scores, load, self.top_k) if aux else None
+        if rows is not None:
+            x, chosen, weights = x.index_select(0, rows), experts[rows], weights[rows]
+            counts = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
+        else:
+            chosen = experts
+        order = chosen.reshape(-1).argsort(stable=True)
         token = order // self.top_k
         ys = self.experts(x.index_select(0, token), counts)
         ys = (ys * weights.reshape(-1)[order].unsqueeze(1)).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, ys)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        load = counts.float()
-        aux_loss = _switch_aux_loss(scores, load, self.top_k) if aux else None
         return MoEOutput(out, experts, load, aux_loss)
 
 

@@ -29,7 +29,8 @@ from trainer.backend import PackedBatch
 @dataclass
 class TrainForward:
     """logprobs, entropy float32 [T] (0 off the trainable tokens); expert_load float32
-    [n_moe, E]; aux_loss float32 scalar; hidden [T, H] the trunk's normed output."""
+    [n_moe, E]; aux_loss float32 scalar; hidden [T, H] the trunk's normed output (only
+    with full_hidden)."""
 
     logprobs: Tensor
     entropy: Tensor
@@ -44,16 +45,23 @@ def trainable_logprobs(
     *,
     chunk_size: int,
     routing: RoutingReplay | None = None,
+    full_hidden: bool = False,
 ) -> TrainForward:
-    """Differentiable logprobs and entropies of `batch`'s trainable tokens."""
-    out = model.forward_packed(
-        batch.input_ids, batch.cu_seqlens, routing=routing, layout=batch.layout
-    )
+    """Differentiable logprobs and entropies of `batch`'s trainable tokens. Only the rows
+    that predict them are asked of the trunk (forward_packed's `keep`: the last layer's MLP
+    skips the rest); full_hidden: every row, returned as `hidden` (the MTP loss reads it)."""
     device = batch.input_ids.device
     predictor = batch.predictor  # t - 1, or a shared prompt's last token
     positions = ((batch.loss_mask > 0) & (predictor >= 0)).nonzero().squeeze(1)
+    rows = predictor[positions]
+    keep = None
+    if not full_hidden and rows.numel():  # a prompt's last token predicts k first tokens
+        keep, rows = torch.unique(rows, sorted=True, return_inverse=True)
+    out = model.forward_packed(
+        batch.input_ids, batch.cu_seqlens, routing=routing, layout=batch.layout, keep=keep
+    )
     logp, entropy = chunked_token_logprobs(
-        out.hidden[predictor[positions]],
+        out.hidden[rows],
         model.lm_head.weight,
         batch.input_ids[positions],
         temperature=batch.temperature,
@@ -66,7 +74,7 @@ def trainable_logprobs(
         entropy=zeros.index_put((positions,), entropy),
         expert_load=out.expert_load,
         aux_loss=out.aux_loss,
-        hidden=out.hidden,
+        hidden=out.hidden if full_hidden else None,
     )
 
 

@@ -266,7 +266,10 @@ class TorchBackend:
                 b.input_ids, b.cu_seqlens, temperature=b.temperature, with_entropy=True,
                 chunk_size=self.cfg.logprob_chunk, routing=routing, layout=b.layout,
             )  # fmt: skip
-        return trainable_logprobs(self.model, b, chunk_size=self.cfg.logprob_chunk, routing=routing)
+        return trainable_logprobs(
+            self.model, b, chunk_size=self.cfg.logprob_chunk, routing=routing,
+            full_hidden=self._train_mtp,  # the MTP loss reads every row of the trunk's output
+        )  # fmt: skip
 
     def _actor_pass(
         self, batches: list[PackedBatch], objective: ActorObjective
