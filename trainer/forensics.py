@@ -78,6 +78,10 @@ class _BatchView:
         self.seq_ids = b.seq_ids.cpu().numpy()
         self.replayed = None if b.routing_replayed is None else b.routing_replayed.cpu().numpy()
         self.cu = b.cu_seqlens.cpu().numpy()
+        # per-sequence columns as numpy too: indexing a tensor by an int costs ~5 us a read
+        self.prompt_lens = _numpy(b.prompt_lens)
+        self.sample_index = _numpy(b.sample_index)
+        self.finish_codes = _numpy(b.finish_codes)
         layout = b.layout
         self.tree = (
             None
@@ -100,7 +104,7 @@ class _BatchView:
         seq = int(self.seq_ids[t])
         index = self.episode_index(seq)  # the sequence's tokens in order (a shared prompt too)
         at = int(np.flatnonzero(index == t)[0])
-        prompt_len = int(b.prompt_lens[seq]) if b.prompt_lens is not None else 0
+        prompt_len = int(self.prompt_lens[seq]) if self.prompt_lens is not None else 0
         seq_diff = self.diff[index]
         seq_diff = seq_diff[(self.mask[index] > 0) & (seq_diff >= 0)]
         version = int(self.versions[t])
@@ -113,21 +117,25 @@ class _BatchView:
             "position": at - prompt_len,
             "context_ids": ids[max(0, at - context) : at].tolist(),
             "after_ids": ids[at + 1 : at + 1 + after].tolist(),
-            "sample_index": int(b.sample_index[seq]) if b.sample_index is not None else seq,
+            "sample_index": int(self.sample_index[seq]) if self.sample_index is not None else seq,
             "prompt_len": prompt_len,
             "response_len": len(index) - prompt_len,
             "version": version,
             "policy_version": b.policy_version,
             "staleness": None if b.policy_version is None else b.policy_version - version,
             "finish_reason": (
-                FINISH_REASONS[int(b.finish_codes[seq])].value
-                if b.finish_codes is not None
+                FINISH_REASONS[int(self.finish_codes[seq])].value
+                if self.finish_codes is not None
                 else None
             ),
             "replayed": None if self.replayed is None else bool(self.replayed[t]),
             "seq_abs_diff_mean": float(seq_diff.mean()) if seq_diff.size else 0.0,
             "seq_abs_diff_max": float(seq_diff.max()) if seq_diff.size else 0.0,
         }
+
+
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.cpu().numpy()
 
 
 def write_mismatch(path: Path, records: list[dict[str, Any]]) -> None:
