@@ -9,6 +9,11 @@ requests per prompt at T=1 and max_new_tokens 176 (as the rollout sends them: on
 process CPU-second (every thread of the process: engine, asyncio loop), forwards, tokens per
 forward and the mean decode batch.
 
+With --path worker each group instead goes through the rollout worker's own code, as in a
+job but without Ray and Redis: `RolloutWorkerCore.generate_for_row` (chat template, requests,
+the engine, Episodes) and the training scorer (the task's reward), so the event loop's
+per-group work is counted too; it also prints the process CPU per group.
+
 With --against DIR (a `git worktree` or `git archive` copy of another commit) it alternates
 runs of this tree and of DIR, each in a fresh process with PYTHONPATH set to its tree, so both
 see the same load; the ratio per pair is printed. Same prompts, seeds and tokens on both
@@ -28,7 +33,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW, CONTEXT, SAMPLES = 176, 208, 8  # as bench/long_tail.py's jobs
@@ -43,15 +51,60 @@ def workload(args: argparse.Namespace) -> dict[str, float]:
     from models.checkpoint import from_pretrained
     from models.tokenizer import load_tokenizer
     from rollout.embedded.engine import EmbeddedEngine
-    from rollout.types import GenerateRequest, SamplingParams
 
     torch.set_num_threads(1)
     tok = load_tokenizer(args.warm)
     rows = LONG_TAIL.make_rows(args.groups, seed=0, split="train")
-    prompts = [prompt_ids(tok, r["messages"], None) for r in rows]
-    engine = EmbeddedEngine(
-        from_pretrained(args.warm), tokenizer=tok, max_running=64, context_len=CONTEXT, seed=0
-    )
+    if args.path == "worker":
+        core = worker_core(args)
+        engine = core.engine
+        group = worker_group(core, rows)
+    else:
+        fold = {} if args.fold is None else {"fold_prefill_tokens": args.fold}
+        engine = EmbeddedEngine(
+            from_pretrained(args.warm),
+            tokenizer=tok,
+            max_running=64,
+            context_len=CONTEXT,
+            seed=0,
+            **fold,
+        )
+        group = engine_group(engine, [prompt_ids(tok, r["messages"], None) for r in rows])
+
+    async def everything() -> int:
+        window = asyncio.Semaphore(args.window)
+        return sum(await asyncio.gather(*(group(i, window) for i in range(len(rows)))))
+
+    try:
+        asyncio.run(everything())  # warm-up: allocations, first decode-weight build
+        before, cpu0 = engine.stats(), time.process_time()
+        tokens = asyncio.run(everything())
+        cpu, after = time.process_time() - cpu0, engine.stats()
+    finally:
+        core.shutdown() if args.path == "worker" else engine.shutdown()
+    forwards = after["num_forwards"] - before["num_forwards"]
+    decodes = after["num_decode_forwards"] - before["num_decode_forwards"]
+    rows_ = after["num_decode_rows"] - before["num_decode_rows"]
+    prefills = after["num_prefill_forwards"] - before["num_prefill_forwards"]
+    folded = after.get("num_folded_prefills", 0) - before.get("num_folded_prefills", 0)
+    return {
+        "tokens": tokens,
+        "cpu_s": cpu,
+        "tok_per_cpu_s": tokens / cpu,
+        "ms_per_group": 1e3 * cpu / len(rows),
+        "forwards": forwards,
+        "prefill_forwards": prefills,
+        "folded": folded,
+        "tok_per_forward": tokens / forwards,
+        "decode_batch": rows_ / decodes,
+        "load": os.getloadavg()[0],
+        "code": str(Path(sys.modules[EmbeddedEngine.__module__].__file__).parents[2]),
+    }
+
+
+def engine_group(engine: Any, prompts: list[list[int]]) -> Callable[..., Awaitable[int]]:
+    """Group i: SAMPLES single-sample requests on the engine (one generate call)."""
+    from rollout.types import GenerateRequest, SamplingParams
 
     async def group(i: int, window: asyncio.Semaphore) -> int:
         requests = [
@@ -65,36 +118,52 @@ def workload(args: argparse.Namespace) -> dict[str, float]:
         async with window:
             return sum(len(o.output_ids) for o in await engine.generate(requests))
 
-    async def everything() -> int:
-        window = asyncio.Semaphore(args.window)
-        return sum(await asyncio.gather(*(group(i, window) for i in range(len(prompts)))))
-
-    try:
-        asyncio.run(everything())  # warm-up: allocations, first decode-weight build
-        before, cpu0 = engine.stats(), time.process_time()
-        tokens = asyncio.run(everything())
-        cpu, after = time.process_time() - cpu0, engine.stats()
-    finally:
-        engine.shutdown()
-    forwards = after["num_forwards"] - before["num_forwards"]
-    decodes = after["num_decode_forwards"] - before["num_decode_forwards"]
-    rows_ = after["num_decode_rows"] - before["num_decode_rows"]
-    return {
-        "tokens": tokens,
-        "cpu_s": cpu,
-        "tok_per_cpu_s": tokens / cpu,
-        "forwards": forwards,
-        "tok_per_forward": tokens / forwards,
-        "decode_batch": rows_ / decodes,
-        "load": os.getloadavg()[0],
-        "code": str(Path(sys.modules[EmbeddedEngine.__module__].__file__).parents[2]),
-    }
+    return group
 
 
-def run_tree(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+def worker_core(args: argparse.Namespace) -> Any:
+    """A RolloutWorkerCore on long_tail.py's job (toy_grpo.yaml with its task and reward)."""
+    import configs
+    from configs import load_job
+    from rollout.worker import RolloutWorkerCore
+
+    preset = Path(configs.__file__).parent / "toy_grpo.yaml"
+    job = load_job(
+        preset,
+        [
+            f"model.path={args.warm}",
+            f"tokenizer.path={args.warm}",
+            "data.task=envs.examples.long_tail:LONG_TAIL",
+            "data.task_args={}",
+            "reward.plugins=[{name: 'envs.examples.long_tail:count_reward'}]",
+            f"rollout.max_new_tokens={MAX_NEW}",
+            f"rollout.max_context={CONTEXT}",
+            f"rollout.n_samples_per_prompt={SAMPLES}",
+            "seed=0",
+        ],
+    )
+    return RolloutWorkerCore(job, model_dir=args.warm, tokenizer_dir=args.warm, worker_id="w0")
+
+
+def worker_group(core: Any, rows: list[dict[str, Any]]) -> Callable[..., Awaitable[int]]:
+    """Group i: the worker's generate_for_row (seeded per row) and its training scorer."""
+    score = core._training_scorer()
+
+    async def group(i: int, window: asyncio.Semaphore) -> int:
+        sampling = replace(core.sampling, sampling_seed=1000 * i)
+        async with window:
+            episodes = await core.generate_for_row(rows[i], sampling, SAMPLES, routing=True)
+            await score(episodes)
+        return sum(e.num_trainable for e in episodes)
+
+    return group
+
+
+def run_tree(tree: Path, args: argparse.Namespace, fold: int | None) -> dict[str, float]:
     """This script's --one pass in a fresh process on `tree`'s code."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--warm", str(args.warm)]
-    cmd += ["--groups", str(args.groups), "--window", str(args.window)]
+    cmd += ["--groups", str(args.groups), "--window", str(args.window), "--path", args.path]
+    cmd += [] if fold is None else ["--fold", str(fold)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -105,9 +174,10 @@ def run_tree(tree: Path, args: argparse.Namespace) -> dict[str, float]:
 def line(name: str, r: dict[str, float]) -> str:
     return (
         f"  {name:<7} {r['tok_per_cpu_s']:>6.0f} tok/CPU-s ({r['tokens']:.0f} tokens in "
-        f"{r['cpu_s']:.2f} CPU-s; {r['forwards']:.0f} forwards, {r['tok_per_forward']:.1f} "
-        f"tok/forward, decode batch {r['decode_batch']:.1f}; load {r['load']:.1f}; code "
-        f"{r['code']})"
+        f"{r['cpu_s']:.2f} CPU-s, {r['ms_per_group']:.2f} ms/group; {r['forwards']:.0f} "
+        f"forwards ({r['prefill_forwards']:.0f} prefill, {r['folded']:.0f} folded), "
+        f"{r['tok_per_forward']:.1f} tok/forward, decode batch {r['decode_batch']:.1f}; "
+        f"load {r['load']:.1f}; code {r['code']})"
     )
 
 
@@ -118,6 +188,24 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=16, help="groups in flight")
     parser.add_argument("--against", type=Path, default=None, help="another commit's tree")
     parser.add_argument("--reps", type=int, default=3, help="alternated pairs")
+    parser.add_argument(
+        "--path",
+        choices=("engine", "worker"),
+        default="engine",
+        help="engine: generate calls only; worker: the rollout worker's group code + reward",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="engine path: fold_prefill_tokens of this tree's engine (default: the engine's)",
+    )
+    parser.add_argument(
+        "--against-fold",
+        type=int,
+        default=None,
+        help="the same for the --against side (e.g. --against . --fold 256 --against-fold 0)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (args.warm / "config.json").is_file():
@@ -132,15 +220,16 @@ def main() -> int:
         f"long_tail_engine: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load "
         f"{os.getloadavg()}, torch threads {torch.get_num_threads()} (each pass: 1), "
         f"{args.groups} groups x {SAMPLES} samples, {args.window} in flight, T=1, "
-        f"max_new_tokens {MAX_NEW}; this tree {ROOT}, against {args.against}",
+        f"max_new_tokens {MAX_NEW}, path {args.path}; this tree {ROOT} (fold {args.fold}), "
+        f"against {args.against} (fold {args.against_fold})",
         flush=True,
     )
     ratios = []
     for rep in range(args.reps):
-        this = run_tree(ROOT, args)
+        this = run_tree(ROOT, args, args.fold)
         print(f"pair {rep + 1}:\n" + line("this", this), flush=True)
         if args.against is not None:
-            other = run_tree(args.against, args)
+            other = run_tree(args.against, args, args.against_fold)
             ratios.append(this["tok_per_cpu_s"] / other["tok_per_cpu_s"])
             print(line("against", other) + f"\n  this / against: {ratios[-1]:.2f}", flush=True)
     if ratios:

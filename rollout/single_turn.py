@@ -12,10 +12,10 @@ token or stop string removed) when a tokenizer is given, else the engine's own `
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -109,6 +109,9 @@ async def generate_group(
         raise ValueError(f"n: expected >= 1, got {n}")
     prefix = rid_prefix or f"{metadata.get('prompt_id', 'prompt')}-{uuid.uuid4().hex[:8]}"
     requests = _requests(prompt_ids, sampling, n, prefix, routed_experts_from)
+    if tokenizer is not None:  # the response text is decoded here (output_text)
+        for request in requests:
+            request.return_text = False
     start = time.monotonic()
     outputs = await engine.generate(requests)
     elapsed = time.monotonic() - start
@@ -134,17 +137,27 @@ def _requests(
 ) -> list[GenerateRequest]:
     """n one-sample requests `{prefix}-{i}`; seed + i per sample when a seed is set, so the
     samples differ yet reproduce."""
+    sampling.validate()  # once: a copy that sets n = 1 and an int seed stays valid
     seed = sampling.sampling_seed
     return [
         GenerateRequest(
             input_ids=list(prompt_ids),
-            sampling=replace(sampling, n=1, sampling_seed=None if seed is None else seed + i),
+            sampling=_sample_params(sampling, None if seed is None else seed + i),
             rid=f"{prefix}-{i}",
             return_routed_experts=routed_experts_from is not None,
             routed_experts_start_len=routed_experts_from,
         )
         for i in range(n)
     ]
+
+
+def _sample_params(sampling: SamplingParams, seed: int | None) -> SamplingParams:
+    """`replace(sampling, n=1, sampling_seed=seed)` without re-running its validation, which
+    is most of the cost of a request on the rollout's event loop (once per sample)."""
+    params = copy.copy(sampling)
+    params.n = 1
+    params.sampling_seed = seed
+    return params
 
 
 def _stop_ids(sampling: SamplingParams, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:

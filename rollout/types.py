@@ -188,6 +188,9 @@ class GenerateRequest:
     top_logprobs_num: int = 0
     """> 0: also return the this-many most likely tokens and their logprobs at each generated
     position (SGLang's name; OpenAI's top_logprobs). Computed only for requests that ask."""
+    return_text: bool = True
+    """False: the caller decodes the tokens itself, so an engine may leave `text` None (the
+    embedded engine then skips a detokenisation per sample; an HTTP engine returns it anyway)."""
 
 
 @dataclass

@@ -66,6 +66,8 @@ class EmbeddedEngine:
     fp8             quantize the model's linear weights blockwise to FP8 first
     partial_rollout True: a weight update lands between two decode steps and running
                     sequences continue under it; False: it waits until they finish
+    fold_prefill_tokens  newcomers whose prefill has at most this many tokens join the
+                    decode step's forward (one row per token) instead of a forward of their own
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class EmbeddedEngine:
         seed: int | None = None,
         name: str = "embedded",
         partial_rollout: bool = True,
+        fold_prefill_tokens: int = 0,
     ) -> None:
         if fp8:
             quantize_model_(model)
@@ -106,6 +109,7 @@ class EmbeddedEngine:
             kv_dtype=kv_dtype,
             decode=self._decode_tail if tokenizer is not None else None,
             version=version,
+            fold_prefill_tokens=fold_prefill_tokens,
         )
         self._rng = random.Random(seed)
         self.partial_rollout = partial_rollout

@@ -70,6 +70,7 @@ def build_sequences(
             stop=stop,
             seed=sample_seed(base, j),
             return_logprob=request.return_logprob,
+            return_text=request.return_text,
             top_logprobs_num=top_n,
             on_update=on_update,
             done=Future(),

@@ -45,6 +45,18 @@ def _share_key(seq: Sequence) -> tuple | None:
     return (seq.routing_start is not None, tuple(seq.prompt_ids))
 
 
+def _pair_with_leaders(
+    seqs: list[Sequence],
+) -> tuple[list[tuple[Sequence, Sequence]], list[Sequence]]:
+    """(each sequence with the one whose prefill row it uses, the distinct leaders)."""
+    leaders: dict[tuple, Sequence] = {}
+    pairs = []
+    for seq in seqs:
+        key = _share_key(seq)
+        pairs.append((seq, seq if key is None else leaders.setdefault(key, seq)))
+    return pairs, [s for s, lead in pairs if s is lead]
+
+
 def _slot_of(seq: Sequence) -> int:
     return seq.slot if seq.slot is not None else -1
 
@@ -66,6 +78,7 @@ class Scheduler:
         kv_dtype: torch.dtype | None = None,
         decode: Decode | None = None,
         version: int = 0,
+        fold_prefill_tokens: int = 0,
     ) -> None:
         if context_len < 2:
             raise ValueError(f"context_len: expected >= 2, got {context_len}")
@@ -78,6 +91,12 @@ class Scheduler:
         self.slots = SlotPool(cache, max_running, context_len, device=device)
         self.context_len = context_len
         self.max_prefill_tokens = max_prefill_tokens
+        if fold_prefill_tokens < 0:
+            raise ValueError(f"fold_prefill_tokens: expected >= 0, got {fold_prefill_tokens}")
+        # newcomers with at most this many prefill tokens (all rows) join a decode step's
+        # forward as one-token rows instead of a forward of their own (0: never)
+        self.fold_prefill_tokens = fold_prefill_tokens
+        self.num_folded_prefills = 0  # decode forwards that also prefilled newcomers
         self.decode = decode
         self.version = version
         self.paused = False
@@ -180,10 +199,13 @@ class Scheduler:
         decoding = sorted((s for s in self.running if s.cached > 0), key=_slot_of)
         self.running.extend(newcomers)
         finished: list[Sequence] = []
-        if newcomers:
-            finished += self._prefill(newcomers)
-        if decoding:
-            finished += self._decode_step(decoding)
+        if newcomers and decoding and self._foldable(newcomers):
+            finished += self._fold_step(decoding, newcomers)
+        else:
+            if newcomers:
+                finished += self._prefill(newcomers)
+            if decoding:
+                finished += self._decode_step(decoding)
         self._drop_finished()
         return finished
 
@@ -211,12 +233,7 @@ class Scheduler:
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
         """Prefill in chunks of similar length; fresh sequences with the same prompt share
         one row (`_share_key`)."""
-        leaders: dict[tuple, Sequence] = {}
-        pairs: list[tuple[Sequence, Sequence]] = []  # (sequence, the one whose row it uses)
-        for seq in seqs:
-            key = _share_key(seq)
-            pairs.append((seq, seq if key is None else leaders.setdefault(key, seq)))
-        unique = [s for s, lead in pairs if s is lead]
+        pairs, unique = _pair_with_leaders(seqs)
         unique.sort(key=lambda s: s.num_tokens)
         logits_of: dict[int, Tensor] = {}
         routes_of: dict[int, np.ndarray] = {}
@@ -232,14 +249,76 @@ class Scheduler:
                 logits_of[id(seq)] = logits[i]
                 if routes is not None:
                     routes_of[id(seq)] = routes[i, : len(rows[i])]
+        stacked = self._share_prefills(pairs, logits_of, routes_of)
+        return self._sample_append([s for s, _ in pairs], stacked)
+
+    def _share_prefills(
+        self,
+        pairs: list[tuple[Sequence, Sequence]],
+        logits_of: dict[int, Tensor],
+        routes_of: dict[int, np.ndarray],
+    ) -> Tensor:
+        """After the leaders' prefill: their K/V copied to the followers' slots, the experts
+        recorded; the stacked last-token logits [len(pairs), V] of every sequence."""
+        followers = [(seq, lead) for seq, lead in pairs if seq is not lead]
+        if followers:
+            self._copy_slots(
+                [lead.slot for _, lead in followers],
+                [seq.slot for seq, _ in followers],
+                max(lead.cached for _, lead in followers),
+            )
         for seq, lead in pairs:
-            if seq is not lead:
-                self._copy_slot(lead.slot, seq.slot, lead.cached)
-                seq.cached = lead.cached
+            seq.cached = lead.cached
             if id(lead) in routes_of:
                 seq.record_routing(routes_of[id(lead)], 0)
-        stacked = torch.stack([logits_of[id(lead)] for _, lead in pairs])
-        return self._sample_append([s for s, _ in pairs], stacked)
+        return torch.stack([logits_of[id(lead)] for _, lead in pairs])
+
+    def _foldable(self, newcomers: list[Sequence]) -> bool:
+        """Whether the newcomers' prefill (one row per distinct prompt) is small enough to
+        ride in the decode step's forward."""
+        if not self.fold_prefill_tokens:
+            return False
+        _, unique = _pair_with_leaders(newcomers)
+        return sum(s.num_tokens for s in unique) <= self.fold_prefill_tokens
+
+    def _fold_step(self, decoding: list[Sequence], newcomers: list[Sequence]) -> list[Sequence]:
+        """One forward for the decode step and the newcomers' prefill: every prompt token is
+        a one-token row of its leader's slot at its own position (the layer writes the K/V of
+        all rows before any row attends, so row j sees positions 0..j of its prompt), then
+        one sampling call for everyone. Saves a forward's fixed cost per admission."""
+        pairs, unique = _pair_with_leaders(newcomers)
+        rows = [[s.output_ids[-1]] for s in decoding]
+        slots = [s.slot for s in decoding]
+        starts = [s.cached for s in decoding]
+        spans = []
+        for lead in unique:
+            tokens = lead.prompt_ids + lead.output_ids
+            spans.append((len(rows), len(tokens)))
+            rows += [[t] for t in tokens]
+            slots += [lead.slot] * len(tokens)
+            starts += range(len(tokens))
+        self.num_folded_prefills += 1
+        self.num_prefill_rows += len(unique)
+        self.num_decode_forwards += 1
+        self.num_decode_rows += len(decoding)
+        self.decode_batch_hist[min((len(decoding) - 1).bit_length(), 11)] += 1
+        t0 = time.perf_counter()
+        logits, routes = self._forward(rows, slots, starts, [*decoding, *unique])
+        self.seconds["decode"] += time.perf_counter() - t0
+        for i, seq in enumerate(decoding):
+            if routes is not None:
+                seq.record_routing(routes[i], seq.cached)
+            seq.cached += 1
+        logits_of: dict[int, Tensor] = {}
+        routes_of: dict[int, np.ndarray] = {}
+        for lead, (first, length) in zip(unique, spans, strict=True):
+            lead.cached = length
+            logits_of[id(lead)] = logits[first + length - 1]
+            if routes is not None:
+                routes_of[id(lead)] = routes[first : first + length, 0]
+        fresh = self._share_prefills(pairs, logits_of, routes_of)
+        seqs = [*decoding, *(s for s, _ in pairs)]
+        return self._sample_append(seqs, torch.cat([logits[: len(decoding)], fresh]))
 
     def _chunks(self, seqs: list[Sequence]) -> Iterable[list[Sequence]]:
         """Consecutive groups (sorted by length) whose padded size fits the prefill budget."""
@@ -327,19 +406,27 @@ class Scheduler:
                 seq.on_update(seq)
         return finished
 
-    def _copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of slot `src` into slot `dst`.
+    def _copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
+        """Copy the first `length` cached positions of slot `src[i]` into slot `dst[i]` (the
+        dst slots distinct, none of them a source), one indexed copy per cache tensor rather
+        than one per pair and tensor (a group of 8 samples is 7 pairs x 2 tensors x layers).
+        `length` is the longest source's: a shorter source's positions past its own length
+        are copied too, harmless since a slot is never read past its own length.
 
-        Uses `cache.copy_slot` when the cache offers one; otherwise every tensor list field of
-        the cache dataclass, whose tensors are [num_slots, *, max_len, head_dim] per layer.
+        Uses `cache.copy_slot` per pair when the cache offers one; otherwise every tensor
+        list field of the cache dataclass, whose tensors are [num_slots, *, max_len, D].
         """
         cache = self.slots.cache
         if hasattr(cache, "copy_slot"):
-            cache.copy_slot(src, dst, length)
+            for s, d in zip(src, dst, strict=True):
+                cache.copy_slot(s, d, length)
             return
+        device = self.slots.device
+        src_t = torch.tensor(src, dtype=torch.int64, device=device)
+        dst_t = torch.tensor(dst, dtype=torch.int64, device=device)
         for f in dataclasses.fields(cache):
             for t in getattr(cache, f.name):
-                t[dst, :, :length] = t[src, :, :length]
+                t[dst_t, :, :length] = t[src_t, :, :length]
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:

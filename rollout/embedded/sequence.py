@@ -57,6 +57,7 @@ class Sequence:
     stop: StopRule
     seed: int
     return_logprob: bool = True
+    return_text: bool = True  # False: to_output leaves text None (the caller decodes)
     top_logprobs_num: int = 0  # > 0: record this many most likely tokens per position
     on_update: Callable[[Sequence], None] | None = None  # engine thread, after each token
     done: Future[Sequence] | None = None  # resolved with the sequence when it finishes
@@ -122,7 +123,7 @@ class Sequence:
     def to_output(self, decode: Decode | None = None) -> GenerateOutput:
         """The GenerateOutput of this sample (text decoded if `decode` is given)."""
         text = None
-        if decode is not None:
+        if decode is not None and self.return_text:
             text = decode(self.output_ids)
             if isinstance(self.matched, str) and self.finish_reason == "stop":
                 cut = text.find(self.matched)

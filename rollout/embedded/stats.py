@@ -19,6 +19,7 @@ def engine_stats(
         "num_prefill_forwards": sched.num_prefill_forwards,
         "num_decode_forwards": sched.num_decode_forwards,
         "num_decode_rows": sched.num_decode_rows,
+        "num_folded_prefills": sched.num_folded_prefills,
         **{f"decode_batch_le_{1 << i}": n for i, n in enumerate(sched.decode_batch_hist) if n},
         "num_updates": updates.count,
         "time_update_s": updates.seconds,

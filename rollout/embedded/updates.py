@@ -26,6 +26,9 @@ class WeightUpdates:
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, name: str) -> None:
         self.model, self.sched, self.name = model, sched, name
+        # a load writes into these tensors in place, so the list stays valid for the engine's
+        # life (an FP8 engine quantized its model before this)
+        self._tensors = [*model.parameters(), *model.buffers()]
         self.pending: deque[tuple[WeightUpdate, Future[None]]] = deque()
         self.count = 0
         self.seconds = 0.0  # loading the tensors (the decode views rebuild in the next forward)
@@ -33,7 +36,7 @@ class WeightUpdates:
     def apply(self, update: WeightUpdate) -> None:
         t0 = time.perf_counter()
         apply_weight_update(self.model, update)
-        mark_weights_changed(self.model)
+        mark_weights_changed(self.model, self._tensors)
         self.sched.weights_stale = True
         self.sched.version = int(update.version)
         self.seconds += time.perf_counter() - t0

@@ -20,14 +20,16 @@ if TYPE_CHECKING:
     from rollout.embedded.engine import EmbeddedEngine
 
 
-def mark_weights_changed(model: torch.nn.Module) -> None:
+def mark_weights_changed(model: torch.nn.Module, tensors: list[torch.Tensor] | None = None) -> None:
     """Bump the version counter of every parameter and buffer after an in-place weight load.
 
     The model rebuilds its fused decode weights when a tensor's version changes
     (models/decode.py); a load that writes through `.data` does not bump it, so the engine
-    does it explicitly (O(number of tensors), no data touched).
+    does it explicitly (O(number of tensors), no data touched). `tensors`: the model's
+    parameters and buffers listed once by the caller (walking the module tree is most of
+    the cost: ~0.6 ms of the toy model's ~3 ms load per update).
     """
-    for t in (*model.parameters(), *model.buffers()):
+    for t in (*model.parameters(), *model.buffers()) if tensors is None else tensors:
         increment_version(t)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,6 +49,13 @@ def test_group_of_arithmetic_samples(tokenizer) -> None:
 
     assert [r.sampling.sampling_seed for r in engine.requests] == [100, 101, 102]
     assert all(r.sampling.n == 1 and r.input_ids == prompt for r in engine.requests)
+    # each sample's params are the group's with its own n and seed; the group's are untouched
+    assert [r.sampling for r in engine.requests] == [
+        replace(sampling, n=1, sampling_seed=100 + i) for i in range(3)
+    ]
+    assert sampling.n == 1 and sampling.sampling_seed == 100
+    # the tokenizer decodes the responses here, so the engine is not asked for text
+    assert not any(r.return_text for r in engine.requests)
     assert len({r.rid for r in engine.requests}) == 3
     for episode, turn in zip(episodes, turns):
         assert episode.prompt_ids.tolist() == prompt

@@ -1,6 +1,7 @@
 """What the engine no longer does per token, and that it still sees every weight change:
 the decode-weight key is checked after a command that may touch the weights or an idle wait,
-not before every forward; a caller awaiting n sequences is woken once (latch.all_done)."""
+not before every forward; a caller awaiting n sequences is woken once (latch.all_done); a
+request with return_text False is not detokenised; shared prefills' K/V copies are batched."""
 
 from __future__ import annotations
 
@@ -103,5 +104,57 @@ def test_wait_raises_a_sequence_error_and_returns_sequences_in_order():
         failing[0].done.set_exception(RuntimeError("forward failed"))
         with pytest.raises(RuntimeError, match="forward failed"):
             asyncio.run(eng.wait(failing))
+    finally:
+        eng.shutdown()
+
+
+class CountingTokenizer:
+    """Just enough of a tokenizer for the engine's output text: counts its decodes."""
+
+    def __init__(self) -> None:
+        self.decodes = 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        self.decodes += 1
+        return " ".join(map(str, ids))
+
+
+def test_return_text_false_skips_the_engines_detokenisation():
+    tok = CountingTokenizer()
+    eng = EmbeddedEngine(tiny_model(), tokenizer=tok, eos_token_ids=[], max_running=8, seed=0)
+    try:
+
+        def request(i: int, text: bool) -> GenerateRequest:
+            params = SamplingParams(max_new_tokens=3, temperature=0.0)
+            return GenerateRequest([1, 2, 3], params, f"r{i}", return_text=text)
+
+        with_text = asyncio.run(eng.generate([request(0, True), request(1, True)]))
+        assert tok.decodes == 2
+        assert all(o.text == " ".join(map(str, o.output_ids)) for o in with_text)
+        without = asyncio.run(eng.generate([request(2, False), request(3, False)]))
+        assert tok.decodes == 2  # no decode for these two
+        assert all(o.text is None for o in without)
+        assert [o.output_ids for o in without] == [o.output_ids for o in with_text]
+    finally:
+        eng.shutdown()
+
+
+def test_shared_prefill_copies_every_pair_in_one_indexed_copy_per_tensor():
+    """_copy_slots: each destination slot gets its source's first `length` positions in
+    every cache tensor; other slots are untouched."""
+    eng = EmbeddedEngine(tiny_model(), eos_token_ids=[], max_running=6, context_len=16, seed=0)
+    try:
+        sched = eng.sched
+        layers = sched.slots.cache.layers
+        gen = torch.Generator().manual_seed(0)
+        for t in layers:
+            t.copy_(torch.randn(t.shape, generator=gen))
+        before = [t.clone() for t in layers]
+        sched._copy_slots([0, 0, 3], [1, 2, 5], 7)
+        for t, old in zip(layers, before, strict=True):
+            for src, dst in ((0, 1), (0, 2), (3, 5)):
+                assert torch.equal(t[dst, :, :7], old[src, :, :7])
+                assert torch.equal(t[dst, :, 7:], old[dst, :, 7:])
+            assert torch.equal(t[[0, 3, 4]], old[[0, 3, 4]])
     finally:
         eng.shutdown()
