@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.batching import CacheBatch
+from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope
 from models.moe import ExpertBank, TopkRouter, grouped_swiglu_in_out
@@ -184,11 +185,13 @@ def _attention(
     shape: tuple,
     eps: float,
     packed: Tensor | None,
+    plan: AttentionPlan | None,
 ) -> Tensor:
     """x [T, H] (normed) -> attention output [T, H]; cache [slots, 2 Hkv, max_len, D].
 
     T = B * L, or with `packed` (int64 [T], see decode_forward) only the real tokens: their
-    queries are scattered into the padded [B, L] layout for SDPA and gathered back after."""
+    queries are scattered into the padded [B, L] layout for SDPA and gathered back after.
+    plan: decode rows attend in segments (models/decode_attention.py)."""
     hq, hkv, d = shape
     b, length = batch.positions.shape
     tokens = x.shape[0]
@@ -205,18 +208,21 @@ def _attention(
         cache[slots, :, batch.positions.view(-1)] = kv
     else:  # padded rows: packed holds exactly the real tokens (the write rows)
         cache[batch.write_slots, :, batch.write_positions] = kv
-    if batch.first_slot is not None:  # a view: no copy of the batch's K and V
-        ctx = cache[batch.first_slot : batch.first_slot + b, :, : batch.context]
-    else:
-        ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
-    ctx = ctx.to(x.dtype)
     groups = hq // hkv
     q = qk[:, :hq]
     if packed is not None:  # padding queries are zeros; their rows are dropped below
         q = q.new_zeros(b * length, hq, d).index_copy_(0, packed, q)
     q = q.reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
     q = q.reshape(b, hkv, groups * length, d)  # q head h = kv * G + g
-    out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=batch.mask)
+    if plan is not None:  # decode rows of very different lengths: segments of the batch
+        out = segmented_attention(q, cache, plan, hkv)
+    else:
+        if batch.first_slot is not None:  # a view: no copy of the batch's K and V
+            ctx = cache[batch.first_slot : batch.first_slot + b, :, : batch.context]
+        else:
+            ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
+        ctx = ctx.to(x.dtype)
+        out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=batch.mask)
     out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b * length, hq * d)
     if packed is not None:
         out = out.index_select(0, packed)
@@ -316,9 +322,11 @@ def decode_forward(
         # (0 / -inf in the compute dtype, exactly what SDPA would build)
         mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
         batch = replace(batch, mask=mask.masked_fill_(batch.mask.logical_not(), float("-inf")))
+    plan = plan_attention(batch, batch.mask)
     routes = []
     for w, cache in zip(weights.layers, caches, strict=True):
-        x = x + _attention(_rms(x, w.in_norm, eps), w, rope, batch, cache, shape, eps, packed)
+        h = _rms(x, w.in_norm, eps)
+        x = x + _attention(h, w, rope, batch, cache, shape, eps, packed, plan)
         h = _rms(x, w.post_norm, eps)
         if w.router is None:
             x = x + _swiglu(h, w.gate_up, w.down)
