@@ -95,6 +95,12 @@ class RolloutConfig(Section):
     flight continue under the new weights (AReaL's interruptible generation; tokens keep
     their versions). False: the update waits until the running generations finish, admitting
     no new ones meanwhile (one version per sequence)."""
+    fold_prefill_tokens: int = Field(0, ge=0)
+    """Embedded engine: newly admitted sequences whose prefill (one row per distinct prompt)
+    has at most this many tokens join the running sequences' decode forward, one row per
+    prompt token, instead of a prefill forward of their own. Pays where a forward's fixed
+    cost dominates (small models, short contexts: the toy presets); each folded row reads
+    the batch's longest context, so keep it 0 (off) for long contexts."""
     threads: int = Field(1, ge=1)
     """torch threads per rollout worker."""
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)

@@ -61,6 +61,7 @@ def _embedded_engine(
         seed=job.seed,
         name=name,
         partial_rollout=job.rollout.partial_rollout,
+        fold_prefill_tokens=job.rollout.fold_prefill_tokens,
     )
 
 

@@ -18,7 +18,6 @@ and each sequence keeps the rows of the positions it asked for.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -31,30 +30,11 @@ from torch import Tensor
 from buffer.episode import routing_dtype
 from models.moe import RoutingCapture
 from rollout.embedded.kv_slots import SlotPool
+from rollout.embedded.prompt_share import pair_with_leaders, share_key, share_prefills
 from rollout.embedded.sampler import sample, sample_with_top
 from rollout.embedded.sequence import Decode, Sequence
 
 logger = logging.getLogger(__name__)
-
-
-def _share_key(seq: Sequence) -> tuple | None:
-    """Fresh sequences with equal keys can share one prefill row: same tokens, and the same
-    need for routing capture (a row captured for one serves every sequence that asks)."""
-    if seq.output_ids:
-        return None  # a re-prefill after retraction carries its own tokens
-    return (seq.routing_start is not None, tuple(seq.prompt_ids))
-
-
-def _pair_with_leaders(
-    seqs: list[Sequence],
-) -> tuple[list[tuple[Sequence, Sequence]], list[Sequence]]:
-    """(each sequence with the one whose prefill row it uses, the distinct leaders)."""
-    leaders: dict[tuple, Sequence] = {}
-    pairs = []
-    for seq in seqs:
-        key = _share_key(seq)
-        pairs.append((seq, seq if key is None else leaders.setdefault(key, seq)))
-    return pairs, [s for s, lead in pairs if s is lead]
 
 
 def _slot_of(seq: Sequence) -> int:
@@ -217,7 +197,7 @@ class Scheduler:
         budget = self.max_prefill_tokens
         while self.waiting and self.slots.num_free:
             seq = self.waiting[0]
-            key = _share_key(seq)
+            key = share_key(seq)
             cost = 0 if key is not None and key in charged else seq.num_tokens
             if admitted and cost > budget:
                 break
@@ -232,8 +212,8 @@ class Scheduler:
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
         """Prefill in chunks of similar length; fresh sequences with the same prompt share
-        one row (`_share_key`)."""
-        pairs, unique = _pair_with_leaders(seqs)
+        one row (rollout/embedded/prompt_share.py)."""
+        pairs, unique = pair_with_leaders(seqs)
         unique.sort(key=lambda s: s.num_tokens)
         logits_of: dict[int, Tensor] = {}
         routes_of: dict[int, np.ndarray] = {}
@@ -249,36 +229,15 @@ class Scheduler:
                 logits_of[id(seq)] = logits[i]
                 if routes is not None:
                     routes_of[id(seq)] = routes[i, : len(rows[i])]
-        stacked = self._share_prefills(pairs, logits_of, routes_of)
+        stacked = share_prefills(self.slots.cache, pairs, logits_of, routes_of)
         return self._sample_append([s for s, _ in pairs], stacked)
-
-    def _share_prefills(
-        self,
-        pairs: list[tuple[Sequence, Sequence]],
-        logits_of: dict[int, Tensor],
-        routes_of: dict[int, np.ndarray],
-    ) -> Tensor:
-        """After the leaders' prefill: their K/V copied to the followers' slots, the experts
-        recorded; the stacked last-token logits [len(pairs), V] of every sequence."""
-        followers = [(seq, lead) for seq, lead in pairs if seq is not lead]
-        if followers:
-            self._copy_slots(
-                [lead.slot for _, lead in followers],
-                [seq.slot for seq, _ in followers],
-                max(lead.cached for _, lead in followers),
-            )
-        for seq, lead in pairs:
-            seq.cached = lead.cached
-            if id(lead) in routes_of:
-                seq.record_routing(routes_of[id(lead)], 0)
-        return torch.stack([logits_of[id(lead)] for _, lead in pairs])
 
     def _foldable(self, newcomers: list[Sequence]) -> bool:
         """Whether the newcomers' prefill (one row per distinct prompt) is small enough to
         ride in the decode step's forward."""
         if not self.fold_prefill_tokens:
             return False
-        _, unique = _pair_with_leaders(newcomers)
+        _, unique = pair_with_leaders(newcomers)
         return sum(s.num_tokens for s in unique) <= self.fold_prefill_tokens
 
     def _fold_step(self, decoding: list[Sequence], newcomers: list[Sequence]) -> list[Sequence]:
@@ -286,7 +245,7 @@ class Scheduler:
         a one-token row of its leader's slot at its own position (the layer writes the K/V of
         all rows before any row attends, so row j sees positions 0..j of its prompt), then
         one sampling call for everyone. Saves a forward's fixed cost per admission."""
-        pairs, unique = _pair_with_leaders(newcomers)
+        pairs, unique = pair_with_leaders(newcomers)
         rows = [[s.output_ids[-1]] for s in decoding]
         slots = [s.slot for s in decoding]
         starts = [s.cached for s in decoding]
@@ -316,7 +275,7 @@ class Scheduler:
             logits_of[id(lead)] = logits[first + length - 1]
             if routes is not None:
                 routes_of[id(lead)] = routes[first : first + length, 0]
-        fresh = self._share_prefills(pairs, logits_of, routes_of)
+        fresh = share_prefills(self.slots.cache, pairs, logits_of, routes_of)
         seqs = [*decoding, *(s for s, _ in pairs)]
         return self._sample_append(seqs, torch.cat([logits[: len(decoding)], fresh]))
 
@@ -405,28 +364,6 @@ class Scheduler:
             elif seq.on_update is not None:
                 seq.on_update(seq)
         return finished
-
-    def _copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy the first `length` cached positions of slot `src[i]` into slot `dst[i]` (the
-        dst slots distinct, none of them a source), one indexed copy per cache tensor rather
-        than one per pair and tensor (a group of 8 samples is 7 pairs x 2 tensors x layers).
-        `length` is the longest source's: a shorter source's positions past its own length
-        are copied too, harmless since a slot is never read past its own length.
-
-        Uses `cache.copy_slot` per pair when the cache offers one; otherwise every tensor
-        list field of the cache dataclass, whose tensors are [num_slots, *, max_len, D].
-        """
-        cache = self.slots.cache
-        if hasattr(cache, "copy_slot"):
-            for s, d in zip(src, dst, strict=True):
-                cache.copy_slot(s, d, length)
-            return
-        device = self.slots.device
-        src_t = torch.tensor(src, dtype=torch.int64, device=device)
-        dst_t = torch.tensor(dst, dtype=torch.int64, device=device)
-        for f in dataclasses.fields(cache):
-            for t in getattr(cache, f.name):
-                t[dst_t, :, :length] = t[src_t, :, :length]
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:

@@ -14,6 +14,7 @@ import torch
 from models.decode import DecodeWeights
 from rollout.embedded import EmbeddedEngine
 from rollout.embedded.latch import all_done
+from rollout.embedded.prompt_share import copy_slots
 from rollout.types import GenerateRequest, SamplingParams
 from tests.rollout.engine_helpers import greedy_reference, tiny_model
 
@@ -140,7 +141,7 @@ def test_return_text_false_skips_the_engines_detokenisation():
 
 
 def test_shared_prefill_copies_every_pair_in_one_indexed_copy_per_tensor():
-    """_copy_slots: each destination slot gets its source's first `length` positions in
+    """copy_slots: each destination slot gets its source's first `length` positions in
     every cache tensor; other slots are untouched."""
     eng = EmbeddedEngine(tiny_model(), eos_token_ids=[], max_running=6, context_len=16, seed=0)
     try:
@@ -150,7 +151,7 @@ def test_shared_prefill_copies_every_pair_in_one_indexed_copy_per_tensor():
         for t in layers:
             t.copy_(torch.randn(t.shape, generator=gen))
         before = [t.clone() for t in layers]
-        sched._copy_slots([0, 0, 3], [1, 2, 5], 7)
+        copy_slots(sched.slots.cache, [0, 0, 3], [1, 2, 5], 7)
         for t, old in zip(layers, before, strict=True):
             for src, dst in ((0, 1), (0, 2), (3, 5)):
                 assert torch.equal(t[dst, :, :7], old[src, :, :7])
