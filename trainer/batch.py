@@ -89,6 +89,8 @@ def _response_mask(
     max_staleness: int | None,
     mask_truncated: bool = False,
 ) -> np.ndarray:
+    """One episode's response loss mask, float32 [R]: the rule `step_arrays` applies to the
+    whole step at once (kept as its per-episode statement; the tests compare the two)."""
     mask = episode.loss_mask.astype(np.float32)
     if mask_truncated and episode.finish_reason is FinishReason.LENGTH:
         return np.zeros_like(mask)
