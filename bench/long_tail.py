@@ -25,6 +25,11 @@ Other engineers share this machine: the load average is printed beside every run
     .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
         [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128] [--reps 3]
+        [--fold-prefill-tokens 256]
+
+Every mode runs with rollout.fold_prefill_tokens 256 (--fold-prefill-tokens; 0 = off): a
+newcomer's prefill rides in the running sequences' decode forward instead of a forward of its
+own (bench/long_tail_engine.py measures what that is worth).
 
 --seed changes the GRPO job only (sampling, prompt order); --data-seed the rows, the init and
 the SFT, so runs with several --seed values can share one warm start (--warm DIR: the `warm`
@@ -157,6 +162,7 @@ def job_overrides(
         f"rollout.partial_rollout={str(partial).lower()}",
         f"rollout.max_new_tokens={MAX_NEW}",
         f"rollout.max_context={MAX_CONTEXT}",
+        f"rollout.fold_prefill_tokens={args.fold_prefill_tokens}",
         f"trainer.steps={args.steps}",
         f"trainer.prompts_per_step={args.prompts}",
         f"rollout.prompts_per_lease={args.prompts}",
@@ -217,6 +223,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the modes this many times, the order reversed "
         "every other time; each async mode's ratio to the sync run of its own rep, and the median",
     )
+    parser.add_argument(
+        "--fold-prefill-tokens",
+        type=int,
+        default=256,
+        help="rollout.fold_prefill_tokens of every mode (0: a prefill forward per admission)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
     parser.add_argument("--root", type=Path, default=None, help="keep run dirs here")
     parser.add_argument("--verbose", action="store_true")
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()}, torch threads {torch.get_num_threads()}, modes {args.modes}, "
         f"{args.steps} steps (first {args.skip} skipped), {args.prompts} prompts x "
         f"{args.samples} samples, seed {args.seed} (data/SFT {args.data_seed}), "
-        f"overrides {args.set}",
+        f"fold_prefill_tokens {args.fold_prefill_tokens}, overrides {args.set}",
         flush=True,
     )
     with contextlib.ExitStack() as stack:

@@ -6,7 +6,8 @@ Ray, the trainer or the buffer: the SFT warm start of a long_tail.py run (--warm
 training prompts ("count from a to b", lognormal lengths), groups of 8 single-sample
 requests per prompt at T=1 and max_new_tokens 176 (as the rollout sends them: one
 `generate` call per group), --window groups in flight. It prints generated tokens per
-process CPU-second (every thread of the process: engine, asyncio loop), forwards, tokens per
+process CPU-second (every thread of the process: engine, asyncio loop), the CPU per group
+(all threads, and the event loop's thread alone), forwards (prefill, folded), tokens per
 forward and the mean decode batch.
 
 With --path worker each group instead goes through the rollout worker's own code, as in a
@@ -20,6 +21,8 @@ see the same load; the ratio per pair is printed. Same prompts, seeds and tokens
 sides when the engine's numerics are unchanged (the token counts show it).
 
     .venv/bin/python bench/long_tail_engine.py --warm <long_tail --root>/warm [--against DIR]
+    .venv/bin/python bench/long_tail_engine.py --warm W --path worker --against DIR
+    .venv/bin/python bench/long_tail_engine.py --warm W --against . --fold 256 --against-fold 0
 """
 
 from __future__ import annotations
@@ -77,9 +80,10 @@ def workload(args: argparse.Namespace) -> dict[str, float]:
 
     try:
         asyncio.run(everything())  # warm-up: allocations, first decode-weight build
-        before, cpu0 = engine.stats(), time.process_time()
+        before, cpu0, loop0 = engine.stats(), time.process_time(), time.thread_time()
         tokens = asyncio.run(everything())
         cpu, after = time.process_time() - cpu0, engine.stats()
+        loop = time.thread_time() - loop0  # the event loop's thread (this one)
     finally:
         core.shutdown() if args.path == "worker" else engine.shutdown()
     forwards = after["num_forwards"] - before["num_forwards"]
@@ -92,6 +96,7 @@ def workload(args: argparse.Namespace) -> dict[str, float]:
         "cpu_s": cpu,
         "tok_per_cpu_s": tokens / cpu,
         "ms_per_group": 1e3 * cpu / len(rows),
+        "loop_ms_per_group": 1e3 * loop / len(rows),
         "forwards": forwards,
         "prefill_forwards": prefills,
         "folded": folded,
@@ -140,6 +145,7 @@ def worker_core(args: argparse.Namespace) -> Any:
             f"rollout.max_context={CONTEXT}",
             f"rollout.n_samples_per_prompt={SAMPLES}",
             "seed=0",
+            *([] if args.fold is None else [f"rollout.fold_prefill_tokens={args.fold}"]),
         ],
     )
     return RolloutWorkerCore(job, model_dir=args.warm, tokenizer_dir=args.warm, worker_id="w0")
@@ -174,7 +180,8 @@ def run_tree(tree: Path, args: argparse.Namespace, fold: int | None) -> dict[str
 def line(name: str, r: dict[str, float]) -> str:
     return (
         f"  {name:<7} {r['tok_per_cpu_s']:>6.0f} tok/CPU-s ({r['tokens']:.0f} tokens in "
-        f"{r['cpu_s']:.2f} CPU-s, {r['ms_per_group']:.2f} ms/group; {r['forwards']:.0f} "
+        f"{r['cpu_s']:.2f} CPU-s, {r['ms_per_group']:.2f} ms/group of which event loop "
+        f"{r.get('loop_ms_per_group', float('nan')):.2f}; {r['forwards']:.0f} "
         f"forwards ({r['prefill_forwards']:.0f} prefill, {r['folded']:.0f} folded), "
         f"{r['tok_per_forward']:.1f} tok/forward, decode batch {r['decode_batch']:.1f}; "
         f"load {r['load']:.1f}; code {r['code']})"
@@ -198,7 +205,7 @@ def main() -> int:
         "--fold",
         type=int,
         default=None,
-        help="engine path: fold_prefill_tokens of this tree's engine (default: the engine's)",
+        help="fold_prefill_tokens of this tree's engine (default: the engine's / config's)",
     )
     parser.add_argument(
         "--against-fold",
