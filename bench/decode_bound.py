@@ -104,6 +104,55 @@ def gemv_bandwidth(reps: int) -> tuple[float, float]:
     return nbytes / best_linear / 1e9, nbytes / best_in_out / 1e9
 
 
+def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
+    """(best CPU-or-wall seconds, matmul count) of one batch-1 token's weight matmuls alone:
+    the engine's own decode weights (models/decode.py), in the step's order, two routed
+    experts per MoE layer (changing from pass to pass, as routing does), the LM head; no
+    other op. Each pass reads the same bytes as a decode step, so the weights are as cold."""
+    weights = model.decode_weights()
+    c = model.config
+    dtype = weights.embed.dtype
+    vec = {n: torch.randn(1, n, dtype=dtype) for n in {w.shape[0] for w in _matrices(weights)}}
+    vec[c.hidden_size] = torch.randn(1, c.hidden_size, dtype=dtype)
+
+    def one_pass(token: int) -> int:
+        calls = 0
+        for w in weights.layers:
+            mats = [w.qkv, w.o]
+            if w.gate_up is not None:
+                mats += [w.gate_up, w.down]
+            if w.experts_gate_up is not None:
+                e = w.experts_gate_up.shape[0]
+                for j in (token % e, (token + 1 + token // e) % e):
+                    mats += [w.experts_gate_up[j], w.experts_down[j]]
+                torch.nn.functional.linear(vec[c.hidden_size].float(), w.router_w)
+                calls += 1
+            for m in mats:
+                vec[m.shape[0]] @ m
+            calls += len(mats)
+        torch.nn.functional.linear(vec[c.hidden_size], weights.lm_head)
+        return calls + 1
+
+    passes = 16
+    best, calls = float("inf"), 0
+    one_pass(0)
+    for _ in range(reps):
+        start = clock()
+        for t in range(passes):
+            calls = one_pass(t)
+        best = min(best, (clock() - start) / passes)
+    return best, calls
+
+
+def _matrices(weights) -> list[torch.Tensor]:
+    out = []
+    for w in weights.layers:
+        out += [m for m in (w.qkv, w.o, w.gate_up, w.down) if m is not None]
+        if w.experts_gate_up is not None:
+            out += [w.experts_gate_up[0], w.experts_down[0]]
+    return out
+
+
 def generate_s(engine: EmbeddedEngine, prompt: list[int], new: int) -> float:
     params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
     start = clock()
@@ -149,6 +198,8 @@ def main() -> None:
             copies.append(copy_gbs)
             sums.append(sum_gbs)
         gemv_linear, gemv_in_out = gemv_bandwidth(args.reps)
+        with torch.inference_mode():
+            gemv_s, gemv_calls = gemv_step_s(model, args.reps)
     finally:
         engine.shutdown()
     per_token = (min(longs) - min(shorts)) / (args.long - args.short)
@@ -174,6 +225,12 @@ def main() -> None:
         f"({1 / per_token:.1f} tok/s; {args.long} - {args.short} new tokens, best of {args.reps})"
     )
     print(f"engine / copy bound      : {per_token / bound:7.2f}x   (target <= 2x)")
+    print(
+        f"the step's {gemv_calls} weight matmuls alone (engine's weights, same order, best of "
+        f"{args.reps}): {gemv_s * 1e3:.2f} ms/token = {gemv_s / bound:.2f}x the copy bound, "
+        f"{read / gemv_s / 1e9:.1f} GB/s; the rest of the engine's step: "
+        f"{(per_token - gemv_s) * 1e3:.2f} ms/token"
+    )
 
 
 if __name__ == "__main__":
