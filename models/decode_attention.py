@@ -68,11 +68,11 @@ def _best_cut(ends: list[int], lo: int, hi: int) -> tuple[int, int]:
 
 
 def plan_attention(batch: CacheBatch, mask: Tensor | None) -> AttentionPlan | None:
-    """The segments of a decode batch (L = 1, B > 1), or None for the plain single call.
+    """The segments of a decode batch (L = 1, B > 1, on the CPU), or None for the plain call.
     mask: the additive [B, 1, G, context] mask of the forward (sliced per segment)."""
     b, length = batch.positions.shape
-    if length != 1 or b == 1 or mask is None:
-        return None
+    if length != 1 or b == 1 or mask is None or batch.slots.device.type != "cpu":
+        return None  # on a GPU the plan's host reads would each be a sync
     ends = (batch.positions[:, 0] + 1).tolist()
     if _cost(b, batch.context, batch.first_slot is not None) <= sum(ends) + 2 * SEGMENT_COST:
         return None  # no split can win: two segments cost at least this much
