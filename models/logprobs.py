@@ -1,7 +1,9 @@
 """Per-token logprobs and entropies through lm_head in chunks, never holding [T, V] fp32 logits.
 
-A custom autograd function: the forward keeps only the per-token log-partition (and entropy);
-the backward recomputes each chunk's logits and forms the logit gradient in closed form
+A custom autograd function: the forward keeps only the per-token log-partition (and entropy),
+plus the chunks' logits when all of them are small (logprobs_bf16.KEEP_LOGITS_BYTES: a short
+RL pack's, ~0.6 MB on the e2e job, which saves the backward a matmul); otherwise the backward
+recomputes each chunk's logits. It forms the logit gradient in closed form
     d logp_t / dz = onehot(y_t) - p,   d H_t / dz = -p * (log p + H_t),
 with z = logits / temperature. Peak extra memory is a few [chunk_size, V] fp32 buffers for
 the forward and the backward alike (autograd through a plain chunk loop would keep every
@@ -35,6 +37,15 @@ def _compute_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return hidden.to(dtype), weight.to(dtype)
 
 
+def _fp32_store(hidden: Tensor, weight: Tensor) -> list[Tensor] | None:
+    """An empty list for the fp32 forward's chunk logits when the backward will run (hidden
+    requires grad) and all of them fit in logprobs_bf16.KEEP_LOGITS_BYTES; else None (the
+    backward recomputes each chunk: the memory stays bounded at any vocabulary)."""
+    size = hidden.shape[0] * weight.shape[0] * 4
+    keep = hidden.requires_grad and size <= logprobs_bf16.KEEP_LOGITS_BYTES
+    return [] if keep else None
+
+
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in their (autocast) dtype, fp32 accumulation inside the kernel, as float32."""
     return (a @ b).float()
@@ -55,6 +66,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.kept = logprobs_bf16.logits_store(hidden, weight)  # bf16 logits for the backward
         hidden, weight = _compute_operands(hidden, weight)
         ctx.autocast = ctx.grad_dtypes != (hidden.dtype, weight.dtype)
+        if not ctx.autocast:  # fp32: keep the chunks' logits when small, as bf16 does
+            ctx.kept = _fp32_store(hidden, weight)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -67,6 +80,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
                                             logp[rows], lse[rows], ent, ctx.kept)  # fmt: skip
                 continue
             z = _chunk_logits(hidden[s : s + chunk_size], weight, temperature)
+            if ctx.kept is not None:
+                ctx.kept.append(z)  # never written: the backward subtracts into a new tensor
             chunk_lse = torch.logsumexp(z, dim=-1)
             lse[s : s + chunk_size] = chunk_lse
             logp[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
@@ -93,9 +108,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden, dtype=hidden_dtype) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         has_entropy = grad_entropy is not None and entropy.numel() > 0
-        for s in range(0, hidden.shape[0], chunk):
+        for i, s in enumerate(range(0, hidden.shape[0], chunk)):
             h = hidden[s : s + chunk]
-            logp_all = _chunk_logits(h, weight, tau).sub_(lse[s : s + chunk, None])
+            if ctx.kept is not None:  # the forward's logits: the same numbers, no matmul
+                logp_all = ctx.kept[i] - lse[s : s + chunk, None]
+            else:
+                logp_all = _chunk_logits(h, weight, tau).sub_(lse[s : s + chunk, None])
             p = logp_all.exp()
             # the same values as 0 - g p (+ onehot g) - g' p (log p + H), fewer [chunk, V] passes
             grad_z = None
