@@ -144,6 +144,29 @@ def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
     return best, calls
 
 
+def gemv_rates(model: Glm4MoeForCausalLM, reps: int) -> dict[tuple[int, int], float]:
+    """GB/s of a one-row `x @ w` at each distinct decode-weight shape, out of cache: enough
+    random copies of the shape to pass 64 MB, each read once per pass; best of `reps`."""
+    dtype = model.decode_weights().embed.dtype
+    shapes = sorted({tuple(m.shape) for m in _matrices(model.decode_weights())})
+    rates = {}
+    gen = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        nbytes = k * n * torch.finfo(dtype).bits // 8
+        mats = [
+            torch.randn(k, n, generator=gen).to(dtype) for _ in range(max(2, 64_000_000 // nbytes))
+        ]
+        x = torch.randn(1, k, generator=gen).to(dtype)
+        best = float("inf")
+        for _ in range(reps):
+            start = clock()
+            for m in mats:
+                x @ m
+            best = min(best, (clock() - start) / len(mats))
+        rates[(k, n)] = nbytes / best / 1e9
+    return rates
+
+
 def _matrices(weights) -> list[torch.Tensor]:
     out = []
     for w in weights.layers:
@@ -200,6 +223,7 @@ def main() -> None:
         gemv_linear, gemv_in_out = gemv_bandwidth(args.reps)
         with torch.inference_mode():
             gemv_s, gemv_calls = gemv_step_s(model, args.reps)
+            rates = gemv_rates(model, 3)
     finally:
         engine.shutdown()
     per_token = (min(longs) - min(shorts)) / (args.long - args.short)
@@ -231,6 +255,8 @@ def main() -> None:
         f"{read / gemv_s / 1e9:.1f} GB/s; the rest of the engine's step: "
         f"{(per_token - gemv_s) * 1e3:.2f} ms/token"
     )
+    shapes = ", ".join(f"[{k}, {n}] {gbs:.1f}" for (k, n), gbs in rates.items())
+    print(f"one-row x @ w by weight shape [in, out], out of cache, GB/s: {shapes}")
 
 
 if __name__ == "__main__":

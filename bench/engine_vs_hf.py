@@ -139,7 +139,8 @@ def print_floor(config, prompts: list[list[int]], args, t_eng: float, t_hf: floa
         f"matmul floor: {flops.total / 1e9:.3f} GFLOP of matmuls for the real tokens "
         f"(prefill {flops.prefill / 1e9:.3f} over {sum(lens) * args.samples} prompt tokens, "
         f"decode {flops.decode / 1e9:.3f} over {len(lens) * args.samples * (NEW_TOKENS - 1)} "
-        "fed-back tokens; no padding)"
+        "fed-back tokens; no padding; each prompt counted once per sample, as transformers "
+        "computes it, while the engine prefills a prompt once for all its samples)"
     )
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         rates = matmul_rates(config, rows, dtype, args.peak_reps)
