@@ -14,6 +14,9 @@ Per layer: 1 norm, 1 qkv matmul, 1 qk-norm, 3 RoPE ops, 1 cache write, 1 cache r
 SDPA on [B, Hkv, G*L, D] (no K/V repeat), o_proj; the MoE sorts (token, expert) pairs by
 expert and runs one grouped GEMM pair (as the training path does), except for a single token
 on the CPU, which loops over its k experts (no sort, no bincount, no empty groups).
+A padded chunk runs every layer on its real tokens only (the right padding is never
+computed), and a decode batch whose rows' contexts differ widely attends in segments, each
+to its own longest context (models/decode_attention.py).
 """
 
 from __future__ import annotations
