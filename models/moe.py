@@ -32,7 +32,8 @@ class RoutingCapture:
     """Pass to a forward to record the experts chosen per MoE layer and token.
 
     After the forward, `routed_experts` is int64 [n_moe, T, k] (packed path) or
-    [n_moe, B, L, k] (cached path; rows beyond a row's length hold padding's choices),
+    [n_moe, B, L, k] (cached path; rows beyond a row's length are zeros: padding is not
+    computed, see models/decode.py),
     ordered by expert id within each token.
     """
 
