@@ -27,7 +27,7 @@ from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
 from models.logprobs import chunked_token_logprobs
 from models.moe import ExpertBank, MoE, RoutingCapture, RoutingReplay, TopkRouter
-from models.mtp import MtpLayer, next_token_ids
+from models.mtp import MtpLayer, mtp_targets, next_token_ids
 
 
 @dataclass
@@ -304,19 +304,7 @@ class Glm4MoeForCausalLM(nn.Module):
             outs.append(hidden)
         return outs
 
-    @staticmethod
-    def mtp_targets(input_ids: Tensor, cu_seqlens: Tensor, depth: int) -> tuple[Tensor, Tensor]:
-        """(target ids int64 [T], valid bool [T]) of MTP layer `depth` (0-based): row t's
-        target is input_ids[t + depth + 2] when that lies in the same sequence."""
-        shift = depth + 2
-        cu = cu_seqlens.to(input_ids.device)
-        lengths = cu[1:] - cu[:-1]
-        pack = PackInfo.build(cu, input_ids.numel())
-        valid = pack.positions + shift < torch.repeat_interleave(lengths, lengths)
-        index = (torch.arange(input_ids.numel(), device=input_ids.device) + shift).clamp(
-            max=input_ids.numel() - 1
-        )
-        return torch.where(valid, input_ids[index], torch.zeros_like(input_ids)), valid
+    mtp_targets = staticmethod(mtp_targets)  # (target ids, valid) of MTP layer `depth`
 
     # --- inference path ----------------------------------------------------------------------
     def new_kv_cache(

@@ -84,3 +84,17 @@ def next_token_ids(input_ids: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tenso
     has_next[cu_seqlens[1:].to(input_ids.device) - 1] = False
     shifted = torch.cat([input_ids[1:], input_ids.new_zeros(1)])
     return torch.where(has_next, shifted, torch.zeros_like(shifted)), has_next
+
+
+def mtp_targets(input_ids: Tensor, cu_seqlens: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+    """(target ids int64 [T], valid bool [T]) of MTP layer `depth` (0-based): row t's
+    target is input_ids[t + depth + 2] when that lies in the same sequence."""
+    shift = depth + 2
+    cu = cu_seqlens.to(input_ids.device)
+    lengths = cu[1:] - cu[:-1]
+    pack = PackInfo.build(cu, input_ids.numel())
+    valid = pack.positions + shift < torch.repeat_interleave(lengths, lengths)
+    index = (torch.arange(input_ids.numel(), device=input_ids.device) + shift).clamp(
+        max=input_ids.numel() - 1
+    )
+    return torch.where(valid, input_ids[index], torch.zeros_like(input_ids)), valid
