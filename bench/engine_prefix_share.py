@@ -3,10 +3,11 @@
 A rollout worker's lease in bench/e2e_vs_trl.py is 8 prompts x 8 samples, each sample its
 own n=1 request (rollout/single_turn.py), prompts of ~19 tokens, 8 new tokens, T=1. The
 scheduler prefills each distinct prompt once and copies its K/V into the other slots
-(`_share_key`); the peer is the same engine with one key per request (every request
-prefilled on its own row, which was the behaviour before). Both sides run the same
-requests, alternated --reps times; the figure is the best generation time per lease (CPU
-clock of this process by default, so other jobs' load does not deschedule either side).
+(`share_key` of rollout/embedded/prompt_share.py); the peer is the same engine with one key
+per request (every request prefilled on its own row, which was the behaviour before). Both
+sides run the same requests, alternated --reps times; the figure is the best generation time
+per lease (CPU clock of this process by default, so other jobs' load does not deschedule
+either side).
 
     .venv/bin/python bench/engine_prefix_share.py [--reps 5] [--threads 1] [--clock cpu]
 """
@@ -24,13 +25,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+import rollout.embedded.prompt_share as prompt_share  # noqa: E402
 import rollout.embedded.scheduler as scheduler  # noqa: E402
 from models import Glm4MoeForCausalLM, get_preset  # noqa: E402
 from rollout.embedded import EmbeddedEngine  # noqa: E402
 from rollout.types import GenerateRequest, SamplingParams  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-SHARED_KEY = scheduler._share_key
+SHARED_KEY = prompt_share.share_key
+
+
+def set_share_key(key) -> None:
+    """The key used by admission (scheduler) and by prefill pairing (prompt_share)."""
+    scheduler.share_key = prompt_share.share_key = key
 
 
 def per_request_key(seq) -> tuple | None:
@@ -84,14 +91,14 @@ def main() -> None:
         asyncio.run(one_lease(engine, requests, args.samples))  # warm-up
         for _ in range(args.reps):
             for name, key in (("shared", SHARED_KEY), ("per-request", per_request_key)):
-                scheduler._share_key = key
+                set_share_key(key)
                 before = engine.stats()["num_prefill_rows"]
                 start = clock()
                 outputs[name] = asyncio.run(one_lease(engine, requests, args.samples))
                 times[name].append(clock() - start)
                 rows[name] = engine.stats()["num_prefill_rows"] - before
     finally:
-        scheduler._share_key = SHARED_KEY
+        set_share_key(SHARED_KEY)
         engine.shutdown()
     same = sum(
         a.output_ids == b.output_ids
