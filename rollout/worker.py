@@ -75,6 +75,12 @@ def _sglang_engine(
             "rollout.partial_rollout: false (updates wait for running generations) is "
             "implemented by the embedded engine only; rollout.engine is 'sglang'"
         )
+    if job.rollout.fold_prefill_tokens:
+        raise ValueError(
+            f"rollout.fold_prefill_tokens: {job.rollout.fold_prefill_tokens} (prefills folded "
+            "into the decode step) is implemented by the embedded engine only; rollout.engine "
+            "is 'sglang': set it to 0"
+        )
     return launch_sglang_engine(job, model_dir, name=name, tokenizer_dir=tokenizer_dir)
 
 
