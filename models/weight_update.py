@@ -115,16 +115,20 @@ class WeightUpdate:
 
 def _pack(items: list[tuple[str, Tensor]], device: torch.device) -> WeightBucket:
     offsets, pos = [], 0
+    raws = []
     for _, t in items:
         offsets.append(pos)
-        pos = _aligned(pos + t.numel() * t.element_size())
-    payload = torch.empty(pos, dtype=torch.uint8, device=device)  # written once, below
-    ends = offsets[1:] + [pos]
-    for (_, t), off, end in zip(items, offsets, ends):
-        # the one device -> host copy of a cross-process update (none when device is the GPU)
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        payload[off : off + raw.numel()].copy_(raw)
-        payload[off + raw.numel() : end].zero_()  # alignment padding
+        raw = t.detach().reshape(-1).view(torch.uint8)  # reshape copies only a strided tensor
+        raws.append(raw)
+        pos = _aligned(pos + raw.numel())
+    if all(raw.device == device for raw in raws):
+        payload = _concat(raws, offsets, pos, device)
+    else:  # the one device -> host copy of a cross-process update, tensor by tensor
+        payload = torch.empty(pos, dtype=torch.uint8, device=device)  # written once, below
+        ends = offsets[1:] + [pos]
+        for raw, off, end in zip(raws, offsets, ends):
+            payload[off : off + raw.numel()].copy_(raw)
+            payload[off + raw.numel() : end].zero_()  # alignment padding
     return WeightBucket(
         names=[n for n, _ in items],
         shapes=[tuple(t.shape) for _, t in items],
@@ -132,6 +136,20 @@ def _pack(items: list[tuple[str, Tensor]], device: torch.device) -> WeightBucket
         payload=payload,
         offsets=offsets,
     )
+
+
+def _concat(raws: list[Tensor], offsets: list[int], nbytes: int, device: torch.device) -> Tensor:
+    """The payload as one torch.cat of the tensors' bytes and their zero padding: one call
+    instead of three tensor ops per tensor (about half the export's Python time)."""
+    zeros = torch.zeros(ALIGN, dtype=torch.uint8, device=device)
+    parts: list[Tensor] = []
+    ends = offsets[1:] + [nbytes]
+    for raw, off, end in zip(raws, offsets, ends):
+        parts.append(raw)
+        pad = end - off - raw.numel()
+        if pad:
+            parts.append(zeros[:pad])
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
 
 
 def _convert(
@@ -182,13 +200,14 @@ def build_weight_update(
 
 def iter_bucket_tensors(bucket: WeightBucket) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) views into the bucket's payload (no copies)."""
+    payload = bucket.payload
     for name, shape, dtype, off in zip(bucket.names, bucket.shapes, bucket.dtypes, bucket.offsets):
         torch_dtype = DTYPES[dtype]
         count = 1
         for d in shape:
             count *= d
-        nbytes = count * torch.empty((), dtype=torch_dtype).element_size()
-        yield name, bucket.payload[off : off + nbytes].view(torch_dtype).view(shape)
+        nbytes = count * torch_dtype.itemsize
+        yield name, payload[off : off + nbytes].view(torch_dtype).view(shape)
 
 
 def encode_weight_update(update: WeightUpdate) -> bytes:
