@@ -187,7 +187,7 @@ def build_weight_update(
     size = 0
     for name, tensor in named_tensors:
         group = _convert(name, tensor, block, dtype)
-        group_bytes = sum(_aligned(t.numel() * t.element_size()) for _, t in group)
+        group_bytes = sum(_aligned(t.nbytes) for _, t in group)
         if current and size + group_bytes > bucket_bytes:
             buckets.append(_pack(current, device))
             current, size = [], 0
