@@ -203,8 +203,12 @@ def _disk_prefix(module_name: str, first_mtp: int) -> str:
 
 
 def iter_hf_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(HF on-disk name, tensor view) for every tensor of the model; tied lm_head omitted."""
-    for slot in hf_slots(model).values():
+    """(HF on-disk name, tensor view) for every tensor of the model; tied lm_head omitted.
+
+    Not through the cached map: an export may run on transient storage (FSDP's all-gathered
+    parameters), which a cache entry would keep alive. The trainer keeps its own views
+    (trainer/torch_state.py HfViews)."""
+    for slot in _build_slots(model).values():
         yield from slot.items()
 
 

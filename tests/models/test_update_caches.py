@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from models import apply_weight_update, build_weight_update, iter_bucket_tensors, quantize_model_
+from models import (
+    apply_weight_update,
+    build_weight_update,
+    hf_io,
+    iter_bucket_tensors,
+    quantize_model_,
+)
 from models.hf_io import hf_slots
 from models.weight_update import ALIGN
 from tests.models.glm_helpers import full_logits, make_model
@@ -70,3 +76,11 @@ def test_export_payload_bytes_match_the_layout_and_own_their_memory() -> None:
         for p in source.parameters():
             p.add_(1.0)
     assert torch.equal(update.buckets[0].payload, before)  # a copy, not a view of the model
+
+
+def test_export_does_not_cache_views_of_the_exported_tensors() -> None:
+    model = make_model(seed=55)
+    names = [n for n, _ in model.hf_state_dict()]
+    assert model not in hf_io._SLOTS  # an export may run on transient (all-gathered) storage
+    assert names == list(hf_slots(model))  # same names, same order as the load's map
+    assert model in hf_io._SLOTS
