@@ -131,10 +131,12 @@ class RewardFn:
         episodes a hung call kept from starting are scored one by one."""
         lane = self._lanes[reward.name]
         results = await call_group(lane, reward.fn, episodes, self.timeout_s)
+        left = [e for e, result in zip(episodes, results) if result is None]
+        retried = iter(await asyncio.gather(*(self._one(reward, e) for e in left)))
         outcomes: list[Outcome] = []
-        for episode, result in zip(episodes, results):
+        for result in results:
             if result is None:
-                outcomes.append(await self._one(reward, episode))
+                outcomes.append(next(retried))
             elif result[0] == "ok":
                 outcomes.append(await self._settle(reward, result[1]))
             elif result[0] == "raised":
