@@ -18,8 +18,7 @@ runs in its own daemon thread, in a lane of that plugin only (`rewards.isolation
 most `max_workers` calls of one plugin at once): a timed-out call is abandoned, so a hung sync
 plugin fills only its own lane and never starves the other plugins (it cannot be killed, so
 plugins that can hang, such as subprocesses or HTTP, are better async, as the built-in `code`
-and `remote_rm` are). A plain sync per-episode plugin scores a group's episodes in one call
-of its lane (`rewards.sync_group`: one thread hop per group, not per episode; same deadline).
+and `remote_rm` are).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from buffer.episode import Episode
 from rewards.isolation import SyncLane
 from rewards.protocol import to_scalar
 from rewards.registry import ResolvedReward, RewardSpecLike, resolve_reward
-from rewards.sync_group import call_group
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +110,6 @@ class RewardFn:
         episode.reward = math.fsum(total)
 
     async def _run_plugin(self, reward: ResolvedReward, episodes: list[Episode]) -> list[Outcome]:
-        if not reward.batched and not reward.is_async and len(episodes) > 1:
-            return await self._sync_group(reward, episodes)
         if not reward.batched:
             return list(await asyncio.gather(*(self._one(reward, e) for e in episodes)))
         try:
@@ -125,34 +121,6 @@ class RewardFn:
         except Exception as exc:  # noqa: BLE001 - a plugin failure must not crash the batch
             message = self._describe(reward, exc)
             return [message] * len(episodes)
-
-    async def _sync_group(self, reward: ResolvedReward, episodes: list[Episode]) -> list[Outcome]:
-        """A plain sync plugin: the group in one hop of its lane (rewards.sync_group); the
-        episodes a hung call kept from starting are scored one by one."""
-        lane = self._lanes[reward.name]
-        results = await call_group(lane, reward.fn, episodes, self.timeout_s)
-        left = [e for e, result in zip(episodes, results) if result is None]
-        retried = iter(await asyncio.gather(*(self._one(reward, e) for e in left)))
-        outcomes: list[Outcome] = []
-        for result in results:
-            if result is None:
-                outcomes.append(next(retried))
-            elif result[0] == "ok":
-                outcomes.append(await self._settle(reward, result[1]))
-            elif result[0] == "raised":
-                outcomes.append(self._describe(reward, result[1]))
-            else:
-                outcomes.append(self._describe(reward, TimeoutError()))
-        return outcomes
-
-    async def _settle(self, reward: ResolvedReward, value: Any) -> Outcome:
-        """A sync call's value checked; a returned coroutine is awaited first (as _call)."""
-        try:
-            if inspect.isawaitable(value):
-                value = await asyncio.wait_for(value, self.timeout_s)
-            return self._check(reward, value)
-        except Exception as exc:  # noqa: BLE001 - a plugin failure must not crash the batch
-            return self._describe(reward, exc)
 
     async def _one(self, reward: ResolvedReward, episode: Episode) -> Outcome:
         try:
