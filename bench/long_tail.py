@@ -25,11 +25,12 @@ Other engineers share this machine: the load average is printed beside every run
     .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
         [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128] [--reps 3]
-        [--fold-prefill-tokens 256]
+        [--fold-prefill-tokens 0]
 
-Every mode runs with rollout.fold_prefill_tokens 256 (--fold-prefill-tokens; 0 = off): a
-newcomer's prefill rides in the running sequences' decode forward instead of a forward of its
-own (bench/long_tail_engine.py measures what that is worth).
+Every mode runs with the config's rollout.fold_prefill_tokens, 0 (--fold-prefill-tokens N
+folds a newcomer's prefill of up to N tokens into the running sequences' decode forward; in the
+06:29-06:37 UTC quiet pass it did not move the ratio: async2 1.74x sync with 256 over 5 reps,
+1.79x with 0 over 3; bench/long_tail_engine.py measures the engine alone).
 
 --seed changes the GRPO job only (sampling, prompt order); --data-seed the rows, the init and
 the SFT, so runs with several --seed values can share one warm start (--warm DIR: the `warm`
@@ -226,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fold-prefill-tokens",
         type=int,
-        default=256,
+        default=0,
         help="rollout.fold_prefill_tokens of every mode (0: a prefill forward per admission)",
     )
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
