@@ -63,17 +63,22 @@ def export_tree(commit: str, into: Path) -> Path:
     return tree
 
 
+def run_child(tree: Path, code: str, env: dict[str, str] | None = None) -> dict:
+    """Run `code` in a fresh interpreter from `tree`; its last stdout line is a JSON dict."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"side {tree}: exit {done.returncode}\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_side(tree: Path, args: argparse.Namespace) -> dict:
     code = CHILD.format(
         tree=str(tree), threads=args.threads, seqs=args.seqs, seq_len=args.seq_len,
         dtype=args.dtype, steps=args.steps,
     )  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"side {tree}: exit {done.returncode}\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(tree, code)
 
 
 def main() -> None:

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from trainer_bf16_before_after import ROOT, export_tree
+from trainer_bf16_before_after import ROOT, export_tree, run_child
 
 PHASES = ("take", "build", "train", "after", "export")
 OVERRIDES = [
@@ -92,12 +90,7 @@ def run_side(tree: Path, args: argparse.Namespace, tokenizer: str) -> dict[str, 
         model=str(args.model.resolve()) if args.model else "", warmup=3, steps=args.steps,
     )  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, env=env
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"side {tree}: exit {done.returncode}\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(tree, code, env)
 
 
 def main() -> None:

@@ -33,21 +33,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests/
+from trainer_step_before_after import OVERRIDES  # noqa: E402  (the e2e job's trainer overrides)
+
 from configs import load_job  # noqa: E402
 from models.checkpoint import from_pretrained  # noqa: E402
 from tests.trainer.toy import arithmetic_groups, make_tokenizer, toy_model  # noqa: E402
 from trainer.batch import build_rl_step  # noqa: E402
 from trainer.forward import trainable_logprobs  # noqa: E402
 from trainer.torch_backend import TorchBackend  # noqa: E402
-
-OVERRIDES = [
-    "trainer.share_prompt_prefix=true",
-    "trainer.lr=1e-4",
-    "trainer.lr_schedule=constant",
-    "trainer.grad_clip=1.0",
-    "algorithm.kl.coef=0.0",
-    "buffer.max_staleness=1",
-]
 
 
 def step_kwargs(job) -> dict:
