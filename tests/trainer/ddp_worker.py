@@ -8,6 +8,8 @@ r+2, ...); `run` with a one-rank DataParallel trains on both shares. Scenarios:
   fsdp     GRPO with the actor sharded by FSDP2 (one step: its sharded grad-norm sums differ in
            the last bits, and a second step can flip a near-tie MoE routing choice), plus a
            save/load round trip and weight export
+  fsdp_shared  fsdp with each group's samples packed as one prompt tree
+           (trainer.share_prompt_prefix): the same numbers as fsdp, fewer computed tokens
 Rank 0 writes {scenario: {"state": full tensors, "metrics": [...]}}. Usage:
     torchrun --nproc_per_node 2 ddp_worker.py TOKENIZER_DIR OUT.pt
 """
@@ -34,7 +36,9 @@ SCENARIOS = {
             {"advantage": "reinforce_pp", "kl": {"coef": 0.05, "mode": "reward"}}),
     "fsdp": ({"lr": 1e-3, "fsdp": True}, {"advantage": "grpo", "entropy_coef": 0.01}),
 }  # fmt: skip
-STEPS = {"ppo": 2, "rpp": 2, "fsdp": 1}
+SCENARIOS["fsdp_shared"] = SCENARIOS["fsdp"]
+SHARED = {"fsdp_shared"}  # scenarios whose steps pack prompt trees
+STEPS = {"ppo": 2, "rpp": 2, "fsdp": 1, "fsdp_shared": 1}
 
 
 def _state(tb) -> dict[str, torch.Tensor]:
@@ -48,11 +52,14 @@ def _state(tb) -> dict[str, torch.Tensor]:
     return out
 
 
-def _step(tok, i: int, dp: DataParallel):
+def _step(tok, i: int, dp: DataParallel, share: bool = False):
     """This rank's share of step i; on one rank, both shares' micro-batches (packed the same
     way, so that the comparison sees only the order of the gradient sums)."""
     groups = arithmetic_groups(tok, n_prompts=4, n_samples=4, seed=200 + i)
-    shares = [build_rl_step(groups[r::2], micro_batch_tokens=96) for r in range(2)]
+    shares = [
+        build_rl_step(groups[r::2], micro_batch_tokens=96, share_prompt_prefix=share)
+        for r in range(2)
+    ]
     return shares[dp.rank] if dp.enabled else concat_steps(shares)
 
 
@@ -62,7 +69,8 @@ def run(tokenizer_dir: str, scenario: str, dp: DataParallel) -> dict:
     tok = make_tokenizer(tokenizer_dir)
     trainer, algo = SCENARIOS[scenario]
     tb = backend(toy_model(len(tok), seed=21), trainer | {"micro_batch_tokens": 96}, algo, dp=dp)
-    metrics = [tb.train(_step(tok, i, dp)) for i in range(STEPS[scenario])]
+    share = scenario in SHARED
+    metrics = [tb.train(_step(tok, i, dp, share)) for i in range(STEPS[scenario])]
     return {"state": _state(tb), "metrics": metrics, "backend": tb}
 
 

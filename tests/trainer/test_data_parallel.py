@@ -50,11 +50,22 @@ def test_two_gloo_ranks_match_one_process(two_ranks, toy_tokenizer):
             torch.testing.assert_close(
                 ddp["state"][name], value, atol=5e-6, rtol=1e-5, msg=f"{scenario}: {name}"
             )
-        extra = {"ppo": ("kl", "value_loss"), "rpp": ("kl", "advantages"), "fsdp": ()}[scenario]
+        extra = {"ppo": ("kl", "value_loss"), "rpp": ("kl", "advantages")}.get(scenario, ())
         for got, want in zip(ddp["metrics"], single["metrics"], strict=True):
             for key in KEYS + extra:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (scenario, key)
             assert got["tokens"] == want["tokens"] > 0
+    # prompt trees under FSDP: the unshared run's numbers, with fewer tokens computed. The
+    # states get a looser bound: Adam's first step moves a weight by ~lr * g / (|g| + eps), so
+    # a gradient near eps that differs in its last bits moves it by a visible part of lr (1e-3)
+    plain, shared = two_ranks["fsdp"], two_ranks["fsdp_shared"]
+    for got, want in zip(shared["metrics"], plain["metrics"], strict=True):
+        for key in KEYS:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), ("shared", key)
+        assert got["tokens"] == want["tokens"]
+        assert got["computed_tokens"] < want["computed_tokens"]
+    for name, value in plain["state"].items():
+        torch.testing.assert_close(shared["state"][name], value, atol=1e-4, rtol=0, msg=name)
     round_trip = two_ranks["fsdp_round_trip"]
     for name, value in round_trip["first"].items():
         torch.testing.assert_close(round_trip["second"][name], value, msg=name)
