@@ -11,8 +11,6 @@ other on one embedded Ray:
   sync      buffer.max_staleness 0 (on-policy; a weight update never meets a generation)
   async1/2  max_staleness 1 / 2, rollout.partial_rollout false: a weight update waits until
             the engine's running generations finish (AReaL's non-interruptible mode)
-  bounded2  async2, but an update that has waited 0.05 s lands anyway (rollout.max_update_wait_s):
-            the generations still running continue under it (partial rollouts for stragglers)
   partial2  max_staleness 2, partial_rollout true: the update lands between two decode
             steps and long generations continue under the new weights (both versions tagged)
 
@@ -70,14 +68,12 @@ from physarum.cluster import connect
 from physarum.launch import execute
 
 PRESET = Path(configs.__file__).parent / "toy_grpo.yaml"
-# name -> (max_staleness, partial_rollout, rollout.max_update_wait_s)
-MODES: dict[str, tuple[int, bool, float | None]] = {
-    "sync": (0, False, None),
-    "async1": (1, False, None),
-    "async2": (2, False, None),
-    "bounded2": (2, False, 0.05),
-    "partial1": (1, True, None),
-    "partial2": (2, True, None),
+MODES: dict[str, tuple[int, bool]] = {  # name -> (max_staleness, partial_rollout)
+    "sync": (0, False),
+    "async1": (1, False),
+    "async2": (2, False),
+    "partial1": (1, True),
+    "partial2": (2, True),
 }
 MAX_NEW, MAX_CONTEXT = 176, 208  # the longest reference answers are ~155 tokens
 
@@ -149,7 +145,7 @@ def sft(init: Path, out: Path, tok: Any, rows: list[dict], args: argparse.Namesp
 def job_overrides(
     fx: Fixture, args: argparse.Namespace, mode: str, root: Path, rep: int = 0
 ) -> list[str]:
-    staleness, partial, update_wait = MODES[mode]
+    staleness, partial = MODES[mode]
     name = mode if rep == 0 else f"{mode}_r{rep}"
     return [
         f"name=long_tail_{name}",
@@ -165,7 +161,6 @@ def job_overrides(
         "reward.plugins=[{name: 'envs.examples.long_tail:count_reward'}]",
         f"buffer.max_staleness={staleness}",
         f"rollout.partial_rollout={str(partial).lower()}",
-        *([f"rollout.max_update_wait_s={update_wait}"] if update_wait is not None else []),
         f"rollout.max_new_tokens={MAX_NEW}",
         f"rollout.max_context={MAX_CONTEXT}",
         f"rollout.fold_prefill_tokens={args.fold_prefill_tokens}",

@@ -95,11 +95,6 @@ class RolloutConfig(Section):
     flight continue under the new weights (AReaL's interruptible generation; tokens keep
     their versions). False: the update waits until the running generations finish, admitting
     no new ones meanwhile (one version per sequence)."""
-    max_update_wait_s: float | None = Field(None, ge=0)
-    """Embedded engine with partial_rollout false: a weight update that has waited this many
-    seconds for the running generations lands anyway, and those still running continue under
-    it (tokens keep their versions): partial rollouts for the stragglers only. None: wait for
-    every one."""
     fold_prefill_tokens: int = Field(0, ge=0)
     """Embedded engine: newly admitted sequences whose prefill (one row per distinct prompt)
     has at most this many tokens join the running sequences' decode forward, one row per
@@ -117,12 +112,6 @@ class RolloutConfig(Section):
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) must be below max_context "
                 f"({self.max_context})"
-            )
-        if self.max_update_wait_s is not None and self.partial_rollout:
-            raise ValueError(
-                f"max_update_wait_s ({self.max_update_wait_s}) bounds the wait of "
-                "partial_rollout false; partial_rollout is true (updates land at once): set "
-                "partial_rollout: false or max_update_wait_s: null"
             )
         return self
 

@@ -62,7 +62,6 @@ def _embedded_engine(
         name=name,
         partial_rollout=job.rollout.partial_rollout,
         fold_prefill_tokens=job.rollout.fold_prefill_tokens,
-        max_update_wait_s=job.rollout.max_update_wait_s,
     )
 
 

@@ -68,8 +68,6 @@ class EmbeddedEngine:
                     sequences continue under it; False: it waits until they finish
     fold_prefill_tokens  newcomers whose prefill has at most this many tokens join the
                     decode step's forward (one row per token) instead of a forward of their own
-    max_update_wait_s  with partial_rollout False: an update that has waited this many seconds
-                    lands anyway; the sequences still running continue under it (both versions)
     """
 
     def __init__(
@@ -88,13 +86,7 @@ class EmbeddedEngine:
         name: str = "embedded",
         partial_rollout: bool = True,
         fold_prefill_tokens: int = 0,
-        max_update_wait_s: float | None = None,
     ) -> None:
-        if max_update_wait_s is not None and (partial_rollout or max_update_wait_s < 0):
-            raise ValueError(
-                f"max_update_wait_s: {max_update_wait_s} applies to partial_rollout False "
-                "only, and must be >= 0 (None: wait for every running sequence)"
-            )
         if fp8:
             quantize_model_(model)
         model.eval()
@@ -122,7 +114,7 @@ class EmbeddedEngine:
         self._rng = random.Random(seed)
         self.partial_rollout = partial_rollout
         # applies updates; without partial rollouts they wait for the running sequences
-        self.updates = WeightUpdates(model, self.sched, name, max_update_wait_s)
+        self.updates = WeightUpdates(model, self.sched, name)
         # (fn, its future, whether it may change the weights) or None to stop
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool] | None] = (
             queue.SimpleQueue()

@@ -2,11 +2,7 @@
 
 With partial rollouts an update is applied at once (running sequences continue under it).
 Without, it waits in `pending` until the sequences running when it arrived have finished
-(AReaL's non-interruptible mode); meanwhile the engine admits no waiting sequence. With
-`max_wait_s` too, an update that has waited that long lands anyway and the sequences still
-running continue under it, as with partial rollouts: on a long-tailed length distribution the
-wait is set by the rare longest answer, and the engine decodes it alone while nothing new is
-admitted (bench/long_tail.py).
+(AReaL's non-interruptible mode); meanwhile the engine admits no waiting sequence.
 """
 
 from __future__ import annotations
@@ -28,16 +24,12 @@ logger = logging.getLogger(__name__)
 class WeightUpdates:
     """Applies updates to `model` and sets the scheduler's version (engine thread only)."""
 
-    def __init__(
-        self, model: torch.nn.Module, sched: Scheduler, name: str, max_wait_s: float | None = None
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, sched: Scheduler, name: str) -> None:
         self.model, self.sched, self.name = model, sched, name
-        self.max_wait_s = max_wait_s
         # a load writes into these tensors in place, so the list stays valid for the engine's
         # life (an FP8 engine quantized its model before this)
         self._tensors = [*model.parameters(), *model.buffers()]
-        # (update, its future, time.monotonic() when it was queued)
-        self.pending: deque[tuple[WeightUpdate, Future[None], float]] = deque()
+        self.pending: deque[tuple[WeightUpdate, Future[None]]] = deque()
         self.count = 0
         self.seconds = 0.0  # loading the tensors (the decode views rebuild in the next forward)
 
@@ -52,19 +44,13 @@ class WeightUpdates:
         logger.info("%s: weights updated to version %d", self.name, self.sched.version)
 
     def enqueue(self, update: WeightUpdate, done: Future[None]) -> None:
-        self.pending.append((update, done, time.monotonic()))
+        self.pending.append((update, done))
         self.apply_if_drained()
 
-    def _waited_enough(self) -> bool:
-        return (
-            self.max_wait_s is not None and time.monotonic() - self.pending[0][2] >= self.max_wait_s
-        )
-
     def apply_if_drained(self) -> None:
-        """Apply the waiting updates once no sequence is running, or once the oldest has
-        waited `max_wait_s` (the running sequences then continue under it)."""
-        while self.pending and (not self.sched.running or self._waited_enough()):
-            update, done, _ = self.pending.popleft()
+        """Apply the waiting updates once no sequence is running."""
+        while self.pending and not self.sched.running:
+            update, done = self.pending.popleft()
             if not done.set_running_or_notify_cancel():
                 continue
             try:
@@ -76,6 +62,6 @@ class WeightUpdates:
 
     def fail_pending(self, error: Exception) -> None:
         while self.pending:
-            _, done, _ = self.pending.popleft()
+            _, done = self.pending.popleft()
             if done.set_running_or_notify_cancel():
                 done.set_exception(error)

@@ -10,11 +10,9 @@ import asyncio
 import copy
 
 import numpy as np
-import pytest
 import torch
 
 from buffer.episode import Episode, EpisodeGroup
-from configs.services import RolloutConfig
 from models import build_weight_update
 from rollout.embedded import EmbeddedEngine
 from rollout.types import GenerateRequest, SamplingParams
@@ -31,9 +29,7 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
-def run_update_mid_generation(
-    partial: bool, max_update_wait_s: float | None = None
-) -> tuple[object, object, list[bool], object]:
+def run_update_mid_generation(partial: bool) -> tuple[object, object, list[bool], object]:
     """A 24-token greedy generation; after its token 8 the engine thread queues an update to
     version 7 and, right behind it, a second request. Returns (first sequence, second one,
     whether the update was applied as seen after tokens 9..24 of the first, the new model)."""
@@ -45,7 +41,6 @@ def run_update_mid_generation(
         context_len=64,
         eos_token_ids=[],
         partial_rollout=partial,
-        max_update_wait_s=max_update_wait_s,
     )
     (late,) = eng.make_sequences(GenerateRequest(LATE_PROMPT, greedy(6), "late"))
     queued, applied_seen = [], []
@@ -91,27 +86,6 @@ def test_non_partial_update_waits_for_the_running_sequence_and_holds_new_ones():
     # the request queued behind the update was not admitted before it: all new weights
     assert late.versions == [7] * 6
     assert late.output_ids == greedy_reference(new_model, LATE_PROMPT, 6)
-
-
-def test_bounded_wait_lands_the_update_on_the_running_sequence():
-    """max_update_wait_s 0: the update waits for nothing; the running sequence continues
-    under it with both versions in order, as a partial rollout would (a long wait, 600 s,
-    behaves as the unbounded non-partial mode: nothing lands mid-sequence)."""
-    first, late, applied_seen, (old_model, _) = run_update_mid_generation(False, 0.0)
-    assert first.versions == [0] * 8 + [7] * 16
-    assert first.output_ids[:8] == greedy_reference(old_model, PROMPT, 8)
-    assert all(applied_seen)
-    assert late.versions == [7] * 6
-    first, _, applied_seen, _ = run_update_mid_generation(False, 600.0)
-    assert first.versions == [0] * 24 and not any(applied_seen)
-
-
-def test_bounded_wait_is_refused_with_partial_rollouts():
-    with pytest.raises(ValueError, match="max_update_wait_s"):
-        EmbeddedEngine(tiny_model(), partial_rollout=True, max_update_wait_s=1.0)
-    with pytest.raises(ValueError, match="max_update_wait_s"):
-        RolloutConfig(partial_rollout=True, max_update_wait_s=1.0)
-    assert RolloutConfig(partial_rollout=False, max_update_wait_s=0.05).max_update_wait_s == 0.05
 
 
 def test_non_partial_update_applies_at_once_when_nothing_runs():
