@@ -108,10 +108,8 @@ async def generate_group(
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
     prefix = rid_prefix or f"{metadata.get('prompt_id', 'prompt')}-{uuid.uuid4().hex[:8]}"
-    requests = _requests(prompt_ids, sampling, n, prefix, routed_experts_from)
-    if tokenizer is not None:  # the response text is decoded here (output_text)
-        for request in requests:
-            request.return_text = False
+    # with a tokenizer the response text is decoded here (output_text), not by the engine
+    requests = _requests(prompt_ids, sampling, n, prefix, routed_experts_from, tokenizer is None)
     start = time.monotonic()
     outputs = await engine.generate(requests)
     elapsed = time.monotonic() - start
@@ -134,6 +132,7 @@ def _requests(
     n: int,
     prefix: str,
     routed_experts_from: int | None,
+    return_text: bool = True,
 ) -> list[GenerateRequest]:
     """n one-sample requests `{prefix}-{i}`; seed + i per sample when a seed is set, so the
     samples differ yet reproduce."""
@@ -146,6 +145,7 @@ def _requests(
             rid=f"{prefix}-{i}",
             return_routed_experts=routed_experts_from is not None,
             routed_experts_start_len=routed_experts_from,
+            return_text=return_text,
         )
         for i in range(n)
     ]

@@ -94,12 +94,7 @@ class EmbeddedEngine:
         self.tokenizer = tokenizer
         self.name = name
         config = getattr(model, "config", None)
-        max_pos = int(getattr(config, "max_position_embeddings", 2048))
-        context_len = min(max_pos, 2048) if context_len is None else context_len
-        if context_len > max_pos:
-            raise ValueError(
-                f"context_len: {context_len} exceeds max_position_embeddings {max_pos}"
-            )
+        context_len = _context_len(context_len, config)
         self.eos_ids = frozenset(self._default_eos(eos_token_ids, config))
         self.sched = Scheduler(
             model,
@@ -392,3 +387,12 @@ class EmbeddedEngine:
         self._stopped = True
         self._commands.put(None)
         self._thread.join(timeout)
+
+
+def _context_len(asked: int | None, config: Any) -> int:
+    """Positions per KV slot: as asked (at most max_position_embeddings), else min(it, 2048)."""
+    max_pos = int(getattr(config, "max_position_embeddings", 2048))
+    context_len = min(max_pos, 2048) if asked is None else asked
+    if context_len > max_pos:
+        raise ValueError(f"context_len: {context_len} exceeds max_position_embeddings {max_pos}")
+    return context_len

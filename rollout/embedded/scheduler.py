@@ -30,7 +30,7 @@ from torch import Tensor
 from buffer.episode import routing_dtype
 from models.moe import RoutingCapture
 from rollout.embedded.kv_slots import SlotPool
-from rollout.embedded.prompt_share import pair_with_leaders, share_key, share_prefills
+from rollout.embedded.prompt_share import Pairs, pair_with_leaders, share_key, share_prefills
 from rollout.embedded.sampler import sample, sample_with_top
 from rollout.embedded.sequence import Decode, Sequence
 
@@ -179,8 +179,9 @@ class Scheduler:
         decoding = sorted((s for s in self.running if s.cached > 0), key=_slot_of)
         self.running.extend(newcomers)
         finished: list[Sequence] = []
-        if newcomers and decoding and self._foldable(newcomers):
-            finished += self._fold_step(decoding, newcomers)
+        fold = self._fold_plan(newcomers) if newcomers and decoding else None
+        if fold is not None:
+            finished += self._fold_step(decoding, *fold)
         else:
             if newcomers:
                 finished += self._prefill(newcomers)
@@ -232,20 +233,23 @@ class Scheduler:
         stacked = share_prefills(self.slots.cache, pairs, logits_of, routes_of)
         return self._sample_append([s for s, _ in pairs], stacked)
 
-    def _foldable(self, newcomers: list[Sequence]) -> bool:
-        """Whether the newcomers' prefill (one row per distinct prompt) is small enough to
-        ride in the decode step's forward."""
+    def _fold_plan(self, newcomers: list[Sequence]) -> tuple[Pairs, list[Sequence]] | None:
+        """The newcomers paired with their leaders when their prefill (one row per distinct
+        prompt) is small enough to ride in the decode step's forward; else None."""
         if not self.fold_prefill_tokens:
-            return False
-        _, unique = pair_with_leaders(newcomers)
-        return sum(s.num_tokens for s in unique) <= self.fold_prefill_tokens
+            return None
+        pairs, unique = pair_with_leaders(newcomers)
+        if sum(s.num_tokens for s in unique) > self.fold_prefill_tokens:
+            return None
+        return pairs, unique
 
-    def _fold_step(self, decoding: list[Sequence], newcomers: list[Sequence]) -> list[Sequence]:
+    def _fold_step(
+        self, decoding: list[Sequence], pairs: Pairs, unique: list[Sequence]
+    ) -> list[Sequence]:
         """One forward for the decode step and the newcomers' prefill: every prompt token is
         a one-token row of its leader's slot at its own position (the layer writes the K/V of
         all rows before any row attends, so row j sees positions 0..j of its prompt), then
         one sampling call for everyone. Saves a forward's fixed cost per admission."""
-        pairs, unique = pair_with_leaders(newcomers)
         rows = [[s.output_ids[-1]] for s in decoding]
         slots = [s.slot for s in decoding]
         starts = [s.cached for s in decoding]
