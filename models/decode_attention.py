@@ -74,12 +74,12 @@ def plan_attention(batch: CacheBatch, mask: Tensor | None) -> AttentionPlan | No
     if length != 1 or b == 1 or mask is None or batch.slots.device.type != "cpu":
         return None  # on a GPU the plan's host reads would each be a sync
     ends = (batch.positions[:, 0] + 1).tolist()
-    if _cost(b, batch.context, batch.first_slot is not None) <= sum(ends) + 2 * SEGMENT_COST:
+    plain = _cost(b, batch.context, batch.first_slot is not None)
+    if plain <= sum(ends) + 2 * SEGMENT_COST:
         return None  # no split can win: two segments cost at least this much
     slots = batch.slots.tolist()
     order = sorted(range(b), key=ends.__getitem__)
     sorted_ends = [ends[i] for i in order]
-    plain = _cost(b, batch.context, batch.first_slot is not None)
     cuts = [0, b]
     saved_total = 0
     while len(cuts) - 1 < MAX_SEGMENTS:  # greedy: the best cut of the costliest segment

@@ -27,7 +27,7 @@ from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
 from models.logprobs import chunked_token_logprobs
 from models.moe import ExpertBank, MoE, RoutingCapture, RoutingReplay, TopkRouter
-from models.mtp import MtpLayer, mtp_targets, next_token_ids
+from models.mtp import MtpLayer, next_token_ids
 
 
 @dataclass
@@ -290,7 +290,7 @@ class Glm4MoeForCausalLM(nn.Module):
         """The MTP layers over a pack, given the main model's normed hidden [T, H] of it
         (PackedOutput.hidden). Returns one [T, H] per MTP layer k (normed; lm_head of row t
         predicts input_ids[t + k + 2]); rows whose target lies past their sequence are junk
-        (use `mtp_targets`). Routing is the router's own (no capture, no replay)."""
+        (use models.mtp.mtp_targets). Routing is the router's own (no capture, no replay)."""
         if not len(self.mtp):
             raise ValueError("forward_mtp: the model has no MTP layer (num_nextn_predict_layers=0)")
         pack = PackInfo.build(cu_seqlens.to(input_ids.device), input_ids.numel())
@@ -303,8 +303,6 @@ class Glm4MoeForCausalLM(nn.Module):
             )
             outs.append(hidden)
         return outs
-
-    mtp_targets = staticmethod(mtp_targets)  # (target ids, valid) of MTP layer `depth`
 
     # --- inference path ----------------------------------------------------------------------
     def new_kv_cache(

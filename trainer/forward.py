@@ -23,6 +23,7 @@ from torch import Tensor
 from models.glm4moe import Glm4MoeForCausalLM
 from models.logprobs import chunked_token_logprobs
 from models.moe import RoutingReplay
+from models.mtp import mtp_targets
 from trainer.backend import PackedBatch
 
 
@@ -89,7 +90,7 @@ def mtp_token_loss(
     total = hidden.new_zeros((), dtype=torch.float32)
     count = hidden.new_zeros((), dtype=torch.float32)
     for depth, out in enumerate(model.forward_mtp(batch.input_ids, batch.cu_seqlens, hidden)):
-        targets, valid = model.mtp_targets(batch.input_ids, batch.cu_seqlens, depth)
+        targets, valid = mtp_targets(batch.input_ids, batch.cu_seqlens, depth)
         shift = depth + 2
         target_mask = torch.cat([batch.loss_mask[shift:], batch.loss_mask.new_zeros(shift)])
         rows = (valid & (target_mask > 0)).nonzero().squeeze(1)

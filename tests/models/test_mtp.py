@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_layers import MtpModel
 
 from models import from_pretrained, save_pretrained
+from models.mtp import mtp_targets
 from tests.models.glm_helpers import make_model, to_hf
 
 torch.set_num_threads(1)
@@ -149,7 +150,7 @@ def test_mtp_logits_match_transformers(tied: bool) -> None:
 def test_mtp_targets_are_two_tokens_ahead_within_a_sequence() -> None:
     model = _mtp_model(6)
     ids = torch.tensor([10, 11, 12, 13, 20, 21, 22])
-    targets, valid = model.mtp_targets(ids, torch.tensor([0, 4, 7]), depth=0)
+    targets, valid = mtp_targets(ids, torch.tensor([0, 4, 7]), depth=0)
     assert valid.tolist() == [True, True, False, False, True, False, False]
     assert targets[valid].tolist() == [12, 13, 22]
     assert transformers.Glm4MoeConfig.from_dict(model.config.to_hf_dict()).num_mtp_layers == 1
