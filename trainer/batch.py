@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from buffer.episode import Episode, EpisodeGroup, FinishReason
+from buffer.episode import Episode, EpisodeGroup
 from trainer.backend import FINISH_REASONS, PackedBatch
 from trainer.prefix_tree import Row, SharedLayout, plan_rows, shared_layout
 from trainer.step_arrays import StepArrays, step_arrays
@@ -81,24 +81,6 @@ def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
             bins.append([i])
             room.append(budget - lengths[i])
     return [sorted(b) for b in bins]
-
-
-def _response_mask(
-    episode: Episode,
-    current_version: int | None,
-    max_staleness: int | None,
-    mask_truncated: bool = False,
-) -> np.ndarray:
-    """One episode's response loss mask, float32 [R]: the rule `step_arrays` applies to the
-    whole step at once (kept as its per-episode statement; the tests compare the two)."""
-    mask = episode.loss_mask.astype(np.float32)
-    if mask_truncated and episode.finish_reason is FinishReason.LENGTH:
-        return np.zeros_like(mask)
-    if current_version is not None and max_staleness is not None:
-        oldest_ok = current_version - max_staleness
-        stale = (episode.versions >= 0) & (episode.versions < oldest_ok)
-        mask = np.where(stale, 0.0, mask).astype(np.float32)
-    return mask
 
 
 def _rollout_routing(

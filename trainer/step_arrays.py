@@ -6,8 +6,8 @@ the e2e job's 64 short episodes. Here the step's episodes are concatenated once,
 [prompt, response] (the unshared layout), with every per-token column the PackedBatch needs
 (ids, loss mask after the staleness and overlong masks, rollout logprobs, versions); a
 micro-batch of episodes `indices` is then one index array over them (`gather_index`). Same
-numbers as the per-episode construction (`trainer/batch._response_mask` says what the mask is;
-tests/trainer/test_step_arrays.py checks the whole StepBatch against the loop).
+numbers as the per-episode construction (tests/trainer/test_step_arrays.py keeps it, with the
+mask rule per episode, and checks the whole StepBatch against it).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def step_arrays(
     max_staleness: int | None,
     mask_truncated: bool,
 ) -> StepArrays:
-    """The step's episodes as StepArrays (masks as `trainer.batch._response_mask`)."""
+    """The step's episodes as StepArrays (masks as StepArrays.loss_mask says)."""
     n = len(episodes)
     prompt_lens = np.fromiter((len(e.prompt_ids) for e in episodes), np.int64, n)
     response_lens = np.fromiter((len(e.response_ids) for e in episodes), np.int64, n)

@@ -21,12 +21,24 @@ from tests.trainer.toy import arithmetic_groups
 from trainer.backend import FINISH_REASONS, PackedBatch
 from trainer.batch import (
     _gather_layout,
-    _response_mask,
     _rollout_routing,
     build_rl_step,
     pack_by_tokens,
 )
 from trainer.prefix_tree import SharedLayout, plan_rows
+
+
+def _response_mask(e: Episode, version, staleness, truncated: bool) -> np.ndarray:
+    """The per-episode statement of the loss-mask rule (what step_arrays does for the step):
+    all 0 for an overlong episode with mask_truncated, else 0 on tokens older than
+    version - staleness."""
+    mask = e.loss_mask.astype(np.float32)
+    if truncated and e.finish_reason is FinishReason.LENGTH:
+        return np.zeros_like(mask)
+    if version is not None and staleness is not None:
+        stale = (e.versions >= 0) & (e.versions < version - staleness)
+        mask = np.where(stale, 0.0, mask).astype(np.float32)
+    return mask
 
 
 def _ref_unshared(episodes, indices, temperature, version, staleness, truncated, r3) -> PackedBatch:

@@ -18,7 +18,7 @@ from rollout.embedded import EmbeddedEngine
 from rollout.types import GenerateRequest, SamplingParams
 from rollout.worker import spans_versions
 from tests.rollout.engine_helpers import greedy_reference, tiny_model
-from trainer.batch import _response_mask
+from trainer.step_arrays import step_arrays
 
 torch.set_num_threads(1)
 
@@ -111,13 +111,18 @@ def episode(versions: list[int], prompt_len: int = 3) -> Episode:
     )
 
 
+def _trainer_mask(e: Episode, version: int, staleness: int) -> np.ndarray:
+    """The trainer's loss mask on the episode's response (trainer/step_arrays.py)."""
+    return step_arrays([e], version, staleness, False).loss_mask[len(e.prompt_ids) :]
+
+
 def test_staleness_of_a_two_version_group_is_its_oldest_token_and_masking_agrees():
     spanning = episode([4, 4, 4, 5, 5])
     group = EpisodeGroup(prompt_id="p", episodes=[spanning, episode([5, 5])])
     # the buffer's rule: a group is as stale as its oldest generated token
     assert group.oldest_version == 4
     # taken at version 5 with max_staleness 1 (oldest 4 >= 5 - 1): masking keeps every token
-    np.testing.assert_array_equal(_response_mask(spanning, 5, 1), np.ones(5, np.float32))
+    np.testing.assert_array_equal(_trainer_mask(spanning, 5, 1), np.ones(5, np.float32))
     # built at version 6 with max_staleness 1, the version-4 tokens alone would be masked
-    np.testing.assert_array_equal(_response_mask(spanning, 6, 1), [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(_trainer_mask(spanning, 6, 1), [0, 0, 0, 1, 1])
     assert spans_versions(spanning) and not spans_versions(episode([5, 5]))
