@@ -110,6 +110,8 @@ class RewardFn:
         episode.reward = math.fsum(total)
 
     async def _run_plugin(self, reward: ResolvedReward, episodes: list[Episode]) -> list[Outcome]:
+        if not reward.batched and not reward.is_async:
+            return await self._sync_each(reward, episodes)
         if not reward.batched:
             return list(await asyncio.gather(*(self._one(reward, e) for e in episodes)))
         try:
@@ -121,6 +123,44 @@ class RewardFn:
         except Exception as exc:  # noqa: BLE001 - a plugin failure must not crash the batch
             message = self._describe(reward, exc)
             return [message] * len(episodes)
+
+    async def _sync_each(self, reward: ResolvedReward, episodes: list[Episode]) -> list[Outcome]:
+        """A sync plugin on each episode in its lane, every call under `timeout_s` from now
+        (as a wait_for per call would be: they all start here), without a task and a timer
+        per call on the event loop."""
+        lane = self._lanes[reward.name]
+        results = lane.submit(reward.fn, episodes)
+        try:
+            await asyncio.wait(results, timeout=self.timeout_s)
+        finally:  # timed out or cancelled: calls not started never start, the rest abandoned
+            late = [r for r in results if not r.done()]
+            lane.withdraw(late)
+            for result in late:
+                result.cancel()
+        outcomes: list[Outcome | None] = [None] * len(episodes)
+        awaited: dict[int, Any] = {}
+        for index, result in enumerate(results):
+            if result.cancelled():
+                outcomes[index] = self._describe(reward, TimeoutError())
+            elif (exc := result.exception()) is not None:
+                if not isinstance(exc, Exception):
+                    raise exc  # as `_one` lets it through: not a plugin failure
+                outcomes[index] = self._describe(reward, exc)
+            elif inspect.isawaitable(value := result.result()):
+                awaited[index] = value  # a plain function that returned a coroutine
+            else:
+                outcomes[index] = self._check(reward, value)
+        if awaited:
+            settled = await asyncio.gather(*(self._late(reward, v) for v in awaited.values()))
+            for index, outcome in zip(awaited, settled, strict=True):
+                outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value] - every index was filled above
+
+    async def _late(self, reward: ResolvedReward, awaitable: Any) -> Outcome:
+        try:
+            return self._check(reward, await asyncio.wait_for(awaitable, self.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a plugin failure must not crash the batch
+            return self._describe(reward, exc)
 
     async def _one(self, reward: ResolvedReward, episode: Episode) -> Outcome:
         try:

@@ -8,6 +8,10 @@ own lane: its later calls time out, the other plugins keep scoring, and daemon t
 hold the process open at exit. A lane's thread that returned waits `IDLE_S` for its next call
 before it exits: starting a thread per call cost a rollout worker ~6 % of its event loop (the
 loop blocks in Thread.start until the new thread gets the GIL from the engine's).
+
+Calls beyond the limit wait in the lane's backlog, in order; a thread that returns takes the
+next one itself, so a group's calls cost the event loop one hand-over each, not a round trip
+through the loop per freed slot. A call whose caller gave up before it started never starts.
 """
 
 from __future__ import annotations
@@ -16,10 +20,46 @@ import asyncio
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 IDLE_S = 2.0  # how long a lane's idle thread waits for another call before it exits
+
+
+@dataclass
+class _Call:
+    """One plugin call and where its outcome goes (a future of the caller's loop)."""
+
+    fn: Callable[[Any], Any]
+    arg: Any
+    loop: asyncio.AbstractEventLoop
+    result: asyncio.Future[Any]
+
+    def run(self) -> tuple[Any, BaseException | None]:
+        try:
+            return self.fn(self.arg), None
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            return None, error
+
+    def given_up(self) -> bool:
+        """The caller is gone (its loop closed) or stopped waiting (future done: cancelled);
+        read from a lane thread, where a stale answer only runs a call that is then dropped."""
+        return self.loop.is_closed() or self.result.done()
+
+    def deliver(self, value: Any, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if self.result.done():  # the caller gave up (timeout): the late answer is dropped
+                return
+            if exc is not None:
+                self.result.set_exception(exc)
+            else:
+                self.result.set_result(value)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop closed while the plugin ran: nobody is waiting
+            pass
 
 
 class SyncLane:
@@ -32,9 +72,9 @@ class SyncLane:
         self.limit = limit
         self._lock = threading.Lock()
         self._running = 0  # calls started and not yet returned (abandoned ones included)
-        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._backlog: deque[_Call] = deque()  # calls waiting for a slot, in order
         self._idle = 0  # threads waiting on _jobs for their next call
-        self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Call] = queue.SimpleQueue()
 
     @property
     def running(self) -> int:
@@ -46,45 +86,62 @@ class SyncLane:
         """`fn(arg)` in a daemon thread of this lane, once a slot is free. Cancelling the
         awaiting task (e.g. asyncio.wait_for's timeout) abandons the call; its slot (and its
         thread) free when it returns."""
-        await self._acquire()
+        (result,) = self.submit(fn, [arg])
+        try:
+            return await result
+        except asyncio.CancelledError:
+            self.withdraw([result])
+            raise
+
+    def submit(self, fn: Callable[[Any], Any], args: Sequence[Any]) -> list[asyncio.Future[Any]]:
+        """`fn(arg)` for each of `args` in this lane's threads, in order, at most `limit` at
+        once; a future of the running loop per call. Give up on calls with `withdraw`."""
         loop = asyncio.get_running_loop()
-        result: asyncio.Future[Any] = loop.create_future()
-
-        def run() -> Callable[[], None]:
-            """The call; returns how to hand its outcome to the caller (after the thread is
-            idle again, so a caller that calls once more finds it)."""
-            try:
-                value, exc = fn(arg), None
-            except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
-                value, exc = None, error
-            finally:
-                self._release()
-            return lambda: _deliver(loop, result, value, exc)
-
-        self._dispatch(run)
-        return await result
-
-    def _dispatch(self, job: Callable[[], Callable[[], None]]) -> None:
-        """Hand `job` to an idle thread of the lane, or start one."""
+        calls = [_Call(fn, arg, loop, loop.create_future()) for arg in args]
+        fresh: list[_Call] = []
         with self._lock:
-            if self._idle:
-                self._idle -= 1
-                self._jobs.put(job)
-                return
-        threading.Thread(target=self._serve, args=(job,), name=f"reward-{self.name}",
-                         daemon=True).start()  # fmt: skip
+            for call in calls:
+                if self._running < self.limit and not self._backlog:
+                    self._running += 1
+                    if self._idle:  # under the lock: an idle thread timing out sees the job
+                        self._idle -= 1
+                        self._jobs.put(call)
+                    else:
+                        fresh.append(call)
+                else:
+                    self._backlog.append(call)
+        for call in fresh:
+            threading.Thread(target=self._serve, args=(call,), name=f"reward-{self.name}",
+                             daemon=True).start()  # fmt: skip
+        return [call.result for call in calls]
 
-    def _serve(self, job: Callable[[], Callable[[], None]]) -> None:
-        """Run jobs until none came for IDLE_S. The idle count and the queue change under the
-        lock, so a job handed over as the wait times out is still run, never stranded."""
+    def withdraw(self, results: Iterable[asyncio.Future[Any]]) -> None:
+        """The calls of `results` that have not started never will (the caller gave up);
+        started ones run on, abandoned, holding their slot until they return."""
+        gone = {id(result) for result in results}
+        with self._lock:
+            if self._backlog:
+                self._backlog = deque(c for c in self._backlog if id(c.result) not in gone)
+
+    def _serve(self, call: _Call) -> None:
+        """Run calls, then backlog calls, until none came for IDLE_S. The thread counts as
+        idle (and its slot as free) before its outcome is delivered, so a caller that calls
+        again at once finds it; the idle count and the queue change under the lock, so a job
+        handed over as the wait times out is still run, never stranded."""
         while True:
-            deliver = job()
+            value, exc = call.run()
             with self._lock:
-                self._idle += 1
-            deliver()
+                following = self._next_in_backlog()  # the slot passes on
+                if following is None:
+                    self._running -= 1
+                    self._idle += 1
+            call.deliver(value, exc)
+            if following is not None:
+                call = following
+                continue
             while True:
                 try:
-                    job = self._jobs.get(timeout=IDLE_S)
+                    call = self._jobs.get(timeout=IDLE_S)
                     break
                 except queue.Empty:
                     with self._lock:
@@ -92,63 +149,10 @@ class SyncLane:
                             self._idle -= 1
                             return
 
-    async def _acquire(self) -> None:
-        with self._lock:
-            if self._running < self.limit and not self._waiters:
-                self._running += 1
-                return
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append((loop, waiter))
-        try:
-            await waiter  # _release hands its slot over (running stays counted)
-        except asyncio.CancelledError:
-            with self._lock:
-                if (loop, waiter) in self._waiters:
-                    self._waiters.remove((loop, waiter))
-                    raise
-            # the slot was handed over just as we were cancelled: pass it on
-            self._release()
-            raise
-
-    def _release(self) -> None:
-        with self._lock:
-            while self._waiters:
-                loop, waiter = self._waiters.popleft()
-                if _wake(loop, waiter):
-                    return  # the slot passes to that waiter
-            self._running -= 1
-
-
-def _wake(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> bool:
-    """Resolve `waiter` on its loop; False when that loop is gone (the slot goes elsewhere)."""
-
-    def resolve() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    try:
-        loop.call_soon_threadsafe(resolve)
-    except RuntimeError:  # loop closed
-        return False
-    return True
-
-
-def _deliver(
-    loop: asyncio.AbstractEventLoop,
-    result: asyncio.Future[Any],
-    value: Any,
-    exc: BaseException | None,
-) -> None:
-    def settle() -> None:
-        if result.done():  # the caller gave up (timeout): the late answer is dropped
-            return
-        if exc is not None:
-            result.set_exception(exc)
-        else:
-            result.set_result(value)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop closed while the plugin ran: nobody is waiting
-        pass
+    def _next_in_backlog(self) -> _Call | None:
+        """The oldest backlog call whose caller still waits (under the lock)."""
+        while self._backlog:
+            call = self._backlog.popleft()
+            if not call.given_up():
+                return call
+        return None
