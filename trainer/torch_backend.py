@@ -49,6 +49,7 @@ from trainer.batch import StepBatch
 from trainer.checkpoint import seed_everything
 from trainer.critic import ValueModel
 from trainer.distributed import DataParallel
+from trainer.export_plan import ExportPlan
 from trainer.forward import mtp_token_loss, trainable_logprobs
 from trainer.fsdp import shard_actor, to_float
 from trainer.lora_backend import AdapterFreeReference, setup_lora
@@ -134,6 +135,7 @@ class TorchBackend:
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.version = 0
         self._hf_views = torch_state.HfViews()  # the export's name -> view list, kept
+        self._export_plan = ExportPlan()  # and its bucket layout (trainer/export_plan.py)
         self.device = model.device
         self._autocast_dtype = mixed_precision.compute_dtype(cfg.dtype, self.device)
         # CPU bf16: one bf16 copy of the matmul weights per optimizer step (mixed_precision.py)

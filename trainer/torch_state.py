@@ -42,6 +42,11 @@ class HfViews:
             self._key = key
         return self._views
 
+    @property
+    def key(self) -> tuple | None:
+        """What the last `get` checked: the same key, the same views."""
+        return self._key
+
 
 def export_weights(
     model: nn.Module, fsdp_units: Any, views: HfViews | None = None
@@ -91,12 +96,19 @@ def weight_update(
         return adapter_weight_update(
             backend.lora, version, bucket_bytes=bucket_bytes, device=device
         )
+    target = dtype or backend.model.dtype
+    if backend._fsdp_units is None and fp8_block is None:  # the plain export: layout kept
+        views = backend._hf_views.get(backend.model)
+        return backend._export_plan.build(
+            backend._hf_views.key, views, version, bucket_bytes=bucket_bytes, dtype=target,
+            device=torch.device(device),
+        )  # fmt: skip
     return build_weight_update(
         backend.export_weights(),
         version,
         bucket_bytes=bucket_bytes,
         fp8_block=fp8_block,
-        dtype=dtype or backend.model.dtype,
+        dtype=target,
         device=device,
     )
 

@@ -21,8 +21,7 @@ def add_mismatch_splits(
     """Accumulate every per_token metric [T] (name -> values) over mask > 0, per finish reason
     of the token's sequence (batch.finish_codes) and per staleness (batch.policy_version)."""
     for suffix, selector in _groups(batch, mask):
-        for name, values in per_token.items():
-            stats.add_masked_mean(f"{name}/{suffix}", values, selector)
+        stats.add_masked_means({f"{n}/{suffix}": v for n, v in per_token.items()}, selector)
 
 
 def _groups(batch: PackedBatch, mask: Tensor) -> list[tuple[str, Tensor]]:

@@ -144,17 +144,17 @@ class ActorObjective:
         self, per_token: Tensor, batch: PackedBatch, old: Tensor, stats: StatSums
     ) -> Tensor:
         mask, rollout = batch.loss_mask, batch.rollout_logprobs
-        stats.add_masked_mean("mismatch_abs_diff", mismatch_abs_diff(old, rollout), mask)
-        stats.add_masked_mean("mismatch_k3", mismatch_k3(old, rollout), mask)
         split = {"mismatch_abs_diff": mismatch_abs_diff(old, rollout)}
         split["mismatch_k3"] = mismatch_k3(old, rollout)
+        stats.add_masked_means(split, mask)
         if self.importance is None:
             add_mismatch_splits(stats, batch, split, mask)
             return self._lag_mask(per_token, batch, stats)
         weights = self.importance(old, rollout, self.tis_low, self.tis_high)
         add_mismatch_splits(stats, batch, split | {"tis_clip_frac": weights.clipped}, mask)
-        stats.add_masked_mean("tis_weight", weights.weights, mask)
-        stats.add_masked_mean("tis_clip_frac", weights.clipped, mask)
+        stats.add_masked_means(
+            {"tis_weight": weights.weights, "tis_clip_frac": weights.clipped}, mask
+        )
         stats.add_masked_extremes("tis_weight", weights.weights, mask)
         return self._lag_mask(per_token * weights.weights, batch, stats)
 
@@ -177,11 +177,9 @@ class ActorObjective:
         clipped: Tensor,
     ) -> None:
         mask = batch.loss_mask
-        stats.add_masked_mean("clip_frac", clipped, mask)
-        stats.add_masked_mean("ppo_kl", old - logprobs.detach(), mask)
-        stats.add_masked_mean("ratio", ratio, mask)
+        means = {"clip_frac": clipped, "ppo_kl": old - logprobs.detach(), "ratio": ratio}
+        stats.add_masked_means(means | {"advantages": batch.advantages}, mask)
         stats.add_masked_extremes("ratio", ratio, mask)
-        stats.add_masked_mean("advantages", batch.advantages, mask)
 
     def _kl(
         self, batch: PackedBatch, logprobs: Tensor, totals: StepTotals, stats: StatSums
