@@ -117,9 +117,12 @@ class CacheBatch:
     write_rows: Tensor | None  # int64 [N] index of each real token in the flattened [B * L]
     context: int  # keys attended: cache positions [0, context), the max end over rows
     mask: Tensor  # bool [B, 1, G * L, context]: key position <= the query's own position,
-    # repeated for the G query heads of each KV head (attention runs per KV head on G*L rows)
+    # repeated for the G query heads of each KV head (attention runs per KV head on G*L rows);
+    # [B, 1, 1, context] when L = 1 (SDPA broadcasts it over the G heads)
     first_slot: int | None = None  # set when slots are first_slot, first_slot + 1, ...: the
     # cache rows are then a slice (a view), not a gather (the engine keeps slots packed)
+    host_slots: list[int] | None = None  # slots as a host list (read once by build)
+    host_ends: list[int] | None = None  # start + length of each row, a host list
 
     @classmethod
     def build(
@@ -138,38 +141,50 @@ class CacheBatch:
                 "forward_cached: slots, start_pos and lengths must all be int64 [B]; got "
                 f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
             )
-        # one host sync for all checks: min/max of lengths, min start, max end, and whether
-        # the slots are one ascending run
-        run = (slots.diff() == 1).all().to(torch.int64)
-        stats = torch.stack(
-            [
-                lengths.min(),
-                lengths.max(),
-                start_pos.min(),
-                (start_pos + lengths).max(),
-                run,
-                slots[0],
-            ]
-        ).tolist()
-        min_len, max_len_new, min_start, context, is_run, first = stats
-        first_slot = first if is_run else None
-        if min_len < 1 or max_len_new > seq_len:
+        # one host read (one sync on a GPU) for every check, the slot run and the ends that
+        # models/decode_attention.py plans with: B is at most a few hundred rows
+        host_slots, starts, lens = torch.stack([slots, start_pos, lengths]).tolist()
+        ends = [s + n for s, n in zip(starts, lens, strict=True)]
+        context = max(ends)
+        first = host_slots[0]
+        is_run = all(s == first + i for i, s in enumerate(host_slots))
+        if min(lens) < 1 or max(lens) > seq_len:
             raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")
-        if min_start < 0 or context > max_len:
+        if min(starts) < 0 or context > max_len:
             raise ValueError(
                 f"forward_cached: positions must lie in [0, max_len={max_len}); max end {context}"
             )
+        first_slot = first if is_run else None
+        keys = torch.arange(context, device=slots.device)
+        if seq_len == 1:  # decode: one query row per KV head group, shared by its G heads
+            positions = start_pos.to(torch.int64)[:, None]
+            mask = (keys <= positions).view(batch, 1, 1, context)
+            return cls(
+                slots, positions, None, None, None, context, mask, first_slot, host_slots, ends
+            )
         steps = torch.arange(seq_len, device=slots.device)
         positions = start_pos[:, None] + steps  # [B, L]
-        keys = torch.arange(context, device=slots.device)
         mask = keys <= positions[:, :, None]  # [B, L, context]
         if groups > 1:
             mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
         mask = mask.reshape(batch, 1, groups * seq_len, context)
-        if min_len == seq_len:
-            return cls(slots, positions, None, None, None, context, mask, first_slot)
+        if min(lens) == seq_len:
+            return cls(
+                slots, positions, None, None, None, context, mask, first_slot, host_slots, ends
+            )
         valid = (steps < lengths[:, None]).reshape(-1)
         rows = valid.nonzero().squeeze(1)
         write_slots = slots.repeat_interleave(seq_len)[rows]
         write_positions = positions.reshape(-1)[rows]
-        return cls(slots, positions, write_slots, write_positions, rows, context, mask, first_slot)
+        return cls(
+            slots,
+            positions,
+            write_slots,
+            write_positions,
+            rows,
+            context,
+            mask,
+            first_slot,
+            host_slots,
+            ends,
+        )

@@ -21,7 +21,7 @@ to its own longest context (models/decode_attention.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
+from models.decode_moe import moe, shared_columns, swiglu
 from models.fp8 import Fp8ExpertBank, Fp8Linear
-from models.layers import Rope
-from models.moe import ExpertBank, TopkRouter, grouped_swiglu_in_out
+from models.layers import Rope, RotaryEmbedding
+from models.moe import ExpertBank, TopkRouter
 
 
 @dataclass
@@ -50,6 +51,9 @@ class DecodeLayer:
     router_w: Tensor | None = None  # fp32 [E, H]
     experts_gate_up: Tensor | None = None  # [E, H, 2 I]
     experts_down: Tensor | None = None  # [E, I, H]
+    bank: tuple[Tensor, Tensor] | None = None  # ([E + 1, H, 2 I], [E + 1, I, H]): the routed
+    # experts then the shared one, when it has their shape (models/decode_moe.py); the four
+    # fields above are views of it
 
 
 def _in_out(w: Tensor) -> Tensor:
@@ -118,7 +122,23 @@ def _build_layer(layer: nn.Module, dtype: torch.dtype) -> DecodeLayer:
     out.router = mlp.gate
     out.router_w = mlp.gate.weight.detach().float()
     out.experts_gate_up, out.experts_down = _bank(mlp.experts, dtype)
+    shared = out.gate_up is not None and out.gate_up.shape == out.experts_gate_up.shape[1:]
+    if shared and out.gate_up.device.type == "cpu":  # a GPU gains nothing from a copy
+        e = out.experts_gate_up.shape[0]
+        gate_up = torch.cat([out.experts_gate_up, out.gate_up[None]])
+        down = torch.cat([out.experts_down, out.down[None]])
+        out.bank = gate_up, down
+        out.experts_gate_up, out.experts_down = gate_up[:e], down[:e]
+        out.gate_up, out.down = gate_up[e], down[e]
     return out
+
+
+@dataclass
+class _Norm:
+    """Scalar tensors of _rms on the CPU: eps, and each normalised width as a float."""
+
+    eps: Tensor
+    width: dict[int, Tensor]
 
 
 @dataclass
@@ -128,6 +148,21 @@ class DecodeWeights:
     embed: Tensor  # [V, H]
     norm: Tensor  # [H]
     lm_head: Tensor  # [V, H]
+    rope_table: Rope | None = None  # cos/sin [P, 1, D] of positions 0..P-1, grown on demand
+    norm_const: _Norm | None = None  # the CPU's fp32 RMSNorm (see _rms)
+
+    def rope(self, rotary: RotaryEmbedding, positions: Tensor, max_len: int) -> Rope:
+        """Rope of positions int64 [B, L] (each < max_len) gathered from a table of every
+        position < max_len: the values of rotary(positions) (elementwise math, bit-equal),
+        two gathers a forward instead of ~12 ops."""
+        table = self.rope_table
+        if table is None or table.cos.shape[0] < max_len or table.cos.device != positions.device:
+            every = torch.arange(max_len, device=positions.device)
+            table = self.rope_table = rotary(every, self.embed.dtype)
+        flat = positions.reshape(-1)
+        shape = (*positions.shape, 1, table.cos.shape[-1])
+        cos = table.cos.index_select(0, flat).view(shape)
+        return Rope(cos, table.sin.index_select(0, flat).view(shape), table.rotate)
 
     @staticmethod
     def key_of(model: nn.Module) -> tuple:
@@ -155,28 +190,34 @@ class DecodeWeights:
         dtype = model.dtype
         with torch.no_grad():
             layers = [_build_layer(layer, dtype) for layer in model.model.layers]
+        embed = model.model.embed_tokens.weight.detach()
+        norm = None
+        if embed.device.type == "cpu":
+            c = model.config
+            widths = {c.hidden_size, c.head_dim}
+            norm = _Norm(torch.tensor(c.rms_norm_eps), {n: torch.tensor(float(n)) for n in widths})
         return cls(
             key,
             layers,
-            model.model.embed_tokens.weight.detach(),
+            embed,
             model.model.norm.weight.detach(),
             model.lm_head.weight.detach(),
+            norm_const=norm,
         )
 
 
-def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _rms(x: Tensor, weight: Tensor, eps: float, const: _Norm | None = None) -> Tensor:
     """RMSNorm over the last dim; weight [..., D] may also vary over leading dims (heads)."""
+    if const is not None and x.dtype == torch.float32:
+        # F.rms_norm's own CPU ops, bit-equal: x * rsqrt(sum(x * x) / D + eps) * weight (its
+        # mean is a sum and a division there), 6 ops instead of its 7 and their dispatch
+        scale = torch.addcdiv(const.eps, (x * x).sum(-1, keepdim=True), const.width[x.shape[-1]])
+        return x * scale.rsqrt_() * weight
     if x.dtype == torch.float32:
         if weight.dim() == 1:
             return F.rms_norm(x, weight.shape, weight, eps)
         return F.rms_norm(x, weight.shape[-1:], None, eps) * weight
     return weight * F.rms_norm(x.float(), weight.shape[-1:], None, eps).to(x.dtype)
-
-
-def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    """x [..., H], gate_up [H, 2 I], down [I, H] -> [..., H]."""
-    gate, up = (x @ gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down
 
 
 def _attention(
@@ -187,104 +228,58 @@ def _attention(
     cache: Tensor,
     shape: tuple,
     eps: float,
-    packed: Tensor | None,
-    plan: AttentionPlan | None,
+    step: _Step,
 ) -> Tensor:
     """x [T, H] (normed) -> attention output [T, H]; cache [slots, 2 Hkv, max_len, D].
 
-    T = B * L, or with `packed` (int64 [T], see decode_forward) only the real tokens: their
-    queries are scattered into the padded [B, L] layout for SDPA and gathered back after.
-    plan: decode rows attend in segments (models/decode_attention.py)."""
+    T = B * L, or with `step.packed` (int64 [T], see decode_forward) only the real tokens:
+    their queries are scattered into the padded [B, L] layout for SDPA and gathered back
+    after. step.plan: decode rows attend in segments (models/decode_attention.py)."""
     hq, hkv, d = shape
     b, length = batch.positions.shape
     tokens = x.shape[0]
+    packed = step.packed
     qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
     qkv = qkv.view(tokens, hq + 2 * hkv, d)
     qk = qkv[:, : hq + hkv]
     if w.qk_norm is not None:
-        qk = _rms(qk, w.qk_norm, eps)
+        qk = _rms(qk, w.qk_norm, eps, step.norm)
     qk = rope.apply(qk)
     kv = torch.cat([qk[:, hq:], qkv[:, hq + hkv :]], dim=1)  # [T, 2 Hkv, D]
-    kv = kv.to(cache.dtype)  # the cache may be stored in another dtype than the compute
-    if batch.write_rows is None:
+    if kv.dtype != cache.dtype:  # the cache may be stored in another dtype than the compute
+        kv = kv.to(cache.dtype)
+    if step.write_index is not None:  # one index_copy_ over (token, head) rows of the cache
+        cache.view(-1, d).index_copy_(0, step.write_index, kv.view(-1, d))
+    elif batch.write_rows is None:
         slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
         cache[slots, :, batch.positions.view(-1)] = kv
     else:  # padded rows: packed holds exactly the real tokens (the write rows)
         cache[batch.write_slots, :, batch.write_positions] = kv
     groups = hq // hkv
     q = qk[:, :hq]
-    if packed is not None:  # padding queries are zeros; their rows are dropped below
-        q = q.new_zeros(b * length, hq, d).index_copy_(0, packed, q)
-    q = q.reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
-    q = q.reshape(b, hkv, groups * length, d)  # q head h = kv * G + g
-    if plan is not None:  # decode rows of very different lengths: segments of the batch
-        out = segmented_attention(q, cache, plan, hkv)
+    if length == 1:  # decode: [B, Hq, D] is [B, Hkv, G, D] as a view (q head h = kv * G + g)
+        q = q.view(b, hkv, groups, d)
+    else:
+        if packed is not None:  # padding queries are zeros; their rows are dropped below
+            q = q.new_zeros(b * length, hq, d).index_copy_(0, packed, q)
+        q = q.reshape(b, length, hkv, groups, d).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, hkv, groups * length, d)
+    if step.plan is not None:  # decode rows of very different lengths: segments of the batch
+        out = segmented_attention(q, cache, step.plan, hkv)
     else:
         if batch.first_slot is not None:  # a view: no copy of the batch's K and V
             ctx = cache[batch.first_slot : batch.first_slot + b, :, : batch.context]
         else:
             ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
-        ctx = ctx.to(x.dtype)
-        out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=batch.mask)
+        if ctx.dtype != x.dtype:
+            ctx = ctx.to(x.dtype)
+        out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=step.mask)
+    if length == 1:
+        return out.reshape(b, hq * d) @ w.o
     out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b * length, hq * d)
     if packed is not None:
         out = out.index_select(0, packed)
     return out @ w.o
-
-
-def _route(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
-    """The router of models.moe.TopkRouter without autograd bookkeeping: (experts int64
-    [N, k], weights fp32 [N, k]); experts ascending per token only when `ordered`."""
-    r = w.router
-    scores = F.linear(x if x.dtype == torch.float32 else x.float(), w.router_w).sigmoid()
-    choice = scores + r.e_score_correction_bias
-    if r.n_group > 1:
-        choice = r._mask_groups(choice)
-    experts = choice.topk(r.top_k, dim=-1).indices
-    if ordered:
-        experts = experts.sort(dim=-1).values
-    weights = scores.gather(1, experts)
-    if r.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return experts, (weights * r.scaling if r.scaling != 1.0 else weights)
-
-
-def _routed_grouped(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Tensor:
-    """Pairs sorted by expert, one grouped GEMM pair, weighted rows added back per token."""
-    k = experts.shape[1]
-    flat = experts.view(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=w.experts_gate_up.shape[0])
-    token = order // k if k > 1 else order
-    ys = grouped_swiglu_in_out(x.index_select(0, token), w.experts_gate_up, w.experts_down, counts)
-    ys = (ys * weights.view(-1)[order].unsqueeze(1)).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
-
-
-def _routed_one_token(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Tensor:
-    """x [1, H]: one GEMV pair per chosen expert, summed in ascending expert order (the
-    order in which the grouped path's index_add adds them)."""
-    ids = experts[0].tolist()
-    out = None
-    for j in sorted(range(len(ids)), key=ids.__getitem__):
-        e = ids[j]
-        y = (_swiglu(x, w.experts_gate_up[e], w.experts_down[e]) * weights[:, j : j + 1]).to(
-            x.dtype
-        )
-        out = y if out is None else out + y
-    return out
-
-
-def _moe(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
-    """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k])."""
-    experts, weights = _route(x, w, ordered)
-    if x.shape[0] == 1 and x.device.type == "cpu":  # a host sync is free on the CPU
-        out = _routed_one_token(x, w, experts, weights)
-    else:
-        out = _routed_grouped(x, w, experts, weights)
-    if w.gate_up is not None:
-        out = out + _swiglu(x, w.gate_up, w.down)
-    return out, experts
 
 
 def _unpack(x: Tensor, packed: Tensor | None, rows: int) -> Tensor:
@@ -292,6 +287,35 @@ def _unpack(x: Tensor, packed: Tensor | None, rows: int) -> Tensor:
     if packed is None:
         return x
     return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, packed, x)
+
+
+@dataclass
+class _Step:
+    """What every layer of one forward shares, computed once by decode_forward."""
+
+    packed: Tensor | None  # int64 [T] real tokens of the flat [B L]; None: all are real
+    write_index: Tensor | None  # int64 [T 2 Hkv]: rows of cache.view(-1, D) the new K, V go to
+    mask: Tensor | None  # additive [B, 1, G L or 1, context]; None: every key is visible
+    plan: AttentionPlan | None  # decode rows attending in segments
+    norm: _Norm | None  # DecodeWeights.norm_const
+
+
+def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor | None:
+    """Row (slot, head, position) of every new token's K and V heads in a layer's cache
+    viewed as [slots * 2 Hkv * max_len, D]: one index_copy_ per layer writes them all
+    (advanced-index assignment with a slice between the indices costs ~10x more). None when
+    a cache is not contiguous (then the layers index it directly)."""
+    if not all(c.is_contiguous() for c in caches):
+        return None
+    _, heads, max_len, _ = caches[0].shape
+    if batch.write_rows is None:
+        slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
+        positions = batch.positions.view(-1)
+    else:
+        slots, positions = batch.write_slots, batch.write_positions
+    head = torch.arange(heads, device=slots.device)
+    rows = slots.to(torch.int64)[:, None] * heads + head
+    return (rows * max_len + positions[:, None]).view(-1)
 
 
 def decode_forward(
@@ -318,23 +342,26 @@ def decode_forward(
     rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
     if packed is not None:
         rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
-    if b == 1 and length == 1:  # one new token: it attends to every cached position
-        batch = replace(batch, mask=None)
-    else:
+    step = _Step(packed, _write_index(batch, caches, length), None, None, weights.norm_const)
+    if b > 1 or length > 1:
         # SDPA turns a bool mask into an additive one on every call: do it once per forward
         # (0 / -inf in the compute dtype, exactly what SDPA would build)
         mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
-        batch = replace(batch, mask=mask.masked_fill_(batch.mask.logical_not(), float("-inf")))
-    plan = plan_attention(batch, batch.mask)
+        step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
+        step.plan = plan_attention(batch, step.mask)
     routes = []
+    norm = step.norm
+    shared = None  # the shared expert's choice columns, the same for every MoE layer
     for w, cache in zip(weights.layers, caches, strict=True):
-        h = _rms(x, w.in_norm, eps)
-        x = x + _attention(h, w, rope, batch, cache, shape, eps, packed, plan)
-        h = _rms(x, w.post_norm, eps)
+        h = _rms(x, w.in_norm, eps, norm)
+        x = x.add_(_attention(h, w, rope, batch, cache, shape, eps, step))  # x is ours
+        h = _rms(x, w.post_norm, eps, norm)
         if w.router is None:
-            x = x + _swiglu(h, w.gate_up, w.down)
+            x.add_(swiglu(h, w.gate_up, w.down))
             continue
-        out, experts = _moe(h, w, capture)
+        if shared is None and w.bank is not None and x.shape[0] > 1:
+            shared = shared_columns(w, x.shape[0], x.device)
+        out, experts = moe(h, w, capture, shared)
         routes.append(_unpack(experts, packed, rows))
-        x = x + out
+        x.add_(out)
     return _unpack(x, packed, rows).view(b, length, -1), routes

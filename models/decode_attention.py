@@ -73,11 +73,13 @@ def plan_attention(batch: CacheBatch, mask: Tensor | None) -> AttentionPlan | No
     b, length = batch.positions.shape
     if length != 1 or b == 1 or mask is None or batch.slots.device.type != "cpu":
         return None  # on a GPU the plan's host reads would each be a sync
-    ends = (batch.positions[:, 0] + 1).tolist()
+    ends = batch.host_ends  # L = 1: each row's new position + 1
+    if ends is None:
+        ends = (batch.positions[:, 0] + 1).tolist()
     plain = _cost(b, batch.context, batch.first_slot is not None)
     if plain <= sum(ends) + 2 * SEGMENT_COST:
         return None  # no split can win: two segments cost at least this much
-    slots = batch.slots.tolist()
+    slots = batch.slots.tolist() if batch.host_slots is None else batch.host_slots
     order = sorted(range(b), key=ends.__getitem__)
     sorted_ends = [ends[i] for i in order]
     cuts = [0, b]
@@ -124,7 +126,8 @@ def segmented_attention(q: Tensor, cache: Tensor, plan: AttentionPlan, hkv: int)
             ctx = cache[s.first_slot : s.first_slot + s.end - s.start, :, : s.context]
         else:
             ctx = cache[:, :, : s.context].index_select(0, s.slots)
-        ctx = ctx.to(q.dtype)
+        if ctx.dtype != q.dtype:
+            ctx = ctx.to(q.dtype)
         outs.append(
             F.scaled_dot_product_attention(
                 q[s.start : s.end], ctx[:, :hkv], ctx[:, hkv:], attn_mask=s.mask

@@ -348,14 +348,14 @@ class Glm4MoeForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
         b, length = input_ids.shape
-        # the engine builds its index tensors on the host; a no-op when they are on the device
-        input_ids, slots, start_pos, lengths = (
-            t.to(self.device) for t in (input_ids, slots, start_pos, lengths)
-        )
+        weights = self.decode_weights() if weights is None else weights
+        device = weights.embed.device
+        rows = (input_ids, slots, start_pos, lengths)
+        if any(t.device != device for t in rows):  # the engine builds them on the host
+            input_ids, slots, start_pos, lengths = (t.to(device) for t in rows)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         batch = CacheBatch.build(slots, start_pos, lengths, length, cache.max_len, groups)
-        weights = self.decode_weights() if weights is None else weights
-        rope = self.model.rotary_emb(batch.positions, weights.embed.dtype)
+        rope = weights.rope(self.model.rotary_emb, batch.positions, cache.max_len)
         x, routes = decode_forward(
             self, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
         )

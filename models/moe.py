@@ -188,10 +188,10 @@ def grouped_swiglu_in_out(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Ten
     first), down [E, I, H], counts int64 [E] -> [M, H]. Same per-group products as
     `expert_swiglu` on the transposed weights; the CPU kernel reads the [in, out] layout
     faster (models/decode.py stores it contiguous there)."""
-    offs = counts.cumsum(0).to(torch.int32)
+    offs = counts.cumsum(0, dtype=torch.int32)
     grouped = _cuda_grouped_mm if xs.is_cuda else _grouped_mm
     gate, up = grouped(xs, gate_up, offs=offs).chunk(2, dim=-1)
-    return grouped(F.silu(gate) * up, down, offs=offs)
+    return grouped(F.silu(gate, inplace=True).mul_(up), down, offs=offs)  # no grad here
 
 
 class ExpertBank(nn.Module):

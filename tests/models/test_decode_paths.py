@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import models.decode as decode
+import models.decode_moe as decode_moe
 from models import RoutingCapture
 from tests.models.glm_helpers import full_logits, make_model
 
@@ -39,12 +40,12 @@ def test_one_token_moe_equals_the_grouped_moe() -> None:
     w = model.decode_weights()
     layer = next(lw for lw in w.layers if lw.router is not None)
     x = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    experts, weights = decode._route(x, layer, ordered=False)
+    experts, weights = decode_moe.route(x, layer, ordered=False)
     assert len({tuple(sorted(e)) for e in experts.tolist()}) > 2  # the routing varies
-    grouped = decode._routed_grouped(x, layer, experts, weights)
+    grouped = decode_moe.routed_grouped(x, layer, experts, weights)
     for i in range(x.shape[0]):
         row = slice(i, i + 1)
-        one = decode._routed_one_token(x[row], layer, experts[row], weights[row])
+        one = decode_moe.routed_one_token(x[row], layer, experts[row], weights[row])
         torch.testing.assert_close(one, grouped[row], rtol=1e-6, atol=1e-6)
 
 
@@ -109,3 +110,21 @@ def test_padded_prefill_computes_real_tokens_only() -> None:
         for layer, alone_layer in zip(cache.layers, alone_cache.layers, strict=True):
             torch.testing.assert_close(layer[i, :, :n], alone_layer[0, :, :n], rtol=1e-5, atol=1e-5)
             assert (layer[i, :, n:] == 0).all()  # nothing written past the row's tokens
+
+
+def test_shared_expert_in_the_grouped_gemms_is_bit_equal_to_adding_it_after() -> None:
+    """The shared expert folded into the bank (expert E, weight 1) gives exactly the sum of
+    the routed experts plus the separate shared SwiGLU; RMSNorm in plain ops equals F.rms_norm."""
+    model = make_model(seed=23)
+    layer = next(lw for lw in model.decode_weights().layers if lw.router is not None)
+    assert layer.bank is not None and layer.bank[0].shape[0] == layer.experts_gate_up.shape[0] + 1
+    x = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    experts, weights = decode_moe.route(x, layer, ordered=False)
+    want = decode_moe.routed_grouped(x, layer, experts, weights)
+    want = want + decode_moe.swiglu(x, layer.gate_up, layer.down)
+    got, _ = decode_moe.moe(x, layer, ordered=False)
+    assert torch.equal(got, want)
+    norm = model.decode_weights().norm_const
+    w = torch.randn(x.shape[1])
+    ref = torch.nn.functional.rms_norm(x, w.shape, w, model.config.rms_norm_eps)
+    assert torch.equal(decode._rms(x, w, model.config.rms_norm_eps, norm), ref)
