@@ -66,3 +66,37 @@ def test_lane_reuses_its_thread_and_lets_it_go_when_idle(monkeypatch) -> None:
     ):
         time.sleep(0.05)
     assert not any(t.name == "reward-brief" for t in threading.enumerate())
+
+
+def test_lane_backlog_keeps_the_limit_and_skips_withdrawn_calls() -> None:
+    """Calls past the limit wait in the backlog and run on the lane's own threads as they
+    free (no thread beyond the limit); a call withdrawn before it started never runs."""
+    import threading
+    import time
+
+    from rewards.isolation import SyncLane
+
+    lane = SyncLane("burst", limit=2)
+    gate = threading.Event()
+    ran: list[tuple[int, int]] = []
+
+    def held(x: int) -> int:
+        ran.append((x, threading.get_ident()))
+        gate.wait(30)
+        return x * 10
+
+    async def scenario() -> list[int]:
+        results = lane.submit(held, list(range(6)))
+        deadline = time.monotonic() + 30
+        while len(ran) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert lane.running == 2 and len(ran) == 2  # the other four wait for a slot
+        lane.withdraw(results[5:])
+        results[5].cancel()
+        gate.set()
+        return list(await asyncio.gather(*results[:5]))
+
+    assert asyncio.run(scenario()) == [0, 10, 20, 30, 40]
+    assert sorted(x for x, _ in ran) == [0, 1, 2, 3, 4]  # 5 was withdrawn before it started
+    assert len({thread for _, thread in ran}) == 2
+    assert lane.running == 0
