@@ -346,8 +346,11 @@ def decode_forward(
     if b > 1 or length > 1:
         # SDPA turns a bool mask into an additive one on every call: do it once per forward
         # (0 / -inf in the compute dtype, exactly what SDPA would build)
-        mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
-        step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
+        if x.dtype == torch.get_default_dtype():  # one op: where's scalars take that dtype
+            step.mask = torch.where(batch.mask, 0.0, float("-inf"))
+        else:
+            mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
+            step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
         step.plan = plan_attention(batch, step.mask)
     routes = []
     norm = step.norm
@@ -365,3 +368,9 @@ def decode_forward(
         routes.append(_unpack(experts, packed, rows))
         x.add_(out)
     return _unpack(x, packed, rows).view(b, length, -1), routes
+
+
+def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:
+    """Hidden rows [..., H] before the final norm -> float32 logits [..., V]."""
+    logits = F.linear(_rms(x, weights.norm, eps, weights.norm_const), weights.lm_head)
+    return logits if logits.dtype == torch.float32 else logits.float()

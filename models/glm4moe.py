@@ -14,14 +14,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import moe
 from models.attention import Attention
 from models.batching import CacheBatch, PackInfo, TreeLayout
 from models.config import ModelConfig
-from models.decode import DecodeWeights, decode_forward
+from models.decode import DecodeWeights, decode_forward, decode_logits
 from models.hf_io import iter_hf_tensors, load_hf_tensors
 from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
@@ -364,7 +363,7 @@ class Glm4MoeForCausalLM(nn.Module):
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
         if not all_logits:
             x = x[:, 0] if length == 1 else x[torch.arange(b, device=x.device), lengths - 1]
-        return F.linear(self.model.norm(x), weights.lm_head).float()
+        return decode_logits(weights, x, self.config.rms_norm_eps)
 
     def decode_weights(self) -> DecodeWeights:
         """The fused inference views of the weights, rebuilt when any weight changed."""
