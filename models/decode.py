@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
-from models.decode_moe import moe, shared_columns, swiglu
+from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope, RotaryEmbedding
 from models.moe import ExpertBank, TopkRouter
@@ -362,7 +362,7 @@ def decode_forward(
         if w.router is None:
             x.add_(swiglu(h, w.gate_up, w.down))
             continue
-        if shared is None and w.bank is not None and x.shape[0] > 1:
+        if shared is None and w.bank is not None and 1 < x.shape[0] <= FOLD_MAX_TOKENS:
             shared = shared_columns(w, x.shape[0], x.device)
         out, experts = moe(h, w, capture, shared)
         routes.append(_unpack(experts, packed, rows))

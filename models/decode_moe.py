@@ -46,6 +46,11 @@ def route(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
     return experts, (weights * r.scaling if r.scaling != 1.0 else weights)
 
 
+# Folding the shared expert in saves 6 ops but gathers, scales and index_adds N more rows:
+# a decode batch (N <= 64) gains, a 2,000-token prefill lost 5 % (bench/decode_before_after.py)
+FOLD_MAX_TOKENS = 128
+
+
 def shared_columns(w: DecodeLayer, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The shared expert's choice column for n tokens: its id E (int64 [n, 1]) in w.bank and
     its weight 1.0 (fp32 [n, 1]). The same for every layer of a forward."""
@@ -95,13 +100,12 @@ def moe(
     x: Tensor, w: DecodeLayer, ordered: bool, shared: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k]). shared: the
-    layer's shared_columns() when w.bank is set (computed once per forward)."""
+    layer's shared_columns() (w.bank set, computed once per forward) to fold the shared
+    expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS."""
     experts, weights = route(x, w, ordered)
     if x.shape[0] == 1 and x.device.type == "cpu":  # a host sync is free on the CPU
         out = routed_one_token(x, w, experts, weights)
-    elif w.bank is not None:  # the shared expert rides in the grouped GEMMs
-        if shared is None:
-            shared = shared_columns(w, x.shape[0], x.device)
+    elif shared is not None:  # the shared expert rides in the grouped GEMMs
         return routed_grouped(x, w, experts, weights, shared), experts
     else:
         out = routed_grouped(x, w, experts, weights)

@@ -191,7 +191,7 @@ def grouped_swiglu_in_out(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Ten
     offs = counts.cumsum(0, dtype=torch.int32)
     grouped = _cuda_grouped_mm if xs.is_cuda else _grouped_mm
     gate, up = grouped(xs, gate_up, offs=offs).chunk(2, dim=-1)
-    return grouped(F.silu(gate, inplace=True).mul_(up), down, offs=offs)  # no grad here
+    return grouped(F.silu(gate).mul_(up), down, offs=offs)  # no grad here; contiguous
 
 
 class ExpertBank(nn.Module):
