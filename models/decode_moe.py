@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """x [..., H], gate_up [H, 2 I], down [I, H] -> [..., H]."""
     gate, up = (x @ gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down
+    return F.silu(gate).mul_(up) @ down
 
 
 def route(x: Tensor, w: DecodeLayer, ordered: bool) -> tuple[Tensor, Tensor]:
@@ -88,11 +88,13 @@ def routed_one_token(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor
     """x [1, H]: one GEMV pair per chosen expert, summed in ascending expert order (the
     order in which the grouped path's index_add adds them)."""
     ids = experts[0].tolist()
+    scale = weights[0].tolist()  # fp32 -> float -> fp32 is exact: the same products
     out = None
     for j in sorted(range(len(ids)), key=ids.__getitem__):
         e = ids[j]
-        y = (swiglu(x, w.experts_gate_up[e], w.experts_down[e]) * weights[:, j : j + 1]).to(x.dtype)
-        out = y if out is None else out + y
+        y = swiglu(x, w.experts_gate_up[e], w.experts_down[e])
+        y = y * scale[j] if y.dtype == weights.dtype else (y * weights[:, j : j + 1]).to(x.dtype)
+        out = y if out is None else out.add_(y)
     return out
 
 
