@@ -12,8 +12,10 @@ which `DecodeWeights.key` detects from each tensor's identity, storage and versi
 
 Per layer: 1 norm, 1 qkv matmul, 1 qk-norm, 3 RoPE ops, 1 cache write, 1 cache read,
 SDPA on [B, Hkv, G*L, D] (no K/V repeat), o_proj; the MoE sorts (token, expert) pairs by
-expert and runs one grouped GEMM pair (as the training path does), except for a single token
-on the CPU, which loops over its k experts (no sort, no bincount, no empty groups).
+expert and runs one grouped GEMM pair (as the training path does), the shared expert folded in
+for up to 128 tokens (models/decode_moe.py), except for a single token on the CPU, which loops
+over its k experts (no sort, no bincount, no empty groups). Per-forward work is done once:
+the cache rows the new K/V go to, the additive mask, RoPE gathered from a table.
 A padded chunk runs every layer on its real tokens only (the right padding is never
 computed), and a decode batch whose rows' contexts differ widely attends in segments, each
 to its own longest context (models/decode_attention.py).
