@@ -136,24 +136,10 @@ class CacheBatch:
     ) -> CacheBatch:
         """Validate the row metadata of forward_cached against the cache capacity."""
         batch = slots.numel()
-        if not (start_pos.shape == lengths.shape == slots.shape == (batch,)):
-            raise ValueError(
-                "forward_cached: slots, start_pos and lengths must all be int64 [B]; got "
-                f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
-            )
-        # one host read (one sync on a GPU) for every check, the slot run and the ends that
-        # models/decode_attention.py plans with: B is at most a few hundred rows
-        host_slots, starts, lens = torch.stack([slots, start_pos, lengths]).tolist()
-        ends = [s + n for s, n in zip(starts, lens, strict=True)]
+        host_slots, ends, full = _host_rows(slots, start_pos, lengths, seq_len, max_len)
         context = max(ends)
         first = host_slots[0]
         is_run = all(s == first + i for i, s in enumerate(host_slots))
-        if min(lens) < 1 or max(lens) > seq_len:
-            raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")
-        if min(starts) < 0 or context > max_len:
-            raise ValueError(
-                f"forward_cached: positions must lie in [0, max_len={max_len}); max end {context}"
-            )
         first_slot = first if is_run else None
         keys = torch.arange(context, device=slots.device)
         if seq_len == 1:  # decode: one query row per KV head group, shared by its G heads
@@ -168,7 +154,7 @@ class CacheBatch:
         if groups > 1:
             mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
         mask = mask.reshape(batch, 1, groups * seq_len, context)
-        if min(lens) == seq_len:
+        if full:
             return cls(
                 slots, positions, None, None, None, context, mask, first_slot, host_slots, ends
             )
@@ -188,3 +174,26 @@ class CacheBatch:
             host_slots,
             ends,
         )
+
+
+def _host_rows(
+    slots: Tensor, start_pos: Tensor, lengths: Tensor, seq_len: int, max_len: int
+) -> tuple[list[int], list[int], bool]:
+    """(slots, start + length of each row, whether every row has L tokens) as host values,
+    checked against L and the cache capacity. One host read (one sync on a GPU) for every
+    check, the slot run and the ends models/decode_attention.py plans with: B is at most a
+    few hundred rows."""
+    if not (start_pos.shape == lengths.shape == slots.shape == (slots.numel(),)):
+        raise ValueError(
+            "forward_cached: slots, start_pos and lengths must all be int64 [B]; got "
+            f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
+        )
+    host_slots, starts, lens = torch.stack([slots, start_pos, lengths]).tolist()
+    ends = [s + n for s, n in zip(starts, lens, strict=True)]
+    if min(lens) < 1 or max(lens) > seq_len:
+        raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")
+    if min(starts) < 0 or max(ends) > max_len:
+        raise ValueError(
+            f"forward_cached: positions must lie in [0, max_len={max_len}); max end {max(ends)}"
+        )
+    return host_slots, ends, min(lens) == seq_len
