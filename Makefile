@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup demo test lint sglang-env bench clean
+.PHONY: setup demo test lint sglang-env bench-env clean
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,11 @@ lint: setup
 
 sglang-env:
 	@scripts/sglang_env.sh
+
+# The `bench` extra (TRL, datasets, py-spy) for bench/e2e_*.py: not part of setup, since only
+# the benchmarks against TRL need it. constraints.txt keeps torch at the CPU wheel.
+bench-env: setup
+	$(PY) -m pip --disable-pip-version-check install -q -c constraints.txt -e ".[bench]"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 from common import build_fixture  # bench/common.py: the script's own directory is on sys.path
-from e2e_trl_side import PROMPTS, SAMPLES, grpo_args, trl_dataset, trl_reward, trl_tokenizer
+from e2e_trl_side import (
+    PROMPTS,
+    SAMPLES,
+    grpo_args,
+    require_trl,
+    trl_dataset,
+    trl_reward,
+    trl_tokenizer,
+)
 from e2e_vs_trl import ours_overrides
 
 import configs
@@ -170,6 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    require_trl("e2e_loss_parity.py")
     torch.set_num_threads(1)
     print(
         f"e2e_loss_parity: {datetime.datetime.now():%Y-%m-%d %H:%M}, load average "

@@ -6,8 +6,10 @@ trainer to compare one step's loss and gradient with ours); `run_trl` trains and
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,18 @@ def trl_reward(completions: list[Any], label: list[str], **_: Any) -> list[float
 
 
 trl_reward.__name__ = "arithmetic"
+
+
+def require_trl(script: str) -> None:
+    """Exit with the install command when the `bench` extra (TRL and its pins) is missing:
+    `make setup` leaves it out, since only the TRL benchmarks need it."""
+    missing = [m for m in ("trl", "datasets", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(
+            f"{script}: needs the `bench` extra ({', '.join(missing)} not installed in "
+            f"{sys.prefix}); install it with `make bench-env` (trl, datasets, accelerate, "
+            "py-spy with torch pinned at 2.13.0), or run with --no-trl"
+        )
 
 
 def check_same_prompts(tok: Any, rows: list[dict]) -> None:

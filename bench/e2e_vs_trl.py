@@ -40,7 +40,17 @@ from common import (  # bench/common.py: the script's own directory is on sys.pa
     sft_warm_start,
 )
 from e2e_timeline import format_timeline, step_timeline
-from e2e_trl_side import CLIP_HIGH, CLIP_LOW, LR, MAX_NEW, PROMPTS, SAMPLES, TEMPERATURE, run_trl
+from e2e_trl_side import (
+    CLIP_HIGH,
+    CLIP_LOW,
+    LR,
+    MAX_NEW,
+    PROMPTS,
+    SAMPLES,
+    TEMPERATURE,
+    require_trl,
+    run_trl,
+)
 from job_cpu import CpuSampler
 
 import configs
@@ -282,6 +292,8 @@ def run_rep(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.no_trl:
+        require_trl("e2e_vs_trl.py")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s"
     )
