@@ -6,7 +6,8 @@ q/k/v fused into one matrix, q_norm/k_norm into one [Hq + Hkv, D] weight, gate/u
 weights dequantized once, and every matrix stored as [in, out] (`x @ w`). On the CPU that
 layout is a contiguous copy: a one-thread GEMV over a [out, in] weight (F.linear) streams
 ~9 GB/s here, over the same weight stored [in, out] ~20 GB/s (bench/decode_bound.py's
-machine, weights out of cache); elsewhere it is a transposed view (no copy). They are
+machine, weights out of cache), all in one huge-page arena in the order a step reads them
+(models/decode_arena.py); elsewhere it is a transposed view (no copy). They are
 rebuilt automatically whenever a source tensor changed (in-place update, weight load, swap),
 which `DecodeWeights.key` detects from each tensor's identity, storage and version counter.
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import decode_arena
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
@@ -59,10 +61,9 @@ class DecodeLayer:
 
 
 def _in_out(w: Tensor) -> Tensor:
-    """[..., out, in] -> [..., in, out]: a contiguous copy on the CPU (2x the GEMV bandwidth
-    there), a view elsewhere (GPU GEMMs take either layout at full speed)."""
-    t = w.transpose(-1, -2)
-    return t.contiguous() if t.device.type == "cpu" else t
+    """[..., out, in] -> [..., in, out] as a view: on the CPU _pack then copies it contiguous
+    (2x the GEMV bandwidth there); GPU GEMMs take either layout at full speed."""
+    return w.transpose(-1, -2)
 
 
 def _dense(module: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -149,7 +150,7 @@ class DecodeWeights:
     layers: list[DecodeLayer]
     embed: Tensor  # [V, H]
     norm: Tensor  # [H]
-    lm_head: Tensor  # [V, H]
+    lm_head: Tensor  # [H, V]
     rope_table: Rope | None = None  # cos/sin [P, 1, D] of positions 0..P-1, grown on demand
     norm_const: _Norm | None = None  # the CPU's fp32 RMSNorm (see _rms)
 
@@ -193,19 +194,45 @@ class DecodeWeights:
         with torch.no_grad():
             layers = [_build_layer(layer, dtype) for layer in model.model.layers]
         embed = model.model.embed_tokens.weight.detach()
-        norm = None
-        if embed.device.type == "cpu":
-            c = model.config
-            widths = {c.hidden_size, c.head_dim}
-            norm = _Norm(torch.tensor(c.rms_norm_eps), {n: torch.tensor(float(n)) for n in widths})
-        return cls(
+        out = cls(
             key,
             layers,
             embed,
             model.model.norm.weight.detach(),
-            model.lm_head.weight.detach(),
-            norm_const=norm,
+            _in_out(model.lm_head.weight.detach()),
         )
+        if embed.device.type == "cpu":
+            c = model.config
+            widths = {c.hidden_size, c.head_dim}
+            eps = torch.tensor(c.rms_norm_eps)
+            out.norm_const = _Norm(eps, {n: torch.tensor(float(n)) for n in widths})
+            with torch.no_grad():
+                _pack(out)
+        return out
+
+
+def _pack(weights: DecodeWeights) -> None:
+    """Every matrix of `weights` as a contiguous copy in one huge-page arena, in the order a
+    decode step reads them (models/decode_arena.py); expert views re-derived from the bank."""
+    fields = []
+    for w in weights.layers:
+        names = ["qkv", "o", "router_w"]
+        names += ["bank"] if w.bank is not None else ["experts_gate_up", "experts_down"]
+        names += ["gate_up", "down"] if w.bank is None else []
+        fields += [(w, n) for n in names if getattr(w, n) is not None]
+    flat = []
+    for w, n in fields:
+        flat += list(w.bank) if n == "bank" else [getattr(w, n)]
+    copies = iter(decode_arena.pack([*flat, weights.lm_head]))
+    for w, n in fields:
+        if n != "bank":
+            setattr(w, n, next(copies))
+            continue
+        gate_up, down = w.bank = next(copies), next(copies)
+        e = gate_up.shape[0] - 1
+        w.experts_gate_up, w.experts_down = gate_up[:e], down[:e]
+        w.gate_up, w.down = gate_up[e], down[e]
+    weights.lm_head = next(copies)
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float, const: _Norm | None = None) -> Tensor:
@@ -374,5 +401,5 @@ def decode_forward(
 
 def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:
     """Hidden rows [..., H] before the final norm -> float32 logits [..., V]."""
-    logits = F.linear(_rms(x, weights.norm, eps, weights.norm_const), weights.lm_head)
+    logits = _rms(x, weights.norm, eps, weights.norm_const) @ weights.lm_head
     return logits if logits.dtype == torch.float32 else logits.float()

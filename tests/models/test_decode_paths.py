@@ -34,6 +34,21 @@ def test_decode_weights_are_in_out_and_contiguous_on_the_cpu() -> None:
     )
 
 
+def test_cpu_decode_matrices_share_one_arena_and_follow_updates() -> None:
+    """Every matrix (and the [H, V] LM head) is a view of one arena; a weight change builds a
+    new arena with the new values."""
+    model = make_model(seed=24)
+    w = model.decode_weights()
+    mats = [m for lw in w.layers for m in (lw.qkv, lw.o, lw.gate_up, lw.down) if m is not None]
+    mats += [w.lm_head]
+    assert len({m.untyped_storage().data_ptr() for m in mats}) == 1
+    assert torch.equal(w.lm_head, model.lm_head.weight.t())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(2.0)
+    o = model.decode_weights().layers[0].o
+    assert torch.equal(o, model.model.layers[0].self_attn.o_proj.weight.t())
+
+
 def test_one_token_moe_equals_the_grouped_moe() -> None:
     """Every token of a batch through the one-token path gives the grouped path's row."""
     model = make_model(seed=21)
