@@ -49,6 +49,8 @@ class SlotPool:
         self._free = list(range(num_slots))  # a min-heap: the lowest free slot goes first
         self._used: set[int] = set()
         self._filtered: set[int] = set()  # used slots with a top-k, top-p or min-p filter
+        self._greedy: set[int] = set()  # used slots with temperature 0
+        self._scaled: set[int] = set()  # used slots with a temperature other than 1
         self.device = torch.device(device)
         self.temperature = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
@@ -82,6 +84,10 @@ class SlotPool:
         self.counters[slot] = counter
         if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0:
             self._filtered.add(slot)
+        if params.temperature <= 0:
+            self._greedy.add(slot)
+        if float(params.temperature) != 1.0:
+            self._scaled.add(slot)
         if params.temperature > 0:  # greedy rows never draw
             end = min(max(params.max_new_tokens, counter + 1), self.max_len)
             self._pending.append((slot, _to_int64(seed), counter, end))
@@ -91,14 +97,15 @@ class SlotPool:
         if slot not in self._used:
             raise RuntimeError(f"SlotPool.release: slot {slot} is not in use")
         self._used.discard(slot)
-        self._filtered.discard(slot)
+        for marked in (self._filtered, self._greedy, self._scaled):
+            marked.discard(slot)
         heapq.heappush(self._free, slot)
 
     def reset(self) -> None:
         """Forget every slot assignment (flush_cache on an idle engine)."""
         self._free = list(range(self.num_slots))
-        self._used.clear()
-        self._filtered.clear()
+        for marked in (self._used, self._filtered, self._greedy, self._scaled):
+            marked.clear()
         self._pending = []
 
     def batch(self, slots: Tensor) -> SamplingBatch:
@@ -114,6 +121,8 @@ class SlotPool:
             counters=counters,
             uniforms=self.uniforms[slots, counters.clamp(max=self.max_len - 1)],
             plain=not self._filtered,  # RL rollouts sample plainly: the sampler skips checks
+            all_sampled=not self._greedy,  # (sets of used slots: what holds for all holds here)
+            unit_temperature=not self._scaled,
         )
 
     def _fill_uniforms(self) -> None:

@@ -73,6 +73,8 @@ class SamplingBatch:
     counters: Tensor
     uniforms: Tensor | None = None  # float32 [B]: hash_uniform(seeds, counters), precomputed
     plain: bool = False  # promised: no row has a top-k, top-p or min-p filter (checks skipped)
+    all_sampled: bool = False  # promised: no greedy row (no mask, no host sync to find them)
+    unit_temperature: bool = False  # promised: every temperature is exactly 1 (no division)
 
 
 def _filter_sorted(
@@ -130,6 +132,16 @@ def sample_with_top(
 
 def _sample(logits: Tensor, params: SamplingBatch) -> tuple[Tensor, Tensor, tuple]:
     """(tokens, logprobs, (tempered logits z, their row max, sum of exp(z - max)))."""
+    if params.all_sampled:  # an RL rollout's batch: the same values in fewer ops (x / 1 == x)
+        z = logits.float()
+        if not params.unit_temperature:
+            z = z / params.temperature[:, None]
+        zmax = z.amax(dim=-1)
+        weights = (z - zmax[:, None]).exp_()
+        total = weights.sum(dim=-1)
+        tokens = _sample_rows(weights, total, params, None)
+        logprobs = z.gather(1, tokens[:, None]).squeeze(1) - zmax - total.log()
+        return tokens, logprobs, (z, zmax, total)
     greedy = params.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     z = logits.float() / temp[:, None]

@@ -314,10 +314,10 @@ class Scheduler:
         """One forward_cached call over right-padded rows: float32 logits [B, V] and, when a
         sequence asks for them, the experts used, uint8/uint16 numpy [B, L, n_moe, k]."""
         width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.int64)
-        if width == 1:
-            ids[:, 0] = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+        if width == 1:  # a decode step: [B, 1] in one op
+            ids = torch.tensor(rows, dtype=torch.int64)
         else:
+            ids = torch.zeros(len(rows), width, dtype=torch.int64)
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
         self.num_forwards += 1

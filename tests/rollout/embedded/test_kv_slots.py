@@ -62,3 +62,21 @@ def test_batches_are_plain_only_while_no_used_slot_has_a_filter():
         assert not pool.batch(torch.tensor([a, f])).plain
         pool.release(f)
         assert pool.batch(torch.tensor([a])).plain
+
+
+def test_batches_promise_no_greedy_row_and_unit_temperature_only_while_true():
+    pool = SlotPool(object(), num_slots=4, max_len=16)
+    a = pool.acquire(SamplingParams(max_new_tokens=4, temperature=1.0), seed=1, counter=0)
+    first = pool.batch(torch.tensor([a]))
+    assert first.all_sampled and first.unit_temperature
+    for temperature, sampled in ((0.0, False), (0.7, True)):
+        t = pool.acquire(SamplingParams(max_new_tokens=4, temperature=temperature), 2, 0)
+        both = pool.batch(torch.tensor([a, t]))
+        assert both.all_sampled == sampled and not both.unit_temperature
+        pool.release(t)
+        again = pool.batch(torch.tensor([a]))
+        assert again.all_sampled and again.unit_temperature
+    pool.acquire(SamplingParams(max_new_tokens=4, temperature=0.0), 3, 0)
+    pool.reset()
+    b = pool.acquire(SamplingParams(max_new_tokens=4, temperature=1.0), 4, 0)
+    assert pool.batch(torch.tensor([b])).all_sampled

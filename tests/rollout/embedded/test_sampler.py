@@ -131,3 +131,32 @@ def test_plain_batches_draw_exactly_what_the_checked_path_draws(greedy_rows):
     plain = SamplingBatch(**{**checked.__dict__, "plain": True})
     for a, b in zip(sample(logits, checked), sample(logits, plain), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.7])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_all_sampled_batches_draw_exactly_what_the_masked_path_draws(temp, filtered):
+    """`all_sampled` (no greedy row) and `unit_temperature` (every T is 1), promised by
+    SlotPool, skip the greedy mask, its host sync and the division; same bits out."""
+    logits = torch.randn(12, 50, generator=torch.Generator().manual_seed(5)) * 3
+    kw = dict(top_k=7, top_p=0.8) if filtered else {}
+    masked = _batch(12, temp=temp, counters=torch.arange(12, dtype=torch.int64), **kw)
+    for plain in (False, True) if not filtered else (False,):
+        fast = SamplingBatch(
+            **{
+                **masked.__dict__,
+                "plain": plain,
+                "all_sampled": True,
+                "unit_temperature": temp == 1.0,
+            }  # fmt: skip
+        )
+        for a, b in zip(sample(logits, masked), sample(logits, fast), strict=True):
+            assert torch.equal(a, b)
+    rows = torch.tensor([1, 4])
+    fast = SamplingBatch(**{**masked.__dict__, "all_sampled": True})
+    for a, b in zip(
+        sample_with_top(logits, masked, rows, 5),
+        sample_with_top(logits, fast, rows, 5),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
