@@ -34,6 +34,7 @@ from models import decode_arena
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
+from models.decode_one import add_moe, add_swiglu, rms_one, warm
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope, RotaryEmbedding
 from models.moe import ExpertBank, TopkRouter
@@ -142,6 +143,7 @@ class _Norm:
 
     eps: Tensor
     width: dict[int, Tensor]
+    zero: Tensor  # 0.0, the input of decode_one.rms_one's addcmul
 
 
 @dataclass
@@ -205,7 +207,8 @@ class DecodeWeights:
             c = model.config
             widths = {c.hidden_size, c.head_dim}
             eps = torch.tensor(c.rms_norm_eps)
-            out.norm_const = _Norm(eps, {n: torch.tensor(float(n)) for n in widths})
+            width = {n: torch.tensor(float(n)) for n in widths}
+            out.norm_const = _Norm(eps, width, torch.tensor(0.0))
             with torch.no_grad():
                 _pack(out)
         return out
@@ -259,7 +262,8 @@ def _attention(
     eps: float,
     step: _Step,
 ) -> Tensor:
-    """x [T, H] (normed) -> attention output [T, H]; cache [slots, 2 Hkv, max_len, D].
+    """x [T, H] (normed) -> attention output [T, Hq D] before o_proj; cache [slots, 2 Hkv,
+    max_len, D].
 
     T = B * L, or with `step.packed` (int64 [T], see decode_forward) only the real tokens:
     their queries are scattered into the padded [B, L] layout for SDPA and gathered back
@@ -304,11 +308,11 @@ def _attention(
             ctx = ctx.to(x.dtype)
         out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=step.mask)
     if length == 1:
-        return out.reshape(b, hq * d) @ w.o
+        return out.reshape(b, hq * d)
     out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b * length, hq * d)
     if packed is not None:
         out = out.index_select(0, packed)
-    return out @ w.o
+    return out
 
 
 def _unpack(x: Tensor, packed: Tensor | None, rows: int) -> Tensor:
@@ -371,7 +375,8 @@ def decode_forward(
     rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
     if packed is not None:
         rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
-    step = _Step(packed, _write_index(batch, caches, length), None, None, weights.norm_const)
+    norm_const = weights.norm_const
+    step = _Step(packed, _write_index(batch, caches, length), None, None, norm_const)
     if b > 1 or length > 1:
         # SDPA turns a bool mask into an additive one on every call: do it once per forward
         # (0 / -inf in the compute dtype, exactly what SDPA would build)
@@ -381,12 +386,15 @@ def decode_forward(
             mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
             step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
         step.plan = plan_attention(batch, step.mask)
+    if rows == 1 and norm_const is not None and x.dtype == torch.float32:
+        routes = _one_token_layers(x, weights, rope, batch, caches, shape, eps, step, capture)
+        return x.view(1, 1, -1), routes
     routes = []
     norm = step.norm
     shared = None  # the shared expert's choice columns, the same for every MoE layer
     for w, cache in zip(weights.layers, caches, strict=True):
         h = _rms(x, w.in_norm, eps, norm)
-        x = x.add_(_attention(h, w, rope, batch, cache, shape, eps, step))  # x is ours
+        x = x.add_(_attention(h, w, rope, batch, cache, shape, eps, step) @ w.o)  # x is ours
         h = _rms(x, w.post_norm, eps, norm)
         if w.router is None:
             x.add_(swiglu(h, w.gate_up, w.down))
@@ -399,7 +407,37 @@ def decode_forward(
     return _unpack(x, packed, rows).view(b, length, -1), routes
 
 
+def _one_token_layers(
+    x: Tensor,
+    weights: DecodeWeights,
+    rope: Rope,
+    batch: CacheBatch,
+    caches: list[Tensor],
+    shape: tuple,
+    eps: float,
+    step: _Step,
+    capture: bool,
+) -> list[Tensor]:
+    """Every layer on x fp32 [1, H] in place (models/decode_one.py); the MoE layers' experts."""
+    zero = step.norm.zero
+    routes = []
+    for w, cache in zip(weights.layers, caches, strict=True):
+        h = rms_one(x, w.in_norm, eps, zero)
+        x.addmm_(_attention(h, w, rope, batch, cache, shape, eps, step), warm(w.o))
+        h = rms_one(x, w.post_norm, eps, zero)
+        if w.router is None:
+            add_swiglu(x, h, w.gate_up, w.down)
+        else:
+            routes.append(add_moe(x, h, w, capture))
+    return routes
+
+
 def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:
     """Hidden rows [..., H] before the final norm -> float32 logits [..., V]."""
-    logits = _rms(x, weights.norm, eps, weights.norm_const) @ weights.lm_head
+    const = weights.norm_const
+    if const is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+        h = rms_one(x.reshape(1, -1), weights.norm, eps, const.zero)
+        logits = (h @ warm(weights.lm_head)).view(*x.shape[:-1], -1)
+    else:
+        logits = _rms(x, weights.norm, eps, const) @ weights.lm_head
     return logits if logits.dtype == torch.float32 else logits.float()

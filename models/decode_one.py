@@ -1,0 +1,92 @@
+"""The fp32 CPU decode step of a single token (batch 1): the same math in fewer tensor ops.
+
+At batch 1 a step streams ~44 MB of weights (bench/decode_bound.py's 36M shape) and every
+other op then runs with cold caches: ~5 us each in a profile of the step, against ~1.5 us
+warm. So this path spends ops only where the math needs them:
+- RMSNorm of one row: the sum of squares read to the host, the scale a Python float, one
+  addcmul (3 ops, not 6);
+- each SwiGLU (routed experts, shared expert, dense MLP) adds its output into the residual
+  stream with one in-place addmm (the routing weight as its alpha): no product, scaling and
+  sum ops; likewise o_proj;
+- routing: scores, bias, top-k on tensors, the k weights on the host in float32 (numpy
+  scalars: the operations of models.moe.TopkRouter, value for value).
+Sums are grouped differently from the batched path (x + e1 + e2 + shared instead of
+x + (e1 + e2 + shared)): logits agree to ~1e-6 (tests/models/test_decode_one.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from models.decode import DecodeLayer
+
+
+# A one-row GEMV over a [k, n] matrix out of cache streams ~12 GB/s at n = 512 and ~15 at 768
+# (MKL's sgemv on this CPU; ~21 at n = 3072). Reading the matrix first with a sum (~30 GB/s, a
+# plain stream the prefetcher follows) and then multiplying it out of L2/L3 takes less time in
+# all: 12.5-13.5 -> 15-19 GB/s at n <= 768, 10.7 -> 14.1 on [1536, 512]; wider ones lose
+# (22 -> 19 at n = 1024). So the step warms every matrix at most this wide before its GEMV.
+WARM_MAX_WIDTH = 768
+
+
+def warm(w: Tensor) -> Tensor:
+    """w itself, read once first when it is at most WARM_MAX_WIDTH wide."""
+    if w.shape[-1] <= WARM_MAX_WIDTH:
+        w.sum()
+    return w
+
+
+def rms_one(x: Tensor, weight: Tensor, eps: float, zero: Tensor) -> Tensor:
+    """RMSNorm of x [1, H] (fp32) with weight [H]; zero: a 0-dim fp32 zero."""
+    scale = 1.0 / math.sqrt(torch.inner(x, x).item() / x.shape[-1] + eps)
+    return torch.addcmul(zero, x, weight, value=scale)
+
+
+def add_swiglu(x: Tensor, h: Tensor, gate_up: Tensor, down: Tensor, alpha: float = 1.0) -> None:
+    """x [1, H] += alpha * swiglu(h [1, H]) in place; gate_up [H, 2 I], down [I, H]."""
+    gate, up = (h @ warm(gate_up)).chunk(2, dim=-1)
+    x.addmm_(F.silu(gate).mul_(up), warm(down), alpha=alpha)
+
+
+def _route(h: Tensor, w: DecodeLayer, ordered: bool) -> tuple[list[int], list[float], Tensor]:
+    """(experts, their weights as floats, experts int64 [1, k]) of one row; the experts
+    ascending when `ordered` (as route() gives them)."""
+    r = w.router
+    scores = F.linear(h, w.router_w).sigmoid_()
+    choice = scores + r.e_score_correction_bias
+    if r.n_group > 1:
+        choice = r._mask_groups(choice)
+    chosen = choice.topk(r.top_k, dim=-1).indices
+    ids = chosen[0].tolist()
+    if ordered:
+        ids.sort()
+        chosen = torch.tensor([ids])
+    row = scores.numpy()[0]
+    picked = [row[e] for e in ids]  # np.float32: the float32 ops of route(), one by one
+    if r.norm_topk_prob:
+        total = picked[0]
+        for p in picked[1:]:
+            total = total + p
+        total = total + np.float32(1e-20)
+        picked = [p / total for p in picked]
+    if r.scaling != 1.0:
+        picked = [p * np.float32(r.scaling) for p in picked]
+    return ids, [float(p) for p in picked], chosen
+
+
+def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, ordered: bool) -> Tensor:
+    """x [1, H] += the MoE block of h [1, H] (routed experts in ascending order, then the
+    shared expert) in place; returns the experts int64 [1, k]."""
+    ids, weights, chosen = _route(h, w, ordered)
+    for e, alpha in sorted(zip(ids, weights, strict=True)):
+        add_swiglu(x, h, w.experts_gate_up[e], w.experts_down[e], alpha)
+    if w.gate_up is not None:
+        add_swiglu(x, h, w.gate_up, w.down)
+    return chosen

@@ -1,0 +1,73 @@
+"""The one-token fp32 CPU decode path (models/decode_one.py) against the batched path."""
+
+from __future__ import annotations
+
+import torch
+
+import models.decode_moe as decode_moe
+import models.decode_one as decode_one
+from models import RoutingCapture
+from tests.models.glm_helpers import make_model
+
+torch.set_num_threads(1)
+
+
+def _moe_layer(seed: int):
+    model = make_model(seed=seed)
+    w = model.decode_weights()
+    return model, next(lw for lw in w.layers if lw.router is not None)
+
+
+def test_route_on_the_host_equals_route() -> None:
+    """Experts and their weights of a row, bit for bit, ordered or not."""
+    model, layer = _moe_layer(30)
+    x = torch.randn(32, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for ordered in (False, True):
+        for i in range(x.shape[0]):
+            row = x[i : i + 1]
+            experts, weights = decode_moe.route(row, layer, ordered)
+            ids, floats, chosen = decode_one._route(row, layer, ordered)
+            assert ids == experts[0].tolist() and torch.equal(chosen, experts)
+            assert torch.equal(torch.tensor([floats]), weights)
+
+
+def test_add_moe_and_rms_one_match_the_batched_ops() -> None:
+    model, layer = _moe_layer(31)
+    x = torch.randn(8, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    eps = model.config.rms_norm_eps
+    zero = torch.tensor(0.0)
+    norm = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(2)) + 0.5
+    for i in range(x.shape[0]):
+        row = x[i : i + 1]
+        want = torch.nn.functional.rms_norm(row, norm.shape, norm, eps)
+        torch.testing.assert_close(decode_one.rms_one(row, norm, eps, zero), want)
+        out, experts = decode_moe.moe(row, layer, ordered=True)
+        got = row.clone()
+        chosen = decode_one.add_moe(got, row, layer, ordered=True)
+        torch.testing.assert_close(got, row + out, rtol=1e-6, atol=1e-6)
+        assert torch.equal(chosen, experts)
+
+
+def test_one_token_decode_equals_a_batch_of_two() -> None:
+    """Greedy decode at batch 1 (this path) and the same sequence as row 0 of a batch of two
+    (the batched path): the same tokens and experts, logits within 1e-5."""
+    model = make_model(seed=32)
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    zero, one = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    solo, pair = model.new_kv_cache(1, 16), model.new_kv_cache(2, 16)
+    lengths = torch.tensor([6])
+    logits = model.forward_cached(prompt, zero, zero, lengths, solo)
+    model.forward_cached(
+        prompt.repeat(2, 1), torch.arange(2), zero.repeat(2), lengths.repeat(2), pair
+    )
+    for step in range(8):
+        token = logits.argmax(-1).view(1, 1)
+        start = torch.tensor([6 + step])
+        capture_solo, capture_pair = RoutingCapture(), RoutingCapture()
+        logits = model.forward_cached(token, zero, start, one, solo, routing=capture_solo)
+        both = model.forward_cached(
+            token.repeat(2, 1), torch.arange(2), start.repeat(2), one.repeat(2), pair,
+            routing=capture_pair,
+        )  # fmt: skip
+        torch.testing.assert_close(logits[0], both[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(capture_solo.routed_experts[:, 0], capture_pair.routed_experts[:, 0])
