@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 from models.config import get_preset  # noqa: E402
+from models.decode_one import warm  # noqa: E402
 from models.glm4moe import Glm4MoeForCausalLM  # noqa: E402
 from rollout.embedded import EmbeddedEngine  # noqa: E402
 from rollout.types import GenerateRequest, SamplingParams  # noqa: E402
@@ -108,7 +109,8 @@ def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
     """(best CPU-or-wall seconds, matmul count) of one batch-1 token's weight matmuls alone:
     the engine's own decode weights (models/decode.py), in the step's order, two routed
     experts per MoE layer (changing from pass to pass, as routing does), the LM head; no
-    other op. Each pass reads the same bytes as a decode step, so the weights are as cold."""
+    other op but the sum that reads a narrow matrix before its GEMV (models/decode_one.py).
+    Each pass reads the same bytes as a decode step, so the weights are as cold."""
     weights = model.decode_weights()
     c = model.config
     dtype = weights.embed.dtype
@@ -127,10 +129,10 @@ def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
                     mats += [w.experts_gate_up[j], w.experts_down[j]]
                 torch.nn.functional.linear(vec[c.hidden_size].float(), w.router_w)
                 calls += 1
-            for m in mats:
-                vec[m.shape[0]] @ m
+            for m in mats:  # the narrow ones read once first, as the one-token path does
+                vec[m.shape[0]] @ warm(m)
             calls += len(mats)
-        vec[c.hidden_size] @ weights.lm_head  # [H, V]
+        vec[c.hidden_size] @ warm(weights.lm_head)  # [H, V]
         return calls + 1
 
     passes = 16

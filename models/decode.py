@@ -341,6 +341,9 @@ def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor
     if not all(c.is_contiguous() for c in caches):
         return None
     _, heads, max_len, _ = caches[0].shape
+    if batch.host_ends is not None and batch.positions.numel() == 1:  # one token: one op
+        first = (batch.host_slots[0] * heads * max_len) + batch.host_ends[0] - 1
+        return torch.arange(first, first + heads * max_len, max_len, device=batch.slots.device)
     if batch.write_rows is None:
         slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
         positions = batch.positions.view(-1)
