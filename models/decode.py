@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ class DecodeLayer:
     down: Tensor | None  # [I, H]
     router: TopkRouter | None = None  # MoE layers: selection semantics and fp32 bias
     router_w: Tensor | None = None  # fp32 [E, H]
+    router_bias: np.ndarray | None = None  # fp32 [E]: the router's correction bias (a view)
     experts_gate_up: Tensor | None = None  # [E, H, 2 I]
     experts_down: Tensor | None = None  # [E, I, H]
     bank: tuple[Tensor, Tensor] | None = None  # ([E + 1, H, 2 I], [E + 1, I, H]): the routed
@@ -125,6 +127,8 @@ def _build_layer(layer: nn.Module, dtype: torch.dtype) -> DecodeLayer:
         out.gate_up, out.down = _gate_up(mlp.shared_experts, dtype)
     out.router = mlp.gate
     out.router_w = mlp.gate.weight.detach().float()
+    if out.router_w.device.type == "cpu":
+        out.router_bias = mlp.gate.e_score_correction_bias.detach().float().numpy()
     out.experts_gate_up, out.experts_down = _bank(mlp.experts, dtype)
     shared = out.gate_up is not None and out.gate_up.shape == out.experts_gate_up.shape[1:]
     if shared and out.gate_up.device.type == "cpu":  # a GPU gains nothing from a copy
@@ -430,8 +434,10 @@ def _one_token_layers(
         h = rms_one(x, w.post_norm, eps, zero)
         if w.router is None:
             add_swiglu(x, h, w.gate_up, w.down)
-        else:
-            routes.append(add_moe(x, h, w, capture))
+            continue
+        experts = add_moe(x, h, w, capture)
+        if experts is not None:
+            routes.append(experts)
     return routes
 
 

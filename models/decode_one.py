@@ -55,21 +55,22 @@ def add_swiglu(x: Tensor, h: Tensor, gate_up: Tensor, down: Tensor, alpha: float
     x.addmm_(F.silu(gate).mul_(up), warm(down), alpha=alpha)
 
 
-def _route(h: Tensor, w: DecodeLayer, ordered: bool) -> tuple[list[int], list[float], Tensor]:
-    """(experts, their weights as floats, experts int64 [1, k]) of one row; the experts
-    ascending when `ordered` (as route() gives them)."""
+def _route(h: Tensor, w: DecodeLayer, ordered: bool) -> tuple[list[int], list[float]]:
+    """(experts, their weights as floats) of one row, as route() gives them: the experts by
+    descending score, or ascending when `ordered`. Past the scores all on the host: float32
+    numpy sums and products are route()'s, value for value; Python's sort breaks ties by id."""
     r = w.router
     scores = F.linear(h, w.router_w).sigmoid_()
-    choice = scores + r.e_score_correction_bias
-    if r.n_group > 1:
-        choice = r._mask_groups(choice)
-    chosen = choice.topk(r.top_k, dim=-1).indices
-    ids = chosen[0].tolist()
+    row = scores.numpy()[0]
+    if r.n_group > 1:  # group-limited routing: the router's own tensor ops
+        choice = r._mask_groups(scores + r.e_score_correction_bias)
+        ids = choice.topk(r.top_k, dim=-1).indices[0].tolist()
+    else:
+        choice = (row + w.router_bias).tolist()
+        ids = sorted(range(len(choice)), key=choice.__getitem__, reverse=True)[: r.top_k]
     if ordered:
         ids.sort()
-        chosen = torch.tensor([ids])
-    row = scores.numpy()[0]
-    picked = [row[e] for e in ids]  # np.float32: the float32 ops of route(), one by one
+    picked = [row[e] for e in ids]  # np.float32
     if r.norm_topk_prob:
         total = picked[0]
         for p in picked[1:]:
@@ -78,15 +79,15 @@ def _route(h: Tensor, w: DecodeLayer, ordered: bool) -> tuple[list[int], list[fl
         picked = [p / total for p in picked]
     if r.scaling != 1.0:
         picked = [p * np.float32(r.scaling) for p in picked]
-    return ids, [float(p) for p in picked], chosen
+    return ids, [float(p) for p in picked]
 
 
-def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, ordered: bool) -> Tensor:
+def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, capture: bool) -> Tensor | None:
     """x [1, H] += the MoE block of h [1, H] (routed experts in ascending order, then the
-    shared expert) in place; returns the experts int64 [1, k]."""
-    ids, weights, chosen = _route(h, w, ordered)
+    shared expert) in place; with `capture` returns the experts int64 [1, k] ascending."""
+    ids, weights = _route(h, w, capture)
     for e, alpha in sorted(zip(ids, weights, strict=True)):
         add_swiglu(x, h, w.experts_gate_up[e], w.experts_down[e], alpha)
     if w.gate_up is not None:
         add_swiglu(x, h, w.gate_up, w.down)
-    return chosen
+    return torch.tensor([ids]) if capture else None

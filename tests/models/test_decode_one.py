@@ -12,22 +12,30 @@ from tests.models.glm_helpers import make_model
 torch.set_num_threads(1)
 
 
-def _moe_layer(seed: int):
-    model = make_model(seed=seed)
+def _moe_layer(seed: int, **overrides):
+    model = make_model(seed=seed, **overrides)
     w = model.decode_weights()
     return model, next(lw for lw in w.layers if lw.router is not None)
 
 
 def test_route_on_the_host_equals_route() -> None:
-    """Experts and their weights of a row, bit for bit, ordered or not."""
-    model, layer = _moe_layer(30)
+    """Experts and their weights of a row, bit for bit, ordered or not, with and without
+    group-limited routing and a routed scaling factor."""
+    for model, layer in (
+        _moe_layer(30),
+        _moe_layer(33, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    ):
+        _check_route(model, layer)
+
+
+def _check_route(model, layer) -> None:
     x = torch.randn(32, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for ordered in (False, True):
         for i in range(x.shape[0]):
             row = x[i : i + 1]
             experts, weights = decode_moe.route(row, layer, ordered)
-            ids, floats, chosen = decode_one._route(row, layer, ordered)
-            assert ids == experts[0].tolist() and torch.equal(chosen, experts)
+            ids, floats = decode_one._route(row, layer, ordered)
+            assert ids == experts[0].tolist()
             assert torch.equal(torch.tensor([floats]), weights)
 
 
@@ -43,7 +51,7 @@ def test_add_moe_and_rms_one_match_the_batched_ops() -> None:
         torch.testing.assert_close(decode_one.rms_one(row, norm, eps, zero), want)
         out, experts = decode_moe.moe(row, layer, ordered=True)
         got = row.clone()
-        chosen = decode_one.add_moe(got, row, layer, ordered=True)
+        chosen = decode_one.add_moe(got, row, layer, capture=True)
         torch.testing.assert_close(got, row + out, rtol=1e-6, atol=1e-6)
         assert torch.equal(chosen, experts)
 
