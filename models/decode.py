@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,7 +54,9 @@ class DecodeLayer:
     down: Tensor | None  # [I, H]
     router: TopkRouter | None = None  # MoE layers: selection semantics and fp32 bias
     router_w: Tensor | None = None  # fp32 [E, H]
-    router_bias: np.ndarray | None = None  # fp32 [E]: the router's correction bias (a view)
+    router_bias: list[float] | None = None  # the router's fp32 correction bias [E] (CPU)
+    experts: list[tuple[Tensor, Tensor]] | None = None  # (gate_up, down) of each routed
+    # expert as views (CPU): the one-token path indexes a list, not the bank
     experts_gate_up: Tensor | None = None  # [E, H, 2 I]
     experts_down: Tensor | None = None  # [E, I, H]
     bank: tuple[Tensor, Tensor] | None = None  # ([E + 1, H, 2 I], [E + 1, I, H]): the routed
@@ -128,7 +129,7 @@ def _build_layer(layer: nn.Module, dtype: torch.dtype) -> DecodeLayer:
     out.router = mlp.gate
     out.router_w = mlp.gate.weight.detach().float()
     if out.router_w.device.type == "cpu":
-        out.router_bias = mlp.gate.e_score_correction_bias.detach().float().numpy()
+        out.router_bias = mlp.gate.e_score_correction_bias.detach().float().tolist()
     out.experts_gate_up, out.experts_down = _bank(mlp.experts, dtype)
     shared = out.gate_up is not None and out.gate_up.shape == out.experts_gate_up.shape[1:]
     if shared and out.gate_up.device.type == "cpu":  # a GPU gains nothing from a copy
@@ -240,6 +241,11 @@ def _pack(weights: DecodeWeights) -> None:
         w.experts_gate_up, w.experts_down = gate_up[:e], down[:e]
         w.gate_up, w.down = gate_up[e], down[e]
     weights.lm_head = next(copies)
+    for w in weights.layers:
+        if w.experts_gate_up is not None:
+            w.experts = list(
+                zip(w.experts_gate_up.unbind(0), w.experts_down.unbind(0), strict=True)
+            )
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float, const: _Norm | None = None) -> Tensor:
@@ -277,12 +283,11 @@ def _attention(
     tokens = x.shape[0]
     packed = step.packed
     qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
-    qkv = qkv.view(tokens, hq + 2 * hkv, d)
-    qk = qkv[:, : hq + hkv]
+    qk, v = qkv.view(tokens, hq + 2 * hkv, d).split([hq + hkv, hkv], dim=1)
     if w.qk_norm is not None:
         qk = _rms(qk, w.qk_norm, eps, step.norm)
-    qk = rope.apply(qk)
-    kv = torch.cat([qk[:, hq:], qkv[:, hq + hkv :]], dim=1)  # [T, 2 Hkv, D]
+    q, k = rope.apply(qk).split([hq, hkv], dim=1)
+    kv = torch.cat([k, v], dim=1)  # [T, 2 Hkv, D]
     if kv.dtype != cache.dtype:  # the cache may be stored in another dtype than the compute
         kv = kv.to(cache.dtype)
     if step.write_index is not None:  # one index_copy_ over (token, head) rows of the cache
@@ -293,7 +298,6 @@ def _attention(
     else:  # padded rows: packed holds exactly the real tokens (the write rows)
         cache[batch.write_slots, :, batch.write_positions] = kv
     groups = hq // hkv
-    q = qk[:, :hq]
     if length == 1:  # decode: [B, Hq, D] is [B, Hkv, G, D] as a view (q head h = kv * G + g)
         q = q.view(b, hkv, groups, d)
     else:
@@ -310,7 +314,8 @@ def _attention(
             ctx = cache[:, :, : batch.context].index_select(0, batch.slots)  # [B, 2 Hkv, C, D]
         if ctx.dtype != x.dtype:
             ctx = ctx.to(x.dtype)
-        out = F.scaled_dot_product_attention(q, ctx[:, :hkv], ctx[:, hkv:], attn_mask=step.mask)
+        k, v = ctx.split(hkv, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)
     if length == 1:
         return out.reshape(b, hq * d)
     out = out.view(b, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(b * length, hq * d)

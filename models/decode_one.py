@@ -57,20 +57,21 @@ def add_swiglu(x: Tensor, h: Tensor, gate_up: Tensor, down: Tensor, alpha: float
 
 def _route(h: Tensor, w: DecodeLayer, ordered: bool) -> tuple[list[int], list[float]]:
     """(experts, their weights as floats) of one row, as route() gives them: the experts by
-    descending score, or ascending when `ordered`. Past the scores all on the host: float32
-    numpy sums and products are route()'s, value for value; Python's sort breaks ties by id."""
+    descending score, or ascending when `ordered`. Past the scores all on the host: the
+    weights' float32 arithmetic in numpy scalars is route()'s, value for value; experts whose
+    fp32 choice values tie go by id (topk's order there is unspecified)."""
     r = w.router
     scores = F.linear(h, w.router_w).sigmoid_()
-    row = scores.numpy()[0]
+    row = scores.tolist()[0]  # the fp32 values, exactly
     if r.n_group > 1:  # group-limited routing: the router's own tensor ops
         choice = r._mask_groups(scores + r.e_score_correction_bias)
         ids = choice.topk(r.top_k, dim=-1).indices[0].tolist()
-    else:
-        choice = (row + w.router_bias).tolist()
+    else:  # exact sums rank as their fp32 roundings do (rounding is monotonic) but for ties
+        choice = [s + b for s, b in zip(row, w.router_bias, strict=True)]
         ids = sorted(range(len(choice)), key=choice.__getitem__, reverse=True)[: r.top_k]
     if ordered:
         ids.sort()
-    picked = [row[e] for e in ids]  # np.float32
+    picked = [np.float32(row[e]) for e in ids]
     if r.norm_topk_prob:
         total = picked[0]
         for p in picked[1:]:
@@ -87,7 +88,7 @@ def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, capture: bool) -> Tensor | Non
     shared expert) in place; with `capture` returns the experts int64 [1, k] ascending."""
     ids, weights = _route(h, w, capture)
     for e, alpha in sorted(zip(ids, weights, strict=True)):
-        add_swiglu(x, h, w.experts_gate_up[e], w.experts_down[e], alpha)
+        add_swiglu(x, h, *w.experts[e], alpha)
     if w.gate_up is not None:
         add_swiglu(x, h, w.gate_up, w.down)
     return torch.tensor([ids]) if capture else None
