@@ -20,7 +20,7 @@ from torch import Tensor
 from models.moe import grouped_swiglu_in_out
 
 if TYPE_CHECKING:
-    from models.decode import DecodeLayer
+    from models.decode_weights import DecodeLayer
 
 
 def swiglu(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:

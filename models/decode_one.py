@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from models.decode import DecodeLayer
+    from models.decode_weights import DecodeLayer
 
 
 # A one-row GEMV over a [k, n] matrix out of cache streams ~12 GB/s at n = 512 and ~15 at 768
