@@ -30,19 +30,19 @@ def run_rl(ctx: JobContext) -> dict[str, float]:
     queued = trainer.submit_rl_step(timeout) if start < job.trainer.steps else None
     for step in range(start + 1, job.trainer.steps + 1):
         assert queued is not None
-        # Queued behind this step before its result is back (a rank runs its calls in order):
-        # the export of its weights, then the next step, which so starts the moment the export
-        # ends, with no round trip through the driver. A checkpoint must see this step's
-        # state, so across one the next step is queued only after it. The update goes to the
-        # workers only once the step is done: a restarted worker waits for the latest update
-        # before it produces, and this step may still wait for that worker's groups.
-        update = trainer.weight_update_ref()
+        # A step's call ends with the export of its weights (queued.update). Queued behind it
+        # before its result is back (a rank runs its calls in order): the next step, which
+        # so starts the moment the export ends, with no round trip through the driver. A
+        # checkpoint must see this step's state, so across one the next step is queued only
+        # after it. The update goes to the workers only once the step is done: a restarted
+        # worker waits for the latest update before it produces, and this step may still
+        # wait for that worker's groups.
         checkpoint_due = ctx.due(step, job.checkpoint.interval)
         more = step < job.trainer.steps
         following = trainer.submit_rl_step(timeout) if more and not checkpoint_due else None
         result = trainer.rl_step_result(queued, while_waiting=rollout.check)
         check_step(step, result, job.reward.max_error_fraction)
-        rollout.push_weights(update, step, wait=False)
+        rollout.push_weights(queued.update, step, wait=False)
         queued = following
         if step < job.trainer.steps and ctx.due(step, job.rollout.eval.interval):
             result |= ctx.evaluate(rollout, step)  # the last step's eval runs once, after stop

@@ -7,6 +7,7 @@ ranks and returns rank 0's answer (metrics are already reduced across ranks by t
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ class TrainerActor:
         """Light on purpose: the driver asks rank 0 for its address first (`address`), then
         every rank joins (`join`) and builds its model (`build`)."""
         from physarum.logs import setup_service_logging
+        from trainer.host_memory import retain_freed_memory
 
         setup_service_logging(job.resolved_run_dir, f"trainer-{rank}", job.logging.level)
+        retain_freed_memory()  # this process only: a step's activations reuse freed pages
         from models.device import resolve_device
         from physarum.services.network import serving_ip
 
@@ -120,8 +123,13 @@ class TrainerActor:
     def version(self) -> int:
         return self.service.version
 
-    def rl_step(self, timeout_s: float) -> dict[str, float]:
-        return self.service.rl_step(timeout_s)
+    @ray.method(num_returns=2)
+    def rl_step_export(self, timeout_s: float, export: bool) -> tuple[dict[str, float], Any]:
+        """rl_step, then (export) the weights it produced: one actor call where the loop
+        would queue two back to back (each call costs this process Ray's own CPU: receiving
+        the task, storing its results)."""
+        metrics = self.service.rl_step(timeout_s)
+        return metrics, self.service.weight_update() if export else None
 
     def sft_step(self, episodes: list) -> dict[str, float]:
         return self.service.sft_step(episodes)
@@ -142,6 +150,15 @@ class TrainerActor:
 
 class TrainerStalledError(TimeoutError):
     """A trainer rank did not answer within its timeout."""
+
+
+@dataclass
+class QueuedStep:
+    """A submitted RL step: every rank's metrics ref, and the ref of the WeightUpdate it
+    ends with (rank 0's; None when the step was submitted without its export)."""
+
+    metrics: list[ray.ObjectRef]
+    update: ray.ObjectRef | None
 
 
 class TrainerGroup:
@@ -205,18 +222,24 @@ class TrainerGroup:
     def rl_step(self, timeout_s: float, *, while_waiting: Any = None) -> dict[str, float]:
         """One RL step on every rank; `while_waiting()` runs every half second until it is
         done (the driver restarts dead rollout workers meanwhile, or the step would starve)."""
-        return self.rl_step_result(self.submit_rl_step(timeout_s), while_waiting=while_waiting)
+        queued = self.submit_rl_step(timeout_s, export=False)
+        return self.rl_step_result(queued, while_waiting=while_waiting)
 
-    def submit_rl_step(self, timeout_s: float) -> list[ray.ObjectRef]:
-        """Queue one RL step on every rank and return at once. A rank runs its calls in the
-        order they were submitted, so a step queued right behind `weight_update_ref()` starts
-        as soon as the export is done, while the driver logs, evaluates or pushes weights."""
-        return [a.rl_step.remote(timeout_s) for a in self.actors]
+    def submit_rl_step(self, timeout_s: float, *, export: bool = True) -> QueuedStep:
+        """Queue one RL step on every rank and return at once; `export`: the step's own call
+        then builds the weight update of its result (what `weight_update_ref` would, on the
+        same ranks). A rank runs its calls in the order they were submitted, so the next
+        step, queued behind, starts the moment this one's export is done, while the driver
+        logs, evaluates or pushes weights."""
+        pairs = [
+            a.rl_step_export.remote(timeout_s, export and (rank == 0 or self.collective_export))
+            for rank, a in enumerate(self.actors)
+        ]
+        return QueuedStep([m for m, _ in pairs], pairs[0][1] if export else None)
 
-    def rl_step_result(
-        self, refs: list[ray.ObjectRef], *, while_waiting: Any = None
-    ) -> dict[str, float]:
+    def rl_step_result(self, queued: QueuedStep, *, while_waiting: Any = None) -> dict[str, float]:
         """Wait for a submitted step (see `rl_step`); rank 0's metrics."""
+        refs = queued.metrics
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
             check_lost(self.actors, refs, ready, self.job, self.nodes)  # others would hang
