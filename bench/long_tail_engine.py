@@ -15,6 +15,12 @@ job but without Ray and Redis: `RolloutWorkerCore.generate_for_row` (chat templa
 the engine, Episodes) and the training scorer (the task's reward), so the event loop's
 per-group work is counted too; it also prints the process CPU per group.
 
+With --updates-every K (engine path) the engine runs with partial_rollout false and gets a
+weight update (no tensors: the version bump, the decode views rebuilt) after every K finished
+groups, as an async job without partial rollouts gets one per trainer step: each drains the
+running sequences before anything new is admitted, and the forwards and tokens per CPU-second
+show what those drains cost against --updates-every 0 (e.g. `--against . --against-updates 0`).
+
 With --against DIR (a `git worktree` or `git archive` copy of another commit) it alternates
 runs of this tree and of DIR, each in a fresh process with PYTHONPATH set to its tree, so both
 see the same load; the ratio per pair is printed. Same prompts, seeds and tokens on both
@@ -23,6 +29,8 @@ sides when the engine's numerics are unchanged (the token counts show it).
     .venv/bin/python bench/long_tail_engine.py --warm <long_tail --root>/warm [--against DIR]
     .venv/bin/python bench/long_tail_engine.py --warm W --path worker --against DIR
     .venv/bin/python bench/long_tail_engine.py --warm W --against . --fold 256 --against-fold 0
+    .venv/bin/python bench/long_tail_engine.py --warm W --against . --updates-every 8 \
+        --against-updates 0
 """
 
 from __future__ import annotations
@@ -70,9 +78,11 @@ def workload(args: argparse.Namespace) -> dict[str, float]:
             max_running=64,
             context_len=CONTEXT,
             seed=0,
+            partial_rollout=not args.updates_every,
             **fold,
         )
-        group = engine_group(engine, [prompt_ids(tok, r["messages"], None) for r in rows])
+        prompts = [prompt_ids(tok, r["messages"], None) for r in rows]
+        group = engine_group(engine, prompts, args.updates_every)
 
     async def everything() -> int:
         window = asyncio.Semaphore(args.window)
@@ -103,13 +113,21 @@ def workload(args: argparse.Namespace) -> dict[str, float]:
         "tok_per_forward": tokens / forwards,
         "decode_batch": rows_ / decodes,
         "load": os.getloadavg()[0],
+        "updates": after["num_updates"] - before["num_updates"],
+        "batch_1": after.get("decode_batch_le_1", 0) - before.get("decode_batch_le_1", 0),
         "code": str(Path(sys.modules[EmbeddedEngine.__module__].__file__).parents[2]),
     }
 
 
-def engine_group(engine: Any, prompts: list[list[int]]) -> Callable[..., Awaitable[int]]:
-    """Group i: SAMPLES single-sample requests on the engine (one generate call)."""
+def engine_group(
+    engine: Any, prompts: list[list[int]], updates_every: int = 0
+) -> Callable[..., Awaitable[int]]:
+    """Group i: SAMPLES single-sample requests on the engine (one generate call); with
+    `updates_every` K, a weight update (no tensors) is submitted after every K-th group."""
+    from models.weight_update import WeightUpdate
     from rollout.types import GenerateRequest, SamplingParams
+
+    finished = [0]
 
     async def group(i: int, window: asyncio.Semaphore) -> int:
         requests = [
@@ -121,7 +139,11 @@ def engine_group(engine: Any, prompts: list[list[int]]) -> Callable[..., Awaitab
             for j in range(SAMPLES)
         ]
         async with window:
-            return sum(len(o.output_ids) for o in await engine.generate(requests))
+            outputs = await engine.generate(requests)
+        finished[0] += 1
+        if updates_every and finished[0] % updates_every == 0:  # lands once the running drain
+            engine.submit_update(WeightUpdate(version=finished[0] // updates_every, buckets=[]))
+        return sum(len(o.output_ids) for o in outputs)
 
     return group
 
@@ -165,11 +187,14 @@ def worker_group(core: Any, rows: list[dict[str, Any]]) -> Callable[..., Awaitab
     return group
 
 
-def run_tree(tree: Path, args: argparse.Namespace, fold: int | None) -> dict[str, float]:
+def run_tree(
+    tree: Path, args: argparse.Namespace, fold: int | None, updates_every: int
+) -> dict[str, float]:
     """This script's --one pass in a fresh process on `tree`'s code."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--warm", str(args.warm)]
     cmd += ["--groups", str(args.groups), "--window", str(args.window), "--path", args.path]
     cmd += [] if fold is None else ["--fold", str(fold)]
+    cmd += ["--updates-every", str(updates_every)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -183,7 +208,8 @@ def line(name: str, r: dict[str, float]) -> str:
         f"{r['cpu_s']:.2f} CPU-s, {r['ms_per_group']:.2f} ms/group of which event loop "
         f"{r.get('loop_ms_per_group', float('nan')):.2f}; {r['forwards']:.0f} "
         f"forwards ({r['prefill_forwards']:.0f} prefill, {r['folded']:.0f} folded), "
-        f"{r['tok_per_forward']:.1f} tok/forward, decode batch {r['decode_batch']:.1f}; "
+        f"{r['tok_per_forward']:.1f} tok/forward, decode batch {r['decode_batch']:.1f} "
+        f"({r.get('batch_1', float('nan')):.0f} at 1), {r.get('updates', 0):.0f} updates; "
         f"load {r['load']:.1f}; code {r['code']})"
     )
 
@@ -213,10 +239,26 @@ def main() -> int:
         default=None,
         help="the same for the --against side (e.g. --against . --fold 256 --against-fold 0)",
     )
+    parser.add_argument(
+        "--updates-every",
+        type=int,
+        default=0,
+        help="engine path: partial_rollout false and a weight update every K finished groups",
+    )
+    parser.add_argument(
+        "--against-updates",
+        type=int,
+        default=None,
+        help="--updates-every of the --against side (default: the same)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (args.warm / "config.json").is_file():
         parser.error(f"--warm: {args.warm} has no config.json (a long_tail.py --root's warm)")
+    if args.updates_every < 0 or (args.against_updates or 0) < 0:
+        parser.error("--updates-every / --against-updates: expected >= 0")
+    if (args.updates_every or args.against_updates) and args.path == "worker":
+        parser.error("--updates-every: only with --path engine (the worker's engine is the job's)")
     if args.one:
         print(json.dumps(workload(args)))
         return 0
@@ -228,15 +270,17 @@ def main() -> int:
         f"{os.getloadavg()}, torch threads {torch.get_num_threads()} (each pass: 1), "
         f"{args.groups} groups x {SAMPLES} samples, {args.window} in flight, T=1, "
         f"max_new_tokens {MAX_NEW}, path {args.path}; this tree {ROOT} (fold {args.fold}), "
-        f"against {args.against} (fold {args.against_fold})",
+        f"against {args.against} (fold {args.against_fold}); updates every {args.updates_every} "
+        f"groups (against: {args.against_updates})",
         flush=True,
     )
     ratios = []
     for rep in range(args.reps):
-        this = run_tree(ROOT, args, args.fold)
+        this = run_tree(ROOT, args, args.fold, args.updates_every)
         print(f"pair {rep + 1}:\n" + line("this", this), flush=True)
         if args.against is not None:
-            other = run_tree(args.against, args, args.against_fold)
+            theirs = args.updates_every if args.against_updates is None else args.against_updates
+            other = run_tree(args.against, args, args.against_fold, theirs)
             ratios.append(this["tok_per_cpu_s"] / other["tok_per_cpu_s"])
             print(line("against", other) + f"\n  this / against: {ratios[-1]:.2f}", flush=True)
     if ratios:
