@@ -116,9 +116,10 @@ class CacheBatch:
     write_positions: Tensor | None  # int64 [N] ... and its position; None = all B*L are real
     write_rows: Tensor | None  # int64 [N] index of each real token in the flattened [B * L]
     context: int  # keys attended: cache positions [0, context), the max end over rows
-    mask: Tensor  # bool [B, 1, G * L, context]: key position <= the query's own position,
-    # repeated for the G query heads of each KV head (attention runs per KV head on G*L rows);
-    # [B, 1, 1, context] when L = 1 (SDPA broadcasts it over the G heads)
+    mask: Tensor | None  # bool [B, 1, G * L, context]: key position <= the query's own
+    # position, repeated for the G query heads of each KV head (attention runs per KV head on
+    # G*L rows); [B, 1, 1, context] when L = 1 (SDPA broadcasts it over the G heads); None for
+    # one token (B = L = 1): it sees every key < context, its own position being context - 1
     first_slot: int | None = None  # set when slots are first_slot, first_slot + 1, ...: the
     # cache rows are then a slice (a view), not a gather (the engine keeps slots packed)
     host_slots: list[int] | None = None  # slots as a host list (read once by build)
@@ -127,20 +128,39 @@ class CacheBatch:
     @classmethod
     def build(
         cls,
-        slots: Tensor,
-        start_pos: Tensor,
-        lengths: Tensor,
+        slots: Tensor | list[int],
+        start_pos: Tensor | list[int],
+        lengths: Tensor | list[int],
         seq_len: int,
         max_len: int,
         groups: int = 1,
+        device: torch.device | str = "cpu",
     ) -> CacheBatch:
-        """Validate the row metadata of forward_cached against the cache capacity."""
+        """Validate the row metadata of forward_cached against the cache capacity. The rows
+        may come as host lists (the engine's): their checks then read no tensor, and the
+        index tensors are built on `device` (ignored for tensors, which stay where they are)."""
+        if isinstance(slots, Tensor):
+            host_slots, ends, full = _host_rows(slots, start_pos, lengths, seq_len, max_len)
+        else:
+            host_slots, ends, full = _check_rows(slots, start_pos, lengths, seq_len, max_len)
+            if seq_len == 1 and len(host_slots) == 1:  # one op each (torch.tensor: four)
+                slots = torch.full((1,), host_slots[0], dtype=torch.int64, device=device)
+                start_pos = torch.full((1,), start_pos[0], dtype=torch.int64, device=device)
+            else:
+                slots = torch.tensor(host_slots, dtype=torch.int64, device=device)
+                start_pos = torch.tensor(start_pos, dtype=torch.int64, device=device)
+            if not full:
+                lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
         batch = slots.numel()
-        host_slots, ends, full = _host_rows(slots, start_pos, lengths, seq_len, max_len)
         context = max(ends)
         first = host_slots[0]
         is_run = all(s == first + i for i, s in enumerate(host_slots))
         first_slot = first if is_run else None
+        if seq_len == 1 and batch == 1:  # one token: every cached key is visible, no mask
+            positions = start_pos.to(torch.int64).view(1, 1)
+            return cls(
+                slots, positions, None, None, None, context, None, first_slot, host_slots, ends
+            )
         keys = torch.arange(context, device=slots.device)
         if seq_len == 1:  # decode: one query row per KV head group, shared by its G heads
             positions = start_pos.to(torch.int64)[:, None]
@@ -189,6 +209,18 @@ def _host_rows(
             f"{tuple(slots.shape)}, {tuple(start_pos.shape)}, {tuple(lengths.shape)}"
         )
     host_slots, starts, lens = torch.stack([slots, start_pos, lengths]).tolist()
+    return _check_rows(host_slots, starts, lens, seq_len, max_len)
+
+
+def _check_rows(
+    host_slots: list[int], starts: list[int], lens: list[int], seq_len: int, max_len: int
+) -> tuple[list[int], list[int], bool]:
+    """_host_rows on host lists."""
+    if not (len(starts) == len(lens) == len(host_slots) > 0):
+        raise ValueError(
+            "forward_cached: slots, start_pos and lengths must be [B] each, B >= 1; got "
+            f"{len(host_slots)}, {len(starts)}, {len(lens)}"
+        )
     ends = [s + n for s, n in zip(starts, lens, strict=True)]
     if min(lens) < 1 or max(lens) > seq_len:
         raise ValueError(f"forward_cached: lengths must be in [1, L={seq_len}]")

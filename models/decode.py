@@ -173,7 +173,8 @@ def decode_forward(
     packed = batch.write_rows  # int64 [N] real tokens of the flat [B L]; None: all are real
     ids = input_ids.view(rows) if packed is None else input_ids.view(rows).index_select(0, packed)
     x = F.embedding(ids, weights.embed)  # [T, H]
-    rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
+    if rope.cos.dim() != 3:  # [B, L, 1, D] -> [T, 1, D] (one token's comes as [1, 1, D])
+        rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
     if packed is not None:
         rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
     norm_const = weights.norm_const

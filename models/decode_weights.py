@@ -9,6 +9,7 @@ views. Rebuilt by the model whenever `DecodeWeights.key_of` changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,9 @@ from models import decode_arena
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope, RotaryEmbedding
 from models.moe import ExpertBank, TopkRouter
+
+if TYPE_CHECKING:
+    from models.batching import CacheBatch
 
 
 @dataclass
@@ -140,14 +144,19 @@ class DecodeWeights:
     rope_table: Rope | None = None  # cos/sin [P, 1, D] of positions 0..P-1, grown on demand
     norm_const: _Norm | None = None  # the CPU's fp32 RMSNorm (see _rms)
 
-    def rope(self, rotary: RotaryEmbedding, positions: Tensor, max_len: int) -> Rope:
-        """Rope of positions int64 [B, L] (each < max_len) gathered from a table of every
-        position < max_len: the values of rotary(positions) (elementwise math, bit-equal),
-        two gathers a forward instead of ~12 ops."""
+    def rope(self, rotary: RotaryEmbedding, batch: CacheBatch, max_len: int) -> Rope:
+        """Rope of the batch's positions int64 [B, L] (each < max_len) gathered from a table
+        of every position < max_len: the values of rotary(positions) (elementwise math,
+        bit-equal), two gathers a forward instead of ~12 ops; for one token (B = L = 1) two
+        slices, cos/sin [1, 1, D]."""
+        positions = batch.positions
         table = self.rope_table
         if table is None or table.cos.shape[0] < max_len or table.cos.device != positions.device:
             every = torch.arange(max_len, device=positions.device)
             table = self.rope_table = rotary(every, self.embed.dtype)
+        if batch.mask is None:  # one token, at position context - 1
+            p = batch.context - 1
+            return Rope(table.cos[p : p + 1], table.sin[p : p + 1], table.rotate)
         flat = positions.reshape(-1)
         shape = (*positions.shape, 1, table.cos.shape[-1])
         cos = table.cos.index_select(0, flat).view(shape)

@@ -330,9 +330,9 @@ class Glm4MoeForCausalLM(nn.Module):
     def forward_cached(
         self,
         input_ids: Tensor,
-        slots: Tensor,
-        start_pos: Tensor,
-        lengths: Tensor,
+        slots: Tensor | list[int],
+        start_pos: Tensor | list[int],
+        lengths: Tensor | list[int],
         cache: KVCache,
         *,
         all_logits: bool = False,
@@ -343,18 +343,26 @@ class Glm4MoeForCausalLM(nn.Module):
         positions start_pos[i]..; returns float32 logits [B, V] at each row's last new token
         ([B, L, V] if all_logits). A RoutingCapture gets int64 [n_moe, B, L, k]. `weights`:
         run on these decode weights (the engine's, checked when something may have changed
-        them) instead of decode_weights()."""
+        them) instead of decode_weights(). slots, start_pos and lengths: int64 [B] each, or
+        host lists of B ints (the engine's rows: no tensors to build and read back)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
         b, length = input_ids.shape
         weights = self.decode_weights() if weights is None else weights
         device = weights.embed.device
-        rows = (input_ids, slots, start_pos, lengths)
-        if any(t.device != device for t in rows):  # the engine builds them on the host
-            input_ids, slots, start_pos, lengths = (t.to(device) for t in rows)
+        if input_ids.device != device:  # the engine builds them on the host
+            input_ids = input_ids.to(device)
+        if isinstance(lengths, Tensor):
+            rows = (slots, start_pos, lengths)
+            if any(t.device != device for t in rows):
+                slots, start_pos, lengths = (t.to(device) for t in rows)
+        elif length > 1 and not all_logits:  # the last real token of each row, below
+            lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        batch = CacheBatch.build(slots, start_pos, lengths, length, cache.max_len, groups)
-        rope = weights.rope(self.model.rotary_emb, batch.positions, cache.max_len)
+        batch = CacheBatch.build(
+            slots, start_pos, lengths, length, cache.max_len, groups, device=device
+        )
+        rope = weights.rope(self.model.rotary_emb, batch, cache.max_len)
         x, routes = decode_forward(
             self, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
         )

@@ -114,6 +114,16 @@ def sample(logits: Tensor, params: SamplingBatch) -> tuple[Tensor, Tensor]:
     return tokens, logprobs
 
 
+def sample_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """`sample` of a batch whose rows are all greedy (temperature 0), bit for bit, in 7 ops
+    and without the sampling parameters: the argmax, and its logprob -log(sum(exp(z - max)))
+    (z[argmax] - max is exactly 0; z = logits, as T = 1 for greedy rows)."""
+    z = logits.float()
+    zmax, tokens = z.max(dim=-1)
+    total = (z - zmax[:, None]).exp_().sum(dim=-1)
+    return tokens, total.log_().neg_()
+
+
 def sample_with_top(
     logits: Tensor, params: SamplingBatch, rows: Tensor, k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -31,7 +31,7 @@ from buffer.episode import routing_dtype
 from models.moe import RoutingCapture
 from rollout.embedded.kv_slots import SlotPool
 from rollout.embedded.prompt_share import Pairs, pair_with_leaders, share_key, share_prefills
-from rollout.embedded.sampler import sample, sample_with_top
+from rollout.embedded.sampler import sample, sample_greedy, sample_with_top
 from rollout.embedded.sequence import Decode, Sequence
 
 logger = logging.getLogger(__name__)
@@ -325,9 +325,9 @@ class Scheduler:
         weights = self.live_weights()
         logits = self.model.forward_cached(
             ids,
-            torch.tensor(slots, dtype=torch.int64),
-            torch.tensor(start, dtype=torch.int64),
-            torch.tensor([len(r) for r in rows], dtype=torch.int64),
+            slots,
+            start,
+            [len(r) for r in rows],
             self.slots.cache,
             routing=capture,
             **({} if weights is None else {"weights": weights}),
@@ -346,9 +346,13 @@ class Scheduler:
             self.seconds["sample"] += time.perf_counter() - t0
 
     def _sample_append_timed(self, seqs: list[Sequence], logits: Tensor) -> list[Sequence]:
+        top_rows = [i for i, s in enumerate(seqs) if s.top_logprobs_num > 0]
+        if not top_rows and self.slots.all_greedy:  # no parameters to gather (same values)
+            tokens, logprobs = sample_greedy(logits)
+            self.slots.advance([s.slot for s in seqs])
+            return self._append(seqs, tokens, logprobs)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.slots.device)
         batch = self.slots.batch(slots)
-        top_rows = [i for i, s in enumerate(seqs) if s.top_logprobs_num > 0]
         if top_rows:  # only requests that asked pay for the top-k (OpenAI's top_logprobs)
             k = max(seqs[i].top_logprobs_num for i in top_rows)
             rows = torch.tensor(top_rows, dtype=torch.int64, device=logits.device)
@@ -359,6 +363,10 @@ class Scheduler:
         else:
             tokens, logprobs = sample(logits, batch)
         self.slots.advance(slots)
+        return self._append(seqs, tokens, logprobs)
+
+    def _append(self, seqs: list[Sequence], tokens: Tensor, logprobs: Tensor) -> list[Sequence]:
+        """Each sequence's sampled token and logprob appended; returns those that finished."""
         finished = []
         version = self.version
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):

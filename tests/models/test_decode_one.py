@@ -79,3 +79,23 @@ def test_one_token_decode_equals_a_batch_of_two() -> None:
         )  # fmt: skip
         torch.testing.assert_close(logits[0], both[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(capture_solo.routed_experts[:, 0], capture_pair.routed_experts[:, 0])
+
+
+def test_rows_as_host_lists_give_the_same_logits_as_tensors() -> None:
+    """forward_cached's rows as host lists (the engine's) or int64 tensors: the same cache
+    writes and logits, one token (no mask) and padded multi-token rows alike."""
+    model = make_model(seed=41)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    steps = (  # (input_ids, slots, starts, lengths)
+        (ids, [0, 1], [0, 0], [5, 3]),
+        (ids[:, :1], [0, 1], [5, 3], [1, 1]),
+        (ids[:1, 1:2], [0], [6], [1]),
+        (ids[1:, 2:3], [1], [4], [1]),
+    )
+    caches = [model.new_kv_cache(2, 16) for _ in range(2)]
+    for input_ids, slots, starts, lengths in steps:
+        as_tensors = [torch.tensor(r) for r in (slots, starts, lengths)]
+        want = model.forward_cached(input_ids, *as_tensors, caches[0])
+        got = model.forward_cached(input_ids, slots, starts, lengths, caches[1])
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(*(c.layers for c in caches), strict=True))

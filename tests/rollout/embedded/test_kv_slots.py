@@ -80,3 +80,17 @@ def test_batches_promise_no_greedy_row_and_unit_temperature_only_while_true():
     pool.reset()
     b = pool.acquire(SamplingParams(max_new_tokens=4, temperature=1.0), 4, 0)
     assert pool.batch(torch.tensor([b])).all_sampled
+
+
+def test_all_greedy_holds_only_while_every_used_slot_is_greedy():
+    pool = SlotPool(object(), num_slots=3, max_len=8)
+    assert pool.all_greedy  # no slot used
+    g = pool.acquire(SamplingParams(max_new_tokens=4, temperature=0.0), seed=1, counter=0)
+    assert pool.all_greedy
+    s = pool.acquire(SamplingParams(max_new_tokens=4, temperature=1.0), seed=2, counter=0)
+    assert not pool.all_greedy
+    pool.release(s)
+    assert pool.all_greedy
+    pool.advance([g])  # a host list of one slot: the same counter update as a tensor
+    pool.advance(torch.tensor([g]))
+    assert int(pool.counters[g]) == 2

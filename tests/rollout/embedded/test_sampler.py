@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from rollout.embedded.sampler import SamplingBatch, hash_uniform, sample, sample_with_top
+from rollout.embedded.sampler import (
+    SamplingBatch,
+    hash_uniform,
+    sample,
+    sample_greedy,
+    sample_with_top,
+)
 
 torch.set_num_threads(1)
 
@@ -160,3 +166,19 @@ def test_all_sampled_batches_draw_exactly_what_the_masked_path_draws(temp, filte
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+def test_all_greedy_batches_give_exactly_what_the_sampling_path_gives():
+    """sample_greedy (no parameters) against sample() on greedy rows: the same bits, ties
+    and non-finite logits included."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, 50) * 4
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1  # a tie: the same index as max() takes
+    logits[2, 3] = float("inf")
+    logits[3, :] = float("-inf")
+    for rows in (logits, logits[:1], logits[4:]):
+        want = sample(rows, _batch(rows.shape[0], temp=0.0, top_k=2, top_p=0.5))
+        got = sample_greedy(rows)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1].nan_to_num(), want[1].nan_to_num())
+        assert torch.equal(got[1].isnan(), want[1].isnan())
