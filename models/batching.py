@@ -143,57 +143,49 @@ class CacheBatch:
             host_slots, ends, full = _host_rows(slots, start_pos, lengths, seq_len, max_len)
         else:
             host_slots, ends, full = _check_rows(slots, start_pos, lengths, seq_len, max_len)
-            if seq_len == 1 and len(host_slots) == 1:  # one op each (torch.tensor: four)
-                slots = torch.full((1,), host_slots[0], dtype=torch.int64, device=device)
-                start_pos = torch.full((1,), start_pos[0], dtype=torch.int64, device=device)
-            else:
-                slots = torch.tensor(host_slots, dtype=torch.int64, device=device)
-                start_pos = torch.tensor(start_pos, dtype=torch.int64, device=device)
-            if not full:
-                lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+            slots, start_pos, lengths = _row_tensors(slots, start_pos, lengths, full, device)
         batch = slots.numel()
         context = max(ends)
         first = host_slots[0]
         is_run = all(s == first + i for i, s in enumerate(host_slots))
         first_slot = first if is_run else None
+        write: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
         if seq_len == 1 and batch == 1:  # one token: every cached key is visible, no mask
-            positions = start_pos.to(torch.int64).view(1, 1)
-            return cls(
-                slots, positions, None, None, None, context, None, first_slot, host_slots, ends
-            )
-        keys = torch.arange(context, device=slots.device)
-        if seq_len == 1:  # decode: one query row per KV head group, shared by its G heads
+            positions, mask = start_pos.to(torch.int64).view(1, 1), None
+        elif seq_len == 1:  # decode: one query row per KV head group, shared by its G heads
             positions = start_pos.to(torch.int64)[:, None]
+            keys = torch.arange(context, device=slots.device)
             mask = (keys <= positions).view(batch, 1, 1, context)
-            return cls(
-                slots, positions, None, None, None, context, mask, first_slot, host_slots, ends
-            )
-        steps = torch.arange(seq_len, device=slots.device)
-        positions = start_pos[:, None] + steps  # [B, L]
-        mask = keys <= positions[:, :, None]  # [B, L, context]
-        if groups > 1:
-            mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
-        mask = mask.reshape(batch, 1, groups * seq_len, context)
-        if full:
-            return cls(
-                slots, positions, None, None, None, context, mask, first_slot, host_slots, ends
-            )
-        valid = (steps < lengths[:, None]).reshape(-1)
-        rows = valid.nonzero().squeeze(1)
-        write_slots = slots.repeat_interleave(seq_len)[rows]
-        write_positions = positions.reshape(-1)[rows]
-        return cls(
-            slots,
-            positions,
-            write_slots,
-            write_positions,
-            rows,
-            context,
-            mask,
-            first_slot,
-            host_slots,
-            ends,
-        )
+        else:
+            steps = torch.arange(seq_len, device=slots.device)
+            positions = start_pos[:, None] + steps  # [B, L]
+            mask = torch.arange(context, device=slots.device) <= positions[:, :, None]
+            if groups > 1:  # [B, L, context] -> [B, G, L, context]
+                mask = mask.unsqueeze(1).expand(batch, groups, seq_len, context)
+            mask = mask.reshape(batch, 1, groups * seq_len, context)
+            if not full:  # the real tokens' cache rows, positions and flat indices
+                rows = (steps < lengths[:, None]).reshape(-1).nonzero().squeeze(1)
+                write = (slots.repeat_interleave(seq_len)[rows], positions.reshape(-1)[rows], rows)
+        return cls(slots, positions, *write, context, mask, first_slot, host_slots, ends)
+
+
+def _row_tensors(
+    slots: list[int],
+    start_pos: list[int],
+    lengths: list[int],
+    full: bool,
+    device: torch.device | str,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Checked host rows as int64 [B] tensors on `device`; lengths only where some row is
+    short of L (build needs them only then)."""
+    if len(slots) == 1:  # torch.full is one op, torch.tensor four
+        slots_t = torch.full((1,), slots[0], dtype=torch.int64, device=device)
+        start_t = torch.full((1,), start_pos[0], dtype=torch.int64, device=device)
+    else:
+        slots_t = torch.tensor(slots, dtype=torch.int64, device=device)
+        start_t = torch.tensor(start_pos, dtype=torch.int64, device=device)
+    lengths_t = None if full else torch.tensor(lengths, dtype=torch.int64, device=device)
+    return slots_t, start_t, lengths_t
 
 
 def _host_rows(

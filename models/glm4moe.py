@@ -356,8 +356,6 @@ class Glm4MoeForCausalLM(nn.Module):
             rows = (slots, start_pos, lengths)
             if any(t.device != device for t in rows):
                 slots, start_pos, lengths = (t.to(device) for t in rows)
-        elif length > 1 and not all_logits:  # the last real token of each row, below
-            lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         batch = CacheBatch.build(
             slots, start_pos, lengths, length, cache.max_len, groups, device=device
@@ -369,8 +367,12 @@ class Glm4MoeForCausalLM(nn.Module):
         if routing is not None:
             k = self.config.num_experts_per_tok
             routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
-        if not all_logits:
-            x = x[:, 0] if length == 1 else x[torch.arange(b, device=x.device), lengths - 1]
+        if not all_logits and length > 1:  # the last real token of each row
+            if not isinstance(lengths, Tensor):
+                lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+            x = x[torch.arange(b, device=x.device), lengths - 1]
+        elif not all_logits:
+            x = x[:, 0]
         return decode_logits(weights, x, self.config.rms_norm_eps)
 
     def decode_weights(self) -> DecodeWeights:
