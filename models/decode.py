@@ -32,9 +32,11 @@ from models.decode_attention import AttentionPlan, plan_attention, segmented_att
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
 from models.decode_one import add_moe, add_swiglu, rms_one, warm
 from models.decode_weights import DecodeLayer, DecodeWeights, _Norm
+from models.kv_cache import KVCache
 from models.layers import Rope
+from models.moe import RoutingCapture
 
-__all__ = ["DecodeLayer", "DecodeWeights", "decode_forward", "decode_logits"]
+__all__ = ["DecodeLayer", "DecodeWeights", "cached_forward", "decode_forward", "decode_logits"]
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float, const: _Norm | None = None) -> Tensor:
@@ -234,6 +236,50 @@ def _one_token_layers(
         if experts is not None:
             routes.append(experts)
     return routes
+
+
+def cached_forward(
+    model: nn.Module,
+    input_ids: Tensor,
+    slots: Tensor | list[int],
+    start_pos: Tensor | list[int],
+    lengths: Tensor | list[int],
+    cache: KVCache,
+    all_logits: bool,
+    routing: RoutingCapture | None,
+    weights: DecodeWeights | None,
+) -> Tensor:
+    """Glm4MoeForCausalLM.forward_cached (see there): the rows checked, the forward, the
+    logits of each row's last new token (or of all)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
+    b, length = input_ids.shape
+    weights = model.decode_weights() if weights is None else weights
+    device = weights.embed.device
+    if input_ids.device != device:  # the engine builds them on the host
+        input_ids = input_ids.to(device)
+    if isinstance(lengths, Tensor):
+        rows = (slots, start_pos, lengths)
+        if any(t.device != device for t in rows):
+            slots, start_pos, lengths = (t.to(device) for t in rows)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    batch = CacheBatch.build(
+        slots, start_pos, lengths, length, cache.max_len, groups, device=device
+    )
+    rope = weights.rope(model.model.rotary_emb, batch, cache.max_len)
+    x, routes = decode_forward(
+        model, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
+    )
+    if routing is not None:
+        k = model.config.num_experts_per_tok
+        routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
+    if not all_logits and length > 1:  # the last real token of each row
+        if not isinstance(lengths, Tensor):
+            lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+        x = x[torch.arange(b, device=x.device), lengths - 1]
+    elif not all_logits:
+        x = x[:, 0]
+    return decode_logits(weights, x, model.config.rms_norm_eps)
 
 
 def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:

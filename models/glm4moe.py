@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from models import moe
 from models.attention import Attention
-from models.batching import CacheBatch, PackInfo, TreeLayout
+from models.batching import PackInfo, TreeLayout
 from models.config import ModelConfig
-from models.decode import DecodeWeights, decode_forward, decode_logits
+from models.decode import DecodeWeights, cached_forward
 from models.hf_io import iter_hf_tensors, load_hf_tensors
 from models.kv_cache import KVCache
 from models.layers import MLP, RMSNorm, Rope, RotaryEmbedding
@@ -345,35 +345,9 @@ class Glm4MoeForCausalLM(nn.Module):
         run on these decode weights (the engine's, checked when something may have changed
         them) instead of decode_weights(). slots, start_pos and lengths: int64 [B] each, or
         host lists of B ints (the engine's rows: no tensors to build and read back)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected int64 [B, L], got {tuple(input_ids.shape)}")
-        b, length = input_ids.shape
-        weights = self.decode_weights() if weights is None else weights
-        device = weights.embed.device
-        if input_ids.device != device:  # the engine builds them on the host
-            input_ids = input_ids.to(device)
-        if isinstance(lengths, Tensor):
-            rows = (slots, start_pos, lengths)
-            if any(t.device != device for t in rows):
-                slots, start_pos, lengths = (t.to(device) for t in rows)
-        groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        batch = CacheBatch.build(
-            slots, start_pos, lengths, length, cache.max_len, groups, device=device
+        return cached_forward(
+            self, input_ids, slots, start_pos, lengths, cache, all_logits, routing, weights
         )
-        rope = weights.rope(self.model.rotary_emb, batch, cache.max_len)
-        x, routes = decode_forward(
-            self, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
-        )
-        if routing is not None:
-            k = self.config.num_experts_per_tok
-            routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
-        if not all_logits and length > 1:  # the last real token of each row
-            if not isinstance(lengths, Tensor):
-                lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
-            x = x[torch.arange(b, device=x.device), lengths - 1]
-        elif not all_logits:
-            x = x[:, 0]
-        return decode_logits(weights, x, self.config.rms_norm_eps)
 
     def decode_weights(self) -> DecodeWeights:
         """The fused inference views of the weights, rebuilt when any weight changed."""
