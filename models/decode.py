@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
-from models.decode_one import add_moe, add_swiglu, rms_one, warm
+from models.decode_one import one_token_layers, rms_one, warm
 from models.decode_weights import DecodeLayer, DecodeWeights, _Norm
 from models.kv_cache import KVCache
 from models.layers import Rope
@@ -191,7 +191,11 @@ def decode_forward(
             step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
         step.plan = plan_attention(batch, step.mask)
     if rows == 1 and norm_const is not None and x.dtype == torch.float32:
-        routes = _one_token_layers(x, weights, rope, batch, caches, shape, eps, step, capture)
+
+        def attend(h: Tensor, w: DecodeLayer, cache: Tensor) -> Tensor:
+            return _attention(h, w, rope, batch, cache, shape, eps, step)
+
+        routes = one_token_layers(x, weights, caches, eps, capture, attend)
         return x.view(1, 1, -1), routes
     routes = []
     norm = step.norm
@@ -209,33 +213,6 @@ def decode_forward(
         routes.append(_unpack(experts, packed, rows))
         x.add_(out)
     return _unpack(x, packed, rows).view(b, length, -1), routes
-
-
-def _one_token_layers(
-    x: Tensor,
-    weights: DecodeWeights,
-    rope: Rope,
-    batch: CacheBatch,
-    caches: list[Tensor],
-    shape: tuple,
-    eps: float,
-    step: _Step,
-    capture: bool,
-) -> list[Tensor]:
-    """Every layer on x fp32 [1, H] in place (models/decode_one.py); the MoE layers' experts."""
-    zero = step.norm.zero
-    routes = []
-    for w, cache in zip(weights.layers, caches, strict=True):
-        h = rms_one(x, w.in_norm, eps, zero)
-        x.addmm_(_attention(h, w, rope, batch, cache, shape, eps, step), warm(w.o))
-        h = rms_one(x, w.post_norm, eps, zero)
-        if w.router is None:
-            add_swiglu(x, h, w.gate_up, w.down)
-            continue
-        experts = add_moe(x, h, w, capture)
-        if experts is not None:
-            routes.append(experts)
-    return routes
 
 
 def cached_forward(

@@ -17,6 +17,7 @@ x + (e1 + e2 + shared)): logits agree to ~1e-6 (tests/models/test_decode_one.py)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from models.decode_weights import DecodeLayer
+    from models.decode_weights import DecodeLayer, DecodeWeights
+
+# (normed x [1, H], layer, its cache) -> attention output [1, Hq D] before o_proj
+Attend = Callable[[Tensor, "DecodeLayer", Tensor], Tensor]
 
 
 # A one-row GEMV over a [k, n] matrix out of cache streams ~12 GB/s at n = 512 and ~15 at 768
@@ -92,3 +96,28 @@ def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, capture: bool) -> Tensor | Non
     if w.gate_up is not None:
         add_swiglu(x, h, w.gate_up, w.down)
     return torch.tensor([ids]) if capture else None
+
+
+def one_token_layers(
+    x: Tensor,
+    weights: DecodeWeights,
+    caches: list[Tensor],
+    eps: float,
+    capture: bool,
+    attend: Attend,
+) -> list[Tensor]:
+    """Every layer on x fp32 [1, H] in place; the MoE layers' experts (with `capture`).
+    `attend` is the attention of one layer (models/decode.py's, over the KV cache)."""
+    zero = weights.norm_const.zero
+    routes = []
+    for w, cache in zip(weights.layers, caches, strict=True):
+        h = rms_one(x, w.in_norm, eps, zero)
+        x.addmm_(attend(h, w, cache), warm(w.o))
+        h = rms_one(x, w.post_norm, eps, zero)
+        if w.router is None:
+            add_swiglu(x, h, w.gate_up, w.down)
+            continue
+        experts = add_moe(x, h, w, capture)
+        if experts is not None:
+            routes.append(experts)
+    return routes
