@@ -27,12 +27,14 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+from models import decode_one_native as native  # noqa: E402
 from models.config import get_preset  # noqa: E402
 from models.decode_one import warm  # noqa: E402
 from models.glm4moe import Glm4MoeForCausalLM  # noqa: E402
@@ -105,15 +107,33 @@ def gemv_bandwidth(reps: int) -> tuple[float, float]:
     return nbytes / best_linear / 1e9, nbytes / best_in_out / 1e9
 
 
+def _gemv(dtype: torch.dtype) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
+    """(name, x [1, k] @ w [k, n]) as the engine's one-token layers run it: the C kernel of
+    models/decode_one_native.py where it runs (fp32, one thread), else torch's matmul after
+    the sum that reads a narrow matrix first (models/decode_one.py)."""
+    lib = native.load()
+    if lib is None or dtype != torch.float32 or torch.get_num_threads() != 1:
+        return "torch", lambda x, w: x @ warm(w)
+    outs: dict[int, torch.Tensor] = {}  # y += x @ w into one buffer per width, as x += ...
+
+    def kernel(x: torch.Tensor, w: torch.Tensor) -> None:
+        k, n = w.shape
+        out = outs.setdefault(n, torch.zeros(1, n))
+        lib.gemv_add(x.data_ptr(), w.data_ptr(), out.data_ptr(), k, n, 1.0)
+
+    return "C kernel", kernel
+
+
 def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
     """(best CPU-or-wall seconds, matmul count) of one batch-1 token's weight matmuls alone:
     the engine's own decode weights (models/decode.py), in the step's order, two routed
-    experts per MoE layer (changing from pass to pass, as routing does), the LM head; no
-    other op but the sum that reads a narrow matrix before its GEMV (models/decode_one.py).
-    Each pass reads the same bytes as a decode step, so the weights are as cold."""
+    experts per MoE layer (changing from pass to pass, as routing does), the LM head (a torch
+    matmul, as in the engine); each by the engine's GEMV (_gemv). Each pass reads the same
+    bytes as a decode step, so the weights are as cold."""
     weights = model.decode_weights()
     c = model.config
     dtype = weights.embed.dtype
+    _, gemv = _gemv(dtype)
     vec = {n: torch.randn(1, n, dtype=dtype) for n in {w.shape[0] for w in _matrices(weights)}}
     vec[c.hidden_size] = torch.randn(1, c.hidden_size, dtype=dtype)
 
@@ -129,8 +149,8 @@ def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
                     mats += [w.experts_gate_up[j], w.experts_down[j]]
                 torch.nn.functional.linear(vec[c.hidden_size].float(), w.router_w)
                 calls += 1
-            for m in mats:  # the narrow ones read once first, as the one-token path does
-                vec[m.shape[0]] @ warm(m)
+            for m in mats:
+                gemv(vec[m.shape[0]], m)
             calls += len(mats)
         vec[c.hidden_size] @ warm(weights.lm_head)  # [H, V]
         return calls + 1
@@ -147,9 +167,11 @@ def gemv_step_s(model: Glm4MoeForCausalLM, reps: int) -> tuple[float, int]:
 
 
 def gemv_rates(model: Glm4MoeForCausalLM, reps: int) -> dict[tuple[int, int], float]:
-    """GB/s of a one-row `x @ w` at each distinct decode-weight shape, out of cache: enough
-    random copies of the shape to pass 64 MB, each read once per pass; best of `reps`."""
+    """GB/s of a one-row GEMV (the engine's, _gemv) at each distinct decode-weight shape, out
+    of cache: enough random copies of the shape to pass 64 MB, each read once per pass;
+    best of `reps`."""
     dtype = model.decode_weights().embed.dtype
+    _, gemv = _gemv(dtype)
     shapes = sorted({tuple(m.shape) for m in _matrices(model.decode_weights())})
     rates = {}
     gen = torch.Generator().manual_seed(0)
@@ -163,7 +185,7 @@ def gemv_rates(model: Glm4MoeForCausalLM, reps: int) -> dict[tuple[int, int], fl
         for _ in range(reps):
             start = clock()
             for m in mats:
-                x @ m
+                gemv(x, m)
             best = min(best, (clock() - start) / len(mats))
         rates[(k, n)] = nbytes / best / 1e9
     return rates
@@ -258,7 +280,8 @@ def main() -> None:
         f"{(per_token - gemv_s) * 1e3:.2f} ms/token"
     )
     shapes = ", ".join(f"[{k}, {n}] {gbs:.1f}" for (k, n), gbs in rates.items())
-    print(f"one-row x @ w by weight shape [in, out], out of cache, GB/s: {shapes}")
+    kernel = _gemv(dtype)[0]
+    print(f"one-row GEMV ({kernel}) by weight shape [in, out], out of cache, GB/s: {shapes}")
 
 
 if __name__ == "__main__":

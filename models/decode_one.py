@@ -12,6 +12,9 @@ warm. So this path spends ops only where the math needs them:
   scalars: the operations of models.moe.TopkRouter, value for value).
 Sums are grouped differently from the batched path (x + e1 + e2 + shared instead of
 x + (e1 + e2 + shared)): logits agree to ~1e-6 (tests/models/test_decode_one.py).
+With one torch thread and a C compiler on the machine the same layers run as ~6 C calls
+each instead (models/decode_one_native.py: its GEMV streams the weights ~1.3x faster than
+MKL's sgemv here, and the small ops cost no dispatch); these torch ops are the fallback.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models import decode_one_native as native
+from models.decode_one_native import OneToken
 
 if TYPE_CHECKING:
     from models.decode_weights import DecodeLayer, DecodeWeights
@@ -98,6 +104,17 @@ def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, capture: bool) -> Tensor | Non
     return torch.tensor([ids]) if capture else None
 
 
+def _closure_at(attend: Attend) -> OneToken | None:
+    """The OneToken of models/decode.py's attend closure (its `rope` and `batch`), until
+    decode.py passes `at` itself."""
+    cells = attend.__closure__ or ()
+    free = dict(zip(attend.__code__.co_freevars, (c.cell_contents for c in cells), strict=True))
+    rope, batch = free.get("rope"), free.get("batch")
+    if rope is None or batch is None:
+        return None
+    return native.one_token_at(rope, batch)
+
+
 def one_token_layers(
     x: Tensor,
     weights: DecodeWeights,
@@ -105,9 +122,16 @@ def one_token_layers(
     eps: float,
     capture: bool,
     attend: Attend,
+    at: OneToken | None = None,
 ) -> list[Tensor]:
     """Every layer on x fp32 [1, H] in place; the MoE layers' experts (with `capture`).
-    `attend` is the attention of one layer (models/decode.py's, over the KV cache)."""
+    `attend` is the attention of one layer (models/decode.py's, over the KV cache); `at`
+    the token's slot, position and RoPE row (models.decode_one_native.one_token_at): with
+    it, and where the C kernels are built, the layers run as C calls (same math)."""
+    if at is None:
+        at = _closure_at(attend)
+    if at is not None and native.supported(x, weights, caches, at):
+        return native.native_layers(x, weights, caches, eps, capture, at, _route)
     zero = weights.norm_const.zero
     routes = []
     for w, cache in zip(weights.layers, caches, strict=True):

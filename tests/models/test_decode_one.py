@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import models.decode_moe as decode_moe
 import models.decode_one as decode_one
+import models.decode_one_native as decode_one_native
 from models import RoutingCapture
 from tests.models.glm_helpers import make_model
 
@@ -99,3 +101,44 @@ def test_rows_as_host_lists_give_the_same_logits_as_tensors() -> None:
         got = model.forward_cached(input_ids, slots, starts, lengths, caches[1])
         assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(*(c.layers for c in caches), strict=True))
+
+
+def _greedy_batch_1(model, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits and routed experts of a greedy batch-1 decode (the one-token path)."""
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    cache = model.new_kv_cache(2, 24)
+    logits = model.forward_cached(prompt, [1], [0], [6], cache)
+    all_logits, experts = [], []
+    for step in range(steps):
+        token = logits.argmax(-1).view(1, 1)
+        capture = RoutingCapture()
+        logits = model.forward_cached(token, [1], [6 + step], [1], cache, routing=capture)
+        all_logits.append(logits)
+        experts.append(capture.routed_experts)
+    return all_logits, experts
+
+
+def test_native_layers_equal_the_torch_ops(monkeypatch) -> None:
+    """The C kernels (models/decode_one_native.py) against the torch ops of the same path:
+    logits within 1e-5 and the same experts, with q/k/v biases, without qk-norm, with full
+    and partial RoPE; slot 1 of two, so the cache write lands in the right slot."""
+    if decode_one_native.load() is None:
+        pytest.skip("no C compiler here: the torch ops run")
+    cases = ({}, {"attention_bias": True}, {"use_qk_norm": False}, {"partial_rotary_factor": 1})
+    ran = []
+    native_layers = decode_one_native.native_layers
+    for overrides in cases:
+        model = make_model(seed=34, **overrides)
+        monkeypatch.setattr(
+            decode_one_native, "native_layers", lambda *a: ran.append(1) or native_layers(*a)
+        )
+        got, got_experts = _greedy_batch_1(model, 6)
+        assert len(ran) == 6
+        ran.clear()
+        monkeypatch.setattr(decode_one_native, "supported", lambda *a: False)
+        want, want_experts = _greedy_batch_1(model, 6)
+        monkeypatch.undo()
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_experts, want_experts, strict=True):
+            assert torch.equal(a, b)

@@ -1,0 +1,223 @@
+"""models/decode_one_kernels.c built and loaded with ctypes: the batch-1 fp32 layer in C calls.
+
+Built once per machine with the system C compiler (`cc -O3 -march=native`, ~0.5 s) into
+~/.cache/physarum (or $PHYSARUM_CACHE), keyed by the source and the CPU's flags; where no
+compiler or no build works, `load()` is None and models/decode_one.py keeps its torch ops.
+No torch headers: the calls take raw pointers of contiguous fp32 CPU tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from models.batching import CacheBatch
+    from models.decode_weights import DecodeLayer, DecodeWeights
+    from models.layers import Rope
+
+log = logging.getLogger(__name__)
+
+# (normed row [1, H], layer, ascending) -> (experts, their routing weights as floats)
+Route = Callable[[Tensor, "DecodeLayer", bool], tuple[list[int], list[float]]]
+
+SOURCE = Path(__file__).with_name("decode_one_kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
+MAX_N = 8192  # the kernels' widest GEMV output (MAX_N in the C source)
+MAX_CONTEXT = 8192  # attend_one's score buffer
+MAX_HEAD_DIM = 1024
+
+_P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {
+    "rms_row": [_P, _P, _P, _L, _F],
+    "gemv_add": [_P, _P, _P, _L, _L, _F],
+    "swiglu_add": [_P, _P, _P, _P, _L, _L, _F],
+    "attend_one": [_P, _P, _P, _P, _L, _L, _L, _L, _F, _P, _P, _P, _P, _P, _L, _L, _P],
+}
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if "flags" in line
+        )
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    digest.update(_cpu_key().encode() + platform.machine().encode())
+    root = Path(os.environ.get("PHYSARUM_CACHE", Path.home() / ".cache" / "physarum"))
+    return root / f"decode_one_{digest.hexdigest()[:16]}.so"
+
+
+def _build(path: Path) -> None:
+    """Compile into a temporary file and rename it into place (atomic: concurrent builders
+    each write their own file, the last rename wins with identical bytes)."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def load() -> ctypes.CDLL | None:
+    """The kernels, built on first use; None where they cannot be built here."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        path = _library_path()
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+        for name, args in _SIGNATURES.items():
+            getattr(lib, name).argtypes = args
+            getattr(lib, name).restype = None
+    except (OSError, AttributeError, subprocess.SubprocessError) as err:
+        log.warning("decode_one kernels unavailable (%s): torch ops instead", err)
+        return None
+    return lib
+
+
+def usable(t: Tensor) -> bool:
+    """Whether the kernels can read `t` by pointer: fp32, contiguous, on the CPU."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+@dataclass
+class OneToken:
+    """Where the step's token goes: its cache slot and position (it attends to positions
+    [0, position]), and its RoPE row: cos/sin fp32 [D] each, rotate [D, D] (models.layers.Rope)."""
+
+    slot: int
+    position: int
+    cos: Tensor
+    sin: Tensor
+    rotate: Tensor
+
+
+# rotate (a signed permutation, models.layers.Rope) as the kernels' (perm int32 [D], sign
+# fp32 [D]), by the rotate tensor's id; the tensor is held so that its id stays its own
+_ROTATIONS: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def one_token_at(rope: Rope, batch: CacheBatch) -> OneToken | None:
+    """The OneToken of a forward of one token (B = L = 1), else None."""
+    if batch.mask is not None or batch.host_slots is None or len(batch.host_slots) != 1:
+        return None
+    cos, sin = rope.cos.reshape(-1), rope.sin.reshape(-1)
+    return OneToken(batch.host_slots[0], batch.context - 1, cos, sin, rope.rotate)
+
+
+def _rotation(rotate: Tensor) -> tuple[Tensor, Tensor]:
+    entry = _ROTATIONS.get(id(rotate))
+    if entry is None:
+        r = rotate.float()
+        sign, perm = r.abs().max(dim=0)  # column i: (x @ R)[i] = R[j, i] x[j], one j or none
+        sign = r.gather(0, perm[None])[0].contiguous()
+        if len(_ROTATIONS) > 8:
+            _ROTATIONS.clear()
+        entry = _ROTATIONS[id(rotate)] = (rotate, perm.to(torch.int32).contiguous(), sign)
+    return entry[1], entry[2]
+
+
+def supported(x: Tensor, weights: DecodeWeights, caches: list[Tensor], at: OneToken) -> bool:
+    """Whether native_layers runs this step (else the torch ops do). The kernels use one
+    thread: with more, torch's own (threaded) GEMVs run."""
+    if torch.get_num_threads() != 1 or load() is None:
+        return False
+    if not usable(x) or not all(usable(c) for c in caches):
+        return False
+    d = caches[0].shape[-1]
+    return (
+        x.shape[-1] <= MAX_N
+        and at.position < MAX_CONTEXT
+        and d <= MAX_HEAD_DIM
+        and at.cos.numel() == at.sin.numel() == d
+        and all(usable(t) for t in (at.cos, at.sin))
+        and all(_layer_usable(w) for w in weights.layers)
+    )
+
+
+def _layer_usable(w: DecodeLayer) -> bool:
+    mats = [w.in_norm, w.post_norm, w.qkv, w.o, w.qkv_bias, w.qk_norm, w.gate_up, w.down]
+    if w.router is not None:  # contiguous banks: each expert's views are contiguous too
+        mats += [w.experts_gate_up, w.experts_down]
+    return all(m is None or (usable(m) and m.shape[-1] <= MAX_N) for m in mats)
+
+
+def native_layers(
+    x: Tensor,
+    weights: DecodeWeights,
+    caches: list[Tensor],
+    eps: float,
+    capture: bool,
+    at: OneToken,
+    route: Route,
+) -> list[Tensor]:
+    """models/decode_one.one_token_layers in C calls (see there); route: its routing of one
+    normed row (torch ops, bit-equal to models.moe's)."""
+    lib = load()
+    hidden = x.shape[-1]
+    _, heads, max_len, d = caches[0].shape
+    hq = weights.layers[0].qkv.shape[1] // d - heads
+    perm, sign = _rotation(at.rotate)
+    rope = (at.cos.data_ptr(), at.sin.data_ptr(), perm.data_ptr(), sign.data_ptr())
+    h, attn = torch.empty_like(x), x.new_empty(1, hq * d)
+    xp, hp, ap = x.data_ptr(), h.data_ptr(), attn.data_ptr()
+    routes = []
+    for w, kv in zip(weights.layers, caches, strict=True):
+        qkv = (w.qkv.data_ptr(), _ptr(w.qkv_bias), _ptr(w.qk_norm))
+        slot = kv.data_ptr() + at.slot * kv.stride(0) * 4
+        lib.rms_row(xp, w.in_norm.data_ptr(), hp, hidden, eps)
+        lib.attend_one(
+            hp, *qkv, hidden, hq, heads // 2, d, eps, *rope, slot, max_len, at.position, ap
+        )
+        lib.gemv_add(ap, w.o.data_ptr(), xp, hq * d, hidden, 1.0)
+        lib.rms_row(xp, w.post_norm.data_ptr(), hp, hidden, eps)
+        pairs = [] if w.router is None else sorted(zip(*route(h, w, capture), strict=True))
+        for e, alpha in pairs:
+            gate_up, down = w.experts[e]
+            lib.swiglu_add(
+                xp, hp, gate_up.data_ptr(), down.data_ptr(), hidden, down.shape[0], alpha
+            )
+        if w.gate_up is not None:
+            lib.swiglu_add(
+                xp, hp, w.gate_up.data_ptr(), w.down.data_ptr(), hidden, w.down.shape[0], 1.0
+            )
+        if capture and w.router is not None:
+            routes.append(torch.tensor([[e for e, _ in pairs]]))
+    return routes
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
