@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from models.tokenizer import stop_token_ids
@@ -74,8 +75,26 @@ def render_text(
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of already-templated text (no extra special tokens added)."""
+    """Token ids of already-templated text (no extra special tokens added).
+
+    A fast tokenizer's Rust backend encodes directly when that gives what `tokenizer(text)`
+    gives (no truncation or padding set on it, special tokens split as the wrapper would):
+    the wrapper's `__call__` goes through `encode_batch`, whose thread pool wakes (and
+    spins) for a single short prompt, plus its own argument handling, on every group."""
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """The `tokenizers.Tokenizer` behind a fast tokenizer when encoding with it directly
+    equals `tokenizer(text, add_special_tokens=False)`; None otherwise."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer) or backend.truncation or backend.padding:
+        return None
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend if backend.encode_special_tokens == split else None
 
 
 def prompt_ids(

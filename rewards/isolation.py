@@ -35,6 +35,7 @@ class _Call:
     arg: Any
     loop: asyncio.AbstractEventLoop
     result: asyncio.Future[Any]
+    mailbox: _Mailbox  # where its outcome goes (the loop's, batched)
 
     def run(self) -> tuple[Any, BaseException | None]:
         try:
@@ -47,19 +48,42 @@ class _Call:
         read from a lane thread, where a stale answer only runs a call that is then dropped."""
         return self.loop.is_closed() or self.result.done()
 
-    def deliver(self, value: Any, exc: BaseException | None) -> None:
-        def settle() -> None:
-            if self.result.done():  # the caller gave up (timeout): the late answer is dropped
-                return
-            if exc is not None:
-                self.result.set_exception(exc)
-            else:
-                self.result.set_result(value)
+    def settle(self, value: Any, exc: BaseException | None) -> None:
+        """Resolve the caller's future (on its loop)."""
+        if self.result.done():  # the caller gave up (timeout): the late answer is dropped
+            return
+        if exc is not None:
+            self.result.set_exception(exc)
+        else:
+            self.result.set_result(value)
 
+
+class _Mailbox:
+    """Outcomes handed from a lane's threads to one event loop, settled in batches: the
+    first outcome posted while none waits wakes the loop (a cross-thread write), later
+    ones ride along, so a group of n calls costs the loop a few wake-ups instead of n."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._posted: list[tuple[_Call, Any, BaseException | None]] = []
+
+    def post(self, call: _Call, value: Any, exc: BaseException | None) -> None:
+        with self._lock:
+            self._posted.append((call, value, exc))
+            if len(self._posted) > 1:  # a flush is already scheduled and will take it
+                return
         try:
-            self.loop.call_soon_threadsafe(settle)
+            self.loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop closed while the plugin ran: nobody is waiting
-            pass
+            with self._lock:
+                self._posted.clear()
+
+    def _flush(self) -> None:
+        with self._lock:
+            posted, self._posted = self._posted, []
+        for call, value, exc in posted:
+            call.settle(value, exc)
 
 
 class SyncLane:
@@ -75,6 +99,7 @@ class SyncLane:
         self._backlog: deque[_Call] = deque()  # calls waiting for a slot, in order
         self._idle = 0  # threads waiting on _jobs for their next call
         self._jobs: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._mailbox: _Mailbox | None = None  # of the loop that last submitted
 
     @property
     def running(self) -> int:
@@ -97,7 +122,10 @@ class SyncLane:
         """`fn(arg)` for each of `args` in this lane's threads, in order, at most `limit` at
         once; a future of the running loop per call. Give up on calls with `withdraw`."""
         loop = asyncio.get_running_loop()
-        calls = [_Call(fn, arg, loop, loop.create_future()) for arg in args]
+        mailbox = self._mailbox
+        if mailbox is None or mailbox.loop is not loop:
+            mailbox = self._mailbox = _Mailbox(loop)
+        calls = [_Call(fn, arg, loop, loop.create_future(), mailbox) for arg in args]
         fresh: list[_Call] = []
         with self._lock:
             for call in calls:
@@ -135,7 +163,7 @@ class SyncLane:
                 if following is None:
                     self._running -= 1
                     self._idle += 1
-            call.deliver(value, exc)
+            call.mailbox.post(call, value, exc)
             if following is not None:
                 call = following
                 continue

@@ -221,3 +221,17 @@ def test_template_tool_calls_match_the_parser_format(tok, call: ToolCall) -> Non
 def test_chat_template_file_is_what_the_tokenizer_carries(tok) -> None:
     template = Path(__file__).parents[2] / "models" / "chat_template.jinja"
     assert tok.chat_template == template.read_text(encoding="utf-8")
+
+
+def test_encode_equals_the_tokenizer_call_and_falls_back_when_truncating(tmp_path: Path) -> None:
+    """encode's direct backend path gives the ids `tokenizer(text)` gives; with truncation
+    set on the backend it goes through the tokenizer's call (which resets it) instead."""
+    from models.chat import _plain_backend, encode
+
+    tok = build_toy_tokenizer(tmp_path, tokenizer_corpus(n_per_task=200, seed=0))
+    text = render_text(tok, CONVERSATION[:2], add_generation_prompt=True) + " 12+7=19 <|user|>"
+    assert _plain_backend(tok) is not None
+    assert encode(tok, text) == list(tok(text, add_special_tokens=False)["input_ids"])
+    tok._tokenizer.enable_truncation(max_length=3)
+    assert _plain_backend(tok) is None
+    assert encode(tok, text) == list(tok(text, add_special_tokens=False)["input_ids"])

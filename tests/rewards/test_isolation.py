@@ -100,3 +100,42 @@ def test_lane_backlog_keeps_the_limit_and_skips_withdrawn_calls() -> None:
     assert sorted(x for x, _ in ran) == [0, 1, 2, 3, 4]  # 5 was withdrawn before it started
     assert len({thread for _, thread in ran}) == 2
     assert lane.running == 0
+
+
+def test_lane_outcomes_wake_the_loop_once_per_batch() -> None:
+    """Outcomes posted while a flush is pending ride along with it: a burst of calls settles
+    every future (values and errors, in place) with fewer cross-thread wake-ups than calls."""
+    import threading
+
+    from rewards.isolation import SyncLane
+
+    lane = SyncLane("batched", limit=4)
+    gate = threading.Event()
+
+    def score(x: int) -> int:
+        gate.wait(30)
+        if x == 3:
+            raise ValueError("three")
+        return x * 2
+
+    async def scenario() -> tuple[list[object], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = [0]
+        original = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            wakeups[0] += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        results = lane.submit(score, list(range(16)))
+        gate.set()
+        outcomes = await asyncio.gather(*results, return_exceptions=True)
+        return outcomes, wakeups[0]
+
+    outcomes, wakeups = asyncio.run(scenario())
+    assert [o if not isinstance(o, Exception) else str(o) for o in outcomes] == [
+        *(0, 2, 4, "three"),
+        *(2 * x for x in range(4, 16)),
+    ]
+    assert 1 <= wakeups < 16
