@@ -116,3 +116,41 @@ void attend_one(const float *h, const float *qkv, const float *bias, const float
     for (long i = 0; i < D; i++) o[i] /= total;
   }
 }
+
+/* models.moe.TopkRouter of one row with one expert group, as models/decode_one._route
+ * computes it: scores sigmoid(router_w [E, H] . h), the top k of score + bias (exact double
+ * sums; ties go to the lower id), ascending ids when `ordered`, the k scores normalised
+ * (fp32, summed in id order, + 1e-20) when `norm`, times `scaling` unless it is 1. */
+void route_one(const float *h, const float *router_w, const float *bias, long E, long H,
+               long k, int norm, float scaling, int ordered, long *ids, float *weights) {
+  float s[1024];
+  double choice[1024];
+  for (long e = 0; e < E; e++) {
+    float dot = 0.f;
+    for (long i = 0; i < H; i++) dot += h[i] * router_w[e * H + i];
+    s[e] = 1.f / (1.f + expf(-dot));
+    choice[e] = (double)s[e] + (double)bias[e];
+  }
+  for (long j = 0; j < k; j++) { /* k passes of a max: k and E are small */
+    long best = -1;
+    for (long e = 0; e < E; e++) {
+      int taken = 0;
+      for (long i = 0; i < j; i++) taken |= ids[i] == e;
+      if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+    }
+    ids[j] = best;
+  }
+  if (ordered)
+    for (long j = 1; j < k; j++)
+      for (long i = j; i > 0 && ids[i - 1] > ids[i]; i--) {
+        long t = ids[i]; ids[i] = ids[i - 1]; ids[i - 1] = t;
+      }
+  float total = 0.f;
+  for (long j = 0; j < k; j++) weights[j] = s[ids[j]];
+  for (long j = 0; j < k; j++) total += weights[j];
+  total += 1e-20f;
+  for (long j = 0; j < k; j++) {
+    if (norm) weights[j] /= total;
+    if (scaling != 1.f) weights[j] *= scaling;
+  }
+}

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -41,13 +42,15 @@ MAX_N = 8192  # the kernels' widest GEMV output (MAX_N in the C source)
 MAX_CONTEXT = 8192  # attend_one's score buffer
 MAX_HEAD_DIM = 1024
 
-_P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+_P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "rms_row": [_P, _P, _P, _L, _F],
     "gemv_add": [_P, _P, _P, _L, _L, _F],
     "swiglu_add": [_P, _P, _P, _P, _L, _L, _F],
     "attend_one": [_P, _P, _P, _P, _L, _L, _L, _L, _F, _P, _P, _P, _P, _P, _L, _L, _P],
+    "route_one": [_P, _P, _P, _L, _L, _L, _I, _F, _I, _P, _P],
 }
+MAX_EXPERTS = 1024  # route_one's buffers
 
 
 def _cpu_key() -> str:
@@ -164,8 +167,26 @@ def supported(x: Tensor, weights: DecodeWeights, caches: list[Tensor], at: OneTo
         and d <= MAX_HEAD_DIM
         and at.cos.numel() == at.sin.numel() == d
         and all(usable(t) for t in (at.cos, at.sin))
-        and all(_layer_usable(w) for w in weights.layers)
+        and _layers_usable(weights)
     )
+
+
+# DecodeWeights whose layers passed _layer_usable, by id (a weak reference tells a reused
+# id): a DecodeWeights never changes its tensors (a weight update builds a new one), and the
+# ~100 checks cost ~0.1 ms of a ~3 ms step
+_CHECKED: dict[int, weakref.ref] = {}
+
+
+def _layers_usable(weights: DecodeWeights) -> bool:
+    known = _CHECKED.get(id(weights))
+    if known is not None and known() is weights:
+        return True
+    if not all(_layer_usable(w) for w in weights.layers):
+        return False
+    if len(_CHECKED) > 8:
+        _CHECKED.clear()
+    _CHECKED[id(weights)] = weakref.ref(weights)
+    return True
 
 
 def _layer_usable(w: DecodeLayer) -> bool:
@@ -204,7 +225,7 @@ def native_layers(
         )
         lib.gemv_add(ap, w.o.data_ptr(), xp, hq * d, hidden, 1.0)
         lib.rms_row(xp, w.post_norm.data_ptr(), hp, hidden, eps)
-        pairs = [] if w.router is None else sorted(zip(*route(h, w, capture), strict=True))
+        pairs = [] if w.router is None else sorted(zip(*_route(lib, h, w, capture, route)))
         for e, alpha in pairs:
             gate_up, down = w.experts[e]
             lib.swiglu_add(
@@ -217,6 +238,21 @@ def native_layers(
         if capture and w.router is not None:
             routes.append(torch.tensor([[e for e, _ in pairs]]))
     return routes
+
+
+def _route(lib: ctypes.CDLL, h: Tensor, w: DecodeLayer, ordered: bool, route: Route):
+    """route(h, w, ordered), by route_one where the router has one group of experts: the
+    same experts and weights but where the scores' fp32 dot products round differently
+    (near-ties only)."""
+    r = w.router
+    bias = r.e_score_correction_bias
+    e, hidden = w.router_w.shape
+    if r.n_group > 1 or e > MAX_EXPERTS or not (usable(bias) and usable(w.router_w)):
+        return route(h, w, ordered)
+    ids, weights = (ctypes.c_long * r.top_k)(), (ctypes.c_float * r.top_k)()
+    args = (e, hidden, r.top_k, r.norm_topk_prob, r.scaling, ordered, ids, weights)
+    lib.route_one(h.data_ptr(), w.router_w.data_ptr(), bias.data_ptr(), *args)
+    return list(ids), list(weights)
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -142,3 +142,20 @@ def test_native_layers_equal_the_torch_ops(monkeypatch) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         for a, b in zip(got_experts, want_experts, strict=True):
             assert torch.equal(a, b)
+
+
+def test_route_one_equals_route() -> None:
+    """The C router (one group): route()'s experts, and its weights to fp32 rounding (the
+    scores' dot products are summed in another order)."""
+    if decode_one_native.load() is None:
+        pytest.skip("no C compiler here: the torch ops run")
+    model, layer = _moe_layer(35, routed_scaling_factor=2.5)
+    lib = decode_one_native.load()
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    for ordered in (False, True):
+        for i in range(x.shape[0]):
+            row = x[i : i + 1]
+            experts, weights = decode_moe.route(row, layer, ordered)
+            ids, floats = decode_one_native._route(lib, row, layer, ordered, decode_one._route)
+            assert ids == experts[0].tolist()
+            torch.testing.assert_close(torch.tensor([floats]), weights, rtol=1e-6, atol=0)
