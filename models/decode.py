@@ -16,7 +16,10 @@ into the residual, narrow matrices read once before their GEMV. Per-forward work
 the cache rows the new K/V go to, the additive mask, RoPE gathered from a table.
 A padded chunk runs every layer on its real tokens only (the right padding is never
 computed), and a decode batch whose rows' contexts differ widely attends in segments, each
-to its own longest context (models/decode_attention.py).
+to its own longest context (models/decode_attention.py). On the CPU in fp32 two C kernels
+(models/decode_batch_native.py) replace the op-bound parts of batched work: a decode batch
+(B > 1, L = 1) attends straight from each row's cache slot to its own context (no gather,
+mask or segments), and 2-128 tokens run their routed and shared experts in one call.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import decode_batch_native
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
@@ -88,6 +92,8 @@ def _attention(
         cache[slots, :, batch.positions.view(-1)] = kv
     else:  # padded rows: packed holds exactly the real tokens (the write rows)
         cache[batch.write_slots, :, batch.write_positions] = kv
+    if step.native is not None:  # decode rows in C, straight from the cache
+        return decode_batch_native.attend_rows(q, cache, *step.native)
     groups = hq // hkv
     if length == 1:  # decode: [B, Hq, D] is [B, Hkv, G, D] as a view (q head h = kv * G + g)
         q = q.view(b, hkv, groups, d)
@@ -131,6 +137,8 @@ class _Step:
     mask: Tensor | None  # additive [B, 1, G L or 1, context]; None: every key is visible
     plan: AttentionPlan | None  # decode rows attending in segments
     norm: _Norm | None  # DecodeWeights.norm_const
+    native: tuple[Tensor, Tensor, Tensor] | None = None  # decode rows in C: slots, ends
+    # int64 [B] and the kernel's scratch (decode_batch_native.attend_rows); no mask, no plan
 
 
 def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor | None:
@@ -181,7 +189,11 @@ def decode_forward(
         rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
     norm_const = weights.norm_const
     step = _Step(packed, _write_index(batch, caches, length), None, None, norm_const)
-    if b > 1 or length > 1:
+    if length == 1 and b > 1 and decode_batch_native.attention_usable(x, caches, shape[2]):
+        ends = batch.positions.view(-1) + 1
+        scratch = x.new_empty((batch.context + 15) // 16 * 16)
+        step.native = (batch.slots.contiguous(), ends, scratch)
+    elif b > 1 or length > 1:
         # SDPA turns a bool mask into an additive one on every call: do it once per forward
         # (0 / -inf in the compute dtype, exactly what SDPA would build)
         if x.dtype == torch.get_default_dtype():  # one op: where's scalars take that dtype

@@ -10,6 +10,8 @@ to 208) that is 2.4x the row-positions the rows need, and 97 % of them gathered.
 saved row-positions pay for the extra calls; each segment attends only up to its own longest
 row, through a view of the cache when its slots are consecutive, else a gather of just that
 many positions. With one segment it is the plain path (same call, same tensors).
+On the CPU in fp32, models/decode_batch_native.attend_rows does this instead (each row
+reads its own slot and context in C); the segments serve the other devices and dtypes.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import decode_batch_native
 from models.moe import grouped_swiglu_in_out
 
 if TYPE_CHECKING:
@@ -103,10 +104,15 @@ def moe(
 ) -> tuple[Tensor, Tensor]:
     """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k]). shared: the
     layer's shared_columns() (w.bank set, computed once per forward) to fold the shared
-    expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS."""
+    expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS. fp32 batches of
+    2-128 tokens on the CPU run models/decode_batch_native.py's kernel instead."""
     experts, weights = route(x, w, ordered)
     if x.shape[0] == 1 and x.device.type == "cpu":  # a host sync is free on the CPU
         out = routed_one_token(x, w, experts, weights)
+    elif decode_batch_native.usable(x, w):  # 2-128 fp32 tokens: the experts in one C call
+        out = decode_batch_native.moe_rows(x, w, experts, weights)
+        if w.bank is not None:  # the shared expert ran as the bank's last
+            return out, experts
     elif shared is not None:  # the shared expert rides in the grouped GEMMs
         return routed_grouped(x, w, experts, weights, shared), experts
     else:

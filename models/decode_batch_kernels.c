@@ -1,0 +1,182 @@
+/* The routed (and shared) experts of a decode batch's MoE layer in one C call
+ * (models/decode_batch_native.py).
+ *
+ * With 2-64 tokens and top-k of a few experts, each expert sees a handful of rows: the
+ * grouped GEMM pair runs ~20 tiny matmuls per layer plus a sort, gathers and an index_add,
+ * ~4 us of dispatch each, several times the arithmetic. Here every expert's rows go through
+ * its two matrices in blocks of up to 4 rows (each weight vector loaded once per block), the
+ * SwiGLU in between, and the weighted rows are added to their tokens in ascending expert
+ * order, the shared expert last (the order of models/decode_moe.py's index_add).
+ * GCC vector extensions; built with -O3 -march=native -ffp-contract=fast.
+ */
+#include <math.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int v16i __attribute__((vector_size(64), aligned(4)));
+#define MAX_ROWS 4
+
+/* exp of 16 floats (Cephes' expf: 2^n * a degree-7 polynomial of the remainder, within
+ * ~2 ulp); the input clamped to [-87.3, 88.7], where exp stays a normal float. */
+static inline v16 exp16(v16 x) {
+  const v16 hi = (v16){0} + 88.7f, lo = (v16){0} + -87.3f;
+  v16i above = x > hi, below = x < lo; /* lanes of -1 where true (GCC vector compares) */
+  x = (v16)((above & (v16i)hi) | (~above & (v16i)x));
+  x = (v16)((below & (v16i)lo) | (~below & (v16i)x));
+  v16 n = x * 1.44269504088896341f + 12582912.f; /* round to nearest: 1.5 * 2^23 */
+  n = n - 12582912.f;
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = (v16){0} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+  return p * (v16)bits;
+}
+
+/* Y[r, :] = X[r, :] @ W for R rows; W [K, N] row-major, N % 32 == 0. */
+#define DEFINE_MM(R)                                                                   \
+  static void mm_##R(const float *X, const float *W, float *Y, long K, long N) {      \
+    for (long j = 0; j < N; j += 32) {                                                 \
+      v16 a0[R], a1[R];                                                                \
+      for (int r = 0; r < R; r++) a0[r] = a1[r] = (v16){0};                            \
+      const float *w = W + j;                                                          \
+      for (long k = 0; k < K; k++, w += N) {                                           \
+        v16 w0 = *(const v16 *)w, w1 = *(const v16 *)(w + 16);                          \
+        for (int r = 0; r < R; r++) {                                                  \
+          float xr = X[r * K + k];                                                     \
+          a0[r] += w0 * xr;                                                            \
+          a1[r] += w1 * xr;                                                            \
+        }                                                                              \
+      }                                                                                \
+      for (int r = 0; r < R; r++) {                                                    \
+        *(v16 *)(Y + r * N + j) = a0[r];                                               \
+        *(v16 *)(Y + r * N + j + 16) = a1[r];                                          \
+      }                                                                                \
+    }                                                                                  \
+  }
+DEFINE_MM(1)
+DEFINE_MM(2)
+DEFINE_MM(3)
+DEFINE_MM(4)
+
+static void mm_rows(int rows, const float *X, const float *W, float *Y, long K, long N) {
+  switch (rows) {
+    case 1: mm_1(X, W, Y, K, N); break;
+    case 2: mm_2(X, W, Y, K, N); break;
+    case 3: mm_3(X, W, Y, K, N); break;
+    default: mm_4(X, W, Y, K, N); break;
+  }
+}
+
+/* out[tok[r]] += wt[r] * swiglu(x[tok[r]]) for n rows of one expert. */
+static void expert_rows(const float *x, float *out, const long *tok, const float *wt, long n,
+                        const float *gate_up, const float *down, long H, long I, float *buf) {
+  float *xb = buf, *gu = buf + MAX_ROWS * H, *y = gu + MAX_ROWS * 2 * I;
+  for (long s = 0; s < n; s += MAX_ROWS) {
+    int rows = n - s < MAX_ROWS ? (int)(n - s) : MAX_ROWS;
+    for (int r = 0; r < rows; r++) memcpy(xb + r * H, x + tok[s + r] * H, H * sizeof(float));
+    mm_rows(rows, xb, gate_up, gu, H, 2 * I);
+    for (int r = 0; r < rows; r++) { /* silu(gate) * up, packed into the gate half */
+      float *g = gu + r * 2 * I;
+      for (long i = 0; i < I; i += 16) {
+        v16 gv = *(v16 *)(g + i);
+        *(v16 *)(g + i) = gv / (1.f + exp16(-gv)) * *(v16 *)(g + I + i);
+      }
+    }
+    /* the down matmul reads rows of width I: repack [rows, 2 I] -> [rows, I] */
+    for (int r = 1; r < rows; r++) memmove(gu + r * I, gu + r * 2 * I, I * sizeof(float));
+    mm_rows(rows, gu, down, y, I, H);
+    for (int r = 0; r < rows; r++) {
+      float *o = out + tok[s + r] * H, a = wt[s + r];
+      const float *yr = y + r * H;
+      for (long h = 0; h < H; h++) o[h] += a * yr[h];
+    }
+  }
+}
+
+/* out [T, H] = sum over each token's k experts (ascending ids) of weight * expert(x), then
+ * + the shared expert (bank index E) when `shared`. experts int64 [T, k], weights fp32
+ * [T, k]; gate_up [E (+1), H, 2 I], down [E (+1), I, H]; scratch: tok int64 and wt fp32 of
+ * T (k + 1) each, buf fp32 of MAX_ROWS (2 H + 2 I). */
+void moe_rows(const float *x, long T, long H, long I, const long *experts, const float *weights,
+              long k, long E, const float *gate_up, const float *down, int shared, float *out,
+              long *tok, float *wt, float *buf) {
+  memset(out, 0, T * H * sizeof(float));
+  for (long e = 0; e < E; e++) {
+    long n = 0;
+    for (long t = 0; t < T; t++)
+      for (long j = 0; j < k; j++)
+        if (experts[t * k + j] == e) {
+          tok[n] = t;
+          wt[n++] = weights[t * k + j];
+        }
+    if (n)
+      expert_rows(x, out, tok, wt, n, gate_up + e * H * 2 * I, down + e * I * H, H, I, buf);
+  }
+  if (!shared) return;
+  for (long t = 0; t < T; t++) {
+    tok[t] = t;
+    wt[t] = 1.f;
+  }
+  expert_rows(x, out, tok, wt, T, gate_up + E * H * 2 * I, down + E * I * H, H, I, buf);
+}
+
+/* The sum of a vector's 16 lanes (halving shuffles). */
+static inline float hsum16(v16 v) {
+  v = v + __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v = v + __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v = v + __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v = v + __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+/* softmax(q . K[j] * scale for j < n) @ V for one query head; K, V [n, D] rows of the cache,
+ * D % 16 == 0 and D <= 256; p: n rounded up to 16 floats of scratch. */
+static void attend_head(const float *q, const float *K, const float *V, long n, long D,
+                        float scale, float *p, float *out) {
+  float top = -INFINITY;
+  for (long j = 0; j < n; j++) {
+    v16 s = (v16){0};
+    for (long d = 0; d < D; d += 16) s += *(const v16 *)(q + d) * *(const v16 *)(K + j * D + d);
+    p[j] = hsum16(s) * scale;
+    top = p[j] > top ? p[j] : top;
+  }
+  long padded = (n + 15) & ~15L;
+  for (long j = n; j < padded; j++) p[j] = top; /* lanes past n: dropped below */
+  v16 total = (v16){0};
+  for (long j = 0; j < padded; j += 16) {
+    v16 e = exp16(*(v16 *)(p + j) - top);
+    *(v16 *)(p + j) = e;
+    if (j + 16 <= n) total += e;
+  }
+  float sum = hsum16(total);
+  for (long j = n & ~15L; j < n; j++) sum += p[j];
+  v16 acc[16];
+  for (long d = 0; d < D / 16; d++) acc[d] = (v16){0};
+  for (long j = 0; j < n; j++)
+    for (long d = 0; d < D / 16; d++) acc[d] += *(const v16 *)(V + j * D + 16 * d) * p[j];
+  for (long d = 0; d < D / 16; d++) *(v16 *)(out + 16 * d) = acc[d] / sum;
+}
+
+/* Decode attention of B rows (one new token each) straight from the cache, each row to its
+ * own context [0, ends[b]): no gather, no mask. q [B, Hq, D] with rows q_row floats apart
+ * (query head h * G + g reads KV head h); cache [slots, 2 Hkv, max_len, D] (keys then
+ * values); out [B, Hq, D]; p: scratch of max(ends) rounded up to 16 floats. */
+void attend_rows(const float *q, long q_row, const float *cache, long Hkv, long G, long max_len,
+                 long D, const long *slots, const long *ends, long B, float scale, float *out,
+                 float *p) {
+  for (long b = 0; b < B; b++) {
+    const float *base = cache + slots[b] * 2 * Hkv * max_len * D;
+    for (long h = 0; h < Hkv; h++)
+      for (long g = 0; g < G; g++) {
+        long head = h * G + g;
+        attend_head(q + b * q_row + head * D, base + h * max_len * D,
+                    base + (Hkv + h) * max_len * D, ends[b], D, scale, p,
+                    out + (b * Hkv * G + head) * D);
+      }
+  }
+}
