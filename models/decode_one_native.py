@@ -1,6 +1,6 @@
 """models/decode_one_kernels.c built and loaded with ctypes: the batch-1 fp32 layer in C calls.
 
-Built once per machine with the system C compiler (`cc -O3 -march=native`, ~0.5 s) into
+Built once per machine with the system C compiler (`cc -O3 -march=native`, < 1 s) into
 ~/.cache/physarum (or $PHYSARUM_CACHE), keyed by the source and the CPU's flags; where no
 compiler or no build works, `load()` is None and models/decode_one.py keeps its torch ops.
 No torch headers: the calls take raw pointers of contiguous fp32 CPU tensors.
@@ -105,7 +105,7 @@ def load() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             getattr(lib, name).argtypes = args
             getattr(lib, name).restype = None
-    except (OSError, AttributeError, subprocess.SubprocessError) as err:
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
         log.warning("decode_one kernels unavailable (%s): torch ops instead", err)
         return None
     return lib
