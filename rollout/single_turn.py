@@ -21,6 +21,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from buffer.episode import Episode, FinishReason
+from models.chat import decode
 from rollout.types import Engine, GenerateOutput, GenerateRequest, SamplingParams
 
 RESERVED_KEYS = ("prompt_id", "task", "label", "response_text", "final_text", "error")
@@ -65,7 +66,7 @@ def decode_response(
     ids = list(ids)
     if ids and ids[-1] in set(stop_ids):
         ids = ids[:-1]
-    text = tokenizer.decode(ids, skip_special_tokens=False)
+    text = decode(tokenizer, ids)
     if stop_text and text.endswith(stop_text):
         text = text[: -len(stop_text)]
     return text
@@ -116,7 +117,7 @@ async def generate_group(
     if len(outputs) != n:
         raise ValueError(f"engine returned {len(outputs)} outputs for {n} requests")
     stop_ids = _stop_ids(sampling, tokenizer)
-    prompt_text = tokenizer.decode(list(prompt_ids)) if tokenizer is not None else None
+    prompt_text = decode(tokenizer, prompt_ids) if tokenizer is not None else None
     episodes = []
     for index, output in enumerate(outputs):
         check_output(output)

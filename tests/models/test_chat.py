@@ -235,3 +235,12 @@ def test_encode_equals_the_tokenizer_call_and_falls_back_when_truncating(tmp_pat
     tok._tokenizer.enable_truncation(max_length=3)
     assert _plain_backend(tok) is None
     assert encode(tok, text) == list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_decode_equals_the_tokenizer_decode(tok) -> None:
+    """decode's direct backend path keeps special tokens as tokenizer.decode does."""
+    from models.chat import decode
+
+    ids = prompt_ids(tok, CONVERSATION[:2]) + encode(tok, " 12+7=19<|user|>")
+    assert decode(tok, ids) == tok.decode(ids, skip_special_tokens=False)
+    assert decode(tok, []) == tok.decode([], skip_special_tokens=False)
