@@ -1,12 +1,14 @@
-"""The decode path (models/decode.py) of this tree against another tree's, in one process.
+"""The inference path (models/) of this tree against another tree's, each in its own process.
 
 The workload is engine_vs_hf.py's batch 64 (glm4moe-toy, 64 prompts of 16-48 tokens, 32 new
 tokens), run straight through `forward_cached` without the engine: one padded prefill of
-all prompts, then greedy decode steps, one token per row. Both sides run on the same model,
-weights and KV cache shape; `decode_forward` is swapped between the two modules, the order
-alternates every rep, and each phase is timed by this process's CPU clock (so other jobs on
-the machine deschedule neither side). First it checks that both give the same greedy tokens
-and prints the largest logit difference.
+all prompts, then greedy decode steps, one token per row. Each rep runs both trees, each in a
+fresh process with PYTHONPATH set to its tree (its whole models/ package: decode.py and the
+modules it calls), in alternating order; each phase is timed by that process's CPU clock (so
+other jobs on the machine deschedule neither side). It also checks that both give the same
+greedy tokens and prints the largest last-step logit difference.
+(Before 3d9df8b it swapped decode_forward between two module copies in one process; since
+forward_cached calls models/decode.py's own decode_forward, that swap timed one side twice.)
 
     .venv/bin/python bench/decode_before_after.py --against /path/to/other/tree [--reps 7]
 """
@@ -15,35 +17,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
-import models.glm4moe as glm4moe  # noqa: E402
-from models import Glm4MoeForCausalLM, get_preset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_decode(tree: Path, name: str) -> ModuleType:
-    """`tree`/models/decode.py as a module of its own (its imports resolve to this tree)."""
-    path = tree / "models" / "decode.py"
-    if not path.is_file():
-        raise SystemExit(f"--against: {path} does not exist")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def workload(preset: str, batch: int) -> tuple[torch.nn.Module, list[list[int]]]:
+    from models import Glm4MoeForCausalLM, get_preset  # the tree on sys.path
 
-
-def workload(preset: str, batch: int) -> tuple[Glm4MoeForCausalLM, list[list[int]]]:
     model = Glm4MoeForCausalLM(get_preset(preset, initializer_range=0.2))
     model.init_weights(torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)  # engine_vs_hf.make_prompts
@@ -75,6 +65,23 @@ def generate(model, prompts: list[list[int]], new: int) -> tuple[Tensor, Tensor,
     return torch.stack(out, 1), logits, t1 - t0, t2 - t1
 
 
+def side(args: argparse.Namespace) -> None:
+    """One tree's run (the one on PYTHONPATH): warm-up, then a timed run saved to args.out."""
+    torch.set_num_threads(1)
+    model, prompts = workload(args.preset, args.batch)
+    generate(model, prompts, args.new)
+    tokens, logits, pre, dec = generate(model, prompts, args.new)
+    torch.save({"tokens": tokens, "logits": logits, "times": (pre, dec)}, args.out)
+
+
+def run(tree: Path, args: argparse.Namespace, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, __file__, "--side", "--out", str(out), "--against", str(tree)]
+    cmd += ["--preset", args.preset, "--batch", str(args.batch), "--new", str(args.new)]
+    subprocess.run(cmd, env=env, check=True, cwd=tree)
+    return torch.load(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", type=Path, required=True, help="another tree (its models/)")
@@ -82,25 +89,24 @@ def main() -> None:
     ap.add_argument("--preset", default="glm4moe-toy")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new", type=int, default=32, help="new tokens per row")
+    ap.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    sides = {
-        "this": load_decode(Path(__file__).resolve().parents[1], "decode_this"),
-        "against": load_decode(args.against.resolve(), "decode_against"),
-    }
-    model, prompts = workload(args.preset, args.batch)
-    runs = {}
-    for name, module in sides.items():
-        glm4moe.decode_forward = module.decode_forward
-        generate(model, prompts, args.new)  # warm-up
-        runs[name] = generate(model, prompts, args.new)
-    same = torch.equal(runs["this"][0], runs["against"][0])
-    diff = (runs["this"][1] - runs["against"][1]).abs().max().item()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
-    for rep in range(args.reps):
-        for name in sides if rep % 2 == 0 else reversed(sides):
-            glm4moe.decode_forward = sides[name].decode_forward
-            times[name].append(generate(model, prompts, args.new)[2:])
+    if args.side:
+        return side(args)
+    torch.set_num_threads(1)  # as each side runs
+    if not (args.against / "models" / "decode.py").is_file():
+        raise SystemExit(f"--against: {args.against}/models/decode.py does not exist")
+    trees = {"this": ROOT, "against": args.against.resolve()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+    last = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for name in trees if rep % 2 == 0 else reversed(trees):
+                last[name] = run(trees[name], args, Path(tmp) / f"{name}.pt")
+                times[name].append(last[name]["times"])
+    same = torch.equal(last["this"]["tokens"], last["against"]["tokens"])
+    diff = (last["this"]["logits"] - last["against"]["logits"]).abs().max().item()
     print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
     print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
