@@ -19,7 +19,8 @@ computed), and a decode batch whose rows' contexts differ widely attends in segm
 to its own longest context (models/decode_attention.py). On the CPU in fp32 two C kernels
 (models/decode_batch_native.py) replace the op-bound parts of batched work: a decode batch
 (B > 1, L = 1) attends straight from each row's cache slot to its own context (no gather,
-mask or segments), and 2-128 tokens run their routed and shared experts in one call.
+mask or segments), 2-128 tokens run their routed and shared experts in one call, and any
+batch of more than one token does its qk-norm, RoPE and K/V cache write in one call a layer.
 """
 
 from __future__ import annotations
@@ -78,20 +79,14 @@ def _attention(
     tokens = x.shape[0]
     packed = step.packed
     qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
-    qk, v = qkv.view(tokens, hq + 2 * hkv, d).split([hq + hkv, hkv], dim=1)
-    if w.qk_norm is not None:
-        qk = _rms(qk, w.qk_norm, eps, step.norm)
-    q, k = rope.apply(qk).split([hq, hkv], dim=1)
-    kv = torch.cat([k, v], dim=1)  # [T, 2 Hkv, D]
-    if kv.dtype != cache.dtype:  # the cache may be stored in another dtype than the compute
-        kv = kv.to(cache.dtype)
-    if step.write_index is not None:  # one index_copy_ over (token, head) rows of the cache
-        cache.view(-1, d).index_copy_(0, step.write_index, kv.view(-1, d))
-    elif batch.write_rows is None:
-        slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
-        cache[slots, :, batch.positions.view(-1)] = kv
-    else:  # padded rows: packed holds exactly the real tokens (the write rows)
-        cache[batch.write_slots, :, batch.write_positions] = kv
+    qkv = qkv.view(tokens, hq + 2 * hkv, d)
+    if step.rope is not None:  # qk-norm, RoPE and the K/V write in one C call
+        heads = (hq, hkv)
+        q = decode_batch_native.qkv_rows(
+            qkv, heads, w.qk_norm, eps, step.rope, cache, step.write_index
+        )
+    else:
+        q = _qkv_torch(qkv, w, rope, batch, cache, shape, eps, step)
     if step.native is not None:  # decode rows in C, straight from the cache
         return decode_batch_native.attend_rows(q, cache, *step.native)
     groups = hq // hkv
@@ -121,6 +116,37 @@ def _attention(
     return out
 
 
+def _qkv_torch(
+    qkv: Tensor,
+    w: DecodeLayer,
+    rope: Rope,
+    batch: CacheBatch,
+    cache: Tensor,
+    shape: tuple,
+    eps: float,
+    step: _Step,
+) -> Tensor:
+    """qkv [T, Hq + 2 Hkv, D] -> q [T, Hq, D] after qk-norm and RoPE; k (likewise) and v
+    written to the cache rows of the new tokens."""
+    hq, hkv, d = shape
+    length = batch.positions.shape[1]
+    qk, v = qkv.split([hq + hkv, hkv], dim=1)
+    if w.qk_norm is not None:
+        qk = _rms(qk, w.qk_norm, eps, step.norm)
+    q, k = rope.apply(qk).split([hq, hkv], dim=1)
+    kv = torch.cat([k, v], dim=1)  # [T, 2 Hkv, D]
+    if kv.dtype != cache.dtype:  # the cache may be stored in another dtype than the compute
+        kv = kv.to(cache.dtype)
+    if step.write_index is not None:  # one index_copy_ over (token, head) rows of the cache
+        cache.view(-1, d).index_copy_(0, step.write_index, kv.view(-1, d))
+    elif batch.write_rows is None:
+        slots = batch.slots.repeat_interleave(length) if length > 1 else batch.slots
+        cache[slots, :, batch.positions.view(-1)] = kv
+    else:  # padded rows: packed holds exactly the real tokens (the write rows)
+        cache[batch.write_slots, :, batch.write_positions] = kv
+    return q
+
+
 def _unpack(x: Tensor, packed: Tensor | None, rows: int) -> Tensor:
     """[T, ...] of the real tokens -> [rows, ...] with zeros at the padding rows."""
     if packed is None:
@@ -139,6 +165,8 @@ class _Step:
     norm: _Norm | None  # DecodeWeights.norm_const
     native: tuple[Tensor, Tensor, Tensor] | None = None  # decode rows in C: slots, ends
     # int64 [B] and the kernel's scratch (decode_batch_native.attend_rows); no mask, no plan
+    rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # cos, sin [T, D] and the
+    # rotation of decode_batch_native.qkv_rows (fp32 CPU batches of more than one token)
 
 
 def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor | None:
@@ -160,6 +188,43 @@ def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor
     head = torch.arange(heads, device=slots.device)
     rows = slots.to(torch.int64)[:, None] * heads + head
     return (rows * max_len + positions[:, None]).view(-1)
+
+
+def _prepare(
+    x: Tensor,
+    weights: DecodeWeights,
+    batch: CacheBatch,
+    caches: list[Tensor],
+    rope: Rope,
+    packed: Tensor | None,
+    d: int,
+) -> _Step:
+    """What every layer of a forward over x [T, H] shares (_Step): the cache write rows,
+    and either the C kernels' inputs or the additive mask and segment plan."""
+    b, length = batch.positions.shape
+    step = _Step(packed, _write_index(batch, caches, length), None, None, weights.norm_const)
+    native = x.shape[0] > 1 and decode_batch_native.attention_usable(x, caches, d)
+    if native and step.write_index is not None and step.norm is not None:
+        if weights.rotation is None or weights.rotation[0] is not rope.rotate:
+            weights.rotation = (rope.rotate, decode_batch_native.rotation(rope.rotate))
+        rotation = weights.rotation[1]
+        if rotation is not None:
+            cos, sin = (t.reshape(-1, d).contiguous() for t in (rope.cos, rope.sin))
+            step.rope = (cos, sin, *rotation)
+    if length == 1 and native:
+        ends = batch.positions.view(-1) + 1
+        scratch = x.new_empty((batch.context + 15) // 16 * 16)
+        step.native = (batch.slots.contiguous(), ends, scratch)
+    elif b > 1 or length > 1:
+        # SDPA turns a bool mask into an additive one on every call: do it once per forward
+        # (0 / -inf in the compute dtype, exactly what SDPA would build)
+        if x.dtype == torch.get_default_dtype():  # one op: where's scalars take that dtype
+            step.mask = torch.where(batch.mask, 0.0, float("-inf"))
+        else:
+            mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
+            step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
+        step.plan = plan_attention(batch, step.mask)
+    return step
 
 
 def decode_forward(
@@ -188,20 +253,7 @@ def decode_forward(
     if packed is not None:
         rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
     norm_const = weights.norm_const
-    step = _Step(packed, _write_index(batch, caches, length), None, None, norm_const)
-    if length == 1 and b > 1 and decode_batch_native.attention_usable(x, caches, shape[2]):
-        ends = batch.positions.view(-1) + 1
-        scratch = x.new_empty((batch.context + 15) // 16 * 16)
-        step.native = (batch.slots.contiguous(), ends, scratch)
-    elif b > 1 or length > 1:
-        # SDPA turns a bool mask into an additive one on every call: do it once per forward
-        # (0 / -inf in the compute dtype, exactly what SDPA would build)
-        if x.dtype == torch.get_default_dtype():  # one op: where's scalars take that dtype
-            step.mask = torch.where(batch.mask, 0.0, float("-inf"))
-        else:
-            mask = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
-            step.mask = mask.masked_fill_(batch.mask.logical_not(), float("-inf"))
-        step.plan = plan_attention(batch, step.mask)
+    step = _prepare(x, weights, batch, caches, rope, packed, shape[2])
     if rows == 1 and norm_const is not None and x.dtype == torch.float32:
 
         def attend(h: Tensor, w: DecodeLayer, cache: Tensor) -> Tensor:

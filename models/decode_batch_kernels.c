@@ -180,3 +180,36 @@ void attend_rows(const float *q, long q_row, const float *cache, long Hkv, long 
       }
   }
 }
+
+/* A layer's q/k/v rows after the qkv matmul, in one pass: RMSNorm of each q and k head
+ * (norm_w [Hq + Hkv, D], or NULL: none), RoPE (cos/sin [T, D]; (x @ rotate)[i] =
+ * sign[i] * x[perm[i]]), q to q_out [T, Hq, D], k and v heads to their cache rows: rows
+ * int64 [T, 2 Hkv] of cache viewed [-1, D] (models/decode.py's write index). qkv [T, Hq +
+ * 2 Hkv, D] contiguous; D % 16 == 0, D <= 256. */
+void qkv_rows(const float *qkv, long T, long Hq, long Hkv, long D, const float *norm_w,
+              float eps, const float *cos, const float *sin, const int *perm, const float *sign,
+              float *cache, const long *rows, float *q_out) {
+  float y[256] __attribute__((aligned(64)));
+  long heads = Hq + 2 * Hkv;
+  for (long t = 0; t < T; t++) {
+    const float *c = cos + t * D, *s = sin + t * D;
+    for (long h = 0; h < heads; h++) {
+      const float *x = qkv + (t * heads + h) * D;
+      float *dst = h < Hq ? q_out + (t * Hq + h) * D : cache + rows[t * 2 * Hkv + h - Hq] * D;
+      if (h >= Hq + Hkv) { /* v: as it is */
+        memcpy(dst, x, D * sizeof(float));
+        continue;
+      }
+      if (norm_w) {
+        v16 acc = (v16){0};
+        for (long d = 0; d < D; d += 16) acc += *(const v16 *)(x + d) * *(const v16 *)(x + d);
+        float scale = 1.f / sqrtf(hsum16(acc) / (float)D + eps);
+        for (long d = 0; d < D; d += 16)
+          *(v16 *)(y + d) = *(const v16 *)(x + d) * scale * *(const v16 *)(norm_w + h * D + d);
+      } else {
+        memcpy(y, x, D * sizeof(float));
+      }
+      for (long i = 0; i < D; i++) dst[i] = y[i] * c[i] + sign[i] * y[perm[i]] * s[i];
+    }
+  }
+}

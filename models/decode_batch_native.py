@@ -46,6 +46,7 @@ _F = ctypes.c_float
 _SIGNATURES = {
     "moe_rows": [_P, _L, _L, _L, _P, _P, _L, _L, _P, _P, _I, _P, _P, _P, _P],
     "attend_rows": [_P, _L, _P, _L, _L, _L, _L, _P, _P, _L, _F, _P, _P],
+    "qkv_rows": [_P, _L, _L, _L, _L, _P, _F, _P, _P, _P, _P, _P, _P, _P],
 }
 
 
@@ -189,3 +190,45 @@ def attend_rows(q: Tensor, cache: Tensor, slots: Tensor, ends: Tensor, scratch: 
         scratch.data_ptr(),
     )
     return out
+
+
+def rotation(rotate: Tensor) -> tuple[Tensor, Tensor] | None:
+    """models.layers.Rope's rotate [D, D] as qkv_rows takes it: (x @ rotate)[i] = sign[i] *
+    x[perm[i]], perm int32 [D], sign fp32 [D]; None unless it is a signed permutation."""
+    nonzero = rotate != 0
+    if bool((nonzero.sum(0) > 1).any()) or not bool((rotate.abs()[nonzero] == 1).all()):
+        return None
+    perm = rotate.abs().argmax(0)
+    sign = rotate.gather(0, perm[None]).view(-1)
+    return perm.to(torch.int32), sign.float().contiguous()
+
+
+def qkv_rows(
+    qkv: Tensor,
+    heads: tuple[int, int],
+    norm: Tensor | None,
+    eps: float,
+    rope: tuple[Tensor, Tensor, Tensor, Tensor],
+    cache: Tensor,
+    rows: Tensor,
+) -> Tensor:
+    """qkv fp32 [T, Hq + 2 Hkv, D] contiguous, heads (Hq, Hkv), norm: the q/k heads' RMSNorm
+    weight [Hq + Hkv, D] or None, rope: (cos, sin) fp32 [T, D] and rotation(); the k and v
+    heads go to cache rows `rows` int64 [T 2 Hkv] (cache viewed [-1, D]) -> q [T, Hq, D]."""
+    t, _, d = qkv.shape
+    hq, hkv = heads
+    q = torch.empty(t, hq, d)
+    load().qkv_rows(
+        qkv.data_ptr(),
+        t,
+        hq,
+        hkv,
+        d,
+        None if norm is None else norm.data_ptr(),
+        eps,
+        *(r.data_ptr() for r in rope),
+        cache.data_ptr(),
+        rows.data_ptr(),
+        q.data_ptr(),
+    )
+    return q

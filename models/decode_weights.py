@@ -143,6 +143,7 @@ class DecodeWeights:
     lm_head: Tensor  # [H, V]
     rope_table: Rope | None = None  # cos/sin [P, 1, D] of positions 0..P-1, grown on demand
     norm_const: _Norm | None = None  # the CPU's fp32 RMSNorm (see _rms)
+    rotation: tuple | None = None  # (rope's rotate, its decode_batch_native.rotation())
 
     def rope(self, rotary: RotaryEmbedding, batch: CacheBatch, max_len: int) -> Rope:
         """Rope of the batch's positions int64 [B, L] (each < max_len) gathered from a table

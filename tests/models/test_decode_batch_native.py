@@ -96,3 +96,36 @@ def test_attention_kernel_equals_sdpa_per_row() -> None:
         torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="contiguous"):
         native.attend_rows(q.transpose(1, 2), cache, slots, ends, scratch)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qkv_kernel_equals_the_torch_ops(qk_norm: bool) -> None:
+    """qk-norm, RoPE (partial rotary) and the K/V cache write in C against decode._qkv_torch."""
+    import models.decode as decode
+
+    model = make_model(seed=35, use_qk_norm=qk_norm)
+    c = model.config
+    w = model.decode_weights()
+    layer = w.layers[1]
+    hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(5, hq + 2 * hkv, d, generator=g)
+    slots, starts = [3, 0, 1, 3, 2], [4, 0, 7, 5, 1]
+    batch = decode.CacheBatch.build(slots, starts, [1] * 5, 1, 16, hq // hkv)
+    rope = w.rope(model.model.rotary_emb, batch, 16)
+    rope = decode.Rope(rope.cos.reshape(5, 1, d), rope.sin.reshape(5, 1, d), rope.rotate)
+    caches = [torch.zeros(4, 2 * hkv, 16, d) for _ in range(2)]
+    rows = decode._write_index(batch, caches, 1)
+    step = decode._Step(None, rows, None, None, w.norm_const)
+    shape = (hq, hkv, d)
+    want = decode._qkv_torch(qkv, layer, rope, batch, caches[0], shape, c.rms_norm_eps, step)
+    rotation = native.rotation(rope.rotate)
+    assert rotation is not None
+    cos_sin = (rope.cos.reshape(5, d), rope.sin.reshape(5, d))
+    got = native.qkv_rows(
+        qkv, (hq, hkv), layer.qk_norm, c.rms_norm_eps, (*cos_sin, *rotation), caches[1], rows
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-6)
+    assert native.rotation(torch.ones(d, d)) is None  # not a signed permutation
