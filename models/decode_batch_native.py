@@ -88,8 +88,8 @@ def load() -> ctypes.CDLL | None:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
-        log.warning("decode MoE kernels unavailable (%s): torch ops instead", err)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home
+        log.warning("batched decode kernels unavailable (%s): torch ops instead", err)
         return None
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
