@@ -36,6 +36,7 @@ from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
 from models.decode_one import one_token_layers, rms_one, warm
+from models.decode_one_native import one_token_at
 from models.decode_weights import DecodeLayer, DecodeWeights, _Norm
 from models.kv_cache import KVCache
 from models.layers import Rope
@@ -259,7 +260,8 @@ def decode_forward(
         def attend(h: Tensor, w: DecodeLayer, cache: Tensor) -> Tensor:
             return _attention(h, w, rope, batch, cache, shape, eps, step)
 
-        routes = one_token_layers(x, weights, caches, eps, capture, attend)
+        at = one_token_at(rope, batch)
+        routes = one_token_layers(x, weights, caches, eps, capture, attend, at)
         return x.view(1, 1, -1), routes
     routes = []
     norm = step.norm

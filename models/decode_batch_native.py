@@ -7,35 +7,26 @@ index_add, each ~4 us of dispatch on this CPU. `moe_rows` runs the routed expert
 shared one in one call (routing stays in torch: route()'s exact semantics). `attend_rows`
 is a decode step's attention read straight from the cache rows of each row's slot, each to
 its own context: no gather of the batch's K/V, no mask, no segments (models/decode_attention.py).
-Built once per machine with the system C compiler (`cc -O3 -march=native`, ~0.5 s) into
-~/.cache/physarum (or $PHYSARUM_CACHE), keyed by the source, flags and CPU; where that fails
-`load()` is None and the torch path runs.
+Built once per machine by models/native_build.py (the system C compiler, < 1 s); where it
+cannot be built, `load()` is None and the torch path runs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from models import native_build
+
 if TYPE_CHECKING:
     from models.decode_weights import DecodeLayer
 
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_batch_kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
 MAX_ROWS = 4  # MAX_ROWS of the C source: rows per block of an expert's matmuls
 # Past this many tokens MKL's grouped GEMMs (bigger groups) beat the C loops (measured
 # 1.6-3x faster in C at 2-64 tokens on the toy shapes, see the commit)
@@ -50,51 +41,9 @@ _SIGNATURES = {
 }
 
 
-def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
-    try:
-        cpu = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if "flags" in x)
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    digest.update(cpu.encode() + platform.machine().encode())
-    root = Path(os.environ.get("PHYSARUM_CACHE", Path.home() / ".cache" / "physarum"))
-    return root / f"decode_batch_{digest.hexdigest()[:16]}.so"
-
-
-def _build(path: Path) -> None:
-    """Compile to a temporary file, then rename it into place (concurrent builds are safe)."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@cache
 def load() -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None where it cannot be built here."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
-        return None
-    try:
-        path = _library_path()
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home
-        log.warning("batched decode kernels unavailable (%s): torch ops instead", err)
-        return None
-    for name, args in _SIGNATURES.items():
-        getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
-    return lib
+    """The kernels (models/native_build.py); None where they cannot be built here."""
+    return native_build.load(SOURCE, _SIGNATURES)
 
 
 def _fits(t: Tensor) -> bool:

@@ -104,17 +104,6 @@ def add_moe(x: Tensor, h: Tensor, w: DecodeLayer, capture: bool) -> Tensor | Non
     return torch.tensor([ids]) if capture else None
 
 
-def _closure_at(attend: Attend) -> OneToken | None:
-    """The OneToken of models/decode.py's attend closure (its `rope` and `batch`), until
-    decode.py passes `at` itself."""
-    cells = attend.__closure__ or ()
-    free = dict(zip(attend.__code__.co_freevars, (c.cell_contents for c in cells), strict=True))
-    rope, batch = free.get("rope"), free.get("batch")
-    if rope is None or batch is None:
-        return None
-    return native.one_token_at(rope, batch)
-
-
 def one_token_layers(
     x: Tensor,
     weights: DecodeWeights,
@@ -122,14 +111,12 @@ def one_token_layers(
     eps: float,
     capture: bool,
     attend: Attend,
-    at: OneToken | None = None,
+    at: OneToken | None,
 ) -> list[Tensor]:
     """Every layer on x fp32 [1, H] in place; the MoE layers' experts (with `capture`).
     `attend` is the attention of one layer (models/decode.py's, over the KV cache); `at`
     the token's slot, position and RoPE row (models.decode_one_native.one_token_at): with
     it, and where the C kernels are built, the layers run as C calls (same math)."""
-    if at is None:
-        at = _closure_at(attend)
     if at is not None and native.supported(x, weights, caches, at):
         return native.native_layers(x, weights, caches, eps, capture, at, _route)
     zero = weights.norm_const.zero

@@ -1,43 +1,34 @@
 """models/decode_one_kernels.c built and loaded with ctypes: the batch-1 fp32 layer in C calls.
 
-Built once per machine with the system C compiler (`cc -O3 -march=native`, < 1 s) into
-~/.cache/physarum (or $PHYSARUM_CACHE), keyed by the source and the CPU's flags; where no
-compiler or no build works, `load()` is None and models/decode_one.py keeps its torch ops.
+Built once per machine by models/native_build.py (the system C compiler, < 1 s); where it
+cannot be built, `load()` is None and models/decode_one.py keeps its torch ops.
 No torch headers: the calls take raw pointers of contiguous fp32 CPU tensors.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from models import native_build
+
 if TYPE_CHECKING:
     from models.batching import CacheBatch
     from models.decode_weights import DecodeLayer, DecodeWeights
     from models.layers import Rope
 
-log = logging.getLogger(__name__)
 
 # (normed row [1, H], layer, ascending) -> (experts, their routing weights as floats)
 Route = Callable[[Tensor, "DecodeLayer", bool], tuple[list[int], list[float]]]
 
 SOURCE = Path(__file__).with_name("decode_one_kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
 MAX_N = 8192  # the kernels' widest GEMV output (MAX_N in the C source)
 MAX_CONTEXT = 8192  # attend_one's score buffer
 MAX_HEAD_DIM = 1024
@@ -53,62 +44,9 @@ _SIGNATURES = {
 MAX_EXPERTS = 1024  # route_one's buffers
 
 
-def _cpu_key() -> str:
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if "flags" in line
-        )
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
-
-
-def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
-    digest.update(_cpu_key().encode() + platform.machine().encode())
-    root = Path(os.environ.get("PHYSARUM_CACHE", Path.home() / ".cache" / "physarum"))
-    return root / f"decode_one_{digest.hexdigest()[:16]}.so"
-
-
-def _build(path: Path) -> None:
-    """Compile into a temporary file and rename it into place (atomic: concurrent builders
-    each write their own file, the last rename wins with identical bytes)."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@cache
 def load() -> ctypes.CDLL | None:
-    """The kernels, built on first use; None where they cannot be built here."""
-    if platform.system() != "Linux":
-        return None
-    try:
-        path = _library_path()
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-        for name, args in _SIGNATURES.items():
-            getattr(lib, name).argtypes = args
-            getattr(lib, name).restype = None
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
-        log.warning("decode_one kernels unavailable (%s): torch ops instead", err)
-        return None
-    return lib
+    """The kernels (models/native_build.py); None where they cannot be built here."""
+    return native_build.load(SOURCE, _SIGNATURES)
 
 
 def usable(t: Tensor) -> bool:

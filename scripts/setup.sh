@@ -44,6 +44,19 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 
+# a C compiler: the CPU decode kernels (models/*_kernels.c, built on first use by
+# models/native_build.py). Without one the engine runs its torch ops, ~1.5x slower per token.
+if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    echo "setup: installing gcc with apt-get (the engine's CPU decode kernels)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; } \
+      >/dev/null 2>&1 || echo "setup: gcc did not install; the engine will use its torch ops" >&2
+  else
+    echo "setup: no C compiler; the engine runs its slower torch ops. Install one with:" >&2
+    echo "  sudo apt-get install -y gcc" >&2
+  fi
+fi
+
 stamp="$VENV/.physarum-installed"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then
   exit 0  # up to date: quiet
