@@ -24,7 +24,6 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,16 +31,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests/
-from trainer_step_before_after import OVERRIDES  # noqa: E402
-from trainer_step_profile import step_kwargs  # noqa: E402
+from trainer_step_profile import e2e_step_fixture  # noqa: E402
 
-from configs import load_job  # noqa: E402
 from models import attention, layers  # noqa: E402
-from models.checkpoint import from_pretrained  # noqa: E402
-from tests.trainer.toy import arithmetic_groups, make_tokenizer, toy_model  # noqa: E402
 from trainer.batch import build_rl_step  # noqa: E402
 from trainer.host_memory import retain_freed_memory  # noqa: E402
-from trainer.torch_backend import TorchBackend  # noqa: E402
 
 
 def _sdpa_stand_in(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -90,13 +84,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     retain_freed_memory()
-    job = load_job("configs/toy_grpo.yaml", [*OVERRIDES, "trainer.dtype=float32"])
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer(args.tokenizer or tmp)
-        model = from_pretrained(args.model) if args.model else toy_model(len(tok))
-        groups = arithmetic_groups(tok, 8, 8, seed=0)
-    backend = TorchBackend(model, job.trainer, job.algorithm, total_steps=10**6)
-    kwargs = step_kwargs(job)
+    backend, groups, kwargs = e2e_step_fixture(args.model, args.tokenizer, "float32")
 
     def step() -> None:
         backend.train(build_rl_step(groups, current_version=backend.version, **kwargs))

@@ -43,6 +43,18 @@ from trainer.forward import trainable_logprobs  # noqa: E402
 from trainer.torch_backend import TorchBackend  # noqa: E402
 
 
+def e2e_step_fixture(model_dir, tokenizer_dir, dtype: str) -> tuple:
+    """(backend, groups, build kwargs) of the e2e job's trainer step: its config, the model
+    (an HF dir, else a seeded glm4moe-toy) and 8 groups x 8 samples of the arithmetic task."""
+    job = load_job("configs/toy_grpo.yaml", [*OVERRIDES, f"trainer.dtype={dtype}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tokenizer(tokenizer_dir or tmp)
+        model = from_pretrained(model_dir) if model_dir else toy_model(len(tok))
+        groups = arithmetic_groups(tok, 8, 8, seed=0)
+    backend = TorchBackend(model, job.trainer, job.algorithm, total_steps=10**6)
+    return backend, groups, step_kwargs(job)
+
+
 def step_kwargs(job) -> dict:
     return dict(
         micro_batch_tokens=job.trainer.micro_batch_tokens,
@@ -103,13 +115,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC, load "
           f"{os.getloadavg()}, torch threads {torch.get_num_threads()}")  # fmt: skip
-    job = load_job("configs/toy_grpo.yaml", [*OVERRIDES, f"trainer.dtype={args.dtype}"])
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer(args.tokenizer or tmp)
-        model = from_pretrained(args.model) if args.model else toy_model(len(tok))
-        groups = arithmetic_groups(tok, 8, 8, seed=0)
-    backend = TorchBackend(model, job.trainer, job.algorithm, total_steps=10**6)
-    kwargs = step_kwargs(job)
+    backend, groups, kwargs = e2e_step_fixture(args.model, args.tokenizer, args.dtype)
     step = build_rl_step(groups, **kwargs)
     tokens = sum(b.num_tokens for b in step.micro_batches)
     print(f"step: {len(groups)} groups x {len(groups[0].episodes)}, {tokens} model tokens, "
