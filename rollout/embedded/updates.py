@@ -16,7 +16,7 @@ import torch
 
 from models.weight_update import WeightUpdate, apply_weight_update
 from rollout.embedded.scheduler import Scheduler
-from rollout.embedded.weights import mark_weights_changed
+from rollout.embedded.weights import load_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,11 @@ class WeightUpdates:
         self._tensors = [*model.parameters(), *model.buffers()]
         self.pending: deque[tuple[WeightUpdate, Future[None]]] = deque()
         self.count = 0
-        self.seconds = 0.0  # loading the tensors (the decode views rebuild in the next forward)
+        self.seconds = 0.0  # loading the tensors and refreshing the decode weights
 
     def apply(self, update: WeightUpdate) -> None:
         t0 = time.perf_counter()
-        apply_weight_update(self.model, update)
-        mark_weights_changed(self.model, self._tensors)
+        load_in_place(self.model, lambda: apply_weight_update(self.model, update), self._tensors)
         self.sched.weights_stale = True
         self.sched.version = int(update.version)
         self.seconds += time.perf_counter() - t0
