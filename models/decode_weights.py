@@ -284,13 +284,14 @@ class DecodeWeights:
         out.plan = _Refresh(copies, biases)
         return out
 
-    def refresh(self, model: nn.Module) -> bool:
+    def refresh(self, model: nn.Module, key: tuple | None = None) -> bool:
         """Write the model's weights into these decode weights in place (the same tensors and
         arena, the values build() would give) and take the model's key; False, with nothing
         changed, when a tensor of the model is not the one these were built from (replaced,
         re-allocated: build anew). Cheaper than a build (no allocation, no concatenation)
-        and keeps the kernels' checks of this object (models/decode_one_native.py) valid."""
-        key = self.key_of(model)
+        and keeps the kernels' checks of this object (models/decode_one_native.py) valid.
+        key: key_of(model) when the caller has it."""
+        key = self.key_of(model) if key is None else key
         if self.plan is None or len(key) != len(self.key):
             return False
         for new, old in zip(key, self.key):
