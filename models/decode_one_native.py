@@ -110,7 +110,8 @@ def supported(x: Tensor, weights: DecodeWeights, caches: list[Tensor], at: OneTo
 
 
 # DecodeWeights whose layers passed _layer_usable, by id (a weak reference tells a reused
-# id): a DecodeWeights never changes its tensors (a weight update builds a new one), and the
+# id): a DecodeWeights never changes its tensors' layout (a weight update writes new values
+# into the same tensors, DecodeWeights.refresh; another layout builds a new object), and the
 # ~100 checks cost ~0.1 ms of a ~3 ms step
 _CHECKED: dict[int, weakref.ref] = {}
 

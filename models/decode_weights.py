@@ -5,7 +5,7 @@ fused, FP8 weights dequantized once, every matrix [in, out] (`x @ w`): on the CP
 copies in one huge-page arena in read order (models/decode_arena.py), elsewhere transposed
 views. Rebuilt by the model whenever `DecodeWeights.key_of` changes; a weight update, which
 writes the model's tensors in place, instead writes the new values into the same tensors and
-arena (`DecodeWeights.refresh`, rollout/embedded/weights.py load_in_place).
+arena (`DecodeWeights.refresh`, called by the model's decode_weights at the next forward).
 """
 
 from __future__ import annotations

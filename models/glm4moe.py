@@ -350,9 +350,12 @@ class Glm4MoeForCausalLM(nn.Module):
         )
 
     def decode_weights(self) -> DecodeWeights:
-        """The fused inference views of the weights, rebuilt when any weight changed."""
+        """The fused inference views of the weights. When a weight changed in place (a weight
+        update) its new values are copied into them (DecodeWeights.refresh, ~10x cheaper than a
+        build); they are built anew when a tensor was replaced or reshaped."""
         key = DecodeWeights.key_of(self)
-        if self._decode is None or self._decode.key != key:
+        decode = self._decode
+        if decode is None or (decode.key != key and not decode.refresh(self, key)):
             self._decode = DecodeWeights.build(self, key)
         return self._decode
 

@@ -39,17 +39,14 @@ def load_in_place(
     load: Callable[[], object],
     tensors: list[torch.Tensor] | None = None,
 ) -> None:
-    """Run `load` (it writes the model's parameters and buffers in place), mark them changed,
-    and write the new values into the model's existing decode weights (DecodeWeights.refresh:
-    ~10x cheaper than the rebuild the next forward would otherwise do). Marked changed even
-    when `load` fails part way, so that the next forward rebuilds from what it wrote."""
-    live = model.decode_weights() if hasattr(model, "decode_weights") else None
+    """Run `load` (it writes the model's parameters and buffers in place) and mark them
+    changed, even when `load` fails part way: the next forward then copies what was written
+    into the model's decode weights (Glm4MoeForCausalLM.decode_weights: DecodeWeights.refresh),
+    once however many updates came in between."""
     try:
         load()
     finally:
         mark_weights_changed(model, tensors)
-    if live is not None:
-        live.refresh(model)  # False: a tensor was replaced, the next forward rebuilds
 
 
 async def load_named_tensors(

@@ -76,7 +76,7 @@ def _partial_rollout(update) -> object:
 def test_a_partial_rollout_continues_as_with_rebuilt_weights(monkeypatch) -> None:
     update = build_weight_update(tiny_model(seed=11).hf_state_dict(), 1, dtype=torch.float32)
     refreshed = _partial_rollout(update)
-    monkeypatch.setattr(DecodeWeights, "refresh", lambda self, model: False)
+    monkeypatch.setattr(DecodeWeights, "refresh", lambda self, model, key=None: False)
     rebuilt = _partial_rollout(update)
     assert refreshed.versions == rebuilt.versions == [0] * 8 + [1] * 12
     assert refreshed.output_ids == rebuilt.output_ids
