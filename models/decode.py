@@ -87,7 +87,7 @@ def _attention(
             qkv, heads, w.qk_norm, eps, step.rope, cache, step.write_index
         )
     else:
-        q = _qkv_torch(qkv, w, rope, batch, cache, shape, eps, step)
+        q = _qkv_torch(qkv, w, rope, batch, cache, eps, step)
     if step.native is not None:  # decode rows in C, straight from the cache
         return decode_batch_native.attend_rows(q, cache, *step.native)
     groups = hq // hkv
@@ -117,19 +117,12 @@ def _attention(
     return out
 
 
-def _qkv_torch(
-    qkv: Tensor,
-    w: DecodeLayer,
-    rope: Rope,
-    batch: CacheBatch,
-    cache: Tensor,
-    shape: tuple,
-    eps: float,
-    step: _Step,
-) -> Tensor:
+def _qkv_torch(qkv: Tensor, w: DecodeLayer, rope: Rope, batch: CacheBatch, cache: Tensor,
+               eps: float, step: _Step) -> Tensor:  # fmt: skip
     """qkv [T, Hq + 2 Hkv, D] -> q [T, Hq, D] after qk-norm and RoPE; k (likewise) and v
     written to the cache rows of the new tokens."""
-    hq, hkv, d = shape
+    hkv, d = cache.shape[1] // 2, cache.shape[-1]
+    hq = qkv.shape[1] - 2 * hkv
     length = batch.positions.shape[1]
     qk, v = qkv.split([hq + hkv, hkv], dim=1)
     if w.qk_norm is not None:
@@ -206,9 +199,7 @@ def _prepare(
     step = _Step(packed, _write_index(batch, caches, length), None, None, weights.norm_const)
     native = x.shape[0] > 1 and decode_batch_native.attention_usable(x, caches, d)
     if native and step.write_index is not None and step.norm is not None:
-        if weights.rotation is None or weights.rotation[0] is not rope.rotate:
-            weights.rotation = (rope.rotate, decode_batch_native.rotation(rope.rotate))
-        rotation = weights.rotation[1]
+        rotation = decode_batch_native.cached_rotation(weights, rope.rotate)
         if rotation is not None:
             cos, sin = (t.reshape(-1, d).contiguous() for t in (rope.cos, rope.sin))
             step.rope = (cos, sin, *rotation)

@@ -23,7 +23,7 @@ from torch import Tensor
 from models import native_build
 
 if TYPE_CHECKING:
-    from models.decode_weights import DecodeLayer
+    from models.decode_weights import DecodeLayer, DecodeWeights
 
 
 SOURCE = Path(__file__).with_name("decode_batch_kernels.c")
@@ -150,6 +150,14 @@ def rotation(rotate: Tensor) -> tuple[Tensor, Tensor] | None:
     perm = rotate.abs().argmax(0)
     sign = rotate.gather(0, perm[None]).view(-1)
     return perm.to(torch.int32), sign.float().contiguous()
+
+
+def cached_rotation(weights: DecodeWeights, rotate: Tensor) -> tuple[Tensor, Tensor] | None:
+    """rotation(rotate), kept on `weights` (a model's rope has one rotate tensor): both C
+    paths (this module's qkv_rows, models/decode_one_native.py) read it every forward."""
+    if weights.rotation is None or weights.rotation[0] is not rotate:
+        weights.rotation = (rotate, rotation(rotate))
+    return weights.rotation[1]
 
 
 def qkv_rows(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from models import native_build
+from models import decode_batch_native, native_build
 
 if TYPE_CHECKING:
     from models.batching import CacheBatch
@@ -66,29 +66,12 @@ class OneToken:
     rotate: Tensor
 
 
-# rotate (a signed permutation, models.layers.Rope) as the kernels' (perm int32 [D], sign
-# fp32 [D]), by the rotate tensor's id; the tensor is held so that its id stays its own
-_ROTATIONS: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-
-
 def one_token_at(rope: Rope, batch: CacheBatch) -> OneToken | None:
     """The OneToken of a forward of one token (B = L = 1), else None."""
     if batch.mask is not None or batch.host_slots is None or len(batch.host_slots) != 1:
         return None
     cos, sin = rope.cos.reshape(-1), rope.sin.reshape(-1)
     return OneToken(batch.host_slots[0], batch.context - 1, cos, sin, rope.rotate)
-
-
-def _rotation(rotate: Tensor) -> tuple[Tensor, Tensor]:
-    entry = _ROTATIONS.get(id(rotate))
-    if entry is None:
-        r = rotate.float()
-        sign, perm = r.abs().max(dim=0)  # column i: (x @ R)[i] = R[j, i] x[j], one j or none
-        sign = r.gather(0, perm[None])[0].contiguous()
-        if len(_ROTATIONS) > 8:
-            _ROTATIONS.clear()
-        entry = _ROTATIONS[id(rotate)] = (rotate, perm.to(torch.int32).contiguous(), sign)
-    return entry[1], entry[2]
 
 
 def supported(x: Tensor, weights: DecodeWeights, caches: list[Tensor], at: OneToken) -> bool:
@@ -106,6 +89,7 @@ def supported(x: Tensor, weights: DecodeWeights, caches: list[Tensor], at: OneTo
         and at.cos.numel() == at.sin.numel() == d
         and all(usable(t) for t in (at.cos, at.sin))
         and _layers_usable(weights)
+        and decode_batch_native.cached_rotation(weights, at.rotate) is not None
     )
 
 
@@ -150,7 +134,7 @@ def native_layers(
     hidden = x.shape[-1]
     _, heads, max_len, d = caches[0].shape
     hq = weights.layers[0].qkv.shape[1] // d - heads
-    perm, sign = _rotation(at.rotate)
+    perm, sign = decode_batch_native.cached_rotation(weights, at.rotate)
     rope = (at.cos.data_ptr(), at.sin.data_ptr(), perm.data_ptr(), sign.data_ptr())
     h, attn = torch.empty_like(x), x.new_empty(1, hq * d)
     xp, hp, ap = x.data_ptr(), h.data_ptr(), attn.data_ptr()

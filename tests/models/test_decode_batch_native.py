@@ -118,8 +118,7 @@ def test_qkv_kernel_equals_the_torch_ops(qk_norm: bool) -> None:
     caches = [torch.zeros(4, 2 * hkv, 16, d) for _ in range(2)]
     rows = decode._write_index(batch, caches, 1)
     step = decode._Step(None, rows, None, None, w.norm_const)
-    shape = (hq, hkv, d)
-    want = decode._qkv_torch(qkv, layer, rope, batch, caches[0], shape, c.rms_norm_eps, step)
+    want = decode._qkv_torch(qkv, layer, rope, batch, caches[0], c.rms_norm_eps, step)
     rotation = native.rotation(rope.rotate)
     assert rotation is not None
     cos_sin = (rope.cos.reshape(5, d), rope.sin.reshape(5, d))
