@@ -17,9 +17,9 @@ the cache rows the new K/V go to, the additive mask, RoPE gathered from a table.
 A padded chunk runs every layer on its real tokens only (the right padding is never
 computed), and a decode batch whose rows' contexts differ widely attends in segments, each
 to its own longest context (models/decode_attention.py). On the CPU in fp32 two C kernels
-(models/decode_batch_native.py) replace the op-bound parts of batched work: a decode batch
-(B > 1, L = 1) attends straight from each row's cache slot to its own context (no gather,
-mask or segments), 2-128 tokens run their routed and shared experts in one call, and any
+(models/decode_batch_native.py) replace the op-bound parts of batched work: every token of
+a batch (decode rows, and a prefill's tokens, causally) attends straight from its row's cache
+slot to its own context (no gather, padding, mask or segments), 2-128 tokens run their routed and shared experts in one call, and any
 batch of more than one token does its qk-norm, RoPE and K/V cache write in one call a layer.
 """
 
@@ -184,6 +184,17 @@ def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor
     return (rows * max_len + positions[:, None]).view(-1)
 
 
+def _token_rows(batch: CacheBatch, length: int) -> tuple[Tensor, Tensor]:
+    """(slot, position + 1) int64 [T] of every real new token, contiguous: a prefill's
+    tokens attend causally within the prompt as decode rows do, since the layer writes all
+    their K/V to the cache before attending (keys [0, position] of the slot = the mask)."""
+    if length == 1:
+        return batch.slots.contiguous(), batch.positions.view(-1) + 1
+    if batch.write_rows is not None:  # padded rows: just the real tokens
+        return batch.write_slots.contiguous(), batch.write_positions + 1
+    return batch.slots.repeat_interleave(length), batch.positions.reshape(-1) + 1
+
+
 def _prepare(
     x: Tensor,
     weights: DecodeWeights,
@@ -203,10 +214,9 @@ def _prepare(
         if rotation is not None:
             cos, sin = (t.reshape(-1, d).contiguous() for t in (rope.cos, rope.sin))
             step.rope = (cos, sin, *rotation)
-    if length == 1 and native:
-        ends = batch.positions.view(-1) + 1
+    if native:  # every token attends in C to its own slot's keys up to its position
         scratch = x.new_empty((batch.context + 15) // 16 * 16)
-        step.native = (batch.slots.contiguous(), ends, scratch)
+        step.native = (*_token_rows(batch, length), scratch)
     elif b > 1 or length > 1:
         # SDPA turns a bool mask into an additive one on every call: do it once per forward
         # (0 / -inf in the compute dtype, exactly what SDPA would build)

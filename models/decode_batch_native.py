@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 SOURCE = Path(__file__).with_name("decode_batch_kernels.c")
-MAX_ROWS = 4  # MAX_ROWS of the C source: rows per block of an expert's matmuls
+MAX_ROWS = 8  # MAX_ROWS of the C source: rows per block of an expert's matmuls
 # Past this many tokens MKL's grouped GEMMs (bigger groups) beat the C loops (measured
 # 1.6-3x faster in C at 2-64 tokens on the toy shapes, see the commit)
 MAX_TOKENS = 128

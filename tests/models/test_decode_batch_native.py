@@ -128,3 +128,29 @@ def test_qkv_kernel_equals_the_torch_ops(qk_norm: bool) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-6)
     assert native.rotation(torch.ones(d, d)) is None  # not a signed permutation
+
+
+@needs_kernels
+def test_prefill_attention_in_the_kernel_equals_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A padded prefill chunk (rows of different lengths, scattered slots, one row after a
+    cached prefix) attends in C, causally within each row: the logits of every real token
+    are those of the masked-SDPA path."""
+    model = make_model(seed=36)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, model.config.vocab_size, (3, 7), generator=g)
+    slots, starts = torch.tensor([2, 0, 3]), torch.tensor([0, 0, 4])
+    lengths = torch.tensor([7, 3, 5])
+
+    def run() -> torch.Tensor:
+        cache = model.new_kv_cache(4, 16)
+        with torch.inference_mode():
+            prefix = ids[2:, :4].contiguous()  # row 2's first 4 tokens, cached before
+            one = torch.ones(1, dtype=torch.int64)
+            model.forward_cached(prefix, slots[2:], starts[:1], 4 * one, cache)
+            return model.forward_cached(ids, slots, starts, lengths, cache, all_logits=True)
+
+    got = run()
+    monkeypatch.setattr(native, "attention_usable", lambda *args: False)
+    want = run()
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(got[row, :n], want[row, :n], rtol=1e-4, atol=1e-5)
