@@ -189,6 +189,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
         hf_model = HFGlm4Moe.from_pretrained(tmp, dtype=DTYPES[args.dtype]).eval()
+        # a bf16 engine is also compared with transformers in fp32 (its faster dtype here)
+        hf_fp32 = None
+        if args.dtype != "float32":
+            hf_fp32 = HFGlm4Moe.from_pretrained(tmp, dtype=torch.float32).eval()
     model.to_dtype(DTYPES[args.dtype])
     prompts = make_prompts(args.prompts, model.config.vocab_size)
     context = max(len(p) for p in prompts) + NEW_TOKENS
@@ -196,8 +200,11 @@ def main() -> None:
     try:
         engine_generate(engine, prompts[:4], 2)  # warm-up
         hf_generate(hf_model, prompts[:4], 2, 1)
+        if hf_fp32 is not None:
+            hf_generate(hf_fp32, prompts[:4], 2, 1)
         times: list[tuple[float, float]] = []
         pairs = []  # interleaved runs: the CPU is shared, so compare runs made side by side
+        fp32_rates: list[float] = []  # transformers fp32 in the same rounds (bf16 runs)
         for _ in range(args.repeats):
             t_eng, n_eng = timed(
                 lambda: engine_generate(engine, prompts, args.samples), 1, args.clock
@@ -207,6 +214,13 @@ def main() -> None:
             )
             pairs.append((n_eng / t_eng, n_hf / t_hf))
             times.append((t_eng, t_hf))
+            if hf_fp32 is not None:
+                t32, n32 = timed(
+                    lambda: hf_generate(hf_fp32, prompts, args.samples, args.hf_chunks),
+                    1,
+                    args.clock,
+                )
+                fp32_rates.append(n32 / t32)
         best_eng, best_hf = max(p[0] for p in pairs), max(p[1] for p in pairs)
         print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
         print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -224,6 +238,15 @@ def main() -> None:
         print(f"  ratio of bests  : {best_eng / best_hf:9.2f}x")
         ratios = sorted(e / h for e, h in pairs)
         print(f"  per-pair ratios : {', '.join(f'{r:.2f}x' for r in ratios)}")
+        if fp32_rates:
+            best32 = max(fp32_rates)
+            vs32 = sorted(p[0] / r for p, r in zip(pairs, fp32_rates, strict=True))
+            print(
+                f"  transformers fp32: {best32:9.1f} tok/s (best; same rounds)\n"
+                f"  engine {args.dtype} / transformers {args.dtype}: {best_eng / best_hf:.2f}x; "
+                f"engine {args.dtype} / transformers fp32: {best_eng / best32:.2f}x "
+                f"(per round {', '.join(f'{r:.2f}x' for r in vs32)})"
+            )
         print_floor(model.config, prompts, args, min(t[0] for t in times), min(t[1] for t in times))
         print("embedded engine, absolute (n=1 requests, 32 new tokens, T=1):")
         for batch in (1, 16, 64, 512):

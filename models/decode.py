@@ -19,8 +19,10 @@ computed), and a decode batch whose rows' contexts differ widely attends in segm
 to its own longest context (models/decode_attention.py). On the CPU in fp32 two C kernels
 (models/decode_batch_native.py) replace the op-bound parts of batched work: every token of
 a batch (decode rows, and a prefill's tokens, causally) attends straight from its row's cache
-slot to its own context (no gather, padding, mask or segments), 2-128 tokens run their routed and shared experts in one call, and any
-batch of more than one token does its qk-norm, RoPE and K/V cache write in one call a layer.
+slot to its own context (no gather, padding, mask or segments), 2-128 tokens run their
+routed and shared experts in one call, and any batch of more than one token does its
+qk-norm, RoPE and K/V cache write in one call a layer. A bf16 model on the CPU runs these
+with fp32 activations and every matmul in C on its bf16 weights (models/decode_bf16.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import decode_batch_native
+from models import decode_batch_native, decode_bf16
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
@@ -79,13 +81,15 @@ def _attention(
     b, length = batch.positions.shape
     tokens = x.shape[0]
     packed = step.packed
-    qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
+    if step.half:  # bf16 weights, fp32 activations (models/decode_bf16.py)
+        qkv = decode_bf16.matmul(x, w.qkv)
+    else:
+        qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
     qkv = qkv.view(tokens, hq + 2 * hkv, d)
     if step.rope is not None:  # qk-norm, RoPE and the K/V write in one C call
         heads = (hq, hkv)
-        q = decode_batch_native.qkv_rows(
-            qkv, heads, w.qk_norm, eps, step.rope, cache, step.write_index
-        )
+        norm = w.qk_norm if w.qk_norm is None or not step.half else w.qk_norm.float()
+        q = decode_batch_native.qkv_rows(qkv, heads, norm, eps, step.rope, cache, step.write_index)
     else:
         q = _qkv_torch(qkv, w, rope, batch, cache, eps, step)
     if step.native is not None:  # decode rows in C, straight from the cache
@@ -157,6 +161,7 @@ class _Step:
     mask: Tensor | None  # additive [B, 1, G L or 1, context]; None: every key is visible
     plan: AttentionPlan | None  # decode rows attending in segments
     norm: _Norm | None  # DecodeWeights.norm_const
+    half: bool = False  # bf16 weights, fp32 activations: models/decode_bf16.py's matmuls
     native: tuple[Tensor, Tensor, Tensor] | None = None  # decode rows in C: slots, ends
     # int64 [B] and the kernel's scratch (decode_batch_native.attend_rows); no mask, no plan
     rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # cos, sin [T, D] and the
@@ -212,7 +217,7 @@ def _prepare(
     if native and step.write_index is not None and step.norm is not None:
         rotation = decode_batch_native.cached_rotation(weights, rope.rotate)
         if rotation is not None:
-            cos, sin = (t.reshape(-1, d).contiguous() for t in (rope.cos, rope.sin))
+            cos, sin = (t.reshape(-1, d).float().contiguous() for t in (rope.cos, rope.sin))
             step.rope = (cos, sin, *rotation)
     if native:  # every token attends in C to its own slot's keys up to its position
         scratch = x.new_empty((batch.context + 15) // 16 * 16)
@@ -249,14 +254,18 @@ def decode_forward(
     rows = b * length
     packed = batch.write_rows  # int64 [N] real tokens of the flat [B L]; None: all are real
     ids = input_ids.view(rows) if packed is None else input_ids.view(rows).index_select(0, packed)
+    half = weights.half
     x = F.embedding(ids, weights.embed)  # [T, H]
+    if half:
+        x = x.float()
     if rope.cos.dim() != 3:  # [B, L, 1, D] -> [T, 1, D] (one token's comes as [1, 1, D])
         rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
     if packed is not None:
         rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
     norm_const = weights.norm_const
     step = _prepare(x, weights, batch, caches, rope, packed, shape[2])
-    if rows == 1 and norm_const is not None and x.dtype == torch.float32:
+    step.half = half
+    if rows == 1 and norm_const is not None and x.dtype == torch.float32 and not half:
 
         def attend(h: Tensor, w: DecodeLayer, cache: Tensor) -> Tensor:
             return _attention(h, w, rope, batch, cache, shape, eps, step)
@@ -269,10 +278,14 @@ def decode_forward(
     shared = None  # the shared expert's choice columns, the same for every MoE layer
     for w, cache in zip(weights.layers, caches, strict=True):
         h = _rms(x, w.in_norm, eps, norm)
-        x = x.add_(_attention(h, w, rope, batch, cache, shape, eps, step) @ w.o)  # x is ours
+        a = _attention(h, w, rope, batch, cache, shape, eps, step)
+        x = x.add_(decode_bf16.matmul(a, w.o) if half else a @ w.o)  # x is ours
         h = _rms(x, w.post_norm, eps, norm)
         if w.router is None:
-            x.add_(swiglu(h, w.gate_up, w.down))
+            if half:
+                decode_bf16.mlp_into(x, h, w.gate_up, w.down)
+            else:
+                x.add_(swiglu(h, w.gate_up, w.down))
             continue
         if shared is None and w.bank is not None and 1 < x.shape[0] <= FOLD_MAX_TOKENS:
             shared = shared_columns(w, x.shape[0], x.device)
@@ -329,6 +342,9 @@ def cached_forward(
 def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:
     """Hidden rows [..., H] before the final norm -> float32 logits [..., V]."""
     const = weights.norm_const
+    if x.dtype == torch.float32 and weights.lm_head.dtype == torch.bfloat16:  # decode_bf16
+        h = _rms(x, weights.norm, eps, const).reshape(-1, x.shape[-1]).contiguous()
+        return decode_bf16.matmul(h, weights.lm_head).view(*x.shape[:-1], -1)
     if const is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32:
         h = rms_one(x.reshape(1, -1), weights.norm, eps, const.zero)
         logits = (h @ warm(weights.lm_head)).view(*x.shape[:-1], -1)

@@ -80,14 +80,115 @@ static void mm_rows(int rows, const float *X, const float *W, float *Y, long K, 
   }
 }
 
-/* out[tok[r]] += wt[r] * swiglu(x[tok[r]]) for n rows of one expert. */
+/* bf16 weights (a bf16 model on the CPU): Y[r, :] = bf16(X[r, :]) @ W, the rows rounded to
+ * bf16 (nearest even) and multiplied with vdpbf16ps, products summed in fp32. W bf16 [K, N]
+ * row-major as the model stores it, K even, N % 32 == 0: each pair of W's rows is
+ * interleaved in registers (dpbf16 multiplies pairs along K), once per block of rows. */
+typedef unsigned short bf16;
+
+static void to_bf16(const float *x, bf16 *y, long n) {
+  for (long i = 0; i < n; i++) {
+    unsigned u;
+    memcpy(&u, x + i, 4);
+    y[i] = (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#define DEFINE_MMB(R)                                                                  \
+  static void mmb_##R(const bf16 *X, const bf16 *W, float *Y, long K, long N) {       \
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10,  \
+                                        41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35,  \
+                                        3, 34, 2, 33, 1, 32, 0);                       \
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));                    \
+    for (long j = 0; j < N; j += 32) {                                                 \
+      __m512 a0[R], a1[R];                                                             \
+      for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();                 \
+      const bf16 *w = W + j;                                                           \
+      for (long k = 0; k < K; k += 2, w += 2 * N) {                                    \
+        __m512i r0 = _mm512_loadu_si512(w), r1 = _mm512_loadu_si512(w + N);            \
+        __m512bh w0 = (__m512bh)_mm512_permutex2var_epi16(r0, lo, r1);                \
+        __m512bh w1 = (__m512bh)_mm512_permutex2var_epi16(r0, hi, r1);                \
+        for (int r = 0; r < R; r++) {                                                  \
+          int pair;                                                                    \
+          memcpy(&pair, X + r * K + k, 4);                                             \
+          __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);                             \
+          a0[r] = _mm512_dpbf16_ps(a0[r], xr, w0);                                     \
+          a1[r] = _mm512_dpbf16_ps(a1[r], xr, w1);                                     \
+        }                                                                              \
+      }                                                                                \
+      for (int r = 0; r < R; r++) {                                                    \
+        _mm512_storeu_ps(Y + r * N + j, a0[r]);                                        \
+        _mm512_storeu_ps(Y + r * N + j + 16, a1[r]);                                   \
+      }                                                                                \
+    }                                                                                  \
+  }
+#else /* no bf16 dot product on this CPU: the same sums in fp32 */
+static inline float bf16_value(bf16 b) {
+  unsigned u = (unsigned)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+#define DEFINE_MMB(R)                                                                  \
+  static void mmb_##R(const bf16 *X, const bf16 *W, float *Y, long K, long N) {       \
+    for (int r = 0; r < R; r++)                                                        \
+      for (long j = 0; j < N; j++) {                                                   \
+        float acc = 0.f;                                                               \
+        for (long k = 0; k < K; k++) acc += bf16_value(X[r * K + k]) * bf16_value(W[k * N + j]); \
+        Y[r * N + j] = acc;                                                            \
+      }                                                                                \
+  }
+#endif
+DEFINE_MMB(1)
+DEFINE_MMB(2)
+DEFINE_MMB(3)
+DEFINE_MMB(4)
+DEFINE_MMB(5)
+DEFINE_MMB(6)
+DEFINE_MMB(7)
+DEFINE_MMB(8)
+
+/* mm_rows over bf16 weights; xh: bf16 scratch of rows * K. */
+static void mmb_rows(int rows, const float *X, const bf16 *W, float *Y, long K, long N,
+                     bf16 *xh) {
+  to_bf16(X, xh, rows * K);
+  switch (rows) {
+    case 1: mmb_1(xh, W, Y, K, N); break;
+    case 2: mmb_2(xh, W, Y, K, N); break;
+    case 3: mmb_3(xh, W, Y, K, N); break;
+    case 4: mmb_4(xh, W, Y, K, N); break;
+    case 5: mmb_5(xh, W, Y, K, N); break;
+    case 6: mmb_6(xh, W, Y, K, N); break;
+    case 7: mmb_7(xh, W, Y, K, N); break;
+    default: mmb_8(xh, W, Y, K, N); break;
+  }
+}
+
+/* Y [T, N] = bf16(X [T, K]) @ W bf16 [K, N] (see mmb_rows); xh: bf16 scratch of
+ * MAX_ROWS * K. */
+void matmul_bf16(const float *X, long T, long K, const bf16 *W, long N, float *Y, bf16 *xh) {
+  for (long s = 0; s < T; s += MAX_ROWS) {
+    int rows = T - s < MAX_ROWS ? (int)(T - s) : MAX_ROWS;
+    mmb_rows(rows, X + s * K, W, Y + s * N, K, N, xh);
+  }
+}
+
+/* out[tok[r]] += wt[r] * swiglu(x[tok[r]]) for n rows of one expert; the weights fp32 or,
+ * with `half`, bf16 (then buf also holds the rows rounded to bf16). */
 static void expert_rows(const float *x, float *out, const long *tok, const float *wt, long n,
-                        const float *gate_up, const float *down, long H, long I, float *buf) {
+                        const void *gate_up, const void *down, long H, long I, float *buf,
+                        int half) {
   float *xb = buf, *gu = buf + MAX_ROWS * H, *y = gu + MAX_ROWS * 2 * I;
+  bf16 *xh = (bf16 *)(y + MAX_ROWS * H);
   for (long s = 0; s < n; s += MAX_ROWS) {
     int rows = n - s < MAX_ROWS ? (int)(n - s) : MAX_ROWS;
     for (int r = 0; r < rows; r++) memcpy(xb + r * H, x + tok[s + r] * H, H * sizeof(float));
-    mm_rows(rows, xb, gate_up, gu, H, 2 * I);
+    if (half)
+      mmb_rows(rows, xb, gate_up, gu, H, 2 * I, xh);
+    else
+      mm_rows(rows, xb, gate_up, gu, H, 2 * I);
     for (int r = 0; r < rows; r++) { /* silu(gate) * up, packed into the gate half */
       float *g = gu + r * 2 * I;
       for (long i = 0; i < I; i += 16) {
@@ -97,7 +198,10 @@ static void expert_rows(const float *x, float *out, const long *tok, const float
     }
     /* the down matmul reads rows of width I: repack [rows, 2 I] -> [rows, I] */
     for (int r = 1; r < rows; r++) memmove(gu + r * I, gu + r * 2 * I, I * sizeof(float));
-    mm_rows(rows, gu, down, y, I, H);
+    if (half)
+      mmb_rows(rows, gu, down, y, I, H, xh);
+    else
+      mm_rows(rows, gu, down, y, I, H);
     for (int r = 0; r < rows; r++) {
       float *o = out + tok[s + r] * H, a = wt[s + r];
       const float *yr = y + r * H;
@@ -108,29 +212,44 @@ static void expert_rows(const float *x, float *out, const long *tok, const float
 
 /* out [T, H] = sum over each token's k experts (ascending ids) of weight * expert(x), then
  * + the shared expert (bank index E) when `shared`. experts int64 [T, k], weights fp32
- * [T, k]; gate_up [E (+1), H, 2 I], down [E (+1), I, H]; scratch: tok int64 and wt fp32 of
- * T (k + 1) each, buf fp32 of MAX_ROWS (2 H + 2 I). */
+ * [T, k]; gate_up [E (+1), H, 2 I], down [E (+1), I, H], fp32 or (half) bf16; scratch: tok
+ * int64 and wt fp32 of T (k + 1) each, buf fp32 of MAX_ROWS (3 H + 3 I). */
 void moe_rows(const float *x, long T, long H, long I, const long *experts, const float *weights,
-              long k, long E, const float *gate_up, const float *down, int shared, float *out,
-              long *tok, float *wt, float *buf) {
+              long k, long E, const void *gate_up, const void *down, int shared, float *out,
+              long *tok, float *wt, float *buf, int half) {
+  long size = half ? 2 : 4; /* bytes per weight */
+  const char *gu = gate_up, *dn = down;
   memset(out, 0, T * H * sizeof(float));
-  for (long e = 0; e < E; e++) {
+  for (long e = 0; e <= E; e++) {
     long n = 0;
-    for (long t = 0; t < T; t++)
-      for (long j = 0; j < k; j++)
-        if (experts[t * k + j] == e) {
-          tok[n] = t;
-          wt[n++] = weights[t * k + j];
-        }
+    if (e < E) {
+      for (long t = 0; t < T; t++)
+        for (long j = 0; j < k; j++)
+          if (experts[t * k + j] == e) {
+            tok[n] = t;
+            wt[n++] = weights[t * k + j];
+          }
+    } else if (shared) { /* every token, weight 1 */
+      for (; n < T; n++) {
+        tok[n] = n;
+        wt[n] = 1.f;
+      }
+    }
     if (n)
-      expert_rows(x, out, tok, wt, n, gate_up + e * H * 2 * I, down + e * I * H, H, I, buf);
+      expert_rows(x, out, tok, wt, n, gu + e * H * 2 * I * size, dn + e * I * H * size, H, I,
+                  buf, half);
   }
-  if (!shared) return;
+}
+
+/* out [T, H] += swiglu(x) (a dense MLP, bf16 weights gate_up [H, 2 I], down [I, H]);
+ * scratch as moe_rows'. */
+void mlp_rows_bf16(const float *x, long T, long H, long I, const bf16 *gate_up,
+                   const bf16 *down, float *out, long *tok, float *wt, float *buf) {
   for (long t = 0; t < T; t++) {
     tok[t] = t;
     wt[t] = 1.f;
   }
-  expert_rows(x, out, tok, wt, T, gate_up + E * H * 2 * I, down + E * I * H, H, I, buf);
+  expert_rows(x, out, tok, wt, T, gate_up, down, H, I, buf, 1);
 }
 
 /* The sum of a vector's 16 lanes (halving shuffles). */

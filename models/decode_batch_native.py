@@ -35,7 +35,9 @@ MAX_TOKENS = 128
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _F = ctypes.c_float
 _SIGNATURES = {
-    "moe_rows": [_P, _L, _L, _L, _P, _P, _L, _L, _P, _P, _I, _P, _P, _P, _P],
+    "moe_rows": [_P, _L, _L, _L, _P, _P, _L, _L, _P, _P, _I, _P, _P, _P, _P, _I],
+    "matmul_bf16": [_P, _L, _L, _P, _L, _P, _P],
+    "mlp_rows_bf16": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _P],
     "attend_rows": [_P, _L, _P, _L, _L, _L, _L, _P, _P, _L, _F, _P, _P],
     "qkv_rows": [_P, _L, _L, _L, _L, _P, _F, _P, _P, _P, _P, _P, _P, _P],
 }
@@ -50,20 +52,34 @@ def _fits(t: Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
 
 
+def _fits_weight(t: Tensor) -> bool:
+    return (
+        t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" and t.is_contiguous()
+    )
+
+
 def usable(x: Tensor, w: DecodeLayer) -> bool:
-    """Whether moe_rows can take this layer and these tokens (fp32 on the CPU, contiguous,
-    2..MAX_TOKENS rows, widths of the kernel's 32-float strips)."""
+    """Whether moe_rows can take this layer and these tokens: x fp32 on the CPU, contiguous,
+    widths of the kernel's 32-float strips; fp32 experts for 2..MAX_TOKENS rows, bf16
+    experts (the bf16 path, see half_weights) for any number."""
     gate_up, down = w.bank if w.bank is not None else (w.experts_gate_up, w.experts_down)
     _, h, two_i = gate_up.shape
+    half = gate_up.dtype == torch.bfloat16
     return (
-        1 < x.shape[0] <= MAX_TOKENS
+        (half or 1 < x.shape[0] <= MAX_TOKENS)
         and h % 32 == 0
         and two_i % 64 == 0
         and _fits(x)
-        and _fits(gate_up)
-        and _fits(down)
+        and _fits_weight(gate_up)
+        and down.dtype == gate_up.dtype
+        and _fits_weight(down)
         and load() is not None
     )
+
+
+def _buf(h: int, two_i: int) -> Tensor:
+    """expert_rows' scratch: a block's rows, its SwiGLU, its output and its bf16 rows."""
+    return torch.empty(MAX_ROWS * (3 * h + 2 * two_i))
 
 
 def moe_rows(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Tensor:
@@ -79,7 +95,7 @@ def moe_rows(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Ten
     out = torch.empty_like(x)
     tok = torch.empty(t * k + t, dtype=torch.int64)  # the kernel's per-expert row lists
     wt = torch.empty(t * k + t)
-    buf = torch.empty(MAX_ROWS * (2 * h + two_i))  # a block's rows, its SwiGLU and output
+    buf = _buf(h, two_i)
     load().moe_rows(
         x.data_ptr(),
         t,
@@ -96,6 +112,7 @@ def moe_rows(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Ten
         tok.data_ptr(),
         wt.data_ptr(),
         buf.data_ptr(),
+        int(gate_up.dtype == torch.bfloat16),
     )
     return out
 

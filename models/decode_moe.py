@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import decode_batch_native
+from models import decode_batch_native, decode_bf16
 from models.moe import grouped_swiglu_in_out
 
 if TYPE_CHECKING:
@@ -107,7 +107,8 @@ def moe(
     expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS. fp32 batches of
     2-128 tokens on the CPU run models/decode_batch_native.py's kernel instead."""
     experts, weights = route(x, w, ordered)
-    if x.shape[0] == 1 and x.device.type == "cpu":  # a host sync is free on the CPU
+    half = x.dtype != w.experts_gate_up.dtype  # fp32 rows, bf16 weights: models/decode_bf16.py
+    if x.shape[0] == 1 and x.device.type == "cpu" and not half:  # a host sync is free here
         out = routed_one_token(x, w, experts, weights)
     elif decode_batch_native.usable(x, w):  # 2-128 fp32 tokens: the experts in one C call
         out = decode_batch_native.moe_rows(x, w, experts, weights)
@@ -117,6 +118,8 @@ def moe(
         return routed_grouped(x, w, experts, weights, shared), experts
     else:
         out = routed_grouped(x, w, experts, weights)
+    if w.gate_up is not None and half:
+        return decode_bf16.mlp_into(out, x, w.gate_up, w.down), experts
     if w.gate_up is not None:
         out = out + swiglu(x, w.gate_up, w.down)
     return out, experts

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from models import decode_arena
+from models import decode_arena, decode_bf16
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope, RotaryEmbedding
 from models.moe import ExpertBank, TopkRouter
@@ -215,6 +215,7 @@ class DecodeWeights:
     norm_const: _Norm | None = None  # the CPU's fp32 RMSNorm (see _rms)
     rotation: tuple | None = None  # (rope's rotate, its decode_batch_native.rotation())
     plan: _Refresh | None = None  # what refresh() copies
+    half: bool = False  # bf16 weights run with fp32 activations (models/decode_bf16.py)
 
     def rope(self, rotary: RotaryEmbedding, batch: CacheBatch, max_len: int) -> Rope:
         """Rope of the batch's positions int64 [B, L] (each < max_len) gathered from a table
@@ -225,7 +226,8 @@ class DecodeWeights:
         table = self.rope_table
         if table is None or table.cos.shape[0] < max_len or table.cos.device != positions.device:
             every = torch.arange(max_len, device=positions.device)
-            table = self.rope_table = rotary(every, self.embed.dtype)
+            dtype = torch.float32 if self.half else self.embed.dtype
+            table = self.rope_table = rotary(every, dtype)
         if batch.mask is None:  # one token, at position context - 1
             p = batch.context - 1
             return Rope(table.cos[p : p + 1], table.sin[p : p + 1], table.rotate)
@@ -274,6 +276,7 @@ class DecodeWeights:
             out.norm_const = _Norm(eps, width, torch.tensor(0.0))
             with torch.no_grad():
                 _pack(out)
+            out.half = decode_bf16.usable(out)
         copies = lm_head.copies(out.lm_head)
         for w, fused in zip(layers, sources, strict=True):
             for name, f in fused.items():

@@ -1,0 +1,79 @@
+"""The inference path of a bf16 model on the CPU: bf16 weights, fp32 activations.
+
+torch's bf16 ops are slow on this CPU (a bf16 engine ran 1.4x slower than fp32), while its
+vdpbf16ps (AVX512_BF16) multiplies bf16 pairs at twice the fp32 FMA rate. So when the
+decode weights are bf16 (models/decode_weights.py) and the C kernels load, every matmul of
+models/decode.py runs in models/decode_batch_kernels.c: the activation rows are rounded to
+bf16 (nearest even) on their way into a matmul, as a bf16 matmul's input is, the products
+are summed in fp32, and everything between the matmuls (residual stream, norms, RoPE,
+attention, the KV cache the engine gives it) stays fp32, as in the fp32 path and its C
+kernels. That is more precise than torch's bf16 forward, which also rounds every output.
+Where a width does not fit the kernel (K odd, N % 32 != 0) one matmul runs in torch bf16.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models import decode_batch_native
+
+if TYPE_CHECKING:
+    from models.decode_weights import DecodeWeights
+
+
+def _half(t: Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.bfloat16 and t.is_contiguous())
+
+
+def usable(weights: DecodeWeights) -> bool:
+    """Whether `weights` run this path: bf16 on the CPU, contiguous, the kernels built."""
+    if weights.embed.dtype != torch.bfloat16 or weights.embed.device.type != "cpu":
+        return False
+    mats = [weights.lm_head]
+    for w in weights.layers:
+        mats += [w.qkv, w.o, w.gate_up, w.down, w.experts_gate_up, w.experts_down]
+        if w.qkv_bias is not None:
+            return False  # not needed by the models here; the torch bf16 path takes them
+        experts = w.bank[0] if w.bank is not None else w.experts_gate_up
+        if experts is not None and not (experts.shape[1] % 32 == 0 and experts.shape[2] % 64 == 0):
+            return False  # moe_rows' strips (decode_batch_native.usable)
+    return all(_half(m) for m in mats) and decode_batch_native.load() is not None
+
+
+def _fits(k: int, n: int) -> bool:
+    return k % 2 == 0 and n % 32 == 0
+
+
+def matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x fp32 [T, K] contiguous @ w bf16 [K, N] -> fp32 [T, N] (x rounded to bf16)."""
+    t, k = x.shape
+    n = w.shape[1]
+    if not _fits(k, n):
+        return (x.to(torch.bfloat16) @ w).float()
+    y = torch.empty(t, n)
+    xh = torch.empty(decode_batch_native.MAX_ROWS * k, dtype=torch.bfloat16)
+    load = decode_batch_native.load()
+    load.matmul_bf16(x.data_ptr(), t, k, w.data_ptr(), n, y.data_ptr(), xh.data_ptr())
+    return y
+
+
+def mlp_into(out: Tensor, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """out fp32 [T, H] += SwiGLU MLP of x fp32 [T, H] (gate_up bf16 [H, 2 I], down bf16
+    [I, H]), in place; returns out."""
+    t, h = x.shape
+    two_i = gate_up.shape[1]
+    if not (h % 32 == 0 and two_i % 64 == 0 and out.is_contiguous() and x.is_contiguous()):
+        gate, up = matmul(x, gate_up).chunk(2, dim=-1)
+        return out.add_(matmul((F.silu(gate) * up).contiguous(), down))
+    tok = torch.empty(t, dtype=torch.int64)
+    wt = torch.empty(t)
+    buf = torch.empty(decode_batch_native.MAX_ROWS * (3 * h + 2 * two_i))
+    decode_batch_native.load().mlp_rows_bf16(
+        x.data_ptr(), t, h, two_i // 2, gate_up.data_ptr(), down.data_ptr(), out.data_ptr(),
+        tok.data_ptr(), wt.data_ptr(), buf.data_ptr(),
+    )  # fmt: skip
+    return out
