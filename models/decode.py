@@ -61,6 +61,11 @@ def _rms(x: Tensor, weight: Tensor, eps: float, const: _Norm | None = None) -> T
     return weight * F.rms_norm(x.float(), weight.shape[-1:], None, eps).to(x.dtype)
 
 
+def _rms_half(x: Tensor, weight: Tensor, eps: float, const: _Norm | None) -> Tensor:
+    """_rms of fp32 rows with a bf16 weight, in C (models/decode_bf16.py)."""
+    return decode_bf16.rms(x, weight, eps)
+
+
 def _attention(
     x: Tensor,
     w: DecodeLayer,
@@ -276,11 +281,12 @@ def decode_forward(
     routes = []
     norm = step.norm
     shared = None  # the shared expert's choice columns, the same for every MoE layer
+    rms = _rms_half if half else _rms
     for w, cache in zip(weights.layers, caches, strict=True):
-        h = _rms(x, w.in_norm, eps, norm)
+        h = rms(x, w.in_norm, eps, norm)
         a = _attention(h, w, rope, batch, cache, shape, eps, step)
         x = x.add_(decode_bf16.matmul(a, w.o) if half else a @ w.o)  # x is ours
-        h = _rms(x, w.post_norm, eps, norm)
+        h = rms(x, w.post_norm, eps, norm)
         if w.router is None:
             if half:
                 decode_bf16.mlp_into(x, h, w.gate_up, w.down)

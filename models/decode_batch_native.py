@@ -14,6 +14,7 @@ cannot be built, `load()` is None and the torch path runs.
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,10 @@ _SIGNATURES = {
 }
 
 
+@cache
 def load() -> ctypes.CDLL | None:
-    """The kernels (models/native_build.py); None where they cannot be built here."""
+    """The kernels (models/native_build.py); None where they cannot be built here. Kept:
+    the kernels check it several times a forward and native_build.load costs ~1.6 us."""
     return native_build.load(SOURCE, _SIGNATURES)
 
 

@@ -13,16 +13,32 @@ Where a width does not fit the kernel (K odd, N % 32 != 0) one matmul runs in to
 
 from __future__ import annotations
 
+import ctypes
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import decode_batch_native
+from models import decode_batch_native, native_build
 
 if TYPE_CHECKING:
-    from models.decode_weights import DecodeWeights
+    from models.decode_weights import DecodeLayer, DecodeWeights
+
+SOURCE = Path(__file__).with_name("decode_bf16_kernels.c")
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "rms_rows": [_P, _L, _L, _P, _F, _P],
+    "route_rows": [_P, _L, _L, _P, _P, _L, _L, _I, _F, _P, _P],
+}
+
+
+@cache
+def _vector_kernels() -> ctypes.CDLL | None:
+    """models/decode_bf16_kernels.c (norms, router); None where it cannot be built."""
+    return native_build.load(SOURCE, _SIGNATURES)
 
 
 def _half(t: Tensor | None) -> bool:
@@ -41,7 +57,8 @@ def usable(weights: DecodeWeights) -> bool:
         experts = w.bank[0] if w.bank is not None else w.experts_gate_up
         if experts is not None and not (experts.shape[1] % 32 == 0 and experts.shape[2] % 64 == 0):
             return False  # moe_rows' strips (decode_batch_native.usable)
-    return all(_half(m) for m in mats) and decode_batch_native.load() is not None
+    kernels = decode_batch_native.load() is not None and _vector_kernels() is not None
+    return all(_half(m) for m in mats) and kernels
 
 
 def _fits(k: int, n: int) -> bool:
@@ -77,3 +94,36 @@ def mlp_into(out: Tensor, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
         tok.data_ptr(), wt.data_ptr(), buf.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of x fp32 [T, H] contiguous with weight bf16 [H] -> fp32 [T, H]."""
+    t, h = x.shape
+    if h % 16:
+        return F.rms_norm(x, (h,), None, eps) * weight
+    out = torch.empty_like(x)
+    _vector_kernels().rms_rows(x.data_ptr(), t, h, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def route(x: Tensor, w: DecodeLayer) -> tuple[Tensor, Tensor] | None:
+    """models/decode_moe.route of x fp32 [T, H] in C (experts ascending per token); None
+    where the router has expert groups or over 256 experts (then route() runs)."""
+    r = w.router
+    experts = w.router_w.shape[0]
+    if (
+        r.n_group > 1
+        or experts > 256
+        or x.shape[1] % 16
+        or not decode_batch_native._fits(w.router_w)
+    ):
+        return None
+    t, h = x.shape
+    bias = r.e_score_correction_bias.float().contiguous()
+    ids = torch.empty(t, r.top_k, dtype=torch.int64)
+    weights = torch.empty(t, r.top_k)
+    _vector_kernels().route_rows(
+        x.data_ptr(), t, h, w.router_w.data_ptr(), bias.data_ptr(), experts, r.top_k,
+        int(r.norm_topk_prob), r.scaling, ids.data_ptr(), weights.data_ptr(),
+    )  # fmt: skip
+    return ids, weights

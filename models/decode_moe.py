@@ -106,8 +106,9 @@ def moe(
     layer's shared_columns() (w.bank set, computed once per forward) to fold the shared
     expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS. fp32 batches of
     2-128 tokens on the CPU run models/decode_batch_native.py's kernel instead."""
-    experts, weights = route(x, w, ordered)
     half = x.dtype != w.experts_gate_up.dtype  # fp32 rows, bf16 weights: models/decode_bf16.py
+    routed = decode_bf16.route(x, w) if half else None
+    experts, weights = route(x, w, ordered) if routed is None else routed
     if x.shape[0] == 1 and x.device.type == "cpu" and not half:  # a host sync is free here
         out = routed_one_token(x, w, experts, weights)
     elif decode_batch_native.usable(x, w):  # 2-128 fp32 tokens: the experts in one C call

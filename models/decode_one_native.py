@@ -11,6 +11,7 @@ import ctypes
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,8 +45,10 @@ _SIGNATURES = {
 MAX_EXPERTS = 1024  # route_one's buffers
 
 
+@cache
 def load() -> ctypes.CDLL | None:
-    """The kernels (models/native_build.py); None where they cannot be built here."""
+    """The kernels (models/native_build.py); None where they cannot be built here. Kept:
+    the kernels check it several times a forward and native_build.load costs ~1.6 us."""
     return native_build.load(SOURCE, _SIGNATURES)
 
 

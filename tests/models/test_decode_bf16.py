@@ -101,3 +101,21 @@ def test_engine_cache_is_fp32_for_the_bf16_path() -> None:
     assert sched.slots.cache.layers[0].dtype == torch.float32
     given = Scheduler(model, max_running=2, context_len=8, kv_dtype=torch.bfloat16)
     assert given.slots.cache.layers[0].dtype == torch.bfloat16
+
+
+@needs_kernels
+def test_norm_and_router_kernels_equal_the_torch_ops() -> None:
+    """rms_rows and route_rows against models/decode.py's _rms and decode_moe.route."""
+    from models.decode import _rms
+    from models.decode_moe import route
+
+    model = make_model(seed=6)
+    model.to_dtype(torch.bfloat16)
+    layer = next(w for w in model.decode_weights().layers if w.router is not None)
+    x = torch.randn(37, layer.qkv.shape[0], generator=torch.Generator().manual_seed(2))
+    want = _rms(x, layer.post_norm, 1e-6)
+    torch.testing.assert_close(decode_bf16.rms(x, layer.post_norm, 1e-6), want)
+    experts, weights = decode_bf16.route(x, layer)
+    want_experts, want_weights = route(x, layer, ordered=True)
+    assert torch.equal(experts, want_experts)
+    torch.testing.assert_close(weights, want_weights)
