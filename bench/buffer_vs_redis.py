@@ -13,15 +13,15 @@ of --batch groups (put a batch, take it, ack it, so the stream stays short as in
                  same work as the store minus its guarantees (leases, atomic push, capacity,
                  staleness, quarantine, payloads that outlive a crash), so store vs
                  raw+codec isolates the cost of those
-  store          EpisodeStore.put_group per group (encode, then one trip: SET payload with a
-                 TTL + the PUSH script), take_groups (GET version + XREADGROUP; then MULTI:
-                 MGET payloads + staleness counts; decode + validate), ack (ACK script:
-                 XACK + XDEL + payload DEL)
+  store          EpisodeStore.put_group per group (encode, then one trip: MULTI, MSET of the
+                 payload + the PUSH script, EXEC), take_groups (GET version + XREADGROUP;
+                 then MULTI: MGET payloads + staleness counts; decode + validate), ack (ACK
+                 script: XACK + XDEL + payload DEL)
   store-threads  the same, put_group called from a pool of threads (asyncio.to_thread's
                  default size), as the rollout producer calls it: concurrent calls share
                  round trips (group_writer.py's group commit)
-  store-batched  the same with put_groups: the batch's SETs and ONE PUSH script call for the
-                 whole batch in one trip (4 trips per batch in all)
+  store-batched  the same with put_groups: ONE MSET of the batch's payloads and ONE PUSH
+                 script call for the whole batch in one trip (4 trips per batch in all)
   store-b+eps    store-batched, reading every taken group's episodes before the ack, as the
                  trainer does: decode_group validates everything but builds the Episode
                  objects (and the writable copy of the body) on first read, so this path

@@ -30,6 +30,7 @@ import functools
 import math
 import operator
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -107,14 +108,18 @@ _ROW = operator.attrgetter(
 )  # fmt: skip
 
 
-def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
+def encode_group_versioned(
+    group: EpisodeGroup, frame: Callable[[int], tuple[bytes, bytes]] | None = None
+) -> tuple[bytes, int | None]:
     """The record, and the group's oldest version (as group.oldest_version, computed once
     over the record's columns rather than per episode).
 
     The record is one bytes.join of the prefix, the header and the episodes' arrays
     themselves (their buffers, no per-field copies), when every array already has its wire
     dtype and is contiguous, as Episode's constructor leaves them; otherwise the columns
-    are cast and concatenated first."""
+    are cast and concatenated first. frame: record size -> (before, after), bytes joined
+    around the record in that same copy (the store's prepacked SET command, buffer/resp.py);
+    the first result is then before + record + after."""
     episodes = group.episodes
     n = len(episodes)
     prompts, ids, logprobs, versions, masks, reward, rewards, finish, meta, experts = zip(
@@ -146,21 +151,38 @@ def encode_group_versioned(group: EpisodeGroup) -> tuple[bytes, int | None]:
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head))
     routing = [np.ascontiguousarray(r, r.dtype.newbyteorder("<")) for r in routed]
     columns = (prompts, ids, logprobs, versions, masks)
-    record = _join_native(columns, [prefix, head], routing)
-    if record is None:
-        body = _body(prompts, columns[1:], sum(lengths))
-        record = b"".join([prefix, head, body, *routing])
-    # the oldest version, from views of the record's versions and loss_mask columns
     r_total = sum(lengths)
-    at = len(prefix) + len(head) + sum(map(len, prompts)) * _PROMPT_DTYPE.itemsize
-    at += r_total * (_RESPONSE_FIELDS[0][1].itemsize + _RESPONSE_FIELDS[1][1].itemsize)
-    version_column = np.frombuffer(record, _RESPONSE_FIELDS[2][1], r_total, at)
-    generated = np.frombuffer(record, np.bool_, r_total, at + version_column.nbytes)
-    # the minimum over generated tokens (mask != 0: a uint8 seen as bool), no gather
+    body_at = len(prefix) + len(head)  # where the body starts in the record
+    p_bytes = sum(map(len, prompts)) * _PROMPT_DTYPE.itemsize
+    size = body_at + p_bytes + r_total * _RESPONSE_BYTES + sum(r.nbytes for r in routing)
+    before, after = (b"", b"") if frame is None else frame(size)
+    blob = _join_native(columns, [before, prefix, head], routing, after)
+    if blob is None:
+        body = _body(prompts, columns[1:], r_total)
+        blob = b"".join([before, prefix, head, body, *routing, after])
+    if frame is not None and len(blob) != len(before) + size + len(after):
+        # arrays whose lengths disagree with the header (decode will quarantine the
+        # record): frame the record as it came out
+        record = blob[len(before) : len(blob) - len(after)]
+        before, after = frame(len(record))
+        blob = b"".join([before, record, after])
+    at = len(before) + body_at + p_bytes
+    return blob, _oldest(blob, at + r_total * _VERSIONS_AT, r_total)
+
+
+# bytes per response token before the versions column (response_ids, rollout_logprobs)
+_VERSIONS_AT = _RESPONSE_FIELDS[0][1].itemsize + _RESPONSE_FIELDS[1][1].itemsize
+
+
+def _oldest(blob: bytes, at: int, r_total: int) -> int | None:
+    """The oldest version over generated tokens, from views of the versions column at `at`
+    and the loss_mask column after it (no gather: a uint8 mask seen as bool)."""
+    version_column = np.frombuffer(blob, _RESPONSE_FIELDS[2][1], r_total, at)
+    generated = np.frombuffer(blob, np.bool_, r_total, at + version_column.nbytes)
     oldest = int(np.minimum.reduce(version_column, where=generated, initial=_NO_OLDEST))
     if oldest == _NO_OLDEST and not generated.any():
-        return record, None
-    return record, oldest
+        return None
+    return oldest
 
 
 _NO_OLDEST = np.iinfo(_RESPONSE_FIELDS[2][1]).max  # the reduction's start: no token seen
@@ -176,9 +198,12 @@ _NATIVE = (
 
 
 def _join_native(
-    columns: tuple[tuple[Any, ...], ...], head: list[bytes], routing: list[np.ndarray]
+    columns: tuple[tuple[Any, ...], ...],
+    head: list[bytes],
+    routing: list[np.ndarray],
+    after: bytes = b"",
 ) -> bytes | None:
-    """head + every column's arrays + routing in one join, or None if an array is not of
+    """head + every column's arrays + routing + after in one join, or None if an array is not of
     its wire dtype or not contiguous (then the caller casts). The dtypes are compared as
     one tuple (identity first, at C speed) rather than array by array."""
     if _NATIVE is None:
@@ -188,7 +213,7 @@ def _join_native(
     try:
         if tuple(map(_DTYPE, arrays)) != _expected_dtypes(len(prompts), len(ids)):
             return None
-        return b"".join([*head, *arrays, *routing])
+        return b"".join([*head, *arrays, *routing, after])
     except (AttributeError, TypeError):  # not an array, or a non-contiguous one
         return None
 

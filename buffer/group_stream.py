@@ -55,6 +55,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _entries(reply: Any) -> list[tuple[bytes, dict | None]]:
+    """(entry id, fields) of a raw XREADGROUP reply on one stream (a map under RESP3, a list
+    of [stream, entries] under RESP2; None when nothing came), as redis-py's callback would
+    give them: fields is {} for an entry deleted while pending."""
+    if not reply:
+        return []
+    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    out: list[tuple[bytes, dict | None]] = []
+    for entry in entries:
+        if entry is None:
+            out.append((None, None))  # type: ignore[arg-type]  # as redis-py's parser
+            continue
+        flat = entry[1] or ()
+        out.append((entry[0], dict(zip(flat[::2], flat[1::2]))))
+    return out
+
+
 class GroupStream:
     """The trainer side of one namespace's episode stream: take, ack, reclaim, staleness."""
 
@@ -87,27 +104,28 @@ class GroupStream:
         """The current version and entries not yet handed out: first our own pending list,
         then new ones (the version comes in the same round trip as the read)."""
         while state.scan_from is not None:
-            pipe = self._r.pipeline(transaction=False)
-            pipe.get(self._k.version)
-            pipe.xreadgroup(
-                CONSUMER_GROUP, consumer, {self._k.stream: state.scan_from}, count=count
-            )
-            version, reply = pipe.execute()
-            entries = [e for e in (reply[0][1] if reply else [])]
+            version, entries = self._xreadgroup(consumer, state.scan_from, count, None)
             if not entries:
                 state.scan_from = None
                 break
             state.scan_from = _text(entries[-1][0])
             fresh = [e for e in entries if _text(e[0]) not in state.handed]
             if fresh:
-                return int(version or 0), fresh
+                return version, fresh
+        return self._xreadgroup(consumer, ">", count, block_ms)
+
+    def _xreadgroup(
+        self, consumer: str, start: str, count: int, block_ms: int | None
+    ) -> tuple[int, list]:
+        """GET version + XREADGROUP in one trip, as raw commands (a bytes command name has
+        no redis-py response callback: the reply is parsed here, once, by _entries)."""
         pipe = self._r.pipeline(transaction=False)
-        pipe.get(self._k.version)
-        pipe.xreadgroup(
-            CONSUMER_GROUP, consumer, {self._k.stream: ">"}, count=count, block=block_ms
-        )
+        pipe.execute_command(b"GET", self._k.version)
+        block = () if block_ms is None else (b"BLOCK", block_ms)
+        pipe.execute_command(b"XREADGROUP", b"GROUP", CONSUMER_GROUP, consumer, b"COUNT",
+                             count, *block, b"STREAMS", self._k.stream, start)  # fmt: skip
         version, reply = pipe.execute()
-        return int(version or 0), reply[0][1] if reply else []
+        return int(version or 0), _entries(reply)
 
     def take(self, consumer: str, n: int, block_ms: int) -> list[TakenGroup]:
         """Up to n fresh groups, waiting at most block_ms (0 = do not wait) to fill the batch.
@@ -140,11 +158,11 @@ class GroupStream:
         pipe = self._r.pipeline(transaction=True)
         dropped: list[str] = []
         wanted = self._triage(entries, version, floor, pipe, dropped)
-        prefix = self._k.payload_prefix
-        keys = [prefix + token for _, _, _, token in wanted]
+        prefix = self._k.payload_prefix.encode()
+        keys = [prefix + fields[b"r"] for _, fields, _, _ in wanted]
         at = len(pipe)  # the MGET's place among the transaction's replies
         if keys:
-            pipe.mget(keys)
+            pipe.execute_command(b"MGET", *keys)  # raw: the list of records as it came
         ages = Counter(version - oldest for _, _, oldest, _ in wanted if oldest >= 0)
         for age, count in ages.items():
             pipe.hincrby(self._k.hist_taken, age, count)

@@ -1,12 +1,14 @@
 """The producing side of the episode stream: push groups, completing their leases atomically.
 
-One push, or a batch of them, is one pipelined round trip: SET each encoded record under a
-fresh payload key (with a TTL, so a producer that dies right there leaves nothing behind),
-then ONE call of the PUSH script for the whole batch, which for each group in turn, as one
-atomic step, checks the lease (refusing a late push), checks capacity, XADDs an entry that
-references the payload, and completes the lease. While the buffer is full the script is
-retried for the groups still waiting (their payloads are not re-sent) and the producer's
-leases are renewed.
+One push, or a batch of them, is one round trip and one transaction (MULTI/EXEC: all of it
+runs or none does, so a producer that dies mid-send leaves nothing behind): ONE MSET of the
+encoded records under fresh payload keys, then ONE call of the PUSH script for the whole
+batch, which for each group in turn, as one atomic step, checks the lease (refusing a late
+push), checks capacity, XADDs an entry that references the payload, and completes the lease.
+While the buffer is full the script is retried for the groups still waiting (their payloads,
+given a TTL by the script meanwhile, are not re-sent) and the producer's leases are renewed.
+The MSET goes out as the codec framed it (buffer/resp.py): each record is copied once, into
+its framed argument, and not again by the packer.
 
 put_group calls from several threads of one process (the rollout producer pushes each group
 from its own thread as it completes) share round trips: a group commit sends, in one trip,
@@ -29,6 +31,7 @@ from buffer.codec import encode_group_versioned
 from buffer.episode import EpisodeGroup
 from buffer.errors import BufferFullError, LeaseMismatchError, PutCancelledError
 from buffer.keys import CONSUMER_GROUP, Keys
+from buffer.resp import PREPACKED, FastPacker, command_head, pair_frame
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +43,30 @@ def _text(value: bytes | str) -> str:
 
 
 class _Push:
-    """One pending push: its script keys/args and its record (kept to re-SET if needed).
+    """One pending push: its script keys/args and its record, framed as an MSET key-value
+    pair (kept to re-send if needed).
 
     Keys and args are bytes: redis-py passes bytes through with one type check, where a str
     or an int costs it several checks and an encode per argument (~3 us per group here)."""
 
     def __init__(self, keys: Keys, group: EpisodeGroup, lease_id: str | None, token: str):
         self.group, self.lease_id = group, lease_id
-        self.record, oldest = encode_group_versioned(group)
         self.payload_key = keys.payload(token).encode()
+        # the payload's MSET argument pair, packed around the record in the codec's one copy
+        frame: list[bytes] = []
+
+        def framing(size: int) -> tuple[bytes, bytes]:
+            frame[:] = pair_frame(self.payload_key, size)
+            return frame[0], frame[1]
+
+        self.pair, oldest = encode_group_versioned(group, framing)
+        end = len(self.pair) - len(frame[1])
+        self.record = memoryview(self.pair)[len(frame[0]) : end]  # no copy
         lease = (lease_id or "").encode()
         self.keys = [keys.done(lease_id or "").encode(), self.payload_key]
         self.args = [lease, str(group.prompt_id).encode(), token.encode(),
                      b"-1" if oldest is None else b"%d" % oldest]  # fmt: skip
-        self.status = "NOPAYLOAD"  # the payload has not been SET yet
+        self.status = "NOPAYLOAD"  # the payload has not been written yet
         self.reply: list = []
 
 
@@ -92,9 +105,12 @@ class GroupWriter:
         self.capacity = capacity
         self.put_timeout_s = put_timeout_s
         self._payload_ttl_s = int(put_timeout_s) + 3600  # outlives any wait for room
-        self._set_tail = (b"EX", b"%d" % self._payload_ttl_s)
         self._renew = renew  # lease_id -> new deadline | None
         self._push_sha = client.script_load(scripts.PUSH)
+        # a client from store.connect packs commands with resp.FastPacker, which sends the
+        # payloads' MSET as the codec framed it; any other client is sent the plain MSET
+        packer = client.connection_pool.connection_kwargs.get("command_packer")
+        self._prepacked = isinstance(packer, FastPacker)
         # payload tokens: a random prefix per writer and a counter (unique across writers
         # and processes like a uuid4 per push, at a fraction of its cost)
         self._token_prefix = os.urandom(8).hex()
@@ -233,30 +249,43 @@ class GroupWriter:
             pause = min(pause * 2, 0.05)
 
     def _attempt(self, pushes: list[_Push]) -> None:
-        """One pipelined round trip: (re-)SET missing payloads, then one call of the push
-        script for all of them (by sha: redis-py's Script objects add a SCRIPT EXISTS round
-        trip to every pipeline)."""
-        pipe = self._r.pipeline(transaction=False)
-        tail = self._set_tail
-        for push in pushes:
-            if push.status == "NOPAYLOAD":
-                pipe.execute_command(b"SET", push.payload_key, push.record, *tail)
+        """One round trip, one transaction: MSET of the payloads not yet written, then one
+        call of the push script for all pushes (by sha: redis-py's Script objects add a
+        SCRIPT EXISTS round trip to every pipeline). The script persists each payload it
+        attaches to an entry, deletes refused ones and puts a TTL on those left waiting for
+        room, so no payload outlives its producer unattached."""
+        fresh = [push for push in pushes if push.status == "NOPAYLOAD"]
+        pipe = self._r.pipeline(transaction=True)
+        if fresh and self._prepacked:
+            pipe.execute_command(PREPACKED, command_head(b"MSET", 2 * len(fresh)),
+                                 *[push.pair for push in fresh])  # fmt: skip
+        elif fresh:
+            pipe.execute_command(b"MSET", *[x for p in fresh for x in (p.payload_key, p.record)])
         keys = [self._k.leases, self._k.deadlines, self._k.stream, self._k.stats]
-        args: list = [self.capacity, CONSUMER_GROUP]
+        args: list = [self.capacity, CONSUMER_GROUP, self._payload_ttl_s]
         for push in pushes:
             keys += push.keys
             args += push.args
-        pipe.evalsha(self._push_sha, len(keys), *keys, *args)
+        pipe.execute_command(b"EVALSHA", self._push_sha, len(keys), *keys, *args)
         reply = pipe.execute(raise_on_error=False)[-1]
-        if isinstance(reply, redis.exceptions.NoScriptError):  # the server restarted
-            for push in pushes:  # not run: safe to run again, without re-sending payloads
+        if isinstance(reply, Exception):  # the script did not run (to its end)
+            self._expire(fresh)
+            if not isinstance(reply, redis.exceptions.NoScriptError):
+                raise reply
+            for push in pushes:  # the server restarted: safe to run again
                 push.status = "FULL" if push.status == "NOPAYLOAD" else push.status
             self._push_sha = self._r.script_load(scripts.PUSH)
             return
-        if isinstance(reply, Exception):
-            raise reply
         for push, one in zip(pushes, reply, strict=True):
             push.reply, push.status = one, _text(one[0])
+
+    def _expire(self, pushes: list[_Push]) -> None:
+        """Give just-written payloads the TTL the script would have (it failed)."""
+        if pushes:
+            pipe = self._r.pipeline(transaction=False)
+            for push in pushes:
+                pipe.expire(push.payload_key, self._payload_ttl_s)
+            pipe.execute()
 
     @staticmethod
     def _settle(push: _Push, i: int, outcomes: list[str | None | Exception]) -> bool:

@@ -127,21 +127,25 @@ return 1
 """
 
 # KEYS: leases, deadlines, stream, stats, then per push: done_key, payload_key
-# ARGV: capacity, group, then per push: lease_id ('' for none), prompt_id, payload token,
-#       oldest_version
+# ARGV: capacity, group, payload_ttl_s, then per push: lease_id ('' for none), prompt_id,
+#       payload token, oldest_version
 # Several pushes in one call (one per group of a put_groups batch), each decided as if it ran
 # alone, in order: the capacity check counts the entries the earlier pushes of this call
-# added. The records themselves were SET into the payload keys (with a TTL) just before, in
-# the same pipeline: passing ~30 KB through Lua costs the single-threaded server ~2 us per KB
-# (an ad-hoc check, not a bench: EVALSHA handing a 27 KB record to XADD took 108 us of server
-# CPU per group against 52 us for a plain pipelined XADD), a plain SET does not. The stream
-# entry carries the token; PERSIST keeps the payload until it is acked.
+# added. The records themselves were written to the payload keys by an MSET just before, in
+# the same transaction (MULTI/EXEC: both run or neither does, so a producer that dies
+# mid-send leaves nothing behind): passing ~30 KB through Lua costs the single-threaded
+# server ~2 us per KB (an ad-hoc check, not a bench: EVALSHA handing a 27 KB record to XADD
+# took 108 us of server CPU per group against 52 us for a plain pipelined XADD), a plain
+# MSET does not. The stream entry carries the token; PERSIST keeps the payload until it is
+# acked (a payload re-sent after NOPAYLOAD, or one that waited for room, has a TTL until
+# then). A push refused for good deletes its payload; one that must wait for room (FULL)
+# gives it a TTL of payload_ttl_s, so a producer that dies waiting leaves nothing behind.
 # returns one reply per push, in order:
 #   {'OK', id} | {'DONE', id} (this lease was already pushed: its entry id) | {'LATE'} |
-#   {'MISMATCH', leased prompt id} | {'FULL'} | {'NOPAYLOAD'} (SET it again)
+#   {'MISMATCH', leased prompt id} | {'FULL'} | {'NOPAYLOAD'} (write it again)
 PUSH = r"""
 local leases, deadlines, stream, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local capacity = tonumber(ARGV[1])
+local capacity, ttl = tonumber(ARGV[1]), ARGV[3]
 local unconsumed = redis.call('XLEN', stream) - redis.call('XPENDING', stream, ARGV[2])[1]
 local put, done = 0, 0
 
@@ -169,7 +173,10 @@ local function push(lid, pid, token, oldest, done_key, payload_key)
     end
     epoch = tostring(l.e)
   end
-  if unconsumed >= capacity then return {'FULL'} end
+  if unconsumed >= capacity then  -- it waits for room: a TTL, in case its producer dies
+    redis.call('EXPIRE', payload_key, ttl)
+    return {'FULL'}
+  end
   if redis.call('PERSIST', payload_key) == 0 and redis.call('EXISTS', payload_key) == 0 then
     return {'NOPAYLOAD'}
   end
@@ -191,8 +198,8 @@ local function push(lid, pid, token, oldest, done_key, payload_key)
 end
 
 local out = {}
-for i = 1, (#ARGV - 2) / 4 do
-  local a, k = 2 + (i - 1) * 4, 4 + (i - 1) * 2
+for i = 1, (#ARGV - 3) / 4 do
+  local a, k = 3 + (i - 1) * 4, 4 + (i - 1) * 2
   out[i] = push(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], KEYS[k + 1], KEYS[k + 2])
 end
 if put > 0 then redis.call('HINCRBY', stats, 'groups_put', put) end

@@ -34,6 +34,7 @@ from buffer.group_stream import GroupStream, TakenGroup
 from buffer.group_writer import GroupWriter
 from buffer.keys import Keys
 from buffer.prompt_queue import Lease, PromptQueue
+from buffer.resp import FastPacker
 from buffer.stats import BufferStats, collect
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     kwargs.setdefault("socket_connect_timeout", 10.0)
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("health_check_interval", 30)
+    kwargs.setdefault("command_packer", FastPacker())  # see buffer/resp.py
+    # replies of a take carry ~1 MB of records: read them in fewer, larger recv calls
+    kwargs.setdefault("socket_read_size", 1 << 20)
     return redis.Redis.from_url(url, **kwargs)
 
 
