@@ -365,3 +365,17 @@ def test_the_header_is_written_as_msgpack_writes_it() -> None:
     group.metadata["huge"] = 2**70  # msgspec and msgpack both refuse it: a named error
     with pytest.raises(EpisodeCodecError, match="not serialisable"):
         encode_group(group)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: the float32 sum overflows
+def test_large_finite_logprobs_decode_and_non_finite_ones_do_not() -> None:
+    """decode's finiteness check sums in float32: finite values whose sum overflows float32
+    are still accepted, a NaN or inf in any episode is still refused (and named)."""
+    group = make_group("big", n=2, response_len=4)
+    group.episodes[1].rollout_logprobs[:] = -3e38  # four of these overflow a float32 sum
+    decoded = decode_group(encode_group(group))
+    assert np.array_equal(decoded.columns.rollout_logprobs[4:], np.full(4, -3e38, np.float32))
+    for bad in (np.inf, -np.inf, np.nan):
+        group.episodes[1].rollout_logprobs[2] = bad
+        with pytest.raises(EpisodeCodecError, match=r"episodes\[1\]: rollout_logprobs"):
+            decode_group(encode_group(group))
