@@ -263,12 +263,21 @@ static inline float hsum16(v16 v) {
 
 /* softmax(q . K[j] * scale for j < n) @ V for one query head; K, V [n, D] rows of the cache,
  * D % 16 == 0 and D <= 256; p: n rounded up to 16 floats of scratch. */
-static void attend_head(const float *q, const float *K, const float *V, long n, long D,
-                        float scale, float *p, float *out) {
+/* 16 cache values from element i of a row: fp32, or (half) bf16 widened exactly. */
+typedef unsigned short v16h __attribute__((vector_size(32), aligned(2)));
+static inline __attribute__((always_inline)) v16 load16(const void *row, long i, int half) {
+  if (!half) return *(const v16 *)((const float *)row + i);
+  v16h h = *(const v16h *)((const unsigned short *)row + i);
+  return (v16)(__builtin_convertvector(h, v16i) << 16);
+}
+
+static inline __attribute__((always_inline)) void attend_head(
+    const float *q, const void *K, const void *V, long n, long D, float scale, float *p,
+    float *out, int half) {
   float top = -INFINITY;
   for (long j = 0; j < n; j++) {
     v16 s = (v16){0};
-    for (long d = 0; d < D; d += 16) s += *(const v16 *)(q + d) * *(const v16 *)(K + j * D + d);
+    for (long d = 0; d < D; d += 16) s += *(const v16 *)(q + d) * load16(K, j * D + d, half);
     p[j] = hsum16(s) * scale;
     top = p[j] > top ? p[j] : top;
   }
@@ -285,7 +294,7 @@ static void attend_head(const float *q, const float *K, const float *V, long n, 
   v16 acc[16];
   for (long d = 0; d < D / 16; d++) acc[d] = (v16){0};
   for (long j = 0; j < n; j++)
-    for (long d = 0; d < D / 16; d++) acc[d] += *(const v16 *)(V + j * D + 16 * d) * p[j];
+    for (long d = 0; d < D / 16; d++) acc[d] += load16(V, j * D + 16 * d, half) * p[j];
   for (long d = 0; d < D / 16; d++) *(v16 *)(out + 16 * d) = acc[d] / sum;
 }
 
@@ -293,28 +302,34 @@ static void attend_head(const float *q, const float *K, const float *V, long n, 
  * a step's rows was last read a whole step ago and is mostly out of cache by now (a
  * decode step's attention ran 2.5-4x slower than on hot caches). */
 #define AHEAD 2 /* rows prefetched ahead */
-static void prefetch_row(const float *base, long Hkv, long max_len, long D, long n) {
+static void prefetch_row(const char *base, long Hkv, long max_len, long D, long n, long size) {
   for (long h = 0; h < 2 * Hkv; h++)
-    for (long i = 0; i < n * D; i += 16) __builtin_prefetch(base + h * max_len * D + i, 0, 2);
+    for (long i = 0; i < n * D * size; i += 64)
+      __builtin_prefetch(base + h * max_len * D * size + i, 0, 2);
 }
 
 /* Decode attention of B rows (one new token each) straight from the cache, each row to its
  * own context [0, ends[b]): no gather, no mask. q [B, Hq, D] with rows q_row floats apart
  * (query head h * G + g reads KV head h); cache [slots, 2 Hkv, max_len, D] (keys then
- * values); out [B, Hq, D]; p: scratch of max(ends) rounded up to 16 floats. */
-void attend_rows(const float *q, long q_row, const float *cache, long Hkv, long G, long max_len,
+ * values), fp32 or (half) bf16; out [B, Hq, D]; p: scratch of max(ends) rounded up to 16
+ * floats. */
+void attend_rows(const float *q, long q_row, const void *cache, long Hkv, long G, long max_len,
                  long D, const long *slots, const long *ends, long B, float scale, float *out,
-                 float *p) {
+                 float *p, int half) {
+  long size = half ? 2 : 4, row = 2 * Hkv * max_len * D * size, head = max_len * D * size;
   for (long b = 0; b < B; b++) {
-    const float *base = cache + slots[b] * 2 * Hkv * max_len * D;
+    const char *base = (const char *)cache + slots[b] * row;
     for (long a = b ? b + AHEAD : 1; a <= b + AHEAD && a < B; a++)
-      prefetch_row(cache + slots[a] * 2 * Hkv * max_len * D, Hkv, max_len, D, ends[a]);
+      prefetch_row((const char *)cache + slots[a] * row, Hkv, max_len, D, ends[a], size);
     for (long h = 0; h < Hkv; h++)
       for (long g = 0; g < G; g++) {
-        long head = h * G + g;
-        attend_head(q + b * q_row + head * D, base + h * max_len * D,
-                    base + (Hkv + h) * max_len * D, ends[b], D, scale, p,
-                    out + (b * Hkv * G + head) * D);
+        const float *qh = q + b * q_row + (h * G + g) * D;
+        const void *K = base + h * head, *V = base + (Hkv + h) * head;
+        float *o = out + (b * Hkv * G + h * G + g) * D;
+        if (half) /* two call sites: each inlined with its loads fixed */
+          attend_head(qh, K, V, ends[b], D, scale, p, o, 1);
+        else
+          attend_head(qh, K, V, ends[b], D, scale, p, o, 0);
       }
   }
 }
@@ -322,32 +337,38 @@ void attend_rows(const float *q, long q_row, const float *cache, long Hkv, long 
 /* A layer's q/k/v rows after the qkv matmul, in one pass: RMSNorm of each q and k head
  * (norm_w [Hq + Hkv, D], or NULL: none), RoPE (cos/sin [T, D]; (x @ rotate)[i] =
  * sign[i] * x[perm[i]]), q to q_out [T, Hq, D], k and v heads to their cache rows: rows
- * int64 [T, 2 Hkv] of cache viewed [-1, D] (models/decode.py's write index). qkv [T, Hq +
- * 2 Hkv, D] contiguous; D % 16 == 0, D <= 256. */
+ * int64 [T, 2 Hkv] of cache viewed [-1, D] (models/decode.py's write index), fp32 or (half)
+ * bf16. qkv [T, Hq + 2 Hkv, D] contiguous; D % 16 == 0, D <= 256. */
 void qkv_rows(const float *qkv, long T, long Hq, long Hkv, long D, const float *norm_w,
               float eps, const float *cos, const float *sin, const int *perm, const float *sign,
-              float *cache, const long *rows, float *q_out) {
-  float y[256] __attribute__((aligned(64)));
+              void *cache, const long *rows, float *q_out, int half) {
+  float y[256] __attribute__((aligned(64))), r[256];
   long heads = Hq + 2 * Hkv;
   for (long t = 0; t < T; t++) {
     const float *c = cos + t * D, *s = sin + t * D;
     for (long h = 0; h < heads; h++) {
       const float *x = qkv + (t * heads + h) * D;
-      float *dst = h < Hq ? q_out + (t * Hq + h) * D : cache + rows[t * 2 * Hkv + h - Hq] * D;
+      float *dst = h < Hq ? q_out + (t * Hq + h) * D : r; /* r: a k or v row for the cache */
       if (h >= Hq + Hkv) { /* v: as it is */
         memcpy(dst, x, D * sizeof(float));
-        continue;
-      }
-      if (norm_w) {
-        v16 acc = (v16){0};
-        for (long d = 0; d < D; d += 16) acc += *(const v16 *)(x + d) * *(const v16 *)(x + d);
-        float scale = 1.f / sqrtf(hsum16(acc) / (float)D + eps);
-        for (long d = 0; d < D; d += 16)
-          *(v16 *)(y + d) = *(const v16 *)(x + d) * scale * *(const v16 *)(norm_w + h * D + d);
       } else {
-        memcpy(y, x, D * sizeof(float));
+        if (norm_w) {
+          v16 acc = (v16){0};
+          for (long d = 0; d < D; d += 16) acc += *(const v16 *)(x + d) * *(const v16 *)(x + d);
+          float scale = 1.f / sqrtf(hsum16(acc) / (float)D + eps);
+          for (long d = 0; d < D; d += 16)
+            *(v16 *)(y + d) = *(const v16 *)(x + d) * scale * *(const v16 *)(norm_w + h * D + d);
+        } else {
+          memcpy(y, x, D * sizeof(float));
+        }
+        for (long i = 0; i < D; i++) dst[i] = y[i] * c[i] + sign[i] * y[perm[i]] * s[i];
       }
-      for (long i = 0; i < D; i++) dst[i] = y[i] * c[i] + sign[i] * y[perm[i]] * s[i];
+      if (h < Hq) continue;
+      long at = rows[t * 2 * Hkv + h - Hq] * D;
+      if (half) /* the cache's dtype: bf16 rounded to nearest even, as torch's .to() */
+        to_bf16(r, (bf16 *)cache + at, D);
+      else
+        memcpy((float *)cache + at, r, D * sizeof(float));
     }
   }
 }

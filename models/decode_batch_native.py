@@ -39,8 +39,8 @@ _SIGNATURES = {
     "moe_rows": [_P, _L, _L, _L, _P, _P, _L, _L, _P, _P, _I, _P, _P, _P, _P, _I],
     "matmul_bf16": [_P, _L, _L, _P, _L, _P, _P],
     "mlp_rows_bf16": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _P],
-    "attend_rows": [_P, _L, _P, _L, _L, _L, _L, _P, _P, _L, _F, _P, _P],
-    "qkv_rows": [_P, _L, _L, _L, _L, _P, _F, _P, _P, _P, _P, _P, _P, _P],
+    "attend_rows": [_P, _L, _P, _L, _L, _L, _L, _P, _P, _L, _F, _P, _P, _I],
+    "qkv_rows": [_P, _L, _L, _L, _L, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I],
 }
 
 
@@ -121,20 +121,20 @@ def moe_rows(x: Tensor, w: DecodeLayer, experts: Tensor, weights: Tensor) -> Ten
 
 
 def attention_usable(x: Tensor, caches: list[Tensor], head_dim: int) -> bool:
-    """Whether attend_rows can run a forward's layers: fp32 on the CPU, contiguous caches of
-    the compute dtype, a head_dim of 16-float vectors (at most 256)."""
+    """Whether attend_rows (and qkv_rows) can run a forward's layers: fp32 rows on the CPU,
+    contiguous fp32 or bf16 caches, a head_dim of 16-float vectors (at most 256)."""
     return (
         head_dim % 16 == 0
         and head_dim <= 256
         and x.dtype == torch.float32
-        and all(_fits(c) for c in caches)
+        and all(_fits_weight(c) for c in caches)
         and load() is not None
     )
 
 
 def attend_rows(q: Tensor, cache: Tensor, slots: Tensor, ends: Tensor, scratch: Tensor) -> Tensor:
     """Decode attention: q fp32 [B, Hq, D] (heads contiguous, rows may be strided), cache
-    [slots, 2 Hkv, max_len, D], slots / ends int64 [B] contiguous (row b attends to
+    [slots, 2 Hkv, max_len, D] fp32 or bf16, slots / ends int64 [B] contiguous (row b attends to
     positions [0, ends[b]) of slot slots[b]), scratch fp32 of >= max(ends) rounded up to 16
     -> [B, Hq D]; SDPA's default scale 1 / sqrt(D)."""
     b, hq, d = q.shape
@@ -157,6 +157,7 @@ def attend_rows(q: Tensor, cache: Tensor, slots: Tensor, ends: Tensor, scratch: 
         d**-0.5,
         out.data_ptr(),
         scratch.data_ptr(),
+        int(cache.dtype == torch.bfloat16),
     )
     return out
 
@@ -207,5 +208,6 @@ def qkv_rows(
         cache.data_ptr(),
         rows.data_ptr(),
         q.data_ptr(),
+        int(cache.dtype == torch.bfloat16),
     )
     return q

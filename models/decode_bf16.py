@@ -5,9 +5,10 @@ vdpbf16ps (AVX512_BF16) multiplies bf16 pairs at twice the fp32 FMA rate. So whe
 decode weights are bf16 (models/decode_weights.py) and the C kernels load, every matmul of
 models/decode.py runs in models/decode_batch_kernels.c: the activation rows are rounded to
 bf16 (nearest even) on their way into a matmul, as a bf16 matmul's input is, the products
-are summed in fp32, and everything between the matmuls (residual stream, norms, RoPE,
-attention, the KV cache the engine gives it) stays fp32, as in the fp32 path and its C
-kernels. That is more precise than torch's bf16 forward, which also rounds every output.
+are summed in fp32, and everything between the matmuls (residual stream, norms, router,
+RoPE, attention) stays fp32, as in the fp32 path and its C kernels; the KV cache keeps the
+model's dtype (K/V rounded to bf16 on the way in, widened exactly on the way out). That is
+more precise than torch's bf16 forward, which also rounds every op's output.
 Where a width does not fit the kernel (K odd, N % 32 != 0) one matmul runs in torch bf16.
 """
 

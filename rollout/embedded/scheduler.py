@@ -37,14 +37,6 @@ from rollout.embedded.sequence import Decode, Sequence
 logger = logging.getLogger(__name__)
 
 
-def _cache_dtype(model: torch.nn.Module, kv_dtype: torch.dtype | None) -> torch.dtype | None:
-    """kv_dtype; by default fp32 for bf16 weights on the CPU (fp32 activations and C
-    attention, models/decode_bf16.py), else the model's dtype (None)."""
-    if kv_dtype is not None or not hasattr(model, "decode_weights"):
-        return kv_dtype
-    return torch.float32 if model.decode_weights().half else None
-
-
 def _slot_of(seq: Sequence) -> int:
     return seq.slot if seq.slot is not None else -1
 
@@ -73,7 +65,7 @@ class Scheduler:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens: expected >= 1, got {max_prefill_tokens}")
         self.model = model
-        cache = model.new_kv_cache(max_running, context_len, dtype=_cache_dtype(model, kv_dtype))
+        cache = model.new_kv_cache(max_running, context_len, dtype=kv_dtype)
         # the cache is on the model's device, and so are the per-slot sampling tensors
         device = getattr(model, "device", torch.device("cpu"))
         self.slots = SlotPool(cache, max_running, context_len, device=device)

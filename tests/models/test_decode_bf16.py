@@ -40,10 +40,9 @@ def test_matmul_and_mlp_equal_fp32_math_on_bf16_rounded_inputs(rows: int) -> Non
 
 def _cached_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """All logits [B, L, V] of ids: a prefill of the first half, then one decode step per
-    token (the engine's fp32 cache for the bf16 path)."""
+    token, on a cache of the model's dtype."""
     b, length = ids.shape
-    dtype = torch.float32 if model.decode_weights().half else None
-    cache = model.new_kv_cache(b, length, dtype=dtype)
+    cache = model.new_kv_cache(b, length)
     slots, pre = torch.arange(b), length // 2
     with torch.inference_mode():
         zeros, full = torch.zeros(b, dtype=torch.int64), torch.full((b,), pre)
@@ -92,15 +91,26 @@ def test_without_kernels_bf16_runs_the_torch_ops(monkeypatch: pytest.MonkeyPatch
 
 
 @needs_kernels
-def test_engine_cache_is_fp32_for_the_bf16_path() -> None:
-    from rollout.embedded.scheduler import Scheduler
-
-    model = make_model(seed=5)
-    model.to_dtype(torch.bfloat16)
-    sched = Scheduler(model, max_running=2, context_len=8)
-    assert sched.slots.cache.layers[0].dtype == torch.float32
-    given = Scheduler(model, max_running=2, context_len=8, kv_dtype=torch.bfloat16)
-    assert given.slots.cache.layers[0].dtype == torch.bfloat16
+def test_attention_kernels_on_a_bf16_cache_equal_them_on_its_fp32_values() -> None:
+    """qkv_rows writes k/v rounded as .to(bfloat16) does; attend_rows reads a bf16 cache
+    exactly as the fp32 kernel reads its widened copy (bit for bit)."""
+    g = torch.Generator().manual_seed(7)
+    hkv, groups, d, max_len = 2, 2, 32, 40
+    half = torch.randn(5, 2 * hkv, max_len, d, generator=g).to(torch.bfloat16)
+    wide = half.float()
+    q = torch.randn(4, hkv * groups, d, generator=g)
+    slots, ends = torch.tensor([4, 0, 2, 2]), torch.tensor([40, 1, 17, 18])
+    scratch = torch.empty(48)
+    got = native.attend_rows(q, half, slots, ends, scratch)
+    assert torch.equal(got, native.attend_rows(q, wide, slots, ends, scratch))
+    qkv = torch.randn(3, hkv * groups + 2 * hkv, d, generator=g)
+    rows = torch.randperm(5 * 2 * hkv * max_len, generator=g)[: 3 * 2 * hkv]
+    rotation = native.rotation(torch.eye(d))
+    cos_sin = (torch.ones(3, d), torch.zeros(3, d), *rotation)
+    q_half = native.qkv_rows(qkv, (hkv * groups, hkv), None, 1e-6, cos_sin, half, rows)
+    q_wide = native.qkv_rows(qkv, (hkv * groups, hkv), None, 1e-6, cos_sin, wide, rows)
+    assert torch.equal(q_half, q_wide)
+    assert torch.equal(half.view(-1, d)[rows], wide.view(-1, d)[rows].to(torch.bfloat16))
 
 
 @needs_kernels
