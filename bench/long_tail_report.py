@@ -69,11 +69,41 @@ class Run(StepStats):
         decode = self.delta("rollout/engine_num_decode_forwards")
         batch = self.delta("rollout/engine_num_decode_rows") / decode if decode else float("nan")
         return (
-            f"{self.mode:<9}gen {gen:>6.0f} tok, {gen / wall:>5.0f}/s, "
+            f"{self.mode:<10}gen {gen:>6.0f} tok, {gen / wall:>5.0f}/s, "
             f"{gen / cpu_s:>5.0f}/rollout CPU-s; forwards "
             f"{self.delta('rollout/engine_num_forwards'):>5.0f}, mean decode batch {batch:>5.1f};"
             f" stale groups cancelled {self.delta('rollout/groups_stale_aborted'):.0f}, "
             f"dropped {self.delta('buffer/drops_stale'):.0f}"
+        )
+
+    @property
+    def cost_line(self) -> str:
+        """CPU milliseconds per trained step and per 1,000 trained tokens of each service
+        (CpuSampler's rates over the measured steps' wall time): what a mode spends to train
+        a token, which the machine's load inflates far less than wall-clock ratios do."""
+        wall = sum(r["perf/step_s"] for r in self.records)
+        cpu = self.cpu or {}
+        roles = ("trainer", "rollout", "driver", "redis")
+        per_step = {k: 1e3 * cpu.get(k, float("nan")) * wall / len(self.records) for k in roles}
+        per_ktok = {k: 1e6 * cpu.get(k, float("nan")) * wall / self.tokens for k in roles}
+        total = sum(per_ktok.values())
+        return (
+            f"{self.mode:<10}"
+            + "  ".join(f"{k} {per_step[k]:5.1f} ({per_ktok[k]:5.1f})" for k in roles)
+            + f"  sum {sum(per_step.values()):6.1f} ({total:5.1f})"
+        )
+
+    @property
+    def producer_line(self) -> str:
+        """The producer over the measured steps: mean groups in flight, the share of time the
+        staleness quota stopped leasing, groups left in the buffer at the last step."""
+        span = self.records[-1]["time"] - (self.before or self.records[0])["time"]
+        in_flight = self.delta("rollout/in_flight_group_s") / span
+        quota = self.delta("rollout/quota_wait_s") / span
+        left = self.records[-1].get("buffer/groups_unconsumed", float("nan"))
+        return (
+            f"{self.mode:<10}groups in flight {in_flight:5.1f} (mean), quota-bound "
+            f"{quota:4.2f} of the time, groups ready in the buffer at the end {left:.0f}"
         )
 
     @property
@@ -158,6 +188,14 @@ def print_table(runs: list[Run]) -> None:
     )
     for r in runs:
         print(r.rollout_line)
+    for r in runs:
+        print(r.producer_line)
+    print(
+        "\nper mode, CPU ms per trained step of each service (in brackets: per 1,000 trained "
+        "tokens); Ray's own daemons and other users are left out"
+    )
+    for r in runs:
+        print(r.cost_line)
     asyncs = [r for r in runs if r.mode != "sync"]
     if sync and asyncs:
         best = max(asyncs, key=lambda r: r.tokens_per_s)
