@@ -282,13 +282,14 @@ def decode_forward(
     norm = step.norm
     shared = None  # the shared expert's choice columns, the same for every MoE layer
     rms = _rms_half if half else _rms
+    native_mlp = step.native is not None  # fp32 on the CPU with the kernels built
     for w, cache in zip(weights.layers, caches, strict=True):
         h = rms(x, w.in_norm, eps, norm)
         a = _attention(h, w, rope, batch, cache, shape, eps, step)
         x = x.add_(decode_bf16.matmul(a, w.o) if half else a @ w.o)  # x is ours
         h = rms(x, w.post_norm, eps, norm)
         if w.router is None:
-            if half:
+            if half or (native_mlp and decode_bf16.mlp_usable(h, w.gate_up)):
                 decode_bf16.mlp_into(x, h, w.gate_up, w.down)
             else:
                 x.add_(swiglu(h, w.gate_up, w.down))

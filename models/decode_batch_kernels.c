@@ -241,15 +241,15 @@ void moe_rows(const float *x, long T, long H, long I, const long *experts, const
   }
 }
 
-/* out [T, H] += swiglu(x) (a dense MLP, bf16 weights gate_up [H, 2 I], down [I, H]);
- * scratch as moe_rows'. */
-void mlp_rows_bf16(const float *x, long T, long H, long I, const bf16 *gate_up,
-                   const bf16 *down, float *out, long *tok, float *wt, float *buf) {
+/* out [T, H] += swiglu(x) (a dense MLP: gate_up [H, 2 I], down [I, H], fp32 or (half)
+ * bf16); scratch as moe_rows'. */
+void mlp_rows(const float *x, long T, long H, long I, const void *gate_up, const void *down,
+              float *out, long *tok, float *wt, float *buf, int half) {
   for (long t = 0; t < T; t++) {
     tok[t] = t;
     wt[t] = 1.f;
   }
-  expert_rows(x, out, tok, wt, T, gate_up, down, H, I, buf, 1);
+  expert_rows(x, out, tok, wt, T, gate_up, down, H, I, buf, half);
 }
 
 /* The sum of a vector's 16 lanes (halving shuffles). */

@@ -79,20 +79,25 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
     return y
 
 
+def mlp_usable(x: Tensor, gate_up: Tensor) -> bool:
+    """Whether mlp_into's kernel takes these widths (else it runs matmul and torch ops)."""
+    return x.shape[1] % 32 == 0 and gate_up.shape[1] % 64 == 0 and x.is_contiguous()
+
+
 def mlp_into(out: Tensor, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    """out fp32 [T, H] += SwiGLU MLP of x fp32 [T, H] (gate_up bf16 [H, 2 I], down bf16
-    [I, H]), in place; returns out."""
+    """out fp32 [T, H] += SwiGLU MLP of x fp32 [T, H] (gate_up [H, 2 I], down [I, H], both
+    bf16, or both fp32 when mlp_usable), in place; returns out."""
     t, h = x.shape
     two_i = gate_up.shape[1]
-    if not (h % 32 == 0 and two_i % 64 == 0 and out.is_contiguous() and x.is_contiguous()):
+    if not (mlp_usable(x, gate_up) and out.is_contiguous()):
         gate, up = matmul(x, gate_up).chunk(2, dim=-1)
         return out.add_(matmul((F.silu(gate) * up).contiguous(), down))
     tok = torch.empty(t, dtype=torch.int64)
     wt = torch.empty(t)
     buf = torch.empty(decode_batch_native.MAX_ROWS * (3 * h + 2 * two_i))
-    decode_batch_native.load().mlp_rows_bf16(
+    decode_batch_native.load().mlp_rows(
         x.data_ptr(), t, h, two_i // 2, gate_up.data_ptr(), down.data_ptr(), out.data_ptr(),
-        tok.data_ptr(), wt.data_ptr(), buf.data_ptr(),
+        tok.data_ptr(), wt.data_ptr(), buf.data_ptr(), int(gate_up.dtype == torch.bfloat16),
     )  # fmt: skip
     return out
 

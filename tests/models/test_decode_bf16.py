@@ -129,3 +129,15 @@ def test_norm_and_router_kernels_equal_the_torch_ops() -> None:
     want_experts, want_weights = route(x, layer, ordered=True)
     assert torch.equal(experts, want_experts)
     torch.testing.assert_close(weights, want_weights)
+
+
+@needs_kernels
+def test_mlp_kernel_with_fp32_weights_equals_torch() -> None:
+    """The fp32 path's dense MLP (2+ tokens, kernels built) runs the same kernel on fp32."""
+    from models.decode_moe import swiglu
+
+    g = torch.Generator().manual_seed(8)
+    x, out = torch.randn(70, 64, generator=g), torch.randn(70, 64, generator=g)
+    gate_up, down = torch.randn(64, 256, generator=g) * 0.1, torch.randn(128, 64, generator=g) * 0.1
+    want = out + swiglu(x, gate_up, down)
+    torch.testing.assert_close(decode_bf16.mlp_into(out, x, gate_up, down), want)
