@@ -242,11 +242,12 @@ class Header(NamedTuple):
 _Length = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class _Wire(msgspec.Struct):
+class _Wire(msgspec.Struct, gc=False):
     """The header as the encoder writes it. msgspec checks these types in C (no bool for an
     int, lengths >= 0, known finish reasons, str -> float rewards; ints become floats as in
     _check_header); a header it refuses may still be valid (e.g. int keys in a metadata
-    dict), so read_header then asks the strict path."""
+    dict), so read_header then asks the strict path. gc=False: one per decoded record, never
+    in a reference cycle (it holds only decoded data), so the cyclic GC need not track it."""
 
     prompt_id: str
     metadata: dict[str, Any]

@@ -53,21 +53,19 @@ class _Push:
         self.group, self.lease_id = group, lease_id
         self.payload_key = keys.payload(token).encode()
         # the payload's MSET argument pair, packed around the record in the codec's one copy
-        frame: list[bytes] = []
-
-        def framing(size: int) -> tuple[bytes, bytes]:
-            frame[:] = pair_frame(self.payload_key, size)
-            return frame[0], frame[1]
-
-        self.pair, oldest = encode_group_versioned(group, framing)
-        end = len(self.pair) - len(frame[1])
-        self.record = memoryview(self.pair)[len(frame[0]) : end]  # no copy
+        self.pair, oldest = encode_group_versioned(group, self._frame)
+        end = len(self.pair) - len(self._after)
+        self.record = memoryview(self.pair)[len(self._before) : end]  # no copy
         lease = (lease_id or "").encode()
         self.keys = [keys.done(lease_id or "").encode(), self.payload_key]
         self.args = [lease, str(group.prompt_id).encode(), token.encode(),
                      b"-1" if oldest is None else b"%d" % oldest]  # fmt: skip
         self.status = "NOPAYLOAD"  # the payload has not been written yet
         self.reply: list = []
+
+    def _frame(self, size: int) -> tuple[bytes, bytes]:
+        self._before, self._after = pair_frame(self.payload_key, size)
+        return self._before, self._after
 
 
 _PENDING = object()  # a waiter's outcome before its first attempt
