@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("decode_batch_kernels.c")
 MAX_ROWS = 8  # MAX_ROWS of the C source: rows per block of an expert's matmuls
-# Past this many tokens MKL's grouped GEMMs (bigger groups) beat the C loops (measured
-# 1.6-3x faster in C at 2-64 tokens on the toy shapes, see the commit)
+# The C loops re-read an expert's matrices for every block of MAX_ROWS rows: past this many
+# tokens they run only when an expert's two matrices fit in L2 (then they beat MKL's grouped
+# GEMMs at any count: 2x at 128-2147 tokens on the toy shapes); bigger experts go to MKL
 MAX_TOKENS = 128
+L2_RESIDENT = 1 << 20  # bytes of an expert's gate_up + down
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _F = ctypes.c_float
@@ -63,13 +65,14 @@ def _fits_weight(t: Tensor) -> bool:
 
 def usable(x: Tensor, w: DecodeLayer) -> bool:
     """Whether moe_rows can take this layer and these tokens: x fp32 on the CPU, contiguous,
-    widths of the kernel's 32-float strips; fp32 experts for 2..MAX_TOKENS rows, bf16
-    experts (the bf16 path, see half_weights) for any number."""
+    widths of the kernel's 32-float strips; fp32 experts for 2..MAX_TOKENS rows, or any
+    number past 1 when they are L2-resident; bf16 experts (models/decode_bf16.py) for any."""
     gate_up, down = w.bank if w.bank is not None else (w.experts_gate_up, w.experts_down)
     _, h, two_i = gate_up.shape
     half = gate_up.dtype == torch.bfloat16
+    small = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size() <= L2_RESIDENT
     return (
-        (half or 1 < x.shape[0] <= MAX_TOKENS)
+        (half or 1 < x.shape[0] <= MAX_TOKENS or (small and x.shape[0] > 1))
         and h % 32 == 0
         and two_i % 64 == 0
         and _fits(x)

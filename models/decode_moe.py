@@ -105,7 +105,7 @@ def moe(
     """x [N, H] -> (routed + shared output [N, H], experts int64 [N, k]). shared: the
     layer's shared_columns() (w.bank set, computed once per forward) to fold the shared
     expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS. fp32 batches of
-    2-128 tokens on the CPU run models/decode_batch_native.py's kernel instead."""
+    2+ tokens on the CPU run models/decode_batch_native.py's kernel instead (see usable)."""
     half = x.dtype != w.experts_gate_up.dtype  # fp32 rows, bf16 weights: models/decode_bf16.py
     routed = decode_bf16.route(x, w) if half else None
     experts, weights = route(x, w, ordered) if routed is None else routed

@@ -47,11 +47,13 @@ def test_kernel_without_a_shared_bank_leaves_the_shared_expert_to_torch() -> Non
     torch.testing.assert_close(got, _torch_moe(x, layer), rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_is_not_used_where_it_does_not_apply() -> None:
+def test_kernel_is_not_used_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = _moe_layer(make_model(seed=33))
     h = layer.qkv.shape[0]
     assert not native.usable(torch.randn(1, h), layer)  # batch 1: models/decode_one.py
-    assert not native.usable(torch.randn(native.MAX_TOKENS + 1, h), layer)  # MKL's
+    assert native.usable(torch.randn(native.MAX_TOKENS + 1, h), layer)  # L2-resident experts
+    monkeypatch.setattr(native, "L2_RESIDENT", 0)  # experts too big for L2: MKL's
+    assert not native.usable(torch.randn(native.MAX_TOKENS + 1, h), layer)
     assert not native.usable(torch.randn(h, 4).t(), layer)  # not contiguous
     assert not native.usable(torch.randn(4, h, dtype=torch.bfloat16), layer)
 
