@@ -51,8 +51,6 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("health_check_interval", 30)
     kwargs.setdefault("command_packer", FastPacker())  # see buffer/resp.py
-    # replies of a take carry ~1 MB of records: read them in fewer, larger recv calls
-    kwargs.setdefault("socket_read_size", 1 << 20)
     return redis.Redis.from_url(url, **kwargs)
 
 
