@@ -61,8 +61,8 @@ def _rms(x: Tensor, weight: Tensor, eps: float, const: _Norm | None = None) -> T
     return weight * F.rms_norm(x.float(), weight.shape[-1:], None, eps).to(x.dtype)
 
 
-def _rms_half(x: Tensor, weight: Tensor, eps: float, const: _Norm | None) -> Tensor:
-    """_rms of fp32 rows with a bf16 weight, in C (models/decode_bf16.py)."""
+def _rms_c(x: Tensor, weight: Tensor, eps: float, const: _Norm | None) -> Tensor:
+    """_rms of fp32 rows (fp32 or bf16 weight) in C (models/decode_bf16.py)."""
     return decode_bf16.rms(x, weight, eps)
 
 
@@ -281,8 +281,8 @@ def decode_forward(
     routes = []
     norm = step.norm
     shared = None  # the shared expert's choice columns, the same for every MoE layer
-    rms = _rms_half if half else _rms
     native_mlp = step.native is not None  # fp32 on the CPU with the kernels built
+    rms = _rms_c if half or (native_mlp and decode_bf16.vector_kernels_usable(x)) else _rms
     for w, cache in zip(weights.layers, caches, strict=True):
         h = rms(x, w.in_norm, eps, norm)
         a = _attention(h, w, rope, batch, cache, shape, eps, step)

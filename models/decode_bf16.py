@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("decode_bf16_kernels.c")
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "rms_rows": [_P, _L, _L, _P, _F, _P],
+    "rms_rows": [_P, _L, _L, _P, _F, _P, _I],
     "route_rows": [_P, _L, _L, _P, _P, _L, _L, _I, _F, _P, _P],
 }
 
@@ -102,13 +102,19 @@ def mlp_into(out: Tensor, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     return out
 
 
+def vector_kernels_usable(x: Tensor) -> bool:
+    """Whether rms() and route() run in C for these fp32 rows (batches of 2+ on the CPU)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and _vector_kernels() is not None
+
+
 def rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm of x fp32 [T, H] contiguous with weight bf16 [H] -> fp32 [T, H]."""
+    """RMSNorm of x fp32 [T, H] contiguous with weight fp32 or bf16 [H] -> fp32 [T, H]."""
     t, h = x.shape
     if h % 16:
         return F.rms_norm(x, (h,), None, eps) * weight
     out = torch.empty_like(x)
-    _vector_kernels().rms_rows(x.data_ptr(), t, h, weight.data_ptr(), eps, out.data_ptr())
+    half = int(weight.dtype == torch.bfloat16)
+    _vector_kernels().rms_rows(x.data_ptr(), t, h, weight.data_ptr(), eps, out.data_ptr(), half)
     return out
 
 

@@ -1,7 +1,6 @@
-/* The per-layer vector work of the bf16 path (models/decode_bf16.py) in C: the RMSNorms and
- * the MoE router, ~6 and ~9 torch ops each, on fp32 rows. Their arithmetic is the fp32
- * path's up to the order of sums (so they serve only the bf16 path, where the fp32 path's
- * exact torch results are not expected). Built by models/native_build.py. */
+/* The per-layer vector work of batched fp32 rows in C (models/decode_bf16.py): the RMSNorms
+ * and the MoE router, ~6 and ~9 torch ops each. Their arithmetic is the torch ops' up to
+ * the order of sums. Built by models/native_build.py. */
 #include <math.h>
 #include <string.h>
 
@@ -24,13 +23,16 @@ static inline float bf16_value(bf16 b) {
   return f;
 }
 
-/* out [T, H] = x * rsqrt(mean(x^2) + eps) * w, w bf16 [H]; H % 16 == 0. */
-void rms_rows(const float *x, long T, long H, const bf16 *w, float eps, float *out) {
+/* out [T, H] = x * rsqrt(mean(x^2) + eps) * w, w fp32 or (half) bf16 [H]; H % 16 == 0. */
+void rms_rows(const float *x, long T, long H, const void *w, float eps, float *out, int half) {
   for (long t = 0; t < T; t++) {
     const float *xr = x + t * H;
     float ss = dot16(xr, xr, H);
     float scale = 1.f / sqrtf(ss / (float)H + eps);
-    for (long h = 0; h < H; h++) out[t * H + h] = xr[h] * scale * bf16_value(w[h]);
+    if (half)
+      for (long h = 0; h < H; h++) out[t * H + h] = xr[h] * scale * bf16_value(((const bf16 *)w)[h]);
+    else
+      for (long h = 0; h < H; h++) out[t * H + h] = xr[h] * scale * ((const float *)w)[h];
   }
 }
 

@@ -107,7 +107,8 @@ def moe(
     expert into the grouped GEMMs; worth it for N <= FOLD_MAX_TOKENS. fp32 batches of
     2+ tokens on the CPU run models/decode_batch_native.py's kernel instead (see usable)."""
     half = x.dtype != w.experts_gate_up.dtype  # fp32 rows, bf16 weights: models/decode_bf16.py
-    routed = decode_bf16.route(x, w) if half else None
+    batch = x.shape[0] > 1 and decode_bf16.vector_kernels_usable(x)  # 1 token: routed_one
+    routed = decode_bf16.route(x, w) if half or batch else None
     experts, weights = route(x, w, ordered) if routed is None else routed
     if x.shape[0] == 1 and x.device.type == "cpu" and not half:  # a host sync is free here
         out = routed_one_token(x, w, experts, weights)
