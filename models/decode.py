@@ -86,7 +86,7 @@ def _attention(
     b, length = batch.positions.shape
     tokens = x.shape[0]
     packed = step.packed
-    if step.half:  # bf16 weights, fp32 activations (models/decode_bf16.py)
+    if step.half or (step.native is not None and w.qkv_bias is None):  # C (decode_bf16.py)
         qkv = decode_bf16.matmul(x, w.qkv)
     else:
         qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
@@ -286,7 +286,7 @@ def decode_forward(
     for w, cache in zip(weights.layers, caches, strict=True):
         h = rms(x, w.in_norm, eps, norm)
         a = _attention(h, w, rope, batch, cache, shape, eps, step)
-        x = x.add_(decode_bf16.matmul(a, w.o) if half else a @ w.o)  # x is ours
+        x = x.add_(decode_bf16.matmul(a, w.o) if half or native_mlp else a @ w.o)  # x: ours
         h = rms(x, w.post_norm, eps, norm)
         if w.router is None:
             if half or (native_mlp and decode_bf16.mlp_usable(h, w.gate_up)):
@@ -355,6 +355,8 @@ def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:
     if const is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32:
         h = rms_one(x.reshape(1, -1), weights.norm, eps, const.zero)
         logits = (h @ warm(weights.lm_head)).view(*x.shape[:-1], -1)
+    elif x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":  # rows: C
+        logits = decode_bf16.matmul(_rms(x, weights.norm, eps, const), weights.lm_head)
     else:
         logits = _rms(x, weights.norm, eps, const) @ weights.lm_head
     return logits if logits.dtype == torch.float32 else logits.float()

@@ -175,6 +175,15 @@ void matmul_bf16(const float *X, long T, long K, const bf16 *W, long N, float *Y
   }
 }
 
+/* Y [T, N] = X [T, K] @ W fp32 [K, N] (N % 32 == 0) in blocks of MAX_ROWS rows: a decode
+ * batch's dense matmuls (2-128 rows), where MKL's small-GEMM path runs ~70 GFLOP/s. */
+void matmul_f32(const float *X, long T, long K, const float *W, long N, float *Y) {
+  for (long s = 0; s < T; s += MAX_ROWS) {
+    int rows = T - s < MAX_ROWS ? (int)(T - s) : MAX_ROWS;
+    mm_rows(rows, X + s * K, W, Y + s * N, K, N);
+  }
+}
+
 /* out[tok[r]] += wt[r] * swiglu(x[tok[r]]) for n rows of one expert; the weights fp32 or,
  * with `half`, bf16 (then buf also holds the rows rounded to bf16). */
 static void expert_rows(const float *x, float *out, const long *tok, const float *wt, long n,

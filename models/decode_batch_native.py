@@ -40,6 +40,7 @@ _F = ctypes.c_float
 _SIGNATURES = {
     "moe_rows": [_P, _L, _L, _L, _P, _P, _L, _L, _P, _P, _I, _P, _P, _P, _P, _I],
     "matmul_bf16": [_P, _L, _L, _P, _L, _P, _P],
+    "matmul_f32": [_P, _L, _L, _P, _L, _P],
     "mlp_rows": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _I],
     "attend_rows": [_P, _L, _P, _L, _L, _L, _L, _P, _P, _L, _F, _P, _P, _I],
     "qkv_rows": [_P, _L, _L, _L, _L, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I],

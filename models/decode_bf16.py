@@ -1,4 +1,5 @@
-"""The inference path of a bf16 model on the CPU: bf16 weights, fp32 activations.
+"""The inference path of a bf16 model on the CPU: bf16 weights, fp32 activations. (Its
+matmul, MLP, norm and router kernels also serve the fp32 path's batches of 2+ tokens.)
 
 torch's bf16 ops are slow on this CPU (a bf16 engine ran 1.4x slower than fp32), while its
 vdpbf16ps (AVX512_BF16) multiplies bf16 pairs at twice the fp32 FMA rate. So when the
@@ -66,10 +67,23 @@ def _fits(k: int, n: int) -> bool:
     return k % 2 == 0 and n % 32 == 0
 
 
+# fp32 weights: the C loops for up to this many rows (MKL's small GEMMs ran 65-75 GFLOP/s
+# at 64 rows on the toy shapes, these ~90), MKL past it
+F32_MAX_ROWS = 128
+
+
 def matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x fp32 [T, K] contiguous @ w bf16 [K, N] -> fp32 [T, N] (x rounded to bf16)."""
+    """x fp32 [T, K] contiguous @ w [K, N] -> fp32 [T, N]: w bf16 (x rounded to bf16), or
+    w fp32 (the fp32 path's batches)."""
     t, k = x.shape
     n = w.shape[1]
+    if w.dtype == torch.float32:
+        fits = t <= F32_MAX_ROWS and n % 32 == 0 and w.is_contiguous() and x.is_contiguous()
+        if not fits or decode_batch_native.load() is None:
+            return x @ w
+        y = torch.empty(t, n)
+        decode_batch_native.load().matmul_f32(x.data_ptr(), t, k, w.data_ptr(), n, y.data_ptr())
+        return y
     if not _fits(k, n):
         return (x.to(torch.bfloat16) @ w).float()
     y = torch.empty(t, n)

@@ -88,6 +88,11 @@ def test_without_kernels_bf16_runs_the_torch_ops(monkeypatch: pytest.MonkeyPatch
             ids, torch.arange(2), torch.zeros(2, dtype=torch.int64), n, cache
         )
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    fp32 = make_model(seed=4)  # and the fp32 model's batches run torch's ops alike
+    with torch.inference_mode():
+        got = fp32.forward_cached(ids, torch.arange(2), torch.zeros(2, dtype=torch.int64), n,
+                                  fp32.new_kv_cache(2, 8))  # fmt: skip
+    torch.testing.assert_close(got, torch.stack([full_logits(fp32, r)[-1] for r in ids]))
 
 
 @needs_kernels
@@ -141,3 +146,12 @@ def test_mlp_kernel_with_fp32_weights_equals_torch() -> None:
     gate_up, down = torch.randn(64, 256, generator=g) * 0.1, torch.randn(128, 64, generator=g) * 0.1
     want = out + swiglu(x, gate_up, down)
     torch.testing.assert_close(decode_bf16.mlp_into(out, x, gate_up, down), want)
+
+
+def test_fp32_matmul_equals_torch_with_or_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(37, 64, generator=g), torch.randn(64, 96, generator=g)
+    torch.testing.assert_close(decode_bf16.matmul(x, w), x @ w)
+    torch.testing.assert_close(decode_bf16.matmul(x.t().contiguous().t(), w), x @ w)
+    monkeypatch.setattr(native, "load", lambda: None)
+    torch.testing.assert_close(decode_bf16.matmul(x, w), x @ w)
