@@ -14,6 +14,14 @@ other on one embedded Ray:
   partial2  max_staleness 2, partial_rollout true: the update lands between two decode
             steps and long generations continue under the new weights (both versions tagged)
 
+Every asynchronous mode runs with rollout.max_ready_groups --max-ready (default --prompts,
+one trainer batch; 0 = off, as before 2026-12-07 18:30): the worker leases no prompt while 8 of
+its groups wait in the buffer untaken, so the staleness window is spent generating (fuller
+decode batches, fewer forwards) and groups are trained sooner after their lease (staleness
+1 for about half of async2's groups instead of about a third). The sync mode never has a
+group waiting beyond the batch the trainer takes, so the setting would not change it; it
+runs without it.
+
 Per mode, over the steps after --skip: trained tokens/s (response tokens the trainer took /
 wall time), median step time, that over max(generation, training) where generation = the sync
 run's median trainer wait and training = its median busy time (step - wait), the trainer's
@@ -25,7 +33,7 @@ Other engineers share this machine: the load average is printed beside every run
     .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
         [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128] [--reps 3]
-        [--fold-prefill-tokens 0]
+        [--fold-prefill-tokens 0] [--max-ready N]
 
 Every mode runs with the config's rollout.fold_prefill_tokens, 0 (--fold-prefill-tokens N
 folds a newcomer's prefill of up to N tokens into the running sequences' decode forward; in the
@@ -164,6 +172,7 @@ def job_overrides(
         f"rollout.max_new_tokens={MAX_NEW}",
         f"rollout.max_context={MAX_CONTEXT}",
         f"rollout.fold_prefill_tokens={args.fold_prefill_tokens}",
+        f"rollout.max_ready_groups={args.max_ready if staleness > 0 else 0}",
         f"trainer.steps={args.steps}",
         f"trainer.prompts_per_step={args.prompts}",
         f"rollout.prompts_per_lease={args.prompts}",
@@ -230,6 +239,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="rollout.fold_prefill_tokens of every mode (0: a prefill forward per admission)",
     )
+    parser.add_argument(
+        "--max-ready",
+        type=int,
+        default=None,
+        help="rollout.max_ready_groups of the asynchronous modes (default: --prompts, one "
+        "trainer batch; 0: off)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
     parser.add_argument("--root", type=Path, default=None, help="keep run dirs here")
     parser.add_argument("--verbose", action="store_true")
@@ -238,6 +254,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    args.max_ready = args.prompts if args.max_ready is None else args.max_ready
+    if args.max_ready < 0:
+        parser.error(f"--max-ready {args.max_ready}: at least 0")
     if args.reps < 1:
         parser.error(f"--reps {args.reps}: at least 1")
     if args.skip >= args.steps - 1:
@@ -255,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()}, torch threads {torch.get_num_threads()}, modes {args.modes}, "
         f"{args.steps} steps (first {args.skip} skipped), {args.prompts} prompts x "
         f"{args.samples} samples, seed {args.seed} (data/SFT {args.data_seed}), "
-        f"fold_prefill_tokens {args.fold_prefill_tokens}, overrides {args.set}",
+        f"fold_prefill_tokens {args.fold_prefill_tokens}, async modes' max_ready_groups "
+        f"{args.max_ready}, overrides {args.set}",
         flush=True,
     )
     with contextlib.ExitStack() as stack:

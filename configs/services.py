@@ -74,6 +74,12 @@ class RolloutConfig(Section):
     """Lease this factor more prompts than needed so filtered groups do not starve training."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (DAPO's filter on zero reward std)."""
+    max_ready_groups: int = Field(0, ge=0)
+    """Lease no prompts while this worker has this many pushed groups the trainer has not
+    taken yet (0: only buffer.max_staleness bounds how far it runs ahead). Within the same
+    staleness bound, groups then wait less in the buffer (trained less stale) and more of
+    the bound is spent generating (fuller decode batches). prompts_per_step / num_workers
+    keeps one batch ready for the trainer."""
     max_new_tokens: int = Field(16, ge=1)
     max_context: int = Field(512, ge=8)
     """Prompt plus response tokens per sequence."""

@@ -8,6 +8,8 @@ and with 1 it generates batch N+1 while the trainer trains on batch N (slime's t
 Groups the trainer drops as stale do not count as pushed (they are owed again), and groups
 still generating once they could only be dropped are cancelled, their prompts requeued: on a
 long tail these are the groups held up by one long sample, and they held the window shut.
+With `max_ready` (rollout.max_ready_groups) it also leases nothing while that many of its
+pushed groups wait for the trainer: the window is then spent generating, not waiting.
 
 Nothing here knows about Ray; `physarum` wraps it in an actor.
 """
@@ -108,6 +110,7 @@ class ProducerPlan:
     over_sampling: float = 1.0
     dynamic_sampling: bool = False
     groups_per_step: int = 0  # the trainer's groups per step, all workers (0: = share)
+    max_ready: int = 0  # lease nothing while this many pushed groups wait untaken (0: off)
 
     def quota(self, weight_version: int) -> int:
         return (weight_version + self.max_staleness + 1) * self.share
@@ -138,6 +141,7 @@ class RolloutProducer:
         self.score_group = score_group
         self.plan = plan
         self.weight_version = 0
+        self.trainer_version = 0  # the buffer's policy version at the last update
         self.stats = ProducerStats()
         # group tasks in flight -> the weight version when their prompt was leased
         self._in_flight: dict[asyncio.Task, int] = {}
@@ -152,7 +156,20 @@ class RolloutProducer:
         self.weight_version = version
         self._wake.set()
 
+    def ready_ahead(self) -> int:
+        """Groups this worker pushed that the trainer has not taken: a trainer at version t
+        has trained t batches and (when they were there) taken batch t + 1."""
+        owed = self.stats.groups_pushed - self.stats.groups_stale_credit
+        taken = (max(self.trainer_version, self.weight_version) + 1) * self.plan.share
+        return owed - taken
+
     def _room(self) -> int:
+        """Groups to lease now: the staleness quota less what is in flight, and none while
+        plan.max_ready groups already wait for the trainer. The quota bounds groups in
+        flight plus waiting; the cap turns the waiting part into generation in flight (a
+        fuller decode batch) and trains groups sooner after their lease (less stale)."""
+        if self.plan.max_ready and self.ready_ahead() >= self.plan.max_ready:
+            return 0
         owed = self.stats.groups_pushed - self.stats.groups_stale_credit
         remaining = self.plan.quota(self.weight_version) - owed
         limit = math.ceil(max(remaining, 0) * self.plan.over_sampling)
@@ -171,8 +188,8 @@ class RolloutProducer:
         while not self._stopping:
             if self.weight_version != checked:  # once per update: the trainer took a batch
                 checked = self.weight_version
-                drops, trainer_version = await asyncio.to_thread(self._trainer_view)
-                self._abort_doomed(max(trainer_version, self.weight_version))
+                drops, self.trainer_version = await asyncio.to_thread(self._trainer_view)
+                self._abort_doomed(max(self.trainer_version, self.weight_version))
                 self._credit_stale(drops - drops_base)
             room = min(self._room(), self.plan.prompts_per_lease)
             self.stats.set_quota_bound(room <= 0)

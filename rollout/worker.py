@@ -266,6 +266,7 @@ class RolloutWorkerCore:
             over_sampling=rollout.over_sampling,
             dynamic_sampling=rollout.dynamic_sampling,
             groups_per_step=self.job.trainer.prompts_per_step,
+            max_ready=rollout.max_ready_groups,
         )
         n = rollout.n_samples_per_prompt
 
