@@ -83,7 +83,8 @@ static void mm_rows(int rows, const float *X, const float *W, float *Y, long K, 
 /* bf16 weights (a bf16 model on the CPU): Y[r, :] = bf16(X[r, :]) @ W, the rows rounded to
  * bf16 (nearest even) and multiplied with vdpbf16ps, products summed in fp32. W bf16 [K, N]
  * row-major as the model stores it, K even, N % 32 == 0: each pair of W's rows is
- * interleaved in registers (dpbf16 multiplies pairs along K), once per block of rows. */
+ * interleaved in registers (dpbf16 multiplies pairs along K) by in-lane unpacks, once per
+ * block of rows; the columns' lane order is undone once per output row. */
 typedef unsigned short bf16;
 
 static void to_bf16(const float *x, bf16 *y, long n) {
@@ -98,18 +99,17 @@ static void to_bf16(const float *x, bf16 *y, long n) {
 #include <immintrin.h>
 #define DEFINE_MMB(R)                                                                  \
   static void mmb_##R(const bf16 *X, const bf16 *W, float *Y, long K, long N) {       \
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10,  \
-                                        41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35,  \
-                                        3, 34, 2, 33, 1, 32, 0);                       \
-    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));                    \
+    const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, \
+                                        1, 0);                                         \
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));                     \
     for (long j = 0; j < N; j += 32) {                                                 \
       __m512 a0[R], a1[R];                                                             \
       for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();                 \
       const bf16 *w = W + j;                                                           \
       for (long k = 0; k < K; k += 2, w += 2 * N) {                                    \
         __m512i r0 = _mm512_loadu_si512(w), r1 = _mm512_loadu_si512(w + N);            \
-        __m512bh w0 = (__m512bh)_mm512_permutex2var_epi16(r0, lo, r1);                \
-        __m512bh w1 = (__m512bh)_mm512_permutex2var_epi16(r0, hi, r1);                \
+        __m512bh w0 = (__m512bh)_mm512_unpacklo_epi16(r0, r1);                         \
+        __m512bh w1 = (__m512bh)_mm512_unpackhi_epi16(r0, r1);                         \
         for (int r = 0; r < R; r++) {                                                  \
           int pair;                                                                    \
           memcpy(&pair, X + r * K + k, 4);                                             \
@@ -118,9 +118,9 @@ static void to_bf16(const float *x, bf16 *y, long n) {
           a1[r] = _mm512_dpbf16_ps(a1[r], xr, w1);                                     \
         }                                                                              \
       }                                                                                \
-      for (int r = 0; r < R; r++) {                                                    \
-        _mm512_storeu_ps(Y + r * N + j, a0[r]);                                        \
-        _mm512_storeu_ps(Y + r * N + j + 16, a1[r]);                                   \
+      for (int r = 0; r < R; r++) { /* unpack's lane order back to column order */     \
+        _mm512_storeu_ps(Y + r * N + j, _mm512_permutex2var_ps(a0[r], lo, a1[r]));     \
+        _mm512_storeu_ps(Y + r * N + j + 16, _mm512_permutex2var_ps(a0[r], hi, a1[r])); \
       }                                                                                \
     }                                                                                  \
   }
