@@ -225,7 +225,8 @@ def _prepare(
             cos, sin = (t.reshape(-1, d).float().contiguous() for t in (rope.cos, rope.sin))
             step.rope = (cos, sin, *rotation)
     if native:  # every token attends in C to its own slot's keys up to its position
-        scratch = x.new_empty((batch.context + 15) // 16 * 16)
+        padded = (batch.context + 15) // 16 * 16
+        scratch = x.new_empty(decode_batch_native.ATTEND_GROUP * padded)
         step.native = (*_token_rows(batch, length), scratch)
     elif b > 1 or length > 1:
         # SDPA turns a bool mask into an additive one on every call: do it once per forward

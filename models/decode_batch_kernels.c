@@ -9,33 +9,9 @@
  * order, the shared expert last (the order of models/decode_moe.py's index_add).
  * GCC vector extensions; built with -O3 -march=native -ffp-contract=fast.
  */
-#include <math.h>
-#include <string.h>
+#include "decode_kernels.h"
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int v16i __attribute__((vector_size(64), aligned(4)));
 #define MAX_ROWS 8
-
-/* exp of 16 floats (Cephes' expf: 2^n * a degree-7 polynomial of the remainder, within
- * ~2 ulp); the input clamped to [-87.3, 88.7], where exp stays a normal float. */
-static inline v16 exp16(v16 x) {
-  const v16 hi = (v16){0} + 88.7f, lo = (v16){0} + -87.3f;
-  v16i above = x > hi, below = x < lo; /* lanes of -1 where true (GCC vector compares) */
-  x = (v16)((above & (v16i)hi) | (~above & (v16i)x));
-  x = (v16)((below & (v16i)lo) | (~below & (v16i)x));
-  v16 n = x * 1.44269504088896341f + 12582912.f; /* round to nearest: 1.5 * 2^23 */
-  n = n - 12582912.f;
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = (v16){0} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  return p * (v16)bits;
-}
 
 /* Y[r, :] = X[r, :] @ W for R rows; W [K, N] row-major, N % 32 == 0. */
 #define DEFINE_MM(R)                                                                   \
@@ -85,16 +61,6 @@ static void mm_rows(int rows, const float *X, const float *W, float *Y, long K, 
  * row-major as the model stores it, K even, N % 32 == 0: each pair of W's rows is
  * interleaved in registers (dpbf16 multiplies pairs along K) by in-lane unpacks, once per
  * block of rows; the columns' lane order is undone once per output row. */
-typedef unsigned short bf16;
-
-static void to_bf16(const float *x, bf16 *y, long n) {
-  for (long i = 0; i < n; i++) {
-    unsigned u;
-    memcpy(&u, x + i, 4);
-    y[i] = (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #define DEFINE_MMB(R)                                                                  \
@@ -259,125 +225,4 @@ void mlp_rows(const float *x, long T, long H, long I, const void *gate_up, const
     wt[t] = 1.f;
   }
   expert_rows(x, out, tok, wt, T, gate_up, down, H, I, buf, half);
-}
-
-/* The sum of a vector's 16 lanes (halving shuffles). */
-static inline float hsum16(v16 v) {
-  v = v + __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v = v + __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v = v + __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v = v + __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return v[0];
-}
-
-/* softmax(q . K[j] * scale for j < n) @ V for one query head; K, V [n, D] rows of the cache,
- * D % 16 == 0 and D <= 256; p: n rounded up to 16 floats of scratch. */
-/* 16 cache values from element i of a row: fp32, or (half) bf16 widened exactly. */
-typedef unsigned short v16h __attribute__((vector_size(32), aligned(2)));
-static inline __attribute__((always_inline)) v16 load16(const void *row, long i, int half) {
-  if (!half) return *(const v16 *)((const float *)row + i);
-  v16h h = *(const v16h *)((const unsigned short *)row + i);
-  return (v16)(__builtin_convertvector(h, v16i) << 16);
-}
-
-static inline __attribute__((always_inline)) void attend_head(
-    const float *q, const void *K, const void *V, long n, long D, float scale, float *p,
-    float *out, int half) {
-  float top = -INFINITY;
-  for (long j = 0; j < n; j++) {
-    v16 s = (v16){0};
-    for (long d = 0; d < D; d += 16) s += *(const v16 *)(q + d) * load16(K, j * D + d, half);
-    p[j] = hsum16(s) * scale;
-    top = p[j] > top ? p[j] : top;
-  }
-  long padded = (n + 15) & ~15L;
-  for (long j = n; j < padded; j++) p[j] = top; /* lanes past n: dropped below */
-  v16 total = (v16){0};
-  for (long j = 0; j < padded; j += 16) {
-    v16 e = exp16(*(v16 *)(p + j) - top);
-    *(v16 *)(p + j) = e;
-    if (j + 16 <= n) total += e;
-  }
-  float sum = hsum16(total);
-  for (long j = n & ~15L; j < n; j++) sum += p[j];
-  v16 acc[16];
-  for (long d = 0; d < D / 16; d++) acc[d] = (v16){0};
-  for (long j = 0; j < n; j++)
-    for (long d = 0; d < D / 16; d++) acc[d] += load16(V, j * D + 16 * d, half) * p[j];
-  for (long d = 0; d < D / 16; d++) *(v16 *)(out + 16 * d) = acc[d] / sum;
-}
-
-/* Ask for the next row's keys and values into L2 while this row computes: the cache of
- * a step's rows was last read a whole step ago and is mostly out of cache by now (a
- * decode step's attention ran 2.5-4x slower than on hot caches). */
-#define AHEAD 2 /* rows prefetched ahead */
-static void prefetch_row(const char *base, long Hkv, long max_len, long D, long n, long size) {
-  for (long h = 0; h < 2 * Hkv; h++)
-    for (long i = 0; i < n * D * size; i += 64)
-      __builtin_prefetch(base + h * max_len * D * size + i, 0, 2);
-}
-
-/* Decode attention of B rows (one new token each) straight from the cache, each row to its
- * own context [0, ends[b]): no gather, no mask. q [B, Hq, D] with rows q_row floats apart
- * (query head h * G + g reads KV head h); cache [slots, 2 Hkv, max_len, D] (keys then
- * values), fp32 or (half) bf16; out [B, Hq, D]; p: scratch of max(ends) rounded up to 16
- * floats. */
-void attend_rows(const float *q, long q_row, const void *cache, long Hkv, long G, long max_len,
-                 long D, const long *slots, const long *ends, long B, float scale, float *out,
-                 float *p, int half) {
-  long size = half ? 2 : 4, row = 2 * Hkv * max_len * D * size, head = max_len * D * size;
-  for (long b = 0; b < B; b++) {
-    const char *base = (const char *)cache + slots[b] * row;
-    for (long a = b ? b + AHEAD : 1; a <= b + AHEAD && a < B; a++)
-      prefetch_row((const char *)cache + slots[a] * row, Hkv, max_len, D, ends[a], size);
-    for (long h = 0; h < Hkv; h++)
-      for (long g = 0; g < G; g++) {
-        const float *qh = q + b * q_row + (h * G + g) * D;
-        const void *K = base + h * head, *V = base + (Hkv + h) * head;
-        float *o = out + (b * Hkv * G + h * G + g) * D;
-        if (half) /* two call sites: each inlined with its loads fixed */
-          attend_head(qh, K, V, ends[b], D, scale, p, o, 1);
-        else
-          attend_head(qh, K, V, ends[b], D, scale, p, o, 0);
-      }
-  }
-}
-
-/* A layer's q/k/v rows after the qkv matmul, in one pass: RMSNorm of each q and k head
- * (norm_w [Hq + Hkv, D], or NULL: none), RoPE (cos/sin [T, D]; (x @ rotate)[i] =
- * sign[i] * x[perm[i]]), q to q_out [T, Hq, D], k and v heads to their cache rows: rows
- * int64 [T, 2 Hkv] of cache viewed [-1, D] (models/decode.py's write index), fp32 or (half)
- * bf16. qkv [T, Hq + 2 Hkv, D] contiguous; D % 16 == 0, D <= 256. */
-void qkv_rows(const float *qkv, long T, long Hq, long Hkv, long D, const float *norm_w,
-              float eps, const float *cos, const float *sin, const int *perm, const float *sign,
-              void *cache, const long *rows, float *q_out, int half) {
-  float y[256] __attribute__((aligned(64))), r[256];
-  long heads = Hq + 2 * Hkv;
-  for (long t = 0; t < T; t++) {
-    const float *c = cos + t * D, *s = sin + t * D;
-    for (long h = 0; h < heads; h++) {
-      const float *x = qkv + (t * heads + h) * D;
-      float *dst = h < Hq ? q_out + (t * Hq + h) * D : r; /* r: a k or v row for the cache */
-      if (h >= Hq + Hkv) { /* v: as it is */
-        memcpy(dst, x, D * sizeof(float));
-      } else {
-        if (norm_w) {
-          v16 acc = (v16){0};
-          for (long d = 0; d < D; d += 16) acc += *(const v16 *)(x + d) * *(const v16 *)(x + d);
-          float scale = 1.f / sqrtf(hsum16(acc) / (float)D + eps);
-          for (long d = 0; d < D; d += 16)
-            *(v16 *)(y + d) = *(const v16 *)(x + d) * scale * *(const v16 *)(norm_w + h * D + d);
-        } else {
-          memcpy(y, x, D * sizeof(float));
-        }
-        for (long i = 0; i < D; i++) dst[i] = y[i] * c[i] + sign[i] * y[perm[i]] * s[i];
-      }
-      if (h < Hq) continue;
-      long at = rows[t * 2 * Hkv + h - Hq] * D;
-      if (half) /* the cache's dtype: bf16 rounded to nearest even, as torch's .to() */
-        to_bf16(r, (bf16 *)cache + at, D);
-      else
-        memcpy((float *)cache + at, r, D * sizeof(float));
-    }
-  }
 }

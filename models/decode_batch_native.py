@@ -1,5 +1,5 @@
-"""models/decode_batch_kernels.c built and loaded with ctypes: a decode batch's experts and
-attention in C.
+"""models/decode_batch_kernels.c (experts, matmuls) and decode_attend_kernels.c (qkv_rows,
+attend_rows) built and loaded with ctypes: a decode batch's experts and attention in C.
 
 A decode batch of 2-64 tokens gives each of the layer's experts a handful of rows, so the
 grouped GEMM pair of models/decode_moe.py is ~20 tiny matmuls plus a sort, gathers and an
@@ -8,7 +8,7 @@ shared one in one call (routing stays in torch: route()'s exact semantics). `att
 is a decode step's attention read straight from the cache rows of each row's slot, each to
 its own context: no gather of the batch's K/V, no mask, no segments (models/decode_attention.py).
 Built once per machine by models/native_build.py (the system C compiler, < 1 s); where it
-cannot be built, `load()` is None and the torch path runs.
+cannot be built, `load()` / `attend_load()` is None and the torch path runs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ MAX_ROWS = 8  # MAX_ROWS of the C source: rows per block of an expert's matmuls
 MAX_TOKENS = 128
 L2_RESIDENT = 1 << 20  # bytes of an expert's gate_up + down
 
+ATTEND_GROUP = 8  # attend_rows' scratch: up to this many query heads' scores per KV head
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _F = ctypes.c_float
 _SIGNATURES = {
@@ -42,6 +43,9 @@ _SIGNATURES = {
     "matmul_bf16": [_P, _L, _L, _P, _L, _P, _P],
     "matmul_f32": [_P, _L, _L, _P, _L, _P],
     "mlp_rows": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _I],
+}
+ATTEND_SOURCE = Path(__file__).with_name("decode_attend_kernels.c")
+_ATTEND_SIGNATURES = {
     "attend_rows": [_P, _L, _P, _L, _L, _L, _L, _P, _P, _L, _F, _P, _P, _I],
     "qkv_rows": [_P, _L, _L, _L, _L, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I],
 }
@@ -52,6 +56,12 @@ def load() -> ctypes.CDLL | None:
     """The kernels (models/native_build.py); None where they cannot be built here. Kept:
     the kernels check it several times a forward and native_build.load costs ~1.6 us."""
     return native_build.load(SOURCE, _SIGNATURES)
+
+
+@cache
+def attend_load() -> ctypes.CDLL | None:
+    """models/decode_attend_kernels.c (attend_rows, qkv_rows); None where not built."""
+    return native_build.load(ATTEND_SOURCE, _ATTEND_SIGNATURES)
 
 
 def _fits(t: Tensor) -> bool:
@@ -67,13 +77,16 @@ def _fits_weight(t: Tensor) -> bool:
 def usable(x: Tensor, w: DecodeLayer) -> bool:
     """Whether moe_rows can take this layer and these tokens: x fp32 on the CPU, contiguous,
     widths of the kernel's 32-float strips; fp32 experts for 2..MAX_TOKENS rows, or any
-    number past 1 when they are L2-resident; bf16 experts (models/decode_bf16.py) for any."""
+    number past 1 when they are L2-resident; bf16 experts (models/decode_bf16.py) alike, and
+    for one row (bigger ones with more rows: the grouped GEMMs, in bf16)."""
     gate_up, down = w.bank if w.bank is not None else (w.experts_gate_up, w.experts_down)
     _, h, two_i = gate_up.shape
     half = gate_up.dtype == torch.bfloat16
-    small = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size() <= L2_RESIDENT
+    expert = h * two_i + down.shape[1] * down.shape[2]  # not gate_up[0].numel(): a view a call
+    small = expert * gate_up.element_size() <= L2_RESIDENT
+    t = x.shape[0]
     return (
-        (half or 1 < x.shape[0] <= MAX_TOKENS or (small and x.shape[0] > 1))
+        (1 < t <= MAX_TOKENS or (small and t > 1) or (half and (t <= MAX_TOKENS or small)))
         and h % 32 == 0
         and two_i % 64 == 0
         and _fits(x)
@@ -132,22 +145,23 @@ def attention_usable(x: Tensor, caches: list[Tensor], head_dim: int) -> bool:
         and head_dim <= 256
         and x.dtype == torch.float32
         and all(_fits_weight(c) for c in caches)
-        and load() is not None
+        and load() is not None  # the forward's other kernels (decode.py) go with these
+        and attend_load() is not None
     )
 
 
 def attend_rows(q: Tensor, cache: Tensor, slots: Tensor, ends: Tensor, scratch: Tensor) -> Tensor:
     """Decode attention: q fp32 [B, Hq, D] (heads contiguous, rows may be strided), cache
     [slots, 2 Hkv, max_len, D] fp32 or bf16, slots / ends int64 [B] contiguous (row b attends to
-    positions [0, ends[b]) of slot slots[b]), scratch fp32 of >= max(ends) rounded up to 16
-    -> [B, Hq D]; SDPA's default scale 1 / sqrt(D)."""
+    positions [0, ends[b]) of slot slots[b]), scratch fp32 of >= ATTEND_GROUP x max(ends)
+    rounded up to 16 -> [B, Hq D]; SDPA's default scale 1 / sqrt(D)."""
     b, hq, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d:
         raise ValueError(f"attend_rows: q heads must be contiguous, strides {q.stride()}")
     _, two_hkv, max_len, _ = cache.shape
     out = torch.empty(b, hq * d)
     hkv = two_hkv // 2
-    load().attend_rows(
+    attend_load().attend_rows(
         q.data_ptr(),
         q.stride(0),
         cache.data_ptr(),
@@ -200,7 +214,7 @@ def qkv_rows(
     t, _, d = qkv.shape
     hq, hkv = heads
     q = torch.empty(t, hq, d)
-    load().qkv_rows(
+    attend_load().qkv_rows(
         qkv.data_ptr(),
         t,
         hq,

@@ -1,5 +1,6 @@
-"""The inference path of a bf16 model on the CPU: bf16 weights, fp32 activations. (Its
-matmul, MLP, norm and router kernels also serve the fp32 path's batches of 2+ tokens.)
+"""The CPU decode path's C matmul, SwiGLU MLP, RMSNorm and router calls, for two callers
+(the name is the first one's): a bf16 model's whole inference path (bf16 weights, fp32
+activations), and the fp32 path's batches of 2+ tokens (fp32 weights, same kernels).
 
 torch's bf16 ops are slow on this CPU (a bf16 engine ran 1.4x slower than fp32), while its
 vdpbf16ps (AVX512_BF16) multiplies bf16 pairs at twice the fp32 FMA rate. So when the

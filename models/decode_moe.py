@@ -78,7 +78,8 @@ def routed_grouped(
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=gate_up.shape[0])
     token = torch.div(order, k, rounding_mode="floor") if k > 1 else order
-    ys = grouped_swiglu_in_out(x.index_select(0, token), gate_up, down, counts)
+    rows = x.index_select(0, token).to(gate_up.dtype)  # fp32 rows, bf16 experts: as matmuls
+    ys = grouped_swiglu_in_out(rows, gate_up, down, counts)
     ys = ys * weights.view(-1, 1).index_select(0, order)
     if ys.dtype != x.dtype:
         ys = ys.to(x.dtype)

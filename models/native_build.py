@@ -1,8 +1,9 @@
 """Small C kernel libraries (models/*_kernels.c) built on first use and loaded with ctypes.
 
 Each library is compiled once per machine with the system C compiler (`cc -O3 -march=native`,
-~0.5-0.7 s) into ~/.cache/physarum (or $PHYSARUM_CACHE), under a name keyed by its source,
-the flags and the CPU's feature flags, so an edited source or another CPU gets its own build.
+~0.5-0.7 s) into ~/.cache/physarum (or $PHYSARUM_CACHE), under a name keyed by its source
+(with the local headers it includes), the flags and the CPU's feature flags, so an edited
+source or header, or another CPU, gets its own build.
 Where there is no compiler, no writable cache or no Linux, `load` gives None and the caller
 runs its torch ops instead. The kernels take raw pointers: no torch headers, no Python ABI.
 """
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,7 +38,10 @@ def _cpu_flags() -> str:
 
 def library_path(source: Path) -> Path:
     """Where `source`'s build for this machine lives."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode())
+    text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, re.MULTILINE):  # local headers
+        text += (source.parent / name.decode()).read_bytes()
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode())
     digest.update(_cpu_flags().encode() + platform.machine().encode())
     root = Path(os.environ.get("PHYSARUM_CACHE", Path.home() / ".cache" / "physarum"))
     return root / f"{source.stem}_{digest.hexdigest()[:16]}.so"

@@ -89,7 +89,7 @@ def test_attention_kernel_equals_sdpa_per_row() -> None:
     ends = torch.tensor([40, 1, 17, 18])
     qkv = torch.randn(4, hkv * groups + 2 * hkv, d, generator=g)
     q = qkv[:, : hkv * groups]
-    scratch = torch.empty(48)
+    scratch = torch.empty(native.ATTEND_GROUP * 48)
     got = native.attend_rows(q, cache, slots, ends, scratch).view(4, hkv, groups, d)
     for b in range(4):
         ctx = cache[slots[b], :, : ends[b]]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import decode_batch_native as native
-from models import decode_bf16
+from models import decode_bf16, decode_moe
 from tests.models.glm_helpers import full_logits, make_model
 
 torch.set_num_threads(1)
@@ -74,6 +74,32 @@ def test_bf16_path_is_as_close_to_fp32_as_torch_bf16() -> None:
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.98
 
 
+@needs_kernels
+def test_big_bf16_experts_with_many_rows_take_the_grouped_gemms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Experts past L2 (here: any, L2_RESIDENT 0) and over MAX_TOKENS rows: the prefill's
+    experts run torch's bf16 grouped GEMMs (moe_rows re-reads each expert per 8 rows), the
+    decode steps' still moe_rows; logits as close to the fp32 model's as the C path's."""
+    model = make_model(seed=3)
+    ids = torch.randint(1, 128, (8, 40), generator=torch.Generator().manual_seed(0))
+    want = _cached_logits(model, ids)  # 8 x 20 = 160 prefill rows > MAX_TOKENS
+    half = copy.deepcopy(model)
+    half.to_dtype(torch.bfloat16)
+    got_c = _cached_logits(half, ids)
+    calls: list[int] = []
+    grouped = decode_moe.routed_grouped
+    monkeypatch.setattr(native, "L2_RESIDENT", 0)
+    monkeypatch.setattr(
+        decode_moe, "routed_grouped", lambda x, *a, **k: calls.append(len(x)) or grouped(x, *a, **k)
+    )
+    got = _cached_logits(half, ids)
+    assert calls and min(calls) > native.MAX_TOKENS
+    diff, ours = (got - want).abs().max(), (got_c - want).abs().max()
+    assert diff <= 0.05 and diff <= 1.5 * ours, (diff, ours)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.98
+
+
 def test_without_kernels_bf16_runs_the_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """No C compiler: the weights are not `half` and the bf16 forward is torch's."""
     monkeypatch.setattr(native, "load", lambda: None)
@@ -105,7 +131,7 @@ def test_attention_kernels_on_a_bf16_cache_equal_them_on_its_fp32_values() -> No
     wide = half.float()
     q = torch.randn(4, hkv * groups, d, generator=g)
     slots, ends = torch.tensor([4, 0, 2, 2]), torch.tensor([40, 1, 17, 18])
-    scratch = torch.empty(48)
+    scratch = torch.empty(native.ATTEND_GROUP * 48)
     got = native.attend_rows(q, half, slots, ends, scratch)
     assert torch.equal(got, native.attend_rows(q, wide, slots, ends, scratch))
     qkv = torch.randn(3, hkv * groups + 2 * hkv, d, generator=g)
