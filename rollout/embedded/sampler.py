@@ -100,6 +100,8 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     pick = pick.clamp(max=weights.shape[-1] - 1)
     # float rounding can land on a zero-weight tail token: fall back to the row's max weight
     bad = weights.gather(1, pick[:, None]).squeeze(1) <= 0
+    if weights.device.type == "cpu" and not bool(bad.any()):  # the usual case; a CPU sync
+        return pick  # is free, and an argmax + where over [B, V] a step was not
     return torch.where(bad, weights.argmax(dim=-1), pick)
 
 
