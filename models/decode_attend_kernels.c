@@ -122,13 +122,15 @@ void attend_rows(const float *q, long q_row, const void *cache, long Hkv, long G
       const float *qh = q + b * q_row + h * G * D;
       const void *K = base + h * head, *V = base + (Hkv + h) * head;
       float *o = out + (b * Hkv + h) * G * D;
-      /* call sites with D and half constant: each inlined with its loops fixed */
-      if (D == 32 && G <= 8 && half)
-        attend_group(qh, K, V, ends[b], 32, G, scale, p, o, 1);
+      /* call sites with D, G and half constant: each inlined with its loops fixed */
+      if (D == 32 && G == 2 && half)
+        attend_group(qh, K, V, ends[b], 32, 2, scale, p, o, 1);
+      else if (D == 32 && G == 2)
+        attend_group(qh, K, V, ends[b], 32, 2, scale, p, o, 0);
       else if (D == 32 && G <= 8)
-        attend_group(qh, K, V, ends[b], 32, G, scale, p, o, 0);
-      else if (D == 128 && G <= 2 && half)
-        attend_group(qh, K, V, ends[b], 128, G, scale, p, o, 1);
+        attend_group(qh, K, V, ends[b], 32, G, scale, p, o, half);
+      else if (D == 128 && G <= 2)
+        attend_group(qh, K, V, ends[b], 128, G, scale, p, o, half);
       else
         for (long g = 0; g < G; g++)
           attend_group(qh + g * D, K, V, ends[b], D, 1, scale, p, o + g * D, half);
