@@ -76,11 +76,13 @@ def _greedy(model, weights: DecodeWeights, prompts: list[list[int]], n: int = 4)
     return torch.stack(logits), torch.stack(tokens)
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["plain", "fp8"])
-def test_updates_refresh_the_decode_weights_in_place(fp8: bool) -> None:
+@pytest.mark.parametrize("kind", ["plain", "fp8", "bf16"])
+def test_updates_refresh_the_decode_weights_in_place(kind: str) -> None:
     model = make_model(seed=30)
-    if fp8:
+    if kind == "fp8":
         quantize_model_(model, (32, 32))
+    elif kind == "bf16":  # a bf16 engine: its decode weights stay bf16 (models/decode_bf16.py)
+        model.to_dtype(torch.bfloat16)
     with torch.inference_mode():  # as the engine's first forward builds them
         live = model.decode_weights()
     tensors = [*model.parameters(), *model.buffers()]
