@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rollout.embedded import sampler_native
+
 _M32 = 0xFFFFFFFF
 # Odd multipliers below 2**31, so every product of a 32-bit value stays inside int64.
 _C1 = 0x7FEB352D
@@ -94,6 +96,9 @@ def _filter_sorted(
 
 def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     """Index drawn from each row of unnormalised non-negative weights [B, V] given u [B]."""
+    pick = sampler_native.inverse_cdf(weights, u)  # on the CPU: the ops below in one C call
+    if pick is not None:
+        return pick
     cdf = weights.cumsum(dim=-1)
     target = (u * cdf[:, -1].to(torch.float64)).to(cdf.dtype)
     pick = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
