@@ -248,11 +248,13 @@ def decode_forward(
     caches: list[Tensor],
     rope: Rope,
     capture: bool = False,
+    last: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """input_ids [B, L] -> (hidden before the final norm [B, L, H], per-MoE-layer experts
     [B L, k], ascending per token when `capture`). Right padding (rows shorter than L) is not
     computed: every layer runs on the real tokens only, and the padding rows of both outputs
-    are zeros (a prefill chunk of prompts 16-48 tokens long is a third padding)."""
+    are zeros (a prefill chunk of prompts 16-48 tokens long is a third padding). `last`
+    (int64 [B], see _last_tokens): the hidden of just these real tokens, [B, H], instead."""
     c = model.config
     eps = c.rms_norm_eps
     shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
@@ -298,8 +300,11 @@ def decode_forward(
         if shared is None and w.bank is not None and 1 < x.shape[0] <= FOLD_MAX_TOKENS:
             shared = shared_columns(w, x.shape[0], x.device)
         out, experts = moe(h, w, capture, shared)
-        routes.append(_unpack(experts, packed, rows))
+        if capture:
+            routes.append(_unpack(experts, packed, rows))
         x.add_(out)
+    if last is not None:  # a copy of just these rows, not the padded [B L, H] first
+        return x.index_select(0, last), routes
     return _unpack(x, packed, rows).view(b, length, -1), routes
 
 
@@ -332,19 +337,26 @@ def cached_forward(
         slots, start_pos, lengths, length, cache.max_len, groups, device=device
     )
     rope = weights.rope(model.model.rotary_emb, batch, cache.max_len)
-    x, routes = decode_forward(
-        model, weights, input_ids, batch, cache.layers, rope, capture=routing is not None
-    )
-    if routing is not None:
+    capture = routing is not None
+    last = _last_tokens(batch, lengths, device) if not all_logits and length > 1 else None
+    x, routes = decode_forward(model, weights, input_ids, batch, cache.layers, rope, capture, last)
+    if capture:
         k = model.config.num_experts_per_tok
         routing.routed_experts = torch.stack(routes).view(len(routes), b, length, k)
-    if not all_logits and length > 1:  # the last real token of each row
-        if not isinstance(lengths, Tensor):
-            lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
-        x = x[torch.arange(b, device=x.device), lengths - 1]
-    elif not all_logits:
+    if not all_logits and length == 1:
         x = x[:, 0]
     return decode_logits(weights, x, model.config.rms_norm_eps)
+
+
+def _last_tokens(batch: CacheBatch, lengths: Tensor | list[int], device: torch.device) -> Tensor:
+    """int64 [B]: the index of each row's last real token among decode_forward's computed
+    tokens (the flat [B L], or only the real ones, row after row, when some rows are short)."""
+    if not isinstance(lengths, Tensor):
+        lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+    if batch.write_rows is not None:
+        return lengths.cumsum(0) - 1
+    b, length = batch.positions.shape
+    return torch.arange(b, device=device) * length + (lengths - 1)
 
 
 def decode_logits(weights: DecodeWeights, x: Tensor, eps: float) -> Tensor:
