@@ -61,6 +61,7 @@ class SlotPool:
         # uniforms[slot, c]: hash_uniform(seed, c) for the counters the slot's sequence can reach
         self.uniforms = torch.zeros(num_slots, max_len, dtype=torch.float32, device=device)
         self._pending: list[tuple[int, int, int, int]] = []  # (slot, seed, first, end counter)
+        self._unit: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # _unit_rows
 
     @property
     def num_free(self) -> int:
@@ -118,18 +119,32 @@ class SlotPool:
         """The sampling parameters of rows whose slots are `slots` (int64 [B])."""
         self._fill_uniforms()
         counters = self.counters[slots]
+        plain, all_sampled, unit = not self._filtered, not self._greedy, not self._scaled
+        if plain and all_sampled and unit:  # an RL rollout's rows: the values of every row
+            rows = self._unit_rows(slots.numel())
+        else:
+            rows = tuple(t[slots] for t in (self.temperature, self.top_p, self.top_k, self.min_p))
         return SamplingBatch(
-            temperature=self.temperature[slots],
-            top_p=self.top_p[slots],
-            top_k=self.top_k[slots],
-            min_p=self.min_p[slots],
+            *rows,
             seeds=self.seeds[slots],
             counters=counters,
             uniforms=self.uniforms[slots, counters.clamp(max=self.max_len - 1)],
-            plain=not self._filtered,  # RL rollouts sample plainly: the sampler skips checks
-            all_sampled=not self._greedy,  # (sets of used slots: what holds for all holds here)
-            unit_temperature=not self._scaled,
+            plain=plain,  # RL rollouts sample plainly: the sampler skips checks
+            all_sampled=all_sampled,  # (sets of used slots: what holds for all holds here)
+            unit_temperature=unit,
         )
+
+    def _unit_rows(self, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """temperature 1, top_p 1, top_k 0 (all), min_p 0 for n rows, what the gathers give
+        when no used slot is greedy, scaled or filtered: made once per n, not 4 gathers a
+        step (shared, so never written to)."""
+        rows = self._unit.get(n)
+        if rows is None:
+            ones = torch.ones(n, dtype=torch.float32, device=self.device)
+            top_k = torch.zeros(n, dtype=torch.int64, device=self.device)
+            min_p = torch.zeros(n, dtype=torch.float32, device=self.device)
+            rows = self._unit[n] = (ones, ones, top_k, min_p)
+        return rows
 
     def _fill_uniforms(self) -> None:
         """Hash the uniforms of every slot admitted since the last batch, a few calls at most

@@ -94,3 +94,17 @@ def test_all_greedy_holds_only_while_every_used_slot_is_greedy():
     pool.advance([g])  # a host list of one slot: the same counter update as a tensor
     pool.advance(torch.tensor([g]))
     assert int(pool.counters[g]) == 2
+
+
+def test_unit_rows_batches_carry_the_values_the_gathers_give():
+    pool = SlotPool(object(), num_slots=8, max_len=16)
+    for seed in range(5):
+        pool.acquire(SamplingParams(max_new_tokens=6, min_p=-0.0), seed=seed, counter=0)
+    slots = torch.tensor([0, 2, 3, 4])
+    batch = pool.batch(slots)
+    assert batch.plain and batch.all_sampled and batch.unit_temperature
+    for name in ("temperature", "top_p", "top_k", "min_p"):
+        got, gathered = getattr(batch, name), getattr(pool, name)[slots]
+        assert got.dtype == gathered.dtype and torch.equal(got, gathered), name
+    pool.acquire(SamplingParams(max_new_tokens=6, temperature=0.5), seed=9, counter=0)
+    assert torch.equal(pool.batch(torch.tensor([0, 5])).temperature, torch.tensor([1.0, 0.5]))
