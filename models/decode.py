@@ -240,6 +240,24 @@ def _prepare(
     return step
 
 
+def _real_tokens(
+    weights: DecodeWeights, ids: Tensor, rope: Rope, packed: Tensor | None
+) -> tuple[Tensor, Rope]:
+    """The embeddings [T, H] (fp32 for bf16 weights) and RoPE [T, 1, D] of the real tokens of
+    the flat ids [B L] (`packed`: their indices; None: all are real)."""
+    rows = ids.shape[0]
+    if packed is not None:
+        ids = ids.index_select(0, packed)
+    x = F.embedding(ids, weights.embed)
+    if weights.half:
+        x = x.float()
+    if rope.cos.dim() != 3:  # [B, L, 1, D] -> [T, 1, D] (one token's comes as [1, 1, D])
+        rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
+    if packed is not None:
+        rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
+    return x, rope
+
+
 def decode_forward(
     model: nn.Module,
     weights: DecodeWeights,
@@ -261,15 +279,8 @@ def decode_forward(
     b, length = input_ids.shape
     rows = b * length
     packed = batch.write_rows  # int64 [N] real tokens of the flat [B L]; None: all are real
-    ids = input_ids.view(rows) if packed is None else input_ids.view(rows).index_select(0, packed)
     half = weights.half
-    x = F.embedding(ids, weights.embed)  # [T, H]
-    if half:
-        x = x.float()
-    if rope.cos.dim() != 3:  # [B, L, 1, D] -> [T, 1, D] (one token's comes as [1, 1, D])
-        rope = Rope(rope.cos.reshape(rows, 1, -1), rope.sin.reshape(rows, 1, -1), rope.rotate)
-    if packed is not None:
-        rope = Rope(rope.cos.index_select(0, packed), rope.sin.index_select(0, packed), rope.rotate)
+    x, rope = _real_tokens(weights, input_ids.view(rows), rope, packed)
     norm_const = weights.norm_const
     step = _prepare(x, weights, batch, caches, rope, packed, shape[2])
     step.half = half
