@@ -155,7 +155,10 @@ class Episode:
         (routed_experts from the engine's output; routing_start defaults to the prompt's end).
 
         The same conversions and `validate` as the constructor, without the dataclass's
-        generic path: once per sample on the rollout's event loop (12 -> ~8 us here)."""
+        generic path: once per sample on the rollout's event loop (12 -> ~8 us here). The
+        rules that hold by construction (a mask of ones, reward 0, no rewards) are not
+        re-checked. An int32 ndarray `prompt_ids` is kept, not copied: pass each episode
+        its own (a group converts its prompt once and copies it, 0.3 against 3.8 us)."""
         episode = cls._from_checked(
             _as_array(prompt_ids, TOKEN_DTYPE, "prompt_ids"),
             _as_array(response_ids, TOKEN_DTYPE, "response_ids"),
@@ -169,16 +172,12 @@ class Episode:
             None if routed_experts is None else np.asarray(routed_experts),
             len(prompt_ids) if routing_start is None else int(routing_start),
         )
-        episode.validate()
+        episode._validate_arrays()
         return episode
 
     def validate(self) -> None:
         """Raise EpisodeError naming the first inconsistent field."""
-        n = len(self.response_ids)
-        for name in ("loss_mask", "rollout_logprobs", "versions"):
-            got = len(getattr(self, name))
-            if got != n:
-                raise EpisodeError(f"{name}: length {got} does not match response_ids length {n}")
+        self._validate_lengths()
         if self.loss_mask.size and self.loss_mask.max() > 1:
             raise EpisodeError("loss_mask: values must be 0 or 1")
         if not math.isfinite(self.reward):
@@ -186,6 +185,19 @@ class Episode:
         for key, value in self.rewards.items():
             if not math.isfinite(float(value)):
                 raise EpisodeError(f"rewards[{key!r}]: must be finite, got {value}")
+        self._validate_arrays(lengths=False)
+
+    def _validate_lengths(self) -> None:
+        n = len(self.response_ids)
+        for name in ("loss_mask", "rollout_logprobs", "versions"):
+            got = len(getattr(self, name))
+            if got != n:
+                raise EpisodeError(f"{name}: length {got} does not match response_ids length {n}")
+
+    def _validate_arrays(self, lengths: bool = True) -> None:
+        """The rules of `validate` on the arrays other than the mask's values."""
+        if lengths:
+            self._validate_lengths()
         if not np.isfinite(self.rollout_logprobs).all():  # np.all(...) costs 2x on short arrays
             raise EpisodeError("rollout_logprobs: contains NaN or inf")
         if self.routed_experts is not None:

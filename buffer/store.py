@@ -249,6 +249,16 @@ class EpisodeStore:
     def stats(self) -> BufferStats:
         return collect(self._r, self.keys)
 
+    def drops_and_version(self) -> tuple[int, int]:
+        """stats().drops_stale and stats().version in one round trip of two reads (a
+        producer reads them once per weight update; stats() is 12 commands and a second
+        round trip)."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hget(self.keys.stats, "drops_stale")
+        pipe.get(self.keys.version)
+        drops, version = pipe.execute()
+        return int(drops or 0), int(version or 0)
+
     def ping(self) -> bool:
         return bool(self._r.ping())
 

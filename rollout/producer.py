@@ -211,8 +211,7 @@ class RolloutProducer:
     def _trainer_view(self) -> tuple[int, int]:
         """The groups the trainer has dropped as stale so far, and its policy version (the
         buffer's counters; the trainer is ahead of this worker while an update travels)."""
-        stats = self.store.stats()
-        return int(stats.drops_stale), int(stats.version)
+        return self.store.drops_and_version()
 
     def _credit_stale(self, drops: int) -> None:
         """Owe again this worker's part of the groups the trainer dropped as stale. They
@@ -240,7 +239,8 @@ class RolloutProducer:
                 task.cancel()
 
     def _lease(self, k: int) -> list[Any]:
-        self.store.requeue_expired()
+        """Up to k prompts; the lease script requeues expired leases first, in the same round
+        trip (a separate requeue_expired call cost one more per lease)."""
         return self.store.lease_prompts(self.worker_id, k)
 
     def _finished(self, task: asyncio.Task) -> None:

@@ -18,9 +18,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from buffer.episode import Episode, FinishReason
+from buffer.episode import TOKEN_DTYPE, Episode, EpisodeError, FinishReason
 from models.chat import decode
 from rollout.types import Engine, GenerateOutput, GenerateRequest, SamplingParams
 
@@ -118,12 +119,15 @@ async def generate_group(
         raise ValueError(f"engine returned {len(outputs)} outputs for {n} requests")
     stop_ids = _stop_ids(sampling, tokenizer)
     prompt_text = decode(tokenizer, prompt_ids) if tokenizer is not None else None
+    prompt = np.asarray(prompt_ids, TOKEN_DTYPE)  # once a group; each episode gets a copy
+    if prompt.ndim != 1:
+        raise EpisodeError(f"prompt_ids: expected a 1-D array, got shape {prompt.shape}")
     episodes = []
     for index, output in enumerate(outputs):
         check_output(output)
         meta = {**metadata, "sample_index": index, "rid": output.rid}
         text = output_text(output, tokenizer, stop_ids)
-        episodes.append(_episode(output, prompt_ids, meta, elapsed, text, prompt_text))
+        episodes.append(_episode(output, prompt.copy(), meta, elapsed, text, prompt_text))
     return episodes
 
 
@@ -171,7 +175,7 @@ def _stop_ids(sampling: SamplingParams, tokenizer: PreTrainedTokenizerBase | Non
 
 def _episode(
     output: GenerateOutput,
-    prompt_ids: Sequence[int],
+    prompt_ids: np.ndarray,
     meta: dict[str, Any],
     generate_s: float,
     response_text: str | None,
@@ -184,7 +188,7 @@ def _episode(
     if prompt_text is not None:
         meta["prompt_text"] = prompt_text
     return Episode.from_generation(
-        prompt_ids=list(prompt_ids),
+        prompt_ids=prompt_ids,
         response_ids=output.output_ids,
         logprobs=output.logprobs,
         versions=output.versions,

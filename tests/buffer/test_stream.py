@@ -43,6 +43,7 @@ def test_take_blocks_until_a_group_arrives(make_store) -> None:
 
 def test_stale_groups_are_dropped_and_counted(make_store) -> None:
     store = make_store(max_staleness=1)
+    assert store.drops_and_version() == (0, 0)  # nothing counted or set yet
     for version in (0, 1, 2, 3, 3):
         store.put_group(make_group(f"v{version}", version=version))
     store.set_version(3)
@@ -52,6 +53,7 @@ def test_stale_groups_are_dropped_and_counted(make_store) -> None:
     assert [t.group.prompt_id for t in taken] == ["v2", "v3", "v3"]
     stats = store.stats()
     assert stats.drops_stale == 2
+    assert store.drops_and_version() == (2, 3)  # the producer's two-read view of stats()
     assert stats.dropped_hist == {3: 1, 2: 1}
     assert stats.staleness_hist == {1: 1, 0: 2}
     assert stats.groups_pending == 3 and stats.groups_unconsumed == 0  # drops were acked
