@@ -23,6 +23,7 @@ slot to its own context (no gather, padding, mask or segments), 2-128 tokens run
 routed and shared experts in one call, and any batch of more than one token does its
 qk-norm, RoPE and K/V cache write in one call a layer. A bf16 model on the CPU runs these
 with fp32 activations and every matmul in C on its bf16 weights (models/decode_bf16.py).
+Where every piece of a layer has its kernel, the layer is one C call (decode_layer_native).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import decode_batch_native, decode_bf16
+from models import decode_batch_native, decode_bf16, decode_layer_native
 from models.batching import CacheBatch
 from models.decode_attention import AttentionPlan, plan_attention, segmented_attention
 from models.decode_moe import FOLD_MAX_TOKENS, moe, shared_columns, swiglu
@@ -292,7 +293,21 @@ def decode_forward(
         at = one_token_at(rope, batch)
         routes = one_token_layers(x, weights, caches, eps, capture, attend, at)
         return x.view(1, 1, -1), routes
+    routes = decode_layer_native.run(weights, c, x, caches, step, eps, shape, capture)
+    if routes is None:  # op by op (the fused call's kernels, or torch where one does not fit)
+        routes = _layer_ops(x, weights, caches, rope, batch, step, eps, shape, capture)
+    routes = [_unpack(e, packed, rows) for e in routes]  # [B L, k] each (capture)
+    if last is not None:  # a copy of just these rows, not the padded [B L, H] first
+        return x.index_select(0, last), routes
+    return _unpack(x, packed, rows).view(b, length, -1), routes
+
+
+def _layer_ops(x: Tensor, weights: DecodeWeights, caches: list[Tensor], rope: Rope,
+               batch: CacheBatch, step: _Step, eps: float, shape: tuple,
+               capture: bool) -> list[Tensor]:  # fmt: skip
+    """decode_forward's layers over x [T, H] in place, op by op; MoE experts [T, k] (capture)."""
     routes = []
+    half = step.half
     norm = step.norm
     shared = None  # the shared expert's choice columns, the same for every MoE layer
     native_mlp = step.native is not None  # fp32 on the CPU with the kernels built
@@ -312,11 +327,9 @@ def decode_forward(
             shared = shared_columns(w, x.shape[0], x.device)
         out, experts = moe(h, w, capture, shared)
         if capture:
-            routes.append(_unpack(experts, packed, rows))
+            routes.append(experts)
         x.add_(out)
-    if last is not None:  # a copy of just these rows, not the padded [B L, H] first
-        return x.index_select(0, last), routes
-    return _unpack(x, packed, rows).view(b, length, -1), routes
+    return routes
 
 
 def cached_forward(

@@ -165,7 +165,14 @@ void qkv_rows(const float *qkv, long T, long Hq, long Hkv, long D, const float *
         } else {
           memcpy(y, x, D * sizeof(float));
         }
-        for (long i = 0; i < D; i++) dst[i] = y[i] * c[i] + sign[i] * y[perm[i]] * s[i];
+        if (D == 32) /* the permutation as two-vector shuffles, not a gather (slow here) */
+          for (int i = 0; i < 32; i += 16) {
+            v16 yp = __builtin_shuffle(*(v16 *)y, *(v16 *)(y + 16), *(const v16i *)(perm + i));
+            *(v16 *)(dst + i) = *(v16 *)(y + i) * *(const v16 *)(c + i) +
+                                *(const v16 *)(sign + i) * yp * *(const v16 *)(s + i);
+          }
+        else
+          for (long i = 0; i < D; i++) dst[i] = y[i] * c[i] + sign[i] * y[perm[i]] * s[i];
       }
       if (h < Hq) continue;
       long at = rows[t * 2 * Hkv + h - Hq] * D;

@@ -65,13 +65,11 @@ def attend_load() -> ctypes.CDLL | None:
 
 
 def _fits(t: Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 def _fits_weight(t: Tensor) -> bool:
-    return (
-        t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" and t.is_contiguous()
-    )
+    return t.dtype in (torch.float32, torch.bfloat16) and t.is_cpu and t.is_contiguous()
 
 
 def usable(x: Tensor, w: DecodeLayer) -> bool:

@@ -119,7 +119,7 @@ def mlp_into(out: Tensor, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
 
 def vector_kernels_usable(x: Tensor) -> bool:
     """Whether rms() and route() run in C for these fp32 rows (batches of 2+ on the CPU)."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and _vector_kernels() is not None
+    return x.dtype == torch.float32 and x.is_cpu and _vector_kernels() is not None
 
 
 def rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -133,18 +133,20 @@ def rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
+def route_usable(w: DecodeLayer) -> bool:
+    """Whether route_rows takes this layer's router: no expert groups, at most 256 experts,
+    a weight the kernel fits (also decode_layer_native's test for its fused layers)."""
+    r = w.router
+    return r.n_group <= 1 and w.router_w.shape[0] <= 256 and decode_batch_native._fits(w.router_w)
+
+
 def route(x: Tensor, w: DecodeLayer) -> tuple[Tensor, Tensor] | None:
     """models/decode_moe.route of x fp32 [T, H] in C (experts ascending per token); None
-    where the router has expert groups or over 256 experts (then route() runs)."""
+    where route_usable does not hold or H % 16 (then route() runs)."""
+    if x.shape[1] % 16 or not route_usable(w):
+        return None
     r = w.router
     experts = w.router_w.shape[0]
-    if (
-        r.n_group > 1
-        or experts > 256
-        or x.shape[1] % 16
-        or not decode_batch_native._fits(w.router_w)
-    ):
-        return None
     t, h = x.shape
     bias = r.e_score_correction_bias.float().contiguous()
     ids = torch.empty(t, r.top_k, dtype=torch.int64)

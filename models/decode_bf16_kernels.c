@@ -16,7 +16,7 @@ static inline float dot16(const float *a, const float *b, long n) {
   return s;
 }
 
-static inline float bf16_value(bf16 b) {
+static inline float bf16_float(bf16 b) {
   unsigned u = (unsigned)b << 16;
   float f;
   memcpy(&f, &u, 4);
@@ -30,7 +30,7 @@ void rms_rows(const float *x, long T, long H, const void *w, float eps, float *o
     float ss = dot16(xr, xr, H);
     float scale = 1.f / sqrtf(ss / (float)H + eps);
     if (half)
-      for (long h = 0; h < H; h++) out[t * H + h] = xr[h] * scale * bf16_value(((const bf16 *)w)[h]);
+      for (long h = 0; h < H; h++) out[t * H + h] = xr[h] * scale * bf16_float(((const bf16 *)w)[h]);
     else
       for (long h = 0; h < H; h++) out[t * H + h] = xr[h] * scale * ((const float *)w)[h];
   }

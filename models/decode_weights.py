@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from models import decode_arena, decode_bf16
+from models.decode_layer_native import PlanSlot
 from models.fp8 import Fp8ExpertBank, Fp8Linear
 from models.layers import Rope, RotaryEmbedding
 from models.moe import ExpertBank, TopkRouter
@@ -216,6 +217,7 @@ class DecodeWeights:
     rotation: tuple | None = None  # (rope's rotate, its decode_batch_native.rotation())
     plan: _Refresh | None = None  # what refresh() copies
     half: bool = False  # bf16 weights run with fp32 activations (models/decode_bf16.py)
+    layer_plan: PlanSlot = field(default_factory=PlanSlot)  # decode_layer_native.plan()
 
     def rope(self, rotary: RotaryEmbedding, batch: CacheBatch, max_len: int) -> Rope:
         """Rope of the batch's positions int64 [B, L] (each < max_len) gathered from a table
