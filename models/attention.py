@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import rms_norm_native
 from models.batching import PackInfo
 from models.config import ModelConfig
 from models.layers import RMSNorm, Rope
@@ -38,6 +39,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
+            pairs = ((q, self.q_norm), (k, self.k_norm))
+            if rope.perm is not None and all(
+                rms_norm_native.qk_norm_rope_usable(t, n.weight, rope.cos, rope.sin)
+                for t, n in pairs
+            ):  # fp32 CPU: each norm + rotation in two C calls instead of ~30 ops
+                q, k = (
+                    rms_norm_native.qk_norm_rope(t, n.weight, n.eps, rope.cos, rope.sin, rope.perm)
+                    for t, n in pairs
+                )
+                return q, k, v
             q, k = self.q_norm(q), self.k_norm(k)
         return rope.apply(q), rope.apply(k), v
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import rms_norm_native, swiglu_native
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim; fp32 statistics, output in the input dtype."""
@@ -25,6 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if rms_norm_native.usable(x, self.weight):  # fp32 CPU: two C calls, not ~16 ops
+            return rms_norm_native.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Match HF in low precision: normalise in fp32, cast, then scale in the input dtype.
@@ -42,7 +46,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if swiglu_native.usable(gate, up):  # fp32 CPU: one C call each way, not ~7 ops
+            return self.down_proj(swiglu_native.swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Rope:
     cos: Tensor
     sin: Tensor
     rotate: Tensor  # [head_dim, head_dim] signed permutation (rotate_half on rotary dims)
+    perm: rms_norm_native.SignedPerm | None = None  # rotate as indices (the fused C path)
 
     def apply(self, x: Tensor) -> Tensor:
         """x [..., heads, head_dim] -> same shape, rotated."""
@@ -77,6 +85,7 @@ class RotaryEmbedding(nn.Module):
         rotate[idx + half, idx] = -1.0
         rotate[idx, idx + half] = 1.0
         self.rotate = rotate
+        self.perm = rms_norm_native.signed_perm(rotate)  # for the fused C QK-norm + RoPE
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> Rope:
         """positions: int64 [...] -> Rope with cos/sin [..., 1, head_dim] in `dtype`."""
@@ -90,4 +99,5 @@ class RotaryEmbedding(nn.Module):
         if pad:
             cos = F.pad(cos, (0, pad), value=1.0)
             sin = F.pad(sin, (0, pad), value=0.0)
-        return Rope(cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype), self.rotate.to(dtype))
+        cos, sin = cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
+        return Rope(cos, sin, self.rotate.to(dtype), self.perm)

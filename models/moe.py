@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import swiglu_native
 from models.config import ModelConfig
 from models.layers import MLP
 
@@ -173,8 +174,11 @@ def expert_swiglu(
     gu = grouped(xs, gate_up.transpose(1, 2), offs=offs)
     if lora is not None and (delta := lora("gate_up_proj", xs, offs, grouped)) is not None:
         gu = gu + delta
-    gate, up = gu.chunk(2, dim=-1)
-    h = F.silu(gate) * up
+    if swiglu_native.usable(gu):  # fp32 CPU: one C call each way, not ~7 ops
+        h = swiglu_native.swiglu_packed(gu)
+    else:
+        gate, up = gu.chunk(2, dim=-1)
+        h = F.silu(gate) * up
     out = grouped(h, down.transpose(1, 2), offs=offs)
     if lora is not None and (delta := lora("down_proj", h, offs, grouped)) is not None:
         out = out + delta
