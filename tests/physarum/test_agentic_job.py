@@ -25,7 +25,10 @@ from physarum.launch import execute
 from physarum.prepare import export_final, prepare
 from physarum.rundir import RunDir
 
-SFT_STEPS = 80  # the tiny model writes well-formed calculator calls after ~70 steps at lr 2e-2
+# At 80 steps of constant lr 2e-2 one row-sampling seed in 6 left a model that never called
+# the calculator; at 120 with a cosine decay, 15 seeds of 15 called it on 2-4 of the 4
+# probe prompts (8-16 of 16 samples; a prompt's samples mostly agree).
+SFT_STEPS = 120
 TINY_SFT = [
     "model.preset=glm4moe-tiny",
     "data.n_train=64",
@@ -35,7 +38,7 @@ TINY_SFT = [
     f"trainer.steps={SFT_STEPS}",
     "trainer.lr=2e-2",
     "trainer.warmup_steps=0",
-    "trainer.lr_schedule=constant",
+    "trainer.lr_schedule=cosine",
 ]
 TINY_RL = [
     "data.n_train=64",
@@ -147,7 +150,8 @@ def test_tool_observations_enter_with_mask_zero(tmp_path: Path, warm_model: Path
     groups, tokenizer = _rollout_episodes(job, warm_model, rows)
     episodes = [e for g in groups for e in g]
     with_tools = [e for e in episodes if e.metadata["num_tool_calls"] > 0]
-    assert len(with_tools) >= len(episodes) // 2, "the warm start should call the calculator"
+    # enough tool episodes to check token by token: at least one prompt's group
+    assert len(with_tools) >= len(episodes) // 4, "the warm start should call the calculator"
     observation_id = tokenizer.convert_tokens_to_ids("<|observation|>")
     assistant_id = tokenizer.convert_tokens_to_ids("<|assistant|>")
     checked = 0
