@@ -22,7 +22,8 @@ a batch (decode rows, and a prefill's tokens, causally) attends straight from it
 slot to its own context (no gather, padding, mask or segments), 2-128 tokens run their
 routed and shared experts in one call, and any batch of more than one token does its
 qk-norm, RoPE and K/V cache write in one call a layer. A bf16 model on the CPU runs these
-with fp32 activations and every matmul in C on its bf16 weights (models/decode_bf16.py).
+with fp32 activations and every matmul in C on its bf16 weights (models/decode_bf16.py),
+for a single token as well (decode_one is fp32 only).
 Where every piece of a layer has its kernel, the layer is one C call (decode_layer_native).
 """
 
@@ -171,7 +172,7 @@ class _Step:
     native: tuple[Tensor, Tensor, Tensor] | None = None  # decode rows in C: slots, ends
     # int64 [B] and the kernel's scratch (decode_batch_native.attend_rows); no mask, no plan
     rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # cos, sin [T, D] and the
-    # rotation of decode_batch_native.qkv_rows (fp32 CPU batches of more than one token)
+    # rotation of decode_batch_native.qkv_rows (CPU batches of 2+ tokens, or 1 in bf16)
 
 
 def _write_index(batch: CacheBatch, caches: list[Tensor], length: int) -> Tensor | None:
@@ -219,7 +220,10 @@ def _prepare(
     and either the C kernels' inputs or the additive mask and segment plan."""
     b, length = batch.positions.shape
     step = _Step(packed, _write_index(batch, caches, length), None, None, weights.norm_const)
-    native = x.shape[0] > 1 and decode_batch_native.attention_usable(x, caches, d)
+    # one fp32 token has its own lean path (decode_one); one bf16 token takes the C kernels
+    # of a batch (torch's per-op path cost it 2x a 2-row step)
+    rows_ok = x.shape[0] > 1 or weights.half
+    native = rows_ok and decode_batch_native.attention_usable(x, caches, d)
     if native and step.write_index is not None and step.norm is not None:
         rotation = decode_batch_native.cached_rotation(weights, rope.rotate)
         if rotation is not None:

@@ -1,12 +1,12 @@
 """models/decode_layer_kernels.c: a decode batch's whole layer in one C call.
 
-For batches of 2+ tokens on the CPU, models/decode.py runs every piece of a layer in C
-already (norms, matmuls, qk-norm/RoPE/cache write, attention, router, experts), but calls
-them one by one: ~40 torch and ctypes dispatches a layer, ~30 % of a batch-64 bf16 decode
-step. `run_layers` makes one call a layer instead, with the same kernels in the same order
-on the same inputs, so its outputs are bit-equal to the per-op path (tests/models/
-test_decode_layer_native.py). It applies where each of those calls would have run its
-kernel (`plan`); anywhere else decode.py runs the per-op path.
+For batches of 2+ tokens on the CPU (and one bf16 token), models/decode.py runs every piece
+of a layer in C already (norms, matmuls, qk-norm/RoPE/cache write, attention, router,
+experts), but calls them one by one: ~40 torch and ctypes dispatches a layer, ~30 % of a
+batch-64 bf16 decode step. `run_layers` makes one call a layer instead, with the same
+kernels in the same order on the same inputs, so its outputs are bit-equal to the per-op
+path (tests/models/test_decode_layer_native.py). It applies where each of those calls
+would have run its kernel (`plan`); anywhere else decode.py runs the per-op path.
 """
 
 from __future__ import annotations

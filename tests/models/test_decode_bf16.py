@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import decode_batch_native as native
-from models import decode_bf16, decode_moe
+from models import decode_bf16, decode_layer_native, decode_moe
 from tests.models.glm_helpers import full_logits, make_model
 
 torch.set_num_threads(1)
@@ -181,3 +181,31 @@ def test_fp32_matmul_equals_torch_with_or_without_kernels(monkeypatch: pytest.Mo
     torch.testing.assert_close(decode_bf16.matmul(x.t().contiguous().t(), w), x @ w)
     monkeypatch.setattr(native, "load", lambda: None)
     torch.testing.assert_close(decode_bf16.matmul(x, w), x @ w)
+
+
+@needs_kernels
+def test_one_bf16_token_takes_the_batch_kernels_and_matches_its_row_in_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode step of one bf16 row runs the C kernels of a batch (attention from its slot),
+    not torch's per-op path, so its logits equal, bit for bit, those of the same row decoded
+    beside others; and they stay as close to the fp32 model's as the batch's."""
+    model = make_model(seed=5)
+    half = copy.deepcopy(model)
+    half.to_dtype(torch.bfloat16)
+    ids = torch.randint(1, 128, (3, 24), generator=torch.Generator().manual_seed(1))
+    fused_rows = []  # rows of each forward the fused C layers ran (None: they did not)
+    run = decode_layer_native.run
+
+    def spy(weights, config, x, *args):
+        routes = run(weights, config, x, *args)
+        fused_rows.append(x.shape[0] if routes is not None else None)
+        return routes
+
+    monkeypatch.setattr(decode_layer_native, "run", spy)
+    alone = _cached_logits(half, ids[:1])
+    assert fused_rows == [12] + [1] * 12  # the prefill, then 12 one-row decode steps
+    batched = _cached_logits(half, ids)
+    assert torch.equal(alone[0], batched[0])
+    want = _cached_logits(model, ids[:1])
+    assert (alone - want).abs().max() <= 0.05
