@@ -12,6 +12,12 @@
 #include "decode_kernels.h"
 
 #define MAX_ROWS 8
+/* The matmuls walk a 32-column strip of W down its K rows, a row (N floats) apart: past a
+ * 4 KiB page the hardware prefetcher loses the stream, so each row's lines are requested
+ * this many rows ahead (prefetch never faults, so no bound check at W's end). */
+#ifndef AHEAD_ROWS
+#define AHEAD_ROWS 8
+#endif
 
 /* Y[r, :] = X[r, :] @ W for R rows; W [K, N] row-major, N % 32 == 0. */
 #define DEFINE_MM(R)                                                                   \
@@ -21,6 +27,8 @@
       for (int r = 0; r < R; r++) a0[r] = a1[r] = (v16){0};                            \
       const float *w = W + j;                                                          \
       for (long k = 0; k < K; k++, w += N) {                                           \
+        __builtin_prefetch(w + AHEAD_ROWS * N, 0, 2);                                  \
+        __builtin_prefetch(w + AHEAD_ROWS * N + 16, 0, 2);                             \
         v16 w0 = *(const v16 *)w, w1 = *(const v16 *)(w + 16);                          \
         for (int r = 0; r < R; r++) {                                                  \
           float xr = X[r * K + k];                                                     \
@@ -73,6 +81,8 @@ static void mm_rows(int rows, const float *X, const float *W, float *Y, long K, 
       for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();                 \
       const bf16 *w = W + j;                                                           \
       for (long k = 0; k < K; k += 2, w += 2 * N) {                                    \
+        __builtin_prefetch(w + AHEAD_ROWS * N, 0, 2);                                  \
+        __builtin_prefetch(w + AHEAD_ROWS * N + N, 0, 2);                              \
         __m512i r0 = _mm512_loadu_si512(w), r1 = _mm512_loadu_si512(w + N);            \
         __m512bh w0 = (__m512bh)_mm512_unpacklo_epi16(r0, r1);                         \
         __m512bh w1 = (__m512bh)_mm512_unpackhi_epi16(r0, r1);                         \
