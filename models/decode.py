@@ -21,10 +21,9 @@ to its own longest context (models/decode_attention.py). On the CPU in fp32 two 
 a batch (decode rows, and a prefill's tokens, causally) attends straight from its row's cache
 slot to its own context (no gather, padding, mask or segments), 2-128 tokens run their
 routed and shared experts in one call, and any batch of more than one token does its
-qk-norm, RoPE and K/V cache write in one call a layer. A bf16 model on the CPU runs these
-with fp32 activations and every matmul in C on its bf16 weights (models/decode_bf16.py),
-for a single token as well (decode_one is fp32 only).
-Where every piece of a layer has its kernel, the layer is one C call (decode_layer_native).
+qk-norm, RoPE and K/V cache write in one call a layer; a layer with every kernel is one C
+call (decode_layer_native). A bf16 model on the CPU (one token too: decode_one is fp32 only)
+runs them with fp32 activations, its matmuls in C on bf16 weights (models/decode_bf16.py).
 """
 
 from __future__ import annotations
@@ -220,9 +219,7 @@ def _prepare(
     and either the C kernels' inputs or the additive mask and segment plan."""
     b, length = batch.positions.shape
     step = _Step(packed, _write_index(batch, caches, length), None, None, weights.norm_const)
-    # one fp32 token has its own lean path (decode_one); one bf16 token takes the C kernels
-    # of a batch (torch's per-op path cost it 2x a 2-row step)
-    rows_ok = x.shape[0] > 1 or weights.half
+    rows_ok = x.shape[0] > 1 or weights.half  # one fp32 token: decode_one; bf16: these
     native = rows_ok and decode_batch_native.attention_usable(x, caches, d)
     if native and step.write_index is not None and step.norm is not None:
         rotation = decode_batch_native.cached_rotation(weights, rope.rotate)

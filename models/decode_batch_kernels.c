@@ -15,9 +15,7 @@
 /* The matmuls walk a 32-column strip of W down its K rows, a row (N floats) apart: past a
  * 4 KiB page the hardware prefetcher loses the stream, so each row's lines are requested
  * this many rows ahead (prefetch never faults, so no bound check at W's end). */
-#ifndef AHEAD_ROWS
 #define AHEAD_ROWS 8
-#endif
 
 /* Y[r, :] = X[r, :] @ W for R rows; W [K, N] row-major, N % 32 == 0. */
 #define DEFINE_MM(R)                                                                   \
