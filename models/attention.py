@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import rms_norm_native
+from models.attention_paths import attend_paths
 from models.batching import PackInfo
 from models.config import ModelConfig
 from models.layers import RMSNorm, Rope
@@ -54,8 +55,10 @@ class Attention(nn.Module):
 
     def forward_packed(self, x: Tensor, rope: Rope, pack: PackInfo) -> Tensor:
         """x [T, hidden] of a pack -> [T, hidden]; causal within each sequence only (tree
-        rows: the visibility of pack.attn_mask)."""
+        rows: each completion sees its prompt and itself)."""
         q, k, v = self._qkv(x, rope)
+        if pack.paths is not None:  # length buckets of causal paths
+            return self.o_proj(attend_paths(q, k, v, pack.paths))
         b, length = pack.num_seqs, pack.max_len
         if pack.padded_index is not None:
             q, k, v = (_scatter_rows(t, pack.padded_index, b * length) for t in (q, k, v))

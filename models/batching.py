@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models.attention_paths import AttentionPaths, bucket_area, buckets, build_paths, tree_paths
+
 
 @dataclass
 class TreeLayout:
@@ -50,7 +52,9 @@ class PackInfo:
     Attention runs on a right-padded [B, Lmax] view of the pack (packed -> padded by
     `padded_index`), so a causal mask alone keeps every sequence to itself and no [T, T]
     mask is ever built. With a TreeLayout the B rows are its rows and `attn_mask` holds the
-    tree visibility on the padded view (one additive SDPA mask, [B, 1, Lmax, Lmax]).
+    tree visibility on the padded view (one additive SDPA mask, [B, 1, Lmax, Lmax]). When
+    the rows' lengths differ so much that padding to Lmax costs over twice the work, `paths`
+    runs attention instead as length buckets of causal paths (models/attention_paths.py).
     """
 
     cu_seqlens: Tensor  # int64 [B + 1], cu_seqlens[0] == 0, cu_seqlens[-1] == T
@@ -60,6 +64,7 @@ class PackInfo:
     num_seqs: int  # B
     max_len: int  # Lmax
     attn_mask: Tensor | None = None  # float32 [B, 1, Lmax, Lmax], 0 or -inf (tree layouts only)
+    paths: AttentionPaths | None = None  # set: attention runs along these paths instead
 
     @classmethod
     def build(cls, cu_seqlens: Tensor, total: int, layout: TreeLayout | None = None) -> PackInfo:
@@ -67,32 +72,26 @@ class PackInfo:
         With a layout, its rows (cu_rows) replace cu_seqlens and its positions are used."""
         if layout is not None:
             return cls._build_tree(layout, total)
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens: expected int64 [B+1] with B>=1, got {cu_seqlens.shape}")
-        cu = cu_seqlens.to(torch.int64)
-        lengths = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths <= 0).any()):
-            raise ValueError(
-                f"cu_seqlens: expected 0 = c0 < c1 < ... < cB = T = {total}, got {cu.tolist()}"
-            )
-        num_seqs = lengths.numel()
-        max_len = int(lengths.max())
-        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths)
-        positions = torch.arange(total, device=cu.device) - cu[:-1][seq_of]
-        padded = None if num_seqs * max_len == total else seq_of * max_len + positions
-        return cls(cu, positions, padded, num_seqs, max_len)
+        cu, positions, padded, num_seqs, max_len = _padded_rows(cu_seqlens, total)
+        if padded is None:  # every sequence Lmax long: no padding at all
+            return cls(cu, positions, None, num_seqs, max_len)
+        starts = cu.tolist()
+        runs = [[(a, z - a)] for a, z in zip(starts[:-1], starts[1:], strict=True)]
+        paths = _paths_if_cheaper(runs, total, cu)
+        return cls(cu, positions, padded, num_seqs, max_len, paths=paths)
 
     @classmethod
     def _build_tree(cls, layout: TreeLayout, total: int) -> PackInfo:
-        rows = cls.build(layout.cu_rows, total)
         if layout.positions.shape != (total,) or layout.branch.shape != (total,):
             raise ValueError(f"TreeLayout: positions and branch must be int64 [T={total}]")
-        b, length = rows.num_seqs, rows.max_len
+        cu, _, index, b, length = _padded_rows(layout.cu_rows, total)
+        paths = _paths_if_cheaper(tree_paths(cu, layout.branch), total, cu)
+        if paths is not None:
+            return cls(cu, layout.positions, index, b, length, paths=paths)
         # padding: a position past every real one (invisible to real queries) and branch -1;
         # a padding query still sees itself, so no row of the mask is empty (no NaN)
         pos = layout.positions.new_full((b * length,), length + int(total))
         branch = layout.branch.new_full((b * length,), -1)
-        index = rows.padded_index
         if index is None:
             pos, branch = layout.positions.clone(), layout.branch.clone()
         else:
@@ -103,7 +102,39 @@ class PackInfo:
         )
         # additive float mask: SDPA's CPU kernel takes it ~1.5x faster than a bool one
         bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, -torch.inf)
-        return cls(rows.cu_seqlens, layout.positions, index, b, length, bias.unsqueeze(1))
+        return cls(cu, layout.positions, index, b, length, bias.unsqueeze(1))
+
+
+def _padded_rows(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor | None, int, int]:
+    """(cu, positions, padded_index or None when no row is short, B, Lmax), cu checked."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected int64 [B+1] with B>=1, got {cu_seqlens.shape}")
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths <= 0).any()):
+        raise ValueError(
+            f"cu_seqlens: expected 0 = c0 < c1 < ... < cB = T = {total}, got {cu.tolist()}"
+        )
+    num_seqs = lengths.numel()
+    max_len = int(lengths.max())
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths)
+    positions = torch.arange(total, device=cu.device) - cu[:-1][seq_of]
+    padded = None if num_seqs * max_len == total else seq_of * max_len + positions
+    return cu, positions, padded, num_seqs, max_len
+
+
+def _paths_if_cheaper(
+    runs: list[list[tuple[int, int]]], total: int, cu: Tensor
+) -> AttentionPaths | None:
+    """The paths' buckets when the rows padded to Lmax (B * Lmax^2 scores a head) cost over
+    twice theirs: below that the gathers eat the gain (the e2e job's short answers: 3-4 %
+    slower steps through paths)."""
+    lengths = [sum(n for _, n in path) for path in runs]
+    groups = buckets(lengths)
+    rows = cu.diff()
+    if rows.numel() * int(rows.max()) ** 2 <= 2 * bucket_area(lengths, groups):
+        return None
+    return build_paths(runs, total, groups).to(cu.device)
 
 
 @dataclass
