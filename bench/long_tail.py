@@ -31,9 +31,17 @@ reward and exact-answer rate (eval at the start and the end, same prompts for ev
 Other engineers share this machine: the load average is printed beside every run.
 
     .venv/bin/python bench/long_tail.py [--steps 20] [--skip 4] [--modes sync,async1,...]
+        [--model toy|small-36M]
         [--sft-steps 400] [--set algorithm.tis.enabled=false ...]
         [--seed N] [--data-seed 0] [--warm DIR] [--eval-prompts 128] [--reps 3]
         [--fold-prefill-tokens 0] [--max-ready N]
+
+--model small-36M runs the same job on a 36M-parameter policy (11M active; bench/
+decode_bound.py's shape) instead of the 1.8M glm4moe-toy: its decode step reads its weights
+from DRAM, so a step of a few straggling rows costs nearly what a full batch does (bench/
+engine_batch_curve.py: a token alone 7.8x a token in a batch of 64, against the toy's
+flatter curve), the regime where the long tail is what asynchronous rollout saves. Its SFT
+warm start (~6 min) computes each batch in 4 length-sorted pieces (the same mean gradient).
 
 Every mode runs with the config's rollout.fold_prefill_tokens, 0 (--fold-prefill-tokens N
 folds a newcomer's prefill of up to N tokens into the running sequences' decode forward; in the
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -64,6 +73,7 @@ import numpy as np
 import torch
 from async_vs_sync import CpuSampler  # bench/ is on sys.path
 from common import _sft_batch, _sft_examples, load_hf_model, toy_model_config
+from decode_bound import SMALL_36M
 from long_tail_report import Run, generated_lengths, print_reps, print_table, read_run
 
 import configs
@@ -83,6 +93,11 @@ MODES: dict[str, tuple[int, bool]] = {  # name -> (max_staleness, partial_rollou
     "partial1": (1, True),
     "partial2": (2, True),
 }
+MODEL_SHAPES: dict[str, dict[str, Any]] = {  # --model: glm4moe-toy's fields replaced
+    "toy": {},  # 1.8M parameters: a decode step costs about the same per row at any batch
+    "small-36M": SMALL_36M,  # 36M (11M active): a step's weights come from DRAM, batch pays
+}
+SFT_CHUNKS = {"toy": 1, "small-36M": 4}  # length-sorted pieces per SFT batch (same gradient)
 MAX_NEW, MAX_CONTEXT = 176, 208  # the longest reference answers are ~155 tokens
 
 
@@ -103,7 +118,7 @@ def build_fixture(root: Path, args: argparse.Namespace) -> Fixture:
     write_jsonl(train, root / "train.jsonl")
     write_jsonl(held_out, root / "eval.jsonl")
     print_lengths(tok, train)
-    config = toy_model_config(tok)
+    config = dataclasses.replace(toy_model_config(tok), **MODEL_SHAPES[args.model])
     if args.warm is not None:  # an earlier run's warm start (same --data-seed and rows)
         print(f"SFT warm start: reused {args.warm}", flush=True)
         return Fixture(root / "tokenizer", root / "train.jsonl", root / "eval.jsonl", args.warm)
@@ -133,10 +148,16 @@ def sft(init: Path, out: Path, tok: Any, rows: list[dict], args: argparse.Namesp
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     rng = random.Random(args.data_seed)
     losses = []
-    for _ in range(args.sft_steps):
-        ids, attention, labels = _sft_batch(rng.sample(examples, 32), tok.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
+    chunks = SFT_CHUNKS[args.model]
+    for step in range(args.sft_steps):
+        batch = rng.sample(examples, 32)
+        if chunks == 1:
+            loss = model(**_sft_kwargs(batch, tok.pad_token_id)).loss
+            loss.backward()
+        else:
+            loss = _sft_chunked_backward(model, batch, chunks, tok.pad_token_id)
+        if (step + 1) % 50 == 0 and chunks > 1:
+            print(f"  SFT step {step + 1}/{args.sft_steps}, loss {loss.item():.4f}", flush=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -148,6 +169,29 @@ def sft(init: Path, out: Path, tok: Any, rows: list[dict], args: argparse.Namesp
         f"{statistics.fmean(losses[-50:]):.4f}, {time.monotonic() - started:.0f} s",
         flush=True,
     )
+
+
+def _sft_kwargs(batch: list, pad_id: int) -> dict[str, torch.Tensor]:
+    ids, attention, labels = _sft_batch(batch, pad_id)
+    return dict(input_ids=ids, attention_mask=attention, labels=labels)
+
+
+def _sft_chunked_backward(model: Any, batch: list, chunks: int, pad_id: int) -> torch.Tensor:
+    """The batch's mean token loss and its gradient, computed in `chunks` length-sorted
+    pieces: a piece pads to its own longest row instead of the batch's (the long answers
+    would pad 32 rows to ~170 tokens). Each piece's mean is weighted by its share of the
+    batch's loss tokens, so the sum is the whole batch's mean."""
+    batch = sorted(batch, key=lambda ex: len(ex[0]))
+    size = -(-len(batch) // chunks)
+    pieces = [batch[i : i + size] for i in range(0, len(batch), size)]
+    counts = [sum(sum(t != -100 for t in lab[1:]) for _, lab in p) for p in pieces]
+    total = sum(counts)
+    loss_sum = torch.zeros(())
+    for piece, count in zip(pieces, counts, strict=True):
+        loss = model(**_sft_kwargs(piece, pad_id)).loss * (count / total)
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def job_overrides(
@@ -215,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="sync,async1,async2,partial2")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    parser.add_argument(
+        "--model", default="toy", choices=list(MODEL_SHAPES), help="the policy's shape"
+    )
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--sft-steps", type=int, default=300)
