@@ -12,6 +12,7 @@ path cannot reproduce falls back to build_weight_update every time.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from models.weight_update import DTYPES, WeightBucket, WeightUpdate, build_weigh
 class _Bucket:
     template: WeightBucket  # names, shapes, dtypes, offsets (its payload is not reused)
     parts: list[Tensor]  # uint8 views of the live weights and zero padding, payload order
+    payload: Tensor | None = None  # the last host payload built: refilled once unreferenced
 
 
 def _bucket_parts(bucket: WeightBucket, tensors: list[Tensor]) -> list[Tensor] | None:
@@ -94,12 +96,34 @@ def _plan(update: WeightUpdate, views: list[tuple[str, Tensor]]) -> list[_Bucket
 
 
 def _fresh(bucket: _Bucket) -> WeightBucket:
-    """A new bucket: its own payload (a copy of the weights now) and metadata lists."""
+    """A new bucket: a payload holding a copy of the weights now, and metadata lists.
+
+    A host payload nobody references any more (the last update was pickled into Ray's
+    object store and dropped) is refilled in place: a fresh one is a new mmap of the whole
+    bucket whose pages fault in on the copy, 4x the copy's own time (a 36M fp32 model: ~80
+    against ~18 ms a step). Every holder of a payload keeps a Python reference to it (the
+    update, a view of a tensor in it, the numpy array its pickling makes), so a payload
+    still held is never overwritten: the bucket then gets a fresh one."""
     t = bucket.template
+    if bucket.payload is not None and _unreferenced(bucket):
+        torch.cat(bucket.parts, out=bucket.payload)
+    else:
+        bucket.payload = torch.cat(bucket.parts)
     return WeightBucket(
         names=list(t.names),
         shapes=list(t.shapes),
         dtypes=list(t.dtypes),
-        payload=torch.cat(bucket.parts),
+        payload=bucket.payload,
         offsets=list(t.offsets),
     )
+
+
+def _unreferenced(bucket: _Bucket) -> bool:
+    """Whether only `bucket` holds its host payload: one Python reference (sys.getrefcount
+    sees it and its own argument) and one tensor on the storage (torch's use count sees it
+    and the UntypedStorage asked; a view or a numpy array over the payload adds one)."""
+    payload = bucket.payload
+    if payload is None or payload.device.type != "cpu" or sys.getrefcount(payload) > 3:
+        return False  # 3: the attribute, the local and the argument
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: absent = never reuse
+    return use_count is not None and use_count(payload.untyped_storage()._cdata) == 2

@@ -54,3 +54,32 @@ def test_converted_and_fp8_exports_take_the_general_path(toy_tokenizer):
     assert any(n.endswith("_scale_inv") for b in fp8.buckets for n in b.names)
     _assert_same(tb.weight_update(), _built(tb))  # back to the model's dtype: kept again
     assert tb._export_plan._buckets is not None
+
+
+def test_a_dropped_payload_is_refilled_and_a_held_one_never(toy_tokenizer):
+    """An update nobody holds (Ray pickled it and let go) lends its payload's memory to the
+    next one; any holder (the update, a view of a tensor in it, its pickled numpy form while
+    alive) keeps its bytes."""
+    import pickle
+
+    from models.weight_update import iter_bucket_tensors
+
+    tb = backend(toy_model(len(toy_tokenizer), seed=5), {"weight_bucket_mb": 1})
+    tb.weight_update()  # plans the layout
+    update = tb.weight_update()
+    ptrs = [b.payload.data_ptr() for b in update.buckets]
+    blob = pickle.dumps(update, protocol=5)
+    del update
+    tb.train(grpo_step(toy_tokenizer, n_prompts=2, n_samples=4, seed=0))
+    refilled = tb.weight_update()
+    assert [b.payload.data_ptr() for b in refilled.buckets] == ptrs
+    _assert_same(refilled, _built(tb))
+    assert not torch.equal(pickle.loads(blob).buckets[0].payload, refilled.buckets[0].payload)
+    _, view = next(iter_bucket_tensors(refilled.buckets[0]))
+    kept = view.clone()
+    del refilled
+    tb.train(grpo_step(toy_tokenizer, n_prompts=2, n_samples=4, seed=1))
+    fresh = tb.weight_update()  # the view still holds bucket 0's payload: a new one
+    assert fresh.buckets[0].payload.data_ptr() != ptrs[0]
+    assert torch.equal(view, kept)
+    _assert_same(fresh, _built(tb))
