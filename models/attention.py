@@ -7,11 +7,10 @@ head_dim applied to q and k before RoPE, as in HF's Glm4MoeAttention.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import rms_norm_native
-from models.attention_paths import attend_paths
+from models.attention_paths import attend_paths, training_sdpa
 from models.batching import PackInfo
 from models.config import ModelConfig
 from models.layers import RMSNorm, Rope
@@ -64,11 +63,7 @@ class Attention(nn.Module):
             q, k, v = (_scatter_rows(t, pack.padded_index, b * length) for t in (q, k, v))
         # [B, L, H, D] -> [B, H, L, D]; right padding keeps every real query's keys real.
         q, k, v = (t.view(b, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if pack.attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # prompt trees: each completion sees the shared prompt and itself
-            mask = pack.attn_mask.to(q.dtype)  # a no-op in fp32
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = training_sdpa(q, k, v, pack.attn_mask)  # tree mask: a completion sees its prompt
         out = out.transpose(1, 2).reshape(b * length, self.num_heads * self.head_dim)
         if pack.padded_index is not None:
             out = out.index_select(0, pack.padded_index)
