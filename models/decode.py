@@ -13,16 +13,16 @@ expert and runs one grouped GEMM pair (as the training path does), the shared ex
 for up to 128 tokens (models/decode_moe.py). A single fp32 token on the CPU (batch-1 decode)
 runs models/decode_one.py's leaner layer: host-scalar norms, its k experts as GEMV pairs added
 into the residual, narrow matrices read once before their GEMV. Per-forward work is done once:
-the cache rows the new K/V go to, the additive mask, RoPE gathered from a table. A padded
-chunk runs every layer on its real tokens only, and a decode batch whose rows' contexts differ
-widely attends in segments, each to its own longest context (models/decode_attention.py). On the CPU in fp32 two C kernels
-(models/decode_batch_native.py) replace the op-bound parts of batched work: every token of
-a batch (decode rows, and a prefill's tokens, causally) attends straight from its row's cache
-slot to its own context (no gather, padding, mask or segments), 2-128 tokens run their
-routed and shared experts in one call, and any batch of more than one token does its
-qk-norm, RoPE and K/V cache write in one call a layer; a layer with every kernel is one C
-call (decode_layer_native). A bf16 model on the CPU (one token too: decode_one is fp32 only)
-runs them with fp32 activations, its matmuls in C on bf16 weights (models/decode_bf16.py).
+the cache rows the new K/V go to, the additive mask, RoPE gathered from a table. A padded chunk
+runs every layer on its real tokens only, and a decode batch whose rows' contexts differ widely
+attends in segments, each to its own longest context (models/decode_attention.py). On the CPU in
+fp32 two C kernels (models/decode_batch_native.py) replace the op-bound parts of batched work:
+every token of a batch (decode rows, and a prefill's tokens, causally) attends straight from its
+row's cache slot to its own context (no gather, padding, mask or segments), 2-128 tokens run
+their routed and shared experts in one call, and any batch of more than one token does its
+qk-norm, RoPE and K/V cache write in one call a layer; a layer with every kernel is one C call
+(decode_layer_native). A bf16 model on the CPU (one token too: decode_one is fp32 only) runs
+them with fp32 activations, its matmuls in C on bf16 weights (models/decode_bf16.py).
 """
 
 from __future__ import annotations
